@@ -1,0 +1,131 @@
+# loranull — one Makefile for the whole tree.
+#
+# Sources are found by folder, so adding a .c file needs no edit here:
+#   common/*.c, proto/*.c            -> build/<v>/libcommon.a, libproto.a
+#   worker/engine/*.c, worker/backend/{cpu,comm}/*.c -> libengine.a
+#   server/*.c (but main.c)          -> libserver.a,  server/main.c      -> bin/loranull-server
+#   worker/daemon/*.c (but main.c)   -> libdaemon.a,  worker/daemon/main.c -> bin/loranull-worker
+#   worker/cli/*.c (but main.c)      -> libcli.a,     worker/cli/main.c  -> bin/loranull
+#   tests/unit/test_*.c              -> build/<v>/tests/test_*  (cmocka), linked with every lib
+# Two variants: release (-O2, binaries in bin/) and asan (ASan+UBSan, binaries in build/asan/bin/).
+
+V ?= release
+CC ?= gcc
+NVCC ?= nvcc
+CUDA_HOME ?= /usr/local/cuda
+
+WARN   := -Wall -Wextra -Werror -Wno-unused-parameter
+CSTD   := -std=c11 -D_GNU_SOURCE
+CFLAGS_COMMON := $(CSTD) $(WARN) -g -fopenmp -I. -MMD -MP
+ifeq ($(V),asan)
+  CFLAGS_V := -O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+  LDFLAGS_V := -fsanitize=address,undefined
+  BIN := build/asan/bin
+else
+  CFLAGS_V := -O2 -march=x86-64-v2 -mtune=native
+  LDFLAGS_V :=
+  BIN := bin
+endif
+CFLAGS  := $(CFLAGS_COMMON) $(CFLAGS_V) $(EXTRA_CFLAGS)
+LDFLAGS := -fopenmp $(LDFLAGS_V)
+LDLIBS  := -lopenblas -llapacke -llapack -lmicrohttpd -ljansson -lsqlite3 -luv -lcurl -lm -lpthread
+B := build/$(V)
+
+COMMON_SRC := $(wildcard common/*.c)
+PROTO_SRC  := $(wildcard proto/*.c)
+ENGINE_SRC := $(wildcard worker/engine/*.c worker/backend/cpu/*.c worker/backend/comm/*.c)
+SERVER_SRC := $(filter-out server/main.c,$(wildcard server/*.c))
+DAEMON_SRC := $(filter-out worker/daemon/main.c,$(wildcard worker/daemon/*.c))
+CLI_SRC    := $(filter-out worker/cli/main.c,$(wildcard worker/cli/*.c))
+UNIT_SRC   := $(wildcard tests/unit/test_*.c)
+UNIT_HELPERS := $(filter-out tests/unit/test_%.c,$(wildcard tests/unit/*.c))
+
+obj = $(patsubst %.c,$(B)/obj/%.o,$(1))
+
+LIB_COMMON := $(B)/libcommon.a
+LIB_PROTO  := $(B)/libproto.a
+LIB_ENGINE := $(B)/libengine.a
+LIB_SERVER := $(B)/libserver.a
+LIB_DAEMON := $(B)/libdaemon.a
+LIB_CLI    := $(B)/libcli.a
+# Link order: dependents first.
+LIBS := $(LIB_CLI) $(LIB_DAEMON) $(LIB_SERVER) $(LIB_ENGINE) $(LIB_PROTO) $(LIB_COMMON)
+
+# A program is built once its main.c exists.
+PROGS := $(if $(wildcard worker/cli/main.c),$(BIN)/loranull) \
+         $(if $(wildcard server/main.c),$(BIN)/loranull-server) \
+         $(if $(wildcard worker/daemon/main.c),$(BIN)/loranull-worker)
+UNIT_BINS := $(patsubst tests/unit/%.c,$(B)/tests/%,$(UNIT_SRC))
+
+.PHONY: all deps test unit bench demo cuda clean asan check-tools
+all: $(PROGS) $(if $(shell command -v $(NVCC) 2>/dev/null),cuda)
+
+$(B)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+define mklib
+$(1): $(call obj,$(2))
+	@mkdir -p $$(dir $$@)
+	@rm -f $$@
+	$$(AR) rcs $$@ $$^
+endef
+$(eval $(call mklib,$(LIB_COMMON),$(COMMON_SRC)))
+$(eval $(call mklib,$(LIB_PROTO),$(PROTO_SRC)))
+$(eval $(call mklib,$(LIB_ENGINE),$(ENGINE_SRC)))
+$(eval $(call mklib,$(LIB_SERVER),$(SERVER_SRC)))
+$(eval $(call mklib,$(LIB_DAEMON),$(DAEMON_SRC)))
+$(eval $(call mklib,$(LIB_CLI),$(CLI_SRC)))
+
+$(BIN)/loranull: $(call obj,worker/cli/main.c) $(LIBS)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $< $(LIBS) $(LDLIBS)
+$(BIN)/loranull-server: $(call obj,server/main.c) $(LIBS)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $< $(LIBS) $(LDLIBS)
+$(BIN)/loranull-worker: $(call obj,worker/daemon/main.c) $(LIBS)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $< $(LIBS) $(LDLIBS)
+
+$(B)/tests/%: tests/unit/%.c $(call obj,$(UNIT_HELPERS)) $(LIBS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(call obj,$(UNIT_HELPERS)) $(LIBS) $(LDLIBS) -lcmocka
+
+unit: $(PROGS) $(UNIT_BINS)
+asan:
+	$(MAKE) V=asan unit
+
+-include $(shell find build/$(V)/obj -name '*.d' 2>/dev/null)
+
+# ---- CUDA backend (compiles and links without a GPU) ----
+CUDA_SRC := $(wildcard worker/backend/cuda/*.cu)
+NVCCFLAGS ?= -O2 -std=c++17 -arch=sm_90 -Xcompiler -Wall,-Wextra,-Werror -I. -I$(CUDA_HOME)/include
+cuda: build/cuda/libloranull_cuda.a
+build/cuda/%.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+build/cuda/libloranull_cuda.a: $(patsubst %.cu,build/cuda/%.o,$(CUDA_SRC))
+	@mkdir -p $(dir $@)
+	@rm -f $@
+	$(if $^,$(AR) rcs $@ $^,@echo "cuda: no CUDA sources yet" && touch $@)
+
+# ---- dependencies, tests, demo, bench ----
+deps:
+	@bash .ci/deps.sh
+
+PY := .venv/bin/python
+# make test: installs what is missing, builds release + ASan/UBSan, then runs every test
+# through pytest (the C unit tests are run by tests/test_unit.py, in both variants).
+test: deps
+	$(MAKE) all unit
+	$(MAKE) V=asan unit
+	$(PY) -m pytest -q -ra tests $(PYTEST_ARGS)
+
+bench: deps all
+	bash tests/bench/run.sh
+
+demo: all
+	bash tests/e2e/demo.sh
+
+clean:
+	rm -rf build bin

@@ -1,0 +1,34 @@
+/* util.h — small helpers every part uses: checked allocation, whole-file I/O, paths, time. */
+#ifndef LN_UTIL_H
+#define LN_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/err.h"
+
+/* Allocation that aborts with a message on out-of-memory (for small, bounded objects only;
+ * large tensors use ln_try_alloc and report a clear error instead). */
+void *ln_xmalloc(size_t n);
+void *ln_xcalloc(size_t n, size_t size);
+void *ln_xrealloc(void *p, size_t n);
+char *ln_xstrdup(const char *s);
+
+/* Large allocation (64-byte aligned) that can fail: returns NULL and fills e with the size. */
+void *ln_try_alloc(size_t n, const char *what, ln_err *e);
+
+/* Reads a whole file into a NUL-terminated buffer owned by the caller. */
+int ln_read_file(const char *path, char **out, size_t *len, ln_err *e);
+/* Writes a file atomically: to path.tmp, fsync, rename. */
+int ln_write_file_atomic(const char *path, const void *data, size_t len, ln_err *e);
+/* mkdir -p. */
+int ln_mkdir_p(const char *path, ln_err *e);
+int ln_file_exists(const char *path);
+/* Joins a directory and a name into a new string owned by the caller. */
+char *ln_path_join(const char *dir, const char *name);
+
+/* Monotonic and wall clocks. */
+double ln_now_s(void);      /* monotonic seconds */
+int64_t ln_unix_time(void); /* wall clock seconds since epoch */
+
+#endif

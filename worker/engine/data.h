@@ -1,0 +1,75 @@
+/* data.h — training data: JSONL examples turned into token ids and loss labels.
+ *
+ * Formats, one example a line (DESIGN.md §3):
+ *   {"messages":[{"role":"system|user|assistant","content":"...","weight":0|1}]}
+ *   {"prompt":"...","completion":"..."}   {"text":"..."}
+ *   {"input_ids":[...],"labels":[...]?}     (pre-tokenized; labels default to input_ids)
+ * labels[i] is the target id for position i's *own* token, -100 where the loss is masked —
+ * exactly transformers' convention (the model shifts: position t predicts labels[t+1]).
+ *
+ * The whole file is validated before training starts; a bad line is an error naming the file,
+ * the line number and the field. Ownership: a dataset owns its examples. */
+#ifndef LN_DATA_H
+#define LN_DATA_H
+
+#include <stdint.h>
+
+#include "common/err.h"
+
+#define LN_IGNORE_INDEX (-100)
+
+typedef struct ln_tokenizer ln_tokenizer; /* worker/engine/tokenizer.h */
+
+typedef struct ln_example {
+    int32_t *input_ids;
+    int32_t *labels;
+    int len;
+    int line;          /* 1-based line in the source file */
+} ln_example;
+
+typedef enum { LN_OVERLONG_REJECT, LN_OVERLONG_TRUNCATE } ln_overlong_policy;
+
+typedef struct ln_data_opts {
+    int max_seq_len;                 /* 0 = no limit */
+    ln_overlong_policy overlong;     /* what to do with an example longer than max_seq_len */
+    const char *chat_template;       /* "llama3", "llama2" or NULL = from the tokenizer/model */
+} ln_data_opts;
+
+typedef struct ln_data_stats {
+    int64_t examples, tokens, trained_tokens, truncated;
+} ln_data_stats;
+
+typedef struct ln_dataset {
+    ln_example *ex;
+    int64_t n;
+    ln_data_stats stats;
+    char *path;
+} ln_dataset;
+
+/* Loads and validates every line. tok may be NULL when every line is pre-tokenized. */
+int ln_dataset_load(const char *path, const ln_tokenizer *tok, const ln_data_opts *opts,
+                    ln_dataset **out, ln_err *e);
+void ln_dataset_free(ln_dataset *d);
+
+/* Seeded order over the examples, reshuffled each epoch; its position is what checkpoints save. */
+typedef struct ln_data_pos {
+    int64_t epoch;   /* 0-based */
+    int64_t index;   /* next example within the epoch's order */
+} ln_data_pos;
+
+typedef struct ln_loader {
+    const ln_dataset *ds;
+    uint64_t seed;
+    int shuffle;
+    int64_t *order;   /* permutation for the current epoch */
+    ln_data_pos pos;
+} ln_loader;
+
+void ln_loader_init(ln_loader *l, const ln_dataset *ds, uint64_t seed, int shuffle);
+/* Moves to pos (rebuilding that epoch's permutation). */
+void ln_loader_seek(ln_loader *l, ln_data_pos pos);
+/* Next example; crosses into the next epoch (reshuffling) when the current one ends. */
+const ln_example *ln_loader_next(ln_loader *l);
+void ln_loader_free(ln_loader *l);
+
+#endif
