@@ -274,17 +274,15 @@ int st_open(const char *path, st_set **out, ln_err *e) {
         char *single = ln_path_join(path, "model.safetensors");
         char *index = ln_path_join(path, "model.safetensors.index.json");
         if (ln_file_exists(single)) rc = open_one(s, single, e);
-        else if (ln_file_exists(index)) {
-            qsort(s->t, s->n, sizeof *s->t, cmp_tensor_name); /* empty here; keeps st_find valid */
-            rc = open_index(s, path, index, e);
-        } else rc = ln_errf(e, "%s: no model.safetensors or model.safetensors.index.json", path);
+        else if (ln_file_exists(index)) rc = open_index(s, path, index, e);
+        else rc = ln_errf(e, "%s: no model.safetensors or model.safetensors.index.json", path);
         free(single);
         free(index);
     } else {
         rc = open_one(s, path, e);
     }
     if (rc != 0) { st_close(s); return -1; }
-    qsort(s->t, s->n, sizeof *s->t, cmp_tensor_name);
+    if (s->n > 1) qsort(s->t, s->n, sizeof *s->t, cmp_tensor_name);
     for (size_t i = 1; i < s->n; i++)
         if (strcmp(s->t[i - 1].name, s->t[i].name) == 0) {
             ln_errf(e, "%s: tensor \"%s\" appears in both %s and %s", path, s->t[i].name, s->t[i - 1].file, s->t[i].file);
