@@ -1,0 +1,25 @@
+/* drift.h — knowledge drift of one linear layer, exact from its calibration covariance.
+ *
+ * With X the (scaled) calibration activations stacked as rows and C = XᵀX / n (nullspace.h),
+ *   ‖X ΔWᵀ‖²_F / ‖X W0ᵀ‖²_F = tr(ΔW C ΔWᵀ) / tr(W0 C W0ᵀ),
+ * so drift needs only C, never the activations again. ΔW = W* − W0 against the ORIGINAL W0.
+ * Layouts as nullspace.h (row-major; W d_out × d_in, A r × d_in, B d_out × r, C d_in × d_in). */
+#ifndef LN_DRIFT_H
+#define LN_DRIFT_H
+
+/* tr(W C Wᵀ) = Σ_ij (W C)_ij W_ij for a dense W, in fp64 a block of rows at a time.
+ * Used for the denominator (W = W0, once per layer) and for full fine-tuning's ΔW. */
+double ln_drift_quad_dense(const float *W, int d_out, int d_in, const double *C);
+
+/* tr(ΔW C ΔWᵀ) for a low-rank update ΔW = scale · (B1 A1 − B0 A0) without forming ΔW:
+ * with B̃ = [B1, −B0] (d_out × k) and Ã = [A1; A0] (k × d_in), k = r1 + r0,
+ *   tr(B̃ Ã C Ãᵀ B̃ᵀ) = tr((B̃ᵀ B̃)(Ã C Ãᵀ)) — O(k·d_in² + k²·d_out) instead of O(d_out·d_in²).
+ * B0/A0 may be NULL (r0 = 0) for methods whose initial product is zero (lora, lora_fa).
+ * Returns a negative value if scratch memory cannot be had. */
+double ln_drift_quad_lowrank(const float *B1, const float *A1, int r1, const float *B0, const float *A0,
+                             int r0, int d_out, int d_in, double scale, const double *C);
+
+/* The drift ratio num / den, 0 when den is 0 (a layer whose input never reached it). */
+double ln_drift_ratio(double num, double den);
+
+#endif

@@ -1,0 +1,191 @@
+/* nullspace.c — covariance accumulation, the subset eigensolver and the LoRA-Null factors. */
+#include "worker/engine/nullspace.h"
+
+#include <cblas.h>
+#include <lapacke.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/util.h"
+
+/* Rows of a sample converted to fp64 at a time: bounds the scratch to 256 × d doubles. */
+#define COV_CHUNK_ROWS 256
+/* Rows of W0 converted to fp64 at a time when projecting onto the basis. */
+#define FACTOR_BLOCK_ROWS 256
+
+/* ---------------------------------------------------------------- covariance */
+
+int ln_cov_init(ln_cov *c, int d, ln_err *e) {
+    memset(c, 0, sizeof *c);
+    if (d <= 0) return ln_errf(e, "covariance: input dimension must be positive, got %d", d);
+    c->d = d;
+    c->sum = ln_try_alloc((size_t)d * d * sizeof(double), "covariance d_in x d_in (fp64)", e);
+    if (!c->sum) return -1;
+    memset(c->sum, 0, (size_t)d * d * sizeof(double));
+    return 0;
+}
+
+void ln_cov_free(ln_cov *c) {
+    if (!c) return;
+    free(c->sum);
+    c->sum = NULL;
+}
+
+int ln_cov_add_sample(ln_cov *c, const float *X, int tokens, ln_err *e) {
+    const int d = c->d;
+    if (tokens <= 0) return ln_errf(e, "covariance: sample %lld has no tokens", (long long)c->samples);
+    size_t n = (size_t)tokens * d;
+    float mx = -INFINITY;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(X[i]))
+            return ln_errf(e, "covariance: sample %lld has a non-finite activation at token %zu, dim %zu",
+                           (long long)c->samples, i / d, i % d);
+        if (X[i] > mx) mx = X[i];
+    }
+    /* The reference divides by |max(X)| (the signed maximum), not by max|X|. */
+    double inv = 1.0 / fabs((double)mx);
+    if (mx == 0.0f)
+        return ln_errf(e, "covariance: sample %lld has maximum activation 0, so the reference scaling "
+                          "1/|max X| is undefined", (long long)c->samples);
+    int chunk = tokens < COV_CHUNK_ROWS ? tokens : COV_CHUNK_ROWS;
+    double *xd = ln_try_alloc((size_t)chunk * d * sizeof(double), "covariance scratch", e);
+    if (!xd) return -1;
+    for (int t0 = 0; t0 < tokens; t0 += chunk) {
+        int rows = tokens - t0 < chunk ? tokens - t0 : chunk;
+        const float *src = X + (size_t)t0 * d;
+        for (size_t i = 0; i < (size_t)rows * d; i++) xd[i] = (double)src[i] * inv;
+        /* sum(upper) += xdᵀ xd */
+        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, d, rows, 1.0, xd, d, 1.0, c->sum, d);
+    }
+    free(xd);
+    c->samples++;
+    c->tokens += tokens;
+    return 0;
+}
+
+int ln_cov_merge(ln_cov *into, const ln_cov *from, ln_err *e) {
+    if (into->d != from->d)
+        return ln_errf(e, "covariance merge: dimensions differ (%d vs %d)", into->d, from->d);
+    size_t n = (size_t)into->d * into->d;
+    for (size_t i = 0; i < n; i++) into->sum[i] += from->sum[i];
+    into->samples += from->samples;
+    into->tokens += from->tokens;
+    return 0;
+}
+
+int ln_cov_finish(const ln_cov *c, double *C, ln_err *e) {
+    if (c->samples <= 0) return ln_errf(e, "covariance: no calibration samples were accumulated");
+    const int d = c->d;
+    double inv = 1.0 / (double)c->samples;
+    for (int i = 0; i < d; i++) {
+        for (int j = i; j < d; j++) {
+            double v = c->sum[(size_t)i * d + j] * inv;
+            C[(size_t)i * d + j] = v;
+            C[(size_t)j * d + i] = v;
+        }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- null space */
+
+int ln_nullspace_basis(const double *C, int d, int r, double *U, double *evals, ln_err *e) {
+    if (r <= 0 || r > d) return ln_errf(e, "null space: rank %d must be in 1..%d (d_in)", r, d);
+    double *a = ln_try_alloc((size_t)d * d * sizeof(double), "null space: copy of C", e);
+    double *w = ln_try_alloc((size_t)d * sizeof(double), "null space: eigenvalues", e);
+    lapack_int *isuppz = ln_try_alloc((size_t)2 * r * sizeof(lapack_int), "null space: support", e);
+    int rc = -1;
+    if (!a || !w || !isuppz) goto out;
+    memcpy(a, C, (size_t)d * d * sizeof(double));
+    lapack_int m = 0;
+    /* Range 'I', il=1..iu=r: LAPACK returns the r smallest eigenpairs, ascending. abstol 0 lets
+     * dsyevr pick its default (accurate) tolerance. */
+    lapack_int info = LAPACKE_dsyevr(LAPACK_ROW_MAJOR, 'V', 'I', 'U', d, a, d, 0.0, 0.0, 1, r, 0.0,
+                                     &m, w, U, r, isuppz);
+    if (info != 0) {
+        ln_errf(e, "null space: dsyevr failed (info %d) on a %d x %d covariance", (int)info, d, d);
+        goto out;
+    }
+    if (m != r) {
+        ln_errf(e, "null space: dsyevr returned %d eigenpairs, expected %d", (int)m, r);
+        goto out;
+    }
+    if (evals) memcpy(evals, w, (size_t)r * sizeof(double));
+    rc = 0;
+out:
+    free(a);
+    free(w);
+    free(isuppz);
+    return rc;
+}
+
+int ln_nullspace_factor(const float *W0, int d_out, int d_in, const double *U, int r, double scale,
+                        float *A, float *B, ln_err *e) {
+    if (r <= 0 || r > d_in || r > d_out)
+        return ln_errf(e, "LoRA-Null factor: rank %d exceeds the layer's %d x %d shape", r, d_out, d_in);
+    if (!(scale > 0.0)) return ln_errf(e, "LoRA-Null factor: scale (alpha/r) must be positive, got %g", scale);
+    int rc = -1;
+    double *M = NULL, *s = NULL, *P = NULL, *Qt = NULL, *UQ = NULL, *rowd = NULL;
+    M = ln_try_alloc((size_t)d_out * r * sizeof(double), "LoRA-Null: W0 U", e);
+    s = ln_try_alloc((size_t)r * sizeof(double), "LoRA-Null: singular values", e);
+    P = ln_try_alloc((size_t)d_out * r * sizeof(double), "LoRA-Null: left vectors", e);
+    Qt = ln_try_alloc((size_t)r * r * sizeof(double), "LoRA-Null: right vectors", e);
+    UQ = ln_try_alloc((size_t)d_in * r * sizeof(double), "LoRA-Null: U Q", e);
+    if (!M || !s || !P || !Qt || !UQ) goto out;
+
+    /* M = W0 U, a block of W0's rows at a time in fp64 (no d_out × d_in fp64 copy of W0). */
+    rowd = ln_try_alloc((size_t)FACTOR_BLOCK_ROWS * d_in * sizeof(double), "LoRA-Null: row block", e);
+    if (!rowd) goto out;
+    for (int i0 = 0; i0 < d_out; i0 += FACTOR_BLOCK_ROWS) {
+        int rows = d_out - i0 < FACTOR_BLOCK_ROWS ? d_out - i0 : FACTOR_BLOCK_ROWS;
+        const float *w = W0 + (size_t)i0 * d_in;
+        for (size_t k = 0; k < (size_t)rows * d_in; k++) rowd[k] = w[k];
+        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, r, d_in, 1.0, rowd, d_in, U, r,
+                    0.0, M + (size_t)i0 * r, r);
+    }
+    /* Thin SVD of the d_out × r matrix M = P diag(s) Qᵀ (dgesdd overwrites M). */
+    lapack_int info = LAPACKE_dgesdd(LAPACK_ROW_MAJOR, 'S', d_out, r, M, r, s, P, r, Qt, r);
+    if (info != 0) {
+        ln_errf(e, "LoRA-Null factor: SVD of W0 U (%d x %d) failed (info %d)", d_out, r, (int)info);
+        goto out;
+    }
+    /* UQ = U Q (d_in × r): column j is the direction of A's row j. */
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, d_in, r, r, 1.0, U, r, Qt, r, 0.0, UQ, r);
+    for (int j = 0; j < r; j++) {
+        double g = sqrt(s[j] / scale);
+        for (int k = 0; k < d_in; k++) A[(size_t)j * d_in + k] = (float)(g * UQ[(size_t)k * r + j]);
+        for (int i = 0; i < d_out; i++) B[(size_t)i * r + j] = (float)(P[(size_t)i * r + j] * g);
+    }
+    rc = 0;
+out:
+    free(M);
+    free(s);
+    free(P);
+    free(Qt);
+    free(UQ);
+    free(rowd);
+    return rc;
+}
+
+void ln_residual_subtract(float *W, int d_out, int d_in, const float *B, const float *A, int r,
+                          double scale) {
+    /* scale·B A from the fp32 factors, accumulated in fp64, then one rounding of W0 − scale·BA to
+     * fp32: so W0' + scale·BA = W0 up to half an ulp of W0'. Row blocks bound the scratch. */
+    double *bd = ln_xmalloc((size_t)d_out * r * sizeof(double));
+    double *ad = ln_xmalloc((size_t)r * d_in * sizeof(double));
+    int blk = d_out < FACTOR_BLOCK_ROWS ? d_out : FACTOR_BLOCK_ROWS;
+    double *pd = ln_xmalloc((size_t)blk * d_in * sizeof(double));
+    for (size_t k = 0; k < (size_t)d_out * r; k++) bd[k] = B[k];
+    for (size_t k = 0; k < (size_t)r * d_in; k++) ad[k] = A[k];
+    for (int i0 = 0; i0 < d_out; i0 += blk) {
+        int rows = d_out - i0 < blk ? d_out - i0 : blk;
+        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d_in, r, scale, bd + (size_t)i0 * r, r, ad,
+                    d_in, 0.0, pd, d_in);
+        float *w = W + (size_t)i0 * d_in;
+        for (size_t k = 0; k < (size_t)rows * d_in; k++) w[k] = (float)((double)w[k] - pd[k]);
+    }
+    free(bd);
+    free(ad);
+    free(pd);
+}
