@@ -396,3 +396,26 @@ def test_images_install_the_makefile_link_libraries(tmp_path):
                    if pkg.split(":")[0] not in BASE_PACKAGES
                    and EQUIVALENT.get(pkg.split(":")[0], pkg.split(":")[0]) not in runtime}
         assert not missing, f"{dockerfile} lacks the packages of the Makefile's libraries: {missing}"
+
+
+def ingress_matches(rule_path, path_type, request_path):
+    """Kubernetes Ingress path matching: Exact is string equality; Prefix compares whole
+    '/'-separated elements ("/v1" matches "/v1" and "/v1/files", not "/v10")."""
+    if path_type == "Exact":
+        return request_path == rule_path
+    want = [p for p in rule_path.split("/") if p]
+    have = [p for p in request_path.split("/") if p]
+    return have[:len(want)] == want
+
+
+def test_ingress_exposes_public_paths_only(rendered):
+    ing = one(rendered["gpu"], "Ingress", "loranull")
+    rules = [(p["path"], p["pathType"]) for r in ing["spec"]["rules"] for p in r["http"]["paths"]]
+    assert all(t in ("Exact", "Prefix") for _, t in rules), "ImplementationSpecific is not portable"
+
+    def routed(path):
+        return any(ingress_matches(p, t, path) for p, t in rules)
+    for public in ("/v1/files", "/v1/fine_tuning/jobs/ftjob-1/events", "/", "/vendor/chart.js"):
+        assert routed(public), f"{public} is not routed"
+    for private in ("/internal/v1/lease", "/internal/v1/workers/register", "/metrics", "/healthz"):
+        assert not routed(private), f"{private} must not be reachable from outside"
