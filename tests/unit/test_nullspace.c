@@ -418,6 +418,43 @@ static void test_corda_damp_doubles_on_singular(void **state) {
     free(C);
 }
 
+/* q,k,v share one C: a registered C is decomposed once per rank; an unregistered one every time;
+ * the shared and the private path give bit-identical factors. */
+static void test_basis_shared_between_layers(void **state) {
+    (void)state;
+    rng_state = 7;
+    const int d = 20, d_out = 8, r = 3;
+    double *Q = rand_orthogonal(d), lam[20];
+    for (int k = 0; k < d; k++) lam[k] = 0.5 + k;
+    double *C = spd_with_spectrum(Q, lam, d);
+    float *W0 = rand_f32((size_t)d_out * d, 0.3);
+    float W[8 * 20], A[3][3 * 20], B[3][8 * 3], Ap[3 * 20], Bp[8 * 3];
+    ln_layer_init li = {.d_out = d_out, .d_in = d, .r = r, .scale = 1.0, .C = C};
+    ln_err e;
+    long before = ln_init_eigensolves();
+    ln_init_share_basis(C, d);
+    for (int t = 0; t < 3; t++) {
+        memcpy(W, W0, sizeof W);
+        assert_int_equal(ln_init_layer(LN_METHOD_LORA_NULL_V2, &li, W, A[t], B[t], &e), 0);
+    }
+    assert_int_equal(ln_init_eigensolves() - before, 1);
+    li.r = 2; /* another rank: one more solve */
+    assert_int_equal(ln_init_layer(LN_METHOD_LORA_NULL_V1, &li, W, Ap, Bp, &e), 0);
+    assert_int_equal(ln_init_eigensolves() - before, 2);
+    ln_init_forget_basis(C);
+    li.r = r;
+    for (int t = 0; t < 2; t++) {
+        memcpy(W, W0, sizeof W);
+        assert_int_equal(ln_init_layer(LN_METHOD_LORA_NULL_V1, &li, W, Ap, Bp, &e), 0);
+    }
+    assert_int_equal(ln_init_eigensolves() - before, 4);
+    assert_memory_equal(Ap, A[0], sizeof Ap);
+    assert_memory_equal(Bp, B[0], sizeof Bp);
+    free(Q);
+    free(C);
+    free(W0);
+}
+
 /* ---------------------------------------------------------------- drift */
 
 /* Drift from C equals ‖X ΔWᵀ‖²/‖X W0ᵀ‖² measured on the scaled activations; low-rank == dense. */
@@ -492,6 +529,7 @@ int main(void) {
         cmocka_unit_test(test_method_names),
         cmocka_unit_test(test_every_method_init),
         cmocka_unit_test(test_corda_damp_doubles_on_singular),
+        cmocka_unit_test(test_basis_shared_between_layers),
         cmocka_unit_test(test_drift_from_cov_equals_direct),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -4,6 +4,7 @@
 #include <cblas.h>
 #include <lapacke.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -194,16 +195,114 @@ out:
     return rc;
 }
 
+/* ---------------------------------------------------------------- shared bases */
+
+typedef struct basis_entry {
+    const double *C;
+    int d, r;          /* r = 0: registered, no basis yet for any rank */
+    double *U;         /* d × r, owned */
+    struct basis_entry *next;
+} basis_entry;
+
+static pthread_mutex_t basis_mu = PTHREAD_MUTEX_INITIALIZER;
+static basis_entry *basis_list;
+static long eigensolves;
+
+void ln_init_share_basis(const double *C, int d) {
+    basis_entry *b = ln_xcalloc(1, sizeof *b);
+    b->C = C;
+    b->d = d;
+    pthread_mutex_lock(&basis_mu);
+    b->next = basis_list;
+    basis_list = b;
+    pthread_mutex_unlock(&basis_mu);
+}
+
+void ln_init_forget_basis(const double *C) {
+    pthread_mutex_lock(&basis_mu);
+    for (basis_entry **pp = &basis_list; *pp;) {
+        basis_entry *b = *pp;
+        if (b->C == C) {
+            *pp = b->next;
+            free(b->U);
+            free(b);
+        } else {
+            pp = &b->next;
+        }
+    }
+    pthread_mutex_unlock(&basis_mu);
+}
+
+long ln_init_eigensolves(void) {
+    pthread_mutex_lock(&basis_mu);
+    long n = eigensolves;
+    pthread_mutex_unlock(&basis_mu);
+    return n;
+}
+
+static int compute_basis(const double *C, int d, int r, double **out, ln_err *e) {
+    double *U = ln_try_alloc((size_t)d * r * sizeof(double), "LoRA-Null: basis", e);
+    if (!U || ln_nullspace_basis(C, d, r, U, NULL, e) != 0) {
+        free(U);
+        return -1;
+    }
+    pthread_mutex_lock(&basis_mu);
+    eigensolves++;
+    pthread_mutex_unlock(&basis_mu);
+    *out = U;
+    return 0;
+}
+
+/* The basis of a registered C for rank r (computed on first use; the lock is held across the
+ * solve so two layers sharing C never solve twice), or NULL with *registered = 0. */
+static const double *shared_basis(const double *C, int d, int r, int *registered, ln_err *e) {
+    const double *res = NULL;
+    *registered = 0;
+    pthread_mutex_lock(&basis_mu);
+    basis_entry *reg = NULL;
+    for (basis_entry *b = basis_list; b; b = b->next) {
+        if (b->C != C || b->d != d) continue;
+        reg = b;
+        if (b->r == r && b->U) {
+            res = b->U;
+            break;
+        }
+    }
+    if (reg && !res) {
+        double *U = ln_try_alloc((size_t)d * r * sizeof(double), "LoRA-Null: basis", e);
+        if (U && ln_nullspace_basis(C, d, r, U, NULL, e) == 0) {
+            eigensolves++;
+            basis_entry *b = reg;
+            if (b->U) { /* another rank already cached: add an entry for this one */
+                b = ln_xcalloc(1, sizeof *b);
+                b->C = C;
+                b->d = d;
+                b->next = basis_list;
+                basis_list = b;
+            }
+            b->r = r;
+            b->U = U;
+            res = U;
+        } else {
+            free(U);
+        }
+    }
+    pthread_mutex_unlock(&basis_mu);
+    *registered = reg != NULL;
+    return res;
+}
+
 static int init_lora_null(const ln_layer_init *li, const float *W, float *A, float *B, ln_err *e) {
     const double *U = li->U_null;
     double *own = NULL;
     if (!U) {
-        own = ln_try_alloc((size_t)li->d_in * li->r * sizeof(double), "LoRA-Null: basis", e);
-        if (!own || ln_nullspace_basis(li->C, li->d_in, li->r, own, NULL, e) != 0) {
-            free(own);
-            return -1;
+        int registered;
+        U = shared_basis(li->C, li->d_in, li->r, &registered, e);
+        if (registered && !U) return -1;
+        if (!registered) {
+            if (compute_basis(li->C, li->d_in, li->r, &own, e) != 0) return -1;
+            U = own;
         }
-        U = own;
     }
     int rc = ln_nullspace_factor(W, li->d_out, li->d_in, U, li->r, li->scale, A, B, e);
     free(own);

@@ -61,6 +61,16 @@ typedef struct ln_layer_init {
  * Errors name the method and the shapes. */
 int ln_init_layer(ln_method m, const ln_layer_init *li, float *W, float *A, float *B, ln_err *e);
 
+/* Bases shared between layers that read one covariance. q,k,v (and gate,up) read the same input,
+ * so the same C and the same r-dimensional null-space basis: a covariance's owner (the
+ * calibration) opts C in with ln_init_share_basis; ln_init_layer then computes its basis once per
+ * rank and reuses it, until ln_init_forget_basis(C) (which the owner calls before freeing C).
+ * Only registered matrices are cached: an unregistered C is decomposed on every call. Thread-safe. */
+void ln_init_share_basis(const double *C, int d);
+void ln_init_forget_basis(const double *C);
+/* How many eigensolves ln_init_layer has run in this process (the tests check the sharing). */
+long ln_init_eigensolves(void);
+
 /* CorDA's damping search alone (exposed for tests): returns the damp factor that PEFT's loop
  * settles on for C, or a negative value with e filled if none below 2^20 · 0.01 works. */
 double ln_corda_damp(const double *C, int d, ln_err *e);
