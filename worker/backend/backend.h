@@ -1,0 +1,87 @@
+/* backend.h — the small interface the engine computes through.
+ *
+ * Contract (the CPU backend is the readable reference; a CUDA backend implements the same table):
+ *  - Every tensor is fp32, row-major, contiguous unless a leading dimension says otherwise, and lives
+ *    in the backend's memory (alloc/upload/download move it there and back; on the CPU they are
+ *    plain malloc/memcpy).
+ *  - Kernels know no model: they take pointers and shapes. N is a number of token rows (B*T),
+ *    C a row width, V a vocabulary size, nh/nkv query/key-value heads, hd a head dimension.
+ *  - Backward kernels ACCUMULATE (+=) into weight gradients (so gradient accumulation over
+ *    micro-batches is free) and into dx where the comment says so; everything else overwrites.
+ *  - No kernel allocates, none can fail; shapes are validated by the engine before calling.
+ *  - Deterministic: the same inputs and thread count give the same bits (the resume test needs it).
+ */
+#ifndef LN_BACKEND_H
+#define LN_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct lnb_backend {
+    const char *name;
+
+    /* ---- memory ---- */
+    void *(*alloc)(size_t bytes);                  /* zeroed, 64-byte aligned; NULL on OOM */
+    void (*free)(void *p);
+    void (*upload)(void *dst, const void *host, size_t bytes);
+    void (*download)(void *host, const void *src, size_t bytes);
+    void (*zero)(float *x, int64_t n);
+    void (*copy)(float *dst, const float *src, int64_t n);
+
+    /* ---- BLAS-like ---- */
+    /* C[M×N] = alpha · op(A) · op(B) + beta · C, op(X) = Xᵀ when tX; row-major with leading dims. */
+    void (*matmul)(int tA, int tB, int M, int N, int K, float alpha, const float *A, int lda,
+                   const float *B, int ldb, float beta, float *C, int ldc);
+    /* y += a·x */
+    void (*axpy)(int64_t n, float a, const float *x, float *y);
+    /* x *= a */
+    void (*scale)(int64_t n, float a, float *x);
+    /* Σ x², accumulated in double. */
+    double (*sumsq)(const float *x, int64_t n);
+
+    /* ---- layers (forward / backward side by side) ---- */
+    /* out (N,C) = table[ids[n]] ; dtable[ids[n]] += dout[n] */
+    void (*embedding_forward)(float *out, const int32_t *ids, const float *table, int N, int C);
+    void (*embedding_backward)(float *dtable, const float *dout, const int32_t *ids, int N, int C);
+
+    /* out = w ⊙ x / sqrt(mean(x²) + eps), per row of x (N,C); rstd (N) saved for backward.
+     * backward: dx += ..., dw += ... (dw may be NULL when the norm weight is frozen). */
+    void (*rmsnorm_forward)(float *out, float *rstd, const float *x, const float *w, int N, int C, float eps);
+    void (*rmsnorm_backward)(float *dx, float *dw, const float *dout, const float *x, const float *w,
+                             const float *rstd, int N, int C);
+
+    /* RoPE in HF's half-split (rotate_half) layout, in place on x (N, nh, hd) where row n has
+     * position n % T. cos/sin are (T, hd/2) tables. Backward rotates by −θ (also in place). */
+    void (*rope_forward)(float *x, const float *cos, const float *sin, int N, int T, int nh, int hd);
+    void (*rope_backward)(float *dx, const float *cos, const float *sin, int N, int T, int nh, int hd);
+
+    /* Causal grouped-query attention. q,out (B,T,nh,hd); k,v (B,T,nkv,hd); query head h reads
+     * kv head h / (nh/nkv). probs (B,nh,T,T) saved for backward (softmax of q·kᵀ/√hd, masked).
+     * backward: dq overwritten; dk, dv overwritten (heads of a group summed); scratch (T,T). */
+    void (*attention_forward)(float *out, float *probs, const float *q, const float *k, const float *v,
+                              int B, int T, int nh, int nkv, int hd);
+    void (*attention_backward)(float *dq, float *dk, float *dv, float *scratch, const float *dout,
+                               const float *probs, const float *q, const float *k, const float *v,
+                               int B, int T, int nh, int nkv, int hd);
+
+    /* out = silu(gate) ⊙ up (n elements); backward overwrites dgate, dup. */
+    void (*swiglu_forward)(float *out, const float *gate, const float *up, int64_t n);
+    void (*swiglu_backward)(float *dgate, float *dup, const float *dout, const float *gate,
+                            const float *up, int64_t n);
+
+    /* Softmax cross-entropy over logits (N,V), fused with its backward: returns Σ −log p[target]
+     * over rows whose target ≥ 0 (others are masked). When dlogits is not NULL it receives
+     * dscale · (softmax − onehot) (zero rows where masked); dlogits may equal logits (in place). */
+    double (*cross_entropy)(const float *logits, float *dlogits, const int32_t *targets, int N, int V,
+                            float dscale);
+
+    /* AdamW, PyTorch's formulation (decoupled decay): p -= lr·wd·p; m,v moments of g·gscale;
+     * p -= lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps), with bc = 1 − beta^step. */
+    void (*adamw)(float *p, const float *g, float *m, float *v, int64_t n, float gscale, float lr,
+                  float beta1, float beta2, float eps, float wd, float bc1, float bc2);
+} lnb_backend;
+
+/* The CPU backend (OpenBLAS + OpenMP). Static; never freed. */
+const lnb_backend *lnb_cpu(void);
+
+#endif

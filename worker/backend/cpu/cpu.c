@@ -1,0 +1,324 @@
+/* cpu.c — the CPU backend: OpenBLAS sgemm for every matrix product, OpenMP loops for the rest.
+ *
+ * This is the readable reference that other backends are tested against. Shapes follow the
+ * contract in worker/backend/backend.h. OpenBLAS is never called from inside an OpenMP region
+ * (the pthread build of OpenBLAS runs its own threads). */
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "worker/backend/backend.h"
+
+/* ---------------------------------------------------------------- memory */
+
+static void *cpu_alloc(size_t bytes)
+{
+    size_t n = (bytes + 63) & ~(size_t)63;
+    if (n == 0) n = 64;
+    void *p = aligned_alloc(64, n);
+    if (p) memset(p, 0, n);
+    return p;
+}
+static void cpu_free(void *p) { free(p); }
+static void cpu_move(void *dst, const void *src, size_t bytes) { if (bytes) memmove(dst, src, bytes); }
+static void cpu_zero(float *x, int64_t n) { memset(x, 0, (size_t)n * sizeof(float)); }
+static void cpu_copy(float *dst, const float *src, int64_t n) { if (n) memmove(dst, src, (size_t)n * sizeof(float)); }
+
+/* ---------------------------------------------------------------- BLAS-like */
+
+static void cpu_matmul(int tA, int tB, int M, int N, int K, float alpha, const float *A, int lda,
+                       const float *B, int ldb, float beta, float *C, int ldc)
+{
+    if (M == 0 || N == 0) return;
+    if (K == 0) { /* sgemm with K=0 must still apply beta */
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < N; j++) C[(int64_t)i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[(int64_t)i * ldc + j];
+        return;
+    }
+    cblas_sgemm(CblasRowMajor, tA ? CblasTrans : CblasNoTrans, tB ? CblasTrans : CblasNoTrans,
+                M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+static void cpu_axpy(int64_t n, float a, const float *x, float *y)
+{
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static void cpu_scale(int64_t n, float a, float *x)
+{
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; i++) x[i] *= a;
+}
+
+/* Summed in fixed-size blocks so the result does not depend on the thread count. */
+static double cpu_sumsq(const float *x, int64_t n)
+{
+    const int64_t blk = 4096;
+    int64_t nb = (n + blk - 1) / blk;
+    double total = 0.0;
+    double *part = malloc((size_t)(nb ? nb : 1) * sizeof(double));
+    if (!part) { /* tiny fallback, still deterministic */
+        for (int64_t i = 0; i < n; i++) total += (double)x[i] * x[i];
+        return total;
+    }
+#pragma omp parallel for schedule(static) if (nb > 16)
+    for (int64_t b = 0; b < nb; b++) {
+        double s = 0.0;
+        int64_t e = (b + 1) * blk < n ? (b + 1) * blk : n;
+        for (int64_t i = b * blk; i < e; i++) s += (double)x[i] * x[i];
+        part[b] = s;
+    }
+    for (int64_t b = 0; b < nb; b++) total += part[b];
+    free(part);
+    return total;
+}
+
+/* ---------------------------------------------------------------- embedding */
+
+/* ids (N), table (V,C) -> out (N,C) */
+static void cpu_embedding_forward(float *out, const int32_t *ids, const float *table, int N, int C)
+{
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++)
+        memcpy(out + (int64_t)n * C, table + (int64_t)ids[n] * C, (size_t)C * sizeof(float));
+}
+
+/* Serial over rows: two rows may share an id, and a fixed order keeps the sum deterministic. */
+static void cpu_embedding_backward(float *dtable, const float *dout, const int32_t *ids, int N, int C)
+{
+    for (int n = 0; n < N; n++) {
+        float *d = dtable + (int64_t)ids[n] * C;
+        const float *g = dout + (int64_t)n * C;
+        for (int c = 0; c < C; c++) d[c] += g[c];
+    }
+}
+
+/* ---------------------------------------------------------------- RMSNorm */
+
+/* x (N,C), w (C) -> out (N,C), rstd (N): out = w ⊙ x·r, r = 1/sqrt(mean(x²) + eps) */
+static void cpu_rmsnorm_forward(float *out, float *rstd, const float *x, const float *w, int N, int C, float eps)
+{
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *xr = x + (int64_t)n * C;
+        float *o = out + (int64_t)n * C;
+        float ss = 0.0f;
+        for (int c = 0; c < C; c++) ss += xr[c] * xr[c];
+        float r = 1.0f / sqrtf(ss / (float)C + eps);
+        rstd[n] = r;
+        for (int c = 0; c < C; c++) o[c] = w[c] * (xr[c] * r);
+    }
+}
+
+/* y_c = w_c x_c r, r = (Σx²/C + eps)^-½, ∂r/∂x_j = −r³ x_j / C
+ * dx_j += r w_j dy_j − (r³/C) x_j Σ_c w_c dy_c x_c
+ * dw_c += Σ_n dy_c x_c r */
+static void cpu_rmsnorm_backward(float *dx, float *dw, const float *dout, const float *x, const float *w,
+                                 const float *rstd, int N, int C)
+{
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *xr = x + (int64_t)n * C, *dy = dout + (int64_t)n * C;
+        float *d = dx + (int64_t)n * C;
+        float r = rstd[n], dot = 0.0f;
+        for (int c = 0; c < C; c++) dot += w[c] * dy[c] * xr[c];
+        float k = r * r * r * dot / (float)C;
+        for (int c = 0; c < C; c++) d[c] += r * w[c] * dy[c] - k * xr[c];
+    }
+    if (dw) {
+        /* Column sums in row order: deterministic regardless of threads (split by columns). */
+#pragma omp parallel for schedule(static)
+        for (int c = 0; c < C; c++) {
+            float s = 0.0f;
+            for (int n = 0; n < N; n++) s += dout[(int64_t)n * C + c] * x[(int64_t)n * C + c] * rstd[n];
+            dw[c] += s;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- RoPE */
+
+/* HF rotate_half: for i < h = hd/2,
+ *   out_i   = x_i c_i − x_{i+h} s_i
+ *   out_i+h = x_{i+h} c_i + x_i s_i
+ * sgn = −1 applies the inverse rotation (the backward, since a rotation's transpose is its inverse). */
+static void rope_apply(float *x, const float *cos, const float *sin, int N, int T, int nh, int hd, float sgn)
+{
+    int h = hd / 2;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *c = cos + (int64_t)(n % T) * h, *s = sin + (int64_t)(n % T) * h;
+        for (int head = 0; head < nh; head++) {
+            float *v = x + ((int64_t)n * nh + head) * hd;
+            for (int i = 0; i < h; i++) {
+                float a = v[i], b = v[i + h], si = sgn * s[i];
+                v[i] = a * c[i] - b * si;
+                v[i + h] = b * c[i] + a * si;
+            }
+        }
+    }
+}
+static void cpu_rope_forward(float *x, const float *cos, const float *sin, int N, int T, int nh, int hd)
+{
+    rope_apply(x, cos, sin, N, T, nh, hd, 1.0f);
+}
+static void cpu_rope_backward(float *dx, const float *cos, const float *sin, int N, int T, int nh, int hd)
+{
+    rope_apply(dx, cos, sin, N, T, nh, hd, -1.0f);
+}
+
+/* ---------------------------------------------------------------- attention */
+
+/* Per (batch b, head h), with g = h / (nh/nkv), Q (T,hd) rows strided by nh·hd, K,V by nkv·hd:
+ *   S = Q Kᵀ / √hd ; P = softmax(S + causal mask) ; O = P V */
+static void cpu_attention_forward(float *out, float *probs, const float *q, const float *k, const float *v,
+                                  int B, int T, int nh, int nkv, int hd)
+{
+    int grp = nh / nkv, qs = nh * hd, ks = nkv * hd;
+    float sc = 1.0f / sqrtf((float)hd);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < nh; h++) {
+            const float *Q = q + (int64_t)b * T * qs + h * hd;
+            const float *K = k + (int64_t)b * T * ks + (h / grp) * hd;
+            const float *Vv = v + (int64_t)b * T * ks + (h / grp) * hd;
+            float *P = probs + ((int64_t)b * nh + h) * T * T;
+            cpu_matmul(0, 1, T, T, hd, sc, Q, qs, K, ks, 0.0f, P, T);
+            /* causal softmax row by row: row t sees keys 0..t */
+#pragma omp parallel for schedule(static)
+            for (int t = 0; t < T; t++) {
+                float *row = P + (int64_t)t * T;
+                float mx = row[0];
+                for (int j = 1; j <= t; j++) mx = row[j] > mx ? row[j] : mx;
+                float sum = 0.0f;
+                for (int j = 0; j <= t; j++) { row[j] = expf(row[j] - mx); sum += row[j]; }
+                float inv = 1.0f / sum;
+                for (int j = 0; j <= t; j++) row[j] *= inv;
+                for (int j = t + 1; j < T; j++) row[j] = 0.0f;
+            }
+            cpu_matmul(0, 0, T, hd, T, 1.0f, P, T, Vv, ks, 0.0f, out + (int64_t)b * T * qs + h * hd, qs);
+        }
+}
+
+/* dV += Pᵀ dO ; dP = dO Vᵀ ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) ; dQ = dS K /√hd ; dK += dSᵀ Q /√hd */
+static void cpu_attention_backward(float *dq, float *dk, float *dv, float *scratch, const float *dout,
+                                   const float *probs, const float *q, const float *k, const float *v,
+                                   int B, int T, int nh, int nkv, int hd)
+{
+    int grp = nh / nkv, qs = nh * hd, ks = nkv * hd;
+    float sc = 1.0f / sqrtf((float)hd);
+    memset(dk, 0, (size_t)B * T * ks * sizeof(float));
+    memset(dv, 0, (size_t)B * T * ks * sizeof(float));
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < nh; h++) {
+            int64_t qo = (int64_t)b * T * qs + h * hd, ko = (int64_t)b * T * ks + (h / grp) * hd;
+            const float *P = probs + ((int64_t)b * nh + h) * T * T;
+            float *dS = scratch;
+            cpu_matmul(1, 0, T, hd, T, 1.0f, P, T, dout + qo, qs, 1.0f, dv + ko, ks);
+            cpu_matmul(0, 1, T, T, hd, 1.0f, dout + qo, qs, v + ko, ks, 0.0f, dS, T);
+#pragma omp parallel for schedule(static)
+            for (int t = 0; t < T; t++) {
+                const float *p = P + (int64_t)t * T;
+                float *d = dS + (int64_t)t * T;
+                float dot = 0.0f;
+                for (int j = 0; j <= t; j++) dot += d[j] * p[j];
+                for (int j = 0; j <= t; j++) d[j] = p[j] * (d[j] - dot);
+                for (int j = t + 1; j < T; j++) d[j] = 0.0f;
+            }
+            cpu_matmul(0, 0, T, hd, T, sc, dS, T, k + ko, ks, 0.0f, dq + qo, qs);
+            cpu_matmul(1, 0, T, hd, T, sc, dS, T, q + qo, qs, 1.0f, dk + ko, ks);
+        }
+}
+
+/* ---------------------------------------------------------------- SwiGLU */
+
+static void cpu_swiglu_forward(float *out, const float *gate, const float *up, int64_t n)
+{
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+/* m = g σ(g) u ; ∂m/∂g = u σ(g) (1 + g (1 − σ(g))) ; ∂m/∂u = g σ(g) */
+static void cpu_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
+                                const float *up, int64_t n)
+{
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float g = gate[i], s = 1.0f / (1.0f + expf(-g));
+        dgate[i] = dout[i] * up[i] * s * (1.0f + g * (1.0f - s));
+        dup[i] = dout[i] * g * s;
+    }
+}
+
+/* ---------------------------------------------------------------- loss */
+
+/* loss_n = logsumexp(z_n) − z_n[y_n] ; dz_n = dscale · (softmax(z_n) − onehot(y_n)) */
+static double cpu_cross_entropy(const float *logits, float *dlogits, const int32_t *targets, int N, int V,
+                                float dscale)
+{
+    double *rowloss = malloc((size_t)(N ? N : 1) * sizeof(double));
+    double total = 0.0;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *z = logits + (int64_t)n * V;
+        float *d = dlogits ? dlogits + (int64_t)n * V : NULL;
+        int y = targets[n];
+        if (y < 0) {
+            if (d) memset(d, 0, (size_t)V * sizeof(float));
+            if (rowloss) rowloss[n] = 0.0;
+            continue;
+        }
+        float mx = z[0];
+        for (int j = 1; j < V; j++) mx = z[j] > mx ? z[j] : mx;
+        double zy = (double)z[y] - mx, sum = 0.0;
+        for (int j = 0; j < V; j++) sum += expf(z[j] - mx);
+        if (rowloss) rowloss[n] = log(sum) - zy;
+        if (d) {
+            float inv = (float)(1.0 / sum);
+            for (int j = 0; j < V; j++) d[j] = dscale * (expf(z[j] - mx) * inv);
+            d[y] -= dscale;
+        }
+    }
+    if (rowloss) {
+        for (int n = 0; n < N; n++) total += rowloss[n];
+        free(rowloss);
+    }
+    return total;
+}
+
+/* ---------------------------------------------------------------- AdamW */
+
+static void cpu_adamw(float *p, const float *g, float *m, float *v, int64_t n, float gscale, float lr,
+                      float beta1, float beta2, float eps, float wd, float bc1, float bc2)
+{
+    float step = lr / bc1, sbc2 = sqrtf(bc2);
+#pragma omp parallel for schedule(static) if (n > 16384)
+    for (int64_t i = 0; i < n; i++) {
+        float gi = g[i] * gscale;
+        p[i] *= 1.0f - lr * wd;
+        m[i] = beta1 * m[i] + (1.0f - beta1) * gi;
+        v[i] = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+        p[i] -= step * m[i] / (sqrtf(v[i]) / sbc2 + eps);
+    }
+}
+
+/* ---------------------------------------------------------------- table */
+
+static const lnb_backend cpu_backend = {
+    .name = "cpu",
+    .alloc = cpu_alloc, .free = cpu_free, .upload = cpu_move, .download = cpu_move,
+    .zero = cpu_zero, .copy = cpu_copy,
+    .matmul = cpu_matmul, .axpy = cpu_axpy, .scale = cpu_scale, .sumsq = cpu_sumsq,
+    .embedding_forward = cpu_embedding_forward, .embedding_backward = cpu_embedding_backward,
+    .rmsnorm_forward = cpu_rmsnorm_forward, .rmsnorm_backward = cpu_rmsnorm_backward,
+    .rope_forward = cpu_rope_forward, .rope_backward = cpu_rope_backward,
+    .attention_forward = cpu_attention_forward, .attention_backward = cpu_attention_backward,
+    .swiglu_forward = cpu_swiglu_forward, .swiglu_backward = cpu_swiglu_backward,
+    .cross_entropy = cpu_cross_entropy, .adamw = cpu_adamw,
+};
+
+const lnb_backend *lnb_cpu(void) { return &cpu_backend; }

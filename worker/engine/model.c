@@ -1,0 +1,657 @@
+/* model.c — LLaMA in fp32: loading, random init, saving, and the forward and backward passes.
+ *
+ * The passes follow llm.c: one function per layer pass, the backward next to its forward, with
+ * shapes in comments. N = B·T token rows, C = hidden, I = intermediate, V = vocab,
+ * nh/nkv heads, hd head_dim, r LoRA rank. Everything is row-major fp32 in backend memory. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/safetensors.h"
+#include "common/util.h"
+#include "worker/engine/adapter.h"
+#include "worker/engine/model.h"
+#include "worker/engine/rng.h"
+
+/* ================================================================ targets */
+
+static const char *const TARGET_NAMES[LN_NTARGET] = {"q", "k", "v", "o", "gate", "up", "down"};
+static const char *const TARGET_MODULES[LN_NTARGET] = {
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
+
+const char *ln_target_name(ln_target t) { return TARGET_NAMES[t]; }
+const char *ln_target_module(ln_target t) { return TARGET_MODULES[t]; }
+
+ln_input ln_target_input(ln_target t)
+{
+    switch (t) {
+    case LN_Q: case LN_K: case LN_V: return LN_IN_QKV;
+    case LN_O: return LN_IN_O;
+    case LN_GATE: case LN_UP: return LN_IN_GATEUP;
+    default: return LN_IN_DOWN;
+    }
+}
+
+int ln_targets_parse(const char *list, unsigned *mask, ln_err *e)
+{
+    *mask = 0;
+    if (!list || !*list) return ln_errf(e, "the list of target modules is empty");
+    const char *p = list;
+    while (*p) {
+        const char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        char tok[32];
+        if (len == 0 || len >= sizeof tok) return ln_errf(e, "target list \"%s\": empty or overlong entry", list);
+        memcpy(tok, p, len);
+        tok[len] = 0;
+        size_t tl = strlen(tok);
+        if (tl > 5 && strcmp(tok + tl - 5, "_proj") == 0) tok[tl - 5] = 0;
+        int found = 0;
+        if (strcmp(tok, "all") == 0) { *mask |= LN_TARGETS_ALL; found = 1; }
+        for (int t = 0; t < LN_NTARGET && !found; t++)
+            if (strcmp(tok, TARGET_NAMES[t]) == 0) { *mask |= 1u << t; found = 1; }
+        if (!found)
+            return ln_errf(e, "target list \"%s\": unknown module \"%.*s\" (expected q,k,v,o,gate,up,down)", list,
+                           (int)len, p);
+        p = end ? end + 1 : p + len;
+    }
+    return 0;
+}
+
+void ln_model_target_dims(const ln_config *c, ln_target t, int *d_out, int *d_in)
+{
+    int C = c->hidden_size, qd = c->num_heads * c->head_dim, kvd = c->num_kv_heads * c->head_dim;
+    int I = c->intermediate_size;
+    switch (t) {
+    case LN_Q: *d_out = qd; *d_in = C; break;
+    case LN_K: case LN_V: *d_out = kvd; *d_in = C; break;
+    case LN_O: *d_out = C; *d_in = qd; break;
+    case LN_GATE: case LN_UP: *d_out = I; *d_in = C; break;
+    default: *d_out = C; *d_in = I; break;
+    }
+}
+
+/* ================================================================ params */
+
+static int param_alloc(const lnb_backend *be, ln_param *p, const char *name, int rows, int cols, int ndim,
+                       int decay, ln_err *e)
+{
+    snprintf(p->name, sizeof p->name, "%s", name);
+    p->rows = rows;
+    p->cols = cols;
+    p->ndim = ndim;
+    p->n = (int64_t)rows * cols;
+    p->decay = decay;
+    p->owned = 1;
+    p->w = be->alloc((size_t)p->n * sizeof(float));
+    if (!p->w) return ln_errf(e, "out of memory allocating %s (%lld floats)", name, (long long)p->n);
+    return 0;
+}
+
+static void param_free(const lnb_backend *be, ln_param *p)
+{
+    if (p->owned && p->w) be->free(p->w);
+    if (p->owned && p->g) be->free(p->g);
+    p->w = p->g = NULL;
+}
+
+/* Allocates p's gradient (zeroed) and marks it trainable. */
+static int param_train(const lnb_backend *be, ln_param *p, ln_err *e)
+{
+    p->trainable = 1;
+    if (!p->g) p->g = be->alloc((size_t)p->n * sizeof(float));
+    if (!p->g) return ln_errf(e, "out of memory allocating the gradient of %s", p->name);
+    return 0;
+}
+
+int ln_param_set_trainable(const lnb_backend *be, ln_param *p, int trainable, ln_err *e)
+{
+    if (trainable) return param_train(be, p, e);
+    if (p->owned && p->g) be->free(p->g);
+    p->g = NULL;
+    p->trainable = 0;
+    return 0;
+}
+
+static int model_alloc(ln_model *m, ln_err *e)
+{
+    const ln_config *c = &m->cfg;
+    const lnb_backend *be = m->be;
+    char name[128];
+    if (param_alloc(be, &m->embed, "model.embed_tokens.weight", c->vocab_size, c->hidden_size, 2, 1, e)) return -1;
+    if (param_alloc(be, &m->norm, "model.norm.weight", c->hidden_size, 1, 1, 0, e)) return -1;
+    if (m->tied) {
+        m->lm_head = m->embed;
+        snprintf(m->lm_head.name, sizeof m->lm_head.name, "lm_head.weight");
+        m->lm_head.owned = 0;
+    } else if (param_alloc(be, &m->lm_head, "lm_head.weight", c->vocab_size, c->hidden_size, 2, 1, e)) {
+        return -1;
+    }
+    m->layers = ln_xcalloc((size_t)c->num_layers, sizeof(ln_layer));
+    for (int l = 0; l < c->num_layers; l++) {
+        ln_layer *L = &m->layers[l];
+        snprintf(name, sizeof name, "model.layers.%d.input_layernorm.weight", l);
+        if (param_alloc(be, &L->attn_norm, name, c->hidden_size, 1, 1, 0, e)) return -1;
+        snprintf(name, sizeof name, "model.layers.%d.post_attention_layernorm.weight", l);
+        if (param_alloc(be, &L->mlp_norm, name, c->hidden_size, 1, 1, 0, e)) return -1;
+        for (int t = 0; t < LN_NTARGET; t++) {
+            int dout, din;
+            ln_model_target_dims(c, (ln_target)t, &dout, &din);
+            snprintf(name, sizeof name, "model.layers.%d.%s.weight", l, TARGET_MODULES[t]);
+            if (param_alloc(be, &L->lin[t], name, dout, din, 2, 1, e)) return -1;
+        }
+    }
+    return 0;
+}
+
+void ln_model_for_each_param(ln_model *m, void (*fn)(ln_param *p, void *ctx), void *ctx)
+{
+    fn(&m->embed, ctx);
+    for (int l = 0; l < m->cfg.num_layers; l++) {
+        fn(&m->layers[l].attn_norm, ctx);
+        for (int t = 0; t < LN_NTARGET; t++) fn(&m->layers[l].lin[t], ctx);
+        fn(&m->layers[l].mlp_norm, ctx);
+    }
+    fn(&m->norm, ctx);
+    if (!m->tied) fn(&m->lm_head, ctx);
+}
+
+int ln_model_set_full_training(ln_model *m, ln_err *e)
+{
+    if (param_train(m->be, &m->embed, e) || param_train(m->be, &m->norm, e)) return -1;
+    if (m->tied) {
+        m->lm_head.g = m->embed.g;
+        m->lm_head.trainable = 1;
+    } else if (param_train(m->be, &m->lm_head, e)) {
+        return -1;
+    }
+    for (int l = 0; l < m->cfg.num_layers; l++) {
+        ln_layer *L = &m->layers[l];
+        if (param_train(m->be, &L->attn_norm, e) || param_train(m->be, &L->mlp_norm, e)) return -1;
+        for (int t = 0; t < LN_NTARGET; t++)
+            if (param_train(m->be, &L->lin[t], e)) return -1;
+    }
+    return 0;
+}
+
+void ln_model_free(ln_model *m)
+{
+    if (!m) return;
+    const lnb_backend *be = m->be;
+    if (m->layers) {
+        for (int l = 0; l < m->cfg.num_layers; l++) {
+            param_free(be, &m->layers[l].attn_norm);
+            param_free(be, &m->layers[l].mlp_norm);
+            for (int t = 0; t < LN_NTARGET; t++) param_free(be, &m->layers[l].lin[t]);
+        }
+        free(m->layers);
+    }
+    param_free(be, &m->lm_head);
+    param_free(be, &m->embed);
+    param_free(be, &m->norm);
+    free(m->rope_cos);
+    free(m->rope_sin);
+    free(m);
+}
+
+/* ================================================================ load / new / save */
+
+/* Copies tensor `name` of set s into p->w (converting to fp32), checking its shape. */
+static int load_tensor(st_set *s, const lnb_backend *be, ln_param *p, const char *dir, ln_err *e)
+{
+    const st_tensor *t = st_find(s, p->name);
+    if (!t) return ln_errf(e, "model %s: tensor %s is missing", dir, p->name);
+    int ok = p->ndim == 1 ? (t->ndim == 1 && t->shape[0] == p->rows)
+                          : (t->ndim == 2 && t->shape[0] == p->rows && t->shape[1] == p->cols);
+    if (!ok) {
+        char got[96] = "";
+        size_t off = 0;
+        for (int i = 0; i < t->ndim && off < sizeof got - 24; i++)
+            off += (size_t)snprintf(got + off, sizeof got - off, "%s%lld", i ? ", " : "", (long long)t->shape[i]);
+        if (p->ndim == 1)
+            return ln_errf(e, "model %s: tensor %s in %s has shape [%s] but config.json implies [%d]", dir, p->name,
+                           t->file, got, p->rows);
+        return ln_errf(e, "model %s: tensor %s in %s has shape [%s] but config.json implies [%d, %d]", dir, p->name,
+                       t->file, got, p->rows, p->cols);
+    }
+    if (t->dtype != ST_F32 && t->dtype != ST_F16 && t->dtype != ST_BF16)
+        return ln_errf(e, "model %s: tensor %s has dtype %s (F32, F16 or BF16 expected)", dir, p->name,
+                       st_dtype_name(t->dtype));
+    float *host = ln_try_alloc((size_t)p->n * sizeof(float), p->name, e);
+    if (!host) return -1;
+    int rc = st_to_f32(t, host, p->n, e);
+    if (rc == 0) be->upload(p->w, host, (size_t)p->n * sizeof(float));
+    free(host);
+    return rc;
+}
+
+int ln_model_load(const char *dir, const lnb_backend *be, ln_model **out, ln_err *e)
+{
+    *out = NULL;
+    ln_model *m = ln_xcalloc(1, sizeof *m);
+    m->be = be;
+    st_set *s = NULL;
+    if (ln_config_load(dir, &m->cfg, e)) goto fail;
+    if (st_open(dir, &s, e)) goto fail;
+    /* Tied when the config says so, or when the checkpoint simply has no lm_head. */
+    m->tied = m->cfg.tie_word_embeddings || !st_find(s, "lm_head.weight");
+    if (model_alloc(m, e)) goto fail;
+    if (load_tensor(s, be, &m->embed, dir, e) || load_tensor(s, be, &m->norm, dir, e)) goto fail;
+    if (!m->tied && load_tensor(s, be, &m->lm_head, dir, e)) goto fail;
+    for (int l = 0; l < m->cfg.num_layers; l++) {
+        ln_layer *L = &m->layers[l];
+        if (load_tensor(s, be, &L->attn_norm, dir, e) || load_tensor(s, be, &L->mlp_norm, dir, e)) goto fail;
+        for (int t = 0; t < LN_NTARGET; t++)
+            if (load_tensor(s, be, &L->lin[t], dir, e)) goto fail;
+    }
+    /* A layer beyond num_hidden_layers means config and weights disagree. */
+    char extra[96];
+    snprintf(extra, sizeof extra, "model.layers.%d.input_layernorm.weight", m->cfg.num_layers);
+    if (st_find(s, extra)) {
+        ln_errf(e, "model %s: has tensor %s but config.json says num_hidden_layers = %d", dir, extra,
+                m->cfg.num_layers);
+        goto fail;
+    }
+    st_close(s);
+    *out = m;
+    return 0;
+fail:
+    if (s) st_close(s);
+    ln_model_free(m);
+    return -1;
+}
+
+static void fill_normal(const lnb_backend *be, ln_param *p, ln_rng *r, float std)
+{
+    float *h = ln_xmalloc((size_t)p->n * sizeof(float));
+    for (int64_t i = 0; i < p->n; i++) h[i] = std * ln_rng_normal(r);
+    be->upload(p->w, h, (size_t)p->n * sizeof(float));
+    free(h);
+}
+
+static void fill_ones(const lnb_backend *be, ln_param *p)
+{
+    float *h = ln_xmalloc((size_t)p->n * sizeof(float));
+    for (int64_t i = 0; i < p->n; i++) h[i] = 1.0f;
+    be->upload(p->w, h, (size_t)p->n * sizeof(float));
+    free(h);
+}
+
+int ln_model_new_random(const ln_config *c, const lnb_backend *be, uint64_t seed, ln_model **out, ln_err *e)
+{
+    *out = NULL;
+    ln_model *m = ln_xcalloc(1, sizeof *m);
+    m->be = be;
+    m->cfg = *c;
+    m->tied = c->tie_word_embeddings;
+    if (model_alloc(m, e)) {
+        ln_model_free(m);
+        return -1;
+    }
+    ln_rng r;
+    ln_rng_seed(&r, seed);
+    /* transformers' LlamaPreTrainedModel._init_weights: N(0, initializer_range=0.02), norms 1. */
+    fill_normal(be, &m->embed, &r, 0.02f);
+    for (int l = 0; l < c->num_layers; l++) {
+        fill_ones(be, &m->layers[l].attn_norm);
+        fill_ones(be, &m->layers[l].mlp_norm);
+        for (int t = 0; t < LN_NTARGET; t++) fill_normal(be, &m->layers[l].lin[t], &r, 0.02f);
+    }
+    fill_ones(be, &m->norm);
+    if (!m->tied) fill_normal(be, &m->lm_head, &r, 0.02f);
+    *out = m;
+    return 0;
+}
+
+typedef struct { st_writer *w; st_dtype dt; } save_ctx;
+
+static void save_param(ln_param *p, void *ctx)
+{
+    save_ctx *s = ctx;
+    int64_t shape[2] = {p->rows, p->cols};
+    /* CPU backend: w is host memory. A device backend downloads first (not needed yet). */
+    st_writer_add_f32(s->w, p->name, s->dt, p->ndim, shape, p->w);
+}
+
+int ln_model_save(const ln_model *m, const char *dir, int st_dtype_code, ln_err *e)
+{
+    st_dtype dt = (st_dtype)st_dtype_code;
+    if (dt != ST_F32 && dt != ST_BF16 && dt != ST_F16) return ln_errf(e, "model save: dtype must be F32, BF16 or F16");
+    if (ln_mkdir_p(dir, e)) return -1;
+    ln_config c = m->cfg;
+    c.tie_word_embeddings = m->tied;
+    snprintf(c.torch_dtype, sizeof c.torch_dtype, "%s",
+             dt == ST_F32 ? "float32" : dt == ST_BF16 ? "bfloat16" : "float16");
+    char *json = ln_config_to_json(&c);
+    char *cpath = ln_path_join(dir, "config.json");
+    int rc = ln_write_file_atomic(cpath, json, strlen(json), e);
+    free(cpath);
+    free(json);
+    if (rc) return -1;
+    save_ctx s = {st_writer_new(), dt};
+    st_writer_meta(s.w, "format", "pt");
+    ln_model_for_each_param((ln_model *)m, save_param, &s);
+    char *mpath = ln_path_join(dir, "model.safetensors");
+    rc = st_writer_write(s.w, mpath, e);
+    free(mpath);
+    st_writer_free(s.w);
+    return rc;
+}
+
+/* ================================================================ activations */
+
+struct ln_acts {
+    int64_t capN, capP;   /* token rows and B·T·T allocated for */
+    int cap_r, L;         /* LoRA rank and layers allocated for */
+    /* saved by the forward pass, per layer l (res has L+1 entries: res[l] is layer l's input) */
+    float **res, **h1, **rstd1, **q, **k, **v, **probs, **att, **xmid, **h2, **rstd2, **gate, **up, **act;
+    float **lh;           /* L × LN_NTARGET LoRA intermediates x Aᵀ (N × r), NULL when untargeted */
+    float *xf, *rstdf, *logits;
+    /* backward scratch */
+    float *dres, *dh, *dq, *dk, *dv, *datt, *dgate, *dup, *dact, *dlh, *dS;
+};
+
+ln_acts *ln_acts_new(void) { return ln_xcalloc(1, sizeof(ln_acts)); }
+const float *ln_acts_logits(const ln_acts *a) { return a->logits; }
+
+#define ACT_PER_LAYER 14
+static float ***per_layer_lists(ln_acts *a, float ***lists)
+{
+    lists[0] = a->h1; lists[1] = a->rstd1; lists[2] = a->q; lists[3] = a->k; lists[4] = a->v;
+    lists[5] = a->probs; lists[6] = a->att; lists[7] = a->xmid; lists[8] = a->h2; lists[9] = a->rstd2;
+    lists[10] = a->gate; lists[11] = a->up; lists[12] = a->act; lists[13] = a->res;
+    return lists;
+}
+
+static void acts_release(const lnb_backend *be, ln_acts *a)
+{
+    if (a->res) {
+        float **lists[ACT_PER_LAYER];
+        per_layer_lists(a, lists);
+        for (int i = 0; i < ACT_PER_LAYER; i++) {
+            int n = i == 13 ? a->L + 1 : a->L;
+            for (int l = 0; l < n; l++) be->free(lists[i][l]);
+            free(lists[i]);
+        }
+        for (int i = 0; i < a->L * LN_NTARGET; i++) be->free(a->lh[i]);
+        free(a->lh);
+    }
+    float *single[] = {a->xf, a->rstdf, a->logits, a->dres, a->dh, a->dq, a->dk, a->dv,
+                       a->datt, a->dgate, a->dup, a->dact, a->dlh, a->dS};
+    for (size_t i = 0; i < sizeof single / sizeof *single; i++) be->free(single[i]);
+    memset(a, 0, sizeof *a);
+}
+
+void ln_acts_free(const ln_model *m, ln_acts *a)
+{
+    if (!a) return;
+    acts_release(m->be, a);
+    free(a);
+}
+
+/* Makes sure a holds buffers for batch (B, T) with adapter ad. */
+static int acts_ensure(const ln_model *m, const struct ln_adapter *ad, ln_acts *a, int B, int T, ln_err *e)
+{
+    const ln_config *c = &m->cfg;
+    int64_t N = (int64_t)B * T, P = (int64_t)B * c->num_heads * T * T;
+    int r = ad && !ad->full ? ad->rank : 0;
+    if (a->res && N <= a->capN && P <= a->capP && r == a->cap_r && a->L == c->num_layers) return 0;
+    const lnb_backend *be = m->be;
+    acts_release(be, a);
+    int L = c->num_layers, C = c->hidden_size, I = c->intermediate_size;
+    int64_t qd = (int64_t)c->num_heads * c->head_dim, kvd = (int64_t)c->num_kv_heads * c->head_dim;
+    a->capN = N; a->capP = P; a->cap_r = r; a->L = L;
+    a->h1 = ln_xcalloc((size_t)L, sizeof(float *)); a->rstd1 = ln_xcalloc((size_t)L, sizeof(float *));
+    a->q = ln_xcalloc((size_t)L, sizeof(float *)); a->k = ln_xcalloc((size_t)L, sizeof(float *));
+    a->v = ln_xcalloc((size_t)L, sizeof(float *)); a->probs = ln_xcalloc((size_t)L, sizeof(float *));
+    a->att = ln_xcalloc((size_t)L, sizeof(float *)); a->xmid = ln_xcalloc((size_t)L, sizeof(float *));
+    a->h2 = ln_xcalloc((size_t)L, sizeof(float *)); a->rstd2 = ln_xcalloc((size_t)L, sizeof(float *));
+    a->gate = ln_xcalloc((size_t)L, sizeof(float *)); a->up = ln_xcalloc((size_t)L, sizeof(float *));
+    a->act = ln_xcalloc((size_t)L, sizeof(float *)); a->res = ln_xcalloc((size_t)L + 1, sizeof(float *));
+    a->lh = ln_xcalloc((size_t)L * LN_NTARGET, sizeof(float *));
+    int64_t sizes[ACT_PER_LAYER] = {N * C, N, N * qd, N * kvd, N * kvd, P, N * qd, N * C, N * C, N,
+                                    N * I, N * I, N * I, N * C};
+    float **lists[ACT_PER_LAYER];
+    per_layer_lists(a, lists);
+    int fail = 0;
+    for (int i = 0; i < ACT_PER_LAYER; i++) {
+        int n = i == 13 ? L + 1 : L;
+        for (int l = 0; l < n; l++) fail |= !(lists[i][l] = be->alloc((size_t)sizes[i] * sizeof(float)));
+    }
+    if (r > 0)
+        for (int l = 0; l < L; l++)
+            for (int t = 0; t < LN_NTARGET; t++)
+                if (ad->lora[l * LN_NTARGET + t].A.w)
+                    fail |= !(a->lh[l * LN_NTARGET + t] = be->alloc((size_t)(N * r) * sizeof(float)));
+    int64_t wide = qd > C ? qd : C;
+    fail |= !(a->xf = be->alloc((size_t)(N * C) * sizeof(float)));
+    fail |= !(a->rstdf = be->alloc((size_t)N * sizeof(float)));
+    fail |= !(a->logits = be->alloc((size_t)(N * c->vocab_size) * sizeof(float)));
+    fail |= !(a->dres = be->alloc((size_t)(N * C) * sizeof(float)));
+    fail |= !(a->dh = be->alloc((size_t)(N * wide) * sizeof(float)));
+    fail |= !(a->dq = be->alloc((size_t)(N * qd) * sizeof(float)));
+    fail |= !(a->dk = be->alloc((size_t)(N * kvd) * sizeof(float)));
+    fail |= !(a->dv = be->alloc((size_t)(N * kvd) * sizeof(float)));
+    fail |= !(a->datt = be->alloc((size_t)(N * qd) * sizeof(float)));
+    fail |= !(a->dgate = be->alloc((size_t)(N * I) * sizeof(float)));
+    fail |= !(a->dup = be->alloc((size_t)(N * I) * sizeof(float)));
+    fail |= !(a->dact = be->alloc((size_t)(N * I) * sizeof(float)));
+    fail |= !(a->dlh = be->alloc((size_t)(N * (r > 0 ? r : 1)) * sizeof(float)));
+    fail |= !(a->dS = be->alloc((size_t)T * T * sizeof(float)));
+    if (fail) {
+        acts_release(be, a);
+        return ln_errf(e, "out of memory allocating activations for a batch of %d × %d tokens", B, T);
+    }
+    return 0;
+}
+
+/* cos/sin tables (T, hd/2): angle = t · inv_freq_i (fp32 product, as transformers). */
+static void rope_ensure(ln_model *m, int T)
+{
+    if (T <= m->rope_T) return;
+    int half = m->cfg.head_dim / 2;
+    float *inv = ln_xmalloc((size_t)half * sizeof(float));
+    ln_config_rope_inv_freq(&m->cfg, inv);
+    free(m->rope_cos);
+    free(m->rope_sin);
+    m->rope_cos = ln_xmalloc((size_t)T * half * sizeof(float));
+    m->rope_sin = ln_xmalloc((size_t)T * half * sizeof(float));
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < half; i++) {
+            float ang = (float)t * inv[i];
+            m->rope_cos[(int64_t)t * half + i] = cosf(ang);
+            m->rope_sin[(int64_t)t * half + i] = sinf(ang);
+        }
+    m->rope_T = T;
+    free(inv);
+}
+
+/* ================================================================ linear (+ LoRA) */
+
+/* x (N, d_in), W (d_out, d_in), A (r, d_in), B (d_out, r):
+ *   y = beta·y + x Wᵀ + s (x Aᵀ) Bᵀ ;  h = x Aᵀ (N, r) is saved for the backward. */
+static void linear_forward(const lnb_backend *be, float *y, float beta, const float *x, int N, const ln_param *W,
+                           const ln_lora *lo, float s, float *h)
+{
+    int dout = W->rows, din = W->cols;
+    be->matmul(0, 1, N, dout, din, 1.0f, x, din, W->w, din, beta, y, dout);
+    if (lo && lo->A.w) {
+        int r = lo->A.rows;
+        be->matmul(0, 1, N, r, din, 1.0f, x, din, lo->A.w, din, 0.0f, h, r);
+        be->matmul(0, 1, N, dout, r, s, h, r, lo->B.w, r, 1.0f, y, dout);
+    }
+}
+
+/* dW += dyᵀ x ; dB += s dyᵀ h ; dh = s dy B (N, r) ; dA += dhᵀ x ; dx = beta·dx + dy W + dh A.
+ * dx may be NULL (nothing below needs it). */
+static void linear_backward(const lnb_backend *be, float *dx, float beta, const float *dy, const float *x, int N,
+                            ln_param *W, ln_lora *lo, float s, const float *h, float *dh)
+{
+    int dout = W->rows, din = W->cols;
+    if (W->g) be->matmul(1, 0, dout, din, N, 1.0f, dy, dout, x, din, 1.0f, W->g, din);
+    int has_lora = lo && lo->A.w;
+    if (has_lora) {
+        int r = lo->A.rows;
+        if (lo->B.g) be->matmul(1, 0, dout, r, N, s, dy, dout, h, r, 1.0f, lo->B.g, r);
+        if (lo->A.g || dx) {
+            be->matmul(0, 0, N, r, dout, s, dy, dout, lo->B.w, r, 0.0f, dh, r);
+            if (lo->A.g) be->matmul(1, 0, r, din, N, 1.0f, dh, r, x, din, 1.0f, lo->A.g, din);
+        }
+    }
+    if (dx) {
+        be->matmul(0, 0, N, din, dout, 1.0f, dy, dout, W->w, din, beta, dx, din);
+        if (has_lora) be->matmul(0, 0, N, din, lo->A.rows, 1.0f, dh, lo->A.rows, lo->A.w, din, 1.0f, dx, din);
+    }
+}
+
+static ln_lora *lora_of(const struct ln_adapter *ad, int l, int t)
+{
+    if (!ad || ad->full || !ad->lora) return NULL;
+    ln_lora *lo = &ad->lora[l * LN_NTARGET + t];
+    return lo->A.w ? lo : NULL;
+}
+
+/* ================================================================ one layer */
+
+/* res[l] (N,C) -> res[l+1] (N,C):
+ *   h1 = rmsnorm(x) ; q,k,v = h1 W{q,k,v}ᵀ (+LoRA) ; rope(q,k) ; att = attention(q,k,v)
+ *   xmid = x + att Woᵀ ; h2 = rmsnorm(xmid) ; act = silu(h2 Wgᵀ) ⊙ (h2 Wuᵀ) ; out = xmid + act Wdᵀ */
+static void layer_forward(ln_model *m, const struct ln_adapter *ad, ln_acts *a, int l, int B, int T,
+                          const ln_fwd_opts *o)
+{
+    const lnb_backend *be = m->be;
+    const ln_config *c = &m->cfg;
+    ln_layer *L = &m->layers[l];
+    int N = B * T, C = c->hidden_size, nh = c->num_heads, nkv = c->num_kv_heads, hd = c->head_dim;
+    int I = c->intermediate_size;
+    float s = ad && !ad->full ? ad->scale : 0.0f;
+    float **lh = a->lh + (size_t)l * LN_NTARGET;
+    ln_input_hook hook = o ? o->hook : NULL;
+    void *hctx = o ? o->hook_ctx : NULL;
+
+    be->rmsnorm_forward(a->h1[l], a->rstd1[l], a->res[l], L->attn_norm.w, N, C, c->rms_norm_eps);
+    if (hook) hook(l, LN_IN_QKV, a->h1[l], N, C, hctx);
+    linear_forward(be, a->q[l], 0.0f, a->h1[l], N, &L->lin[LN_Q], lora_of(ad, l, LN_Q), s, lh[LN_Q]);
+    linear_forward(be, a->k[l], 0.0f, a->h1[l], N, &L->lin[LN_K], lora_of(ad, l, LN_K), s, lh[LN_K]);
+    linear_forward(be, a->v[l], 0.0f, a->h1[l], N, &L->lin[LN_V], lora_of(ad, l, LN_V), s, lh[LN_V]);
+    be->rope_forward(a->q[l], m->rope_cos, m->rope_sin, N, T, nh, hd);
+    be->rope_forward(a->k[l], m->rope_cos, m->rope_sin, N, T, nkv, hd);
+    be->attention_forward(a->att[l], a->probs[l], a->q[l], a->k[l], a->v[l], B, T, nh, nkv, hd);
+    if (hook) hook(l, LN_IN_O, a->att[l], N, nh * hd, hctx);
+    be->copy(a->xmid[l], a->res[l], (int64_t)N * C);
+    linear_forward(be, a->xmid[l], 1.0f, a->att[l], N, &L->lin[LN_O], lora_of(ad, l, LN_O), s, lh[LN_O]);
+
+    be->rmsnorm_forward(a->h2[l], a->rstd2[l], a->xmid[l], L->mlp_norm.w, N, C, c->rms_norm_eps);
+    if (hook) hook(l, LN_IN_GATEUP, a->h2[l], N, C, hctx);
+    linear_forward(be, a->gate[l], 0.0f, a->h2[l], N, &L->lin[LN_GATE], lora_of(ad, l, LN_GATE), s, lh[LN_GATE]);
+    linear_forward(be, a->up[l], 0.0f, a->h2[l], N, &L->lin[LN_UP], lora_of(ad, l, LN_UP), s, lh[LN_UP]);
+    be->swiglu_forward(a->act[l], a->gate[l], a->up[l], (int64_t)N * I);
+    if (hook) hook(l, LN_IN_DOWN, a->act[l], N, I, hctx);
+    be->copy(a->res[l + 1], a->xmid[l], (int64_t)N * C);
+    linear_forward(be, a->res[l + 1], 1.0f, a->act[l], N, &L->lin[LN_DOWN], lora_of(ad, l, LN_DOWN), s, lh[LN_DOWN]);
+}
+
+/* On entry a->dres = ∂loss/∂res[l+1]; on exit ∂loss/∂res[l]. Weight/factor gradients accumulate. */
+static void layer_backward(ln_model *m, struct ln_adapter *ad, ln_acts *a, int l, int B, int T, int need_dx)
+{
+    const lnb_backend *be = m->be;
+    const ln_config *c = &m->cfg;
+    ln_layer *L = &m->layers[l];
+    int N = B * T, C = c->hidden_size, nh = c->num_heads, nkv = c->num_kv_heads, hd = c->head_dim;
+    int I = c->intermediate_size;
+    float s = ad && !ad->full ? ad->scale : 0.0f;
+    float **lh = a->lh + (size_t)l * LN_NTARGET;
+
+    /* MLP: out = xmid + act Wdᵀ, so ∂/∂xmid gets dres directly (the residual) plus the norm path. */
+    linear_backward(be, a->dact, 0.0f, a->dres, a->act[l], N, &L->lin[LN_DOWN], lora_of(ad, l, LN_DOWN), s,
+                    lh[LN_DOWN], a->dlh);
+    be->swiglu_backward(a->dgate, a->dup, a->dact, a->gate[l], a->up[l], (int64_t)N * I);
+    linear_backward(be, a->dh, 0.0f, a->dgate, a->h2[l], N, &L->lin[LN_GATE], lora_of(ad, l, LN_GATE), s,
+                    lh[LN_GATE], a->dlh);
+    linear_backward(be, a->dh, 1.0f, a->dup, a->h2[l], N, &L->lin[LN_UP], lora_of(ad, l, LN_UP), s, lh[LN_UP],
+                    a->dlh);
+    be->rmsnorm_backward(a->dres, L->mlp_norm.g, a->dh, a->xmid[l], L->mlp_norm.w, a->rstd2[l], N, C);
+
+    /* Attention: xmid = x + att Woᵀ. */
+    linear_backward(be, a->datt, 0.0f, a->dres, a->att[l], N, &L->lin[LN_O], lora_of(ad, l, LN_O), s, lh[LN_O],
+                    a->dlh);
+    be->attention_backward(a->dq, a->dk, a->dv, a->dS, a->datt, a->probs[l], a->q[l], a->k[l], a->v[l], B, T, nh,
+                           nkv, hd);
+    be->rope_backward(a->dq, m->rope_cos, m->rope_sin, N, T, nh, hd);
+    be->rope_backward(a->dk, m->rope_cos, m->rope_sin, N, T, nkv, hd);
+    linear_backward(be, a->dh, 0.0f, a->dq, a->h1[l], N, &L->lin[LN_Q], lora_of(ad, l, LN_Q), s, lh[LN_Q], a->dlh);
+    linear_backward(be, a->dh, 1.0f, a->dk, a->h1[l], N, &L->lin[LN_K], lora_of(ad, l, LN_K), s, lh[LN_K], a->dlh);
+    linear_backward(be, a->dh, 1.0f, a->dv, a->h1[l], N, &L->lin[LN_V], lora_of(ad, l, LN_V), s, lh[LN_V], a->dlh);
+    if (need_dx || L->attn_norm.g)
+        be->rmsnorm_backward(a->dres, L->attn_norm.g, a->dh, a->res[l], L->attn_norm.w, a->rstd1[l], N, C);
+}
+
+/* ================================================================ whole model */
+
+int ln_model_forward(ln_model *m, const struct ln_adapter *ad, ln_acts *a, const ln_batch *b,
+                     const ln_fwd_opts *o, double *loss_sum, ln_err *e)
+{
+    const ln_config *c = &m->cfg;
+    const lnb_backend *be = m->be;
+    int B = b->B, T = b->T, N = B * T, V = c->vocab_size, C = c->hidden_size;
+    if (B <= 0 || T <= 0) return ln_errf(e, "forward: empty batch (%d × %d)", B, T);
+    for (int i = 0; i < N; i++) {
+        if (b->ids[i] < 0 || b->ids[i] >= V)
+            return ln_errf(e, "forward: token id %d at row %d, position %d is outside the vocabulary [0, %d)",
+                           b->ids[i], i / T, i % T, V);
+        if (b->targets && b->targets[i] >= V)
+            return ln_errf(e, "forward: label %d at row %d, position %d is outside the vocabulary [0, %d)",
+                           b->targets[i], i / T, i % T, V);
+    }
+    if (acts_ensure(m, ad, a, B, T, e)) return -1;
+    rope_ensure(m, T);
+    be->embedding_forward(a->res[0], b->ids, m->embed.w, N, C);
+    for (int l = 0; l < c->num_layers; l++) layer_forward(m, ad, a, l, B, T, o);
+    if (o && o->no_logits) return 0;
+    /* xf = rmsnorm(res[L]) ; logits = xf Wlmᵀ (N, V) */
+    be->rmsnorm_forward(a->xf, a->rstdf, a->res[c->num_layers], m->norm.w, N, C, c->rms_norm_eps);
+    be->matmul(0, 1, N, V, C, 1.0f, a->xf, C, m->lm_head.w, C, 0.0f, a->logits, V);
+    if (loss_sum) *loss_sum = b->targets ? be->cross_entropy(a->logits, NULL, b->targets, N, V, 0.0f) : 0.0;
+    return 0;
+}
+
+/* Does layer l hold anything trainable (a norm, a weight, a LoRA factor)? */
+static int layer_trains(const ln_model *m, const struct ln_adapter *ad, int l)
+{
+    const ln_layer *L = &m->layers[l];
+    if (L->attn_norm.g || L->mlp_norm.g) return 1;
+    for (int t = 0; t < LN_NTARGET; t++) {
+        ln_lora *lo = lora_of(ad, l, t);
+        if (L->lin[t].g || (lo && (lo->A.g || lo->B.g))) return 1;
+    }
+    return 0;
+}
+
+int ln_model_backward(ln_model *m, struct ln_adapter *ad, ln_acts *a, const ln_batch *b, float loss_scale,
+                      ln_err *e)
+{
+    const ln_config *c = &m->cfg;
+    const lnb_backend *be = m->be;
+    int B = b->B, T = b->T, N = B * T, V = c->vocab_size, C = c->hidden_size, L = c->num_layers;
+    if (!b->targets) return ln_errf(e, "backward: the batch has no labels");
+    if (!a->res || N > a->capN) return ln_errf(e, "backward: called without a matching forward pass");
+    /* dlogits = scale · (softmax − onehot), in place */
+    be->cross_entropy(a->logits, a->logits, b->targets, N, V, loss_scale);
+    /* logits = xf Wlmᵀ: dWlm += dlogitsᵀ xf ; dxf = dlogits Wlm */
+    if (m->lm_head.g) be->matmul(1, 0, V, C, N, 1.0f, a->logits, V, a->xf, C, 1.0f, m->lm_head.g, C);
+    be->matmul(0, 0, N, C, V, 1.0f, a->logits, V, m->lm_head.w, C, 0.0f, a->dh, C);
+    be->zero(a->dres, (int64_t)N * C);
+    be->rmsnorm_backward(a->dres, m->norm.g, a->dh, a->res[L], m->norm.w, a->rstdf, N, C);
+    /* The gradient only has to travel down to the lowest layer that trains (or to the embedding). */
+    int lowest = 0;
+    if (!m->embed.g) {
+        lowest = L;
+        for (int l = 0; l < L; l++)
+            if (layer_trains(m, ad, l)) { lowest = l; break; }
+    }
+    for (int l = L - 1; l >= lowest; l--) layer_backward(m, ad, a, l, B, T, l > lowest || m->embed.g != NULL);
+    if (m->embed.g) be->embedding_backward(m->embed.g, a->dres, b->ids, N, C);
+    return 0;
+}

@@ -1,0 +1,128 @@
+/* model.h — a LLaMA model in fp32: weights, forward and backward.
+ *
+ * Contracts (for the trainer, calibration, init methods and export):
+ *  (a) Weights by layer and target: m->layers[l].lin[t] for t in ln_target (q,k,v,o,gate,up,down),
+ *      each an ln_param holding W (d_out × d_in, row-major, as HF stores it: y = x Wᵀ).
+ *      ln_model_target_dims() gives d_out/d_in; ln_target_module() the HF module name
+ *      ("self_attn.q_proj"), so the HF tensor name is model.layers.{l}.{module}.weight.
+ *      Embeddings, norms and lm_head are m->embed, layers[l].attn_norm/mlp_norm, m->norm, m->lm_head
+ *      (lm_head.w == embed.w when the checkpoint ties them; then lm_head.g is embed.g too).
+ *  (b) Adapters are in adapter.h; forward/backward take one (or NULL for the bare model).
+ *  (c) Calibration hook: ln_fwd_opts.hook is called during the forward pass with each distinct
+ *      linear-layer input: LN_IN_QKV (input of q,k,v), LN_IN_O, LN_IN_GATEUP (gate,up), LN_IN_DOWN;
+ *      X is (B·T × d_in) row-major, rows of padding included (call with B=1 and no padding to get
+ *      exactly one sample's X_s). X lives only for the call. Set no_logits to stop after the
+ *      last layer (calibration needs no lm_head).
+ * Memory: activations for one batch live in an ln_acts the caller owns (sized on demand).
+ * Ownership: the model owns every weight and gradient buffer; ln_model_free releases them. */
+#ifndef LN_MODEL_H
+#define LN_MODEL_H
+
+#include <stdint.h>
+
+#include "common/err.h"
+#include "worker/backend/backend.h"
+#include "worker/engine/config.h"
+
+typedef enum { LN_Q, LN_K, LN_V, LN_O, LN_GATE, LN_UP, LN_DOWN, LN_NTARGET } ln_target;
+typedef enum { LN_IN_QKV, LN_IN_O, LN_IN_GATEUP, LN_IN_DOWN, LN_NINPUT } ln_input;
+
+#define LN_TARGETS_ALL 0x7Fu
+
+/* "q","k","v","o","gate","up","down" */
+const char *ln_target_name(ln_target t);
+/* "self_attn.q_proj", ..., "mlp.down_proj" */
+const char *ln_target_module(ln_target t);
+/* The input a target reads (q,k,v share LN_IN_QKV; gate,up share LN_IN_GATEUP). */
+ln_input ln_target_input(ln_target t);
+/* Parses "q,k,v,o,gate,up,down" (also q_proj, ... and "all") into a bit mask (1u << t). */
+int ln_targets_parse(const char *list, unsigned *mask, ln_err *e);
+
+/* One trainable-or-frozen tensor. g is NULL unless trainable. */
+typedef struct ln_param {
+    char name[128];      /* HF (or PEFT) tensor name */
+    float *w;
+    float *g;
+    int64_t n;
+    int rows, cols;      /* 2-D shape; a vector is rows = n, cols = 1 */
+    int ndim;
+    int trainable;
+    int decay;           /* weight decay applies (matrices yes, norms no) */
+    int owned;           /* w belongs to this param (false for a tied lm_head) */
+} ln_param;
+
+typedef struct ln_layer {
+    ln_param attn_norm, mlp_norm;   /* input_layernorm, post_attention_layernorm */
+    ln_param lin[LN_NTARGET];
+} ln_layer;
+
+typedef struct ln_model {
+    ln_config cfg;
+    const lnb_backend *be;
+    ln_param embed, norm, lm_head;
+    ln_layer *layers;
+    int tied;
+    float *rope_cos, *rope_sin;  /* (rope_T, head_dim/2) */
+    int rope_T;
+} ln_model;
+
+void ln_model_target_dims(const ln_config *c, ln_target t, int *d_out, int *d_in);
+
+/* Loads config.json + safetensors (single or sharded; F32/F16/BF16) from dir into fp32.
+ * Every tensor is checked against the config; a mismatch names the tensor, its shape and
+ * the config fields. */
+int ln_model_load(const char *dir, const lnb_backend *be, ln_model **out, ln_err *e);
+/* A model with random weights (normal(0, 0.02) matrices, unit norms), seeded. */
+int ln_model_new_random(const ln_config *c, const lnb_backend *be, uint64_t seed, ln_model **out, ln_err *e);
+/* Writes config.json + model.safetensors (dtype F32/BF16/F16) into dir. */
+int ln_model_save(const ln_model *m, const char *dir, int st_dtype_code, ln_err *e);
+void ln_model_free(ln_model *m);
+
+/* Makes p trainable (allocating a zeroed gradient) or frozen (freeing it). */
+int ln_param_set_trainable(const lnb_backend *be, ln_param *p, int trainable, ln_err *e);
+
+/* Marks every weight trainable (full fine-tuning) and allocates gradients. */
+int ln_model_set_full_training(ln_model *m, ln_err *e);
+
+/* Calls fn on every parameter of the model in a fixed order. */
+void ln_model_for_each_param(ln_model *m, void (*fn)(ln_param *p, void *ctx), void *ctx);
+
+/* ---------------------------------------------------------------- batches */
+
+/* B sequences of T tokens, right-padded. targets[b·T+t] is the id position t must predict
+ * (labels shifted by one, transformers' convention) or −100 where no loss is taken. */
+typedef struct ln_batch {
+    int B, T;
+    int32_t *ids;
+    int32_t *targets;
+    int64_t n_targets;  /* count of targets ≥ 0 */
+} ln_batch;
+
+/* ---------------------------------------------------------------- passes */
+
+typedef void (*ln_input_hook)(int layer, ln_input which, const float *X, int tokens, int d_in, void *ctx);
+
+typedef struct ln_fwd_opts {
+    ln_input_hook hook;
+    void *hook_ctx;
+    int no_logits;       /* stop after the last layer: no final norm, no lm_head, no loss */
+} ln_fwd_opts;
+
+typedef struct ln_acts ln_acts;
+struct ln_adapter;
+
+ln_acts *ln_acts_new(void);
+void ln_acts_free(const ln_model *m, ln_acts *a);
+/* Logits (B·T × V) of the last forward pass (before ln_model_backward overwrites them). */
+const float *ln_acts_logits(const ln_acts *a);
+
+/* Forward over a batch. Returns 0 and sets *loss_sum (Σ −log p over targets ≥ 0) unless
+ * opts->no_logits. Fails only on out-of-memory or a token id outside the vocabulary. */
+int ln_model_forward(ln_model *m, const struct ln_adapter *ad, ln_acts *acts, const ln_batch *b,
+                     const ln_fwd_opts *opts, double *loss_sum, ln_err *e);
+/* Backward of the last forward: the loss is Σ loss · loss_scale (use 1/trained tokens of the
+ * whole optimizer step). Gradients ACCUMULATE into every trainable param's g. */
+int ln_model_backward(ln_model *m, struct ln_adapter *ad, ln_acts *acts, const ln_batch *b, float loss_scale,
+                      ln_err *e);
+
+#endif

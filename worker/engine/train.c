@@ -1,0 +1,442 @@
+/* train.c — the training loop, checkpoints and resume (see train.h). */
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "common/safetensors.h"
+#include "common/util.h"
+#include "worker/engine/rng.h"
+#include "worker/engine/train.h"
+
+ln_train_opts ln_train_defaults(void)
+{
+    ln_train_opts o;
+    memset(&o, 0, sizeof o);
+    o.epochs = 1;
+    o.batch_size = 8;
+    o.grad_accum = 1;
+    o.optim = ln_optim_defaults();
+    o.seed = 42;
+    o.shuffle = 1;
+    return o;
+}
+
+/* ================================================================ batches and params */
+
+void ln_batch_build(ln_batch *b, const ln_example *const *ex, int n)
+{
+    int T = 1;
+    for (int i = 0; i < n; i++) T = ex[i]->len > T ? ex[i]->len : T;
+    b->B = n;
+    b->T = T;
+    b->ids = ln_xcalloc((size_t)n * T, sizeof(int32_t));
+    b->targets = ln_xmalloc((size_t)n * T * sizeof(int32_t));
+    b->n_targets = 0;
+    for (int i = 0; i < n; i++) {
+        const ln_example *x = ex[i];
+        for (int t = 0; t < T; t++) {
+            int64_t k = (int64_t)i * T + t;
+            b->ids[k] = t < x->len ? x->input_ids[t] : 0;
+            /* position t predicts token t+1: transformers shifts labels the same way */
+            int32_t y = t + 1 < x->len ? x->labels[t + 1] : LN_IGNORE_INDEX;
+            b->targets[k] = y >= 0 ? y : LN_IGNORE_INDEX;
+            b->n_targets += y >= 0;
+        }
+    }
+}
+
+void ln_batch_free(ln_batch *b)
+{
+    free(b->ids);
+    free(b->targets);
+    b->ids = b->targets = NULL;
+}
+
+typedef struct { ln_param **v; int n, cap; } param_list;
+
+static void push_trainable(ln_param *p, void *ctx)
+{
+    param_list *l = ctx;
+    if (!p->trainable) return;
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 64;
+        l->v = ln_xrealloc(l->v, (size_t)l->cap * sizeof *l->v);
+    }
+    l->v[l->n++] = p;
+}
+
+int ln_trainable_params(ln_model *m, ln_adapter *ad, ln_param ***out)
+{
+    param_list l = {0};
+    ln_model_for_each_param(m, push_trainable, &l);
+    if (ad && !ad->full) ln_adapter_for_each_param(ad, push_trainable, &l);
+    *out = l.v;
+    return l.n;
+}
+
+int ln_eval_loss(ln_model *m, const ln_adapter *ad, const ln_dataset *ds, int batch_size, double *mean_loss,
+                 ln_err *e)
+{
+    ln_acts *acts = ln_acts_new();
+    double sum = 0.0;
+    int64_t count = 0;
+    int rc = 0;
+    const ln_example **ex = ln_xmalloc((size_t)batch_size * sizeof *ex);
+    for (int64_t i = 0; i < ds->n && rc == 0; i += batch_size) {
+        int n = 0;
+        for (int64_t j = i; j < ds->n && n < batch_size; j++) ex[n++] = &ds->ex[j];
+        ln_batch b;
+        ln_batch_build(&b, ex, n);
+        double ls = 0.0;
+        rc = ln_model_forward(m, ad, acts, &b, NULL, &ls, e);
+        sum += ls;
+        count += b.n_targets;
+        ln_batch_free(&b);
+    }
+    free(ex);
+    ln_acts_free(m, acts);
+    *mean_loss = count ? sum / (double)count : 0.0;
+    return rc;
+}
+
+/* ================================================================ checkpoints */
+
+static void meta_i64(st_writer *w, const char *k, int64_t v)
+{
+    char b[32];
+    snprintf(b, sizeof b, "%" PRId64, v);
+    st_writer_meta(w, k, b);
+}
+
+typedef struct { st_writer *w; } add_ctx;
+
+static void add_weight(ln_param *p, void *ctx)
+{
+    add_ctx *c = ctx;
+    int64_t shape[2] = {p->rows, p->cols};
+    st_writer_add(c->w, p->name, ST_F32, p->ndim, shape, p->w);
+}
+
+typedef struct ckpt_state {
+    int64_t step, total_steps;
+    ln_data_pos pos;
+    ln_rng rng;
+} ckpt_state;
+
+static int checkpoint_save(const char *path, ln_model *m, ln_adapter *ad, const ln_optim *opt, const ckpt_state *cs,
+                           const ln_train_opts *o, ln_err *e)
+{
+    st_writer *w = st_writer_new();
+    char name[200];
+    st_writer_meta(w, "format", "loranull-checkpoint");
+    meta_i64(w, "step", cs->step);
+    meta_i64(w, "total_steps", cs->total_steps);
+    meta_i64(w, "epoch", cs->pos.epoch);
+    meta_i64(w, "index", cs->pos.index);
+    for (int i = 0; i < 4; i++) {
+        char k[8], v[24];
+        snprintf(k, sizeof k, "rng%d", i);
+        snprintf(v, sizeof v, "%016" PRIx64, cs->rng.s[i]);
+        st_writer_meta(w, k, v);
+    }
+    meta_i64(w, "seed", (int64_t)o->seed);
+    meta_i64(w, "batch_size", o->batch_size);
+    meta_i64(w, "grad_accum", o->grad_accum);
+    st_writer_meta(w, "full", ad->full ? "1" : "0");
+    add_ctx c = {w};
+    if (ad->full) {
+        st_writer_meta(w, "method", "full");
+        ln_model_for_each_param(m, add_weight, &c);
+    } else {
+        ln_adapter_write(ad, w);
+    }
+    /* moment names: optim.m.<param> (param names are unique) */
+    char **names = ln_xcalloc((size_t)(2 * opt->n + 1), sizeof(char *));
+    for (int i = 0; i < opt->n; i++) {
+        const ln_param *p = opt->params[i];
+        int64_t shape[2] = {p->rows, p->cols};
+        snprintf(name, sizeof name, "optim.m.%s", p->name);
+        names[2 * i] = ln_xstrdup(name);
+        st_writer_add(w, names[2 * i], ST_F32, p->ndim, shape, opt->m[i]);
+        snprintf(name, sizeof name, "optim.v.%s", p->name);
+        names[2 * i + 1] = ln_xstrdup(name);
+        st_writer_add(w, names[2 * i + 1], ST_F32, p->ndim, shape, opt->v[i]);
+    }
+    int rc = st_writer_write(w, path, e);
+    st_writer_free(w);
+    for (int i = 0; i < 2 * opt->n; i++) free(names[i]);
+    free(names);
+    return rc;
+}
+
+static char *checkpoint_file(const char *ckpt)
+{
+    struct stat st;
+    if (stat(ckpt, &st) == 0 && S_ISDIR(st.st_mode)) return ln_path_join(ckpt, "state.safetensors");
+    return ln_xstrdup(ckpt);
+}
+
+static int copy_tensor(st_set *s, const char *name, float *dst, int64_t n, const char *file, ln_err *e)
+{
+    const st_tensor *t = st_find(s, name);
+    if (!t) return ln_errf(e, "checkpoint %s: tensor %s is missing", file, name);
+    if (t->numel != n) return ln_errf(e, "checkpoint %s: tensor %s has %lld elements, expected %lld", file, name,
+                                      (long long)t->numel, (long long)n);
+    return st_to_f32(t, dst, n, e);
+}
+
+typedef struct { st_set *s; const char *file; ln_err *e; int rc; } load_ctx;
+
+static void load_weight(ln_param *p, void *ctx)
+{
+    load_ctx *c = ctx;
+    if (c->rc == 0) c->rc = copy_tensor(c->s, p->name, p->w, p->n, c->file, c->e);
+}
+
+int ln_train_load_checkpoint(ln_model *m, const char *ckpt, ln_adapter *ad, ln_err *e)
+{
+    char *file = checkpoint_file(ckpt);
+    st_set *s = NULL;
+    int rc = -1;
+    if (st_open(file, &s, e)) goto out;
+    const char *fmt = st_metadata(s, "format"), *full = st_metadata(s, "full");
+    if (!fmt || strcmp(fmt, "loranull-checkpoint") != 0) {
+        ln_errf(e, "%s is not a loranull checkpoint (metadata format is missing or different)", file);
+        goto out;
+    }
+    if (full && strcmp(full, "1") == 0) {
+        ln_adapter_opts ao = {.method = "full"};
+        if (ln_adapter_init(m, ad, &ao, e)) goto out;
+        load_ctx c = {s, file, e, 0};
+        ln_model_for_each_param(m, load_weight, &c);
+        rc = c.rc;
+    } else {
+        rc = ln_adapter_load(m, file, ad, e);
+    }
+out:
+    if (s) st_close(s);
+    free(file);
+    return rc;
+}
+
+static int meta_get_i64(st_set *s, const char *k, int64_t *v, const char *file, ln_err *e)
+{
+    const char *x = st_metadata(s, k);
+    if (!x) return ln_errf(e, "checkpoint %s: metadata \"%s\" is missing", file, k);
+    char *end;
+    *v = strtoll(x, &end, 10);
+    if (*end) return ln_errf(e, "checkpoint %s: metadata \"%s\" is not an integer", file, k);
+    return 0;
+}
+
+/* The second half of a resume: position, RNG and moments; refuses changed options. */
+static int checkpoint_restore(const char *ckpt, ln_optim *opt, ckpt_state *cs, const ln_train_opts *o, ln_err *e)
+{
+    char *file = checkpoint_file(ckpt);
+    st_set *s = NULL;
+    int rc = -1;
+    char name[200];
+    if (st_open(file, &s, e)) goto out;
+    int64_t total, seed, bs, ga;
+    if (meta_get_i64(s, "step", &cs->step, file, e) || meta_get_i64(s, "total_steps", &total, file, e) ||
+        meta_get_i64(s, "epoch", &cs->pos.epoch, file, e) || meta_get_i64(s, "index", &cs->pos.index, file, e) ||
+        meta_get_i64(s, "seed", &seed, file, e) || meta_get_i64(s, "batch_size", &bs, file, e) ||
+        meta_get_i64(s, "grad_accum", &ga, file, e))
+        goto out;
+    if (total != cs->total_steps || (uint64_t)seed != o->seed || bs != o->batch_size || ga != o->grad_accum) {
+        ln_errf(e, "resume: checkpoint %s was made with total_steps %lld, seed %lld, batch_size %lld, grad_accum %lld "
+                   "but this run has %lld, %llu, %d, %d; resume with the same options",
+                file, (long long)total, (long long)seed, (long long)bs, (long long)ga, (long long)cs->total_steps,
+                (unsigned long long)o->seed, o->batch_size, o->grad_accum);
+        goto out;
+    }
+    for (int i = 0; i < 4; i++) {
+        char k[8];
+        snprintf(k, sizeof k, "rng%d", i);
+        const char *v = st_metadata(s, k);
+        if (!v) { ln_errf(e, "checkpoint %s: metadata \"%s\" is missing", file, k); goto out; }
+        cs->rng.s[i] = strtoull(v, NULL, 16);
+    }
+    for (int i = 0; i < opt->n; i++) {
+        snprintf(name, sizeof name, "optim.m.%s", opt->params[i]->name);
+        if (copy_tensor(s, name, opt->m[i], opt->params[i]->n, file, e)) goto out;
+        snprintf(name, sizeof name, "optim.v.%s", opt->params[i]->name);
+        if (copy_tensor(s, name, opt->v[i], opt->params[i]->n, file, e)) goto out;
+    }
+    opt->step = cs->step;
+    rc = 0;
+out:
+    if (s) st_close(s);
+    free(file);
+    return rc;
+}
+
+/* ================================================================ the loop */
+
+static void progress_line(int64_t step, int64_t total, double loss, float lr, double tps, double eta)
+{
+    int em = (int)(eta / 60), es = (int)eta % 60;
+    fprintf(stderr, "\rstep %lld/%lld  loss %.4f  lr %.2e  %.0f tok/s  ETA %dm%02ds   ", (long long)step,
+            (long long)total, loss, (double)lr, tps, em, es);
+    if (step == total) fputc('\n', stderr);
+    fflush(stderr);
+}
+
+static int save_final(ln_model *m, ln_adapter *ad, const char *dir, ln_err *e)
+{
+    if (ad->full) return ln_model_save(m, dir, ST_F32, e);
+    char *p = ln_path_join(dir, "adapter.safetensors");
+    int rc = ln_adapter_save(ad, p, e);
+    free(p);
+    if (rc == 0 && !ad->residual) rc = ln_adapter_save_peft(ad, m, dir, e);
+    return rc;
+}
+
+int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_opts *o, ln_train_result *res,
+             ln_err *e)
+{
+    memset(res, 0, sizeof *res);
+    if (o->batch_size <= 0 || o->grad_accum <= 0) return ln_errf(e, "train: batch_size and grad_accum must be positive");
+    if (ds->n <= 0) return ln_errf(e, "train: dataset %s has no examples", ds->path ? ds->path : "");
+    if (o->max_steps <= 0 && o->epochs <= 0) return ln_errf(e, "train: give epochs or max_steps");
+    int per_step = o->batch_size * o->grad_accum;
+    ckpt_state cs;
+    memset(&cs, 0, sizeof cs);
+    cs.total_steps = o->max_steps > 0 ? o->max_steps : ((int64_t)o->epochs * ds->n + per_step - 1) / per_step;
+    ln_optim_cfg oc = o->optim;
+    oc.total_steps = cs.total_steps;
+    oc.warmup_steps = (int64_t)ceil((double)o->warmup_ratio * (double)cs.total_steps);
+    ln_rng_seed(&cs.rng, o->seed ^ 0x747261696eull); /* reserved for dropout-like noise; saved */
+
+    ln_param **params = NULL;
+    int np = ln_trainable_params(m, ad, &params);
+    if (np == 0) {
+        free(params);
+        return ln_errf(e, "train: nothing is trainable (method %s)", ad->method);
+    }
+    ln_optim opt;
+    if (ln_optim_init(&opt, m->be, params, np, &oc, e)) {
+        free(params);
+        return -1;
+    }
+    ln_loader ld;
+    ln_loader_init(&ld, ds, o->seed, o->shuffle);
+    ln_acts *acts = ln_acts_new();
+    FILE *metrics = NULL;
+    int rc = -1;
+    ln_batch *mb = ln_xcalloc((size_t)o->grad_accum, sizeof *mb);
+    const ln_example **ex = ln_xmalloc((size_t)per_step * sizeof *ex);
+    char *ckdir = NULL;
+
+    if (o->resume) {
+        if (checkpoint_restore(o->resume, &opt, &cs, o, e)) goto out;
+        ln_loader_seek(&ld, cs.pos);
+    }
+    if (o->out_dir) {
+        if (ln_mkdir_p(o->out_dir, e)) goto out;
+        char *mp = ln_path_join(o->out_dir, "metrics.jsonl");
+        metrics = fopen(mp, o->resume ? "a" : "w");
+        free(mp);
+        if (!metrics) { ln_errf(e, "train: cannot open metrics.jsonl in %s", o->out_dir); goto out; }
+        ckdir = ln_path_join(o->out_dir, "checkpoints");
+    }
+    double t_start = ln_now_s();
+    int64_t steps_here = 0;
+    for (int64_t step = cs.step; step < cs.total_steps; step++) {
+        if (o->should_stop && o->should_stop(o->cb_ctx)) { res->stopped = 1; break; }
+        double t0 = ln_now_s();
+        /* the step's examples, then its micro-batches; the loss is averaged over all their targets */
+        int64_t trained = 0, tokens = 0;
+        for (int i = 0; i < per_step; i++) ex[i] = ln_loader_next(&ld);
+        for (int a = 0; a < o->grad_accum; a++) {
+            ln_batch_build(&mb[a], ex + (size_t)a * o->batch_size, o->batch_size);
+            trained += mb[a].n_targets;
+            for (int i = 0; i < o->batch_size; i++) tokens += ex[a * o->batch_size + i]->len;
+        }
+        ln_optim_zero_grad(&opt);
+        double loss_sum = 0.0;
+        float scale = trained > 0 ? 1.0f / (float)trained : 0.0f;
+        int frc = 0;
+        for (int a = 0; a < o->grad_accum && frc == 0; a++) {
+            double ls = 0.0;
+            frc = ln_model_forward(m, ad, acts, &mb[a], NULL, &ls, e);
+            if (frc == 0 && trained > 0) frc = ln_model_backward(m, ad, acts, &mb[a], scale, e);
+            loss_sum += ls;
+        }
+        for (int a = 0; a < o->grad_accum; a++) ln_batch_free(&mb[a]);
+        if (frc) { ln_err_prefix(e, "train step %lld", (long long)step + 1); goto out; }
+        double loss = trained > 0 ? loss_sum / (double)trained : 0.0;
+        if (!isfinite(loss)) { ln_errf(e, "train step %lld: the loss is not finite (%g); lower the learning rate", (long long)step + 1, loss); goto out; }
+        double gnorm = ln_optim_grad_norm(&opt);
+        float coef = 1.0f;
+        if (oc.max_grad_norm > 0) {
+            float c = oc.max_grad_norm / (float)(gnorm + 1e-6);
+            coef = c < 1.0f ? c : 1.0f;
+        }
+        float lr = ln_lr_at(&oc, step);
+        ln_optim_step(&opt, lr, coef);
+        cs.step = step + 1;
+        cs.pos = ld.pos;
+        steps_here++;
+        double dt = ln_now_s() - t0, tps = dt > 0 ? (double)tokens / dt : 0.0;
+        res->last_loss = loss;
+
+        json_t *row = json_object();
+        json_object_set_new(row, "step", json_integer(cs.step));
+        json_object_set_new(row, "epoch", json_real((double)ld.pos.epoch + (double)ld.pos.index / (double)ds->n));
+        json_object_set_new(row, "loss", json_real(loss));
+        json_object_set_new(row, "lr", json_real(lr));
+        json_object_set_new(row, "grad_norm", json_real(gnorm));
+        json_object_set_new(row, "tokens_per_s", json_real(tps));
+        json_object_set_new(row, "tokens", json_integer(tokens));
+        json_object_set_new(row, "trained_tokens", json_integer(trained));
+        json_object_set_new(row, "elapsed_s", json_real(ln_now_s() - t_start));
+        int last = cs.step == cs.total_steps || (o->stop_at_step > 0 && cs.step == o->stop_at_step);
+        if (o->eval && ((o->eval_every > 0 && cs.step % o->eval_every == 0) || last) &&
+            o->eval(m, ad, cs.step, row, o->eval_ctx, e)) {
+            json_decref(row);
+            ln_err_prefix(e, "train step %lld: evaluation", (long long)cs.step);
+            goto out;
+        }
+        if (metrics) {
+            char *line = json_dumps(row, JSON_COMPACT);
+            fprintf(metrics, "%s\n", line);
+            fflush(metrics);
+            free(line);
+        }
+        if (o->on_row) o->on_row(row, o->cb_ctx);
+        json_decref(row);
+        if (o->progress) {
+            double per = (ln_now_s() - t_start) / (double)steps_here;
+            progress_line(cs.step, cs.total_steps, loss, lr, tps, per * (double)(cs.total_steps - cs.step));
+        }
+        if (ckdir && ((o->save_every > 0 && cs.step % o->save_every == 0) || last)) {
+            char sub[64];
+            snprintf(sub, sizeof sub, "step-%06lld", (long long)cs.step);
+            char *d = ln_path_join(ckdir, sub);
+            char *f = ln_path_join(d, "state.safetensors");
+            int src = ln_mkdir_p(d, e) || checkpoint_save(f, m, ad, &opt, &cs, o, e);
+            snprintf(res->last_checkpoint, sizeof res->last_checkpoint, "%s", d);
+            free(f);
+            free(d);
+            if (src) goto out;
+        }
+        if (o->stop_at_step > 0 && cs.step == o->stop_at_step) { res->stopped = 1; break; }
+    }
+    res->steps = cs.step;
+    if (o->out_dir && !res->stopped && save_final(m, ad, o->out_dir, e)) goto out;
+    rc = 0;
+out:
+    if (metrics) fclose(metrics);
+    free(ckdir);
+    free(ex);
+    free(mb);
+    ln_acts_free(m, acts);
+    ln_loader_free(&ld);
+    ln_optim_free(&opt);
+    free(params);
+    return rc;
+}

@@ -1,0 +1,88 @@
+/* train.h — the training loop: batches, AdamW steps, metrics, checkpoints, resume.
+ *
+ * Contracts:
+ *  - One optimizer step consumes batch_size × grad_accum examples from the seeded loader
+ *    (data.h), in grad_accum micro-batches of batch_size, each right-padded to its longest example.
+ *    The loss is averaged over every trained token of the whole step (not per micro-batch), so
+ *    grad_accum only changes memory, not the math.
+ *  - Deterministic: the same seed, data, options and thread count give bit-identical runs.
+ *  - Checkpoint (OUT/checkpoints/step-NNNNNN/state.safetensors) = the adapter in its native layout
+ *    (adapter.h; loadable by ln_adapter_load) or, for full, every model weight; the AdamW moments
+ *    ("optim.m.<name>", "optim.v.<name>"); metadata: step, data position (epoch, index), RNG
+ *    state, and the options that must not change on resume. Resuming from it continues
+ *    bit-identically to a run that was never interrupted.
+ *  - metrics.jsonl in out_dir: one JSON object per step {"step","epoch","loss","lr","grad_norm",
+ *    "tokens_per_s","tokens","trained_tokens","elapsed_s"} plus whatever the eval callback adds.
+ *  - Eval callback (every eval_every steps and after the last): gets the model, adapter and the
+ *    metrics row of that step (a jansson object) to add fields to, e.g. "val_loss" or per-layer
+ *    knowledge drift. Returning −1 (with e filled) stops training with that error.
+ *  - on_row (optional) sees every metrics row after it is written (the worker forwards them).
+ *  - should_stop (optional) is polled between steps; when it returns 1 the loop saves a
+ *    checkpoint and returns with result.stopped = 1. */
+#ifndef LN_TRAIN_H
+#define LN_TRAIN_H
+
+#include <jansson.h>
+#include <stdint.h>
+
+#include "common/err.h"
+#include "worker/engine/adapter.h"
+#include "worker/engine/data.h"
+#include "worker/engine/model.h"
+#include "worker/engine/optim.h"
+
+typedef int (*ln_eval_fn)(ln_model *m, ln_adapter *ad, int64_t step, json_t *row, void *ctx, ln_err *e);
+
+typedef struct ln_train_opts {
+    int epochs;               /* used when max_steps is 0 */
+    int64_t max_steps;        /* 0 = from epochs */
+    int batch_size;
+    int grad_accum;
+    ln_optim_cfg optim;       /* total_steps/warmup_steps are filled by ln_train */
+    float warmup_ratio;       /* warmup_steps = ceil(ratio · total_steps), as transformers */
+    uint64_t seed;
+    int shuffle;
+    int64_t save_every;       /* 0 = only at the end */
+    int64_t stop_at_step;     /* > 0: stop (with a checkpoint) after this step — an interruption */
+    const char *out_dir;      /* metrics.jsonl, checkpoints, final adapter; NULL = write nothing */
+    const char *resume;       /* a checkpoint dir or state.safetensors to continue from, or NULL */
+    int progress;             /* print a progress line on stderr */
+    int64_t eval_every;
+    ln_eval_fn eval;
+    void *eval_ctx;
+    void (*on_row)(json_t *row, void *ctx);
+    int (*should_stop)(void *ctx);
+    void *cb_ctx;
+} ln_train_opts;
+
+ln_train_opts ln_train_defaults(void);
+
+typedef struct ln_train_result {
+    int64_t steps;            /* optimizer steps done (counting those before a resume) */
+    double last_loss;
+    int stopped;
+    char last_checkpoint[1024];
+} ln_train_result;
+
+/* Trains ad on m (ad->full for full fine-tuning) over ds. With opts->resume, the adapter or
+ * model weights, optimizer, data position and RNG come from the checkpoint: pass an adapter
+ * loaded by ln_train_load_checkpoint. */
+int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_opts *opts, ln_train_result *res,
+             ln_err *e);
+
+/* Rebuilds the adapter (or the full model's weights) a checkpoint holds, on a freshly loaded
+ * base model: the first half of a resume. */
+int ln_train_load_checkpoint(ln_model *m, const char *ckpt, ln_adapter *ad, ln_err *e);
+
+/* ---- helpers the other engine parts use ---- */
+
+/* Right-pads n examples into a batch (pad id 0, targets shifted, −100 on padding). Owns ids/targets. */
+void ln_batch_build(ln_batch *b, const ln_example *const *ex, int n);
+void ln_batch_free(ln_batch *b);
+/* Every trainable parameter of m and ad in a fixed order (caller frees the array). */
+int ln_trainable_params(ln_model *m, ln_adapter *ad, ln_param ***out);
+/* Mean loss over every trained token of ds (in order, batch_size at a time). */
+int ln_eval_loss(ln_model *m, const ln_adapter *ad, const ln_dataset *ds, int batch_size, double *mean_loss,
+                 ln_err *e);
+
+#endif
