@@ -115,7 +115,15 @@ int ln_config_parse(const char *text, const char *where, ln_config *c, ln_err *e
         get_token_id(o, "eos_token_id", &c->eos_token_id, where, e) ||
         get_token_id(o, "pad_token_id", &c->pad_token_id, where, e))
         goto out;
-    if (parse_rope_scaling(json_object_get(o, "rope_scaling"), c, where, e)) goto out;
+    /* transformers ≥ 5 writes "rope_parameters" (rope_type, rope_theta and the scaling fields
+     * together); earlier versions "rope_theta" + "rope_scaling". */
+    json_t *rp = json_object_get(o, "rope_parameters");
+    if (rp && json_is_object(rp)) {
+        if (get_num(rp, "rope_theta", 0, &c->rope_theta, where, e)) goto out;
+        if (parse_rope_scaling(rp, c, where, e)) goto out;
+    } else if (parse_rope_scaling(json_object_get(o, "rope_scaling"), c, where, e)) {
+        goto out;
+    }
     json_t *tie = json_object_get(o, "tie_word_embeddings");
     c->tie_word_embeddings = tie && json_is_true(tie);
     json_t *dt = json_object_get(o, "torch_dtype");

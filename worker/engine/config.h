@@ -3,7 +3,8 @@
  * Fields as transformers' LlamaConfig names them. head_dim defaults to hidden/heads;
  * num_key_value_heads to num_attention_heads; rope_scaling may be absent, {"rope_type":"llama3",
  * "factor","low_freq_factor","high_freq_factor","original_max_position_embeddings"} or
- * {"rope_type":"linear","factor"} ("type" is accepted for "rope_type", as transformers does). */
+ * {"rope_type":"linear","factor"} ("type" is accepted for "rope_type", as transformers does).
+ * transformers ≥ 5 writes the same fields, with rope_theta, as "rope_parameters"; both are read. */
 #ifndef LN_CONFIG_H
 #define LN_CONFIG_H
 
