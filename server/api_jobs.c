@@ -1,0 +1,363 @@
+/* api_jobs.c — /v1/fine_tuning/jobs…: create, list, retrieve, cancel, pause, resume, events (and
+ * their SSE stream), checkpoints, metrics; and /v1/models. Shapes: OpenAI's fine-tuning API. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "common/util.h"
+#include "proto/jobspec.h"
+#include "server/api.h"
+#include "server/jobs.h"
+#include "server/sched.h"
+#include "server/server.h"
+#include "server/sse.h"
+#include "server/store.h"
+
+/* ---------------------------------------------------------------- create */
+
+/* 1 if file_id is a file of the project that a job may read. */
+static int project_has_file(const char *project_id, const char *file_id) {
+    sqlite3_stmt *st = store_stmt("SELECT 1 FROM files WHERE id=? AND project_id=?");
+    sqlite3_bind_text(st, 1, file_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, project_id, -1, SQLITE_STATIC);
+    int ok = sqlite3_step(st) == SQLITE_ROW;
+    sqlite3_reset(st);
+    return ok;
+}
+
+static enum MHD_Result jobs_create(http_req *r) {
+    json_t *body = http_body_object(r);
+    if (!body) return r->result;
+    ln_jobspec spec;
+    char param[LN_JOBSPEC_PARAM_MAX];
+    ln_err e;
+    if (ln_jobspec_parse(body, &spec, param, &e) != 0) {
+        json_decref(body);
+        return http_error(r, 400, "invalid_request_error", "invalid_value", param, "%s", e.msg);
+    }
+    json_decref(body);
+    const char *check[3][2] = {{"training_file", spec.training_file},
+                               {"validation_file", spec.validation_file},
+                               {"adapter.calibration.file", spec.adapter.calibration_file}};
+    for (int i = 0; i < 3; i++) {
+        if (!check[i][1][0] || project_has_file(r->project_id, check[i][1])) continue;
+        enum MHD_Result res = http_error(r, 400, "invalid_request_error", "file_not_found", check[i][0],
+                                         "%s: file %s does not exist.", check[i][0], check[i][1]);
+        ln_jobspec_free(&spec);
+        return res;
+    }
+    if (spec.seed < 0) {
+        uint32_t s;
+        store_random(&s, sizeof s);
+        spec.seed = s & 0x7fffffff;
+    }
+    json_t *norm = ln_jobspec_to_json(&spec);
+    char *spec_text = json_dumps(norm, JSON_COMPACT | JSON_SORT_KEYS);
+    json_decref(norm);
+    char id[40];
+    store_new_id("ftjob-", id, sizeof id);
+    if (store_begin() != 0) {
+        free(spec_text);
+        ln_jobspec_free(&spec);
+        return http_error(r, 503, "server_error", "busy", NULL, "The database is busy; retry.");
+    }
+    sqlite3_stmt *st = store_stmt(
+        "INSERT INTO jobs(id,project_id,status,model,spec,training_file,validation_file,calibration_file,ranks,device,"
+        "created_at) VALUES(?,?,'validating_files',?,?,?,?,?,?,?,?)");
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, r->project_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, spec.model, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 4, spec_text, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 5, spec.training_file, -1, SQLITE_STATIC);
+    if (spec.validation_file[0]) sqlite3_bind_text(st, 6, spec.validation_file, -1, SQLITE_STATIC);
+    if (spec.adapter.calibration_file[0]) sqlite3_bind_text(st, 7, spec.adapter.calibration_file, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 8, spec.ranks);
+    sqlite3_bind_text(st, 9, ln_device_kind_name(spec.device), -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 10, ln_unix_time());
+    int ok = sqlite3_step(st) == SQLITE_DONE;
+    sqlite3_reset(st);
+    free(spec_text);
+    ok = ok && jobs_event(id, "info", "message", NULL, "Created fine-tuning job: %s", id) == 0;
+    ln_jobspec_free(&spec);
+    /* The commit (WAL fsync, synchronous=FULL) happens before the 201: an accepted job is on disk. */
+    if (!ok || store_commit() != 0) {
+        store_rollback();
+        return http_error(r, 503, "server_error", "busy", NULL, "The job could not be stored; retry.");
+    }
+    sched_kick(); /* validate its files now rather than at the next tick */
+    return http_json(r, 201, jobs_object(id, NULL));
+}
+
+/* ---------------------------------------------------------------- list / retrieve */
+
+static enum MHD_Result jobs_list(http_req *r) {
+    int64_t limit;
+    const char *after;
+    if (api_page_params(r, 20, &limit, &after, "ftjob-") != 0) return r->result;
+    int64_t after_seq = INT64_MAX;
+    if (after) {
+        sqlite3_stmt *s = store_stmt("SELECT seq FROM jobs WHERE id=? AND project_id=?");
+        sqlite3_bind_text(s, 1, after, -1, SQLITE_STATIC);
+        sqlite3_bind_text(s, 2, r->project_id, -1, SQLITE_STATIC);
+        int found = sqlite3_step(s) == SQLITE_ROW;
+        if (found) after_seq = sqlite3_column_int64(s, 0);
+        sqlite3_reset(s);
+        if (!found)
+            return http_error(r, 400, "invalid_request_error", "invalid_parameter", "after",
+                              "Query parameter 'after' names no job of this project.");
+    }
+    const char *status = http_query(r, "status");
+    sqlite3_stmt *st = store_stmt("SELECT id FROM jobs WHERE project_id=? AND seq<? AND (?3 IS NULL OR status=?3) "
+                                  "ORDER BY seq DESC LIMIT ?");
+    sqlite3_bind_text(st, 1, r->project_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, after_seq);
+    if (status) sqlite3_bind_text(st, 3, status, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 4, limit + 1);
+    char (*ids)[40] = ln_xmalloc((size_t)(limit + 1) * 40);
+    int n = 0;
+    while (n <= limit && sqlite3_step(st) == SQLITE_ROW) snprintf(ids[n++], 40, "%s", store_col_text(st, 0));
+    sqlite3_reset(st);
+    int more = n > limit;
+    if (more) n = (int)limit;
+    json_t *data = json_array();
+    for (int i = 0; i < n; i++) {
+        json_t *o = jobs_object(ids[i], r->project_id);
+        if (o) json_array_append_new(data, o);
+    }
+    free(ids);
+    return http_json(r, 200, json_pack("{s:s, s:o, s:b}", "object", "list", "data", data, "has_more", more));
+}
+
+/* Looks up the job of the URL in the caller's project; replies 404 and returns 0 when absent. */
+static int own_job(http_req *r, char status[32]) {
+    const char *id = r->params[0];
+    if (!api_valid_id(id, "ftjob-")) {
+        http_not_found(r, "fine-tuning job", id);
+        return 0;
+    }
+    sqlite3_stmt *st = store_stmt("SELECT status FROM jobs WHERE id=? AND project_id=?");
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, r->project_id, -1, SQLITE_STATIC);
+    int found = sqlite3_step(st) == SQLITE_ROW;
+    if (found && status) snprintf(status, 32, "%s", store_col_text(st, 0));
+    sqlite3_reset(st);
+    if (!found) http_not_found(r, "fine-tuning job", id);
+    return found;
+}
+
+static enum MHD_Result jobs_get(http_req *r) {
+    if (!api_valid_id(r->params[0], "ftjob-")) return http_not_found(r, "fine-tuning job", r->params[0]);
+    json_t *j = jobs_object(r->params[0], r->project_id);
+    if (!j) return http_not_found(r, "fine-tuning job", r->params[0]);
+    return http_json(r, 200, j);
+}
+
+/* ---------------------------------------------------------------- cancel / pause / resume */
+
+/* Applies one user action. Each action lists the states it may start from, in order of preference. */
+static enum MHD_Result job_action(http_req *r, const char *to, const char *const *froms, const char *verb,
+                                  const char *event_msg) {
+    char status[32];
+    if (!own_job(r, status)) return r->result;
+    const char *id = r->params[0];
+    if (store_begin() != 0) return http_error(r, 503, "server_error", "busy", NULL, "The database is busy; retry.");
+    int changed = 0;
+    char from[32] = "";
+    for (int i = 0; froms[i] && !changed; i++) {
+        changed = jobs_set_status(id, froms[i], to);
+        if (changed) snprintf(from, sizeof from, "%s", froms[i]);
+    }
+    if (!changed) {
+        store_rollback();
+        /* Re-read: the state may have moved since own_job. */
+        own_job(r, status);
+        if (r->replied) return r->result;
+        return http_error(r, 409, "invalid_request_error", "invalid_job_state", NULL,
+                          "Job %s cannot be %s: it is %s.", id, verb, status);
+    }
+    if (strcmp(to, "queued") == 0) {
+        /* A resumed job is leased at once (no backoff) and restarts from its last checkpoint. */
+        sqlite3_stmt *st = store_stmt("UPDATE jobs SET not_before_f=0 WHERE id=?");
+        sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        sqlite3_step(st);
+        sqlite3_reset(st);
+    }
+    jobs_event(id, "info", "message", NULL, "%s (was %s)", event_msg, from);
+    if (store_commit() != 0) return http_error(r, 503, "server_error", "busy", NULL, "The database is busy; retry.");
+    jobs_notify(id);
+    return http_json(r, 200, jobs_object(id, NULL));
+}
+
+static enum MHD_Result jobs_cancel(http_req *r) {
+    static const char *const froms[] = {"running", "queued", "paused", "validating_files", NULL};
+    return job_action(r, "cancelled", froms, "cancelled", "Job cancelled");
+}
+static enum MHD_Result jobs_pause(http_req *r) {
+    static const char *const froms[] = {"running", "queued", NULL};
+    return job_action(r, "paused", froms, "paused", "Job paused");
+}
+static enum MHD_Result jobs_resume(http_req *r) {
+    static const char *const froms[] = {"paused", NULL};
+    return job_action(r, "queued", froms, "resumed", "Job resumed");
+}
+
+/* ---------------------------------------------------------------- events, checkpoints, metrics */
+
+/* "ftevent-<n>" or "<n>" → n; -1 when malformed. */
+static int64_t event_seq(const char *s) {
+    if (!s) return -1;
+    if (strncmp(s, "ftevent-", 8) == 0) s += 8;
+    char *end;
+    long long v = strtoll(s, &end, 10);
+    return (end == s || *end || v < 0) ? -1 : v;
+}
+
+static enum MHD_Result jobs_events(http_req *r) {
+    if (!own_job(r, NULL)) return r->result;
+    const char *id = r->params[0];
+    const char *stream = http_query(r, "stream");
+    const char *after = http_query(r, "after");
+    if (stream && strcmp(stream, "true") == 0) {
+        const char *last = http_header(r, "Last-Event-ID");
+        const char *from = last ? last : after;
+        int64_t seq = from ? event_seq(from) : 0;
+        if (seq < 0)
+            return http_error(r, 400, "invalid_request_error", "invalid_parameter", last ? "Last-Event-ID" : "after",
+                              "'%.60s' is not an event id (ftevent-<n>).", from);
+        return sse_start(r, id, seq);
+    }
+    if (stream && strcmp(stream, "false") != 0)
+        return http_error(r, 400, "invalid_request_error", "invalid_parameter", "stream",
+                          "Query parameter 'stream' must be true or false.");
+    int64_t limit;
+    if (http_query_int(r, "limit", 1, 1000, 20, &limit) != 0) return r->result;
+    int64_t before = INT64_MAX;
+    if (after) {
+        before = event_seq(after);
+        if (before < 0)
+            return http_error(r, 400, "invalid_request_error", "invalid_parameter", "after",
+                              "'%.60s' is not an event id (ftevent-<n>).", after);
+    }
+    /* Newest first, as OpenAI lists them; `after` is the cursor of the previous page's last event. */
+    sqlite3_stmt *st = store_stmt("SELECT " JOBS_EVENT_COLS " FROM events WHERE job_id=? AND seq<? "
+                                  "ORDER BY seq DESC LIMIT ?");
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, before);
+    sqlite3_bind_int64(st, 3, limit + 1);
+    json_t *data = json_array();
+    int n = 0, more = 0;
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        if (n++ == limit) {
+            more = 1;
+            break;
+        }
+        json_array_append_new(data, jobs_event_row(st));
+    }
+    sqlite3_reset(st);
+    return http_json(r, 200, json_pack("{s:s, s:o, s:b}", "object", "list", "data", data, "has_more", more));
+}
+
+static enum MHD_Result jobs_checkpoints(http_req *r) {
+    if (!own_job(r, NULL)) return r->result;
+    int64_t limit;
+    const char *after;
+    if (api_page_params(r, 10, &limit, &after, "ftckpt-") != 0) return r->result;
+    int64_t before = INT64_MAX;
+    if (after) {
+        sqlite3_stmt *s = store_stmt("SELECT seq FROM checkpoints WHERE id=? AND job_id=?");
+        sqlite3_bind_text(s, 1, after, -1, SQLITE_STATIC);
+        sqlite3_bind_text(s, 2, r->params[0], -1, SQLITE_STATIC);
+        int found = sqlite3_step(s) == SQLITE_ROW;
+        if (found) before = sqlite3_column_int64(s, 0);
+        sqlite3_reset(s);
+        if (!found)
+            return http_error(r, 400, "invalid_request_error", "invalid_parameter", "after",
+                              "Query parameter 'after' names no checkpoint of this job.");
+    }
+    sqlite3_stmt *st = store_stmt("SELECT " JOBS_CKPT_COLS " FROM checkpoints c JOIN jobs j ON j.id=c.job_id "
+                                  "WHERE c.job_id=? AND c.seq<? ORDER BY c.seq DESC LIMIT ?");
+    sqlite3_bind_text(st, 1, r->params[0], -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, before);
+    sqlite3_bind_int64(st, 3, limit + 1);
+    json_t *data = json_array();
+    int n = 0, more = 0;
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        if (n++ == limit) {
+            more = 1;
+            break;
+        }
+        json_array_append_new(data, jobs_checkpoint_row(st));
+    }
+    sqlite3_reset(st);
+    json_t *j = json_pack("{s:s, s:o, s:b}", "object", "list", "data", data, "has_more", more);
+    size_t sz = json_array_size(data);
+    json_object_set_new(j, "first_id", sz ? json_incref(json_object_get(json_array_get(data, 0), "id")) : json_null());
+    json_object_set_new(j, "last_id", sz ? json_incref(json_object_get(json_array_get(data, sz - 1), "id")) : json_null());
+    return http_json(r, 200, j);
+}
+
+/* Time series for charts: one entry per metric name, steps ascending. */
+static enum MHD_Result jobs_metrics(http_req *r) {
+    if (!own_job(r, NULL)) return r->result;
+    const char *name = http_query(r, "name");
+    int64_t after_step;
+    if (http_query_int(r, "after_step", -1, INT64_MAX, -1, &after_step) != 0) return r->result;
+    sqlite3_stmt *st = store_stmt("SELECT name, step, value FROM metrics WHERE job_id=? AND step>? "
+                                  "AND (?3 IS NULL OR name=?3) ORDER BY name, step LIMIT 200000");
+    sqlite3_bind_text(st, 1, r->params[0], -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, after_step);
+    if (name) sqlite3_bind_text(st, 3, name, -1, SQLITE_STATIC);
+    json_t *data = json_array(), *cur = NULL;
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        const char *nm = store_col_text(st, 0);
+        if (!cur || strcmp(json_string_value(json_object_get(cur, "name")), nm) != 0) {
+            cur = json_pack("{s:s, s:s, s:[], s:[]}", "object", "fine_tuning.job.metric_series", "name", nm, "steps",
+                            "values");
+            json_array_append_new(data, cur);
+        }
+        json_array_append_new(json_object_get(cur, "steps"), json_integer(sqlite3_column_int64(st, 1)));
+        json_array_append_new(json_object_get(cur, "values"), json_real(sqlite3_column_double(st, 2)));
+    }
+    sqlite3_reset(st);
+    return http_json(r, 200, json_pack("{s:s, s:o, s:b}", "object", "list", "data", data, "has_more", 0));
+}
+
+/* ---------------------------------------------------------------- models */
+
+/* Base models that live workers hold, and this project's fine-tuned models. */
+static enum MHD_Result models_list(http_req *r) {
+    json_t *data = json_array();
+    sqlite3_stmt *st = store_stmt("SELECT m.model, MIN(w.registered_at), COUNT(*) FROM worker_models m "
+                                  "JOIN workers w ON w.id=m.worker_id WHERE w.last_seen_f>=? GROUP BY m.model "
+                                  "ORDER BY m.model");
+    sqlite3_bind_double(st, 1, (double)ln_unix_time() - g_cfg.worker_timeout_s);
+    while (sqlite3_step(st) == SQLITE_ROW)
+        json_array_append_new(data, json_pack("{s:s, s:s, s:I, s:s, s:I}", "id", store_col_text(st, 0), "object",
+                                              "model", "created", (json_int_t)sqlite3_column_int64(st, 1), "owned_by",
+                                              "loranull", "workers", (json_int_t)sqlite3_column_int64(st, 2)));
+    sqlite3_reset(st);
+    st = store_stmt("SELECT fine_tuned_model, finished_at FROM jobs WHERE project_id=? AND status='succeeded' "
+                    "AND fine_tuned_model IS NOT NULL ORDER BY seq");
+    sqlite3_bind_text(st, 1, r->project_id, -1, SQLITE_STATIC);
+    while (sqlite3_step(st) == SQLITE_ROW)
+        json_array_append_new(data, json_pack("{s:s, s:s, s:I, s:s}", "id", store_col_text(st, 0), "object", "model",
+                                              "created", (json_int_t)sqlite3_column_int64(st, 1), "owned_by",
+                                              r->project_id));
+    sqlite3_reset(st);
+    return http_json(r, 200, json_pack("{s:s, s:o}", "object", "list", "data", data));
+}
+
+void api_jobs_register(void) {
+    http_route("POST", "/v1/fine_tuning/jobs", HTTP_AUTH_KEY, HTTP_BODY_JSON, jobs_create, "jobs_create");
+    http_route("GET", "/v1/fine_tuning/jobs", HTTP_AUTH_KEY, HTTP_BODY_NONE, jobs_list, "jobs_list");
+    http_route("GET", "/v1/fine_tuning/jobs/{}", HTTP_AUTH_KEY, HTTP_BODY_NONE, jobs_get, "jobs_get");
+    http_route("POST", "/v1/fine_tuning/jobs/{}/cancel", HTTP_AUTH_KEY, HTTP_BODY_JSON, jobs_cancel, "jobs_cancel");
+    http_route("POST", "/v1/fine_tuning/jobs/{}/pause", HTTP_AUTH_KEY, HTTP_BODY_JSON, jobs_pause, "jobs_pause");
+    http_route("POST", "/v1/fine_tuning/jobs/{}/resume", HTTP_AUTH_KEY, HTTP_BODY_JSON, jobs_resume, "jobs_resume");
+    http_route("GET", "/v1/fine_tuning/jobs/{}/events", HTTP_AUTH_KEY, HTTP_BODY_NONE, jobs_events, "jobs_events");
+    http_route("GET", "/v1/fine_tuning/jobs/{}/checkpoints", HTTP_AUTH_KEY, HTTP_BODY_NONE, jobs_checkpoints,
+               "jobs_checkpoints");
+    http_route("GET", "/v1/fine_tuning/jobs/{}/metrics", HTTP_AUTH_KEY, HTTP_BODY_NONE, jobs_metrics, "jobs_metrics");
+    http_route("GET", "/v1/models", HTTP_AUTH_KEY, HTTP_BODY_NONE, models_list, "models_list");
+}

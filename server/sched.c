@@ -1,0 +1,484 @@
+/* sched.c — leases, gangs, expiry and retries; the ticker thread (see sched.h). */
+#include "server/sched.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+
+#include "common/log.h"
+#include "common/util.h"
+#include "server/http.h"
+#include "server/jobs.h"
+#include "server/server.h"
+#include "server/sse.h"
+#include "server/store.h"
+
+double sched_wall_now(void) {
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (double)tv.tv_sec + (double)tv.tv_usec * 1e-6;
+}
+
+/* ---------------------------------------------------------------- the pool of waiting workers */
+
+#define POOL_MAX 1024
+#define MAX_MODELS 64
+
+typedef struct pool_worker {
+    char id[40];
+    char kind[8];
+    int free_devices;
+    double last_poll;                 /* wall time of its latest lease call */
+    int n_models;
+    char models[MAX_MODELS][257];
+} pool_worker;
+
+static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER; /* pool and every lease decision */
+static pool_worker *g_pool[POOL_MAX];
+static int g_npool;
+
+/* A worker stays in the pool while it keeps polling (its long-poll is at most lease_wait_max_s). */
+static void pool_prune(double now) {
+    for (int i = 0; i < g_npool;) {
+        if (now - g_pool[i]->last_poll > g_cfg.lease_wait_max_s + 5) {
+            free(g_pool[i]);
+            g_pool[i] = g_pool[--g_npool];
+        } else {
+            i++;
+        }
+    }
+}
+
+static pool_worker *pool_find(const char *id) {
+    for (int i = 0; i < g_npool; i++)
+        if (strcmp(g_pool[i]->id, id) == 0) return g_pool[i];
+    return NULL;
+}
+
+static void pool_remove(const char *id) {
+    for (int i = 0; i < g_npool; i++)
+        if (strcmp(g_pool[i]->id, id) == 0) {
+            free(g_pool[i]);
+            g_pool[i] = g_pool[--g_npool];
+            return;
+        }
+}
+
+/* Loads the worker's registration into the pool (refreshing free devices and poll time). */
+static pool_worker *pool_enter(const char *worker_id, int free_devices, double now) {
+    sqlite3_stmt *st = store_stmt("SELECT device_kind, devices FROM workers WHERE id=?");
+    sqlite3_bind_text(st, 1, worker_id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_ROW) {
+        sqlite3_reset(st);
+        return NULL;
+    }
+    char kind[8];
+    snprintf(kind, sizeof kind, "%s", store_col_text(st, 0));
+    int devices = sqlite3_column_int(st, 1);
+    sqlite3_reset(st);
+    pool_worker *w = pool_find(worker_id);
+    if (!w) {
+        if (g_npool == POOL_MAX) return NULL;
+        w = ln_xcalloc(1, sizeof *w);
+        snprintf(w->id, sizeof w->id, "%s", worker_id);
+        g_pool[g_npool++] = w;
+    }
+    snprintf(w->kind, sizeof w->kind, "%s", kind);
+    w->free_devices = free_devices < 0 || free_devices > devices ? devices : free_devices;
+    w->last_poll = now;
+    w->n_models = 0;
+    st = store_stmt("SELECT model FROM worker_models WHERE worker_id=? LIMIT 64");
+    sqlite3_bind_text(st, 1, worker_id, -1, SQLITE_STATIC);
+    while (sqlite3_step(st) == SQLITE_ROW && w->n_models < MAX_MODELS)
+        snprintf(w->models[w->n_models++], sizeof w->models[0], "%s", store_col_text(st, 0));
+    sqlite3_reset(st);
+    st = store_stmt("UPDATE workers SET last_seen_f=? WHERE id=?");
+    sqlite3_bind_double(st, 1, now);
+    sqlite3_bind_text(st, 2, worker_id, -1, SQLITE_STATIC);
+    sqlite3_step(st);
+    sqlite3_reset(st);
+    return w;
+}
+
+static int worker_fits(const pool_worker *w, const char *model, const char *device) {
+    if (w->free_devices <= 0) return 0;
+    if (strcmp(device, "any") != 0 && strcmp(device, w->kind) != 0) return 0;
+    for (int i = 0; i < w->n_models; i++)
+        if (strcmp(w->models[i], model) == 0) return 1;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- granting */
+
+/* Grants job to the chosen workers (rank order = order of `who`, each taking `take[i]` ranks).
+ * In a transaction; the job must still be queued. */
+static int grant(const char *job_id, int ranks, pool_worker **who, const int *take, int nwho, double now) {
+    if (store_begin() != 0) return -1;
+    sqlite3_stmt *st = store_stmt(
+        "UPDATE jobs SET status='running', attempts=attempts+1, lease_gen=lease_gen+1, lease_expires_f=?, "
+        "started_at=COALESCE(started_at, ?), lease_worker=? WHERE id=? AND status='queued'");
+    sqlite3_bind_double(st, 1, now + g_cfg.lease_ttl_s);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)now);
+    sqlite3_bind_text(st, 3, who[0]->id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 4, job_id, -1, SQLITE_STATIC);
+    int changed = sqlite3_step(st) == SQLITE_DONE && sqlite3_changes(store_db()) == 1;
+    sqlite3_reset(st);
+    if (!changed) {
+        store_rollback();
+        return -1;
+    }
+    st = store_stmt("SELECT lease_gen, attempts FROM jobs WHERE id=?");
+    sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
+    sqlite3_step(st);
+    long long gen = sqlite3_column_int64(st, 0), attempt = sqlite3_column_int64(st, 1);
+    sqlite3_reset(st);
+    st = store_stmt("DELETE FROM job_ranks WHERE job_id=?");
+    sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
+    sqlite3_step(st);
+    sqlite3_reset(st);
+    char names[512] = "";
+    int rank = 0;
+    for (int i = 0; i < nwho; i++) {
+        for (int k = 0; k < take[i]; k++, rank++) {
+            st = store_stmt("INSERT INTO job_ranks(job_id,rank,worker_id,lease_gen,delivered) VALUES(?,?,?,?,0)");
+            sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
+            sqlite3_bind_int(st, 2, rank);
+            sqlite3_bind_text(st, 3, who[i]->id, -1, SQLITE_STATIC);
+            sqlite3_bind_int64(st, 4, gen);
+            sqlite3_step(st);
+            sqlite3_reset(st);
+        }
+        size_t l = strlen(names);
+        snprintf(names + l, sizeof names - l, "%s%s x%d", i ? ", " : "", who[i]->id, take[i]);
+    }
+    jobs_event(job_id, "info", "message", NULL, "Job leased (attempt %lld of %d, lease generation %lld, %d rank%s): %s",
+               attempt, g_cfg.max_attempts, gen, ranks, ranks > 1 ? "s" : "", names);
+    if (store_commit() != 0) return -1;
+    for (int i = 0; i < nwho; i++) who[i]->free_devices -= take[i];
+    return 0;
+}
+
+/* One pass over the queue with the current pool. */
+static void schedule(const char *asking, double now) {
+    sqlite3_stmt *st = store_stmt("SELECT id, model, ranks, device FROM jobs WHERE status='queued' AND not_before_f<=? "
+                                  "ORDER BY seq LIMIT 100");
+    sqlite3_bind_double(st, 1, now);
+    char ids[100][40], models[100][257], devs[100][8];
+    int ranks[100], n = 0;
+    while (n < 100 && sqlite3_step(st) == SQLITE_ROW) {
+        snprintf(ids[n], 40, "%s", store_col_text(st, 0));
+        snprintf(models[n], 257, "%s", store_col_text(st, 1));
+        ranks[n] = sqlite3_column_int(st, 2);
+        snprintf(devs[n], 8, "%s", store_col_text(st, 3));
+        n++;
+    }
+    sqlite3_reset(st);
+    int granted = 0;
+    for (int j = 0; j < n; j++) {
+        pool_worker *fit[POOL_MAX];
+        int nfit = 0, total = 0, single = -1;
+        /* The asking worker first, then the others in pool order. */
+        pool_worker *me = asking ? pool_find(asking) : NULL;
+        if (me && worker_fits(me, models[j], devs[j])) fit[nfit++] = me;
+        for (int i = 0; i < g_npool; i++)
+            if (g_pool[i] != me && worker_fits(g_pool[i], models[j], devs[j])) fit[nfit++] = g_pool[i];
+        for (int i = 0; i < nfit; i++) {
+            total += fit[i]->free_devices;
+            if (single < 0 && fit[i]->free_devices >= ranks[j]) single = i;
+        }
+        if (total < ranks[j]) continue;
+        pool_worker *who[POOL_MAX];
+        int take[POOL_MAX], nwho = 0;
+        if (single >= 0) {
+            who[0] = fit[single];
+            take[0] = ranks[j];
+            nwho = 1;
+        } else {
+            int left = ranks[j];
+            for (int i = 0; i < nfit && left > 0; i++) {
+                int t = fit[i]->free_devices < left ? fit[i]->free_devices : left;
+                who[nwho] = fit[i];
+                take[nwho++] = t;
+                left -= t;
+            }
+        }
+        if (grant(ids[j], ranks[j], who, take, nwho, now) == 0) {
+            granted = 1;
+            jobs_notify(ids[j]);
+        }
+    }
+    if (granted) http_wake_all(); /* other gang members pick their ranks up */
+}
+
+/* The lease object for worker_id's undelivered ranks of one running job, marked delivered. */
+static json_t *deliver(const char *worker_id) {
+    sqlite3_stmt *st = store_stmt(
+        "SELECT r.job_id, j.lease_gen, j.ranks, j.attempts, j.spec, j.project_id FROM job_ranks r "
+        "JOIN jobs j ON j.id=r.job_id WHERE r.worker_id=? AND r.delivered=0 AND j.status='running' "
+        "AND r.lease_gen=j.lease_gen ORDER BY r.rank LIMIT 1");
+    sqlite3_bind_text(st, 1, worker_id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_ROW) {
+        sqlite3_reset(st);
+        return NULL;
+    }
+    char job_id[40];
+    snprintf(job_id, sizeof job_id, "%s", store_col_text(st, 0));
+    long long gen = sqlite3_column_int64(st, 1);
+    int world = sqlite3_column_int(st, 2);
+    long long attempt = sqlite3_column_int64(st, 3);
+    json_t *spec = json_loads(store_col_text(st, 4), 0, NULL);
+    char project[40];
+    snprintf(project, sizeof project, "%s", store_col_text(st, 5));
+    sqlite3_reset(st);
+
+    json_t *my_ranks = json_array(), *peers = json_array();
+    st = store_stmt("SELECT rank, worker_id FROM job_ranks WHERE job_id=? ORDER BY rank");
+    sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        if (strcmp(store_col_text(st, 1), worker_id) == 0) json_array_append_new(my_ranks, json_integer(sqlite3_column_int(st, 0)));
+        json_array_append_new(peers, json_pack("{s:i, s:s}", "rank", sqlite3_column_int(st, 0), "worker_id",
+                                               store_col_text(st, 1)));
+    }
+    sqlite3_reset(st);
+    st = store_stmt("UPDATE job_ranks SET delivered=1 WHERE job_id=? AND worker_id=?");
+    sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, worker_id, -1, SQLITE_STATIC);
+    sqlite3_step(st);
+    sqlite3_reset(st);
+
+    /* Resume point: the newest checkpoint of any earlier attempt. */
+    json_t *resume = json_null();
+    st = store_stmt("SELECT " JOBS_CKPT_COLS " FROM checkpoints c JOIN jobs j ON j.id=c.job_id WHERE c.job_id=? "
+                    "ORDER BY c.seq DESC LIMIT 1");
+    sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) == SQLITE_ROW) resume = jobs_checkpoint_row(st);
+    sqlite3_reset(st);
+
+    return json_pack("{s:s, s:s, s:I, s:I, s:f, s:f, s:o, s:i, s:o, s:I, s:o, s:o}", "object", "lease", "job_id",
+                     job_id, "lease_generation", (json_int_t)gen, "attempt", (json_int_t)attempt, "ttl_s",
+                     g_cfg.lease_ttl_s, "heartbeat_interval_s", g_cfg.lease_ttl_s / 3, "ranks", my_ranks,
+                     "world_size", world, "peers", peers, "max_attempts", (json_int_t)g_cfg.max_attempts, "spec",
+                     spec ? spec : json_object(), "resume_from", resume);
+}
+
+json_t *sched_lease(const char *worker_id, int free_devices, int *err_status, ln_err *e) {
+    double now = sched_wall_now();
+    *err_status = 0;
+    pthread_mutex_lock(&g_mu);
+    json_t *lease = deliver(worker_id);
+    if (!lease) {
+        pool_prune(now);
+        if (!pool_enter(worker_id, free_devices, now)) {
+            pthread_mutex_unlock(&g_mu);
+            *err_status = 404;
+            ln_errf(e, "worker %s is not registered (register again)", worker_id);
+            return NULL;
+        }
+        schedule(worker_id, now);
+        lease = deliver(worker_id);
+    }
+    if (lease) {
+        /* Leaving the pool until it asks again with what it has left. */
+        pool_remove(worker_id);
+        jobs_notify(json_string_value(json_object_get(lease, "job_id")));
+    }
+    pthread_mutex_unlock(&g_mu);
+    return lease;
+}
+
+int sched_check_lease(const char *job_id, long long gen, ln_err *e) {
+    sqlite3_stmt *st = store_stmt("SELECT status, lease_gen FROM jobs WHERE id=?");
+    sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_ROW) {
+        sqlite3_reset(st);
+        return ln_errf(e, "job %s does not exist", job_id);
+    }
+    char status[32];
+    snprintf(status, sizeof status, "%s", store_col_text(st, 0));
+    long long cur = sqlite3_column_int64(st, 1);
+    sqlite3_reset(st);
+    if (strcmp(status, "running") != 0)
+        return ln_errf(e, "job %s is %s: its lease (generation %lld) is no longer valid", job_id, status, gen);
+    if (cur != gen)
+        return ln_errf(e, "lease generation %lld of job %s is stale (current generation is %lld)", gen, job_id, cur);
+    return 0;
+}
+
+void sched_requeue(const char *job_id, const char *code, const char *reason) {
+    sqlite3_stmt *st = store_stmt("SELECT attempts FROM jobs WHERE id=?");
+    sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
+    sqlite3_step(st);
+    int attempts = sqlite3_column_int(st, 0);
+    sqlite3_reset(st);
+    if (attempts >= g_cfg.max_attempts) {
+        char msg[900];
+        snprintf(msg, sizeof msg, "%s; gave up after %d attempt%s", reason, attempts, attempts == 1 ? "" : "s");
+        json_t *err = json_pack("{s:s, s:s, s:n}", "code", code, "message", msg, "param");
+        char *es = json_dumps(err, JSON_COMPACT);
+        json_decref(err);
+        jobs_set_status(job_id, "running", "failed");
+        st = store_stmt("UPDATE jobs SET error=? WHERE id=?");
+        sqlite3_bind_text(st, 1, es, -1, free);
+        sqlite3_bind_text(st, 2, job_id, -1, SQLITE_STATIC);
+        sqlite3_step(st);
+        sqlite3_reset(st);
+        jobs_event(job_id, "error", "message", NULL, "Job failed: %s", msg);
+        return;
+    }
+    /* Exponential backoff: base * 2^(attempts-1), capped. */
+    double backoff = g_cfg.retry_backoff_s * pow(2.0, attempts > 0 ? attempts - 1 : 0);
+    if (backoff > g_cfg.retry_backoff_max_s) backoff = g_cfg.retry_backoff_max_s;
+    jobs_set_status(job_id, "running", "queued");
+    st = store_stmt("UPDATE jobs SET not_before_f=?, lease_worker=NULL WHERE id=?");
+    sqlite3_bind_double(st, 1, sched_wall_now() + backoff);
+    sqlite3_bind_text(st, 2, job_id, -1, SQLITE_STATIC);
+    sqlite3_step(st);
+    sqlite3_reset(st);
+    jobs_event(job_id, "warn", "message", NULL, "%s; requeued (attempt %d of %d used, retry in %.1f s)", reason,
+               attempts, g_cfg.max_attempts, backoff);
+}
+
+/* ---------------------------------------------------------------- ticker */
+
+static pthread_t g_thread;
+static pthread_mutex_t g_tick_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_tick_cv = PTHREAD_COND_INITIALIZER;
+static int g_stop, g_kicked;
+
+void sched_kick(void) {
+    pthread_mutex_lock(&g_tick_mu);
+    g_kicked = 1;
+    pthread_cond_signal(&g_tick_cv);
+    pthread_mutex_unlock(&g_tick_mu);
+}
+
+static void expire_leases(void) {
+    double now = sched_wall_now();
+    sqlite3_stmt *st = store_stmt("SELECT id, lease_worker FROM jobs WHERE status='running' AND lease_expires_f<? LIMIT 100");
+    sqlite3_bind_double(st, 1, now);
+    char ids[100][40], workers[100][40];
+    int n = 0;
+    while (n < 100 && sqlite3_step(st) == SQLITE_ROW) {
+        snprintf(ids[n], 40, "%s", store_col_text(st, 0));
+        snprintf(workers[n], 40, "%s", store_col_text(st, 1));
+        n++;
+    }
+    sqlite3_reset(st);
+    for (int i = 0; i < n; i++) {
+        if (store_begin() != 0) return;
+        /* Re-check inside the transaction: a heartbeat may have just extended it. */
+        st = store_stmt("SELECT 1 FROM jobs WHERE id=? AND status='running' AND lease_expires_f<?");
+        sqlite3_bind_text(st, 1, ids[i], -1, SQLITE_STATIC);
+        sqlite3_bind_double(st, 2, now);
+        int still = sqlite3_step(st) == SQLITE_ROW;
+        sqlite3_reset(st);
+        if (still) {
+            char reason[200];
+            snprintf(reason, sizeof reason, "Lease expired: worker %s sent no heartbeat for %.0f s", workers[i],
+                     g_cfg.lease_ttl_s);
+            sched_requeue(ids[i], "lease_expired", reason);
+        }
+        if (store_commit() == 0 && still) {
+            ln_log(LN_LOG_WARN, "sched", "lease of %s expired (worker %s)", ids[i], workers[i]);
+            jobs_notify(ids[i]);
+        }
+    }
+}
+
+static void validate_new_jobs(void) {
+    sqlite3_stmt *st = store_stmt("SELECT j.id, f.sha256, f.id, j.validation_file FROM jobs j JOIN files f "
+                                  "ON f.id=j.training_file WHERE j.status='validating_files' ORDER BY j.seq LIMIT 50");
+    char ids[50][40], shas[50][65], fids[50][80], vids[50][80];
+    int n = 0;
+    while (n < 50 && sqlite3_step(st) == SQLITE_ROW) {
+        snprintf(ids[n], 40, "%s", store_col_text(st, 0));
+        snprintf(shas[n], 65, "%s", store_col_text(st, 1));
+        snprintf(fids[n], 80, "%s", store_col_text(st, 2));
+        snprintf(vids[n], 80, "%s", store_col_text(st, 3));
+        n++;
+    }
+    sqlite3_reset(st);
+    for (int i = 0; i < n; i++) {
+        ln_err e;
+        char *path = store_blob_path(shas[i]);
+        int bad = jobs_validate_jsonl(path, fids[i], &e);
+        free(path);
+        if (!bad && vids[i][0]) {
+            sqlite3_stmt *v = store_stmt("SELECT sha256 FROM files WHERE id=?");
+            sqlite3_bind_text(v, 1, vids[i], -1, SQLITE_STATIC);
+            char vsha[65] = "";
+            if (sqlite3_step(v) == SQLITE_ROW) snprintf(vsha, sizeof vsha, "%s", store_col_text(v, 0));
+            sqlite3_reset(v);
+            path = store_blob_path(vsha);
+            bad = jobs_validate_jsonl(path, vids[i], &e);
+            free(path);
+        }
+        if (store_begin() != 0) return;
+        if (bad) {
+            if (jobs_set_status(ids[i], "validating_files", "failed")) {
+                json_t *err = json_pack("{s:s, s:s, s:s}", "code", "invalid_training_file", "message", e.msg, "param",
+                                        "training_file");
+                char *es = json_dumps(err, JSON_COMPACT);
+                json_decref(err);
+                st = store_stmt("UPDATE jobs SET error=? WHERE id=?");
+                sqlite3_bind_text(st, 1, es, -1, free);
+                sqlite3_bind_text(st, 2, ids[i], -1, SQLITE_STATIC);
+                sqlite3_step(st);
+                sqlite3_reset(st);
+                jobs_event(ids[i], "error", "message", NULL, "File validation failed: %s", e.msg);
+            }
+        } else if (jobs_set_status(ids[i], "validating_files", "queued")) {
+            jobs_event(ids[i], "info", "message", NULL, "Files validated; job queued");
+        }
+        if (store_commit() == 0) jobs_notify(ids[i]);
+    }
+}
+
+static void *ticker(void *arg) {
+    double last_second = 0;
+    for (;;) {
+        pthread_mutex_lock(&g_tick_mu);
+        if (!g_stop && !g_kicked) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += 100 * 1000 * 1000;
+            if (ts.tv_nsec >= 1000000000) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000;
+            }
+            pthread_cond_timedwait(&g_tick_cv, &g_tick_mu, &ts);
+        }
+        int stop = g_stop;
+        g_kicked = 0;
+        pthread_mutex_unlock(&g_tick_mu);
+        if (stop) break;
+        double now = ln_now_s();
+        validate_new_jobs();
+        http_wake_expired(now);
+        if (now - last_second >= 1.0) {
+            last_second = now;
+            expire_leases();
+            sse_tick(now);
+            /* Retry backoffs end without any event: let waiting workers look at the queue again. */
+            http_wake_all();
+        }
+    }
+    store_close();
+    return NULL;
+}
+
+int sched_start(ln_err *e) {
+    if (pthread_create(&g_thread, NULL, ticker, NULL) != 0) return ln_errf(e, "cannot start the scheduler thread");
+    return 0;
+}
+
+void sched_stop(void) {
+    pthread_mutex_lock(&g_tick_mu);
+    g_stop = 1;
+    pthread_cond_signal(&g_tick_cv);
+    pthread_mutex_unlock(&g_tick_mu);
+    pthread_join(g_thread, NULL);
+}

@@ -1,0 +1,44 @@
+/* sched.h — the scheduler: leases, gangs, expiry, retries, and the background ticker.
+ *
+ * Leasing. An idle worker long-polls POST /internal/v1/lease with how many devices it has free.
+ * Workers waiting right now form the pool. For each queued job (oldest first, past its retry
+ * backoff) the scheduler looks for pool workers that hold the job's model and a matching device
+ * kind; a job of `ranks` ranks is granted only when they have `ranks` free devices in total —
+ * all ranks are leased together, in one transaction, or none (gang scheduling). One worker with
+ * enough devices takes every rank; otherwise ranks are spread, the asking worker first.
+ * Every grant bumps the job's lease generation and its attempt count.
+ *
+ * Expiry. A lease lives lease_ttl_s past the last heartbeat. An expired job goes back to the queue
+ * with a backoff of retry_backoff_s * 2^(attempts-1) (capped), and fails with the reason once it
+ * has had max_attempts leases. A worker's report for a job that is not running under the
+ * generation it carries is refused (409 lease_lost). */
+#ifndef LN_SCHED_H
+#define LN_SCHED_H
+
+#include <jansson.h>
+
+#include "common/err.h"
+
+/* Wall clock in seconds with a fraction (leases survive a restart, so not the monotonic clock). */
+double sched_wall_now(void);
+
+/* Tries to lease work to worker_id (which has free_devices free now). Returns a new lease object
+ * (job, generation, ranks…) or NULL when there is nothing for it; -1 in *err_status on a bad
+ * worker (404 unknown). */
+json_t *sched_lease(const char *worker_id, int free_devices, int *err_status, ln_err *e);
+
+/* Extends/validates a lease inside the caller's transaction: 0 when job is running under gen,
+ * else -1 with a reason in e (the job's state, or the stale generation). */
+int sched_check_lease(const char *job_id, long long gen, ln_err *e);
+
+/* Puts a running job back in the queue (or fails it when out of attempts), inside the caller's
+ * transaction. reason is for the event and the final error. */
+void sched_requeue(const char *job_id, const char *code, const char *reason);
+
+/* Starts/stops the ticker thread (lease expiry, file validation, long-poll and SSE timers). */
+int sched_start(ln_err *e);
+void sched_stop(void);
+/* Wakes the ticker now (a job was created). */
+void sched_kick(void);
+
+#endif
