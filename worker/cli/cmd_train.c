@@ -6,6 +6,7 @@
 
 #include "common/util.h"
 #include "worker/cli/args.h"
+#include "worker/cli/calib_opts.h"
 #include "worker/cli/commands.h"
 #include "worker/engine/adapter.h"
 #include "worker/engine/data.h"
@@ -31,6 +32,8 @@ int cmd_train(int argc, char **argv)
     const char *model = NULL, *data = NULL, *val = NULL, *out = NULL, *method = "lora", *targets = "q,k,v,o,gate,up,down";
     int rank = 8, max_seq_len = 2048, no_shuffle = 0;
     float alpha = 0;
+    cli_calib cal = {0};
+    cli_knowledge kn = {0};
     const cli_opt opts[] = {
         {"model", CLI_STR, &model, "base model directory (HF layout)"},
         {"data", CLI_STR, &data, "training data, JSONL (input_ids/labels, text, prompt/completion, messages)"},
@@ -55,6 +58,7 @@ int cmd_train(int argc, char **argv)
         {"eval-every", CLI_I64, &to.eval_every, "validation every N steps (with --val-data)"},
         {"resume", CLI_STR, &to.resume, "continue from a checkpoint (OUT/checkpoints/step-N)"},
         {"stop-at-step", CLI_I64, &to.stop_at_step, NULL}, /* tests: an interruption after step N */
+        CLI_CALIB_OPTS(cal),
     };
     int nopts = (int)(sizeof opts / sizeof *opts);
     if (cli_wants_help(argc, argv)) {
@@ -81,12 +85,14 @@ int cmd_train(int argc, char **argv)
     ln_data_opts dopts = {.max_seq_len = max_seq_len, .overlong = LN_OVERLONG_TRUNCATE, .chat_template = NULL};
     if (ln_dataset_load(data, tok, &dopts, &ds, &e)) goto fail;
     if (val && ln_dataset_load(val, tok, &dopts, &vds, &e)) goto fail;
+    unsigned mask;
+    if (ln_targets_parse(targets, &mask, &e)) goto fail;
+    if (cal.file && cli_knowledge_calibrate(&kn, m, model, &cal, mask, &e)) goto fail;
     if (to.resume) {
         if (ln_train_load_checkpoint(m, to.resume, &ad, &e)) goto fail;
     } else {
-        unsigned mask;
-        if (ln_targets_parse(targets, &mask, &e)) goto fail;
-        ln_adapter_opts ao = {.method = method, .rank = rank, .alpha = alpha, .targets = mask, .seed = to.seed};
+        ln_adapter_opts ao = {.method = method, .rank = rank, .alpha = alpha, .targets = mask, .seed = to.seed,
+                              .covariance = ln_calibration_covariance, .method_ctx = kn.calib};
         if (ln_adapter_init(m, &ad, &ao, &e)) goto fail;
     }
     have_ad = 1;
@@ -95,11 +101,14 @@ int cmd_train(int argc, char **argv)
         to.eval = eval_val;
         to.eval_ctx = &vc;
     }
+    if (cli_knowledge_track(&kn, m, &ad, &to, &e) || cli_write_run_json(out, model, method, &e)) goto fail;
     ln_train_result res;
     if (ln_train(m, &ad, ds, &to, &res, &e)) goto fail;
+    if (cli_knowledge_summary(&kn, out, &e)) goto fail;
     fprintf(stderr, "loranull train: %lld steps, last loss %.4f%s; output in %s\n", (long long)res.steps, res.last_loss,
             res.stopped ? " (stopped early; resume from the last checkpoint)" : "", out);
     ln_adapter_free(&ad);
+    cli_knowledge_free(&kn);
     ln_dataset_free(ds);
     ln_dataset_free(vds);
     ln_tokenizer_free(tok);
@@ -107,6 +116,7 @@ int cmd_train(int argc, char **argv)
     return 0;
 fail:
     if (have_ad) ln_adapter_free(&ad);
+    cli_knowledge_free(&kn);
     ln_dataset_free(ds);
     ln_dataset_free(vds);
     ln_tokenizer_free(tok);

@@ -13,6 +13,9 @@ static const struct {
     {"train", cmd_train, "train an adapter (or all weights) on a JSONL dataset"},
     {"forward", cmd_forward, "logits of a model (+ adapter) for token ids, as safetensors"},
     {"tokenize", cmd_tokenize, "tokenize --model DIR --data FILE [--stats]: the ids and labels training would see"},
+    {"covariance", cmd_covariance, "calibration covariances of a model's layer inputs, as safetensors"},
+    {"init", cmd_init, "a method's initial adapter factors (lora_null_v2, pissa, corda, ...)"},
+    {"export", cmd_export, "a run's adapter in PEFT format for the original base, or --merge a full model"},
     {"debug-grads", cmd_debug_grads, NULL},
 };
 

@@ -64,3 +64,4 @@ done:
 }
 
 double ln_drift_ratio(double num, double den) { return den > 0.0 ? num / den : 0.0; }
+

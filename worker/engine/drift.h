@@ -7,6 +7,11 @@
 #ifndef LN_DRIFT_H
 #define LN_DRIFT_H
 
+#include <jansson.h>
+
+#include "common/err.h"
+#include "worker/engine/adapter.h"
+
 /* tr(W C Wᵀ) = Σ_ij (W C)_ij W_ij for a dense W, in fp64 a block of rows at a time.
  * Used for the denominator (W = W0, once per layer) and for full fine-tuning's ΔW. */
 double ln_drift_quad_dense(const float *W, int d_out, int d_in, const double *C);
@@ -21,5 +26,21 @@ double ln_drift_quad_lowrank(const float *B1, const float *A1, int r1, const flo
 
 /* The drift ratio num / den, 0 when den is 0 (a layer whose input never reached it). */
 double ln_drift_ratio(double num, double den);
+
+/* ---- per-layer drift of a model during training ----
+ * A tracker holds, for every targeted layer (every layer for full fine-tuning), its covariance
+ * (borrowed from the calibration) and the denominator tr(W0 C W0ᵀ) of the ORIGINAL W0 (for a
+ * residual adapter W0 = W0' + s·B0 A0, rebuilt in fp64; for full fine-tuning it keeps a copy of
+ * W0). Implemented in drift_tracker.c. Measuring costs O(k·d_in²) per adapter layer (low-rank form), O(d_out·d_in²) for full. */
+typedef struct ln_drift_tracker ln_drift_tracker;
+
+/* cov(cov_ctx, layer, input) gives each layer input's C (calibrate.h: ln_calibration_covariance).
+ * Call right after the adapter is initialised (or restored from a checkpoint). */
+int ln_drift_tracker_new(ln_model *m, const ln_adapter *ad, ln_covariance_fn cov, void *cov_ctx,
+                         ln_drift_tracker **out, ln_err *e);
+/* Adds to row: "knowledge_drift": {"model.layers.0.self_attn.q_proj": ratio, ...},
+ * "knowledge_drift_mean" and "knowledge_drift_max" (over the layers). */
+int ln_drift_tracker_measure(ln_drift_tracker *t, ln_model *m, const ln_adapter *ad, json_t *row, ln_err *e);
+void ln_drift_tracker_free(ln_drift_tracker *t);
 
 #endif

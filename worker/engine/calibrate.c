@@ -1,0 +1,455 @@
+/* calibrate.c — calibration forward passes, covariance file, cache (see calibrate.h). */
+#include "worker/engine/calibrate.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "common/safetensors.h"
+#include "common/sha256.h"
+#include "common/util.h"
+#include "worker/engine/data.h"
+#include "worker/engine/lora_init.h"
+#include "worker/engine/nullspace.h"
+
+/* The first target reading each input names its covariance. */
+static const ln_target INPUT_NAMER[LN_NINPUT] = {
+    [LN_IN_QKV] = LN_Q, [LN_IN_O] = LN_O, [LN_IN_GATEUP] = LN_GATE, [LN_IN_DOWN] = LN_DOWN};
+
+/* ---------------------------------------------------------------- small helpers */
+
+static uint64_t mix64(uint64_t *s) {
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* Uniform integer in [0, n) without modulo bias. */
+static uint64_t below(uint64_t *s, uint64_t n) {
+    uint64_t lim = UINT64_MAX - UINT64_MAX % n, x;
+    do x = mix64(s);
+    while (x >= lim);
+    return x % n;
+}
+
+static unsigned inputs_needed(unsigned targets) {
+    unsigned need = 0;
+    for (int t = 0; t < LN_NTARGET; t++)
+        if (targets & (1u << t)) need |= 1u << ln_target_input((ln_target)t);
+    return need;
+}
+
+static void cov_name(char *buf, size_t n, int layer, ln_input in) {
+    snprintf(buf, n, "model.layers.%d.%s", layer, ln_target_module(INPUT_NAMER[in]));
+}
+
+static ln_calibration *calib_new(const ln_config *cfg) {
+    ln_calibration *c = ln_xcalloc(1, sizeof *c);
+    c->num_layers = cfg->num_layers;
+    for (int in = 0; in < LN_NINPUT; in++) {
+        int d_out, d_in;
+        ln_model_target_dims(cfg, INPUT_NAMER[in], &d_out, &d_in);
+        c->d[in] = d_in;
+    }
+    c->C = ln_xcalloc((size_t)cfg->num_layers * LN_NINPUT, sizeof *c->C);
+    return c;
+}
+
+void ln_calibration_free(ln_calibration *c) {
+    if (!c) return;
+    for (int i = 0; i < c->num_layers * LN_NINPUT; i++) {
+        if (!c->C[i]) continue;
+        ln_init_forget_basis(c->C[i]);
+        free(c->C[i]);
+    }
+    free(c->C);
+    free(c);
+}
+
+const double *ln_calibration_covariance(void *ctx, int layer, ln_input which) {
+    const ln_calibration *c = ctx;
+    if (!c || layer < 0 || layer >= c->num_layers || (unsigned)which >= LN_NINPUT) return NULL;
+    return c->C[layer * LN_NINPUT + which];
+}
+
+const double *ln_calibration_cov(const ln_calibration *c, int layer, ln_target t) {
+    if (!c || layer < 0 || layer >= c->num_layers || (unsigned)t >= LN_NTARGET) return NULL;
+    return c->C[layer * LN_NINPUT + ln_target_input(t)];
+}
+
+/* ---------------------------------------------------------------- hashing */
+
+typedef struct {
+    sha256_ctx sha;
+} hash_ctx;
+
+static void hash_param(ln_param *p, void *ctx) {
+    hash_ctx *h = ctx;
+    sha256_update(&h->sha, p->name, strlen(p->name) + 1);
+    sha256_update(&h->sha, p->w, (size_t)p->n * sizeof(float));
+}
+
+void ln_model_content_hash(ln_model *m, char out[65]) {
+    hash_ctx h;
+    sha256_init(&h.sha);
+    ln_model_for_each_param(m, hash_param, &h);
+    uint8_t d[32];
+    sha256_final(&h.sha, d);
+    sha256_to_hex(d, out);
+}
+
+static int file_hash(const char *path, char out[65], ln_err *e) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return ln_errf(e, "%s: cannot open calibration file: %s", path, strerror(errno));
+    sha256_ctx c;
+    sha256_init(&c);
+    char buf[1 << 16];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0) sha256_update(&c, buf, n);
+    int bad = ferror(f);
+    fclose(f);
+    if (bad) return ln_errf(e, "%s: read error", path);
+    uint8_t d[32];
+    sha256_final(&c, d);
+    sha256_to_hex(d, out);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- samples */
+
+typedef struct {
+    const int32_t *ids;
+    int len;
+} window;
+
+/* The seeded choice of calibration windows (see calibrate.h). Returns the count; *out owned by caller. */
+static int64_t choose_windows(const ln_dataset *ds, int samples, int max_length, uint64_t seed, window **out) {
+    uint64_t st = seed ^ 0x63616C6962726174ull;
+    int64_t n = ds->n;
+    int64_t *perm = ln_xmalloc((size_t)(n ? n : 1) * sizeof *perm);
+    for (int64_t i = 0; i < n; i++) perm[i] = i;
+    for (int64_t i = n - 1; i > 0; i--) { /* Fisher–Yates */
+        int64_t j = (int64_t)below(&st, (uint64_t)i + 1), t = perm[i];
+        perm[i] = perm[j];
+        perm[j] = t;
+    }
+    int64_t k = samples < n ? samples : n, w = 0;
+    window *win = ln_xcalloc((size_t)(k ? k : 1), sizeof *win);
+    for (int64_t i = 0; i < k; i++) {
+        const ln_example *ex = &ds->ex[perm[i]];
+        if (ex->len <= 0) continue;
+        int off = 0, len = ex->len;
+        if (len > max_length) {
+            off = (int)below(&st, (uint64_t)(len - max_length) + 1);
+            len = max_length;
+        }
+        win[w].ids = ex->input_ids + off;
+        win[w].len = len;
+        w++;
+    }
+    free(perm);
+    *out = win;
+    return w;
+}
+
+static int load_windows(const ln_tokenizer *tok, const ln_calib_opts *o, ln_dataset **ds, window **win,
+                        int64_t *count, ln_err *e) {
+    ln_data_opts dopts = {.max_seq_len = 0, .overlong = LN_OVERLONG_TRUNCATE, .chat_template = o->chat_template};
+    if (ln_dataset_load(o->path, tok, &dopts, ds, e) != 0) return ln_err_prefix(e, "calibration");
+    int samples = o->samples > 0 ? o->samples : LN_CALIB_DEFAULT_SAMPLES;
+    int max_length = o->max_length > 0 ? o->max_length : LN_CALIB_DEFAULT_MAX_LENGTH;
+    *count = choose_windows(*ds, samples, max_length, o->seed, win);
+    if (*count == 0) {
+        ln_dataset_free(*ds);
+        free(*win);
+        *ds = NULL;
+        *win = NULL;
+        return ln_errf(e, "%s: the calibration file has no tokens to calibrate on", o->path);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- forward with the hook */
+
+typedef struct {
+    ln_cov *covs;      /* num_layers × LN_NINPUT; .sum NULL where not needed */
+    int failed;
+    ln_err err;
+    int layer_of_err;
+} hook_ctx;
+
+static void calib_hook(int layer, ln_input which, const float *X, int tokens, int d_in, void *ctx) {
+    hook_ctx *h = ctx;
+    ln_cov *c = &h->covs[layer * LN_NINPUT + which];
+    if (h->failed || !c->sum) return;
+    if (d_in != c->d) {
+        h->failed = 1;
+        ln_errf(&h->err, "calibration: layer %d input %d has width %d, expected %d", layer, (int)which, d_in, c->d);
+        return;
+    }
+    if (ln_cov_add_sample(c, X, tokens, &h->err) != 0) {
+        h->failed = 1;
+        ln_err_prefix(&h->err, "calibration: layer %d %s input", layer, ln_target_module(INPUT_NAMER[which]));
+    }
+}
+
+static int run_forward(ln_model *m, ln_acts *acts, const window *w, ln_input_hook hook, void *ctx, ln_err *e) {
+    int32_t *targets = ln_xmalloc((size_t)w->len * sizeof *targets);
+    for (int i = 0; i < w->len; i++) targets[i] = LN_IGNORE_INDEX;
+    ln_batch b = {.B = 1, .T = w->len, .ids = (int32_t *)w->ids, .targets = targets, .n_targets = 0};
+    ln_fwd_opts fo = {.hook = hook, .hook_ctx = ctx, .no_logits = 1};
+    double loss = 0;
+    int rc = ln_model_forward(m, NULL, acts, &b, &fo, &loss, e);
+    free(targets);
+    return rc;
+}
+
+static int calibrate_compute(ln_model *m, const window *win, int64_t count, unsigned need, ln_calibration *c,
+                             ln_err *e) {
+    const int L = m->cfg.num_layers;
+    hook_ctx h = {.covs = ln_xcalloc((size_t)L * LN_NINPUT, sizeof(ln_cov))};
+    int rc = -1;
+    for (int l = 0; l < L; l++)
+        for (int in = 0; in < LN_NINPUT; in++)
+            if ((need & (1u << in)) && ln_cov_init(&h.covs[l * LN_NINPUT + in], c->d[in], e) != 0) goto out;
+    ln_acts *acts = ln_acts_new();
+    double t0 = ln_now_s();
+    for (int64_t s = 0; s < count; s++) {
+        if (run_forward(m, acts, &win[s], calib_hook, &h, e) != 0) {
+            ln_err_prefix(e, "calibration sample %" PRId64, s);
+            ln_acts_free(m, acts);
+            goto out;
+        }
+        if (h.failed) {
+            *e = h.err;
+            ln_acts_free(m, acts);
+            goto out;
+        }
+        c->tokens += win[s].len;
+    }
+    ln_acts_free(m, acts);
+    c->samples = count;
+    for (int i = 0; i < L * LN_NINPUT; i++) {
+        if (!h.covs[i].sum) continue;
+        int d = h.covs[i].d;
+        c->C[i] = ln_try_alloc((size_t)d * d * sizeof(double), "calibration covariance", e);
+        if (!c->C[i] || ln_cov_finish(&h.covs[i], c->C[i], e) != 0) goto out;
+        ln_init_share_basis(c->C[i], d);
+    }
+    ln_log(LN_LOG_INFO, "calibration", "samples=%" PRId64 " tokens=%" PRId64 " seconds=%.3f", c->samples, c->tokens,
+           ln_now_s() - t0);
+    rc = 0;
+out:
+    for (int i = 0; i < L * LN_NINPUT; i++) ln_cov_free(&h.covs[i]);
+    free(h.covs);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- file */
+
+int ln_calibration_save(const ln_calibration *c, const char *path, ln_err *e) {
+    st_writer *w = st_writer_new();
+    char name[160], buf[64];
+    char (*names)[160] = ln_xcalloc((size_t)c->num_layers * LN_NINPUT, sizeof *names);
+    int any = 0;
+    for (int l = 0; l < c->num_layers; l++)
+        for (int in = 0; in < LN_NINPUT; in++) {
+            const double *C = c->C[l * LN_NINPUT + in];
+            if (!C) continue;
+            cov_name(name, sizeof name, l, (ln_input)in);
+            memcpy(names[l * LN_NINPUT + in], name, sizeof name);
+            int64_t shape[2] = {c->d[in], c->d[in]};
+            st_writer_add(w, names[l * LN_NINPUT + in], ST_F64, 2, shape, C);
+            any = 1;
+        }
+    st_writer_meta(w, "format", "loranull-covariance-v1");
+    snprintf(buf, sizeof buf, "%" PRId64, c->samples);
+    st_writer_meta(w, "samples", buf);
+    snprintf(buf, sizeof buf, "%" PRId64, c->tokens);
+    st_writer_meta(w, "tokens", buf);
+    snprintf(buf, sizeof buf, "%d", c->max_length);
+    st_writer_meta(w, "max_length", buf);
+    snprintf(buf, sizeof buf, "%" PRIu64, c->seed);
+    st_writer_meta(w, "seed", buf);
+    st_writer_meta(w, "model_sha256", c->model_sha256);
+    st_writer_meta(w, "data_sha256", c->data_sha256);
+    int rc = any ? st_writer_write(w, path, e) : ln_errf(e, "%s: no covariance to save", path);
+    st_writer_free(w);
+    free(names);
+    return rc;
+}
+
+int ln_calibration_load(const char *path, const ln_config *cfg, ln_calibration **out, ln_err *e) {
+    st_set *s = NULL;
+    if (st_open(path, &s, e) != 0) return -1;
+    ln_calibration *c = calib_new(cfg);
+    char name[160];
+    int found = 0;
+    for (int l = 0; l < c->num_layers; l++)
+        for (int in = 0; in < LN_NINPUT; in++) {
+            cov_name(name, sizeof name, l, (ln_input)in);
+            const st_tensor *t = st_find(s, name);
+            if (!t) continue;
+            int d = c->d[in];
+            if (t->ndim != 2 || t->shape[0] != d || t->shape[1] != d) {
+                ln_errf(e, "%s: tensor %s must be %d x %d (the model's d_in), got a %d-d tensor of %" PRId64 " values",
+                        path, name, d, d, t->ndim, t->numel);
+                goto fail;
+            }
+            double *C = ln_try_alloc((size_t)d * d * sizeof(double), "covariance", e);
+            if (!C) goto fail;
+            c->C[l * LN_NINPUT + in] = C;
+            ln_init_share_basis(C, d);
+            if (t->dtype == ST_F64) {
+                memcpy(C, t->data, (size_t)d * d * sizeof(double));
+            } else {
+                float *f = ln_try_alloc((size_t)d * d * sizeof(float), "covariance", e);
+                if (!f) goto fail;
+                if (st_to_f32(t, f, t->numel, e) != 0) {
+                    free(f);
+                    ln_err_prefix(e, "%s", path);
+                    goto fail;
+                }
+                for (size_t i = 0; i < (size_t)d * d; i++) C[i] = f[i];
+                free(f);
+            }
+            found++;
+        }
+    if (!found) {
+        ln_errf(e, "%s: no covariance tensors named like model.layers.0.self_attn.q_proj for this model", path);
+        goto fail;
+    }
+    const char *v;
+    if ((v = st_metadata(s, "samples"))) c->samples = strtoll(v, NULL, 10);
+    if ((v = st_metadata(s, "tokens"))) c->tokens = strtoll(v, NULL, 10);
+    if ((v = st_metadata(s, "max_length"))) c->max_length = atoi(v);
+    if ((v = st_metadata(s, "seed"))) c->seed = strtoull(v, NULL, 10);
+    if ((v = st_metadata(s, "model_sha256"))) snprintf(c->model_sha256, sizeof c->model_sha256, "%s", v);
+    if ((v = st_metadata(s, "data_sha256"))) snprintf(c->data_sha256, sizeof c->data_sha256, "%s", v);
+    st_close(s);
+    *out = c;
+    return 0;
+fail:
+    st_close(s);
+    ln_calibration_free(c);
+    return -1;
+}
+
+/* ---------------------------------------------------------------- entry points */
+
+static char *cache_path(const ln_calib_opts *o, const char *key) {
+    const char *dir = o->cache_dir;
+    char *own = NULL;
+    if (!dir) dir = getenv("LORANULL_CACHE_DIR");
+    if (!dir || !*dir) {
+        if (o->cache_dir && !*o->cache_dir) return NULL;
+        const char *home = getenv("HOME");
+        if (!home || !*home) return NULL;
+        own = ln_path_join(home, ".cache/loranull/calibration");
+        dir = own;
+    }
+    char file[80];
+    snprintf(file, sizeof file, "%s.safetensors", key);
+    char *p = ln_path_join(dir, file);
+    free(own);
+    return p;
+}
+
+int ln_calibrate(ln_model *m, const ln_tokenizer *tok, const ln_calib_opts *o, ln_calibration **out, ln_err *e) {
+    int samples = o->samples > 0 ? o->samples : LN_CALIB_DEFAULT_SAMPLES;
+    int max_length = o->max_length > 0 ? o->max_length : LN_CALIB_DEFAULT_MAX_LENGTH;
+    unsigned targets = o->targets ? o->targets : LN_TARGETS_ALL;
+    char model_hash[65], data_hash[65], key[65], keytext[256];
+    if (file_hash(o->path, data_hash, e) != 0) return -1;
+    ln_model_content_hash(m, model_hash);
+    snprintf(keytext, sizeof keytext, "model=%s data=%s samples=%d max_length=%d seed=%" PRIu64 " inputs=%u",
+             model_hash, data_hash, samples, max_length, o->seed, inputs_needed(targets));
+    sha256_hex(keytext, strlen(keytext), key);
+    char *cpath = cache_path(o, key);
+    if (cpath && ln_file_exists(cpath)) {
+        ln_err ce;
+        ln_calibration *c = NULL;
+        if (ln_calibration_load(cpath, &m->cfg, &c, &ce) == 0) {
+            c->from_cache = 1;
+            ln_log(LN_LOG_INFO, "calibration", "cache hit %s", cpath);
+            free(cpath);
+            *out = c;
+            return 0;
+        }
+        ln_log(LN_LOG_WARN, "calibration", "ignoring unreadable cache %s: %s", cpath, ce.msg);
+    }
+    ln_dataset *ds = NULL;
+    window *win = NULL;
+    int64_t count = 0;
+    ln_calib_opts oo = *o;
+    oo.samples = samples;
+    oo.max_length = max_length;
+    if (load_windows(tok, &oo, &ds, &win, &count, e) != 0) {
+        free(cpath);
+        return -1;
+    }
+    ln_calibration *c = calib_new(&m->cfg);
+    c->max_length = max_length;
+    c->seed = o->seed;
+    memcpy(c->model_sha256, model_hash, sizeof model_hash);
+    memcpy(c->data_sha256, data_hash, sizeof data_hash);
+    int rc = calibrate_compute(m, win, count, inputs_needed(targets), c, e);
+    free(win);
+    ln_dataset_free(ds);
+    if (rc != 0) {
+        ln_calibration_free(c);
+        free(cpath);
+        return -1;
+    }
+    if (cpath) {
+        ln_err ce;
+        char *slash = strrchr(cpath, '/');
+        if (slash) *slash = 0;
+        int ok = ln_mkdir_p(cpath, &ce) == 0;
+        if (slash) *slash = '/';
+        if (!ok || ln_calibration_save(c, cpath, &ce) != 0)
+            ln_log(LN_LOG_WARN, "calibration", "could not write the cache %s: %s", cpath, ce.msg);
+    }
+    free(cpath);
+    *out = c;
+    return 0;
+}
+
+int ln_calibration_bench(ln_model *m, const ln_tokenizer *tok, const ln_calib_opts *o, double *calib_tps,
+                         double *forward_tps, ln_err *e) {
+    ln_dataset *ds = NULL;
+    window *win = NULL;
+    int64_t count = 0, tokens = 0;
+    if (load_windows(tok, o, &ds, &win, &count, e) != 0) return -1;
+    for (int64_t s = 0; s < count; s++) tokens += win[s].len;
+    int rc = -1;
+    if (forward_tps) {
+        ln_acts *acts = ln_acts_new();
+        double t0 = ln_now_s();
+        for (int64_t s = 0; s < count; s++)
+            if (run_forward(m, acts, &win[s], NULL, NULL, e) != 0) {
+                ln_acts_free(m, acts);
+                goto out;
+            }
+        *forward_tps = (double)tokens / (ln_now_s() - t0);
+        ln_acts_free(m, acts);
+    }
+    if (calib_tps) {
+        ln_calibration *c = calib_new(&m->cfg);
+        double t0 = ln_now_s();
+        int r = calibrate_compute(m, win, count, inputs_needed(o->targets ? o->targets : LN_TARGETS_ALL), c, e);
+        double dt = ln_now_s() - t0;
+        ln_calibration_free(c);
+        if (r != 0) goto out;
+        *calib_tps = (double)tokens / dt;
+    }
+    rc = 0;
+out:
+    free(win);
+    ln_dataset_free(ds);
+    return rc;
+}
