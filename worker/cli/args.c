@@ -37,10 +37,16 @@ static int parse_value(const cli_opt *o, const char *v, ln_err *e)
         *(float *)o->target = x;
         return 0;
     }
+    case CLI_DOUBLE: {
+        double x = strtod(v, &end);
+        if (errno || *end || end == v) break;
+        *(double *)o->target = x;
+        return 0;
+    }
     case CLI_FLAG: break;
     }
     return ln_errf(e, "option --%s: \"%s\" is not a valid %s", o->name, v,
-                   o->kind == CLI_FLOAT ? "number" : o->kind == CLI_U64 ? "non-negative integer" : "integer");
+                   o->kind == CLI_FLOAT || o->kind == CLI_DOUBLE ? "number" : o->kind == CLI_U64 ? "non-negative integer" : "integer");
 }
 
 int cli_parse(int argc, char **argv, int first, const cli_opt *opts, int nopts, ln_err *e)

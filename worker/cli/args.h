@@ -9,12 +9,12 @@
 
 #include "common/err.h"
 
-typedef enum { CLI_STR, CLI_INT, CLI_I64, CLI_U64, CLI_FLOAT, CLI_FLAG } cli_kind;
+typedef enum { CLI_STR, CLI_INT, CLI_I64, CLI_U64, CLI_FLOAT, CLI_DOUBLE, CLI_FLAG } cli_kind;
 
 typedef struct cli_opt {
     const char *name;   /* without the leading "--" */
     cli_kind kind;
-    void *target;       /* const char **, int *, int64_t *, uint64_t *, float *, int * */
+    void *target;       /* const char **, int *, int64_t *, uint64_t *, float *, double *, int * */
     const char *help;   /* NULL hides the option from the usage text */
 } cli_opt;
 

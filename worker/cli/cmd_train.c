@@ -49,7 +49,7 @@ int cmd_train(int argc, char **argv)
         {"grad-accum", CLI_INT, &to.grad_accum, "micro-batches per optimizer step (default 1)"},
         {"lr", CLI_FLOAT, &to.optim.lr, "peak learning rate (default 2e-4)"},
         {"weight-decay", CLI_FLOAT, &to.optim.weight_decay, "AdamW decoupled weight decay (default 0)"},
-        {"warmup-ratio", CLI_FLOAT, &to.warmup_ratio, "fraction of steps of linear warmup (default 0)"},
+        {"warmup-ratio", CLI_DOUBLE, &to.warmup_ratio, "fraction of steps of linear warmup (default 0)"},
         {"max-grad-norm", CLI_FLOAT, &to.optim.max_grad_norm, "global gradient-norm clip (default 1; 0 = off)"},
         {"max-seq-len", CLI_INT, &max_seq_len, "truncate examples to this many tokens (default 2048)"},
         {"seed", CLI_U64, &to.seed, "seed of init and data order (default 42)"},

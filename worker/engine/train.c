@@ -308,7 +308,7 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
     cs.total_steps = o->max_steps > 0 ? o->max_steps : ((int64_t)o->epochs * ds->n + per_step - 1) / per_step;
     ln_optim_cfg oc = o->optim;
     oc.total_steps = cs.total_steps;
-    oc.warmup_steps = (int64_t)ceil((double)o->warmup_ratio * (double)cs.total_steps);
+    oc.warmup_steps = (int64_t)ceil(o->warmup_ratio * (double)cs.total_steps);
     ln_rng_seed(&cs.rng, o->seed ^ 0x747261696eull); /* reserved for dropout-like noise; saved */
 
     ln_param **params = NULL;

@@ -39,7 +39,8 @@ typedef struct ln_train_opts {
     int batch_size;
     int grad_accum;
     ln_optim_cfg optim;       /* total_steps/warmup_steps are filled by ln_train */
-    float warmup_ratio;       /* warmup_steps = ceil(ratio · total_steps), as transformers */
+    double warmup_ratio;      /* warmup_steps = ceil(ratio · total_steps), as transformers (in double:
+                               * ceil(0.1f · 20) would be 3) */
     uint64_t seed;
     int shuffle;
     int64_t save_every;       /* 0 = only at the end */
