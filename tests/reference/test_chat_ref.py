@@ -6,6 +6,7 @@ to the real LLaMA tokenizer.json fixtures; transformers renders, tokenizes and r
 assistant mask, and `loranull tokenize` must give the same input_ids and labels (-100 off the mask).
 Also: prompt/completion and text lines, and one error message per malformed-line case."""
 import json
+import os
 import pathlib
 import random
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "tokenizers"
-LORANULL = ROOT / "bin" / "loranull"
+LORANULL = pathlib.Path(os.environ.get("LORANULL_BIN", ROOT / "bin")) / "loranull"
 
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}"

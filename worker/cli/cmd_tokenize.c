@@ -9,7 +9,10 @@
  *   loranull tokenize --model DIR --encode FILE [--add-special] [--decode] [--time]
  * treats each line of FILE as a JSON string of raw text and prints {"ids":[…],"offsets":[…]}
  * (byte offsets), plus "text" (the ids decoded) with --decode. --time prints the encoding
- * throughput, measured around the tokenizer alone, to stderr (the benchmark uses it). */
+ * throughput, measured around the tokenizer alone, to stderr (the benchmark uses it).
+ *
+ *   loranull tokenize --new-tokenizer FILE --vocab-size N
+ * writes the built-in byte-level BPE tokenizer.json (ln_tokenizer_make_default). */
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -98,8 +101,8 @@ out:
 }
 
 int cmd_tokenize(int argc, char **argv) {
-    const char *model = NULL, *data = NULL, *encode = NULL, *tmpl = NULL;
-    int stats = 0, max_len = 0, truncate = 0, add_special = 0, decode = 0, timing = 0;
+    const char *model = NULL, *data = NULL, *encode = NULL, *tmpl = NULL, *new_tok = NULL;
+    int vocab_size = 0, stats = 0, max_len = 0, truncate = 0, add_special = 0, decode = 0, timing = 0;
     const cli_opt opts[] = {
         {"model", CLI_STR, &model, "DIR holding tokenizer.json (and tokenizer_config.json)"},
         {"data", CLI_STR, &data, "JSONL file of examples (messages, prompt/completion, text, input_ids)"},
@@ -111,6 +114,8 @@ int cmd_tokenize(int argc, char **argv) {
         {"add-special", CLI_FLAG, &add_special, "raw mode: add the post-processor's tokens (BOS)"},
         {"decode", CLI_FLAG, &decode, "raw mode: also print the ids decoded back to text"},
         {"time", CLI_FLAG, &timing, "raw mode: print only the encoding throughput (stderr)"},
+        {"new-tokenizer", CLI_STR, &new_tok, "write the built-in byte-level BPE tokenizer.json to FILE"},
+        {"vocab-size", CLI_INT, &vocab_size, "with --new-tokenizer: its vocabulary size (≥ 266)"},
     };
     const int nopts = (int)(sizeof opts / sizeof opts[0]);
     const char *synopsis = "--model DIR (--data FILE [--stats] | --encode FILE)";
@@ -122,6 +127,13 @@ int cmd_tokenize(int argc, char **argv) {
     if (cli_parse(argc, argv, 1, opts, nopts, &e)) {
         fprintf(stderr, "loranull tokenize: %s\n", e.msg);
         return 2;
+    }
+    if (new_tok) {
+        if (ln_tokenizer_make_default(new_tok, vocab_size, &e)) {
+            fprintf(stderr, "loranull tokenize: %s\n", e.msg);
+            return 1;
+        }
+        return 0;
     }
     if (!model || (!data == !encode)) {
         fprintf(stderr, "loranull tokenize: needs --model DIR and one of --data FILE or --encode FILE\n");

@@ -59,10 +59,13 @@ int ln_tokenizer_is_byte_level(const ln_tokenizer *t);
 /* The chat_template string from tokenizer_config.json, or NULL. */
 const char *ln_tokenizer_chat_template(const ln_tokenizer *t);
 
-/* Writes a valid byte-level BPE tokenizer.json to path: 256 byte tokens, merges learnt from a
- * small built-in English/code text until vocab_size - (number of specials) tokens (at most),
- * then LLaMA-3-style special tokens (<|begin_of_text|>, <|end_of_text|>, <|start_header_id|>,
- * <|end_header_id|>, <|eot_id|>, …) at the top of the id range. vocab_size ≥ 264. */
+/* Writes a valid byte-level BPE tokenizer.json to path: 256 byte tokens, then merges learnt from
+ * a small built-in English/code text (as many as it yields, at most vocab_size - 266), then the 10
+ * LLaMA-3.1 special tokens right after them (<|begin_of_text|>, <|end_of_text|>, …,
+ * <|start_header_id|>, <|end_header_id|>, <|eom_id|>, <|eot_id|> — HF needs added tokens to follow
+ * the vocabulary without a gap). So every id is < vocab_size, but the tokenizer may use fewer ids
+ * than vocab_size (the model's extra embedding rows stay unused): load it and ask
+ * ln_tokenizer_bos_id / ln_tokenizer_eos_id for the ids. vocab_size ≥ 266. */
 int ln_tokenizer_make_default(const char *path, int vocab_size, ln_err *e);
 
 #endif

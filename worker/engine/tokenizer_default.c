@@ -105,7 +105,7 @@ int ln_tokenizer_make_default(const char *path, int vocab_size, ln_err *e) {
     }
 
     /* learn merges: the most frequent adjacent pair (ties: smallest ids), until the vocabulary is
-     * full or no pair occurs twice. The corpus is tiny, so counting from scratch each round is fine. */
+     * full or every word is one token. The corpus is tiny, so counting from scratch each round is fine. */
     int32_t (*merge)[2] = ln_xmalloc((size_t)max_model * sizeof *merge);
     int n_merge = 0;
     size_t max_pairs = n;
@@ -116,7 +116,7 @@ int ln_tokenizer_make_default(const char *path, int vocab_size, ln_err *e) {
             for (int k = 0; k + 1 < w[i].n; k++) pc[np++] = (pair_count){w[i].sym[k], w[i].sym[k + 1], w[i].count};
         qsort(pc, np, sizeof *pc, cmp_pair);
         int32_t best_a = -1, best_b = -1;
-        int best = 1;
+        int best = 0; /* frequent pairs first; pairs seen once still merge while ids are left */
         for (size_t i = 0; i < np;) {
             size_t j = i;
             int cnt = 0;
@@ -163,7 +163,8 @@ int ln_tokenizer_make_default(const char *path, int vocab_size, ln_err *e) {
         json_array_append_new(merges, json_string(s));
         free(s);
     }
-    int first_special = vocab_size - N_SPECIALS;
+    /* HF requires added tokens to follow the model vocabulary without a gap */
+    int first_special = n_tok;
     for (int i = 0; i < N_SPECIALS; i++)
         json_array_append_new(added, json_pack("{s:i, s:s, s:b, s:b, s:b, s:b, s:b}", "id", first_special + i,
                                                "content", default_specials[i], "single_word", 0, "lstrip", 0,
