@@ -137,7 +137,7 @@ static int checkpoint_save(const char *path, ln_model *m, ln_adapter *ad, const 
     meta_i64(w, "epoch", cs->pos.epoch);
     meta_i64(w, "index", cs->pos.index);
     for (int i = 0; i < 4; i++) {
-        char k[8], v[24];
+        char k[16], v[24];
         snprintf(k, sizeof k, "rng%d", i);
         snprintf(v, sizeof v, "%016" PRIx64, cs->rng.s[i]);
         st_writer_meta(w, k, v);
@@ -254,7 +254,7 @@ static int checkpoint_restore(const char *ckpt, ln_optim *opt, ckpt_state *cs, c
         goto out;
     }
     for (int i = 0; i < 4; i++) {
-        char k[8];
+        char k[16];
         snprintf(k, sizeof k, "rng%d", i);
         const char *v = st_metadata(s, k);
         if (!v) { ln_errf(e, "checkpoint %s: metadata \"%s\" is missing", file, k); goto out; }
