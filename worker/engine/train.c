@@ -285,6 +285,21 @@ static void progress_line(int64_t step, int64_t total, double loss, float lr, do
     fflush(stderr);
 }
 
+/* OUT/checkpoints/step-NNNNNN/state.safetensors; remembered in res->last_checkpoint. */
+static int save_checkpoint_dir(const char *ckdir, ln_model *m, ln_adapter *ad, const ln_optim *opt,
+                               const ckpt_state *cs, const ln_train_opts *o, ln_train_result *res, ln_err *e)
+{
+    char sub[64];
+    snprintf(sub, sizeof sub, "step-%06lld", (long long)cs->step);
+    char *d = ln_path_join(ckdir, sub);
+    char *f = ln_path_join(d, "state.safetensors");
+    int rc = ln_mkdir_p(d, e) || checkpoint_save(f, m, ad, opt, cs, o, e) ? -1 : 0;
+    if (rc == 0) snprintf(res->last_checkpoint, sizeof res->last_checkpoint, "%s", d);
+    free(f);
+    free(d);
+    return rc;
+}
+
 static int save_final(ln_model *m, ln_adapter *ad, const char *dir, ln_err *e)
 {
     if (ad->full) return ln_model_save(m, dir, ST_F32, e);
@@ -346,7 +361,14 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
     double t_start = ln_now_s();
     int64_t steps_here = 0;
     for (int64_t step = cs.step; step < cs.total_steps; step++) {
-        if (o->should_stop && o->should_stop(o->cb_ctx)) { res->stopped = 1; break; }
+        if (o->should_stop && o->should_stop(o->cb_ctx)) {
+            /* a pause or cancel: keep what was done, unless the last checkpoint already has it */
+            res->stopped = 1;
+            if (ckdir && steps_here > 0 && !(o->save_every > 0 && cs.step % o->save_every == 0) &&
+                save_checkpoint_dir(ckdir, m, ad, &opt, &cs, o, res, e))
+                goto out;
+            break;
+        }
         double t0 = ln_now_s();
         /* the step's examples, then its micro-batches; the loss is averaged over all their targets */
         int64_t trained = 0, tokens = 0;
@@ -413,17 +435,9 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
             double per = (ln_now_s() - t_start) / (double)steps_here;
             progress_line(cs.step, cs.total_steps, loss, lr, tps, per * (double)(cs.total_steps - cs.step));
         }
-        if (ckdir && ((o->save_every > 0 && cs.step % o->save_every == 0) || last)) {
-            char sub[64];
-            snprintf(sub, sizeof sub, "step-%06lld", (long long)cs.step);
-            char *d = ln_path_join(ckdir, sub);
-            char *f = ln_path_join(d, "state.safetensors");
-            int src = ln_mkdir_p(d, e) || checkpoint_save(f, m, ad, &opt, &cs, o, e);
-            snprintf(res->last_checkpoint, sizeof res->last_checkpoint, "%s", d);
-            free(f);
-            free(d);
-            if (src) goto out;
-        }
+        if (ckdir && ((o->save_every > 0 && cs.step % o->save_every == 0) || last) &&
+            save_checkpoint_dir(ckdir, m, ad, &opt, &cs, o, res, e))
+            goto out;
         if (o->stop_at_step > 0 && cs.step == o->stop_at_step) { res->stopped = 1; break; }
     }
     res->steps = cs.step;
