@@ -42,7 +42,6 @@ RUN apt-get update \
 
 FROM runtime AS worker-cpu
 COPY --from=build /src/bin/loranull-worker /usr/local/bin/loranull-worker
-COPY --from=build /src/bin/loranull /usr/local/bin/loranull
 COPY --chmod=0755 deploy/docker/worker-entrypoint.sh /usr/local/bin/worker-entrypoint.sh
 USER 10001:10001
 ENV LORANULL_WORKER_BIN=/usr/local/bin/loranull-worker \
@@ -56,13 +55,17 @@ ENTRYPOINT ["/usr/local/bin/worker-entrypoint.sh"]
 
 FROM runtime AS server
 COPY --from=build /src/bin/loranull-server /usr/local/bin/loranull-server
+COPY migrations /usr/share/loranull/migrations
+COPY server/static /usr/share/loranull/static
 COPY --chmod=0755 deploy/docker/server-entrypoint.sh /usr/local/bin/server-entrypoint.sh
 
 # Numeric user so that Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 ENV LORANULL_SERVER_BIN=/usr/local/bin/loranull-server \
     LORANULL_LISTEN=0.0.0.0:8080 \
-    LORANULL_DATA_DIR=/var/lib/loranull
+    LORANULL_DATA_DIR=/var/lib/loranull \
+    LORANULL_MIGRATIONS_DIR=/usr/share/loranull/migrations \
+    LORANULL_STATIC_DIR=/usr/share/loranull/static
 WORKDIR /var/lib/loranull
 VOLUME ["/var/lib/loranull"]
 EXPOSE 8080

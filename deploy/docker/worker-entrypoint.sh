@@ -8,7 +8,7 @@
 # checkpoint upload.
 #
 #   worker-entrypoint.sh                 start the worker (the image's default)
-#   worker-entrypoint.sh healthcheck     exit 0 when the worker process is alive (Docker HEALTHCHECK)
+#   worker-entrypoint.sh healthcheck     exit 0 while the worker process runs (Docker HEALTHCHECK)
 #   worker-entrypoint.sh ARGS...         any other arguments: exec `loranull-worker ARGS`
 #
 # Environment (defaults are the image's paths):
@@ -19,6 +19,7 @@
 #   LORANULL_DEVICE         cpu         cpu | cuda:N (first GPU this worker drives)
 #   LORANULL_RANKS          (unset)     devices this worker drives, from LORANULL_DEVICE on
 #   LORANULL_TOKEN_WAIT     30          seconds to wait for the token file to appear
+#   LORANULL_HEALTH_PID     1           the process `healthcheck` looks at
 set -eu
 
 WORKER_BIN=${LORANULL_WORKER_BIN:-/usr/local/bin/loranull-worker}
@@ -35,9 +36,15 @@ die() {
 
 case ${1:-} in
     healthcheck)
-        # PID 1 is the worker (exec below); a zombie or stopped PID 1 is not healthy.
-        state=$(awk '/^State:/ { print $2 }' /proc/1/status 2>/dev/null || true)
-        case $state in R | S | D) exit 0 ;; *) echo "worker state '$state'" >&2; exit 1 ;; esac
+        # In the image the worker is PID 1 (exec below). Healthy = running or sleeping; a
+        # zombie, stopped or vanished worker is not. Deliberately not "the server answers":
+        # a worker keeps training through a server outage, and restarting it then would lose work.
+        pid=${LORANULL_HEALTH_PID:-1}
+        state=$(awk '/^State:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || true)
+        case $state in
+            R | S | D) exit 0 ;;
+            *) echo "worker-entrypoint: worker (pid $pid) state '${state:-gone}'" >&2; exit 1 ;;
+        esac
         ;;
     '' | -*) ;;
     *)

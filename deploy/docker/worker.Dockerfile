@@ -45,7 +45,6 @@ RUN apt-get update \
  && install -d -o 10001 -g 10001 -m 0750 /var/lib/loranull-worker
 
 COPY --from=build /src/bin/loranull-worker /usr/local/bin/loranull-worker
-COPY --from=build /src/bin/loranull /usr/local/bin/loranull
 COPY --chmod=0755 deploy/docker/worker-entrypoint.sh /usr/local/bin/worker-entrypoint.sh
 
 USER 10001:10001

@@ -1,0 +1,317 @@
+"""The container entrypoints, run on this machine exactly as the images run them: the same
+scripts, flags and environment variables, with only the image paths (binaries, data dir,
+secret files) pointed elsewhere through the environment the scripts document.
+
+What the images add around them (Debian slim / CUDA runtime, uid 10001, read-only root) is not
+reproduced here: there is no Docker engine on this machine."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import stat
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from deploy_helpers import DOCKER, ROOT
+
+SERVER_SH = DOCKER / "server-entrypoint.sh"
+WORKER_SH = DOCKER / "worker-entrypoint.sh"
+BIN = pathlib.Path(os.environ.get("LORANULL_BIN", ROOT / "bin"))
+SERVER_BIN = BIN / "loranull-server"
+WORKER_BIN = BIN / "loranull-worker"
+
+KEY_A = "sk-ln-" + "A" * 24
+KEY_B = "sk-ln-" + "B" * 24
+TOKEN = "wt-ln-" + "t0k3n" * 5
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method, url, token=None, body=None, timeout=5):
+    """(status, body text) of one request; never raises on an HTTP error status."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def sh(script, args=(), env=None, timeout=30):
+    """Runs an entrypoint to completion with `sh` (dash on Debian, as in the images)."""
+    return subprocess.run(["sh", str(script), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def secrets(tmp_path):
+    d = tmp_path / "secrets"
+    d.mkdir()
+    (d / "api-keys").write_text(f"# project key\nteam-a {KEY_A}\n\nteam-b {KEY_B}\n")
+    (d / "worker-token").write_text(TOKEN + "\n")
+    return d
+
+
+def server_env(tmp_path, secrets, port):
+    env = dict(os.environ)
+    env.update({
+        "LORANULL_SERVER_BIN": str(SERVER_BIN),
+        "LORANULL_LISTEN": f"127.0.0.1:{port}",
+        "LORANULL_DATA_DIR": str(tmp_path / "data"),
+        "LORANULL_API_KEYS_FILE": str(secrets / "api-keys"),
+        "LORANULL_WORKER_TOKEN_FILE": str(secrets / "worker-token"),
+        "LORANULL_MIGRATIONS_DIR": str(ROOT / "migrations"),
+        "LORANULL_STATIC_DIR": str(ROOT / "server" / "static"),
+    })
+    return env
+
+
+class EntrypointServer:
+    """server-entrypoint.sh running in the background, as the image's ENTRYPOINT."""
+
+    def __init__(self, env, log):
+        self.env = env
+        self.port = int(env["LORANULL_LISTEN"].rsplit(":", 1)[1])
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.proc = subprocess.Popen(["sh", str(SERVER_SH)], env=env, stdout=open(log, "ab"),
+                                     stderr=subprocess.STDOUT)
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            assert self.proc.poll() is None, f"entrypoint exited {self.proc.returncode}:\n{log.read_text()}"
+            try:
+                if http("GET", self.base + "/healthz", timeout=1)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        pytest.fail(f"server did not answer /healthz within 15 s:\n{log.read_text()}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def server(tmp_path, secrets):
+    assert SERVER_BIN.exists(), f"{SERVER_BIN} is not built: run `make`"
+    s = EntrypointServer(server_env(tmp_path, secrets, free_port()), tmp_path / "server.log")
+    yield s
+    s.stop()
+
+
+# ---- server ----
+
+def test_server_entrypoint_serves_with_secrets_from_files(server, tmp_path):
+    assert http("GET", server.base + "/healthz")[0] == 200
+    assert http("GET", server.base + "/readyz")[0] == 200
+    status, metrics = http("GET", server.base + "/metrics")
+    assert status == 200 and "# TYPE" in metrics
+    # the keys of the Secret file work, each for its own project; a made-up one does not
+    status, body = http("GET", server.base + "/v1/files", KEY_A)
+    assert status == 200 and json.loads(body)["object"] == "list"
+    assert http("GET", server.base + "/v1/files", KEY_B)[0] == 200
+    assert http("GET", server.base + "/v1/files", "sk-ln-" + "C" * 24)[0] == 401
+    # the worker token of the Secret file reaches /internal, and only /internal
+    status, body = http("POST", server.base + "/internal/v1/workers/register", TOKEN,
+                        {"name": "deploy-test", "device_kind": "cpu", "devices": 1,
+                         "memory_bytes": 1 << 30, "models": []})
+    assert status == 201, body
+    assert http("GET", server.base + "/v1/files", TOKEN)[0] == 401
+    assert http("POST", server.base + "/internal/v1/workers/register", KEY_A, {"name": "x"})[0] == 401
+    # secrets never travel on a command line
+    cmdlines = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert KEY_A not in cmdlines and TOKEN not in cmdlines
+    # the image's HEALTHCHECK command
+    r = sh(SERVER_SH, ["healthcheck"], env=server.env)
+    assert r.returncode == 0, r.stderr
+    # SIGTERM to the entrypoint reaches the server itself (exec): a graceful stop, status 0
+    assert server.stop() == 0
+    assert "stopped" in (tmp_path / "server.log").read_text()
+    r = sh(SERVER_SH, ["healthcheck"], env=server.env)
+    assert r.returncode != 0, "healthcheck passed with the server stopped"
+
+
+def test_server_restart_reimports_idempotently_and_keeps_revocations(tmp_path, secrets):
+    env = server_env(tmp_path, secrets, free_port())
+    s = EntrypointServer(env, tmp_path / "server.log")
+    s.stop()
+    # revoke team-b's key with the admin subcommand through the entrypoint (as `docker exec` would)
+    r = sh(SERVER_SH, ["keys", "revoke", KEY_B], env=env)
+    assert r.returncode == 0, r.stderr
+    s = EntrypointServer(env, tmp_path / "server.log")
+    try:
+        assert http("GET", s.base + "/v1/files", KEY_A)[0] == 200
+        assert http("GET", s.base + "/v1/files", KEY_B)[0] == 401, "a revoked key came back from the Secret"
+    finally:
+        s.stop()
+    r = sh(SERVER_SH, ["keys", "list"], env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("team-a") == 1 and r.stdout.count("team-b") == 1, r.stdout
+    r = sh(SERVER_SH, ["tokens", "list"], env=env)
+    assert r.returncode == 0 and len([ln for ln in r.stdout.splitlines() if "k8s-secret" in ln]) == 1, r.stdout
+
+
+def test_server_admin_subcommand_creates_a_working_key(tmp_path, secrets):
+    env = server_env(tmp_path, secrets, free_port())
+    r = sh(SERVER_SH, ["keys", "create", "--project", "ops"], env=env)
+    assert r.returncode == 0, r.stderr
+    key = r.stdout.strip()
+    s = EntrypointServer(env, tmp_path / "server.log")
+    try:
+        assert http("GET", s.base + "/v1/files", key)[0] == 200
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("content,expect", [
+    ("team-a\n", "line 1: expected 'PROJECT KEY', got 1 fields"),
+    ("# c\nteam-a sk-ln-short\n", "line 2: the key is not 20..128"),
+    ("team/a " + KEY_A + "\n", "line 1: project 'team/a' is not"),
+    ("team-a " + KEY_A + "'; DROP TABLE api_keys; --\n", "expected 'PROJECT KEY'"),
+    ("team-a " + KEY_A[:-1] + "';x\n", "line 1: the key is not"),
+])
+def test_server_entrypoint_names_the_bad_secret_line(tmp_path, secrets, content, expect):
+    (secrets / "api-keys").write_text(content)
+    r = sh(SERVER_SH, env=server_env(tmp_path, secrets, free_port()))
+    assert r.returncode == 1
+    assert str(secrets / "api-keys") in r.stderr and expect in r.stderr, r.stderr
+
+
+def test_server_entrypoint_refuses_a_bad_token_file(tmp_path, secrets):
+    (secrets / "worker-token").write_text("short\n")
+    r = sh(SERVER_SH, env=server_env(tmp_path, secrets, free_port()))
+    assert r.returncode == 1 and "worker-token: the token is not" in r.stderr, r.stderr
+
+
+def test_server_entrypoint_names_a_data_dir_it_cannot_use(tmp_path, secrets):
+    env = server_env(tmp_path, secrets, free_port())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env["LORANULL_DATA_DIR"] = str(blocker / "data")
+    r = sh(SERVER_SH, env=env)
+    assert r.returncode == 1 and f"data dir {blocker / 'data'} does not exist" in r.stderr, r.stderr
+
+
+def test_server_entrypoint_refuses_a_bad_listen_for_healthcheck(tmp_path, secrets):
+    env = server_env(tmp_path, secrets, free_port())
+    env["LORANULL_LISTEN"] = "0.0.0.0"
+    r = sh(SERVER_SH, ["healthcheck"], env=env)
+    assert r.returncode == 1 and "LORANULL_LISTEN='0.0.0.0' is not HOST:PORT" in r.stderr, r.stderr
+
+
+# ---- worker: flags and refusals (a recording stand-in for the binary) ----
+
+@pytest.fixture
+def recorder(tmp_path):
+    """An executable that writes its argv, one per line, and exits: checks env → flags exactly."""
+    out = tmp_path / "argv"
+    exe = tmp_path / "record-argv"
+    exe.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {out}\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    return exe, out
+
+
+def worker_env(tmp_path, worker_bin, server_url="http://127.0.0.1:9"):
+    models = tmp_path / "models"
+    models.mkdir(exist_ok=True)
+    token = tmp_path / "worker-token"
+    token.write_text(TOKEN + "\n")
+    env = dict(os.environ)
+    env.update({
+        "LORANULL_WORKER_BIN": str(worker_bin),
+        "LORANULL_SERVER_URL": server_url,
+        "LORANULL_TOKEN_FILE": str(token),
+        "LORANULL_MODELS_DIR": str(models),
+        "LORANULL_TOKEN_WAIT": "1",
+    })
+    return env
+
+
+def test_worker_entrypoint_maps_env_to_flags(tmp_path, recorder):
+    exe, out = recorder
+    env = worker_env(tmp_path, exe)
+    env.update({"LORANULL_DEVICE": "cuda:0", "LORANULL_RANKS": "8"})
+    r = sh(WORKER_SH, env=env)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text().splitlines() == [
+        "--server", "http://127.0.0.1:9", "--token-file", env["LORANULL_TOKEN_FILE"],
+        "--models", env["LORANULL_MODELS_DIR"], "--device", "cuda:0", "--ranks", "8"]
+    # defaults: cpu, no --ranks; extra flags are passed on
+    del env["LORANULL_DEVICE"], env["LORANULL_RANKS"]
+    r = sh(WORKER_SH, ["--verbose"], env=env)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text().splitlines()[-3:] == ["--device", "cpu", "--verbose"]
+
+
+@pytest.mark.parametrize("change,expect", [
+    ({"LORANULL_SERVER_URL": ""}, "LORANULL_SERVER_URL is not set"),
+    ({"LORANULL_SERVER_URL": "loranull-server:8080"}, "is not an http:// or https:// URL"),
+    ({"LORANULL_DEVICE": "gpu0"}, "LORANULL_DEVICE='gpu0' is not cpu or cuda:N"),
+    ({"LORANULL_RANKS": "0"}, "LORANULL_RANKS='0' is not a positive integer"),
+    ({"LORANULL_RANKS": "two"}, "LORANULL_RANKS='two' is not a positive integer"),
+    ({"LORANULL_MODELS_DIR": "/nonexistent/models"}, "models dir /nonexistent/models does not exist"),
+    ({"LORANULL_TOKEN_FILE": "/nonexistent/token"}, "worker token file /nonexistent/token is missing"),
+    ({"LORANULL_WORKER_BIN": "/nonexistent/loranull-worker"}, "/nonexistent/loranull-worker is not an executable"),
+])
+def test_worker_entrypoint_refuses_bad_settings(tmp_path, recorder, change, expect):
+    exe, out = recorder
+    env = worker_env(tmp_path, exe)
+    env.update(change)
+    r = sh(WORKER_SH, env=env)
+    assert r.returncode == 1 and expect in r.stderr, r.stderr
+    assert not out.exists(), "the worker was started despite a bad setting"
+
+
+def test_worker_entrypoint_waits_for_a_late_token(tmp_path, recorder):
+    # A Secret volume may be populated a moment after start: the entrypoint waits for it.
+    exe, out = recorder
+    env = worker_env(tmp_path, exe)
+    token = pathlib.Path(env["LORANULL_TOKEN_FILE"])
+    token.unlink()
+    env["LORANULL_TOKEN_WAIT"] = "10"
+    p = subprocess.Popen(["sh", str(WORKER_SH)], env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    assert p.poll() is None and not out.exists()
+    token.write_text(TOKEN)
+    assert p.wait(timeout=10) == 0, p.stderr.read()
+    assert "--token-file" in out.read_text()
+
+
+def test_worker_healthcheck_follows_the_worker_process(tmp_path):
+    env = worker_env(tmp_path, "/bin/true")
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        env["LORANULL_HEALTH_PID"] = str(p.pid)
+        assert sh(WORKER_SH, ["healthcheck"], env=env).returncode == 0
+        p.send_signal(signal.SIGSTOP)  # a stopped worker is not healthy
+        time.sleep(0.2)
+        r = sh(WORKER_SH, ["healthcheck"], env=env)
+        assert r.returncode == 1 and "state 'T'" in r.stderr, r.stderr
+        p.send_signal(signal.SIGCONT)
+    finally:
+        p.kill()
+        p.wait()
+    r = sh(WORKER_SH, ["healthcheck"], env=env)
+    assert r.returncode == 1 and "state 'gone'" in r.stderr, r.stderr
