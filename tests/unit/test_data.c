@@ -204,6 +204,104 @@ static void test_loader_seek_resumes(void **state) {
     ln_dataset_free(d);
 }
 
+/* Packing: whole examples in loader order, segments and positions restart per example, the first
+ * token of each example masked, padding marked; the loader's position moves as without packing. */
+static void test_packing(void **state) {
+    (void)state;
+    /* example i has length 1 + i % 5 and ids 100*i + k */
+    enum { N = 23, CAP = 8 };
+    char *text = ln_xmalloc(N * 64);
+    size_t off = 0;
+    for (int i = 0; i < N; i++) {
+        off += (size_t)sprintf(text + off, "{\"input_ids\":[");
+        for (int k = 0; k <= i % 5; k++) off += (size_t)sprintf(text + off, k ? ",%d" : "%d", 100 * i + k);
+        off += (size_t)sprintf(text + off, "],\"labels\":[");
+        for (int k = 0; k <= i % 5; k++) off += (size_t)sprintf(text + off, k ? ",%d" : "%d", 100 * i + k);
+        off += (size_t)sprintf(text + off, "]}\n");
+    }
+    ln_dataset *d;
+    ln_err e;
+    /* one-token examples train nothing (position 0 is never a target): the file is refused */
+    const char *p = write_tmp("pack.jsonl", text);
+    free(text);
+    int rc = ln_dataset_load(p, NULL, NULL, &d, &e);
+    assert_int_equal(rc, -1); /* i % 5 == 0 -> 1 token, no trained token: rejected */
+    assert_non_null(strstr(e.msg, "no token that the loss trains on"));
+
+    text = ln_xmalloc(N * 64);
+    off = 0;
+    for (int i = 0; i < N; i++) {
+        off += (size_t)sprintf(text + off, "{\"input_ids\":[");
+        for (int k = 0; k <= 1 + i % 5; k++) off += (size_t)sprintf(text + off, k ? ",%d" : "%d", 100 * i + k);
+        off += (size_t)sprintf(text + off, "]}\n");
+    }
+    p = write_tmp("pack.jsonl", text);
+    free(text);
+    assert_int_equal(ln_dataset_load(p, NULL, NULL, &d, &e), 0);
+    ln_loader l, ref;
+    ln_loader_init(&l, d, 5, 1);
+    ln_loader_init(&ref, d, 5, 1);
+    ln_packed_row r;
+    ln_packed_row_init(&r, CAP);
+    int seen = 0;
+    ln_data_pos mid = {0, 0};
+    int32_t after_mid[CAP];
+    for (int row = 0; seen < 2 * N; row++) {
+        int k = ln_loader_next_packed(&l, &r);
+        assert_true(k >= 1);
+        assert_int_equal(k, r.n_examples);
+        int t = 0;
+        for (int s = 0; s < k; s++) {
+            const ln_example *x = ln_loader_next(&ref); /* the same order as unpacked */
+            for (int i = 0; i < x->len; i++, t++) {
+                assert_int_equal(r.input_ids[t], x->input_ids[i]);
+                assert_int_equal(r.segment[t], s);
+                assert_int_equal(r.position_ids[t], i);
+                assert_int_equal(r.labels[t], i == 0 ? LN_IGNORE_INDEX : x->labels[i]);
+            }
+        }
+        assert_int_equal(t, r.len);
+        for (; t < CAP; t++) {
+            assert_int_equal(r.segment[t], -1);
+            assert_int_equal(r.labels[t], LN_IGNORE_INDEX);
+        }
+        /* greedy: the next example would not have fitted */
+        const ln_example *next = &d->ex[l.order[l.pos.index < d->n ? l.pos.index : 0]];
+        if (l.pos.index < d->n) assert_true(r.len + next->len > CAP);
+        seen += k;
+        if (row == 3) {
+            mid = l.pos;
+            int k2 = ln_loader_next_packed(&l, &r);
+            assert_int_equal(k2, r.n_examples);
+            memcpy(after_mid, r.input_ids, sizeof after_mid);
+            seen += r.n_examples;
+            for (int s = 0; s < r.n_examples; s++) ln_loader_next(&ref);
+        }
+    }
+    /* resume: a fresh loader seeked to the saved position packs the same next row */
+    ln_loader l2;
+    ln_loader_init(&l2, d, 5, 1);
+    ln_loader_seek(&l2, mid);
+    ln_loader_next_packed(&l2, &r);
+    assert_memory_equal(r.input_ids, after_mid, sizeof after_mid);
+    /* an example longer than the row is cut, alone */
+    ln_packed_row small;
+    ln_packed_row_init(&small, 2);
+    ln_loader l3;
+    ln_loader_init(&l3, d, 5, 0);
+    ln_loader_seek(&l3, (ln_data_pos){0, 4}); /* example 4 has 6 tokens */
+    assert_int_equal(ln_loader_next_packed(&l3, &small), 1);
+    assert_int_equal(small.len, 2);
+    assert_int_equal(small.input_ids[1], 401);
+    ln_packed_row_free(&small);
+    ln_packed_row_free(&r);
+    ln_loader_free(&l);
+    ln_loader_free(&l2);
+    ln_loader_free(&l3);
+    ln_loader_free(&ref);
+    ln_dataset_free(d);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pretokenized_loads),
@@ -213,6 +311,7 @@ int main(void) {
         cmocka_unit_test(test_empty_file_is_an_error),
         cmocka_unit_test(test_loader_shuffles_per_epoch),
         cmocka_unit_test(test_loader_seek_resumes),
+        cmocka_unit_test(test_packing),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -290,3 +290,67 @@ void ln_loader_free(ln_loader *l) {
     free(l->order);
     l->order = NULL;
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * Packing
+ * ------------------------------------------------------------------------------------------- */
+
+void ln_packed_row_init(ln_packed_row *r, int cap) {
+    memset(r, 0, sizeof *r);
+    r->cap = cap > 0 ? cap : 1;
+    r->input_ids = ln_xmalloc((size_t)r->cap * sizeof *r->input_ids);
+    r->labels = ln_xmalloc((size_t)r->cap * sizeof *r->labels);
+    r->position_ids = ln_xmalloc((size_t)r->cap * sizeof *r->position_ids);
+    r->segment = ln_xmalloc((size_t)r->cap * sizeof *r->segment);
+}
+
+void ln_packed_row_free(ln_packed_row *r) {
+    free(r->input_ids);
+    free(r->labels);
+    free(r->position_ids);
+    free(r->segment);
+    memset(r, 0, sizeof *r);
+}
+
+/* The example ln_loader_next would return, without taking it. Crossing into the next epoch is
+ * done here already: position (e, n) and (e + 1, 0) are the same point of the stream. */
+static const ln_example *loader_peek(ln_loader *l) {
+    if (l->ds->n == 0) return NULL;
+    if (l->pos.index >= l->ds->n) {
+        l->pos.epoch++;
+        l->pos.index = 0;
+        build_order(l);
+    }
+    return &l->ds->ex[l->order[l->pos.index]];
+}
+
+int ln_loader_next_packed(ln_loader *l, ln_packed_row *r) {
+    r->len = 0;
+    r->n_examples = 0;
+    const ln_example *x;
+    while ((x = loader_peek(l)) != NULL) {
+        int take = x->len;
+        if (r->len + take > r->cap) {
+            if (r->n_examples > 0) break;  /* it starts the next row */
+            take = r->cap;                 /* longer than a row: cut, alone */
+        }
+        ln_loader_next(l);
+        int seg = r->n_examples++;
+        for (int i = 0; i < take; i++) {
+            int t = r->len + i;
+            r->input_ids[t] = x->input_ids[i];
+            r->labels[t] = i == 0 ? LN_IGNORE_INDEX : x->labels[i];
+            r->position_ids[t] = i;
+            r->segment[t] = seg;
+        }
+        r->len += take;
+        if (r->len == r->cap) break;
+    }
+    for (int t = r->len; t < r->cap; t++) {
+        r->input_ids[t] = 0;
+        r->labels[t] = LN_IGNORE_INDEX;
+        r->position_ids[t] = 0;
+        r->segment[t] = -1;
+    }
+    return r->n_examples;
+}

@@ -72,4 +72,32 @@ void ln_loader_seek(ln_loader *l, ln_data_pos pos);
 const ln_example *ln_loader_next(ln_loader *l);
 void ln_loader_free(ln_loader *l);
 
+/* ---- Packing (optional): several examples, in loader order, laid end to end in one row ----
+ *
+ * A packed row of `cap` tokens holds whole examples back to back (an example longer than cap is
+ * cut to cap, alone in its row). The model must keep them apart, and the row says how:
+ *   segment[t]      — which example of the row token t belongs to (0, 1, 2, …); -1 on padding
+ *                     (t ≥ len). Attention is causal AND within one segment only: token t may attend
+ *                     to token u iff u ≤ t and segment[u] == segment[t] (block-diagonal causal mask).
+ *   position_ids[t] — t minus the start of its segment: RoPE positions restart at 0 per example.
+ *   labels[t]       — the example's own labels, except that the first token of every segment is
+ *                     -100. With transformers' shift (position t predicts labels[t+1]), the last token
+ *                     of one example therefore never learns to predict the first of the next — as
+ *                     transformers' DataCollatorWithFlattening does. Padding labels are -100.
+ * Computed this way, the loss over a packed row equals the sum of the examples' separate losses.
+ * Ownership: the row owns its four arrays (ln_packed_row_free). */
+typedef struct ln_packed_row {
+    int32_t *input_ids, *labels, *position_ids, *segment;
+    int cap;          /* tokens the arrays hold */
+    int len;          /* tokens used; the rest is padding (input_ids 0, labels -100, segment -1) */
+    int n_examples;   /* segments in this row */
+} ln_packed_row;
+
+void ln_packed_row_init(ln_packed_row *r, int cap);
+void ln_packed_row_free(ln_packed_row *r);
+/* Fills r with the next examples of the loader's order that fit (at least one); the loader's
+ * position moves past them, so checkpoints save and resume exactly as without packing. Returns the
+ * number of examples packed (0 only for an empty dataset). */
+int ln_loader_next_packed(ln_loader *l, ln_packed_row *r);
+
 #endif
