@@ -419,3 +419,12 @@ def test_ingress_exposes_public_paths_only(rendered):
         assert routed(public), f"{public} is not routed"
     for private in ("/internal/v1/lease", "/internal/v1/workers/register", "/metrics", "/healthz"):
         assert not routed(private), f"{private} must not be reachable from outside"
+
+
+def test_readme_documents_every_entrypoint_setting():
+    readme = (DEPLOY / "README.md").read_text()
+    for script in sorted(DOCKER.glob("*.sh")):
+        names = set(re.findall(r"\$\{?(LORANULL_[A-Z_]+)", script.read_text()))
+        assert names, f"{script.name} reads no LORANULL_* setting?"
+        undocumented = sorted(n for n in names if f"`{n}`" not in readme)
+        assert not undocumented, f"deploy/README.md does not document {undocumented} ({script.name})"
