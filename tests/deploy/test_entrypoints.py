@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import requests
 
 from deploy_helpers import DOCKER, ROOT
 
@@ -315,3 +316,93 @@ def test_worker_healthcheck_follows_the_worker_process(tmp_path):
         p.wait()
     r = sh(WORKER_SH, ["healthcheck"], env=env)
     assert r.returncode == 1 and "state 'gone'" in r.stderr, r.stderr
+
+
+# ---- server + worker through both entrypoints: a job end to end ----
+
+TINY_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,
+    "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "bos_token_id": 1, "eos_token_id": 2,
+}
+
+
+def make_models_dir(tmp_path):
+    """A models volume with one tiny random LLaMA in HF layout, made by the project's CLI."""
+    cli = BIN / "loranull"
+    assert cli.exists(), f"{cli} is not built: run `make`"
+    cfg = tmp_path / "tiny-config.json"
+    cfg.write_text(json.dumps(TINY_CONFIG))
+    models = tmp_path / "models"
+    r = subprocess.run([str(cli), "model", "new", "--config", str(cfg), "--out",
+                        str(models / "tiny-llama"), "--seed", "3"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return models
+
+
+def test_job_runs_through_server_and_worker_entrypoints(tmp_path, secrets):
+    assert SERVER_BIN.exists(), f"{SERVER_BIN} is not built: run `make`"
+    assert WORKER_BIN.exists(), (f"{WORKER_BIN} is not built: the worker daemon (issue 6) has "
+                                 "not landed, so no job can run through the worker entrypoint")
+    models = make_models_dir(tmp_path)
+    server = EntrypointServer(server_env(tmp_path, secrets, free_port()), tmp_path / "server.log")
+    env = dict(os.environ)
+    env.update({
+        "LORANULL_WORKER_BIN": str(WORKER_BIN),
+        "LORANULL_SERVER_URL": server.base,
+        "LORANULL_TOKEN_FILE": str(secrets / "worker-token"),
+        "LORANULL_MODELS_DIR": str(models),
+        "LORANULL_DEVICE": "cpu",
+        "LORANULL_RANKS": "1",
+        "OMP_NUM_THREADS": "1",
+    })
+    worker_log = tmp_path / "worker.log"
+    worker = subprocess.Popen(["sh", str(WORKER_SH)], env=env, stdout=open(worker_log, "ab"),
+                              stderr=subprocess.STDOUT, cwd=tmp_path)
+    api = requests.Session()
+    api.headers["Authorization"] = f"Bearer {KEY_A}"
+    try:
+        lines = [json.dumps({"text": f"fact {i}: the value of item {i} is {i * 7 % 13}."})
+                 for i in range(32)]
+        r = api.post(server.base + "/v1/files", data={"purpose": "fine-tune"},
+                     files={"file": ("train.jsonl", ("\n".join(lines) + "\n").encode())})
+        assert r.status_code in (200, 201), r.text
+        file_id = r.json()["id"]
+        r = api.post(server.base + "/v1/fine_tuning/jobs", json={
+            "model": "tiny-llama", "training_file": file_id, "seed": 7,
+            "hyperparameters": {"n_epochs": 1, "batch_size": 4, "max_seq_len": 32},
+            "adapter": {"type": "lora_null_v2", "rank": 2,
+                        "calibration": {"samples": 8, "max_length": 32}},
+            "resources": {"ranks": 1, "device": "cpu"}})
+        assert r.status_code in (200, 201), r.text
+        job_id = r.json()["id"]
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            assert worker.poll() is None, f"worker exited {worker.returncode}:\n{worker_log.read_text()[-3000:]}"
+            job = api.get(f"{server.base}/v1/fine_tuning/jobs/{job_id}").json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(0.25)
+        events = api.get(f"{server.base}/v1/fine_tuning/jobs/{job_id}/events?limit=100").json()
+        assert job["status"] == "succeeded", (
+            f"job ended {job['status']}: {job.get('error')}\nevents: "
+            f"{[e['message'] for e in events['data']]}\nworker log:\n{worker_log.read_text()[-3000:]}")
+        assert job["result_files"], "a succeeded job lists its artifacts"
+        for fid in job["result_files"]:
+            r = api.get(f"{server.base}/v1/files/{fid}/content")
+            assert r.status_code == 200 and len(r.content) > 0
+        # the worker registered under the model folder name the models volume holds
+        models_list = api.get(server.base + "/v1/models").json()
+        assert "tiny-llama" in [m["id"] for m in models_list["data"]]
+    finally:
+        # SIGTERM to the entrypoint's process is SIGTERM to the worker (exec): a clean exit
+        worker.send_signal(signal.SIGTERM)
+        try:
+            rc = worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            rc = worker.wait()
+        server.stop()
+    assert rc == 0, f"worker exited {rc} on SIGTERM:\n{worker_log.read_text()[-3000:]}"
