@@ -89,7 +89,7 @@ def char_offsets(s, byte_offsets):
     return [(b2c[byte_offsets[k]], b2c[byte_offsets[k + 1]]) for k in range(0, len(byte_offsets), 2)]
 
 
-def compare(hf, model_dir, tmp_path, lines):
+def compare(hf, model_dir, tmp_path, lines, roundtrip_required=True):
     """decode(encode(s)) == s is required of every line without an added token in it: around one,
     a SentencePiece-style normalizer prepends "▁" to the following text (HF does the same)."""
     mine = ours(model_dir, tmp_path, lines, add_special=False)
@@ -97,7 +97,7 @@ def compare(hf, model_dir, tmp_path, lines):
     bad = []
     roundtrips = 0
     for s, m in zip(lines, mine):
-        roundtrip = not any(a in s for a in added)
+        roundtrip = roundtrip_required and not any(a in s for a in added)
         roundtrips += roundtrip
         enc = hf.encode(s, add_special_tokens=False)
         if m["ids"] != enc.ids:
@@ -110,7 +110,7 @@ def compare(hf, model_dir, tmp_path, lines):
         if roundtrip and m["text"] != s:
             bad.append(("roundtrip", s, s, m["text"]))
     assert not bad, f"{len(bad)} mismatches of {len(lines)}; first: {bad[:3]}"
-    assert roundtrips > 0.8 * len(lines)
+    assert roundtrips > 0.8 * len(lines) or not roundtrip_required
     # with the post-processor's tokens (BOS), on a part of the corpus
     part = lines[:800]
     mine = ours(model_dir, tmp_path, part, add_special=True)
@@ -138,6 +138,22 @@ def test_trained_sentencepiece_bpe_with_byte_fallback(tmp_path, lines):
     assert compare(hf, d, tmp_path, lines) >= 10000
     fallback = sum(any(3 <= i < 259 for i in hf.encode(s).ids) for s in lines)
     assert fallback > 500, "the corpus should exercise byte fallback"
+
+
+@pytest.mark.parametrize("scheme,split", [("first", False), ("always", True), ("never", False)])
+def test_trained_bpe_with_metaspace_pre_tokenizer(tmp_path, lines, scheme, split):
+    """The other way LLaMA-2 tokenizer.json files spell "▁": a Metaspace pre-tokenizer instead of the
+    normalizer (prepend_scheme first/always/never, split or not). Around leading spaces these do not
+    round-trip in HF either, so only equality with HF is required here."""
+    hf = train_sentencepiece(lines[:3000])
+    hf.normalizer = None
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=split)
+    if split:
+        hf.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=scheme, split=split)
+    d = tmp_path / "meta"
+    d.mkdir()
+    hf.save(str(d / "tokenizer.json"))
+    assert compare(hf, d, tmp_path, lines, roundtrip_required=False) >= 10000
 
 
 @pytest.mark.parametrize("name", ["llama3", "llama2"])

@@ -82,6 +82,10 @@ struct ln_tokenizer {
     int has_split;
     ln_split_pattern split;
     int prefix_space;        /* ByteLevel add_prefix_space */
+    int meta;                /* Metaspace pre-tokenizer: ' ' -> replacement, maybe prepended, maybe split */
+    bytes_t meta_rep;
+    int meta_prepend;        /* 0 never, 1 always, 2 first (only a stretch that starts the input) */
+    int meta_split;
     norm_step *norm;
     int n_norm;
     added_tok *added;
@@ -311,7 +315,25 @@ static int load_pre_tokenizer(ln_tokenizer *t, json_t *p, int *saw_byte_level, l
         }
         return 0;
     }
-    return ln_errf(e, "pre_tokenizer \"%s\" is not supported (supported: Sequence, Split, ByteLevel)", type);
+    if (!strcmp(type, "Metaspace")) {
+        const char *r = json_str(p, "replacement");
+        const char *scheme = json_str(p, "prepend_scheme");
+        json_t *aps = json_object_get(p, "add_prefix_space"), *split = json_object_get(p, "split");
+        if (!r) r = "\xe2\x96\x81";
+        t->meta = 1;
+        t->meta_rep = bytes_dup(r, strlen(r));
+        if (scheme) {
+            if (!strcmp(scheme, "always")) t->meta_prepend = 1;
+            else if (!strcmp(scheme, "first")) t->meta_prepend = 2;
+            else if (!strcmp(scheme, "never")) t->meta_prepend = 0;
+            else return ln_errf(e, "pre_tokenizer Metaspace: unknown prepend_scheme \"%s\"", scheme);
+        } else {
+            t->meta_prepend = !json_is_false(aps);
+        }
+        t->meta_split = !json_is_false(split);
+        return 0;
+    }
+    return ln_errf(e, "pre_tokenizer \"%s\" is not supported (supported: Sequence, Split, ByteLevel, Metaspace)", type);
 }
 
 static int load_decoder(ln_tokenizer *t, json_t *d, ln_err *e) {
@@ -670,6 +692,7 @@ void ln_tokenizer_free(ln_tokenizer *t) {
     free(t->merges.merged);
     for (int i = 0; i < t->n_norm; i++) { free(t->norm[i].a.p); free(t->norm[i].b.p); }
     free(t->norm);
+    free(t->meta_rep.p);
     for (int i = 0; i < t->n_dec; i++) { free(t->dec[i].a.p); free(t->dec[i].b.p); }
     free(t->dec);
     for (int i = 0; i < t->n_added; i++) free(t->added[i].content.p);
@@ -845,6 +868,44 @@ static void widen_to_chars(const uint8_t *text, size_t len, int32_t *a, int32_t 
     while ((size_t)*b < len && (text[*b] & 0xC0) == 0x80) (*b)++;
 }
 
+/* One normalizer step on (*cur, *al, *m): the text, its alignment (2 ints per byte), its length.
+ * Prepend: the new bytes take the first character's original range (nothing on empty text).
+ * Replace: the new bytes take the range of the text they replace. */
+static void apply_norm_step(const norm_step *ns, uint8_t **cur_p, int32_t **al_p, size_t *m_p) {
+    uint8_t *cur = *cur_p;
+    int32_t *al = *al_p;
+    size_t m = *m_p;
+    size_t grow = ns->kind == NORM_PREPEND ? m + (size_t)ns->a.len
+                : m / (size_t)ns->a.len * (size_t)(ns->b.len > ns->a.len ? ns->b.len : ns->a.len) + m;
+    uint8_t *nx = ln_xmalloc(grow + 1);
+    int32_t *na = ln_xmalloc((grow + 1) * 2 * sizeof *na);
+    size_t k = 0;
+    if (ns->kind == NORM_PREPEND) {
+        if (m) {
+            for (int j = 0; j < ns->a.len; j++) { nx[k] = ns->a.p[j]; na[2 * k] = al[0]; na[2 * k + 1] = al[1]; k++; }
+            memcpy(nx + k, cur, m);
+            memcpy(na + 2 * k, al, m * 2 * sizeof *al);
+            k += m;
+        }
+    } else {
+        size_t la = (size_t)ns->a.len;
+        for (size_t i = 0; i < m;) {
+            if (i + la <= m && memcmp(cur + i, ns->a.p, la) == 0) {
+                int32_t os = al[2 * i], oe = al[2 * (i + la - 1) + 1];
+                for (int j = 0; j < ns->b.len; j++) { nx[k] = ns->b.p[j]; na[2 * k] = os; na[2 * k + 1] = oe; k++; }
+                i += la;
+            } else {
+                nx[k] = cur[i]; na[2 * k] = al[2 * i]; na[2 * k + 1] = al[2 * i + 1]; k++; i++;
+            }
+        }
+    }
+    free(cur);
+    free(al);
+    *cur_p = nx;
+    *al_p = na;
+    *m_p = k;
+}
+
 /* Normalizes seg[0..n) (whose first byte is at original offset base) into s->norm with an
  * alignment: every normalized byte maps to the original [start, end) of the character it
  * came from (an inserted prefix takes the first character's). Returns the normalized length. */
@@ -864,37 +925,18 @@ static size_t normalize(const ln_tokenizer *t, scratch *s, const uint8_t *seg, s
         }
         i += (size_t)cl;
     }
-    for (int st = 0; st < t->n_norm; st++) {
-        const norm_step *ns = &t->norm[st];
-        size_t grow = ns->kind == NORM_PREPEND ? m + (size_t)ns->a.len
-                    : m / (size_t)ns->a.len * (size_t)(ns->b.len > ns->a.len ? ns->b.len : ns->a.len) + m;
-        uint8_t *nx = ln_xmalloc(grow + 1);
-        int32_t *na = ln_xmalloc((grow + 1) * 2 * sizeof *na);
-        size_t k = 0;
-        if (ns->kind == NORM_PREPEND) {
-            if (m) {
-                int32_t first_end = al[1];
-                for (int j = 0; j < ns->a.len; j++) { nx[k] = ns->a.p[j]; na[2 * k] = al[0]; na[2 * k + 1] = first_end; k++; }
-                memcpy(nx + k, cur, m);
-                memcpy(na + 2 * k, al, m * 2 * sizeof *al);
-                k += m;
-            }
-        } else {
-            for (size_t i = 0; i < m;) {
-                if (i + (size_t)ns->a.len <= m && memcmp(cur + i, ns->a.p, (size_t)ns->a.len) == 0) {
-                    int32_t os = al[2 * i], oe = al[2 * (i + (size_t)ns->a.len - 1) + 1];
-                    for (int j = 0; j < ns->b.len; j++) { nx[k] = ns->b.p[j]; na[2 * k] = os; na[2 * k + 1] = oe; k++; }
-                    i += (size_t)ns->a.len;
-                } else {
-                    nx[k] = cur[i]; na[2 * k] = al[2 * i]; na[2 * k + 1] = al[2 * i + 1]; k++; i++;
-                }
-            }
+    for (int st = 0; st < t->n_norm; st++) apply_norm_step(&t->norm[st], &cur, &al, &m);
+    if (t->meta) {
+        /* Metaspace: spaces become the replacement, then it is prepended unless the text already
+         * starts with it ("first": only to the stretch that starts the input). */
+        bytes_t space = {(uint8_t *)" ", 1};
+        norm_step rep = {NORM_REPLACE, space, t->meta_rep};
+        apply_norm_step(&rep, &cur, &al, &m);
+        int starts = m >= (size_t)t->meta_rep.len && !memcmp(cur, t->meta_rep.p, (size_t)t->meta_rep.len);
+        if (!starts && (t->meta_prepend == 1 || (t->meta_prepend == 2 && base == 0))) {
+            norm_step pre = {NORM_PREPEND, t->meta_rep, {0}};
+            apply_norm_step(&pre, &cur, &al, &m);
         }
-        free(cur);
-        free(al);
-        cur = nx;
-        al = na;
-        m = k;
     }
     free(s->norm);
     free(s->align);
@@ -909,11 +951,19 @@ static void encode_segment(const ln_tokenizer *t, scratch *s, const uint8_t *tex
     const uint8_t *seg = text + base;
     if (n == 0) return;
     int first = out->n;
-    if (t->n_norm) {
+    if (t->n_norm || t->meta) {
         size_t m = normalize(t, s, seg, n, (int)base);
         size_t pos = 0;
         while (pos < m) {
-            size_t end = t->has_split ? ln_split_match(t->split, s->norm, m, pos) : m;
+            size_t end = m;
+            if (t->meta && t->meta_split) {
+                /* split before every replacement character, which stays with what follows it */
+                size_t rl = (size_t)t->meta_rep.len;
+                for (end = pos + 1; end < m; end++)
+                    if (end + rl <= m && !memcmp(s->norm + end, t->meta_rep.p, rl)) break;
+            } else if (t->has_split) {
+                end = ln_split_match(t->split, s->norm, m, pos);
+            }
             bpe_word(t, s, s->norm + pos, (int)(end - pos), (int)pos, out, offs);
             pos = end;
         }
@@ -1107,14 +1157,9 @@ static void decode_step(const dec_step *st, strv *toks, const int16_t *cp_to_byt
         for (int i = 0; i < toks->n; i++) replace_all(&toks->v[i], &st->a, &st->b);
         return;
     case DEC_METASPACE: {
-        bytes_t sp = {(uint8_t *)" ", 1};
-        for (int i = 0; i < toks->n; i++) {
-            replace_all(&toks->v[i], &st->a, &sp);
-            if (i == 0 && st->start && toks->v[0].len && toks->v[0].p[0] == ' ') {
-                memmove(toks->v[0].p, toks->v[0].p + 1, (size_t)toks->v[0].len);
-                toks->v[0].len--;
-            }
-        }
+        /* every replacement char becomes a space — in the first token it is dropped (HF) */
+        bytes_t sp = {(uint8_t *)" ", 1}, none = {(uint8_t *)"", 0};
+        for (int i = 0; i < toks->n; i++) replace_all(&toks->v[i], &st->a, i == 0 && st->start ? &none : &sp);
         return;
     }
     case DEC_BYTE_FALLBACK: {
