@@ -39,7 +39,7 @@ static const char *write_tmp(const char *name, const char *text) {
 static void test_pretokenized_loads(void **state) {
     (void)state;
     const char *p = write_tmp("ok.jsonl",
-                              "{\"input_ids\":[1,2,3]}\n"
+                              "\xEF\xBB\xBF{\"input_ids\":[1,2,3]}\n"
                               "\n"
                               "{\"input_ids\":[4,5,6,7],\"labels\":[-100,-100,6,7]}\r\n");
     ln_dataset *d = NULL;

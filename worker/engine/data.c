@@ -171,7 +171,8 @@ int ln_dataset_load(const char *path, const ln_tokenizer *tok, const ln_data_opt
     int64_t cap = 0, bad = 0, overlong_rejected = 0;
     ln_err first = {{0}};
     int lineno = 0;
-    for (size_t pos = 0; pos < size;) {
+    size_t start = size >= 3 && !memcmp(buf, "\xEF\xBB\xBF", 3) ? 3 : 0; /* a UTF-8 byte order mark */
+    for (size_t pos = start; pos < size;) {
         const char *line = buf + pos;
         const char *nl = memchr(line, '\n', size - pos);
         size_t len = nl ? (size_t)(nl - line) : size - pos;
