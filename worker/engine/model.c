@@ -513,6 +513,24 @@ static ln_lora *lora_of(const struct ln_adapter *ad, int l, int t)
     return lo->A.w ? lo : NULL;
 }
 
+/* ================================================================ tensor parallelism */
+
+/* Megatron's all-reduce (tensor_parallel.h): sums x over the ranks of a sharded model; a no-op
+ * for a whole model. A failure is remembered and reported by the pass that called it. */
+static void tp_allreduce(ln_model *m, float *x, int64_t n)
+{
+    if (!m->comm || m->comm->size == 1 || m->comm_failed) return;
+    if (comm_allreduce_sum(m->comm, x, n, &m->comm_err)) m->comm_failed = 1;
+}
+
+/* The residual a row-parallel layer adds to: rank 0 adds it, the others start from zero, so that
+ * the all-reduce of the partial outputs adds it exactly once. */
+static void tp_residual(ln_model *m, float *dst, const float *res, int64_t n)
+{
+    if (m->comm && m->comm->rank != 0) m->be->zero(dst, n);
+    else m->be->copy(dst, res, n);
+}
+
 /* ================================================================ one layer */
 
 /* res[l] (N,C) -> res[l+1] (N,C):
@@ -540,8 +558,9 @@ static void layer_forward(ln_model *m, const struct ln_adapter *ad, ln_acts *a, 
     be->rope_forward(a->k[l], m->rope_cos, m->rope_sin, N, T, nkv, hd);
     be->attention_forward(a->att[l], a->probs[l], a->q[l], a->k[l], a->v[l], B, T, nh, nkv, hd);
     if (hook) hook(l, LN_IN_O, a->att[l], N, nh * hd, hctx);
-    be->copy(a->xmid[l], a->res[l], (int64_t)N * C);
+    tp_residual(m, a->xmid[l], a->res[l], (int64_t)N * C);
     linear_forward(be, a->xmid[l], 1.0f, a->att[l], N, &L->lin[LN_O], lora_of(ad, l, LN_O), s, lh[LN_O]);
+    tp_allreduce(m, a->xmid[l], (int64_t)N * C);
 
     be->rmsnorm_forward(a->h2[l], a->rstd2[l], a->xmid[l], L->mlp_norm.w, N, C, c->rms_norm_eps);
     if (hook) hook(l, LN_IN_GATEUP, a->h2[l], N, C, hctx);
@@ -549,8 +568,9 @@ static void layer_forward(ln_model *m, const struct ln_adapter *ad, ln_acts *a, 
     linear_forward(be, a->up[l], 0.0f, a->h2[l], N, &L->lin[LN_UP], lora_of(ad, l, LN_UP), s, lh[LN_UP]);
     be->swiglu_forward(a->act[l], a->gate[l], a->up[l], (int64_t)N * I);
     if (hook) hook(l, LN_IN_DOWN, a->act[l], N, I, hctx);
-    be->copy(a->res[l + 1], a->xmid[l], (int64_t)N * C);
+    tp_residual(m, a->res[l + 1], a->xmid[l], (int64_t)N * C);
     linear_forward(be, a->res[l + 1], 1.0f, a->act[l], N, &L->lin[LN_DOWN], lora_of(ad, l, LN_DOWN), s, lh[LN_DOWN]);
+    tp_allreduce(m, a->res[l + 1], (int64_t)N * C);
 }
 
 /* On entry a->dres = ∂loss/∂res[l+1]; on exit ∂loss/∂res[l]. Weight/factor gradients accumulate. */
@@ -572,6 +592,7 @@ static void layer_backward(ln_model *m, struct ln_adapter *ad, ln_acts *a, int l
                     lh[LN_GATE], a->dlh);
     linear_backward(be, a->dh, 1.0f, a->dup, a->h2[l], N, &L->lin[LN_UP], lora_of(ad, l, LN_UP), s, lh[LN_UP],
                     a->dlh);
+    tp_allreduce(m, a->dh, (int64_t)N * C); /* column-parallel: each rank holds part of ∂/∂h2 */
     be->rmsnorm_backward(a->dres, L->mlp_norm.g, a->dh, a->xmid[l], L->mlp_norm.w, a->rstd2[l], N, C);
 
     /* Attention: xmid = x + att Woᵀ. */
@@ -584,8 +605,10 @@ static void layer_backward(ln_model *m, struct ln_adapter *ad, ln_acts *a, int l
     linear_backward(be, a->dh, 0.0f, a->dq, a->h1[l], N, &L->lin[LN_Q], lora_of(ad, l, LN_Q), s, lh[LN_Q], a->dlh);
     linear_backward(be, a->dh, 1.0f, a->dk, a->h1[l], N, &L->lin[LN_K], lora_of(ad, l, LN_K), s, lh[LN_K], a->dlh);
     linear_backward(be, a->dh, 1.0f, a->dv, a->h1[l], N, &L->lin[LN_V], lora_of(ad, l, LN_V), s, lh[LN_V], a->dlh);
-    if (need_dx || L->attn_norm.g)
+    if (need_dx || L->attn_norm.g) {
+        tp_allreduce(m, a->dh, (int64_t)N * C);
         be->rmsnorm_backward(a->dres, L->attn_norm.g, a->dh, a->res[l], L->attn_norm.w, a->rstd1[l], N, C);
+    }
 }
 
 /* ================================================================ whole model */
@@ -609,6 +632,7 @@ int ln_model_forward(ln_model *m, const struct ln_adapter *ad, ln_acts *a, const
     rope_ensure(m, T);
     be->embedding_forward(a->res[0], b->ids, m->embed.w, N, C);
     for (int l = 0; l < c->num_layers; l++) layer_forward(m, ad, a, l, B, T, o);
+    if (m->comm_failed) return ln_errf(e, "forward: %s", m->comm_err.msg);
     if (o && o->no_logits) return 0;
     /* xf = rmsnorm(res[L]) ; logits = xf Wlmᵀ (N, V) */
     be->rmsnorm_forward(a->xf, a->rstdf, a->res[c->num_layers], m->norm.w, N, C, c->rms_norm_eps);
@@ -652,6 +676,7 @@ int ln_model_backward(ln_model *m, struct ln_adapter *ad, ln_acts *a, const ln_b
             if (layer_trains(m, ad, l)) { lowest = l; break; }
     }
     for (int l = L - 1; l >= lowest; l--) layer_backward(m, ad, a, l, B, T, l > lowest || m->embed.g != NULL);
+    if (m->comm_failed) return ln_errf(e, "backward: %s", m->comm_err.msg);
     if (m->embed.g) be->embedding_backward(m->embed.g, a->dres, b->ids, N, C);
     return 0;
 }

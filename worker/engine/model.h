@@ -22,6 +22,7 @@
 
 #include "common/err.h"
 #include "worker/backend/backend.h"
+#include "worker/backend/comm/comm.h"
 #include "worker/engine/config.h"
 
 typedef enum { LN_Q, LN_K, LN_V, LN_O, LN_GATE, LN_UP, LN_DOWN, LN_NTARGET } ln_target;
@@ -64,6 +65,12 @@ typedef struct ln_model {
     int tied;
     float *rope_cos, *rope_sin;  /* (rope_T, head_dim/2) */
     int rope_T;
+    /* Tensor parallelism (tensor_parallel.h): this model is one rank's shard and the passes sum
+     * row-parallel outputs (and column-parallel input gradients) over comm. NULL = whole model.
+     * A failed collective is kept in comm_err and returned by the pass. Borrowed, not owned. */
+    ln_comm *comm;
+    int comm_failed;
+    ln_err comm_err;
 } ln_model;
 
 void ln_model_target_dims(const ln_config *c, ln_target t, int *d_out, int *d_in);

@@ -1,0 +1,317 @@
+/* Tensor parallelism on the CPU thread backend: a tiny GQA LLaMA sharded over 2 and 4 ranks must
+ * give the same logits, loss, every gradient (each rank's shard against the matching block of the
+ * 1-rank gradient) and 20 AdamW-step losses (with global-norm clipping) as 1 rank, within 1e-5
+ * (relative to the largest entry). Three cases: LoRA on all seven targets with A and B training,
+ * LoRA-Null-v2-style (A frozen, residual W0 − BA), and full fine-tuning. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "worker/backend/comm/comm.h"
+#include "worker/engine/adapter.h"
+#include "worker/engine/model.h"
+#include "worker/engine/optim.h"
+#include "worker/engine/rng.h"
+#include "worker/engine/tensor_parallel.h"
+#include "worker/engine/train.h"
+
+#define TOL 1e-5
+#define STEPS 20
+#define BATCH 2
+#define SEQ 10
+
+static const char *CONFIG =
+    "{\"vocab_size\":48,\"hidden_size\":32,\"intermediate_size\":48,\"num_hidden_layers\":2,"
+    "\"num_attention_heads\":8,\"num_key_value_heads\":4,\"head_dim\":8,\"max_position_embeddings\":64,"
+    "\"rms_norm_eps\":1e-5,\"rope_theta\":10000.0,\"tie_word_embeddings\":false}";
+
+typedef enum { CASE_LORA, CASE_NULL_V2, CASE_FULL } tp_case;
+
+/* The whole model and adapter of a case, the same bits every time it is built. */
+static void build_full(tp_case k, ln_model **m, ln_adapter *ad)
+{
+    ln_config cfg;
+    ln_err e = {{0}};
+    assert_int_equal(ln_config_parse(CONFIG, "tp-config", &cfg, &e), 0);
+    assert_int_equal(ln_model_new_random(&cfg, lnb_cpu(), 11, m, &e), 0);
+    if (k == CASE_FULL) {
+        memset(ad, 0, sizeof *ad);
+        snprintf(ad->method, sizeof ad->method, "full");
+        ad->full = 1;
+        ad->num_layers = cfg.num_layers;
+        assert_int_equal(ln_model_set_full_training(*m, &e), 0);
+        return;
+    }
+    assert_int_equal(ln_adapter_alloc(*m, ad, k == CASE_LORA ? "lora" : "lora_null_v2", 4, k == CASE_LORA ? 8.0f : 4.0f,
+                                      LN_TARGETS_ALL, &e), 0);
+    ln_rng r;
+    ln_rng_seed(&r, 5);
+    for (int i = 0; i < cfg.num_layers * LN_NTARGET; i++) {
+        ln_lora *lo = &ad->lora[i];
+        for (int64_t j = 0; j < lo->A.n; j++) lo->A.w[j] = 0.2f * ln_rng_normal(&r);
+        for (int64_t j = 0; j < lo->B.n; j++) lo->B.w[j] = 0.2f * ln_rng_normal(&r);
+    }
+    if (k == CASE_NULL_V2) {
+        assert_int_equal(ln_adapter_make_residual(*m, ad, &e), 0);
+        for (int i = 0; i < cfg.num_layers * LN_NTARGET; i++)
+            assert_int_equal(ln_param_set_trainable(lnb_cpu(), &ad->lora[i].A, 0, &e), 0);
+    }
+}
+
+static void make_batch(ln_batch *b)
+{
+    ln_rng r;
+    ln_rng_seed(&r, 99);
+    b->B = BATCH;
+    b->T = SEQ;
+    b->ids = malloc(BATCH * SEQ * sizeof(int32_t));
+    b->targets = malloc(BATCH * SEQ * sizeof(int32_t));
+    b->n_targets = 0;
+    for (int i = 0; i < BATCH * SEQ; i++) {
+        b->ids[i] = (int32_t)(ln_rng_u64(&r) % 48);
+        b->targets[i] = i % 7 == 3 ? -100 : (int32_t)(ln_rng_u64(&r) % 48);
+        b->n_targets += b->targets[i] >= 0;
+    }
+}
+
+/* What one run (1 rank, or one rank of N) produces. */
+typedef struct run_out {
+    float *logits;          /* N × V after the first forward */
+    double loss0;
+    float **grads;          /* copies of every trainable gradient after the first backward */
+    int ngrads;
+    double losses[STEPS];
+} run_out;
+
+typedef struct rank_ctx {
+    tp_case k;
+    ln_model *full;
+    ln_adapter *full_ad;
+    run_out out;
+    ln_model *shard;        /* kept for the comparison after the threads end */
+    ln_adapter shard_ad;
+} rank_ctx;
+
+/* The first forward/backward, then STEPS AdamW steps with clipping by the global norm. */
+static int run(ln_model *m, ln_adapter *ad, run_out *o, ln_err *e)
+{
+    ln_batch b;
+    make_batch(&b);
+    ln_param **params;
+    int n = ln_trainable_params(m, ad, &params);
+    ln_optim_cfg oc = ln_optim_defaults();
+    oc.lr = 1e-2f;
+    oc.weight_decay = 0.01f;
+    oc.max_grad_norm = 0.5f;
+    oc.total_steps = STEPS;
+    oc.warmup_steps = 2;
+    ln_optim opt;
+    ln_acts *acts = ln_acts_new();
+    int rc = ln_optim_init(&opt, m->be, params, n, &oc, e);
+    for (int s = 0; s < STEPS && rc == 0; s++) {
+        ln_optim_zero_grad(&opt);
+        double loss;
+        rc = ln_model_forward(m, ad, acts, &b, NULL, &loss, e);
+        if (rc == 0) rc = ln_model_backward(m, ad, acts, &b, 1.0f / (float)b.n_targets, e);
+        if (rc == 0) rc = ln_tp_reduce_grads(m, ad, e);
+        double norm = 0;
+        if (rc == 0) rc = ln_tp_grad_norm(m, ad, &norm, e);
+        if (rc) break;
+        o->losses[s] = loss / (double)b.n_targets;
+        if (s == 0) {
+            /* logits were overwritten by the backward: run the forward once more for them */
+            int64_t NV = (int64_t)b.B * b.T * m->cfg.vocab_size;
+            o->loss0 = loss;
+            o->ngrads = n;
+            o->grads = calloc((size_t)n, sizeof(float *));
+            for (int i = 0; i < n; i++) {
+                o->grads[i] = malloc((size_t)params[i]->n * sizeof(float));
+                memcpy(o->grads[i], params[i]->g, (size_t)params[i]->n * sizeof(float));
+            }
+            o->logits = malloc((size_t)NV * sizeof(float));
+            double l2;
+            ln_acts *a2 = ln_acts_new();
+            rc = ln_model_forward(m, ad, a2, &b, NULL, &l2, e);
+            memcpy(o->logits, ln_acts_logits(a2), (size_t)NV * sizeof(float));
+            ln_acts_free(m, a2);
+            if (rc) break;
+        }
+        float clip = norm > oc.max_grad_norm ? (float)(oc.max_grad_norm / (norm + 1e-6)) : 1.0f;
+        ln_optim_step(&opt, ln_lr_at(&oc, s), clip);
+    }
+    ln_acts_free(m, acts);
+    ln_optim_free(&opt);
+    free(params);
+    ln_batch_free(&b);
+    return rc;
+}
+
+static int rank_main(ln_comm *c, void *p, ln_err *e)
+{
+    rank_ctx *x = p;
+    if (ln_tp_shard_model(x->full, c, &x->shard, e)) return -1;
+    if (ln_tp_shard_adapter(x->full, x->full_ad, x->shard, &x->shard_ad, e)) return -1;
+    return run(x->shard, &x->shard_ad, &x->out, e);
+}
+
+static double maxabs(const float *a, int64_t n)
+{
+    double m = 0;
+    for (int64_t i = 0; i < n; i++) m = fabs(a[i]) > m ? fabs(a[i]) : m;
+    return m;
+}
+
+/* max |shard − block of ref| / max |ref| over the block a shard param holds. */
+static double block_err(const float *shard, int rows, int cols, const float *ref, int ref_cols, int r0, int c0,
+                        double scale)
+{
+    double worst = 0;
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) {
+            double d = fabs((double)shard[(int64_t)i * cols + j] - ref[(int64_t)(r0 + i) * ref_cols + c0 + j]);
+            worst = d > worst ? d : worst;
+        }
+    return worst / (scale > 0 ? scale : 1);
+}
+
+/* Finds the full param matching a shard param by name (names are the same on every rank). */
+static int find_param(ln_param **ps, int n, const char *name)
+{
+    for (int i = 0; i < n; i++)
+        if (strcmp(ps[i]->name, name) == 0) return i;
+    return -1;
+}
+
+/* Which rows/columns of the full tensor rank k's param holds (see tensor_parallel.h). */
+static void block_of(const char *name, const ln_param *full, const ln_param *sh, int k, int *r0, int *c0)
+{
+    *r0 = *c0 = 0;
+    int row_par = strstr(name, "o_proj") || strstr(name, "down_proj");
+    if (sh->rows == full->rows && sh->cols == full->cols) return; /* replicated */
+    if (strstr(name, "lora_A") || (!strstr(name, "lora_") && row_par)) *c0 = k * sh->cols;
+    else *r0 = k * sh->rows;
+}
+
+static void check_case(tp_case k, int R)
+{
+    /* 1 rank */
+    ln_model *ref_m;
+    ln_adapter ref_ad;
+    build_full(k, &ref_m, &ref_ad);
+    run_out ref = {0};
+    ln_err e = {{0}};
+    assert_int_equal(run(ref_m, &ref_ad, &ref, &e), 0);
+    ln_param **ref_ps;
+    int nref = ln_trainable_params(ref_m, &ref_ad, &ref_ps);
+    assert_int_equal(nref, ref.ngrads);
+
+    /* R ranks, sharded from a pristine copy */
+    ln_model *full;
+    ln_adapter full_ad;
+    build_full(k, &full, &full_ad);
+    rank_ctx *ctx = calloc((size_t)R, sizeof *ctx);
+    void *ptrs[8];
+    for (int r = 0; r < R; r++) {
+        ctx[r] = (rank_ctx){.k = k, .full = full, .full_ad = &full_ad};
+        ptrs[r] = &ctx[r];
+    }
+    int rc = comm_thread_run(R, rank_main, ptrs, &e);
+    if (rc) fail_msg("%d ranks: %s", R, e.msg);
+
+    int64_t NV = (int64_t)BATCH * SEQ * 48;
+    double lscale = maxabs(ref.logits, NV), worst_logit = 0, worst_grad = 0, worst_loss = 0;
+    for (int r = 0; r < R; r++) {
+        run_out *o = &ctx[r].out;
+        for (int64_t i = 0; i < NV; i++) {
+            double d = fabs((double)o->logits[i] - ref.logits[i]) / lscale;
+            worst_logit = d > worst_logit ? d : worst_logit;
+        }
+        double dl = fabs(o->loss0 - ref.loss0) / fabs(ref.loss0);
+        worst_loss = dl > worst_loss ? dl : worst_loss;
+        ln_param **ps;
+        int n = ln_trainable_params(ctx[r].shard, &ctx[r].shard_ad, &ps);
+        assert_int_equal(n, o->ngrads);
+        assert_int_equal(n, nref); /* the same parameters exist on every rank, sharded or not */
+        for (int i = 0; i < n; i++) {
+            int j = find_param(ref_ps, nref, ps[i]->name);
+            if (j < 0) fail_msg("rank %d has %s, the 1-rank run does not", r, ps[i]->name);
+            int r0, c0;
+            block_of(ps[i]->name, ref_ps[j], ps[i], r, &r0, &c0);
+            double err = block_err(o->grads[i], ps[i]->rows, ps[i]->cols, ref.grads[j], ref_ps[j]->cols, r0, c0,
+                                   maxabs(ref.grads[j], ref_ps[j]->n));
+            if (err > TOL) fail_msg("case %d, %d ranks, rank %d: gradient of %s differs by %.3g (relative)", k, R, r,
+                                    ps[i]->name, err);
+            worst_grad = err > worst_grad ? err : worst_grad;
+        }
+        for (int s = 0; s < STEPS; s++) {
+            double d = fabs(o->losses[s] - ref.losses[s]) / fabs(ref.losses[s]);
+            if (d > TOL) fail_msg("case %d, %d ranks, rank %d: step %d loss %.9g vs %.9g", k, R, r, s, o->losses[s],
+                                  ref.losses[s]);
+            worst_loss = d > worst_loss ? d : worst_loss;
+        }
+        free(ps);
+    }
+    printf("  case %d, %d ranks: logits %.2e, gradients %.2e, losses %.2e (relative); loss %.6f -> %.6f in %d steps\n", k,
+           R, worst_logit, worst_grad, worst_loss, ref.losses[0], ref.losses[STEPS - 1], STEPS);
+    assert_true(worst_logit <= TOL);
+    /* training really moved: the 20-step loss is lower than the first */
+    assert_true(ref.losses[STEPS - 1] < ref.losses[0] - 0.05);
+
+    for (int r = 0; r < R; r++) {
+        run_out *o = &ctx[r].out;
+        for (int i = 0; i < o->ngrads; i++) free(o->grads[i]);
+        free(o->grads);
+        free(o->logits);
+        if (!ctx[r].shard_ad.full) ln_adapter_free(&ctx[r].shard_ad);
+        ln_model_free(ctx[r].shard);
+    }
+    free(ctx);
+    for (int i = 0; i < ref.ngrads; i++) free(ref.grads[i]);
+    free(ref.grads);
+    free(ref.logits);
+    free(ref_ps);
+    if (!ref_ad.full) ln_adapter_free(&ref_ad);
+    if (!full_ad.full) ln_adapter_free(&full_ad);
+    ln_model_free(ref_m);
+    ln_model_free(full);
+}
+
+static void test_lora_2_ranks(void **s) { (void)s; check_case(CASE_LORA, 2); }
+static void test_lora_4_ranks(void **s) { (void)s; check_case(CASE_LORA, 4); }
+static void test_null_v2_2_ranks(void **s) { (void)s; check_case(CASE_NULL_V2, 2); }
+static void test_null_v2_4_ranks(void **s) { (void)s; check_case(CASE_NULL_V2, 4); }
+static void test_full_2_ranks(void **s) { (void)s; check_case(CASE_FULL, 2); }
+static void test_full_4_ranks(void **s) { (void)s; check_case(CASE_FULL, 4); }
+
+static void test_shard_config_errors(void **s)
+{
+    (void)s;
+    ln_config cfg, sh;
+    ln_err e = {{0}};
+    assert_int_equal(ln_config_parse(CONFIG, "tp-config", &cfg, &e), 0);
+    assert_int_equal(ln_tp_shard_config(&cfg, 3, &sh, &e), -1);
+    assert_non_null(strstr(e.msg, "num_attention_heads 8 does not divide by 3 ranks"));
+    assert_int_equal(ln_tp_shard_config(&cfg, 8, &sh, &e), -1);
+    assert_non_null(strstr(e.msg, "num_key_value_heads 4"));
+    assert_int_equal(ln_tp_shard_config(&cfg, 4, &sh, &e), 0);
+    assert_int_equal(sh.num_heads, 2);
+    assert_int_equal(sh.num_kv_heads, 1);
+    assert_int_equal(sh.intermediate_size, 12);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_shard_config_errors),
+        cmocka_unit_test(test_lora_2_ranks),   cmocka_unit_test(test_lora_4_ranks),
+        cmocka_unit_test(test_null_v2_2_ranks), cmocka_unit_test(test_null_v2_4_ranks),
+        cmocka_unit_test(test_full_2_ranks),   cmocka_unit_test(test_full_4_ranks),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,52 @@
+/* tensor_parallel.h — Megatron-style tensor parallelism of a LLaMA model over the ranks of a comm
+ * group (DESIGN.md §3).
+ *
+ * The split, for R ranks and rank k:
+ *   column-parallel (split by output rows):  q, k, v (whole heads: rank k has query heads
+ *     [k·nh/R, (k+1)·nh/R) and kv heads [k·nkv/R, …) — so GQA groups stay on one rank), gate, up;
+ *   row-parallel (split by input columns):   o (the same heads), down (the same intermediate rows);
+ *   replicated: embeddings, norms, lm_head.
+ * A rank's shard is itself an ln_model whose config has nh/R, nkv/R heads and I/R intermediate
+ * units, with m->comm set: the model's passes then all-reduce the row-parallel outputs (forward)
+ * and the column-parallel input gradients (backward) — Megatron's f/g operators, one all-reduce
+ * after each row-parallel layer (model.c).
+ * LoRA factors follow their base weight: for a column-parallel W (d_out × d_in), B is split by
+ * rows like W and A (r × d_in) is replicated; for a row-parallel W, A is split by columns like W and
+ * B (d_out × r) is replicated. Each rank's gradient of a replicated factor is a partial sum, so
+ * after the last micro-batch of a step ln_tp_reduce_grads sums them over the ranks (once per
+ * step, not per micro-batch, since gradients accumulate).
+ *
+ * Ownership: shards are new objects owned by the caller (ln_model_free / ln_adapter_free); the
+ * comm is borrowed and must outlive the shard's passes. */
+#ifndef LN_TENSOR_PARALLEL_H
+#define LN_TENSOR_PARALLEL_H
+
+#include "common/err.h"
+#include "worker/backend/comm/comm.h"
+#include "worker/engine/adapter.h"
+#include "worker/engine/model.h"
+#include "worker/engine/optim.h"
+
+/* The config of one of `size` shards; fails, naming the field, when heads, kv heads or the
+ * intermediate size do not divide by size. */
+int ln_tp_shard_config(const ln_config *full, int size, ln_config *shard, ln_err *e);
+
+/* Does target t split by output (column-parallel)? Otherwise by input (row-parallel: o, down). */
+int ln_tp_column_parallel(ln_target t);
+
+/* Rank comm_rank(c)'s shard of the whole model `full` (same backend), with out->comm = c. */
+int ln_tp_shard_model(const ln_model *full, ln_comm *c, ln_model **out, ln_err *e);
+
+/* The same rank's shard of adapter `ad` of `full`, on `shard`: factors split as above, the
+ * trainable flags, A0/B0 and residual flag carried over. */
+int ln_tp_shard_adapter(const ln_model *full, const ln_adapter *ad, ln_model *shard, ln_adapter *out, ln_err *e);
+
+/* Sums the partial gradients of the replicated LoRA factors over the ranks (see above). Call once
+ * per optimizer step, after the last backward and before clipping. */
+int ln_tp_reduce_grads(ln_model *shard, ln_adapter *ad, ln_err *e);
+
+/* The global gradient norm √(Σ g²) of the whole (unsharded) model: sharded gradients summed over
+ * the ranks, replicated ones counted once. Equal on every rank. */
+int ln_tp_grad_norm(ln_model *shard, ln_adapter *ad, double *norm, ln_err *e);
+
+#endif
