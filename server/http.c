@@ -105,6 +105,13 @@ enum MHD_Result http_text(http_req *r, unsigned status, const char *ctype, const
 }
 
 enum MHD_Result http_json(http_req *r, unsigned status, json_t *body) {
+    if (!body) {
+        /* json_pack refused its input (a bug, e.g. invalid UTF-8 reached it): say so, do not crash. */
+        static const char fallback[] = "{\"error\":{\"message\":\"The server could not encode its reply.\","
+                                       "\"type\":\"server_error\",\"param\":null,\"code\":\"encoding_error\"}}";
+        ln_log(LN_LOG_ERROR, "http", "%s %s: reply could not be encoded", r->method, r->path);
+        return http_text(r, 500, "application/json", fallback, sizeof fallback - 1);
+    }
     char *s = json_dumps(body, JSON_COMPACT);
     json_decref(body);
     struct MHD_Response *resp = MHD_create_response_from_buffer(strlen(s), s, MHD_RESPMEM_MUST_FREE);
@@ -124,6 +131,10 @@ enum MHD_Result http_error(http_req *r, unsigned status, const char *type, const
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    /* Messages may quote request data (ids from URLs, field values): keep them printable ASCII,
+     * so the JSON encoder never sees invalid UTF-8 or control bytes. */
+    for (char *p = msg; *p; p++)
+        if ((unsigned char)*p < 0x20 || (unsigned char)*p >= 0x7f) *p = '?';
     json_t *err = json_pack("{s:{s:s, s:s, s:o, s:o}}", "error", "message", msg, "type", type, "param",
                             param && *param ? json_string(param) : json_null(), "code",
                             code ? json_string(code) : json_null());
@@ -284,6 +295,7 @@ static enum MHD_Result post_iter(void *cls, enum MHD_ValueKind kind, const char 
                                  const char *content_type, const char *transfer_encoding, const char *data,
                                  uint64_t off, size_t size) {
     http_req *r = cls;
+    if (!key) return MHD_YES; /* libmicrohttpd 0.9.75 passes NULL for some malformed parts */
     if (strcmp(key, "file") == 0 && filename) {
         if (!r->up.have_file) {
             r->up.have_file = 1;
@@ -418,7 +430,8 @@ static void request_body(http_req *r, const char *data, size_t n) {
     http_route_def *d = &g_routes[r->route];
     switch (d->body) {
     case HTTP_BODY_MULTIPART:
-        if (MHD_post_process(r->up.pp, data, n) != MHD_YES) r->up.io_error = r->up.io_error ? 1 : 2;
+        /* After a parse failure the post processor is not fed again. */
+        if (!r->up.io_error && MHD_post_process(r->up.pp, data, n) != MHD_YES) r->up.io_error = 2;
         break;
     case HTTP_BODY_RAW:
         upload_write(r, data, n);
