@@ -211,7 +211,7 @@ static int parse_method(const json_t *m, ln_hparams *hp, char *param, ln_err *e)
     return parse_hparams(h, "method.supervised.hyperparameters.", 0, hp, NULL, param, e);
 }
 
-static int parse_targets(const json_t *arr, ln_adapter *a, char *param, ln_err *e) {
+static int parse_targets(const json_t *arr, ln_jobspec_adapter *a, char *param, ln_err *e) {
     if (!json_is_array(arr) || json_array_size(arr) == 0)
         return fail(param, e, "adapter.target_modules", "must be a non-empty array of layer names%s", "");
     int chosen[LN_JOBSPEC_MAX_TARGETS] = {0};
@@ -239,7 +239,7 @@ static int parse_targets(const json_t *arr, ln_adapter *a, char *param, ln_err *
     return 0;
 }
 
-static int parse_adapter(const json_t *a, ln_adapter *ad, char *param, ln_err *e) {
+static int parse_adapter(const json_t *a, ln_jobspec_adapter *ad, char *param, ln_err *e) {
     static const char *const keys[] = {"type", "rank", "alpha", "target_modules", "calibration", NULL};
     if (check_keys(a, keys, "adapter.", param, e) != 0) return -1;
     char type[32];

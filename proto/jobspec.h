@@ -60,7 +60,7 @@ typedef struct ln_hparams {
     int save_interval;             /* steps, 0 = only at the end; default 0 */
 } ln_hparams;
 
-typedef struct ln_adapter {
+typedef struct ln_jobspec_adapter {
     ln_adapter_type type;          /* default lora_null_v2 */
     int rank;                      /* 1..4096 (ignored for full) */
     double alpha;                  /* default = rank (scale 1) */
@@ -69,7 +69,7 @@ typedef struct ln_adapter {
     char calibration_file[72];     /* "" = calibrate on the training file */
     int calibration_samples;       /* 1..1000000 */
     int calibration_max_length;    /* 1..1048576 */
-} ln_adapter;
+} ln_jobspec_adapter;
 
 /* A parsed spec. Owns metadata (a JSON object or NULL): free with ln_jobspec_free. */
 typedef struct ln_jobspec {
@@ -80,7 +80,7 @@ typedef struct ln_jobspec {
     char suffix[65];               /* "" = none */
     json_t *metadata;
     ln_hparams hp;
-    ln_adapter adapter;
+    ln_jobspec_adapter adapter;
     int ranks;                     /* 1..64 */
     ln_device_kind device;
 } ln_jobspec;

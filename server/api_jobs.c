@@ -108,6 +108,14 @@ static enum MHD_Result jobs_list(http_req *r) {
                               "Query parameter 'after' names no job of this project.");
     }
     const char *status = http_query(r, "status");
+    static const char *const known[] = {"validating_files", "queued", "running", "paused", "succeeded", "failed",
+                                        "cancelled"};
+    int status_ok = !status;
+    for (size_t i = 0; status && i < sizeof known / sizeof known[0]; i++) status_ok |= strcmp(status, known[i]) == 0;
+    if (!status_ok)
+        return http_error(r, 400, "invalid_request_error", "invalid_parameter", "status",
+                          "Query parameter 'status' must be one of validating_files, queued, running, paused, "
+                          "succeeded, failed, cancelled.");
     sqlite3_stmt *st = store_stmt("SELECT id FROM jobs WHERE project_id=? AND seq<? AND (?3 IS NULL OR status=?3) "
                                   "ORDER BY seq DESC LIMIT ?");
     sqlite3_bind_text(st, 1, r->project_id, -1, SQLITE_STATIC);
