@@ -1,0 +1,795 @@
+/* wd_daemon.c — the worker's protocol loop (see wd_daemon.h). */
+#include "worker/daemon/wd_daemon.h"
+
+#include <ftw.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <uv.h>
+
+#include "common/log.h"
+#include "common/util.h"
+#include "proto/jobspec.h"
+#include "worker/daemon/wd_http.h"
+#include "worker/daemon/wd_models.h"
+#include "worker/daemon/wd_outbox.h"
+#include "worker/daemon/wd_run.h"
+
+#define TICK_MS 100
+#define BACKOFF_MIN_S 1.0
+#define BACKOFF_MAX_S 15.0
+#define WORKER_HEARTBEAT_S 10.0
+#define MAX_DOWNLOADS 4
+#define OUTBOX_MAX_EVENTS 2000
+#define OUTBOX_MAX_POINTS 20000
+
+typedef enum { PHASE_DOWNLOADING, PHASE_RUNNING, PHASE_UPLOADING, PHASE_REPORTING } job_phase;
+typedef enum { FINAL_COMPLETE, FINAL_FAIL, FINAL_RELEASE } final_kind;
+
+typedef struct wd_daemon wd_daemon;
+
+/* A leased job, from the lease to its last report. Owned by the daemon (d->job). */
+typedef struct wd_job {
+    wd_daemon *d;
+    char id[64];
+    long long gen;
+    int attempt;
+    double hb_interval;
+    job_phase phase;
+    wd_outbox out;
+    wd_run run;
+    int run_started;
+    wd_stop lost;                          /* the lease is gone (cancel, pause, lost) */
+
+    int ndl, idl, dl_busy;                 /* downloads, one at a time */
+    char dl_path[MAX_DOWNLOADS][WD_PATH_MAX];
+    char dl_url[MAX_DOWNLOADS][160];
+
+    int hb_busy, unreachable;
+    double next_hb, next_worker_hb;
+
+    int flush_busy;
+    double next_flush, flush_backoff;
+    json_t *fl_events, *fl_metrics;        /* the batch in flight (given back on failure) */
+
+    int ck_busy, ck_have;                  /* checkpoint upload: file, then its record */
+    int64_t ck_step;
+    char ck_dir[WD_PATH_MAX];
+    double ck_next, ck_backoff;
+
+    char **results;                        /* result files to upload, in order */
+    int nres, ires, res_busy;
+    double res_next, res_backoff;
+
+    final_kind final;
+    int final_busy;
+    double final_next, final_backoff;
+} wd_job;
+
+struct wd_daemon {
+    wd_config cfg;
+    uv_loop_t *loop;
+    wd_http *http;
+    uv_timer_t tick;
+    uv_signal_t sigterm, sigint;
+    uv_async_t wake;
+    char worker_id[64];
+    json_t *models;
+    char device_kind[8];
+    int registered, busy;                  /* busy: register or lease in flight */
+    double next_try, backoff;
+    wd_job *job;
+    int signals;                           /* SIGTERM/SIGINT received */
+    double deadline;
+    int closing, exit_code;
+};
+
+static void pump(wd_daemon *d);
+
+/* ---------------------------------------------------------------- helpers */
+
+static double backoff_next(double *b) {
+    *b = *b <= 0 ? BACKOFF_MIN_S : fmin(*b * 2, BACKOFF_MAX_S);
+    return *b;
+}
+
+static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
+    return remove(path);
+}
+
+static void rm_rf(const char *dir) { nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS); }
+
+static void on_closed(uv_handle_t *h) {}
+
+static void daemon_close(wd_daemon *d, int code) {
+    if (d->closing) return;
+    d->closing = 1;
+    d->exit_code = code;
+    uv_timer_stop(&d->tick);
+    uv_close((uv_handle_t *)&d->tick, on_closed);
+    uv_close((uv_handle_t *)&d->sigterm, on_closed);
+    uv_close((uv_handle_t *)&d->sigint, on_closed);
+    uv_close((uv_handle_t *)&d->wake, on_closed);
+    wd_http_free(d->http);
+    d->http = NULL;
+}
+
+static char *job_path(const wd_job *j, const char *sub) {
+    char rel[WD_PATH_MAX];
+    snprintf(rel, sizeof rel, "jobs/%s%s%s", j->id, sub ? "/" : "", sub ? sub : "");
+    return ln_path_join(j->d->cfg.work_dir, rel);
+}
+
+/* ---------------------------------------------------------------- job end */
+
+static void job_free(wd_job *j) {
+    for (int i = 0; i < j->nres; i++) free(j->results[i]);
+    free(j->results);
+    json_decref(j->fl_events);
+    json_decref(j->fl_metrics);
+    wd_outbox_destroy(&j->out);
+    free(j);
+}
+
+/* The job is over for this worker (reported, or its lease is gone). The run thread has ended. */
+static void job_end(wd_job *j, const char *how) {
+    wd_daemon *d = j->d;
+    if (d->http) wd_http_abort_ctx(d->http, j);
+    int keep = j->lost == WD_STOP_PAUSE || j->lost == WD_STOP_LEASE_LOST || j->final == FINAL_RELEASE;
+    if (j->run_started) wd_run_finish(&j->run);
+    else ln_jobspec_free(&j->run.spec);
+    ln_log(LN_LOG_INFO, "worker", "job %s: %s", j->id, how);
+    if (!keep) {
+        /* Done with for good: its files, checkpoints and export are on the server. */
+        char *dir = job_path(j, NULL);
+        rm_rf(dir);
+        free(dir);
+    }
+    d->job = NULL;
+    job_free(j);
+    if (d->cfg.once || d->signals) daemon_close(d, 0);
+}
+
+/* The lease is gone: stop the run within a step, send nothing more. */
+static void job_lost(wd_job *j, wd_stop why, const char *msg) {
+    if (j->lost) return;
+    j->lost = why;
+    if (j->run_started) atomic_store(&j->run.stop, why);
+    wd_http_abort_ctx(j->d->http, j);
+    j->hb_busy = j->flush_busy = j->ck_busy = j->res_busy = j->final_busy = j->dl_busy = 0;
+    wd_outbox_clear(&j->out);
+    const char *what = why == WD_STOP_CANCEL ? "cancelled" : why == WD_STOP_PAUSE ? "paused" : "lost its lease";
+    ln_log(LN_LOG_WARN, "worker", "job %s %s: %s; stopping", j->id, what, msg);
+}
+
+/* A 409/404 on a report: which way the lease went. */
+static void job_refused(wd_job *j, const wd_resp *r) {
+    char msg[1024];
+    wd_resp_message(r, msg, sizeof msg);
+    wd_stop why = strstr(msg, " is cancelled") ? WD_STOP_CANCEL : strstr(msg, " is paused") ? WD_STOP_PAUSE : WD_STOP_LEASE_LOST;
+    job_lost(j, why, msg);
+}
+
+static int refused(const wd_resp *r) { return r->status == 409 || r->status == 404; }
+
+/* ---------------------------------------------------------------- heartbeats */
+
+static void on_job_heartbeat(const wd_resp *r, void *ctx) {
+    wd_job *j = ctx;
+    j->hb_busy = 0;
+    if (r->status == 200) {
+        if (j->unreachable) ln_log(LN_LOG_INFO, "worker", "job %s: the server answers again; the lease is still ours", j->id);
+        j->unreachable = 0;
+    } else if (refused(r)) {
+        job_refused(j, r);
+    } else if (!j->unreachable) {
+        char msg[1024];
+        wd_resp_message(r, msg, sizeof msg);
+        ln_log(LN_LOG_WARN, "worker", "job %s: heartbeat failed (%s); training goes on and reports are kept", j->id, msg);
+        j->unreachable = 1;
+    }
+    pump(j->d);
+}
+
+static void on_worker_heartbeat(const wd_resp *r, void *ctx) {
+    wd_job *j = ctx;
+    /* A server that no longer knows us (a new database): register again once the job is over. */
+    if (r->status == 404) j->d->registered = 0;
+}
+
+static void send_heartbeats(wd_job *j, double now) {
+    wd_daemon *d = j->d;
+    if (!j->hb_busy && now >= j->next_hb) {
+        char path[160];
+        snprintf(path, sizeof path, "/internal/v1/jobs/%s/heartbeat", j->id);
+        json_t *b = json_pack("{s:I}", "lease_generation", (json_int_t)j->gen);
+        if (wd_http_json(d->http, "POST", path, b, fmax(j->hb_interval, 2.0), on_job_heartbeat, j) == 0) j->hb_busy = 1;
+        j->next_hb = now + j->hb_interval;
+    }
+    if (now >= j->next_worker_hb) {
+        char path[160];
+        snprintf(path, sizeof path, "/internal/v1/workers/%s/heartbeat", d->worker_id);
+        wd_http_json(d->http, "POST", path, json_object(), 5.0, on_worker_heartbeat, j);
+        j->next_worker_hb = now + WORKER_HEARTBEAT_S;
+    }
+}
+
+/* ---------------------------------------------------------------- events and metrics */
+
+static void on_flush(const wd_resp *r, void *ctx) {
+    wd_job *j = ctx;
+    j->flush_busy = 0;
+    double now = ln_now_s();
+    if (r->status == 200 || r->status == 400) {
+        if (r->status == 400) {
+            /* Our bug, not the server's state: retrying would loop forever. */
+            char msg[1024];
+            wd_resp_message(r, msg, sizeof msg);
+            ln_log(LN_LOG_ERROR, "worker", "job %s: the server refused a report batch: %s", j->id, msg);
+        }
+        json_decref(j->fl_events);
+        json_decref(j->fl_metrics);
+        j->fl_events = j->fl_metrics = NULL;
+        j->flush_backoff = 0;
+        j->next_flush = now + j->d->cfg.flush_interval_s;
+    } else if (refused(r)) {
+        json_decref(j->fl_events);
+        json_decref(j->fl_metrics);
+        j->fl_events = j->fl_metrics = NULL;
+        job_refused(j, r);
+    } else {
+        wd_outbox_putback(&j->out, j->fl_events, j->fl_metrics);
+        j->fl_events = j->fl_metrics = NULL;
+        j->next_flush = now + backoff_next(&j->flush_backoff);
+    }
+    pump(j->d);
+}
+
+static void flush(wd_job *j, double now) {
+    if (j->flush_busy || now < j->next_flush) return;
+    json_t *ev, *mt;
+    wd_outbox_take(&j->out, 1000, 5000, &ev, &mt);
+    if (json_array_size(ev) == 0 && json_array_size(mt) == 0) {
+        json_decref(ev);
+        json_decref(mt);
+        return;
+    }
+    char path[160];
+    snprintf(path, sizeof path, "/internal/v1/jobs/%s/events", j->id);
+    json_t *b = json_pack("{s:I, s:O, s:O}", "lease_generation", (json_int_t)j->gen, "events", ev, "metrics", mt);
+    j->fl_events = ev;
+    j->fl_metrics = mt;
+    if (wd_http_json(j->d->http, "POST", path, b, 30.0, on_flush, j) == 0) {
+        j->flush_busy = 1;
+    } else {
+        wd_outbox_putback(&j->out, ev, mt);
+        j->fl_events = j->fl_metrics = NULL;
+    }
+}
+
+static int outbox_empty(wd_job *j) {
+    size_t ne, np;
+    wd_outbox_size(&j->out, &ne, &np);
+    return ne == 0 && np == 0 && !j->flush_busy;
+}
+
+/* ---------------------------------------------------------------- checkpoints */
+
+static void ck_retry(wd_job *j, const wd_resp *r) {
+    char msg[1024];
+    wd_resp_message(r, msg, sizeof msg);
+    ln_log(LN_LOG_WARN, "worker", "job %s: checkpoint step %lld upload failed (%s); will retry", j->id,
+           (long long)j->ck_step, msg);
+    j->ck_next = ln_now_s() + backoff_next(&j->ck_backoff);
+}
+
+static void on_ck_record(const wd_resp *r, void *ctx) {
+    wd_job *j = ctx;
+    j->ck_busy = 0;
+    if (r->status == 201) {
+        j->ck_have = 0;
+        j->ck_backoff = 0;
+        ln_log(LN_LOG_INFO, "worker", "job %s: checkpoint at step %lld uploaded", j->id, (long long)j->ck_step);
+    } else if (refused(r)) job_refused(j, r);
+    else ck_retry(j, r);
+    pump(j->d);
+}
+
+static void on_ck_file(const wd_resp *r, void *ctx) {
+    wd_job *j = ctx;
+    j->ck_busy = 0;
+    if (r->status == 201) {
+        json_t *f = json_loads(r->body, 0, NULL);
+        const char *fid = json_string_value(json_object_get(f, "id"));
+        char path[160];
+        snprintf(path, sizeof path, "/internal/v1/jobs/%s/checkpoints", j->id);
+        json_t *b = json_pack("{s:I, s:I, s:[s]}", "lease_generation", (json_int_t)j->gen, "step",
+                              (json_int_t)j->ck_step, "files", fid ? fid : "");
+        json_decref(f);
+        if (wd_http_json(j->d->http, "POST", path, b, 30.0, on_ck_record, j) == 0) j->ck_busy = 1;
+    } else if (refused(r)) job_refused(j, r);
+    else ck_retry(j, r);
+    pump(j->d);
+}
+
+static void upload_checkpoint(wd_job *j, double now) {
+    if (j->ck_busy) return;
+    if (!j->ck_have && j->run_started && wd_run_take_checkpoint(&j->run, &j->ck_step, j->ck_dir)) j->ck_have = 1;
+    if (!j->ck_have || now < j->ck_next) return;
+    char path[256], file[WD_PATH_MAX + 32];
+    snprintf(path, sizeof path, "/internal/v1/jobs/%s/files?lease_generation=%lld&kind=checkpoint&filename=ckpt-step-%lld.safetensors",
+             j->id, j->gen, (long long)j->ck_step);
+    snprintf(file, sizeof file, "%s/state.safetensors", j->ck_dir);
+    if (wd_http_upload(j->d->http, path, file, 600.0, on_ck_file, j) == 0) j->ck_busy = 1;
+    else {
+        ln_log(LN_LOG_ERROR, "worker", "job %s: checkpoint %s cannot be read; skipped", j->id, file);
+        j->ck_have = 0;
+    }
+}
+
+static int checkpoints_idle(wd_job *j) {
+    if (!j->ck_busy && !j->ck_have && wd_run_take_checkpoint(&j->run, &j->ck_step, j->ck_dir)) j->ck_have = 1;
+    return !j->ck_busy && !j->ck_have;
+}
+
+/* ---------------------------------------------------------------- results and the final report */
+
+static void on_result(const wd_resp *r, void *ctx) {
+    wd_job *j = ctx;
+    j->res_busy = 0;
+    if (r->status == 201) {
+        j->ires++;
+        j->res_backoff = 0;
+    } else if (refused(r)) job_refused(j, r);
+    else {
+        char msg[1024];
+        wd_resp_message(r, msg, sizeof msg);
+        ln_log(LN_LOG_WARN, "worker", "job %s: result upload failed (%s); will retry", j->id, msg);
+        j->res_next = ln_now_s() + backoff_next(&j->res_backoff);
+    }
+    pump(j->d);
+}
+
+static void upload_results(wd_job *j, double now) {
+    if (j->res_busy || j->ires >= j->nres || now < j->res_next) return;
+    const char *f = j->results[j->ires];
+    const char *name = strrchr(f, '/');
+    name = name ? name + 1 : f;
+    char path[400];
+    snprintf(path, sizeof path, "/internal/v1/jobs/%s/files?lease_generation=%lld&kind=result&filename=%s", j->id,
+             j->gen, name);
+    if (wd_http_upload(j->d->http, path, f, 600.0, on_result, j) == 0) j->res_busy = 1;
+    else {
+        ln_log(LN_LOG_ERROR, "worker", "job %s: result file %s cannot be read; skipped", j->id, f);
+        j->ires++;
+    }
+}
+
+static void on_final(const wd_resp *r, void *ctx) {
+    wd_job *j = ctx;
+    j->final_busy = 0;
+    if (r->status == 200) {
+        job_end(j, j->final == FINAL_COMPLETE ? "succeeded" : j->final == FINAL_FAIL ? "failed (reported)"
+                                                                                      : "released (worker shutting down)");
+    } else if (refused(r)) {
+        job_refused(j, r);
+        job_end(j, "ended without its lease");
+    } else {
+        char msg[1024];
+        wd_resp_message(r, msg, sizeof msg);
+        ln_log(LN_LOG_WARN, "worker", "job %s: final report failed (%s); will retry", j->id, msg);
+        j->final_next = ln_now_s() + backoff_next(&j->final_backoff);
+    }
+    wd_daemon *d = j->d;
+    if (!d->closing) pump(d);
+}
+
+static void send_final(wd_job *j, double now) {
+    if (j->final_busy || now < j->final_next) return;
+    char path[160];
+    json_t *b;
+    if (j->final == FINAL_COMPLETE) {
+        snprintf(path, sizeof path, "/internal/v1/jobs/%s/complete", j->id);
+        b = json_pack("{s:I, s:I}", "lease_generation", (json_int_t)j->gen, "trained_tokens",
+                      (json_int_t)j->run.trained_tokens);
+    } else {
+        snprintf(path, sizeof path, "/internal/v1/jobs/%s/fail", j->id);
+        int release = j->final == FINAL_RELEASE;
+        b = json_pack("{s:I, s:b, s:{s:s, s:s}}", "lease_generation", (json_int_t)j->gen, "retryable",
+                      release || j->run.retryable, "error", "code", release ? "worker_shutdown" : j->run.err_code,
+                      "message",
+                      release ? "The worker was stopped (SIGTERM) and released the job after saving a checkpoint; it "
+                                "resumes from there on the next worker"
+                              : j->run.err_msg);
+    }
+    if (wd_http_json(j->d->http, "POST", path, b, 30.0, on_final, j) == 0) j->final_busy = 1;
+}
+
+/* Collects the export directory's files as results (sorted, so uploads are in a stable order). */
+static void collect_results(wd_job *j) {
+    uv_fs_t req;
+    int n = uv_fs_scandir(NULL, &req, j->run.export_dir, 0, NULL);
+    uv_dirent_t ent;
+    j->results = ln_xcalloc((size_t)(n > 0 ? n : 1), sizeof *j->results);
+    while (n > 0 && uv_fs_scandir_next(&req, &ent) != UV_EOF)
+        if (ent.type == UV_DIRENT_FILE) j->results[j->nres++] = ln_path_join(j->run.export_dir, ent.name);
+    uv_fs_req_cleanup(&req);
+    for (int a = 0; a < j->nres; a++)
+        for (int b = a + 1; b < j->nres; b++)
+            if (strcmp(j->results[a], j->results[b]) > 0) {
+                char *t = j->results[a];
+                j->results[a] = j->results[b];
+                j->results[b] = t;
+            }
+}
+
+/* ---------------------------------------------------------------- downloads and start */
+
+static void on_download(const wd_resp *r, void *ctx) {
+    wd_job *j = ctx;
+    j->dl_busy = 0;
+    if (r->status == 200) j->idl++;
+    else if (refused(r) && r->status == 409) job_refused(j, r);
+    else {
+        char msg[1024];
+        wd_resp_message(r, msg, sizeof msg);
+        /* A missing file is the job's problem; anything else may be the network's: retry later. */
+        if (r->status == 404) {
+            snprintf(j->run.err_code, sizeof j->run.err_code, "file_not_found");
+            snprintf(j->run.err_msg, sizeof j->run.err_msg, "A file of the job could not be downloaded: %s", msg);
+            j->run.retryable = 0;
+            j->final = FINAL_FAIL;
+            j->phase = PHASE_REPORTING;
+        } else {
+            ln_log(LN_LOG_WARN, "worker", "job %s: download failed (%s); will retry", j->id, msg);
+            j->res_next = ln_now_s() + backoff_next(&j->res_backoff);
+        }
+    }
+    pump(j->d);
+}
+
+static void start_run(wd_job *j) {
+    wd_run *r = &j->run;
+    r->out = &j->out;
+    r->wake = &j->d->wake;
+    wd_run_init(r);
+    if (wd_run_start(r) != 0) {
+        snprintf(r->err_code, sizeof r->err_code, "worker_error");
+        snprintf(r->err_msg, sizeof r->err_msg, "The worker could not start a thread for the job");
+        r->retryable = 1;
+        j->final = FINAL_FAIL;
+        j->phase = PHASE_REPORTING;
+        return;
+    }
+    j->run_started = 1;
+    j->phase = PHASE_RUNNING;
+}
+
+static void job_pump(wd_job *j, double now) {
+    wd_daemon *d = j->d;
+    if (j->lost) {
+        if (!j->run_started || atomic_load(&j->run.done)) job_end(j, "stopped: its lease is gone");
+        return;
+    }
+    send_heartbeats(j, now);
+    if (j->lost) return; /* a synchronous failure cannot happen, but keep the rule in one place */
+    switch (j->phase) {
+    case PHASE_DOWNLOADING:
+        if (d->signals) {
+            j->final = FINAL_RELEASE;
+            j->phase = PHASE_REPORTING;
+            break;
+        }
+        if (j->dl_busy || now < j->res_next) break;
+        if (j->idl < j->ndl) {
+            char part[WD_PATH_MAX];
+            snprintf(part, sizeof part, "%s", j->dl_path[j->idl]);
+            char *slash = strrchr(part, '/');
+            ln_err e;
+            if (slash) *slash = 0;
+            if (ln_mkdir_p(part, &e) == 0 &&
+                wd_http_download(d->http, j->dl_url[j->idl], j->dl_path[j->idl], 600.0, on_download, j) == 0)
+                j->dl_busy = 1;
+        } else {
+            start_run(j);
+        }
+        break;
+    case PHASE_RUNNING:
+        flush(j, now);
+        upload_checkpoint(j, now);
+        if (!atomic_load(&j->run.done)) break;
+        if (j->run.status == WD_RUN_OK) {
+            collect_results(j);
+            j->phase = PHASE_UPLOADING;
+        } else if (j->run.status == WD_RUN_FAILED) {
+            j->final = FINAL_FAIL;
+            j->phase = PHASE_REPORTING;
+        } else {
+            /* Stopped: only SIGTERM stops a run while the lease is ours. */
+            j->final = FINAL_RELEASE;
+            j->phase = PHASE_REPORTING;
+        }
+        break;
+    case PHASE_UPLOADING:
+        flush(j, now);
+        upload_checkpoint(j, now);
+        if (!outbox_empty(j) || !checkpoints_idle(j)) break;
+        if (j->ires < j->nres) upload_results(j, now);
+        else {
+            j->final = FINAL_COMPLETE;
+            j->phase = PHASE_REPORTING;
+        }
+        break;
+    case PHASE_REPORTING:
+        flush(j, now);
+        upload_checkpoint(j, now);
+        if (outbox_empty(j) && checkpoints_idle(j)) send_final(j, now);
+        break;
+    }
+}
+
+/* Builds the job from a lease object. Returns NULL (after reporting a failure) when it cannot run. */
+static void job_begin(wd_daemon *d, json_t *lease) {
+    wd_job *j = ln_xcalloc(1, sizeof *j);
+    j->d = d;
+    wd_outbox_init(&j->out, &d->wake, OUTBOX_MAX_EVENTS, OUTBOX_MAX_POINTS);
+    snprintf(j->id, sizeof j->id, "%s", json_string_value(json_object_get(lease, "job_id")));
+    j->gen = json_integer_value(json_object_get(lease, "lease_generation"));
+    j->attempt = (int)json_integer_value(json_object_get(lease, "attempt"));
+    double hb = json_number_value(json_object_get(lease, "heartbeat_interval_s"));
+    j->hb_interval = hb > 0 ? fmin(hb, d->cfg.heartbeat_max_s) : d->cfg.heartbeat_max_s;
+    j->phase = PHASE_DOWNLOADING;
+    d->job = j;
+    wd_run *r = &j->run;
+    snprintf(r->job_id, sizeof r->job_id, "%s", j->id);
+    char *dir = job_path(j, NULL), *files = job_path(j, "files");
+    snprintf(r->dir, sizeof r->dir, "%s", dir);
+    snprintf(r->files_dir, sizeof r->files_dir, "%s", files);
+    free(dir);
+    free(files);
+    char *cache = ln_path_join(d->cfg.work_dir, "calibration-cache");
+    snprintf(r->cache_dir, sizeof r->cache_dir, "%s", cache);
+    free(cache);
+
+    char param[LN_JOBSPEC_PARAM_MAX];
+    ln_err e = {{0}};
+    int world = (int)json_integer_value(json_object_get(lease, "world_size"));
+    ln_log(LN_LOG_INFO, "worker", "leased job %s (generation %lld, attempt %d)", j->id, j->gen, j->attempt);
+    if (ln_jobspec_parse(json_object_get(lease, "spec"), &r->spec, param, &e) != 0) {
+        snprintf(r->err_code, sizeof r->err_code, "invalid_spec");
+        snprintf(r->err_msg, sizeof r->err_msg, "The job spec the worker received is invalid (%s): %s", param, e.msg);
+        j->final = FINAL_FAIL;
+        j->phase = PHASE_REPORTING;
+        return;
+    }
+    if (r->spec.seed < 0) r->spec.seed = 42;
+    snprintf(r->model_name, sizeof r->model_name, "%s", r->spec.model);
+    char *md = ln_path_join(d->cfg.models_dir, r->spec.model);
+    snprintf(r->model_dir, sizeof r->model_dir, "%s", md);
+    free(md);
+    if (world > 1) {
+        snprintf(r->err_code, sizeof r->err_code, "unsupported_resources");
+        snprintf(r->err_msg, sizeof r->err_msg,
+                 "resources.ranks=%d: this worker runs single-rank jobs only; submit with resources.ranks=1", world);
+        j->final = FINAL_FAIL;
+        j->phase = PHASE_REPORTING;
+        return;
+    }
+    /* Downloads: training, validation and calibration files, then the checkpoint to resume from. */
+    const char *ids[3] = {r->spec.training_file, r->spec.validation_file, r->spec.adapter.calibration_file};
+    char *paths[3] = {r->train_path, r->val_path, r->calib_path};
+    for (int i = 0; i < 3; i++) {
+        if (!ids[i][0]) continue;
+        if (snprintf(paths[i], WD_PATH_MAX, "%s/%s", r->files_dir, ids[i]) >= WD_PATH_MAX) continue;
+        if (ln_file_exists(paths[i])) continue; /* files are immutable: a copy from an earlier lease is good */
+        int dup = 0;
+        for (int k = 0; k < j->ndl; k++) dup |= strcmp(j->dl_path[k], paths[i]) == 0;
+        if (dup) continue;
+        snprintf(j->dl_path[j->ndl], WD_PATH_MAX, "%s", paths[i]);
+        snprintf(j->dl_url[j->ndl], sizeof j->dl_url[0], "/internal/v1/files/%s/content", ids[i]);
+        j->ndl++;
+    }
+    json_t *rf = json_object_get(lease, "resume_from");
+    long long server_step = json_is_object(rf) ? json_integer_value(json_object_get(rf, "step_number")) : -1;
+    char local[WD_PATH_MAX];
+    int64_t local_step = wd_run_local_checkpoint(r->dir, local);
+    if (local_step > 0 && local_step >= server_step) {
+        snprintf(r->resume, sizeof r->resume, "%s", local);
+        wd_outbox_event(&j->out, "info", NULL, "Resuming from step %lld with this worker's own checkpoint",
+                        (long long)local_step);
+    } else if (server_step >= 0) {
+        const char *fid = json_string_value(json_array_get(json_object_get(rf, "files"), 0));
+        if (fid) {
+            char sub[96];
+            snprintf(sub, sizeof sub, "resume/step-%06lld", server_step);
+            char *rd = job_path(j, sub);
+            snprintf(r->resume, sizeof r->resume, "%s", rd);
+            snprintf(j->dl_path[j->ndl], WD_PATH_MAX, "%s/state.safetensors", rd);
+            snprintf(j->dl_url[j->ndl], sizeof j->dl_url[0], "/internal/v1/files/%s/content", fid);
+            j->ndl++;
+            free(rd);
+            wd_outbox_event(&j->out, "info", NULL, "Resuming from the checkpoint at step %lld (%s)", server_step,
+                            json_string_value(json_object_get(rf, "id")));
+        }
+    }
+    char host[128] = "";
+    gethostname(host, sizeof host - 1);
+    wd_outbox_event(&j->out, "info", NULL, "Worker %s (%s, %s) started attempt %d: downloading %d file(s)",
+                    d->cfg.name ? d->cfg.name : host, d->worker_id, d->cfg.device, j->attempt, j->ndl);
+}
+
+/* ---------------------------------------------------------------- register and lease */
+
+static void on_register(const wd_resp *r, void *ctx) {
+    wd_daemon *d = ctx;
+    d->busy = 0;
+    if (r->status == 201) {
+        json_t *b = json_loads(r->body, 0, NULL);
+        snprintf(d->worker_id, sizeof d->worker_id, "%s", json_string_value(json_object_get(b, "worker_id")));
+        json_decref(b);
+        d->registered = 1;
+        d->backoff = 0;
+        d->next_try = 0;
+        ln_log(LN_LOG_INFO, "worker", "registered as %s with %zu model(s)", d->worker_id, json_array_size(d->models));
+    } else {
+        char msg[1024];
+        wd_resp_message(r, msg, sizeof msg);
+        if (r->status == 401 || r->status == 403) {
+            ln_log(LN_LOG_ERROR, "worker", "registration refused: %s (check --token-file)", msg);
+            daemon_close(d, 1);
+            return;
+        }
+        d->next_try = ln_now_s() + backoff_next(&d->backoff);
+        ln_log(LN_LOG_WARN, "worker", "registration failed (%s); retrying in %.0f s", msg, d->backoff);
+    }
+    pump(d);
+}
+
+static void send_register(wd_daemon *d) {
+    char host[128] = "";
+    gethostname(host, sizeof host - 1);
+    long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+    json_t *b = json_pack("{s:s, s:s, s:i, s:I, s:O}", "name", d->cfg.name ? d->cfg.name : host, "device_kind",
+                          d->device_kind, "devices", d->cfg.ranks, "memory_bytes",
+                          (json_int_t)(pages > 0 && psz > 0 ? (long long)pages * psz : 0), "models", d->models);
+    if (d->worker_id[0]) json_object_set_new(b, "worker_id", json_string(d->worker_id));
+    if (wd_http_json(d->http, "POST", "/internal/v1/workers/register", b, 15.0, on_register, d) == 0) d->busy = 1;
+}
+
+static void on_lease(const wd_resp *r, void *ctx) {
+    wd_daemon *d = ctx;
+    d->busy = 0;
+    if (r->status == 200) {
+        json_t *lease = json_loads(r->body, 0, NULL);
+        if (json_is_object(lease)) job_begin(d, lease);
+        json_decref(lease);
+        d->backoff = 0;
+    } else if (r->status == 204) {
+        d->backoff = 0;
+    } else if (r->status == 404) {
+        d->registered = 0; /* the server forgot us */
+    } else {
+        char msg[1024];
+        wd_resp_message(r, msg, sizeof msg);
+        d->next_try = ln_now_s() + backoff_next(&d->backoff);
+        ln_log(LN_LOG_WARN, "worker", "lease request failed (%s); retrying in %.0f s", msg, d->backoff);
+    }
+    pump(d);
+}
+
+static void send_lease(wd_daemon *d) {
+    json_t *b = json_pack("{s:s, s:f, s:i}", "worker_id", d->worker_id, "wait_s", d->cfg.lease_wait_s, "free_devices",
+                          d->cfg.ranks);
+    if (wd_http_json(d->http, "POST", "/internal/v1/lease", b, d->cfg.lease_wait_s + 15, on_lease, d) == 0) d->busy = 1;
+}
+
+/* ---------------------------------------------------------------- the pump */
+
+static void pump(wd_daemon *d) {
+    if (d->closing) return;
+    double now = ln_now_s();
+    if (d->signals && now > d->deadline) {
+        ln_log(LN_LOG_ERROR, "worker", "shutdown grace of %.0f s is over; exiting without a final report", d->cfg.grace_s);
+        daemon_close(d, 1);
+        return;
+    }
+    if (d->job) {
+        job_pump(d->job, now);
+        return;
+    }
+    if (d->signals) {
+        daemon_close(d, 0);
+        return;
+    }
+    if (d->busy || now < d->next_try) return;
+    if (!d->registered) send_register(d);
+    else send_lease(d);
+}
+
+static void on_tick(uv_timer_t *t) { pump(t->data); }
+static void on_wake(uv_async_t *a) { pump(a->data); }
+
+static void on_signal(uv_signal_t *s, int signum) {
+    wd_daemon *d = s->data;
+    d->signals++;
+    if (d->signals > 1) {
+        ln_log(LN_LOG_WARN, "worker", "second signal: exiting now");
+        fflush(stderr);
+        _exit(1);
+    }
+    d->deadline = ln_now_s() + d->cfg.grace_s;
+    ln_log(LN_LOG_INFO, "worker", "signal %d: %s", signum,
+           d->job ? "stopping the job at the next step, checkpointing and releasing it" : "exiting");
+    if (d->job) {
+        if (d->job->run_started) atomic_store(&d->job->run.stop, WD_STOP_SHUTDOWN);
+    } else if (d->http) {
+        wd_http_abort_ctx(d->http, d); /* the lease long-poll */
+        d->busy = 0;
+    }
+    pump(d);
+}
+
+/* ---------------------------------------------------------------- entry */
+
+int wd_daemon_run(const wd_config *cfg, ln_err *e) {
+    wd_daemon *d = ln_xcalloc(1, sizeof *d);
+    d->cfg = *cfg;
+    if (strcmp(cfg->device, "cpu") == 0) {
+        snprintf(d->device_kind, sizeof d->device_kind, "cpu");
+    } else if (strncmp(cfg->device, "cuda:", 5) == 0) {
+        free(d);
+        return ln_errf(e, "--device %s: this build of loranull-worker has no CUDA backend; use --device cpu",
+                       cfg->device);
+    } else {
+        free(d);
+        return ln_errf(e, "--device %s: expected cpu or cuda:N", cfg->device);
+    }
+    if (ln_mkdir_p(cfg->work_dir, e) != 0) {
+        free(d);
+        return ln_err_prefix(e, "--work-dir");
+    }
+    d->models = wd_models_scan(cfg->models_dir, e);
+    if (!d->models) {
+        free(d);
+        return -1;
+    }
+    if (json_array_size(d->models) == 0)
+        ln_log(LN_LOG_WARN, "worker", "no models under %s (each needs config.json and model.safetensors)",
+               cfg->models_dir);
+    d->loop = ln_xcalloc(1, sizeof *d->loop);
+    uv_loop_init(d->loop);
+    d->http = wd_http_new(d->loop, cfg->server, cfg->token, e);
+    if (!d->http) {
+        uv_loop_close(d->loop);
+        free(d->loop);
+        json_decref(d->models);
+        free(d);
+        return -1;
+    }
+    uv_timer_init(d->loop, &d->tick);
+    d->tick.data = d;
+    uv_timer_start(&d->tick, on_tick, 0, TICK_MS);
+    uv_async_init(d->loop, &d->wake, on_wake);
+    d->wake.data = d;
+    uv_signal_init(d->loop, &d->sigterm);
+    uv_signal_init(d->loop, &d->sigint);
+    d->sigterm.data = d->sigint.data = d;
+    uv_signal_start(&d->sigterm, on_signal, SIGTERM);
+    uv_signal_start(&d->sigint, on_signal, SIGINT);
+    ln_log(LN_LOG_INFO, "worker", "loranull-worker: server %s, device %s x%d, models %s, work dir %s", cfg->server,
+           cfg->device, cfg->ranks, cfg->models_dir, cfg->work_dir);
+    uv_run(d->loop, UV_RUN_DEFAULT);
+    int code = d->exit_code;
+    if (d->job && d->job->run_started && !atomic_load(&d->job->run.done)) {
+        /* Past the grace period with the job thread still running: leave it to exit(). */
+        return code;
+    }
+    if (uv_loop_close(d->loop) != 0) ln_log(LN_LOG_DEBUG, "worker", "the event loop still had handles at exit");
+    free(d->loop);
+    json_decref(d->models);
+    free(d);
+    return code;
+}

@@ -1,0 +1,46 @@
+/* wd_daemon.h — loranull-worker's protocol loop (proto: server/api_internal.c, /internal/v1).
+ *
+ *   register ─▶ lease (long-poll) ─▶ download files ─▶ run the job (wd_run thread) ─▶ upload results ─▶ complete
+ *                 ▲                                        │ heartbeats, event/metric batches,          │
+ *                 └────────────────────────────────────────┴ checkpoint uploads, all concurrently ──────┘
+ *
+ * One libuv loop drives everything: a 100 ms tick and an async wake-up (the job thread) call
+ * pump(), which starts whatever is due; each HTTP callback updates the state and pumps again.
+ * Rules:
+ *  - A 409 on any report means the lease is gone: " is cancelled" → cancel, " is paused" → pause,
+ *    otherwise lost (expired, superseded). The job thread stops within one step; nothing more is
+ *    sent for that lease. A paused job's last checkpoint stays in the work dir, so this worker
+ *    continues from it when the job is resumed here.
+ *  - The server unreachable (status 0): training goes on, reports stay in the bounded outbox and
+ *    are retried with backoff (1 s doubling to 15 s); heartbeats keep trying; when the server
+ *    answers again, either the lease is still ours and the backlog is sent, or it is gone and the
+ *    job stops.
+ *  - SIGTERM/SIGINT: idle → exit 0 at once. Running → the job stops at the next step with a
+ *    checkpoint, which is uploaded, the outbox is flushed, the lease is released (fail with
+ *    retryable=true, code worker_shutdown: the job is queued again and resumes from that
+ *    checkpoint elsewhere) and the process exits 0 — or, past --grace-s, exits 1. A second signal
+ *    exits at once. */
+#ifndef WD_DAEMON_H
+#define WD_DAEMON_H
+
+#include "common/err.h"
+
+typedef struct wd_config {
+    const char *server;        /* base URL */
+    const char *token;         /* worker token (read from --token-file) */
+    const char *models_dir;
+    const char *device;        /* "cpu" or "cuda:N" */
+    const char *work_dir;
+    const char *name;          /* shown in the server's logs; default: host name */
+    int ranks;                 /* devices offered (default 1) */
+    double grace_s;            /* SIGTERM grace (default 25 s, inside Kubernetes' 30 s) */
+    double lease_wait_s;       /* long-poll length asked for (default 20 s) */
+    double heartbeat_max_s;    /* heartbeat at least this often (default 2 s) */
+    double flush_interval_s;   /* event/metric batches at most this often (default 0.5 s) */
+    int once;                  /* exit after one job (tests) */
+} wd_config;
+
+/* Runs the worker until a signal (or, with once, one job) ends it. Returns the exit code. */
+int wd_daemon_run(const wd_config *cfg, ln_err *e);
+
+#endif

@@ -1,0 +1,484 @@
+/* wd_run.c — a leased job in the engine, in its own thread (see wd_run.h). */
+/* The engine's headers come before wd_run.h: uv.h pulls in <termios.h>, whose B0 macro (baud
+ * rate 0) would rename the adapter's B0 factor. */
+#include "worker/engine/adapter.h"
+#include "worker/engine/drift.h"
+
+#include "worker/daemon/wd_run.h"
+
+#include <dirent.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/util.h"
+#include "worker/backend/backend.h"
+#include "worker/engine/adapter.h"
+#include "worker/engine/calibrate.h"
+#include "worker/engine/data.h"
+#include "worker/engine/drift.h"
+#include "worker/engine/export.h"
+#include "worker/engine/lora_init.h"
+#include "worker/engine/model.h"
+#include "worker/engine/tokenizer.h"
+#include "worker/engine/train.h"
+
+/* Examples evaluated for the before/after losses at most: enough to compare, cheap next to training. */
+#define EVAL_MAX_EXAMPLES 256
+
+typedef struct run_priv {
+    ln_tokenizer *tok;
+    ln_model *m;
+    ln_adapter ad;
+    int have_ad;
+    ln_dataset *ds, *vds, *kds;   /* training, validation, knowledge (the calibration file) */
+    ln_calibration *calib;
+    ln_drift_tracker *drift;
+    double drift_mean, drift_max;
+    int have_drift;
+} run_priv;
+
+/* ---------------------------------------------------------------- helpers */
+
+/* Removes every "<files_dir>/" from msg: the user knows the file by its id, not our path. */
+static void strip_paths(char *msg, const char *files_dir) {
+    char pre[WD_PATH_MAX + 2];
+    snprintf(pre, sizeof pre, "%s/", files_dir);
+    size_t pl = strlen(pre);
+    char *p;
+    while (pl > 1 && (p = strstr(msg, pre))) memmove(p, p + pl, strlen(p + pl) + 1);
+}
+
+static int fail(wd_run *r, const char *code, int retryable, const ln_err *e) {
+    r->status = WD_RUN_FAILED;
+    snprintf(r->err_code, sizeof r->err_code, "%s", code);
+    snprintf(r->err_msg, sizeof r->err_msg, "%s", e->msg);
+    strip_paths(r->err_msg, r->files_dir);
+    r->retryable = retryable;
+    return -1;
+}
+
+/* A view of the first n examples of ds (borrowed; never freed). */
+static ln_dataset head_view(const ln_dataset *ds, int64_t n) {
+    ln_dataset v = *ds;
+    if (v.n > n) v.n = n;
+    return v;
+}
+
+static const char *basename_of(const char *p) {
+    const char *s = strrchr(p, '/');
+    return s ? s + 1 : p;
+}
+
+static void note_checkpoint(wd_run *r, int64_t step, const char *dir) {
+    if (step <= r->noted_step) return;
+    r->noted_step = step;
+    pthread_mutex_lock(&r->mu);
+    r->ckpt_step = step;
+    snprintf(r->ckpt_dir, sizeof r->ckpt_dir, "%s", dir);
+    r->ckpt_new = 1;
+    pthread_mutex_unlock(&r->mu);
+    if (r->wake) uv_async_send(r->wake);
+}
+
+/* ---------------------------------------------------------------- training callbacks */
+
+/* Validation loss at the spec's eval_interval (and the last step); knowledge drift every
+ * drift_every steps (and the last) so the dashboard can plot it live. Called every step. */
+static int on_eval(ln_model *m, ln_adapter *ad, int64_t step, json_t *row, void *ctx, ln_err *e) {
+    wd_run *r = ctx;
+    run_priv *p = r->priv;
+    int last = step == r->total_steps;
+    int ei = r->spec.hp.eval_interval;
+    if (p->vds && (last || (ei > 0 && step % ei == 0))) {
+        double loss;
+        ln_dataset v = head_view(p->vds, p->vds->n);
+        if (ln_eval_loss(m, ad, &v, r->spec.hp.batch_size, &loss, e) != 0) return -1;
+        json_object_set_new(row, "val_loss", json_real(loss));
+    }
+    if (p->drift && (last || step % r->drift_every == 0)) {
+        if (ln_drift_tracker_measure(p->drift, m, ad, row, e) != 0) return -1;
+        p->drift_mean = json_number_value(json_object_get(row, "knowledge_drift_mean"));
+        p->drift_max = json_number_value(json_object_get(row, "knowledge_drift_max"));
+        p->have_drift = 1;
+    }
+    return 0;
+}
+
+/* Flattens a metrics row into name → number ("knowledge_drift/<module>" per layer). */
+static json_t *row_values(json_t *row) {
+    json_t *vals = json_object();
+    const char *k;
+    json_t *v;
+    json_object_foreach(row, k, v) {
+        if (strcmp(k, "step") == 0) continue;
+        if (json_is_number(v)) json_object_set(vals, k, v);
+        else if (json_is_object(v)) {
+            const char *k2;
+            json_t *v2;
+            json_object_foreach(v, k2, v2) if (json_is_number(v2)) {
+                char name[160];
+                snprintf(name, sizeof name, "%s/%s", k, k2);
+                if (strlen(name) <= 128) json_object_set(vals, name, v2);
+            }
+        }
+    }
+    return vals;
+}
+
+static void on_row(json_t *row, void *ctx) {
+    wd_run *r = ctx;
+    int64_t step = json_integer_value(json_object_get(row, "step"));
+    r->last_row_step = step;
+    wd_outbox_metrics(r->out, step, row_values(row));
+    if (step % r->progress_every == 0 || step == r->total_steps) {
+        double loss = json_number_value(json_object_get(row, "loss"));
+        json_t *data = json_pack("{s:I, s:f, s:I}", "step", (json_int_t)step, "train_loss", loss, "total_steps",
+                                 (json_int_t)r->total_steps);
+        json_t *vl = json_object_get(row, "val_loss"), *dm = json_object_get(row, "knowledge_drift_mean");
+        char extra[160] = "";
+        if (vl) {
+            json_object_set(data, "valid_loss", vl);
+            snprintf(extra, sizeof extra, ", validation loss=%.4f", json_number_value(vl));
+        }
+        if (dm) {
+            json_object_set(data, "knowledge_drift_mean", dm);
+            size_t l = strlen(extra);
+            snprintf(extra + l, sizeof extra - l, ", knowledge drift=%.3e", json_number_value(dm));
+        }
+        wd_outbox_event(r->out, "info", data, "Step %lld/%lld: training loss=%.4f%s", (long long)step,
+                        (long long)r->total_steps, loss, extra);
+    }
+}
+
+/* Polled before every step: a stop requested by the loop, and the checkpoint the previous step
+ * wrote (checkpoints are written right after on_row). */
+static int should_stop(void *ctx) {
+    wd_run *r = ctx;
+    if (r->save_every > 0 && r->last_row_step > 0 && r->last_row_step % r->save_every == 0 &&
+        r->last_row_step > r->noted_step) {
+        char sub[64];
+        snprintf(sub, sizeof sub, "out/checkpoints/step-%06lld", (long long)r->last_row_step);
+        char *d = ln_path_join(r->dir, sub);
+        note_checkpoint(r, r->last_row_step, d);
+        free(d);
+    }
+    return atomic_load(&r->stop) != WD_STOP_NONE;
+}
+
+/* ---------------------------------------------------------------- stages */
+
+static int stage_data(wd_run *r, run_priv *p) {
+    ln_err e = {{0}};
+    const ln_jobspec *s = &r->spec;
+    wd_outbox_event(r->out, "info", NULL, "Validating the data of %s", s->training_file);
+    char *tp = ln_path_join(r->model_dir, "tokenizer.json");
+    int has_tok = ln_file_exists(tp);
+    free(tp);
+    if (has_tok && ln_tokenizer_load(r->model_dir, &p->tok, &e) != 0)
+        return fail(r, "model_unavailable", 1, &e);
+    ln_data_opts dopts = {.max_seq_len = s->hp.max_seq_len, .overlong = LN_OVERLONG_TRUNCATE, .chat_template = NULL};
+    if (ln_dataset_load(r->train_path, p->tok, &dopts, &p->ds, &e) != 0) {
+        ln_err_prefix(&e, "training file %s", s->training_file);
+        return fail(r, "invalid_training_file", 0, &e);
+    }
+    if (r->val_path[0] && ln_dataset_load(r->val_path, p->tok, &dopts, &p->vds, &e) != 0) {
+        ln_err_prefix(&e, "validation file %s", s->validation_file);
+        return fail(r, "invalid_validation_file", 0, &e);
+    }
+    const ln_data_stats *st = &p->ds->stats;
+    wd_outbox_event(r->out, "info", NULL,
+                    "Training data validated: %lld examples, %lld tokens (%lld trained), %lld truncated to "
+                    "max_seq_len %d",
+                    (long long)st->examples, (long long)st->tokens, (long long)st->trained_tokens,
+                    (long long)st->truncated, s->hp.max_seq_len);
+    return 0;
+}
+
+static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets) {
+    ln_err e = {{0}};
+    const ln_jobspec *s = &r->spec;
+    if (ln_model_load(r->model_dir, lnb_cpu(), &p->m, &e) != 0) {
+        ln_err_prefix(&e, "model %s", r->model_name);
+        return fail(r, "model_unavailable", 1, &e);
+    }
+    ln_method me;
+    if (ln_method_parse(ln_adapter_type_name(s->adapter.type), &me, &e) != 0) return fail(r, "invalid_method", 0, &e);
+    int needs = ln_method_needs_calibration(me);
+    if (!needs && !r->calib_path[0]) return 0;
+    const char *cpath = r->calib_path[0] ? r->calib_path : r->train_path;
+    const char *cid = r->calib_path[0] ? s->adapter.calibration_file : s->training_file;
+    wd_outbox_event(r->out, "info", NULL, "Calibrating on up to %d samples of %s (max_length %d)",
+                    s->adapter.calibration_samples, cid, s->adapter.calibration_max_length);
+    double t0 = ln_now_s();
+    ln_calib_opts co = {.path = cpath, .samples = s->adapter.calibration_samples,
+                        .max_length = s->adapter.calibration_max_length, .seed = 0, .targets = targets,
+                        .cache_dir = r->cache_dir, .chat_template = NULL};
+    if (ln_calibrate(p->m, p->tok, &co, &p->calib, &e) != 0) {
+        ln_err_prefix(&e, "calibration file %s", cid);
+        return fail(r, "invalid_calibration_file", 0, &e);
+    }
+    wd_outbox_event(r->out, "info", NULL,
+                    "Calibrated%s: %lld samples, %lld tokens, %d covariance(s) per layer in %.1f s",
+                    p->calib->from_cache ? " (from the cache)" : "", (long long)p->calib->samples,
+                    (long long)p->calib->tokens, (targets & 0x7 ? 1 : 0) + (targets & 0x8 ? 1 : 0) +
+                    (targets & 0x30 ? 1 : 0) + (targets & 0x40 ? 1 : 0), ln_now_s() - t0);
+    /* The knowledge set: the same file, scored before and after training. */
+    ln_data_opts dopts = {.max_seq_len = s->adapter.calibration_max_length, .overlong = LN_OVERLONG_TRUNCATE};
+    if (ln_dataset_load(cpath, p->tok, &dopts, &p->kds, &e) != 0) {
+        ln_err_prefix(&e, "calibration file %s", cid);
+        return fail(r, "invalid_calibration_file", 0, &e);
+    }
+    return 0;
+}
+
+static int stage_adapter(wd_run *r, run_priv *p, unsigned targets) {
+    ln_err e = {{0}};
+    const ln_jobspec *s = &r->spec;
+    const char *method = ln_adapter_type_name(s->adapter.type);
+    double t0 = ln_now_s();
+    if (r->resume[0]) {
+        if (ln_train_load_checkpoint(p->m, r->resume, &p->ad, &e) != 0) return fail(r, "checkpoint_unusable", 1, &e);
+        p->have_ad = 1;
+        wd_outbox_event(r->out, "info", NULL, "Restored the %s adapter from checkpoint %s", method,
+                        basename_of(r->resume));
+    } else {
+        ln_adapter_opts ao = {.method = method, .rank = s->adapter.rank, .alpha = (float)s->adapter.alpha,
+                              .targets = targets, .seed = (uint64_t)s->seed,
+                              .covariance = p->calib ? ln_calibration_covariance : NULL, .method_ctx = p->calib};
+        if (ln_adapter_init(p->m, &p->ad, &ao, &e) != 0) return fail(r, "initialization_failed", 0, &e);
+        p->have_ad = 1;
+        if (p->ad.full)
+            wd_outbox_event(r->out, "info", NULL, "Full fine-tuning: every weight trains");
+        else
+            wd_outbox_event(r->out, "info", NULL, "Initialised the %s adapter (rank %d, alpha %g) in %.2f s", method,
+                            p->ad.rank, (double)p->ad.alpha, ln_now_s() - t0);
+    }
+    if (p->calib && ln_drift_tracker_new(p->m, &p->ad, ln_calibration_covariance, p->calib, &p->drift, &e) != 0)
+        return fail(r, "initialization_failed", 0, &e);
+    return 0;
+}
+
+/* The task loss (validation file, else the training file) and the knowledge loss (calibration
+ * file), each over at most EVAL_MAX_EXAMPLES examples. */
+static int evaluate(wd_run *r, run_priv *p, double *task, double *know, ln_err *e) {
+    const ln_dataset *t = p->vds ? p->vds : p->ds;
+    ln_dataset tv = head_view(t, EVAL_MAX_EXAMPLES);
+    if (ln_eval_loss(p->m, &p->ad, &tv, r->spec.hp.batch_size, task, e) != 0) return -1;
+    *know = NAN;
+    if (p->kds) {
+        ln_dataset kv = head_view(p->kds, EVAL_MAX_EXAMPLES);
+        if (ln_eval_loss(p->m, &p->ad, &kv, r->spec.hp.batch_size, know, e) != 0) return -1;
+    }
+    return 0;
+}
+
+static json_t *eval_values(double task, double know) {
+    json_t *v = json_pack("{s:f}", "eval/task_loss", task);
+    if (isfinite(know)) json_object_set_new(v, "eval/knowledge_loss", json_real(know));
+    return v;
+}
+
+static int write_summary(wd_run *r, run_priv *p, json_t *before, double task, double know, ln_err *e) {
+    json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:o, s:{s:f, s:o}}", "job_id", r->job_id, "model", r->model_name,
+                          "method", ln_adapter_type_name(r->spec.adapter.type), "steps", (json_int_t)r->steps,
+                          "before", before ? json_incref(before) : json_null(), "after", "task_loss", task,
+                          "knowledge_loss", isfinite(know) ? json_real(know) : json_null());
+    if (p->have_drift)
+        json_object_set_new(o, "knowledge_drift", json_pack("{s:f, s:f}", "mean", p->drift_mean, "max", p->drift_max));
+    char *txt = json_dumps(o, JSON_INDENT(2) | JSON_SORT_KEYS);
+    char *path = ln_path_join(r->export_dir, "eval_summary.json");
+    int rc = ln_write_file_atomic(path, txt, strlen(txt), e);
+    free(path);
+    free(txt);
+    json_decref(o);
+    return rc;
+}
+
+static int stage_train_and_export(wd_run *r, run_priv *p) {
+    ln_err e = {{0}};
+    const ln_jobspec *s = &r->spec;
+    const ln_hparams *hp = &s->hp;
+    int per_step = hp->batch_size * hp->grad_accum;
+    r->total_steps = ((int64_t)hp->n_epochs * p->ds->n + per_step - 1) / per_step;
+    /* Checkpoints: the spec's interval, else about ten per run, so a lost worker costs little. */
+    r->save_every = hp->save_interval > 0 ? hp->save_interval : (int)((r->total_steps + 9) / 10);
+    r->drift_every = hp->eval_interval > 0 ? hp->eval_interval : (r->total_steps + 19) / 20;
+    r->progress_every = (r->total_steps + 19) / 20;
+    if (r->drift_every < 1) r->drift_every = 1;
+    if (r->progress_every < 1) r->progress_every = 1;
+    r->trained_tokens = p->ds->stats.trained_tokens * hp->n_epochs;
+
+    json_t *before = NULL;
+    if (!r->resume[0]) {
+        double task, know;
+        if (evaluate(r, p, &task, &know, &e) != 0) return fail(r, "evaluation_failed", 0, &e);
+        wd_outbox_metrics(r->out, 0, eval_values(task, know));
+        before = json_pack("{s:f, s:o}", "task_loss", task, "knowledge_loss", isfinite(know) ? json_real(know) : json_null());
+        wd_outbox_event(r->out, "info", json_deep_copy(before), "Before training: task loss %.4f%s", task,
+                        isfinite(know) ? "" : " (no knowledge file)");
+    }
+    char *out = ln_path_join(r->dir, "out");
+    ln_train_opts to = ln_train_defaults();
+    to.epochs = hp->n_epochs;
+    to.batch_size = hp->batch_size;
+    to.grad_accum = hp->grad_accum;
+    to.optim.lr = (float)hp->learning_rate;
+    to.optim.weight_decay = (float)hp->weight_decay;
+    to.optim.max_grad_norm = (float)hp->max_grad_norm;
+    to.warmup_ratio = hp->warmup_ratio;
+    to.seed = (uint64_t)s->seed;
+    to.shuffle = 1;
+    to.save_every = r->save_every;
+    to.out_dir = out;
+    to.resume = r->resume[0] ? r->resume : NULL;
+    to.eval_every = 1;
+    to.eval = on_eval;
+    to.eval_ctx = r;
+    to.on_row = on_row;
+    to.should_stop = should_stop;
+    to.cb_ctx = r;
+    wd_outbox_event(r->out, "info", NULL, "Training: %lld steps of %d examples (%d epoch%s, learning rate %g)",
+                    (long long)r->total_steps, per_step, hp->n_epochs, hp->n_epochs == 1 ? "" : "s",
+                    hp->learning_rate);
+    ln_train_result res;
+    int rc = ln_train(p->m, &p->ad, p->ds, &to, &res, &e);
+    free(out);
+    if (rc != 0) {
+        json_decref(before);
+        const char *code = strstr(e.msg, "out of memory") ? "out_of_memory"
+                           : strstr(e.msg, "not finite")  ? "training_diverged"
+                                                          : "training_failed";
+        return fail(r, code, 0, &e);
+    }
+    r->steps = res.steps;
+    if (res.stopped) {
+        json_decref(before);
+        if (res.last_checkpoint[0]) note_checkpoint(r, res.steps, res.last_checkpoint);
+        r->status = WD_RUN_STOPPED;
+        return 0;
+    }
+    wd_outbox_event(r->out, "info", NULL, "Training finished: %lld steps, last loss %.4f", (long long)res.steps,
+                    res.last_loss);
+
+    double task, know;
+    if (evaluate(r, p, &task, &know, &e) != 0) {
+        json_decref(before);
+        return fail(r, "evaluation_failed", 0, &e);
+    }
+    wd_outbox_metrics(r->out, res.steps, eval_values(task, know));
+    json_t *after = json_pack("{s:f, s:o}", "task_loss", task, "knowledge_loss", isfinite(know) ? json_real(know) : json_null());
+    if (p->have_drift) json_object_set_new(after, "knowledge_drift_mean", json_real(p->drift_mean));
+    wd_outbox_event(r->out, "info", after, "After training: task loss %.4f%s", task,
+                    p->have_drift ? ", knowledge drift measured" : "");
+
+    char *ex = ln_path_join(r->dir, "export");
+    snprintf(r->export_dir, sizeof r->export_dir, "%s", ex);
+    free(ex);
+    rc = ln_mkdir_p(r->export_dir, &e);
+    if (rc == 0) {
+        if (p->ad.full) rc = ln_export_merged(p->m, p->m, &p->ad, r->export_dir, -1, &e);
+        else rc = ln_export_peft(p->m, &p->ad, r->model_name, r->export_dir, &e);
+    }
+    if (rc == 0) rc = write_summary(r, p, before, task, know, &e);
+    json_decref(before);
+    if (rc != 0) return fail(r, "export_failed", 1, &e);
+    if (!p->ad.full) {
+        int pr;
+        float pa;
+        ln_export_peft_shape(&p->ad, &pr, &pa);
+        wd_outbox_event(r->out, "info", NULL, "Exported a PEFT adapter (rank %d, lora_alpha %g) for the original %s",
+                        pr, (double)pa, r->model_name);
+    } else {
+        wd_outbox_event(r->out, "info", NULL, "Exported the fine-tuned model (full weights)");
+    }
+    r->status = WD_RUN_OK;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- thread */
+
+static void run_main(void *arg) {
+    wd_run *r = arg;
+    run_priv p;
+    memset(&p, 0, sizeof p);
+    r->priv = &p;
+    ln_err e = {{0}};
+    unsigned targets = 0;
+    char list[LN_JOBSPEC_MAX_TARGETS * 17] = "";
+    for (int i = 0; i < r->spec.adapter.n_targets; i++) {
+        size_t l = strlen(list);
+        snprintf(list + l, sizeof list - l, "%s%s", i ? "," : "", r->spec.adapter.targets[i]);
+    }
+    if (list[0] && ln_targets_parse(list, &targets, &e) != 0) fail(r, "invalid_target_modules", 0, &e);
+    else if (stage_data(r, &p) == 0 && stage_model_and_calibration(r, &p, targets) == 0 &&
+             stage_adapter(r, &p, targets) == 0)
+        stage_train_and_export(r, &p);
+    if (p.have_ad) ln_adapter_free(&p.ad);
+    ln_drift_tracker_free(p.drift);
+    ln_calibration_free(p.calib);
+    ln_dataset_free(p.ds);
+    ln_dataset_free(p.vds);
+    ln_dataset_free(p.kds);
+    ln_model_free(p.m);
+    ln_tokenizer_free(p.tok);
+    r->priv = NULL;
+    atomic_store(&r->done, 1);
+    if (r->wake) uv_async_send(r->wake);
+}
+
+void wd_run_init(wd_run *r) {
+    atomic_init(&r->stop, WD_STOP_NONE);
+    atomic_init(&r->done, 0);
+    pthread_mutex_init(&r->mu, NULL);
+    r->ckpt_new = 0;
+    r->noted_step = 0;
+    r->last_row_step = 0;
+    r->status = WD_RUN_FAILED;
+}
+
+int wd_run_start(wd_run *r) { return uv_thread_create(&r->thread, run_main, r) == 0 ? 0 : -1; }
+
+void wd_run_finish(wd_run *r) {
+    uv_thread_join(&r->thread);
+    pthread_mutex_destroy(&r->mu);
+    ln_jobspec_free(&r->spec);
+}
+
+int wd_run_take_checkpoint(wd_run *r, int64_t *step, char dir[WD_PATH_MAX]) {
+    pthread_mutex_lock(&r->mu);
+    int got = r->ckpt_new;
+    if (got) {
+        *step = r->ckpt_step;
+        snprintf(dir, WD_PATH_MAX, "%s", r->ckpt_dir);
+        r->ckpt_new = 0;
+    }
+    pthread_mutex_unlock(&r->mu);
+    return got;
+}
+
+int64_t wd_run_local_checkpoint(const char *job_dir, char out[WD_PATH_MAX]) {
+    char *cd = ln_path_join(job_dir, "out/checkpoints");
+    DIR *d = opendir(cd);
+    int64_t best = -1;
+    if (d) {
+        struct dirent *de;
+        while ((de = readdir(d))) {
+            long long step;
+            char tail;
+            if (sscanf(de->d_name, "step-%lld%c", &step, &tail) != 1) continue;
+            char sub[300];
+            snprintf(sub, sizeof sub, "%s/state.safetensors", de->d_name);
+            char *f = ln_path_join(cd, sub);
+            if (ln_file_exists(f) && step > best) {
+                best = step;
+                snprintf(out, WD_PATH_MAX, "%s/%s", cd, de->d_name);
+            }
+            free(f);
+        }
+        closedir(d);
+    }
+    free(cd);
+    return best;
+}
