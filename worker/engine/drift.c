@@ -53,7 +53,7 @@ double ln_drift_quad_lowrank(const float *B1, const float *A1, int r1, const flo
     cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, k, k, d_in, 1.0, T, d_in, At, d_in, 0.0, H, k);
     double acc = 0.0;
     for (size_t x = 0; x < (size_t)k * k; x++) acc += G[x] * H[x];
-    out = scale * scale * acc;
+    out = scale * scale * (acc > 0.0 ? acc : 0.0); /* ≥ 0 exactly; rounding of a ~0 update may dip below */
 done:
     free(Bt);
     free(At);
