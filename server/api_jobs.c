@@ -226,8 +226,11 @@ static enum MHD_Result jobs_events(http_req *r) {
     const char *id = r->params[0];
     const char *stream = http_query(r, "stream");
     const char *after = http_query(r, "after");
+    const char *last = http_header(r, "Last-Event-ID");
+    if (last && event_seq(last) < 0)
+        return http_error(r, 400, "invalid_request_error", "invalid_parameter", "Last-Event-ID",
+                          "'%.60s' is not an event id (ftevent-<n>).", last);
     if (stream && strcmp(stream, "true") == 0) {
-        const char *last = http_header(r, "Last-Event-ID");
         const char *from = last ? last : after;
         int64_t seq = from ? event_seq(from) : 0;
         if (seq < 0)
