@@ -140,6 +140,23 @@ def test_trained_sentencepiece_bpe_with_byte_fallback(tmp_path, lines):
     assert fallback > 500, "the corpus should exercise byte fallback"
 
 
+def test_added_token_flags_lstrip_rstrip_single_word(tmp_path, lines):
+    """HF AddedToken flags: lstrip/rstrip swallow neighbouring whitespace, single_word only matches
+    between non-word characters."""
+    import random
+    from tokenizers import AddedToken
+    hf = train_byte_level(lines[:3000])
+    hf.add_tokens([AddedToken("<mask>", lstrip=True, rstrip=True), AddedToken("word", single_word=True),
+                   AddedToken("<l>", lstrip=True), AddedToken("<r>", rstrip=True)])
+    d = tmp_path / "flags"
+    d.mkdir()
+    hf.save(str(d / "tokenizer.json"))
+    rng = random.Random(3)
+    pieces = ["<mask>", "word", "words", "sword", " ", "  ", "\t", "\n", "<l>", "<r>", "a", "日本", ".", "1"]
+    cases = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(3000)]
+    compare(hf, d, tmp_path, cases, roundtrip_required=False)
+
+
 @pytest.mark.parametrize("scheme,split", [("first", False), ("always", True), ("never", False)])
 def test_trained_bpe_with_metaspace_pre_tokenizer(tmp_path, lines, scheme, split):
     """The other way LLaMA-2 tokenizer.json files spell "▁": a Metaspace pre-tokenizer instead of the

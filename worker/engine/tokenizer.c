@@ -38,6 +38,7 @@ typedef struct added_tok {
     bytes_t content;
     int32_t id;
     int special;
+    int lstrip, rstrip, single_word; /* HF AddedToken flags (normalized=true is matched like false) */
 } added_tok;
 
 typedef enum { NORM_PREPEND, NORM_REPLACE } norm_kind;
@@ -466,7 +467,14 @@ static int32_t config_token_id(ln_tokenizer *t, json_t *cfg, const char *key) {
     return s ? ln_tokenizer_token_id(t, s) : -1;
 }
 
+/* tokenizer_config.json: bos_token / eos_token (a string or {"content": …}) and chat_template;
+ * newer transformers write the template to chat_template.jinja beside it instead. */
 static void load_config(ln_tokenizer *t, const char *dir) {
+    char *jinja = ln_path_join(dir, "chat_template.jinja");
+    size_t jl;
+    ln_err ignored;
+    if (ln_file_exists(jinja)) ln_read_file(jinja, &t->chat_template, &jl, &ignored);
+    free(jinja);
     char *path = ln_path_join(dir, "tokenizer_config.json");
     json_error_t je;
     json_t *cfg = ln_file_exists(path) ? json_load_file(path, 0, &je) : NULL;
@@ -476,7 +484,7 @@ static void load_config(ln_tokenizer *t, const char *dir) {
     if (b >= 0) t->bos = b;
     if (eo >= 0) t->eos = eo;
     json_t *ct = json_object_get(cfg, "chat_template");
-    if (json_is_string(ct)) t->chat_template = ln_xstrdup(json_string_value(ct));
+    if (json_is_string(ct) && !t->chat_template) t->chat_template = ln_xstrdup(json_string_value(ct));
     json_decref(cfg);
 }
 
@@ -601,6 +609,9 @@ static int load_model(ln_tokenizer *t, json_t *model, json_t *added, int byte_le
         a->content = bytes_dup(c, strlen(c));
         a->id = id;
         a->special = json_is_true(json_object_get(x, "special"));
+        a->lstrip = json_is_true(json_object_get(x, "lstrip"));
+        a->rstrip = json_is_true(json_object_get(x, "rstrip"));
+        a->single_word = json_is_true(json_object_get(x, "single_word"));
         t->is_special[id] = (uint8_t)a->special;
         if (!t->text[id]) {
             t->text[id] = ln_xstrdup(c);
@@ -1015,6 +1026,53 @@ static int next_added(const ln_tokenizer *t, const uint8_t *text, size_t n, size
     return -1;
 }
 
+/* Class of the character that ends at text[end) (walking back over continuation bytes). */
+static int class_before(const uint8_t *text, size_t end, size_t *start) {
+    size_t i = end - 1;
+    while (i > 0 && (text[i] & 0xC0) == 0x80) i--;
+    uint32_t cp;
+    ln_utf8_next(text + i, end - i, &cp);
+    *start = i;
+    return ln_uni_class(cp);
+}
+
+/* The next added token as HF's AddedVocabulary finds it: matches scanned left to right, a
+ * single_word token discarded unless it stands between non-word characters, and lstrip/rstrip
+ * widening the match over whitespace (never back into what an earlier match took: from). */
+static int find_added(const ln_tokenizer *t, const uint8_t *text, size_t n, size_t from, size_t *start,
+                      size_t *stop) {
+    for (size_t search = from;;) {
+        size_t at;
+        int a = next_added(t, text, n, search, &at);
+        if (a < 0) return -1;
+        const added_tok *tok = &t->added[a];
+        size_t s = at, e = at + (size_t)tok->content.len;
+        if (tok->single_word) {
+            size_t p;
+            uint32_t cp;
+            int word_before = s > 0 && (class_before(text, s, &p) & (LN_UNI_LETTER | LN_UNI_NUMBER));
+            int word_after = e < n && ln_utf8_next(text + e, n - e, &cp) &&
+                             (ln_uni_class(cp) & (LN_UNI_LETTER | LN_UNI_NUMBER));
+            if (word_before || word_after) { search = e; continue; } /* HF skips past it, too */
+        }
+        if (tok->lstrip) {
+            size_t p;
+            while (s > from && (class_before(text, s, &p) & LN_UNI_SPACE)) s = p;
+        }
+        if (tok->rstrip) {
+            uint32_t cp;
+            while (e < n) {
+                int l = ln_utf8_next(text + e, n - e, &cp);
+                if (!(ln_uni_class(cp) & LN_UNI_SPACE)) break;
+                e += (size_t)l;
+            }
+        }
+        *start = s;
+        *stop = e;
+        return a;
+    }
+}
+
 int ln_tokenizer_encode(const ln_tokenizer *t, const char *text_in, size_t len, int add_special,
                         ln_ids *out, ln_ids *offs, ln_err *e) {
     const uint8_t *text = (const uint8_t *)text_in;
@@ -1027,13 +1085,13 @@ int ln_tokenizer_encode(const ln_tokenizer *t, const char *text_in, size_t len, 
         }
     size_t pos = 0;
     while (pos < len) {
-        size_t at = len;
-        int a = next_added(t, text, len, pos, &at);
+        size_t at = len, stop = len;
+        int a = find_added(t, text, len, pos, &at, &stop);
         encode_segment(t, &s, text, len, pos, (a >= 0 ? at : len) - pos, out, offs);
         if (a < 0) break;
         ln_ids_push(out, t->added[a].id);
-        if (offs) { ln_ids_push(offs, (int32_t)at); ln_ids_push(offs, (int32_t)(at + (size_t)t->added[a].content.len)); }
-        pos = at + (size_t)t->added[a].content.len;
+        if (offs) { ln_ids_push(offs, (int32_t)at); ln_ids_push(offs, (int32_t)stop); }
+        pos = stop;
     }
     if (add_special)
         for (int i = 0; i < t->n_post; i++) {
