@@ -1,0 +1,114 @@
+"""A job from upload to a downloaded adapter through the real server and a real worker process."""
+import json
+
+import numpy as np
+import pytest
+from e2e_helpers import events, metrics, result_files, run_cli, save_files, submit, upload, MODEL_NAME
+
+
+def peft_logits(model_dir, adapter_dir, ids):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    base = transformers.LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, str(adapter_dir))
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def our_logits(tmp_path, model_dir, adapter_dir, ids):
+    from safetensors.numpy import load_file
+    inp = tmp_path / "ids.json"
+    inp.write_text(json.dumps([ids]))
+    out = tmp_path / "logits.safetensors"
+    run_cli("forward", "--model", model_dir, "--adapter", adapter_dir, "--input-ids", inp, "--out", out)
+    t = load_file(str(out))
+    return next(iter(t.values())).reshape(-1, 300)[: len(ids)]
+
+
+@pytest.mark.parametrize("method", ["lora_null_v2", "lora"])
+def test_job_from_upload_to_peft_adapter(env, method, tmp_path):
+    w = env.worker()
+    job = submit(env.srv, env.key, env.train_id, method=method,
+                 calibration=env.facts_id if method == "lora_null_v2" else None)
+    done = env.srv.wait_status(env.key, job["id"], {"succeeded", "failed"}, timeout=120)
+    assert done["status"] == "succeeded", (done["error"], w.log())
+    assert done["fine_tuned_model"].startswith(f"ft:{MODEL_NAME}:")
+    assert done["trained_tokens"] > 0
+    files = result_files(env.srv, env.key, done)
+    assert {"adapter_config.json", "adapter_model.safetensors", "eval_summary.json"} <= set(files)
+    cfg = json.loads(files["adapter_config.json"])
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
+    summary = json.loads(files["eval_summary.json"])
+    assert summary["method"] == method and summary["steps"] == 24
+    # The task was learnt: the loss on it went down.
+    assert summary["after"]["task_loss"] < summary["before"]["task_loss"] - 0.05, summary
+    if method == "lora_null_v2":
+        # Knowledge kept: drift is measured, tiny, and the loss on the facts barely moves.
+        assert summary["knowledge_drift"]["max"] < 1e-3, summary
+        assert abs(summary["after"]["knowledge_loss"] - summary["before"]["knowledge_loss"]) < 0.05, summary
+    # Every step's training loss reached the server, and the stages were announced as events.
+    m = metrics(env.srv, env.key, job["id"])
+    assert sorted(m["loss"]) == list(range(1, 25))
+    assert set(m["eval/task_loss"]) == {0, 24}
+    msgs = [e["message"] for e in events(env.srv, env.key, job["id"])]
+    for stage in ("Validating the data", "Training: 24 steps", "Step 24/24", "After training", "Exported a PEFT adapter"):
+        assert any(stage in s for s in msgs), (stage, msgs)
+    if method == "lora_null_v2":
+        assert any(s.startswith("Calibrated") for s in msgs)
+    # The downloaded adapter runs in PEFT on the ORIGINAL base, and gives our engine's logits.
+    adir = save_files({k: v for k, v in files.items() if k.startswith("adapter_")}, tmp_path / "adapter")
+    ids = [1, 40, 50, 60, 70, 80, 90, 100]
+    ref = peft_logits(env.models / MODEL_NAME, adir, ids)
+    ours = our_logits(tmp_path, env.models / MODEL_NAME, adir, ids)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_broken_training_file_fails_in_validating_files_with_line(env):
+    bad = b'{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n{"prompt": "e" "completion": 1}\n'
+    fid = upload(env.srv, env.key, bad, "broken.jsonl")
+    job = submit(env.srv, env.key, fid, method="lora")
+    done = env.srv.wait_status(env.key, job["id"], {"failed", "succeeded"}, timeout=20)
+    assert done["status"] == "failed"
+    assert "line 3" in done["error"]["message"], done["error"]
+    assert done["error"]["code"] == "invalid_training_file"
+
+
+def test_worker_side_data_error_names_the_line(env):
+    """A line the server's shape check accepts but the engine refuses (a token id outside the vocabulary)
+    fails on the worker, with the file id, the line and the field in error.message."""
+    w = env.worker()
+    data = b'{"input_ids": [1, 2, 3]}\n{"input_ids": [4, 5, 6]}\n{"input_ids": [7, 99999, 9]}\n'
+    fid = upload(env.srv, env.key, data, "ids.jsonl")
+    job = submit(env.srv, env.key, fid, method="lora")
+    done = env.srv.wait_status(env.key, job["id"], {"failed", "succeeded"}, timeout=60)
+    assert done["status"] == "failed", w.log()
+    err = done["error"]
+    assert err["code"] == "invalid_training_file"
+    assert fid in err["message"] and "line 3" in err["message"] and "vocabulary" in err["message"], err
+    assert "/" not in err["message"].split(":")[0], "the worker's local path leaked into the message"
+
+
+def test_non_finite_loss_fails_with_an_actionable_message(env, tmp_path):
+    """NaN weights (a poisoned copy of the model) make the loss non-finite at step 1: the job
+    fails with training_diverged and a sentence naming the step, not a crash or a silent NaN adapter."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+    models = tmp_path / "poisoned-models"
+    shutil.copytree(env.models, models)
+    st = models / MODEL_NAME / "model.safetensors"
+    t = load_file(str(st))
+    name = next(k for k in t if k.endswith("layers.1.self_attn.o_proj.weight"))
+    t[name] = np.full_like(t[name], np.nan)
+    save_file(t, str(st), metadata={"format": "pt"})
+    w = env.worker("poisoned")
+    w.stop()
+    w.models = models
+    w.start()
+    job = submit(env.srv, env.key, env.train_id, method="lora", epochs=1)
+    done = env.srv.wait_status(env.key, job["id"], {"failed", "succeeded"}, timeout=60)
+    assert done["status"] == "failed", w.log()
+    assert done["error"]["code"] == "training_diverged", done["error"]
+    assert "step 1" in done["error"]["message"] and "not finite" in done["error"]["message"], done["error"]
