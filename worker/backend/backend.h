@@ -8,7 +8,8 @@
  *    C a row width, V a vocabulary size, nh/nkv query/key-value heads, hd a head dimension.
  *  - Backward kernels ACCUMULATE (+=) into weight gradients (so gradient accumulation over
  *    micro-batches is free) and into dx where the comment says so; everything else overwrites.
- *  - No kernel allocates, none can fail; shapes are validated by the engine before calling.
+ *  - No kernel can fail; shapes are validated by the engine before calling. (CPU kernels may take
+ *    small per-thread temporaries of their own.)
  *  - Deterministic: the same inputs and thread count give the same bits (the resume test needs it).
  */
 #ifndef LN_BACKEND_H
@@ -57,7 +58,8 @@ typedef struct lnb_backend {
 
     /* Causal grouped-query attention. q,out (B,T,nh,hd); k,v (B,T,nkv,hd); query head h reads
      * kv head h / (nh/nkv). probs (B,nh,T,T) saved for backward (softmax of q·kᵀ/√hd, masked).
-     * backward: dq overwritten; dk, dv overwritten (heads of a group summed); scratch (T,T). */
+     * backward: dq overwritten; dk, dv overwritten (heads of a group summed); scratch is a (T,T)
+     * workspace a backend may use (the CPU backend keeps one per thread of its own). */
     void (*attention_forward)(float *out, float *probs, const float *q, const float *k, const float *v,
                               int B, int T, int nh, int nkv, int hd);
     void (*attention_backward)(float *dq, float *dk, float *dv, float *scratch, const float *dout,
@@ -79,6 +81,11 @@ typedef struct lnb_backend {
      * p -= lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps), with bc = 1 − beta^step. */
     void (*adamw)(float *p, const float *g, float *m, float *v, int64_t n, float gscale, float lr,
                   float beta1, float beta2, float eps, float wd, float bc1, float bc2);
+
+    /* 1 when attention_forward keeps only B·nh·T floats in probs (a flash-style backend that
+     * saves each row's log-sum-exp and recomputes the probabilities in the backward); the engine
+     * then allocates that much instead of B·nh·T·T. 0 (the CPU backend): the full matrix. */
+    int attention_rows_only;
 } lnb_backend;
 
 /* The CPU backend (OpenBLAS + OpenMP). Static; never freed. */

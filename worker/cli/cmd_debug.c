@@ -124,3 +124,42 @@ fail:
     fprintf(stderr, "loranull debug-grads: %s\n", e.msg);
     return 1;
 }
+
+/* `loranull bench-sgemm` (hidden): the sgemm ceiling of this machine through the same backend
+ * the engine uses: C (M×N) = A (M×K) · Bᵀ (N×K), the shape of a linear layer's forward.
+ * Prints {"m","n","k","gflops","seconds"} as JSON (best of --reps after one warm-up call). */
+int cmd_bench_sgemm(int argc, char **argv)
+{
+    int M = 2048, N = 2048, K = 2048, reps = 5;
+    const cli_opt opts[] = {
+        {"m", CLI_INT, &M, "rows"}, {"n", CLI_INT, &N, "columns"}, {"k", CLI_INT, &K, "inner dimension"},
+        {"reps", CLI_INT, &reps, "timed repetitions"},
+    };
+    ln_err e = {{0}};
+    if (cli_parse(argc, argv, 1, opts, (int)(sizeof opts / sizeof *opts), &e)) {
+        fprintf(stderr, "loranull bench-sgemm: %s\n", e.msg);
+        return 1;
+    }
+    const lnb_backend *be = lnb_cpu();
+    float *A = be->alloc((size_t)M * K * 4), *B = be->alloc((size_t)N * K * 4), *C = be->alloc((size_t)M * N * 4);
+    if (!A || !B || !C) {
+        fprintf(stderr, "loranull bench-sgemm: out of memory\n");
+        return 1;
+    }
+    for (int64_t i = 0; i < (int64_t)M * K; i++) A[i] = (float)(i % 7) * 0.1f;
+    for (int64_t i = 0; i < (int64_t)N * K; i++) B[i] = (float)(i % 5) * 0.1f;
+    be->matmul(0, 1, M, N, K, 1.0f, A, K, B, K, 0.0f, C, N);
+    double best = 1e30;
+    for (int r = 0; r < reps; r++) {
+        double t0 = ln_now_s();
+        be->matmul(0, 1, M, N, K, 1.0f, A, K, B, K, 0.0f, C, N);
+        double dt = ln_now_s() - t0;
+        best = dt < best ? dt : best;
+    }
+    printf("{\"m\":%d,\"n\":%d,\"k\":%d,\"seconds\":%.6f,\"gflops\":%.2f}\n", M, N, K, best,
+           2.0 * M * N * K / best / 1e9);
+    be->free(A);
+    be->free(B);
+    be->free(C);
+    return 0;
+}

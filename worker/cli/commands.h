@@ -8,6 +8,7 @@ int cmd_model(int argc, char **argv);
 int cmd_train(int argc, char **argv);
 int cmd_forward(int argc, char **argv);
 int cmd_debug_grads(int argc, char **argv);
+int cmd_bench_sgemm(int argc, char **argv);
 int cmd_covariance(int argc, char **argv);
 int cmd_init(int argc, char **argv);
 int cmd_export(int argc, char **argv);

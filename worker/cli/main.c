@@ -17,6 +17,7 @@ static const struct {
     {"init", cmd_init, "a method's initial adapter factors (lora_null_v2, pissa, corda, ...)"},
     {"export", cmd_export, "a run's adapter in PEFT format for the original base, or --merge a full model"},
     {"debug-grads", cmd_debug_grads, NULL},
+    {"bench-sgemm", cmd_bench_sgemm, NULL},
 };
 
 static void usage(FILE *f)

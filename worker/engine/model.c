@@ -395,7 +395,7 @@ void ln_acts_free(const ln_model *m, ln_acts *a)
 static int acts_ensure(const ln_model *m, const struct ln_adapter *ad, ln_acts *a, int B, int T, ln_err *e)
 {
     const ln_config *c = &m->cfg;
-    int64_t N = (int64_t)B * T, P = (int64_t)B * c->num_heads * T * T;
+    int64_t N = (int64_t)B * T, P = (int64_t)B * c->num_heads * T * (m->be->attention_rows_only ? 1 : T);
     int r = ad && !ad->full ? ad->rank : 0;
     if (a->res && N <= a->capN && P <= a->capP && r == a->cap_r && a->L == c->num_layers) return 0;
     const lnb_backend *be = m->be;

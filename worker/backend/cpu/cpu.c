@@ -1,10 +1,16 @@
 /* cpu.c — the CPU backend: OpenBLAS sgemm for every matrix product, OpenMP loops for the rest.
  *
  * This is the readable reference that other backends are tested against. Shapes follow the
- * contract in worker/backend/backend.h. OpenBLAS is never called from inside an OpenMP region
- * (the pthread build of OpenBLAS runs its own threads). */
+ * contract in worker/backend/backend.h.
+ *
+ * Threads: one pool, OpenMP's. OpenBLAS (Debian's pthread build) is switched to one thread and
+ * every large product is split into row (or column) blocks, one sgemm per OpenMP thread. Two
+ * pools — OpenBLAS's threads spinning after each sgemm and OpenMP's after each loop — fight over
+ * the cores; measured on 2 cores that cost 3-4× in training throughput. The split is fixed by
+ * the thread count, so results stay bit-identical run to run. */
 #include <cblas.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -27,17 +33,56 @@ static void cpu_copy(float *dst, const float *src, int64_t n) { if (n) memmove(d
 
 /* ---------------------------------------------------------------- BLAS-like */
 
+/* One sgemm on the calling thread. */
+static void sgemm1(int tA, int tB, int M, int N, int K, float alpha, const float *A, int lda, const float *B,
+                   int ldb, float beta, float *C, int ldc)
+{
+    if (M <= 0 || N <= 0) return;
+    if (K == 0) { /* sgemm with K = 0 must still apply beta */
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < N; j++)
+                C[(int64_t)i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[(int64_t)i * ldc + j];
+        return;
+    }
+    cblas_sgemm(CblasRowMajor, tA ? CblasTrans : CblasNoTrans, tB ? CblasTrans : CblasNoTrans, M, N, K, alpha, A,
+                lda, B, ldb, beta, C, ldc);
+}
+
+static void blas_single_threaded(void)
+{
+    static int done;
+    if (!done) {
+        openblas_set_num_threads(1);
+        done = 1;
+    }
+}
+
+/* C = alpha op(A) op(B) + beta C, split over OpenMP threads: by rows of C when M ≥ N (rows of
+ * op(A) start at A + i0 (transposed) or A + i0·lda), else by columns (op(B) columns start at
+ * B + j0·ldb (transposed) or B + j0). Blocks are multiples of 16 so kernels stay aligned. */
 static void cpu_matmul(int tA, int tB, int M, int N, int K, float alpha, const float *A, int lda,
                        const float *B, int ldb, float beta, float *C, int ldc)
 {
-    if (M == 0 || N == 0) return;
-    if (K == 0) { /* sgemm with K=0 must still apply beta */
-        for (int i = 0; i < M; i++)
-            for (int j = 0; j < N; j++) C[(int64_t)i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[(int64_t)i * ldc + j];
+    blas_single_threaded();
+    int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+    if (nt <= 1 || 2.0 * M * N * K < 4e6 || (M < 32 && N < 32)) {
+        sgemm1(tA, tB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
-    cblas_sgemm(CblasRowMajor, tA ? CblasTrans : CblasNoTrans, tB ? CblasTrans : CblasNoTrans,
-                M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    int by_rows = M >= N;
+    int len = by_rows ? M : N;
+    int chunk = ((len + nt - 1) / nt + 15) / 16 * 16;
+#pragma omp parallel num_threads(nt)
+    {
+        int t = omp_get_thread_num(), s0 = t * chunk, n = len - s0 < chunk ? len - s0 : chunk;
+        if (n > 0) {
+            if (by_rows)
+                sgemm1(tA, tB, n, N, K, alpha, tA ? A + s0 : A + (int64_t)s0 * lda, lda, B, ldb, beta,
+                       C + (int64_t)s0 * ldc, ldc);
+            else
+                sgemm1(tA, tB, M, n, K, alpha, A, lda, tB ? B + (int64_t)s0 * ldb : B + s0, ldb, beta, C + s0, ldc);
+        }
+    }
 }
 
 static void cpu_axpy(int64_t n, float a, const float *x, float *y)
@@ -171,64 +216,80 @@ static void cpu_rope_backward(float *dx, const float *cos, const float *sin, int
 
 /* ---------------------------------------------------------------- attention */
 
+/* Row t of a (T,T) score matrix: causal softmax over keys 0..t, zeros after. */
+static void softmax_causal_row(float *row, int t, int T)
+{
+    float mx = row[0];
+    for (int j = 1; j <= t; j++) mx = row[j] > mx ? row[j] : mx;
+    float sum = 0.0f;
+    for (int j = 0; j <= t; j++) { row[j] = expf(row[j] - mx); sum += row[j]; }
+    float inv = 1.0f / sum;
+    for (int j = 0; j <= t; j++) row[j] *= inv;
+    for (int j = t + 1; j < T; j++) row[j] = 0.0f;
+}
+
 /* Per (batch b, head h), with g = h / (nh/nkv), Q (T,hd) rows strided by nh·hd, K,V by nkv·hd:
- *   S = Q Kᵀ / √hd ; P = softmax(S + causal mask) ; O = P V */
+ *   S = Q Kᵀ / √hd ; P = softmax(S + causal mask) ; O = P V
+ * One (b, h) per OpenMP iteration, each with single-threaded sgemms. */
 static void cpu_attention_forward(float *out, float *probs, const float *q, const float *k, const float *v,
                                   int B, int T, int nh, int nkv, int hd)
 {
+    blas_single_threaded();
     int grp = nh / nkv, qs = nh * hd, ks = nkv * hd;
     float sc = 1.0f / sqrtf((float)hd);
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < nh; h++) {
-            const float *Q = q + (int64_t)b * T * qs + h * hd;
-            const float *K = k + (int64_t)b * T * ks + (h / grp) * hd;
-            const float *Vv = v + (int64_t)b * T * ks + (h / grp) * hd;
-            float *P = probs + ((int64_t)b * nh + h) * T * T;
-            cpu_matmul(0, 1, T, T, hd, sc, Q, qs, K, ks, 0.0f, P, T);
-            /* causal softmax row by row: row t sees keys 0..t */
 #pragma omp parallel for schedule(static)
-            for (int t = 0; t < T; t++) {
-                float *row = P + (int64_t)t * T;
-                float mx = row[0];
-                for (int j = 1; j <= t; j++) mx = row[j] > mx ? row[j] : mx;
-                float sum = 0.0f;
-                for (int j = 0; j <= t; j++) { row[j] = expf(row[j] - mx); sum += row[j]; }
-                float inv = 1.0f / sum;
-                for (int j = 0; j <= t; j++) row[j] *= inv;
-                for (int j = t + 1; j < T; j++) row[j] = 0.0f;
-            }
-            cpu_matmul(0, 0, T, hd, T, 1.0f, P, T, Vv, ks, 0.0f, out + (int64_t)b * T * qs + h * hd, qs);
-        }
+    for (int bh = 0; bh < B * nh; bh++) {
+        int b = bh / nh, h = bh % nh;
+        const float *Q = q + (int64_t)b * T * qs + h * hd;
+        const float *K = k + (int64_t)b * T * ks + (h / grp) * hd;
+        const float *Vv = v + (int64_t)b * T * ks + (h / grp) * hd;
+        float *P = probs + (int64_t)bh * T * T;
+        sgemm1(0, 1, T, T, hd, sc, Q, qs, K, ks, 0.0f, P, T);
+        for (int t = 0; t < T; t++) softmax_causal_row(P + (int64_t)t * T, t, T);
+        sgemm1(0, 0, T, hd, T, 1.0f, P, T, Vv, ks, 0.0f, out + (int64_t)b * T * qs + h * hd, qs);
+    }
 }
 
-/* dV += Pᵀ dO ; dP = dO Vᵀ ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) ; dQ = dS K /√hd ; dK += dSᵀ Q /√hd */
+/* dV += Pᵀ dO ; dP = dO Vᵀ ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) ; dQ = dS K /√hd ; dK += dSᵀ Q /√hd
+ * One (batch, kv head) per OpenMP iteration: the query heads of a group add into the same dK, dV,
+ * so they run in order inside one iteration (no races, a fixed summation order). */
 static void cpu_attention_backward(float *dq, float *dk, float *dv, float *scratch, const float *dout,
-                                   const float *probs, const float *q, const float *k, const float *v,
-                                   int B, int T, int nh, int nkv, int hd)
+                                   const float *probs, const float *q, const float *k, const float *v, int B, int T,
+                                   int nh, int nkv, int hd)
 {
+    blas_single_threaded();
     int grp = nh / nkv, qs = nh * hd, ks = nkv * hd;
     float sc = 1.0f / sqrtf((float)hd);
-    memset(dk, 0, (size_t)B * T * ks * sizeof(float));
-    memset(dv, 0, (size_t)B * T * ks * sizeof(float));
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < nh; h++) {
-            int64_t qo = (int64_t)b * T * qs + h * hd, ko = (int64_t)b * T * ks + (h / grp) * hd;
-            const float *P = probs + ((int64_t)b * nh + h) * T * T;
-            float *dS = scratch;
-            cpu_matmul(1, 0, T, hd, T, 1.0f, P, T, dout + qo, qs, 1.0f, dv + ko, ks);
-            cpu_matmul(0, 1, T, T, hd, 1.0f, dout + qo, qs, v + ko, ks, 0.0f, dS, T);
-#pragma omp parallel for schedule(static)
-            for (int t = 0; t < T; t++) {
-                const float *p = P + (int64_t)t * T;
-                float *d = dS + (int64_t)t * T;
-                float dot = 0.0f;
-                for (int j = 0; j <= t; j++) dot += d[j] * p[j];
-                for (int j = 0; j <= t; j++) d[j] = p[j] * (d[j] - dot);
-                for (int j = t + 1; j < T; j++) d[j] = 0.0f;
+#pragma omp parallel
+    {
+        float *dS = malloc((size_t)T * T * sizeof(float));
+#pragma omp for schedule(static)
+        for (int bg = 0; bg < B * nkv; bg++) {
+            int b = bg / nkv, g = bg % nkv;
+            int64_t ko = (int64_t)b * T * ks + g * hd;
+            for (int i = 0; i < T; i++) {
+                memset(dk + ko + (int64_t)i * ks, 0, (size_t)hd * sizeof(float));
+                memset(dv + ko + (int64_t)i * ks, 0, (size_t)hd * sizeof(float));
             }
-            cpu_matmul(0, 0, T, hd, T, sc, dS, T, k + ko, ks, 0.0f, dq + qo, qs);
-            cpu_matmul(1, 0, T, hd, T, sc, dS, T, q + qo, qs, 1.0f, dk + ko, ks);
+            for (int h = g * grp; h < (g + 1) * grp; h++) {
+                int64_t qo = (int64_t)b * T * qs + h * hd;
+                const float *P = probs + ((int64_t)b * nh + h) * T * T;
+                sgemm1(1, 0, T, hd, T, 1.0f, P, T, dout + qo, qs, 1.0f, dv + ko, ks);
+                sgemm1(0, 1, T, T, hd, 1.0f, dout + qo, qs, v + ko, ks, 0.0f, dS, T);
+                for (int t = 0; t < T; t++) {
+                    const float *p = P + (int64_t)t * T;
+                    float *d = dS + (int64_t)t * T;
+                    float dot = 0.0f;
+                    for (int j = 0; j <= t; j++) dot += d[j] * p[j];
+                    for (int j = 0; j <= t; j++) d[j] = p[j] * (d[j] - dot);
+                    for (int j = t + 1; j < T; j++) d[j] = 0.0f;
+                }
+                sgemm1(0, 0, T, hd, T, sc, dS, T, k + ko, ks, 0.0f, dq + qo, qs);
+                sgemm1(1, 0, T, hd, T, sc, dS, T, q + qo, qs, 1.0f, dk + ko, ks);
+            }
         }
+        free(dS);
+    }
 }
 
 /* ---------------------------------------------------------------- SwiGLU */
