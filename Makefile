@@ -98,16 +98,41 @@ asan:
 -include $(shell find build/$(V)/obj -name '*.d' 2>/dev/null)
 
 # ---- CUDA backend (compiles and links without a GPU) ----
+# make cuda: build/cuda/libloranull_cuda.a (worker/backend/cuda/*.cu + the NCCL comm backend),
+# the GPU tests and benchmark (tests/gpu/*.c -> build/cuda/tests/), linked with the release libs
+# and the CUDA libraries. The default CPU build never links CUDA. GPU tests skip (exit 77) where
+# no GPU is present; tests/gpu/run.sh runs them all.
 CUDA_SRC := $(wildcard worker/backend/cuda/*.cu)
+CUDA_HDR := $(wildcard worker/backend/cuda/*.h)
 NVCCFLAGS ?= -O2 -std=c++17 -arch=sm_90 -Xcompiler -Wall,-Wextra,-Werror -I. -I$(CUDA_HOME)/include
-cuda: build/cuda/libloranull_cuda.a
-build/cuda/%.o: %.cu
+CUDA_LIBDIR := $(firstword $(wildcard $(CUDA_HOME)/lib64 $(CUDA_HOME)/lib))
+CUDA_LDLIBS := -L$(CUDA_LIBDIR) -L$(CUDA_HOME)/lib -Wl,-rpath,$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_HOME)/lib \
+               -lcudart -lcublas -lcublasLt -lcusolver -lnccl -lstdc++
+CUDA_OBJ := $(patsubst %.cu,build/cuda/obj/%.o,$(CUDA_SRC)) build/cuda/obj/worker/backend/comm/comm_nccl.o
+GPU_TEST_SRC := $(wildcard tests/gpu/*.c)
+GPU_TEST_HELPERS := $(filter-out tests/gpu/test_%.c tests/gpu/bench_%.c,$(GPU_TEST_SRC))
+GPU_TEST_BINS := $(patsubst tests/gpu/%.c,build/cuda/tests/%,$(filter tests/gpu/test_%.c tests/gpu/bench_%.c,$(GPU_TEST_SRC)))
+CUDA_RELEASE_LIBS := $(patsubst build/$(V)/%,build/release/%,$(LIBS))
+
+cuda: build/cuda/libloranull_cuda.a $(GPU_TEST_BINS)
+build/cuda/obj/%.o: %.cu $(CUDA_HDR) worker/backend/backend.h
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
-build/cuda/libloranull_cuda.a: $(patsubst %.cu,build/cuda/%.o,$(CUDA_SRC))
+build/cuda/obj/worker/backend/comm/comm_nccl.o: worker/backend/comm/comm_nccl.c worker/backend/comm/comm.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CSTD) $(WARN) -O2 -g -I. -I$(CUDA_HOME)/include -DLN_WITH_NCCL -c $< -o $@
+build/cuda/libloranull_cuda.a: $(CUDA_OBJ)
 	@mkdir -p $(dir $@)
 	@rm -f $@
-	$(if $^,$(AR) rcs $@ $^,@echo "cuda: no CUDA sources yet" && touch $@)
+	$(AR) rcs $@ $^
+build/cuda/tests/%: tests/gpu/%.c $(GPU_TEST_HELPERS) tests/gpu/gpu_check.h build/cuda/libloranull_cuda.a $(CUDA_RELEASE_LIBS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CSTD) $(WARN) -O2 -g -fopenmp -I. -I$(CUDA_HOME)/include -o $@ $< $(GPU_TEST_HELPERS) \
+	    build/cuda/libloranull_cuda.a $(CUDA_RELEASE_LIBS) $(LDLIBS) $(CUDA_LDLIBS)
+ifneq ($(V),release)
+$(CUDA_RELEASE_LIBS):
+	$(MAKE) V=release $@
+endif
 
 # ---- dependencies, tests, demo, bench ----
 deps:

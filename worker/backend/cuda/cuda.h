@@ -1,0 +1,123 @@
+/* cuda.h — the CUDA backend: the lnb_backend table on an NVIDIA GPU, device selection, memory
+ * planning, and cuSOLVER/cuBLAS routines for calibration and the LoRA-Null init.
+ * Built only by `make cuda` (build/cuda/libloranull_cuda.a); the CPU build knows nothing of it.
+ *
+ * The table (lnb_cuda) keeps backend.h's contract — fp32 tensors, row-major — with these choices:
+ *  - Memory is CUDA managed memory, so host code of the engine (adapter init, calibration hooks,
+ *    checkpoint writers) can read and write tensors directly; the kernels run on the device.
+ *    Every call waits for its kernels before returning (LORANULL_CUDA_SYNC=0 skips that wait for
+ *    benchmarks that never touch tensors from the host between calls).
+ *  - GEMMs are cuBLAS cublasGemmEx with fp32 storage and fp32 accumulation; the math mode says
+ *    what the tensor cores may down-convert inputs to: LNB_CUDA_MATH_BF16 (default: bf16 tensor
+ *    cores, fp32 accumulation), _TF32, or _FP32 (no down-conversion: what the tests compare
+ *    against the CPU backend with tight tolerances).
+ *  - Attention is flash-style: the forward keeps only the log-sum-exp of each query row (B·nh·T
+ *    floats at the start of the probs buffer), never a T×T matrix; the backward recomputes the
+ *    probabilities tile by tile. (lnb_backend.attention_rows_only tells the engine so.)
+ *  - Reductions (sumsq, cross-entropy, norm and embedding weight gradients) use a fixed launch
+ *    shape and a fixed summation order: the same inputs give the same bits.
+ *  - Host pointers the engine passes for small tables (token ids, targets, RoPE cos/sin) are
+ *    staged into device memory by the backend itself.
+ * A kernel cannot fail by the interface; a CUDA error inside one is kept (the first one) and
+ * reported by lnb_cuda_check(), which the caller should call after each step.
+ *
+ * Ownership: lnb_cuda_open creates one process-wide context (handles, stream, workspace);
+ * lnb_cuda_close frees it. Buffers from the table's alloc are freed with the table's free. */
+#ifndef LN_CUDA_H
+#define LN_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/err.h"
+#include "worker/backend/backend.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum { LNB_CUDA_MATH_BF16 = 0, LNB_CUDA_MATH_TF32, LNB_CUDA_MATH_FP32 } lnb_cuda_math;
+
+typedef struct lnb_cuda_opts {
+    int device;            /* CUDA device index; −1 = the device with the most free memory */
+    lnb_cuda_math math;
+} lnb_cuda_opts;
+
+/* Number of usable CUDA devices; 0 when there is no driver or no GPU (never an error). */
+int lnb_cuda_device_count(void);
+/* One line describing the device in use ("NVIDIA H200, 139.8 GiB, sm_90"). */
+const char *lnb_cuda_device_name(void);
+
+/* Selects the device, creates the cuBLAS/cuSOLVER handles. Errors name the device and the call. */
+int lnb_cuda_open(const lnb_cuda_opts *o, ln_err *e);
+void lnb_cuda_close(void);
+/* The backend table, or NULL before lnb_cuda_open. */
+const lnb_backend *lnb_cuda(void);
+void lnb_cuda_set_math(lnb_cuda_math m);
+/* Returns −1 with the first CUDA error a kernel call met since the last check, else 0; then clears. */
+int lnb_cuda_check(ln_err *e);
+/* Waits for all queued work. */
+int lnb_cuda_sync(ln_err *e);
+/* Fills a device buffer with N(0, std²) values from a counter-based generator (seed, index):
+ * random weights for benchmarks without a host round trip. */
+void lnb_cuda_fill_normal(float *x, int64_t n, uint64_t seed, float std);
+void lnb_cuda_fill_const(float *x, int64_t n, float v);
+
+/* ---- memory plan ---- */
+
+/* What a training job needs on the device, as this backend (and the engine's fp32 layout)
+ * allocates it. */
+typedef struct lnb_cuda_plan_req {
+    int vocab, hidden, intermediate, layers, heads, kv_heads, head_dim, tied;
+    int batch, seq;        /* micro-batch */
+    int rank;              /* LoRA rank (0 = full fine-tuning) */
+    int targets;           /* how many of the seven targets carry factors */
+    int train_a;           /* A trains (gradient + AdamW state) */
+} lnb_cuda_plan_req;
+
+typedef struct lnb_cuda_plan {
+    double weights, adapter, optimizer, activations, logits, workspace, total; /* bytes */
+    double free_bytes, device_bytes;
+} lnb_cuda_plan;
+
+/* Computes the plan and compares it with the device's free memory: returns −1 with a sentence
+ * giving needed vs free (and the parts) when it does not fit, before anything is allocated. */
+int lnb_cuda_plan_check(const lnb_cuda_plan_req *rq, lnb_cuda_plan *out, ln_err *e);
+
+/* ---- calibration and LoRA-Null init on the device (cuBLAS + cuSOLVER, fp64 like the CPU) ---- */
+
+/* A covariance sum of one layer input on the device: sum += X̂ᵀ X̂, X̂ = X / |max X| (nullspace.h). */
+typedef struct lnb_cuda_cov {
+    int d;
+    int64_t samples, tokens;
+    double *sum;           /* device, d × d */
+} lnb_cuda_cov;
+
+int lnb_cuda_cov_init(lnb_cuda_cov *c, int d, ln_err *e);
+void lnb_cuda_cov_free(lnb_cuda_cov *c);
+/* X (tokens × d, fp32, device/managed or host memory). DSYRK on the device. */
+int lnb_cuda_cov_add_sample(lnb_cuda_cov *c, const float *X, int tokens, ln_err *e);
+/* C = sum / samples as a full symmetric d × d fp64 matrix in host memory. */
+int lnb_cuda_cov_finish(const lnb_cuda_cov *c, double *C, ln_err *e);
+
+/* The r smallest eigenpairs of the symmetric d × d host matrix C by cusolverDnDsyevdx (range by
+ * index 1..r): U (d × r, row-major, host) ascending, evals (r, may be NULL). */
+int lnb_cuda_nullspace_basis(const double *C, int d, int r, double *U, double *evals, ln_err *e);
+
+/* The LoRA-Null factors (nullspace.h's ln_nullspace_factor, on the device): M = W0 U by DGEMM,
+ * thin SVD of the d_out × r matrix M by cusolverDnDgesvd, B = P √S / √scale, A = √S (U Q)ᵀ / √scale.
+ * W0 (d_out × d_in fp32), U (d_in × r fp64) and the outputs are host or managed memory. */
+int lnb_cuda_nullspace_factor(const float *W0, int d_out, int d_in, const double *U, int r, double scale, float *A,
+                              float *B, ln_err *e);
+
+/* ---- benchmark helpers ---- */
+
+/* Measured dense bf16 GEMM throughput (TFLOP/s) with fp32 accumulation: M = N = K = n,
+ * `iters` timed runs after a warm-up. */
+int lnb_cuda_bf16_gemm_peak(int n, int iters, double *tflops, ln_err *e);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

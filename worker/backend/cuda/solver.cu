@@ -1,0 +1,336 @@
+/* solver.cu — calibration and LoRA-Null init on the device (cuBLAS DSYRK/DGEMM, cuSOLVER
+ * syevdx/gesvd, all fp64 like the CPU path in worker/engine/nullspace.c), the memory plan, and
+ * the bf16 GEMM peak measurement the benchmark reports MFU against. */
+#include <cuda_bf16.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "worker/backend/cuda/cuda_check.h"
+
+extern "C" {
+#include "worker/backend/cuda/cuda.h"
+}
+
+#define ST lnb_cuda_g.stream
+
+/* A device buffer freed at scope exit: keeps every error path of the routines below short. */
+struct dbuf {
+    void *p = nullptr;
+    ~dbuf() { if (p) cudaFree(p); }
+    template <typename T> T *as() { return (T *)p; }
+};
+
+static int dalloc(dbuf &b, size_t bytes, const char *what, ln_err *e)
+{
+    cudaError_t st = cudaMalloc(&b.p, bytes ? bytes : 16);
+    if (st != cudaSuccess) {
+        b.p = nullptr;
+        cudaGetLastError();
+        return ln_errf(e, "CUDA backend: out of device memory allocating %s (%.1f MiB): %s", what,
+                       (double)bytes / (1 << 20), cudaGetErrorString(st));
+    }
+    return 0;
+}
+
+/* ================================================================ covariance */
+
+/* max of X and whether every entry is finite (flag), by one block of 1024 threads. */
+__global__ void k_max_finite(const float *x, int64_t n, float *out_max, int *out_bad)
+{
+    __shared__ float sm[32];
+    __shared__ int sb[32];
+    float m = -INFINITY;
+    int bad = 0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = x[i];
+        if (!isfinite(v)) bad = 1;
+        else m = fmaxf(m, v);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        bad |= __shfl_xor_sync(0xffffffffu, bad, o);
+    }
+    if ((threadIdx.x & 31) == 0) { sm[threadIdx.x >> 5] = m; sb[threadIdx.x >> 5] = bad; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) { m = fmaxf(sm[0], sm[w]); sm[0] = m; sb[0] |= sb[w]; }
+        *out_max = sm[0];
+        *out_bad = sb[0];
+    }
+}
+
+__global__ void k_to_f64_scaled(double *dst, const float *src, int64_t n, double s)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        dst[i] = (double)src[i] * s;
+}
+
+extern "C" int lnb_cuda_cov_init(lnb_cuda_cov *c, int d, ln_err *e)
+{
+    memset(c, 0, sizeof *c);
+    if (d <= 0) return ln_errf(e, "GPU covariance: input dimension must be positive, got %d", d);
+    c->d = d;
+    CUDA_TRY(cudaMalloc((void **)&c->sum, (size_t)d * d * sizeof(double)), e);
+    CUDA_TRY(cudaMemsetAsync(c->sum, 0, (size_t)d * d * sizeof(double), ST), e);
+    return 0;
+}
+
+extern "C" void lnb_cuda_cov_free(lnb_cuda_cov *c)
+{
+    if (c && c->sum) cudaFree(c->sum);
+    if (c) c->sum = NULL;
+}
+
+extern "C" int lnb_cuda_cov_add_sample(lnb_cuda_cov *c, const float *X, int tokens, ln_err *e)
+{
+    const int d = c->d;
+    if (tokens <= 0) return ln_errf(e, "GPU covariance: sample %lld has no tokens", (long long)c->samples);
+    size_t n = (size_t)tokens * d;
+    const float *dx = (const float *)lnb_cuda_device_view(X, n * sizeof(float), WS_SOLVER);
+    if (!dx) return lnb_cuda_check(e);
+    dbuf flags, xd;
+    if (dalloc(flags, 2 * sizeof(float), "the sample's max", e)) return -1;
+    k_max_finite<<<1, 1024, 0, ST>>>(dx, (int64_t)n, flags.as<float>(), (int *)(flags.as<float>() + 1));
+    CUDA_TRY(cudaGetLastError(), e);
+    float hm[2];
+    CUDA_TRY(cudaMemcpyAsync(hm, flags.p, sizeof hm, cudaMemcpyDeviceToHost, ST), e);
+    CUDA_TRY(cudaStreamSynchronize(ST), e);
+    int bad;
+    memcpy(&bad, &hm[1], sizeof bad);
+    if (bad) return ln_errf(e, "GPU covariance: sample %lld has a non-finite activation", (long long)c->samples);
+    if (hm[0] == 0.0f)
+        return ln_errf(e, "GPU covariance: sample %lld has maximum activation 0, so the reference scaling 1/|max X| is undefined",
+                       (long long)c->samples);
+    /* The reference scales by 1/|max X| (signed max), as nullspace.c. */
+    if (dalloc(xd, n * sizeof(double), "the fp64 sample", e)) return -1;
+    k_to_f64_scaled<<<1024, 256, 0, ST>>>(xd.as<double>(), dx, (int64_t)n, 1.0 / fabs((double)hm[0]));
+    CUDA_TRY(cudaGetLastError(), e);
+    /* Row-major X (tokens × d) is column-major Xc (d × tokens): Xᵀ X = Xc Xcᵀ, a DSYRK with no
+     * transpose; the column-major upper triangle is the row-major lower one (symmetrised at finish). */
+    const double one = 1.0;
+    CUBLAS_TRY(cublasDsyrk(lnb_cuda_g.blas, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, d, tokens, &one, xd.as<double>(), d,
+                           &one, c->sum, d), e);
+    CUDA_TRY(cudaStreamSynchronize(ST), e);
+    c->samples++;
+    c->tokens += tokens;
+    return 0;
+}
+
+extern "C" int lnb_cuda_cov_finish(const lnb_cuda_cov *c, double *C, ln_err *e)
+{
+    if (c->samples <= 0) return ln_errf(e, "GPU covariance: no calibration samples were accumulated");
+    const int d = c->d;
+    CUDA_TRY(cudaMemcpyAsync(C, c->sum, (size_t)d * d * sizeof(double), cudaMemcpyDeviceToHost, ST), e);
+    CUDA_TRY(cudaStreamSynchronize(ST), e);
+    /* column-major upper (i ≤ j at C[i + j·d]) → full symmetric / samples */
+    double inv = 1.0 / (double)c->samples;
+    for (int j = 0; j < d; j++)
+        for (int i = 0; i <= j; i++) {
+            double v = C[(size_t)j * d + i] * inv;
+            C[(size_t)j * d + i] = v;
+            C[(size_t)i * d + j] = v;
+        }
+    return 0;
+}
+
+/* ================================================================ null space */
+
+extern "C" int lnb_cuda_nullspace_basis(const double *C, int d, int r, double *U, double *evals, ln_err *e)
+{
+    if (r <= 0 || r > d) return ln_errf(e, "GPU null space: rank %d must be in 1..%d (d_in)", r, d);
+    dbuf A, W, info, work;
+    if (dalloc(A, (size_t)d * d * sizeof(double), "the covariance", e) ||
+        dalloc(W, (size_t)d * sizeof(double), "the eigenvalues", e) || dalloc(info, sizeof(int), "info", e))
+        return -1;
+    CUDA_TRY(cudaMemcpyAsync(A.p, C, (size_t)d * d * sizeof(double), cudaMemcpyHostToDevice, ST), e);
+    int lwork = 0, meig = 0;
+    /* C is symmetric, so its row-major and column-major readings are the same matrix. */
+    CUSOLVER_TRY(cusolverDnDsyevdx_bufferSize(lnb_cuda_g.solver, CUSOLVER_EIG_MODE_VECTOR, CUSOLVER_EIG_RANGE_I,
+                                              CUBLAS_FILL_MODE_UPPER, d, A.as<double>(), d, 0.0, 0.0, 1, r, &meig,
+                                              W.as<double>(), &lwork), e);
+    if (dalloc(work, (size_t)lwork * sizeof(double), "the eigensolver workspace", e)) return -1;
+    CUSOLVER_TRY(cusolverDnDsyevdx(lnb_cuda_g.solver, CUSOLVER_EIG_MODE_VECTOR, CUSOLVER_EIG_RANGE_I,
+                                   CUBLAS_FILL_MODE_UPPER, d, A.as<double>(), d, 0.0, 0.0, 1, r, &meig, W.as<double>(),
+                                   work.as<double>(), lwork, info.as<int>()), e);
+    int hinfo = 0;
+    CUDA_TRY(cudaMemcpyAsync(&hinfo, info.p, sizeof hinfo, cudaMemcpyDeviceToHost, ST), e);
+    CUDA_TRY(cudaStreamSynchronize(ST), e);
+    if (hinfo != 0) return ln_errf(e, "GPU null space: cusolverDnDsyevdx failed (info %d) on a %d x %d covariance", hinfo, d, d);
+    if (meig != r) return ln_errf(e, "GPU null space: syevdx returned %d eigenpairs, expected %d", meig, r);
+    /* Eigenvectors are the first r columns of A (column-major): U[k][j] = A[k + j·d]. */
+    double *h = (double *)malloc((size_t)d * r * sizeof(double));
+    if (!h) return ln_errf(e, "GPU null space: out of host memory for %d x %d eigenvectors", d, r);
+    cudaError_t st = cudaMemcpyAsync(h, A.p, (size_t)d * r * sizeof(double), cudaMemcpyDeviceToHost, ST);
+    if (st == cudaSuccess) st = cudaStreamSynchronize(ST);
+    if (st == cudaSuccess && evals) st = cudaMemcpy(evals, W.p, (size_t)r * sizeof(double), cudaMemcpyDeviceToHost);
+    if (st != cudaSuccess) {
+        free(h);
+        return ln_errf(e, "CUDA copy of the eigenvectors failed: %s", cudaGetErrorString(st));
+    }
+    for (int j = 0; j < r; j++)
+        for (int k = 0; k < d; k++) U[(size_t)k * r + j] = h[(size_t)j * d + k];
+    free(h);
+    return 0;
+}
+
+__global__ void k_f32_to_f64(double *dst, const float *src, int64_t n)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        dst[i] = src[i];
+}
+
+extern "C" int lnb_cuda_nullspace_factor(const float *W0, int d_out, int d_in, const double *U, int r, double scale,
+                                         float *A, float *B, ln_err *e)
+{
+    if (r <= 0 || r > d_in || r > d_out)
+        return ln_errf(e, "GPU LoRA-Null factor: rank %d exceeds the layer's %d x %d shape", r, d_out, d_in);
+    if (!(scale > 0.0)) return ln_errf(e, "GPU LoRA-Null factor: scale (alpha/r) must be positive, got %g", scale);
+    size_t nw = (size_t)d_out * d_in;
+    dbuf w64, u64, M, S, P, VT, UQt, info, work;
+    const float *dw = (const float *)lnb_cuda_device_view(W0, nw * sizeof(float), WS_SOLVER);
+    if (!dw) return lnb_cuda_check(e);
+    if (dalloc(w64, nw * sizeof(double), "fp64 W0", e) || dalloc(u64, (size_t)d_in * r * sizeof(double), "U", e) ||
+        dalloc(M, (size_t)d_out * r * sizeof(double), "W0 U", e) || dalloc(S, (size_t)r * sizeof(double), "S", e) ||
+        dalloc(P, (size_t)d_out * r * sizeof(double), "P", e) || dalloc(VT, (size_t)r * r * sizeof(double), "Qᵀ", e) ||
+        dalloc(UQt, (size_t)d_in * r * sizeof(double), "U Q", e) || dalloc(info, sizeof(int), "info", e))
+        return -1;
+    k_f32_to_f64<<<1024, 256, 0, ST>>>(w64.as<double>(), dw, (int64_t)nw);
+    CUDA_TRY(cudaGetLastError(), e);
+    CUDA_TRY(cudaMemcpyAsync(u64.p, U, (size_t)d_in * r * sizeof(double), cudaMemcpyHostToDevice, ST), e);
+    /* Row-major W0 (d_out × d_in) is column-major W0ᵀ (ld d_in); row-major U (d_in × r) is
+     * column-major Uᵀ (ld r). Column-major M (d_out × r, ld d_out) = W0 U = (W0ᵀ)ᵀ (Uᵀ)ᵀ. */
+    const double one = 1.0, zero = 0.0;
+    CUBLAS_TRY(cublasDgemm(lnb_cuda_g.blas, CUBLAS_OP_T, CUBLAS_OP_T, d_out, r, d_in, &one, w64.as<double>(), d_in,
+                           u64.as<double>(), r, &zero, M.as<double>(), d_out), e);
+    /* Thin SVD of the tall d_out × r matrix: M = P diag(S) Vᵀ (gesvd needs m ≥ n: d_out ≥ r). */
+    int lwork = 0;
+    CUSOLVER_TRY(cusolverDnDgesvd_bufferSize(lnb_cuda_g.solver, d_out, r, &lwork), e);
+    if (dalloc(work, (size_t)lwork * sizeof(double), "the SVD workspace", e)) return -1;
+    CUSOLVER_TRY(cusolverDnDgesvd(lnb_cuda_g.solver, 'S', 'S', d_out, r, M.as<double>(), d_out, S.as<double>(),
+                                  P.as<double>(), d_out, VT.as<double>(), r, work.as<double>(), lwork, NULL,
+                                  info.as<int>()), e);
+    /* (U Q)ᵀ = Qᵀ Uᵀ = Vᵀ · (column-major Uᵀ): r × d_in, column-major. */
+    CUBLAS_TRY(cublasDgemm(lnb_cuda_g.blas, CUBLAS_OP_N, CUBLAS_OP_N, r, d_in, r, &one, VT.as<double>(), r,
+                           u64.as<double>(), r, &zero, UQt.as<double>(), r), e);
+    int hinfo = 0;
+    CUDA_TRY(cudaMemcpyAsync(&hinfo, info.p, sizeof hinfo, cudaMemcpyDeviceToHost, ST), e);
+    double *hs = (double *)malloc((size_t)r * sizeof(double));
+    double *hp = (double *)malloc((size_t)d_out * r * sizeof(double));
+    double *hq = (double *)malloc((size_t)d_in * r * sizeof(double));
+    int rc = -1;
+    if (!hs || !hp || !hq) {
+        ln_errf(e, "GPU LoRA-Null factor: out of host memory");
+        goto out;
+    }
+    if (cudaMemcpyAsync(hs, S.p, (size_t)r * sizeof(double), cudaMemcpyDeviceToHost, ST) != cudaSuccess ||
+        cudaMemcpyAsync(hp, P.p, (size_t)d_out * r * sizeof(double), cudaMemcpyDeviceToHost, ST) != cudaSuccess ||
+        cudaMemcpyAsync(hq, UQt.p, (size_t)d_in * r * sizeof(double), cudaMemcpyDeviceToHost, ST) != cudaSuccess ||
+        cudaStreamSynchronize(ST) != cudaSuccess) {
+        ln_errf(e, "GPU LoRA-Null factor: copying the SVD back failed: %s", cudaGetErrorString(cudaGetLastError()));
+        goto out;
+    }
+    if (hinfo != 0) {
+        ln_errf(e, "GPU LoRA-Null factor: SVD of W0 U (%d x %d) failed (cusolverDnDgesvd info %d)", d_out, r, hinfo);
+        goto out;
+    }
+    /* B = P √(S/scale), A = √(S/scale) (U Q)ᵀ — as nullspace.c. Column-major P[i + j·d_out],
+     * (UQ)ᵀ[j + k·r]. A, B may be managed memory: written from the host after the sync above. */
+    for (int j = 0; j < r; j++) {
+        double g = sqrt(hs[j] / scale);
+        for (int k = 0; k < d_in; k++) A[(size_t)j * d_in + k] = (float)(g * hq[(size_t)k * r + j]);
+        for (int i = 0; i < d_out; i++) B[(size_t)i * r + j] = (float)(hp[(size_t)j * d_out + i] * g);
+    }
+    rc = 0;
+out:
+    free(hs);
+    free(hp);
+    free(hq);
+    return rc;
+}
+
+/* ================================================================ memory plan */
+
+extern "C" int lnb_cuda_plan_check(const lnb_cuda_plan_req *q, lnb_cuda_plan *p, ln_err *e)
+{
+    memset(p, 0, sizeof *p);
+    const double f = 4.0; /* fp32 everywhere (backend.h) */
+    double C = q->hidden, I = q->intermediate, qd = (double)q->heads * q->head_dim, kvd = (double)q->kv_heads * q->head_dim;
+    double per_layer = C * qd * 2 + C * kvd * 2 + 3 * C * I + 2 * C;
+    double params = q->layers * per_layer + (double)q->vocab * C * (q->tied ? 1 : 2) + C;
+    p->weights = params * f;
+    double N = (double)q->batch * q->seq, r = q->rank;
+    if (q->rank > 0) {
+        /* per target: A r×d_in, B d_out×r; the dims of each of the seven, averaged as the engine's */
+        double dims[7][2] = {{qd, C}, {kvd, C}, {kvd, C}, {C, qd}, {I, C}, {I, C}, {C, I}};
+        double fac = 0, a_part = 0;
+        for (int t = 0; t < 7 && t < q->targets; t++) {
+            fac += r * dims[t][1] + dims[t][0] * r;
+            a_part += r * dims[t][1];
+        }
+        double per = q->layers * fac * f;
+        double trained = q->layers * (fac - (q->train_a ? 0 : a_part)) * f;
+        p->adapter = per * 2 /* A, B and the residual's A0, B0 */ + trained /* gradients */;
+        p->optimizer = trained * 2;
+        /* LoRA intermediates x Aᵀ saved per target */
+        p->activations += q->layers * q->targets * N * r * f;
+    } else {
+        p->optimizer = params * f * 2;
+        p->adapter = params * f; /* gradients */
+    }
+    /* What model.c keeps per layer: h1, xmid, h2, res (C); q, att (qd); k, v (kvd); gate, up, act (I);
+     * two rstd; lse rows (B·nh·T, flash-style) — plus backward scratch (one layer's worth). */
+    double act_layer = N * (4 * C + 2 * qd + 2 * kvd + 3 * I + 2) + (double)q->batch * q->heads * q->seq;
+    p->activations += q->layers * act_layer * f + N * (C + 2 * qd + 2 * kvd + 3 * I + C) * f;
+    p->logits = N * (double)q->vocab * f;
+    /* attention chunk buffers (attention.cu) + cuBLAS/cuSOLVER workspaces */
+    p->workspace = 2.0 * (32 << 20) * f + 512.0 * (1 << 20);
+    p->total = p->weights + p->adapter + p->optimizer + p->activations + p->logits + p->workspace;
+    size_t fr = 0, tot = 0;
+    CUDA_TRY(cudaMemGetInfo(&fr, &tot), e);
+    p->free_bytes = (double)fr;
+    p->device_bytes = (double)tot;
+    const double G = 1024.0 * 1024.0 * 1024.0;
+    if (p->total > p->free_bytes)
+        return ln_errf(e, "GPU memory plan: the job needs %.2f GiB but only %.2f GiB of %.2f GiB are free on %s "
+                          "(weights %.2f, adapter+gradients %.2f, AdamW %.2f, activations %.2f, logits %.2f, "
+                          "workspace %.2f GiB); use a smaller batch or sequence, or more ranks",
+                       p->total / G, p->free_bytes / G, p->device_bytes / G, lnb_cuda_device_name(), p->weights / G,
+                       p->adapter / G, p->optimizer / G, p->activations / G, p->logits / G, p->workspace / G);
+    return 0;
+}
+
+/* ================================================================ bf16 GEMM peak */
+
+__global__ void k_fill_bf16(__nv_bfloat16 *x, int64_t n)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        x[i] = __float2bfloat16(((float)((i * 2654435761ull) % 1000) - 500.0f) * 1e-3f);
+}
+
+extern "C" int lnb_cuda_bf16_gemm_peak(int n, int iters, double *tflops, ln_err *e)
+{
+    dbuf a, b, c;
+    size_t nn = (size_t)n * n;
+    if (dalloc(a, nn * 2, "GEMM A", e) || dalloc(b, nn * 2, "GEMM B", e) || dalloc(c, nn * 2, "GEMM C", e)) return -1;
+    k_fill_bf16<<<1024, 256, 0, ST>>>((__nv_bfloat16 *)a.p, (int64_t)nn);
+    k_fill_bf16<<<1024, 256, 0, ST>>>((__nv_bfloat16 *)b.p, (int64_t)nn);
+    CUDA_TRY(cudaGetLastError(), e);
+    float alpha = 1.0f, beta = 0.0f;
+    cudaEvent_t t0, t1;
+    CUDA_TRY(cudaEventCreate(&t0), e);
+    CUDA_TRY(cudaEventCreate(&t1), e);
+    for (int i = 0; i < iters + 3; i++) {
+        if (i == 3) CUDA_TRY(cudaEventRecord(t0, ST), e);
+        CUBLAS_TRY(cublasGemmEx(lnb_cuda_g.blas, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a.p, CUDA_R_16BF, n, b.p,
+                                CUDA_R_16BF, n, &beta, c.p, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), e);
+    }
+    CUDA_TRY(cudaEventRecord(t1, ST), e);
+    CUDA_TRY(cudaEventSynchronize(t1), e);
+    float ms = 0;
+    CUDA_TRY(cudaEventElapsedTime(&ms, t0, t1), e);
+    cudaEventDestroy(t0);
+    cudaEventDestroy(t1);
+    *tflops = 2.0 * (double)n * n * n * iters / (ms * 1e-3) / 1e12;
+    return 0;
+}
