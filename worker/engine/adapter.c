@@ -10,6 +10,7 @@
 #include "common/util.h"
 #include "worker/engine/adapter.h"
 #include "worker/engine/lora_init.h"
+#include "worker/engine/nullspace.h"
 #include "worker/engine/rng.h"
 
 /* ================================================================ allocation */
@@ -206,8 +207,9 @@ static void apply_residual(ln_model *m, ln_adapter *ad)
             ln_lora *lo = &ad->lora[l * LN_NTARGET + t];
             if (!lo->A.w) continue;
             ln_param *W = &m->layers[l].lin[t];
-            int r = lo->A.rows;
-            m->be->matmul(0, 0, W->rows, W->cols, r, -ad->scale, lo->B0, r, lo->A0, W->cols, 1.0f, W->w, W->cols);
+            /* The same fp64 routine the residual methods' init used, so a resumed run rebuilds
+             * exactly the W0' the original run trained on (bit-identical resume). */
+            ln_residual_subtract(W->w, W->rows, W->cols, lo->B0, lo->A0, lo->A.rows, (double)ad->scale);
         }
     ad->residual = 1;
 }
