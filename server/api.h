@@ -11,6 +11,7 @@ void api_files_register(void);     /* /v1/files… */
 void api_jobs_register(void);      /* /v1/fine_tuning/jobs…, /v1/models */
 void api_internal_register(void);  /* /internal/v1/… (workers) */
 void api_ops_register(void);       /* /healthz, /readyz, /metrics, /, /static/…, /vendor/chart.js */
+void api_workers_register(void);   /* /v1/workers (the dashboard's Workers page) */
 
 /* 1 if id is prefix followed by 1..64 of [A-Za-z0-9_-] (ids from URLs are checked before use). */
 int api_valid_id(const char *id, const char *prefix);

@@ -309,6 +309,7 @@ static int cmd_serve(int argc, char **argv) {
     api_jobs_register();
     api_internal_register();
     api_ops_register();
+    api_workers_register();
     int port = http_start(g_cfg.listen_host, g_cfg.port, g_cfg.threads, &e);
     if (port < 0 || sched_start(&e) != 0) {
         ln_log(LN_LOG_ERROR, "server", "%s", e.msg);

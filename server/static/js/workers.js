@@ -1,0 +1,62 @@
+// workers.js — the Workers page: every registered worker with its devices, memory, models, last
+// heartbeat, current job and whether it is alive or lost (no heartbeat within the server's
+// worker timeout). Reads GET /v1/workers; refreshed every 3 s.
+import { call, ApiError } from "./api.js";
+import { el, clear, badge, fmtAgo, fmtBytes, every } from "./util.js";
+
+export function render(main) {
+  const abort = new AbortController();
+  const tbody = el("tbody");
+  const notice = el("div.notice", { role: "status", hidden: true });
+  const summary = el("span.muted", { id: "workers-summary" });
+  main.appendChild(el("section",
+    el("div.toolbar", el("h1", { style: "margin:0" }, "Workers"), el("span.spacer"), summary),
+    notice,
+    el("div.panel.scroll-x",
+      el("table", { id: "workers-table" },
+        el("thead", el("tr", el("th", "Worker"), el("th", "Status"), el("th", "Devices"), el("th", "Memory"),
+                       el("th", "Models"), el("th", "Last heartbeat"), el("th", "Current job"))),
+        tbody))));
+
+  let stop = null;
+  async function load() {
+    let list;
+    try {
+      list = await call("/v1/workers", { signal: abort.signal });
+      notice.hidden = true;
+    } catch (e) {
+      if (e.name === "AbortError") return;
+      notice.className = "notice error";
+      notice.textContent = e instanceof ApiError && e.status === 404
+        ? "This server does not list workers (GET /v1/workers is not available)."
+        : `Cannot list workers: ${e.message}`;
+      notice.hidden = false;
+      if (e.status === 404 && stop) stop();
+      return;
+    }
+    const workers = list.data || [];
+    const alive = workers.filter((w) => w.status === "alive").length;
+    summary.textContent = `${alive} alive · ${workers.length - alive} lost`;
+    clear(tbody);
+    if (!workers.length) {
+      tbody.appendChild(el("tr", el("td.muted", { colspan: 7 }, "No worker has registered yet. Start one with ",
+        el("code", "loranull-worker --server URL --token-file F --models DIR"), ".")));
+      return;
+    }
+    for (const w of workers) {
+      const jobs = w.current_jobs || [];
+      tbody.appendChild(el("tr", { "data-worker-id": w.id },
+        el("td", el("strong", w.name), el("div.muted.mono", w.id)),
+        el("td", badge(w.status || "alive")),
+        el("td", `${w.devices} × ${w.device_kind}`),
+        el("td", w.memory_bytes ? fmtBytes(w.memory_bytes) : "—"),
+        el("td.wrap", (w.models || []).join(", ") || "—"),
+        el("td", { title: w.last_heartbeat_at ? new Date(w.last_heartbeat_at * 1000).toISOString() : "" },
+           fmtAgo(w.last_heartbeat_at)),
+        el("td", jobs.length ? jobs.map((id, i) => [i ? ", " : "", el("a.mono", { href: `#/jobs/${id}` }, id)])
+                             : w.busy ? "busy (another project)" : el("span.muted", "idle"))));
+    }
+  }
+  stop = every(3000, load);
+  return () => { stop(); abort.abort(); };
+}

@@ -1,0 +1,334 @@
+"""The team dashboard in headless chromium against the real loranull-server.
+
+Every test fails on a console error or an uncaught page error (conftest.Dash), except the ones it
+declares (the browser's own log line for an expected 401/404). Screenshots of every page go to
+tests/artifacts/browser/ (desktop light, phone dark)."""
+import re
+import threading
+import time
+
+import pytest
+
+from conftest import PHONE, TestWorker
+from lnserver import TRAIN_JSONL
+
+# Jobs of this model are never leased: no worker holds it (they stay queued for list tests).
+NOBODY = "nobody-has-this-model"
+
+
+def api_job(srv, key, model=NOBODY, **extra):
+    f = srv.upload(key, TRAIN_JSONL)
+    return srv.create_job(key, model=model, training_file=f["id"], **extra)
+
+
+def points(dash, chart_id):
+    return int(dash.page.get_attribute(f"#{chart_id} .chart-box", "data-points"))
+
+
+def wait_points(dash, chart_id, n):
+    dash.wait_for("([id, n]) => Number(document.querySelector(`#${id} .chart-box`)?.dataset.points) === n",
+                  [chart_id, n])
+    assert points(dash, chart_id) == n
+
+
+def wait_status(dash, status):
+    dash.page.wait_for_selector(f"#job-status .badge[data-status={status}]")
+
+
+def confirm(dash, button, yes=True):
+    dash.page.click(button)
+    dash.page.wait_for_selector("#confirm[open]")
+    dash.page.click("#confirm-yes" if yes else "#confirm-no")
+    dash.page.wait_for_selector("#confirm:not([open])", state="attached")
+
+
+def test_wrong_key_is_refused_with_a_message(dash, srv):
+    dash.allow(r"status of 401")  # chromium logs the refused sign-in call itself
+    page = dash.open()
+    page.click("#signin button[type=submit]")
+    assert page.inner_text("#signin-error") == "Enter an API key."
+    page.fill("#api-key", "sk-ln-notarealkeynotarealkeyxx")
+    page.click("#signin button[type=submit]")
+    page.wait_for_selector("#signin-error:has-text('refused')")
+    assert "Incorrect" in page.inner_text("#signin-error")
+    assert page.is_hidden("#nav")
+    assert page.evaluate("sessionStorage.getItem('loranull.apiKey')") is None
+    dash.shot("signin-refused")
+
+
+def test_submit_watch_control_a_job(dash, srv, project, worker):
+    page = dash.page
+    worker.post(f"/workers/{worker.worker_id}/heartbeat", {})  # its models stay listed
+    dash.sign_in(project)
+    assert page.evaluate("sessionStorage.getItem('loranull.apiKey')") == project
+    dash.shot("jobs-empty")
+
+    # ---- submit through the form
+    dash.go("#/new")
+    page.wait_for_selector("#f-model option[value='tiny-llama']", state="attached")
+    page.set_input_files("#f-training_file", {"name": "train.jsonl", "mimeType": "application/jsonl",
+                                              "buffer": TRAIN_JSONL})
+    page.select_option("#f-adapter-type", "lora_null_v2")
+    page.fill("#f-adapter-rank", "4")
+    page.fill("#f-hyperparameters-n_epochs", "2")
+    page.fill("#f-suffix", "browser")
+    dash.shot("new-job")
+    page.click("#submit-job")
+    page.wait_for_selector("#job-page")
+    job_id = page.get_attribute("#job-page", "data-job-id")
+    assert re.fullmatch(r"ftjob-[A-Za-z0-9_-]+", job_id)
+    job = srv.get_job(project, job_id)
+    assert job["model"] == "tiny-llama" and job["adapter"]["type"] == "lora_null_v2"
+    assert job["adapter"]["rank"] == 4 and job["hyperparameters"]["n_epochs"] == 2
+    assert job["user_provided_suffix"] == "browser"
+    page.wait_for_selector("#job-spec td:has-text('4 / 4')")
+
+    # ---- it appears in the list
+    dash.go("#/jobs")
+    page.wait_for_selector(f"#jobs-table tr[data-job-id='{job_id}']")
+    dash.go(f"#/jobs/{job_id}")
+    page.wait_for_selector("#live-state:has-text('live')")
+    page.evaluate("window.__noReload = 1")  # gone if anything below reloaded the page
+
+    # ---- a test worker leases it and reports; the page follows without reload
+    lease = worker.lease(wait_s=8)
+    assert lease and lease["job_id"] == job_id, lease
+    gen = lease["lease_generation"]
+    wait_status(dash, "running")
+    assert worker.events(job_id, gen, events=[{"message": "Calibrating on 3 samples",
+                                               "data": {"stage": "calibrating"}}]).status_code == 200
+    page.wait_for_selector("#timeline li[data-stage=calibrating][data-state=active]")
+    assert page.get_attribute("#timeline li[data-stage=validating]", "data-state") == "done"
+    assert worker.events(job_id, gen, events=[{"message": "Training", "data": {"stage": "training"}}],
+                         metrics=[{"step": s, "values": {"train_loss": 3.0 - 0.2 * s, "lr": 1e-4 * s,
+                                                         "total_steps": 10}} for s in (1, 2, 3)]).status_code == 200
+    page.wait_for_selector("#timeline li[data-stage=training][data-state=active]")
+    assert page.get_attribute("#timeline li[data-stage=calibrating]", "data-state") == "done"
+    wait_points(dash, "chart-loss", 3)
+    wait_points(dash, "chart-lr", 3)
+
+    drift = {f"knowledge_drift/model.layers.{l}.{m}": 1e-4 * (l + 1) for l in (0, 1) for m in ("q_proj", "v_proj")}
+    worker.events(job_id, gen, metrics=[{"step": 3, "values": drift}] +
+                  [{"step": s, "values": {"train_loss": 3.0 - 0.2 * s, "lr": 1e-4 * s}} for s in (4, 5, 6)] +
+                  [{"step": 5, "values": {"valid_loss": 2.2}}, {"step": 6, "values": {k: 2 * v for k, v in drift.items()}}])
+    wait_points(dash, "chart-loss", 7)  # 6 train + 1 validation
+    dash.wait_for("() => document.querySelector('#chart-drift-layers .heatmap-box').dataset.steps === '2'")
+    assert page.get_attribute("#chart-drift-layers .heatmap-box", "data-layers") == "4"
+    wait_points(dash, "chart-drift", 2)  # the mean over layers, computed where none is posted
+
+    # A training row carried by a "metrics" event arrives over the SSE stream itself.
+    worker.events(job_id, gen, events=[{"type": "metrics", "message": "step 7",
+                                        "data": {"step": 7, "train_loss": 1.5, "lr": 7e-4}}])
+    wait_points(dash, "chart-loss", 8)
+    page.wait_for_selector("#job-overview .progress[data-progress='70']")
+    # The same point posted to the metrics table later is merged, not drawn twice (and the jobs
+    # list, which reads only the table, sees step 7 too).
+    worker.events(job_id, gen, metrics=[{"step": 7, "values": {"train_loss": 1.5}}])
+    time.sleep(2.5)
+    assert points(dash, "chart-loss") == 8
+
+    # ---- checkpoint and artifact
+    ck = worker.upload(job_id, gen, "state.safetensors", b"checkpoint-bytes", kind="checkpoint")
+    assert ck.status_code == 201, ck.text
+    assert worker.checkpoint(job_id, gen, 6, [ck.json()["id"]], {"train_loss": 1.8}).status_code == 201
+    page.wait_for_selector("#checkpoints tr[data-step='6']")
+    art = worker.upload(job_id, gen, "adapter_model.safetensors", b"adapter-bytes-123", kind="result")
+    assert art.status_code == 201, art.text
+    link = page.wait_for_selector("#artifacts a:has-text('adapter_model.safetensors')", timeout=10_000)
+    with page.expect_download() as dl:
+        link.click()
+    assert open(dl.value.path(), "rb").read() == b"adapter-bytes-123"
+    assert page.evaluate("window.__noReload") == 1
+    dash.shot("job-running")
+
+    dash.go("#/jobs")
+    page.wait_for_selector(f"#jobs-table tr[data-job-id='{job_id}'] .progress[data-progress='70']")
+    assert page.inner_text(f"#jobs-table tr[data-job-id='{job_id}'] .badge") == "running"
+    dash.shot("jobs")
+
+    # ---- pause (declined, then confirmed), resume, cancel
+    dash.go(f"#/jobs/{job_id}")
+    wait_status(dash, "running")
+    confirm(dash, "#btn-pause", yes=False)
+    time.sleep(0.3)
+    assert srv.get_job(project, job_id)["status"] == "running"
+    confirm(dash, "#btn-pause")
+    wait_status(dash, "paused")
+    assert srv.get_job(project, job_id)["status"] == "paused"
+    confirm(dash, "#btn-resume")
+    wait_status(dash, "queued")
+    confirm(dash, "#btn-cancel")
+    wait_status(dash, "cancelled")
+    assert srv.get_job(project, job_id)["status"] == "cancelled"
+    page.wait_for_selector("#live-state:has-text('final')")
+    assert page.is_disabled("#btn-cancel")
+    page.wait_for_selector("#events li:has-text('Job cancelled')")
+    assert page.evaluate("window.__noReload") == 1
+    dash.shot("job-cancelled")
+
+
+def test_api_validation_error_is_shown_next_to_its_field(dash, srv, project, worker):
+    page = dash.page
+    worker.post(f"/workers/{worker.worker_id}/heartbeat", {})
+    dash.allow(r"status of 400")  # the refused create call, logged by chromium
+    dash.sign_in(project)
+    dash.go("#/new")
+    page.wait_for_selector("#f-model option[value='tiny-llama']", state="attached")
+    page.click("#submit-job")
+    assert page.inner_text("[data-param=training_file] .error") == "Choose a training file."
+    page.set_input_files("#f-training_file", {"name": "t.jsonl", "mimeType": "application/jsonl", "buffer": TRAIN_JSONL})
+    page.fill("#f-adapter-rank", "0")
+    page.click("#submit-job")
+    err = page.wait_for_selector("[data-param='adapter.rank'] .error:not(:empty)")
+    assert "adapter.rank" in err.inner_text()
+    assert "invalid" in page.get_attribute("[data-param='adapter.rank']", "class")
+    assert page.inner_text("[data-param=training_file] .error") == ""
+    dash.shot("new-job-error")
+    # Fixed and resubmitted: the uploaded file is reused, the job is created.
+    page.fill("#f-adapter-rank", "2")
+    page.fill("#f-hyperparameters-learning_rate", "fast")
+    page.click("#submit-job")
+    err = page.wait_for_selector("[data-param='hyperparameters.learning_rate'] .error:not(:empty)")
+    assert "learning_rate" in err.inner_text()
+    assert page.inner_text("[data-param='adapter.rank'] .error") == ""
+    page.fill("#f-hyperparameters-learning_rate", "1e-4")
+    page.click("#submit-job")
+    page.wait_for_selector("#job-page")
+    files = srv.client(project).get(srv.url("/v1/files")).json()["data"]
+    assert len(files) == 1, "the training file was uploaded again"
+
+
+def test_another_projects_job_is_not_visible(dash, srv, project):
+    other = srv.create_key(f"other-{time.monotonic_ns() % 100000}")
+    theirs = api_job(srv, other)
+    mine = api_job(srv, project)
+    dash.allow(r"status of 404")  # chromium logs the refused GET of their job
+    dash.sign_in(project)
+    page = dash.page
+    page.wait_for_selector(f"#jobs-table tr[data-job-id='{mine['id']}']")
+    assert page.query_selector(f"#jobs-table tr[data-job-id='{theirs['id']}']") is None
+    assert theirs["id"] not in page.inner_text("#jobs-table")
+    dash.go(f"#/jobs/{theirs['id']}")
+    page.wait_for_selector("#job-missing")
+    assert "another project" in page.inner_text("#job-missing")
+
+
+def test_jobs_list_filter_paging_and_live_updates(dash, srv, project):
+    jobs = [api_job(srv, project) for _ in range(5)]
+    api = srv.client(project)
+    for j in jobs[1:3]:
+        assert api.post(srv.url(f"/v1/fine_tuning/jobs/{j['id']}/cancel")).status_code == 200
+    newest_first = [j["id"] for j in reversed(jobs)]
+    dash.sign_in(project)
+    page = dash.page
+    dash.go("#/jobs?limit=2")
+
+    def rows():
+        return page.eval_on_selector_all("#jobs-table tr[data-job-id]", "rs => rs.map(r => r.dataset.jobId)")
+
+    def wait_rows(ids):
+        dash.wait_for("ids => JSON.stringify([...document.querySelectorAll('#jobs-table tr[data-job-id]')]"
+                      ".map(r => r.dataset.jobId)) === JSON.stringify(ids)", ids)
+        assert rows() == ids
+
+    wait_rows(newest_first[:2])
+    assert page.is_disabled("#page-newer")
+    page.click("#page-older")
+    wait_rows(newest_first[2:4])
+    page.click("#page-older")
+    wait_rows(newest_first[4:])
+    assert page.is_disabled("#page-older")
+    page.click("#page-newer")
+    wait_rows(newest_first[2:4])
+
+    page.select_option("#status-filter", "cancelled")
+    wait_rows([jobs[2]["id"], jobs[1]["id"]])
+    assert page.eval_on_selector_all("#jobs-table .badge", "bs => bs.map(b => b.dataset.status)") == ["cancelled"] * 2
+    assert "status=cancelled" in page.url
+
+    # A job created elsewhere shows up on the first page without a reload.
+    page.select_option("#status-filter", "")
+    page.evaluate("window.__noReload = 1")
+    new = api_job(srv, project)
+    dash.wait_for("id => document.querySelector('#jobs-table tbody tr')?.dataset.jobId === id", new["id"], timeout=8000)
+    assert page.evaluate("window.__noReload") == 1
+
+
+def test_workers_page_shows_alive_and_lost_workers(dash_factory, server_factory):
+    srv = server_factory("--worker-timeout-s", "1")
+    dash = dash_factory(server=srv)
+    key = srv.create_key("workers-view")
+    tok = srv.create_token("w")
+    gone = TestWorker(srv, tok, name="gone-worker", models=("m-old",), devices=1)
+    gone.register()
+    live = TestWorker(srv, tok, name="gpu-box", models=("llama-a", "llama-b"), devices=8, kind="cuda")
+    live.register()
+    stop = threading.Event()
+
+    def beat():  # the live worker heartbeats; the other falls silent and is lost after 1 s
+        while not stop.wait(0.25):
+            live.post(f"/workers/{live.worker_id}/heartbeat", {})
+
+    t = threading.Thread(target=beat, daemon=True)
+    t.start()
+    try:
+        job = api_job(srv, key, model="llama-a")
+        srv.wait_status(key, job["id"], "queued")
+        lease = live.lease(wait_s=5)
+        assert lease["job_id"] == job["id"]
+        dash.sign_in(key)
+        dash.go("#/workers")
+        page = dash.page
+        row = f"#workers-table tr[data-worker-id='{live.worker_id}']"
+        page.wait_for_selector(f"{row} .badge[data-status=alive]")
+        page.wait_for_selector(f"#workers-table tr[data-worker-id='{gone.worker_id}'] .badge[data-status=lost]",
+                               timeout=8000)
+        text = page.inner_text(row)
+        assert "8 × cuda" in text and "llama-a, llama-b" in text and "1.0 GiB" in text
+        assert job["id"] in text
+        assert page.inner_text("#workers-summary") == "1 alive · 1 lost"
+        dash.shot("workers")
+    finally:
+        stop.set()
+        t.join()
+
+
+@pytest.mark.parametrize("scheme", ["dark"])
+def test_every_page_fits_a_phone_in_dark_mode(dash_factory, srv, project, worker, scheme):
+    dash = dash_factory(viewport=PHONE, color_scheme=scheme)
+    worker.post(f"/workers/{worker.worker_id}/heartbeat", {})
+    job = api_job(srv, project)
+    dash.sign_in(project)
+    page = dash.page
+    assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(16, 19, 23)"
+    pages = {"jobs": ("#/jobs", "#jobs-table tr[data-job-id]"),
+             "job": (f"#/jobs/{job['id']}", "#job-overview tr"),
+             "new-job": ("#/new", "#f-model option[value='tiny-llama']"),
+             "workers": ("#/workers", "#workers-table tr[data-worker-id]")}
+    for name, (hash_, ready) in pages.items():
+        dash.go(hash_)
+        page.wait_for_selector(ready, state="attached")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= PHONE["width"], f"{name} is {width}px wide on a {PHONE['width']}px phone"
+        dash.shot(f"{name}-phone-{scheme}")
+
+
+def test_pages_serve_and_chartjs_comes_from_the_debian_package(srv):
+    import requests
+
+    index = requests.get(srv.url("/"))
+    assert index.status_code == 200 and '<script src="/vendor/chart.js">' in index.text
+    chart = requests.get(srv.url("/vendor/chart.js"))
+    assert chart.status_code == 200 and "Chart.js v" in chart.text[:200]
+    for path in ("/static/app.css", "/static/js/app.js", "/static/js/job.js"):
+        assert requests.get(srv.url(path)).status_code == 200, path
+    # Nothing the pages load comes from outside the server, and no copy of Chart.js is committed.
+    from conftest import ROOT
+    for asset in re.findall(r'(?:src|href)="([^"]+)"', index.text):
+        assert asset.startswith(("/", "#")), asset
+    for f in (ROOT / "server" / "static").rglob("*"):
+        if f.is_file():
+            text = re.sub(r'xmlns="[^"]*"', "", f.read_text(errors="ignore"))  # a namespace, not a fetch
+            assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", text), f"{f} refers to another host"
+            assert "Chart.js v" not in text, f
+
