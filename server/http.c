@@ -559,11 +559,24 @@ int http_start(const char *host, int port, int threads, ln_err *e) {
 
 int http_stopping(void) { return atomic_load(&g_stopping); }
 
-void http_stop(void) {
-    if (!g_daemon) return;
+void http_begin_stop(void) {
     atomic_store(&g_stopping, 1);
-    MHD_quiesce_daemon(g_daemon);
-    http_wake_all();
+    if (g_daemon) MHD_quiesce_daemon(g_daemon);
+}
+
+void http_stop(void (*wake_others)(void)) {
+    if (!g_daemon) return;
+    http_begin_stop();
+    /* MHD must not stop with suspended connections: wake every long-poll and stream (they see
+     * http_stopping() and finish) until no request is in progress, for at most 5 s. */
+    double until = ln_now_s() + 5.0;
+    while (atomic_load(&g_active) > 0 && ln_now_s() < until) {
+        http_wake_all();
+        if (wake_others) wake_others();
+        usleep(20 * 1000);
+    }
+    if (atomic_load(&g_active) > 0)
+        ln_log(LN_LOG_WARN, "http", "stopping with %d request(s) still in progress", atomic_load(&g_active));
     MHD_stop_daemon(g_daemon);
     g_daemon = NULL;
 }

@@ -71,8 +71,11 @@ void http_route(const char *method, const char *pattern, http_auth auth, http_bo
 
 /* Starts the daemon on host:port (port 0 = any); returns the bound port or -1. */
 int http_start(const char *host, int port, int threads, ln_err *e);
-/* Wakes every suspended request (they see http_stopping()), then stops the daemon. */
-void http_stop(void);
+/* Stops accepting connections; http_stopping() becomes true. */
+void http_begin_stop(void);
+/* Wakes every suspended request (and, through wake_others, e.g. SSE streams) until none is in
+ * progress (they see http_stopping() and finish), then stops the daemon. */
+void http_stop(void (*wake_others)(void));
 int http_stopping(void);
 
 /* ---- replies (each returns the MHD_Result for the handler to return) */

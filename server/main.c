@@ -322,8 +322,7 @@ static int cmd_serve(int argc, char **argv) {
     int sig = 0;
     sigwait(&set, &sig);
     ln_log(LN_LOG_INFO, "server", "signal %d: stopping", sig);
-    sse_shutdown();
-    http_stop();
+    http_stop(sse_shutdown);
     sched_stop();
     store_close();
     ln_log(LN_LOG_INFO, "server", "stopped");

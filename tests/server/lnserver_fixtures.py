@@ -18,8 +18,14 @@ def server_factory(tmp_path):
         return s
 
     yield make
+    problems = []
     for s in started:
-        s.stop()
+        rc = s.stop()
+        log = s.log()
+        # A graceful stop exits 0; under ASan/UBSan a leak or undefined behaviour shows in the log.
+        if rc not in (0, None, -9) or "Sanitizer" in log or "runtime error:" in log:
+            problems.append(f"server on port {s.port} exited {rc}:\n{log[-4000:]}")
+    assert not problems, "\n".join(problems)
 
 
 @pytest.fixture
