@@ -133,6 +133,16 @@ static void test_cov_matches_naive_sum(void **state) {
     double *C2 = malloc((size_t)d * d * sizeof *C2);
     assert_int_equal(ln_cov_finish(&a, C2, &e), 0);
     assert_true(max_abs_diff_d(C, C2, (size_t)d * d) < 1e-12);
+    /* the fp32-product path: each sample's XᵀX rounded in fp32, so ~1e-6 of the fp64 result */
+    ln_cov f;
+    float *scratch = malloc((size_t)d * d * sizeof *scratch);
+    assert_int_equal(ln_cov_init(&f, d, &e), 0);
+    for (int s = 0; s < n; s++) assert_int_equal(ln_cov_add_sample_f32(&f, X[s], t[s], scratch, &e), 0);
+    assert_int_equal(ln_cov_finish(&f, C2, &e), 0);
+    assert_true(max_abs_diff_d(C, C2, (size_t)d * d) < 1e-6 * fro_d(ref, (size_t)d * d));
+    assert_true(max_abs_diff_d(C, C2, (size_t)d * d) > 0.0); /* it did run in fp32 */
+    free(scratch);
+    ln_cov_free(&f);
     ln_cov_free(&a);
     ln_cov_free(&b);
     ln_cov_free(&c);

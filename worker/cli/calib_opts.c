@@ -21,7 +21,7 @@ int cli_calibrate(ln_model *m, const char *model_dir, const cli_calib *c, unsign
     }
     free(tp);
     ln_calib_opts o = {.path = c->file, .samples = c->samples, .max_length = c->max_length, .seed = c->seed,
-                       .targets = targets, .cache_dir = c->no_cache ? "" : c->cache_dir};
+                       .targets = targets, .cache_dir = c->no_cache ? "" : c->cache_dir, .fp64 = c->fp64};
     int rc = ln_calibrate(m, tok, &o, out, e);
     ln_tokenizer_free(tok);
     return rc;

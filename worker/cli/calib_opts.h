@@ -1,6 +1,7 @@
 /* calib_opts.h — the calibration options every subcommand that calibrates shares
  * (`covariance`, `init`, `train`): --calibration FILE, --calibration-samples N (256),
- * --calibration-max-length L (1024), --calibration-seed S, --calibration-cache DIR, --no-calibration-cache.
+ * --calibration-max-length L (1024), --calibration-seed S, --calibration-cache DIR, --no-calibration-cache,
+ * --calibration-fp64.
  *
  * Usage: declare a cli_calib, splice CLI_CALIB_OPTS(c) into the command's cli_opt array, and call
  * cli_calibrate after loading the model. */
@@ -21,6 +22,7 @@ typedef struct cli_calib {
     uint64_t seed;
     const char *cache_dir;
     int no_cache;
+    int fp64;
 } cli_calib;
 
 #define CLI_CALIB_OPTS(c)                                                                                     \
@@ -29,7 +31,8 @@ typedef struct cli_calib {
     {"calibration-max-length", CLI_INT, &(c).max_length, "tokens per calibration sample at most (default 1024)"}, \
     {"calibration-seed", CLI_U64, &(c).seed, "seed choosing the calibration windows (default 0)"},            \
     {"calibration-cache", CLI_STR, &(c).cache_dir, "covariance cache directory (default ~/.cache/loranull/calibration)"}, \
-    {"no-calibration-cache", CLI_FLAG, &(c).no_cache, "neither read nor write the covariance cache"}
+    {"no-calibration-cache", CLI_FLAG, &(c).no_cache, "neither read nor write the covariance cache"}, \
+    {"calibration-fp64", CLI_FLAG, &(c).fp64, "every product in fp64 (default: each sample's in fp32, summed in fp64)"}
 
 /* Calibrates m (loaded from model_dir; its tokenizer.json is used when present) on c->file.
  * Prints nothing; *out is owned by the caller (ln_calibration_free). */

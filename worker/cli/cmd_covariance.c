@@ -31,7 +31,7 @@ static int covariance_bench(const char *model, const cli_calib *cal, const char 
     free(tp);
     if (rc) goto fail;
     ln_calib_opts o = {.path = cal->file, .samples = cal->samples, .max_length = cal->max_length, .seed = cal->seed,
-                       .targets = targets};
+                       .targets = targets, .fp64 = cal->fp64};
     /* forward first (warms caches and the allocator), then calibration, then forward again; the
      * better forward figure is reported so calibration is not flattered by a cold first pass */
     double f1 = 0, f2 = 0;

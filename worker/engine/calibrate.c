@@ -177,6 +177,7 @@ static int load_windows(const ln_tokenizer *tok, const ln_calib_opts *o, ln_data
 
 typedef struct {
     ln_cov *covs;      /* num_layers × LN_NINPUT; .sum NULL where not needed */
+    float *scratch;    /* max d × max d floats for the fp32 products; NULL = fp64 products */
     int failed;
     ln_err err;
     int layer_of_err;
@@ -191,7 +192,9 @@ static void calib_hook(int layer, ln_input which, const float *X, int tokens, in
         ln_errf(&h->err, "calibration: layer %d input %d has width %d, expected %d", layer, (int)which, d_in, c->d);
         return;
     }
-    if (ln_cov_add_sample(c, X, tokens, &h->err) != 0) {
+    int rc = h->scratch ? ln_cov_add_sample_f32(c, X, tokens, h->scratch, &h->err)
+                        : ln_cov_add_sample(c, X, tokens, &h->err);
+    if (rc != 0) {
         h->failed = 1;
         ln_err_prefix(&h->err, "calibration: layer %d %s input", layer, ln_target_module(INPUT_NAMER[which]));
     }
@@ -208,11 +211,18 @@ static int run_forward(ln_model *m, ln_acts *acts, const window *w, ln_input_hoo
     return rc;
 }
 
-static int calibrate_compute(ln_model *m, const window *win, int64_t count, unsigned need, ln_calibration *c,
-                             ln_err *e) {
+static int calibrate_compute(ln_model *m, const window *win, int64_t count, unsigned need, int fp64,
+                             ln_calibration *c, ln_err *e) {
     const int L = m->cfg.num_layers;
     hook_ctx h = {.covs = ln_xcalloc((size_t)L * LN_NINPUT, sizeof(ln_cov))};
     int rc = -1;
+    if (!fp64) {
+        int dmax = 0;
+        for (int in = 0; in < LN_NINPUT; in++)
+            if ((need & (1u << in)) && c->d[in] > dmax) dmax = c->d[in];
+        h.scratch = ln_try_alloc((size_t)dmax * dmax * sizeof(float), "calibration fp32 product", e);
+        if (!h.scratch) goto out;
+    }
     for (int l = 0; l < L; l++)
         for (int in = 0; in < LN_NINPUT; in++)
             if ((need & (1u << in)) && ln_cov_init(&h.covs[l * LN_NINPUT + in], c->d[in], e) != 0) goto out;
@@ -246,6 +256,7 @@ static int calibrate_compute(ln_model *m, const window *win, int64_t count, unsi
 out:
     for (int i = 0; i < L * LN_NINPUT; i++) ln_cov_free(&h.covs[i]);
     free(h.covs);
+    free(h.scratch);
     return rc;
 }
 
@@ -366,8 +377,8 @@ int ln_calibrate(ln_model *m, const ln_tokenizer *tok, const ln_calib_opts *o, l
     char model_hash[65], data_hash[65], key[65], keytext[256];
     if (file_hash(o->path, data_hash, e) != 0) return -1;
     ln_model_content_hash(m, model_hash);
-    snprintf(keytext, sizeof keytext, "model=%s data=%s samples=%d max_length=%d seed=%" PRIu64 " inputs=%u",
-             model_hash, data_hash, samples, max_length, o->seed, inputs_needed(targets));
+    snprintf(keytext, sizeof keytext, "model=%s data=%s samples=%d max_length=%d seed=%" PRIu64 " inputs=%u fp64=%d",
+             model_hash, data_hash, samples, max_length, o->seed, inputs_needed(targets), o->fp64 ? 1 : 0);
     sha256_hex(keytext, strlen(keytext), key);
     char *cpath = cache_path(o, key);
     if (cpath && ln_file_exists(cpath)) {
@@ -397,7 +408,7 @@ int ln_calibrate(ln_model *m, const ln_tokenizer *tok, const ln_calib_opts *o, l
     c->seed = o->seed;
     memcpy(c->model_sha256, model_hash, sizeof model_hash);
     memcpy(c->data_sha256, data_hash, sizeof data_hash);
-    int rc = calibrate_compute(m, win, count, inputs_needed(targets), c, e);
+    int rc = calibrate_compute(m, win, count, inputs_needed(targets), o->fp64, c, e);
     free(win);
     ln_dataset_free(ds);
     if (rc != 0) {
@@ -441,7 +452,7 @@ int ln_calibration_bench(ln_model *m, const ln_tokenizer *tok, const ln_calib_op
     if (calib_tps) {
         ln_calibration *c = calib_new(&m->cfg);
         double t0 = ln_now_s();
-        int r = calibrate_compute(m, win, count, inputs_needed(o->targets ? o->targets : LN_TARGETS_ALL), c, e);
+        int r = calibrate_compute(m, win, count, inputs_needed(o->targets ? o->targets : LN_TARGETS_ALL), o->fp64, c, e);
         double dt = ln_now_s() - t0;
         ln_calibration_free(c);
         if (r != 0) goto out;

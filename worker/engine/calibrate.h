@@ -16,7 +16,8 @@
  * with metadata format=loranull-covariance-v1, samples, tokens, max_length, seed, model_sha256,
  * data_sha256.
  *
- * Cache: keyed by sha256(model content hash, calibration file hash, samples, max_length, seed);
+ * Cache: keyed by sha256(model content hash, calibration file hash, samples, max_length, seed,
+ * inputs, precision);
  * a second job on the same model and data loads the file instead of calibrating.
  *
  * Ownership: an ln_calibration owns its covariances. */
@@ -51,6 +52,8 @@ typedef struct ln_calib_opts {
     const char *cache_dir;   /* NULL = $LORANULL_CACHE_DIR or ~/.cache/loranull/calibration;
                               * "" = no cache */
     const char *chat_template; /* for chat-format files; NULL = the tokenizer's */
+    int fp64;                /* 1: every product in fp64 (ln_cov_add_sample); 0 (default): each
+                              * sample's XᵀX in fp32, summed over samples in fp64 — half the cost */
 } ln_calib_opts;
 
 #define LN_CALIB_DEFAULT_SAMPLES 256

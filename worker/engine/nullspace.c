@@ -32,7 +32,8 @@ void ln_cov_free(ln_cov *c) {
     c->sum = NULL;
 }
 
-int ln_cov_add_sample(ln_cov *c, const float *X, int tokens, ln_err *e) {
+/* The scale 1/|max X| of a sample, after checking every value is finite. */
+static int sample_scale(const ln_cov *c, const float *X, int tokens, double *inv, ln_err *e) {
     const int d = c->d;
     if (tokens <= 0) return ln_errf(e, "covariance: sample %lld has no tokens", (long long)c->samples);
     size_t n = (size_t)tokens * d;
@@ -44,10 +45,17 @@ int ln_cov_add_sample(ln_cov *c, const float *X, int tokens, ln_err *e) {
         if (X[i] > mx) mx = X[i];
     }
     /* The reference divides by |max(X)| (the signed maximum), not by max|X|. */
-    double inv = 1.0 / fabs((double)mx);
     if (mx == 0.0f)
         return ln_errf(e, "covariance: sample %lld has maximum activation 0, so the reference scaling "
                           "1/|max X| is undefined", (long long)c->samples);
+    *inv = 1.0 / fabs((double)mx);
+    return 0;
+}
+
+int ln_cov_add_sample(ln_cov *c, const float *X, int tokens, ln_err *e) {
+    const int d = c->d;
+    double inv;
+    if (sample_scale(c, X, tokens, &inv, e) != 0) return -1;
     int chunk = tokens < COV_CHUNK_ROWS ? tokens : COV_CHUNK_ROWS;
     double *xd = ln_try_alloc((size_t)chunk * d * sizeof(double), "covariance scratch", e);
     if (!xd) return -1;
@@ -59,6 +67,24 @@ int ln_cov_add_sample(ln_cov *c, const float *X, int tokens, ln_err *e) {
         cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, d, rows, 1.0, xd, d, 1.0, c->sum, d);
     }
     free(xd);
+    c->samples++;
+    c->tokens += tokens;
+    return 0;
+}
+
+int ln_cov_add_sample_f32(ln_cov *c, const float *X, int tokens, float *scratch, ln_err *e) {
+    const int d = c->d;
+    double inv;
+    if (sample_scale(c, X, tokens, &inv, e) != 0) return -1;
+    /* alpha = 1/max² must stay a normal fp32 number, else take the fp64 route */
+    if (!(inv * inv > 1e-30 && inv * inv < 1e30)) return ln_cov_add_sample(c, X, tokens, e);
+    /* scratch(upper) = (1/max²) Xᵀ X, then sum += scratch in fp64 */
+    cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, d, tokens, (float)(inv * inv), X, d, 0.0f, scratch, d);
+    for (int i = 0; i < d; i++) {
+        double *srow = c->sum + (size_t)i * d;
+        const float *prow = scratch + (size_t)i * d;
+        for (int j = i; j < d; j++) srow[j] += prow[j];
+    }
     c->samples++;
     c->tokens += tokens;
     return 0;

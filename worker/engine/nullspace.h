@@ -30,6 +30,12 @@ void ln_cov_free(ln_cov *c);
 /* Adds one sample X (tokens × d, fp32). Fails (naming the sample's max) when X holds a NaN/Inf
  * or its maximum is 0, since the reference scaling is then undefined. */
 int ln_cov_add_sample(ln_cov *c, const float *X, int tokens, ln_err *e);
+/* The same, faster: the sample's product in fp32 (ssyrk straight on X with alpha = 1/max², into
+ * scratch), only the sum across samples in fp64. Half the cost of the fp64 product; each sample's
+ * sum over its tokens carries fp32 rounding (~1e-7 relative; the reference accumulates everything in
+ * fp32). scratch: at least d × d floats, owned by the caller (one buffer can serve covariances
+ * added one after another). */
+int ln_cov_add_sample_f32(ln_cov *c, const float *X, int tokens, float *scratch, ln_err *e);
 /* Adds another partial sum of the same input (e.g. from another thread or rank). */
 int ln_cov_merge(ln_cov *into, const ln_cov *from, ln_err *e);
 /* Writes C = sum / samples as a full symmetric d × d matrix. */
