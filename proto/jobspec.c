@@ -401,7 +401,7 @@ int ln_jobspec_parse_text(const char *text, size_t len, ln_jobspec *spec, char p
     if (!j) {
         set_defaults(spec);
         snprintf(param, LN_JOBSPEC_PARAM_MAX, "body");
-        return ln_errf(e, "job spec is not valid JSON: %s at line %d, column %d", je.text, je.line, je.column);
+        return ln_errf(e, "body: the job spec is not valid JSON: %s at line %d, column %d", je.text, je.line, je.column);
     }
     int rc = ln_jobspec_parse(j, spec, param, e);
     json_decref(j);

@@ -30,7 +30,7 @@
 #include "server/sse.h"
 #include "server/store.h"
 
-srv_config g_cfg;
+
 
 static void usage(FILE *f) {
     fprintf(f,
