@@ -332,3 +332,51 @@ def test_pages_serve_and_chartjs_comes_from_the_debian_package(srv):
             assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", text), f"{f} refers to another host"
             assert "Chart.js v" not in text, f
 
+
+
+def test_event_stream_resumes_after_a_server_restart(dash_factory, server_factory):
+    srv = server_factory()
+    dash = dash_factory(server=srv)
+    dash.allow(r"net::ERR_")  # chromium logs the polls that hit the stopped server
+    key = srv.create_key("restart")
+    w = TestWorker(srv, srv.create_token("w"), models=("m",))
+    w.register()
+    job = api_job(srv, key, model="m")
+    srv.wait_status(key, job["id"], "queued")
+    gen = w.lease(wait_s=5)["lease_generation"]
+    dash.sign_in(key)
+    dash.go(f"#/jobs/{job['id']}")
+    page = dash.page
+    page.wait_for_selector("#live-state:has-text('live')")
+    page.evaluate("window.__noReload = 1")
+    assert w.events(job["id"], gen, events=[{"message": "before the restart"}]).status_code == 200
+    page.wait_for_selector("#events li:has-text('before the restart')")
+    srv.restart()
+    assert w.events(job["id"], gen, events=[{"message": "after the restart"}]).status_code == 200
+    page.wait_for_selector("#events li:has-text('after the restart')", timeout=15_000)
+    page.wait_for_selector("#live-state:has-text('live')")
+    # Resumed from Last-Event-ID: nothing seen twice.
+    ids = page.eval_on_selector_all("#events li[data-event-id]", "ls => ls.map(l => l.dataset.eventId)")
+    assert len(ids) == len(set(ids)), ids
+    assert page.locator("#events li:has-text('before the restart')").count() == 1
+    assert page.evaluate("window.__noReload") == 1
+
+
+def test_a_revoked_key_signs_the_tab_out_with_a_message(dash, srv, project):
+    dash.allow(r"status of 401")
+    dash.sign_in(project)
+    srv.revoke_key(project)
+    dash.page.wait_for_selector("#signin-error:has-text('no longer accepted')", timeout=8000)
+    assert dash.page.evaluate("sessionStorage.getItem('loranull.apiKey')") is None
+
+
+def test_the_console_check_catches_errors(dash_factory):
+    """The guard every other test relies on: a console error is caught (then cleared here)."""
+    d = dash_factory()
+    d.open()
+    d.page.evaluate("console.error('deliberate')")
+    d.page.evaluate("setTimeout(() => { throw new Error('uncaught'); }, 0)")
+    d.page.wait_for_timeout(200)
+    found = d.unexpected_errors()
+    assert any("deliberate" in e for e in found) and any("uncaught" in e for e in found), found
+    d.errors.clear()

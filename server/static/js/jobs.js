@@ -13,7 +13,7 @@ export function render(main, [query]) {
   const status = STATUSES.includes(params.get("status")) ? params.get("status") : "";
   const limit = Math.min(100, Math.max(1, parseInt(params.get("limit"), 10) || 20));
   // cursors[i] is the `after` of page i (null: the newest page).
-  const state = { cursors: [null], page: 0, stores: new Map(), abort: new AbortController() };
+  const state = { cursors: [null], page: 0, seq: 0, stores: new Map(), abort: new AbortController() };
 
   const filter = el("select", { id: "status-filter", "aria-label": "Filter by status" },
     el("option", { value: "" }, "All statuses"),
@@ -49,6 +49,8 @@ export function render(main, [query]) {
     el("div.toolbar", newer, older, pageLabel)));
 
   async function load() {
+    // A click on Older/Newer may overlap a timed refresh: only the latest request may render.
+    const seq = ++state.seq;
     const q = new URLSearchParams({ limit });
     const after = state.cursors[state.page];
     if (after) q.set("after", after);
@@ -56,6 +58,7 @@ export function render(main, [query]) {
     let list;
     try {
       list = await call(`/v1/fine_tuning/jobs?${q}`, { signal: state.abort.signal });
+      if (seq !== state.seq) return;
       error.hidden = true;
     } catch (e) {
       if (e.name === "AbortError") return;
@@ -74,7 +77,7 @@ export function render(main, [query]) {
       if (!s) state.stores.set(j.id, (s = new MetricStore(j.id, call)));
       try { await s.refresh(state.abort.signal); } catch (e) { if (e.name === "AbortError") throw e; }
     })).catch(() => {});
-    if (state.abort.signal.aborted) return;
+    if (state.abort.signal.aborted || seq !== state.seq) return;
     renderRows(jobs);
     newer.disabled = state.page === 0;
     older.disabled = !list.has_more;
