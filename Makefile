@@ -112,7 +112,9 @@ CUDA_OBJ := $(patsubst %.cu,build/cuda/obj/%.o,$(CUDA_SRC)) build/cuda/obj/worke
 GPU_TEST_SRC := $(wildcard tests/gpu/*.c)
 GPU_TEST_HELPERS := $(filter-out tests/gpu/test_%.c tests/gpu/bench_%.c,$(GPU_TEST_SRC))
 GPU_TEST_BINS := $(patsubst tests/gpu/%.c,build/cuda/tests/%,$(filter tests/gpu/test_%.c tests/gpu/bench_%.c,$(GPU_TEST_SRC)))
-CUDA_RELEASE_LIBS := $(patsubst build/$(V)/%,build/release/%,$(LIBS))
+# GPU tests need only the engine and common/ (so a GPU machine needs no server libraries).
+CUDA_RELEASE_LIBS := build/release/libengine.a build/release/libcommon.a
+GPU_LDLIBS := -lopenblas -llapacke -llapack -ljansson -lm -lpthread
 
 cuda: build/cuda/libloranull_cuda.a $(GPU_TEST_BINS)
 build/cuda/obj/%.o: %.cu $(CUDA_HDR) worker/backend/backend.h
@@ -128,7 +130,7 @@ build/cuda/libloranull_cuda.a: $(CUDA_OBJ)
 build/cuda/tests/%: tests/gpu/%.c $(GPU_TEST_HELPERS) tests/gpu/gpu_check.h build/cuda/libloranull_cuda.a $(CUDA_RELEASE_LIBS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CSTD) $(WARN) -O2 -g -fopenmp -I. -I$(CUDA_HOME)/include -o $@ $< $(GPU_TEST_HELPERS) \
-	    build/cuda/libloranull_cuda.a $(CUDA_RELEASE_LIBS) $(LDLIBS) $(CUDA_LDLIBS)
+	    build/cuda/libloranull_cuda.a $(CUDA_RELEASE_LIBS) $(GPU_LDLIBS) $(CUDA_LDLIBS)
 ifneq ($(V),release)
 $(CUDA_RELEASE_LIBS):
 	$(MAKE) V=release $@
