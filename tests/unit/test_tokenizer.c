@@ -318,6 +318,54 @@ static void test_chat_through_loader(void **state) {
     ln_tokenizer_free(t);
 }
 
+/* Random text — valid UTF-8 from many planes, and raw invalid bytes — never crashes the encoder;
+ * valid text round-trips through both families, and offsets stay inside the text and ordered. */
+static void test_random_text_roundtrips(void **state) {
+    (void)state;
+    ln_err e;
+    assert_int_equal(ln_tokenizer_make_default(tmp_path("tokenizer.json"), 400, &e), 0);
+    ln_tokenizer *bl, *sp = load_json("sp3.json", sp_json);
+    assert_int_equal(ln_tokenizer_load(g_dir, &bl, &e), 0);
+    static const uint32_t pool[] = {' ', ' ', '\n', '\t', 'a', 'b', 'c', 'Z', '7', '\'', 's', '<', '|', '>', 0xA0,
+                                    0xE9, 0x416, 0x5D0, 0x627, 0x939, 0x3000, 0x65E5, 0xAC00, 0x1F680, 0x1F3FD,
+                                    0x200D, 0x17F, 0x10FFFD};
+    uint64_t rng = 12345;
+    uint8_t buf[256];
+    for (int iter = 0; iter < 3000; iter++) {
+        size_t n = 0;
+        int invalid = iter % 5 == 4;
+        rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+        int chars = (int)((rng >> 33) % 40);
+        for (int c = 0; c < chars; c++) {
+            rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+            if (invalid && (rng >> 60) == 0) buf[n++] = (uint8_t)(0x80 + ((rng >> 40) & 0x7F));
+            else n += (size_t)ln_utf8_put(pool[(rng >> 35) % (sizeof pool / sizeof pool[0])], buf + n);
+        }
+        buf[n] = 0;
+        for (int which = 0; which < 2; which++) {
+            const ln_tokenizer *t = which ? sp : bl;
+            ln_ids ids = {0}, off = {0};
+            assert_int_equal(ln_tokenizer_encode(t, (const char *)buf, n, 1, &ids, &off, &e), 0);
+            for (int i = 0; i < ids.n; i++) {
+                assert_true(ids.ids[i] >= 0 && ids.ids[i] < ln_tokenizer_vocab_size(t));
+                assert_true(off.ids[2 * i] <= off.ids[2 * i + 1] && (size_t)off.ids[2 * i + 1] <= n);
+            }
+            char *back;
+            size_t bl_len;
+            assert_int_equal(ln_tokenizer_decode(t, ids.ids, ids.n, 1, &back, &bl_len, &e), 0);
+            /* SentencePiece-style unk ("q"-like characters outside vocab and bytes) cannot round-trip;
+             * the byte-level one always does for valid UTF-8 */
+            if (!invalid && which == 0 && (bl_len != n || memcmp(back, buf, n)))
+                fail_msg("iteration %d: byte-level round trip failed for \"%s\" -> \"%s\"", iter, buf, back);
+            free(back);
+            ln_ids_free(&ids);
+            ln_ids_free(&off);
+        }
+    }
+    ln_tokenizer_free(bl);
+    ln_tokenizer_free(sp);
+}
+
 /* The real LLaMA 3 vocabulary, when the shared fixtures are there (CI has them). */
 static void test_llama3_fixture(void **state) {
     (void)state;
@@ -346,6 +394,7 @@ int main(void) {
         cmocka_unit_test(test_load_errors_name_the_field),
         cmocka_unit_test(test_default_tokenizer),
         cmocka_unit_test(test_chat_through_loader),
+        cmocka_unit_test(test_random_text_roundtrips),
         cmocka_unit_test(test_llama3_fixture),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
