@@ -3,14 +3,17 @@
 Every test fails on a console error or an uncaught page error (conftest.Dash), except the ones it
 declares (the browser's own log line for an expected 401/404). Screenshots of every page go to
 tests/artifacts/browser/ (desktop light, phone dark)."""
+import pathlib
 import re
 import threading
 import time
 
 import pytest
 
-from conftest import PHONE, TestWorker
-from lnserver import TRAIN_JSONL
+from lnserver import TRAIN_JSONL, TestWorker  # tests/server, put on sys.path by this folder's conftest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PHONE = {"width": 390, "height": 844}
 
 # Jobs of this model are never leased: no worker holds it (they stay queued for list tests).
 NOBODY = "nobody-has-this-model"
@@ -323,7 +326,6 @@ def test_pages_serve_and_chartjs_comes_from_the_debian_package(srv):
     for path in ("/static/app.css", "/static/js/app.js", "/static/js/job.js"):
         assert requests.get(srv.url(path)).status_code == 200, path
     # Nothing the pages load comes from outside the server, and no copy of Chart.js is committed.
-    from conftest import ROOT
     for asset in re.findall(r'(?:src|href)="([^"]+)"', index.text):
         assert asset.startswith(("/", "#")), asset
     for f in (ROOT / "server" / "static").rglob("*"):
