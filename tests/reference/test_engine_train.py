@@ -154,3 +154,26 @@ def test_tiny_model_memorises(tmp_path):
     run("forward", "--model", tmp_path / "o", "--input-ids", tmp_path / "ids.json", "--out", tmp_path / "l.st")
     pred = load(tmp_path / "l.st")["logits"][0].argmax(-1)
     assert (pred[:-1] == np.array(rows[0]["input_ids"][1:])).mean() >= 0.9
+
+
+def test_trained_adapter_loads_in_peft(tmp_path):
+    """The adapter a lora run writes is a PEFT adapter: PEFT's logits equal our forward --adapter."""
+    from peft import PeftModel
+    model = make_model("gqa_llama3")
+    save_model(model, tmp_path / "model")
+    rows = examples(model.config.vocab_size)
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    run("train", "--model", tmp_path / "model", "--data", data, "--rank", 4, "--targets", "q,v,down", "--lr", 1e-2,
+        "--batch-size", 3, "--max-steps", 5, "--out", tmp_path / "out")
+    ids, _ = batch_tensors(rows)
+    (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
+    run("forward", "--model", tmp_path / "model", "--adapter", tmp_path / "out", "--input-ids", tmp_path / "ids.json",
+        "--out", tmp_path / "l.st")
+    peft_model = PeftModel.from_pretrained(make_model("gqa_llama3"), str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        ref = peft_model(input_ids=ids).logits
+        base = model(input_ids=ids).logits
+    ours = load(tmp_path / "l.st")["logits"]
+    from engine_ref import rel_err
+    assert rel_err(ours, ref.numpy()) <= 1e-4
+    assert rel_err(base.numpy(), ref.numpy()) > 1e-3  # training moved the adapter away from B = 0
