@@ -152,6 +152,32 @@ static void test_cov_matches_naive_sum(void **state) {
     free(ref);
 }
 
+/* A width where the fp32 product is split over threads by column blocks: every upper entry is
+ * still written once, and agrees with the fp64 route. */
+static void test_cov_f32_split_matches_f64(void **state) {
+    (void)state;
+    rng_state = 11;
+    const int d = 333, t = 70;
+    float *X = rand_f32((size_t)t * d, 1.0), *scratch = malloc((size_t)d * d * sizeof(float));
+    for (size_t i = 0; i < (size_t)d * d; i++) scratch[i] = NAN; /* unwritten entries would poison the sum */
+    ln_cov a, b;
+    ln_err e;
+    assert_int_equal(ln_cov_init(&a, d, &e), 0);
+    assert_int_equal(ln_cov_init(&b, d, &e), 0);
+    assert_int_equal(ln_cov_add_sample(&a, X, t, &e), 0);
+    assert_int_equal(ln_cov_add_sample_f32(&b, X, t, scratch, &e), 0);
+    double *Ca = malloc((size_t)d * d * sizeof *Ca), *Cb = malloc((size_t)d * d * sizeof *Cb);
+    assert_int_equal(ln_cov_finish(&a, Ca, &e), 0);
+    assert_int_equal(ln_cov_finish(&b, Cb, &e), 0);
+    assert_true(max_abs_diff_d(Ca, Cb, (size_t)d * d) < 1e-5 * fro_d(Ca, (size_t)d * d) / d);
+    ln_cov_free(&a);
+    ln_cov_free(&b);
+    free(X);
+    free(scratch);
+    free(Ca);
+    free(Cb);
+}
+
 static void test_cov_rejects_bad_samples(void **state) {
     (void)state;
     ln_cov c;
@@ -533,6 +559,7 @@ static void test_drift_from_cov_equals_direct(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cov_matches_naive_sum),
+        cmocka_unit_test(test_cov_f32_split_matches_f64),
         cmocka_unit_test(test_cov_rejects_bad_samples),
         cmocka_unit_test(test_basis_known_spectrum),
         cmocka_unit_test(test_factor_properties),

@@ -1,6 +1,8 @@
 /* drift.c — tr(ΔW C ΔWᵀ) / tr(W0 C W0ᵀ), dense and low-rank (see drift.h). */
 #include "worker/engine/drift.h"
 
+#include "worker/engine/nullspace.h"
+
 #include <cblas.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +19,7 @@ double ln_drift_quad_dense(const float *W, int d_out, int d_in, const double *C)
         return -1.0;
     }
     double acc = 0.0;
+    ln_blas_threads_begin();
     for (int i0 = 0; i0 < d_out; i0 += DRIFT_BLOCK_ROWS) {
         int rows = d_out - i0 < DRIFT_BLOCK_ROWS ? d_out - i0 : DRIFT_BLOCK_ROWS;
         const float *w = W + (size_t)i0 * d_in;
@@ -25,6 +28,7 @@ double ln_drift_quad_dense(const float *W, int d_out, int d_in, const double *C)
         cblas_dsymm(CblasRowMajor, CblasRight, CblasUpper, rows, d_in, 1.0, C, d_in, wb, d_in, 0.0, t, d_in);
         for (size_t k = 0; k < (size_t)rows * d_in; k++) acc += t[k] * wb[k];
     }
+    ln_blas_threads_end();
     free(wb);
     free(t);
     return acc;
@@ -48,9 +52,11 @@ double ln_drift_quad_lowrank(const float *B1, const float *A1, int r1, const flo
     for (size_t x = 0; x < (size_t)r1 * d_in; x++) At[x] = A1[x];
     for (size_t x = 0; x < (size_t)r0 * d_in; x++) At[(size_t)r1 * d_in + x] = A0[x];
     /* G = B̃ᵀ B̃,  H = Ã C Ãᵀ; tr(G H) = Σ G∘H since both are symmetric. */
+    ln_blas_threads_begin();
     cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, k, k, d_out, 1.0, Bt, k, Bt, k, 0.0, G, k);
     cblas_dsymm(CblasRowMajor, CblasRight, CblasUpper, k, d_in, 1.0, C, d_in, At, d_in, 0.0, T, d_in);
     cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, k, k, d_in, 1.0, T, d_in, At, d_in, 0.0, H, k);
+    ln_blas_threads_end();
     double acc = 0.0;
     for (size_t x = 0; x < (size_t)k * k; x++) acc += G[x] * H[x];
     out = scale * scale * (acc > 0.0 ? acc : 0.0); /* ≥ 0 exactly; rounding of a ~0 update may dip below */

@@ -311,7 +311,7 @@ static int init_lora_null(const ln_layer_init *li, const float *W, float *A, flo
 
 /* ---------------------------------------------------------------- dispatch */
 
-int ln_init_layer(ln_method m, const ln_layer_init *li, float *W, float *A, float *B, ln_err *e) {
+static int init_layer(ln_method m, const ln_layer_init *li, float *W, float *A, float *B, ln_err *e) {
     if ((unsigned)m >= LN_METHOD_COUNT) return ln_errf(e, "init: invalid method %d", (int)m);
     const char *name = METHODS[m].name;
     if (m == LN_METHOD_FULL) return 0;
@@ -348,4 +348,11 @@ int ln_init_layer(ln_method m, const ln_layer_init *li, float *W, float *A, floa
     if (rc != 0) return ln_err_prefix(e, "%s init (%d x %d, rank %d)", name, d_out, d_in, r);
     ln_residual_subtract(W, d_out, d_in, B, A, r, li->scale);
     return 0;
+}
+
+int ln_init_layer(ln_method m, const ln_layer_init *li, float *W, float *A, float *B, ln_err *e) {
+    ln_blas_threads_begin(); /* every solve with OpenMP's thread count, whatever ran before */
+    int rc = init_layer(m, li, W, A, B, e);
+    ln_blas_threads_end();
+    return rc;
 }

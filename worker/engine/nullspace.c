@@ -4,6 +4,7 @@
 #include <cblas.h>
 #include <lapacke.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -13,6 +14,36 @@
 #define COV_CHUNK_ROWS 256
 /* Rows of W0 converted to fp64 at a time when projecting onto the basis. */
 #define FACTOR_BLOCK_ROWS 256
+
+/* ---------------------------------------------------------------- threads */
+
+void ln_blas_threads_begin(void) { openblas_set_num_threads(omp_get_max_threads()); }
+void ln_blas_threads_end(void) { openblas_set_num_threads(1); }
+
+/* out(upper) = alpha XᵀX for X (T × d), fp32, split over OpenMP threads by column blocks of equal
+ * area of the upper triangle: block [j0, j1) is an ssyrk on its diagonal square plus an sgemm for
+ * rows 0..j0. Each entry is computed by one single-threaded BLAS call, so for a given thread count
+ * the result does not depend on scheduling. */
+static void syrk_upper_f32(int d, int T, float alpha, const float *X, float *out) {
+    ln_blas_threads_end();
+    int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+    if (nt > d / 64) nt = d / 64 > 1 ? d / 64 : 1;
+#pragma omp parallel num_threads(nt)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        /* column j costs ~j: block t ends where the triangle's area reaches (t+1)/n */
+        int j0 = (int)(d * sqrt((double)t / n)), j1 = t == n - 1 ? d : (int)(d * sqrt((double)(t + 1) / n));
+        j0 = j0 / 16 * 16;
+        j1 = t == n - 1 ? d : j1 / 16 * 16;
+        if (j1 > j0) {
+            cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, j1 - j0, T, alpha, X + j0, d, 0.0f,
+                        out + (size_t)j0 * d + j0, d);
+            if (j0 > 0)
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, j0, j1 - j0, T, alpha, X, d, X + j0, d, 0.0f,
+                            out + j0, d);
+        }
+    }
+}
 
 /* ---------------------------------------------------------------- covariance */
 
@@ -79,7 +110,7 @@ int ln_cov_add_sample_f32(ln_cov *c, const float *X, int tokens, float *scratch,
     /* alpha = 1/max² must stay a normal fp32 number, else take the fp64 route */
     if (!(inv * inv > 1e-30 && inv * inv < 1e30)) return ln_cov_add_sample(c, X, tokens, e);
     /* scratch(upper) = (1/max²) Xᵀ X, then sum += scratch in fp64 */
-    cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, d, tokens, (float)(inv * inv), X, d, 0.0f, scratch, d);
+    syrk_upper_f32(d, tokens, (float)(inv * inv), X, scratch);
     for (int i = 0; i < d; i++) {
         double *srow = c->sum + (size_t)i * d;
         const float *prow = scratch + (size_t)i * d;
@@ -125,10 +156,12 @@ int ln_nullspace_basis(const double *C, int d, int r, double *U, double *evals, 
     if (!a || !w || !isuppz) goto out;
     memcpy(a, C, (size_t)d * d * sizeof(double));
     lapack_int m = 0;
+    ln_blas_threads_begin();
     /* Range 'I', il=1..iu=r: LAPACK returns the r smallest eigenpairs, ascending. abstol 0 lets
      * dsyevr pick its default (accurate) tolerance. */
     lapack_int info = LAPACKE_dsyevr(LAPACK_ROW_MAJOR, 'V', 'I', 'U', d, a, d, 0.0, 0.0, 1, r, 0.0,
                                      &m, w, U, r, isuppz);
+    ln_blas_threads_end();
     if (info != 0) {
         ln_errf(e, "null space: dsyevr failed (info %d) on a %d x %d covariance", (int)info, d, d);
         goto out;
@@ -204,6 +237,7 @@ void ln_residual_subtract(float *W, int d_out, int d_in, const float *B, const f
     double *pd = ln_xmalloc((size_t)blk * d_in * sizeof(double));
     for (size_t k = 0; k < (size_t)d_out * r; k++) bd[k] = B[k];
     for (size_t k = 0; k < (size_t)r * d_in; k++) ad[k] = A[k];
+    ln_blas_threads_begin(); /* the same threads at init and when a resume re-applies it */
     for (int i0 = 0; i0 < d_out; i0 += blk) {
         int rows = d_out - i0 < blk ? d_out - i0 : blk;
         cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d_in, r, scale, bd + (size_t)i0 * r, r, ad,
@@ -211,6 +245,7 @@ void ln_residual_subtract(float *W, int d_out, int d_in, const float *B, const f
         float *w = W + (size_t)i0 * d_in;
         for (size_t k = 0; k < (size_t)rows * d_in; k++) w[k] = (float)((double)w[k] - pd[k]);
     }
+    ln_blas_threads_end();
     free(bd);
     free(ad);
     free(pd);

@@ -14,6 +14,13 @@
 
 #include "common/err.h"
 
+/* BLAS threading. The engine runs OpenBLAS single-threaded and parallelises with OpenMP (the cpu
+ * backend sets this on its first GEMM). The O(d³) solves of init get OpenMP's thread count for
+ * their duration, then OpenBLAS goes back to one thread: so the same thread count gives the same
+ * bits whether or not a forward pass ran before (a fresh calibration vs a cache hit). */
+void ln_blas_threads_begin(void);
+void ln_blas_threads_end(void);
+
 /* Running sum of one layer input's scaled second moments:
  *   sum = Σ_s (X_s/|max X_s|)ᵀ (X_s/|max X_s|),   C = sum / samples.
  * The scale is the absolute value of the (signed) maximum entry of the sample, exactly as the
