@@ -266,9 +266,11 @@ int ln_chat_render(const ln_tokenizer *tok, ln_chat_template tpl, ln_chat_format
     }
 }
 
-/* First token whose [start, end) holds byte c (transformers' char_to_token), or -1. */
-static int byte_to_token(const ln_ids *off, int n, size_t c) {
-    for (int t = 0; t < n; t++)
+/* First token whose [start, end) holds byte c (transformers' char_to_token), or -1. Searching
+ * from `from` is exact when from is the answer for an earlier byte: token starts never decrease,
+ * so a token before it that held c would also have held that earlier byte. */
+static int byte_to_token(const ln_ids *off, int n, size_t c, int from) {
+    for (int t = from; t < n; t++)
         if ((size_t)off->ids[2 * t] <= c && c < (size_t)off->ids[2 * t + 1]) return t;
     return -1;
 }
@@ -301,14 +303,16 @@ int ln_chat_encode_json(const ln_tokenizer *tok, const char *template_name, ln_c
     for (int i = 0; i < ids.n; i++) labels[i] = r.all_trained ? ids.ids[i] : LN_IGNORE_INDEX;
     /* transformers' assistant mask: for each span, tokens from the one holding its first char to the
      * one holding its last (to the end when that is token 0 — a quirk kept for equality). */
+    int hint = 0;
     for (int s = 0; s < r.n_spans; s++) {
         size_t a = r.spans[s][0], b = r.spans[s][1];
         if (b <= a) continue;
-        int ts = byte_to_token(&off, n_text, a);
+        int ts = byte_to_token(&off, n_text, a, hint);
         if (ts < 0) break;
+        hint = ts;
         size_t last = b - 1;
         while (last > a && ((uint8_t)r.text[last] & 0xC0) == 0x80) last--; /* start of the last character */
-        int te = byte_to_token(&off, n_text, last);
+        int te = byte_to_token(&off, n_text, last, ts);
         int stop = te > 0 ? te + 1 : n_text;
         for (int t = ts; t < stop; t++) labels[t] = ids.ids[t];
     }
