@@ -46,6 +46,7 @@ COPY --chmod=0755 deploy/docker/worker-entrypoint.sh /usr/local/bin/worker-entry
 USER 10001:10001
 ENV LORANULL_WORKER_BIN=/usr/local/bin/loranull-worker \
     LORANULL_MODELS_DIR=/models \
+    LORANULL_WORK_DIR=/var/lib/loranull-worker \
     LORANULL_DEVICE=cpu
 WORKDIR /var/lib/loranull-worker
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \

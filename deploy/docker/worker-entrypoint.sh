@@ -18,6 +18,10 @@
 #   LORANULL_MODELS_DIR     /models     HF model folders, read-only
 #   LORANULL_DEVICE         cpu         cpu | cuda:N (first GPU this worker drives)
 #   LORANULL_RANKS          (unset)     devices this worker drives, from LORANULL_DEVICE on
+#   LORANULL_WORK_DIR       (unset)     --work-dir: downloads, checkpoints, exports (image: /var/lib/loranull-worker)
+#   LORANULL_WORKER_NAME    (unset)     --name shown by the server (default: the host name = the pod name)
+#   LORANULL_GRACE_S        (unset)     --grace-s: seconds from SIGTERM to checkpoint, report and release;
+#                                       keep it below the pod's terminationGracePeriodSeconds
 #   LORANULL_TOKEN_WAIT     30          seconds to wait for the token file to appear
 #   LORANULL_HEALTH_PID     1           the process `healthcheck` looks at
 set -eu
@@ -28,6 +32,9 @@ TOKEN_FILE=${LORANULL_TOKEN_FILE:-/run/secrets/loranull/worker-token}
 MODELS_DIR=${LORANULL_MODELS_DIR:-/models}
 DEVICE=${LORANULL_DEVICE:-cpu}
 RANKS=${LORANULL_RANKS:-}
+WORK_DIR=${LORANULL_WORK_DIR:-}
+WORKER_NAME=${LORANULL_WORKER_NAME:-}
+GRACE_S=${LORANULL_GRACE_S:-}
 
 die() {
     echo "worker-entrypoint: $*" >&2
@@ -67,6 +74,10 @@ case $RANKS in
     '') ;;
     *[!0-9]* | 0) die "LORANULL_RANKS='$RANKS' is not a positive integer" ;;
 esac
+case $GRACE_S in
+    '') ;;
+    *[!0-9]*) die "LORANULL_GRACE_S='$GRACE_S' is not a whole number of seconds" ;;
+esac
 [ -d "$MODELS_DIR" ] || die "models dir $MODELS_DIR does not exist (mount the models volume there)"
 
 # A Secret volume can appear a moment after the container starts; wait a little, then fail
@@ -82,5 +93,8 @@ done
 set -- --server "$SERVER_URL" --token-file "$TOKEN_FILE" --models "$MODELS_DIR" \
     --device "$DEVICE" "$@"
 [ -z "$RANKS" ] || set -- "$@" --ranks "$RANKS"
+[ -z "$WORK_DIR" ] || set -- "$@" --work-dir "$WORK_DIR"
+[ -z "$WORKER_NAME" ] || set -- "$@" --name "$WORKER_NAME"
+[ -z "$GRACE_S" ] || set -- "$@" --grace-s "$GRACE_S"
 echo "worker-entrypoint: exec $WORKER_BIN $*" >&2
 exec "$WORKER_BIN" "$@"

@@ -50,6 +50,7 @@ COPY --chmod=0755 deploy/docker/worker-entrypoint.sh /usr/local/bin/worker-entry
 USER 10001:10001
 ENV LORANULL_WORKER_BIN=/usr/local/bin/loranull-worker \
     LORANULL_MODELS_DIR=/models \
+    LORANULL_WORK_DIR=/var/lib/loranull-worker \
     LORANULL_DEVICE=cuda:0 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility

@@ -253,14 +253,17 @@ def worker_env(tmp_path, worker_bin, server_url="http://127.0.0.1:9"):
 def test_worker_entrypoint_maps_env_to_flags(tmp_path, recorder):
     exe, out = recorder
     env = worker_env(tmp_path, exe)
-    env.update({"LORANULL_DEVICE": "cuda:0", "LORANULL_RANKS": "8"})
+    env.update({"LORANULL_DEVICE": "cuda:0", "LORANULL_RANKS": "8", "LORANULL_WORK_DIR": "/scratch",
+                "LORANULL_WORKER_NAME": "loranull-worker-3", "LORANULL_GRACE_S": "570"})
     r = sh(WORKER_SH, env=env)
     assert r.returncode == 0, r.stderr
     assert out.read_text().splitlines() == [
         "--server", "http://127.0.0.1:9", "--token-file", env["LORANULL_TOKEN_FILE"],
-        "--models", env["LORANULL_MODELS_DIR"], "--device", "cuda:0", "--ranks", "8"]
-    # defaults: cpu, no --ranks; extra flags are passed on
-    del env["LORANULL_DEVICE"], env["LORANULL_RANKS"]
+        "--models", env["LORANULL_MODELS_DIR"], "--device", "cuda:0", "--ranks", "8",
+        "--work-dir", "/scratch", "--name", "loranull-worker-3", "--grace-s", "570"]
+    # defaults: cpu, no --ranks/--work-dir/--name/--grace-s; extra flags are passed on
+    for k in ("LORANULL_DEVICE", "LORANULL_RANKS", "LORANULL_WORK_DIR", "LORANULL_WORKER_NAME", "LORANULL_GRACE_S"):
+        del env[k]
     r = sh(WORKER_SH, ["--verbose"], env=env)
     assert r.returncode == 0, r.stderr
     assert out.read_text().splitlines()[-3:] == ["--device", "cpu", "--verbose"]
@@ -272,6 +275,7 @@ def test_worker_entrypoint_maps_env_to_flags(tmp_path, recorder):
     ({"LORANULL_DEVICE": "gpu0"}, "LORANULL_DEVICE='gpu0' is not cpu or cuda:N"),
     ({"LORANULL_RANKS": "0"}, "LORANULL_RANKS='0' is not a positive integer"),
     ({"LORANULL_RANKS": "two"}, "LORANULL_RANKS='two' is not a positive integer"),
+    ({"LORANULL_GRACE_S": "5m"}, "LORANULL_GRACE_S='5m' is not a whole number of seconds"),
     ({"LORANULL_MODELS_DIR": "/nonexistent/models"}, "models dir /nonexistent/models does not exist"),
     ({"LORANULL_TOKEN_FILE": "/nonexistent/token"}, "worker token file /nonexistent/token is missing"),
     ({"LORANULL_WORKER_BIN": "/nonexistent/loranull-worker"}, "/nonexistent/loranull-worker is not an executable"),
@@ -356,6 +360,8 @@ def test_job_runs_through_server_and_worker_entrypoints(tmp_path, secrets):
         "LORANULL_MODELS_DIR": str(models),
         "LORANULL_DEVICE": "cpu",
         "LORANULL_RANKS": "1",
+        "LORANULL_WORK_DIR": str(tmp_path / "worker-work"),
+        "LORANULL_GRACE_S": "20",
         "OMP_NUM_THREADS": "1",
     })
     worker_log = tmp_path / "worker.log"

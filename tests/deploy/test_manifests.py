@@ -177,10 +177,15 @@ def test_worker_statefulset(name, rendered):
     assert headless["spec"]["clusterIP"] == "None"
     assert headless["spec"]["selector"].items() <= s["spec"]["template"]["metadata"]["labels"].items()
     assert s["spec"]["selector"]["matchLabels"].items() <= s["spec"]["template"]["metadata"]["labels"].items()
-    # long enough to write and upload a checkpoint after SIGTERM
-    assert spec["terminationGracePeriodSeconds"] >= 120
+    # long enough to write and upload a checkpoint after SIGTERM, and the worker's own deadline
+    # (--grace-s) ends before Kubernetes' SIGKILL, with time to report
+    grace = spec["terminationGracePeriodSeconds"]
+    assert grace >= 120
+    assert 0 < int(env["LORANULL_GRACE_S"]) <= grace - 10, "worker grace must end before the pod's"
     assert_locked_down(spec, c)
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    work = mounts[env["LORANULL_WORK_DIR"]]
+    assert "emptyDir" in {v["name"]: v for v in spec["volumes"]}[work["name"]], "work dir must be writable"
     models = mounts[env["LORANULL_MODELS_DIR"]]
     assert models.get("readOnly") is True
     vol = {v["name"]: v for v in spec["volumes"]}[models["name"]]
