@@ -280,3 +280,28 @@ def test_export_errors_are_clear(work, tmp_path):
     r = ln("covariance", "--model", work["base"], "--calibration", bad, "--out", tmp_path / "c.safetensors",
            "--no-calibration-cache", check=False)
     assert r.returncode != 0 and "line 2" in r.stderr
+
+
+def test_init_same_bits_fresh_or_cached(work, tmp_path):
+    """A fresh calibration (forward passes ran first) and a cache hit give bit-identical factors."""
+    cache = tmp_path / "cache"
+    args = ["init", "--model", work["base"], "--method", "lora_null_v1", "--rank", R, "--calibration",
+            work["dir"] / "calib.jsonl", "--calibration-max-length", MAXLEN, "--calibration-cache", cache]
+    a = json.loads(ln(*args, "--out", tmp_path / "a").stdout)
+    b = json.loads(ln(*args, "--out", tmp_path / "b").stdout)
+    assert not a["from_cache"] and b["from_cache"]
+    assert (tmp_path / "a" / "init.safetensors").read_bytes() == (tmp_path / "b" / "init.safetensors").read_bytes()
+
+
+def test_resume_with_calibration_is_bit_identical(work, tmp_path):
+    common = ["--model", work["base"], "--data", work["dir"] / "train.jsonl", "--method", "lora_null_v1", "--rank", R,
+              "--lr", "1e-3", "--max-steps", 12, "--batch-size", 4, "--seed", 1, *calib_args(work)]
+    ln("train", *common, "--out", tmp_path / "once")
+    ln("train", *common, "--out", tmp_path / "twice", "--save-every", 6, "--stop-at-step", 6)
+    ln("train", *common, "--out", tmp_path / "twice", "--save-every", 6, "--resume",
+       tmp_path / "twice" / "checkpoints" / "step-000006")
+    assert (tmp_path / "once" / "adapter.safetensors").read_bytes() == \
+        (tmp_path / "twice" / "adapter.safetensors").read_bytes()
+    d1 = json.loads((tmp_path / "once" / "knowledge_drift.json").read_text())
+    d2 = json.loads((tmp_path / "twice" / "knowledge_drift.json").read_text())
+    assert d1 == d2 and d1["step"] == 12
