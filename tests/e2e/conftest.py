@@ -45,3 +45,30 @@ def env(server_factory, models, tmp_path):
     yield e
     for w in e.workers:
         w.stop()
+
+
+# The job every interruption test runs: long enough (720 steps of 4 examples, a second or two on one
+# core) to be interrupted mid-way, with a checkpoint every 40 steps.
+LONG_JOB = dict(method="lora_null_v2", epochs=60, save_interval=40)
+LONG_STEPS = 720
+
+
+@pytest.fixture(scope="session")
+def reference_adapter(models, tmp_path_factory):
+    """adapter_model.safetensors of LONG_JOB run without interruption (its own server and worker)."""
+    from e2e_helpers import Server, result_files, submit
+
+    tmp = tmp_path_factory.mktemp("e2e-reference")
+    srv = Server.start(tmp / "srv")
+    w = None
+    try:
+        e = Env(srv, models, tmp)
+        w = e.worker("ref")
+        job = submit(srv, e.key, e.train_id, calibration=e.facts_id, **LONG_JOB)
+        done = srv.wait_status(e.key, job["id"], {"succeeded", "failed"}, timeout=300)
+        assert done["status"] == "succeeded", (done["error"], w.log())
+        return result_files(srv, e.key, done)["adapter_model.safetensors"]
+    finally:
+        if w:
+            w.stop()
+        srv.stop()

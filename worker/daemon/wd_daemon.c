@@ -370,6 +370,7 @@ static void upload_results(wd_job *j, double now) {
 
 static void on_final(const wd_resp *r, void *ctx) {
     wd_job *j = ctx;
+    wd_daemon *d = j->d; /* job_end frees j */
     j->final_busy = 0;
     if (r->status == 200) {
         job_end(j, j->final == FINAL_COMPLETE ? "succeeded" : j->final == FINAL_FAIL ? "failed (reported)"
@@ -383,7 +384,6 @@ static void on_final(const wd_resp *r, void *ctx) {
         ln_log(LN_LOG_WARN, "worker", "job %s: final report failed (%s); will retry", j->id, msg);
         j->final_next = ln_now_s() + backoff_next(&j->final_backoff);
     }
-    wd_daemon *d = j->d;
     if (!d->closing) pump(d);
 }
 
