@@ -99,7 +99,7 @@ import_secrets() {
     # Creates the database and applies the migrations, as the server would at start.
     # shellcheck disable=SC2086 # DB_FLAGS holds paths without blanks (checked below)
     "$SERVER_BIN" keys list $DB_FLAGS >/dev/null \
-        || die "opening the database in $DATA_DIR failed (see the message above)"
+        || die "loranull-server refused its settings or could not open the database in $DATA_DIR (its message is above)"
     now=$(date +%s)
     sql="BEGIN IMMEDIATE;"
     n=0

@@ -412,3 +412,22 @@ def test_job_runs_through_server_and_worker_entrypoints(tmp_path, secrets):
             rc = worker.wait()
         server.stop()
     assert rc == 0, f"worker exited {rc} on SIGTERM:\n{worker_log.read_text()[-3000:]}"
+
+
+def test_server_entrypoint_passes_the_config_file(tmp_path, secrets):
+    env = server_env(tmp_path, secrets, free_port())
+    cfg = tmp_path / "server.json"
+    cfg.write_text(json.dumps({"threads": 2, "max_body_bytes": 4096}))
+    env["LORANULL_CONFIG"] = str(cfg)
+    s = EntrypointServer(env, tmp_path / "server.log")
+    try:
+        # the config's body limit is in force: a 5 KiB JSON body is refused, a small one is not
+        big = {"model": "m", "training_file": "file-x", "metadata": {"pad": "x" * 5000}}
+        assert http("POST", s.base + "/v1/fine_tuning/jobs", KEY_A, big)[0] == 413
+        assert http("POST", s.base + "/v1/fine_tuning/jobs", KEY_A, {"model": "m"})[0] == 400
+    finally:
+        s.stop()
+    cfg.write_text(json.dumps({"threads": 2, "no_such_setting": 1}))
+    r = sh(SERVER_SH, env=env)
+    assert r.returncode == 1, r.stderr
+    assert "no_such_setting" in r.stderr and "refused its settings" in r.stderr, r.stderr

@@ -433,3 +433,18 @@ def test_readme_documents_every_entrypoint_setting():
         assert names, f"{script.name} reads no LORANULL_* setting?"
         undocumented = sorted(n for n in names if f"`{n}`" not in readme)
         assert not undocumented, f"deploy/README.md does not document {undocumented} ({script.name})"
+
+
+def test_image_env_is_what_the_entrypoints_read():
+    # ENV lines of each image stage that runs an entrypoint name settings that script reads.
+    for f in DOCKERFILES:
+        for _, lines in dockerfile_stages(f):
+            entry = [ln for ln in lines if ln.startswith("ENTRYPOINT")]
+            if not entry:
+                continue
+            script = re.search(r"/([a-z-]+-entrypoint\.sh)", entry[0]).group(1)
+            text = (DOCKER / script).read_text()
+            for ln in lines:
+                if ln.startswith("ENV "):
+                    for var in re.findall(r"(LORANULL_[A-Z_]+)=", ln):
+                        assert re.search(r"\$\{?" + var + r"\b", text), f"{f.name}: {script} never reads {var}"
