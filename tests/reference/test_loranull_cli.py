@@ -305,3 +305,24 @@ def test_resume_with_calibration_is_bit_identical(work, tmp_path):
     d1 = json.loads((tmp_path / "once" / "knowledge_drift.json").read_text())
     d2 = json.loads((tmp_path / "twice" / "knowledge_drift.json").read_text())
     assert d1 == d2 and d1["step"] == 12
+
+
+def test_merge_keeps_the_base_dtype(work, tmp_path):
+    """A bf16 base merges into a bf16 checkpoint whose logits match our trained model's to bf16 rounding."""
+    ln("model", "new", "--config", work["dir"] / "cfg.json", "--out", tmp_path / "base16", "--seed", 3,
+       "--dtype", "bf16")
+    run = tmp_path / "run"
+    ln("train", "--model", tmp_path / "base16", "--data", work["dir"] / "train.jsonl", "--out", run, "--method",
+       "lora_null_v2", "--rank", R, "--lr", "1e-2", "--max-steps", 5, "--batch-size", 4, *calib_args(work))
+    ln("export", "--run", run, "--out", tmp_path / "merged", "--merge")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.bfloat16
+    out = run / "logits.safetensors"
+    ln("forward", "--model", tmp_path / "base16", "--adapter", run, "--input-ids", work["dir"] / "ids.json", "--out", out)
+    ours = load_file(str(out))["logits"].astype(np.float64)
+    merged = hf_logits(hf_model(tmp_path / "merged"), work)
+    base = hf_logits(hf_model(tmp_path / "base16"), work)
+    e, moved = rel(merged, ours), rel(base, ours)
+    print(f"bf16 merge vs ours {e:.2e} (training moved logits by {moved:.2e})")
+    assert e < 2e-2 and e < moved
