@@ -289,6 +289,82 @@ static void test_null_v2_4_ranks(void **s) { (void)s; check_case(CASE_NULL_V2, 4
 static void test_full_2_ranks(void **s) { (void)s; check_case(CASE_FULL, 2); }
 static void test_full_4_ranks(void **s) { (void)s; check_case(CASE_FULL, 4); }
 
+/* ---- the trainer: ln_train on 1 rank vs ln_tp_train on 2 and 4 thread ranks ---- */
+
+static ln_dataset *make_dataset(void)
+{
+    ln_dataset *d = calloc(1, sizeof *d);
+    d->n = 12;
+    d->ex = calloc((size_t)d->n, sizeof(ln_example));
+    ln_rng r;
+    ln_rng_seed(&r, 3);
+    for (int i = 0; i < d->n; i++) {
+        ln_example *x = &d->ex[i];
+        x->len = 5 + i % 8;
+        x->input_ids = malloc((size_t)x->len * sizeof(int32_t));
+        x->labels = malloc((size_t)x->len * sizeof(int32_t));
+        for (int t = 0; t < x->len; t++) {
+            x->input_ids[t] = (int32_t)(ln_rng_u64(&r) % 48);
+            x->labels[t] = t < 2 ? LN_IGNORE_INDEX : x->input_ids[t];
+        }
+        x->line = i + 1;
+    }
+    return d;
+}
+
+static void free_dataset(ln_dataset *d)
+{
+    for (int i = 0; i < d->n; i++) { free(d->ex[i].input_ids); free(d->ex[i].labels); }
+    free(d->ex);
+    free(d);
+}
+
+static void check_trainer(tp_case k, int R)
+{
+    ln_dataset *ds = make_dataset();
+    ln_train_opts o = ln_train_defaults();
+    o.max_steps = 6;
+    o.batch_size = 2;
+    o.grad_accum = 2;
+    o.optim.lr = 1e-2f;
+    o.optim.max_grad_norm = 0.5f;
+    o.warmup_ratio = 0.2;
+    ln_model *m1, *mR;
+    ln_adapter a1, aR;
+    build_full(k, &m1, &a1);
+    build_full(k, &mR, &aR);
+    ln_train_result r1, rR;
+    ln_err e = {{0}};
+    if (ln_train(m1, &a1, ds, &o, &r1, &e)) fail_msg("1 rank: %s", e.msg);
+    if (ln_tp_train(mR, &aR, ds, &o, R, &rR, &e)) fail_msg("%d ranks: %s", R, e.msg);
+    assert_int_equal(r1.steps, rR.steps);
+    double dl = fabs(r1.last_loss - rR.last_loss) / fabs(r1.last_loss);
+    /* the trained parameters, gathered back into the whole layout */
+    ln_param **p1, **pR;
+    int n1 = ln_trainable_params(m1, &a1, &p1), nR = ln_trainable_params(mR, &aR, &pR);
+    assert_int_equal(n1, nR);
+    double worst = 0;
+    for (int i = 0; i < n1; i++) {
+        double err = block_err(pR[i]->w, p1[i]->rows, p1[i]->cols, p1[i]->w, p1[i]->cols, 0, 0,
+                               maxabs(p1[i]->w, p1[i]->n));
+        worst = err > worst ? err : worst;
+    }
+    printf("  trainer, case %d, %d ranks: last loss %.6f vs %.6f (%.1e), trained weights %.2e (relative)\n", k, R,
+           rR.last_loss, r1.last_loss, dl, worst);
+    assert_true(dl <= TOL);
+    assert_true(worst <= TOL);
+    free(p1);
+    free(pR);
+    if (!a1.full) { ln_adapter_free(&a1); ln_adapter_free(&aR); }
+    ln_model_free(m1);
+    ln_model_free(mR);
+    free_dataset(ds);
+}
+
+static void test_trainer_lora_2_ranks(void **s) { (void)s; check_trainer(CASE_LORA, 2); }
+static void test_trainer_null_v2_4_ranks(void **s) { (void)s; check_trainer(CASE_NULL_V2, 4); }
+static void test_trainer_full_2_ranks(void **s) { (void)s; check_trainer(CASE_FULL, 2); }
+
 static void test_shard_config_errors(void **s)
 {
     (void)s;
@@ -312,6 +388,8 @@ int main(void)
         cmocka_unit_test(test_lora_2_ranks),   cmocka_unit_test(test_lora_4_ranks),
         cmocka_unit_test(test_null_v2_2_ranks), cmocka_unit_test(test_null_v2_4_ranks),
         cmocka_unit_test(test_full_2_ranks),   cmocka_unit_test(test_full_4_ranks),
+        cmocka_unit_test(test_trainer_lora_2_ranks), cmocka_unit_test(test_trainer_null_v2_4_ranks),
+        cmocka_unit_test(test_trainer_full_2_ranks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

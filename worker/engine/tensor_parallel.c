@@ -199,3 +199,125 @@ int ln_tp_grad_norm(ln_model *m, ln_adapter *ad, double *norm, ln_err *e)
     *norm = sqrt(sharded + replicated);
     return 0;
 }
+
+/* ---------------------------------------------------------------- gather */
+
+/* Gathers one sharded tensor (the rank's block is rows × cols of a full_rows × full_cols tensor,
+ * split by rows when by_rows, else by columns) into dst (full layout, may be NULL). A tensor
+ * every rank holds whole is copied from the rank's own buffer. */
+static int gather_block(ln_comm *c, const lnb_backend *be, const ln_param *sp, int by_rows, int replicated,
+                        float *dst, ln_err *e)
+{
+    int R = c->size;
+    size_t n = (size_t)sp->n;
+    float *mine = ln_xmalloc(n * sizeof(float));
+    be->download(mine, sp->w, n * sizeof(float));
+    if (replicated) {
+        if (dst) be->upload(dst, mine, n * sizeof(float));
+        free(mine);
+        return 0;
+    }
+    float *all = ln_xmalloc(n * R * sizeof(float));
+    int rc = comm_allgather(c, mine, all, (int64_t)n, e);
+    if (rc == 0 && dst) {
+        int rows = sp->rows, cols = sp->cols;
+        float *full = ln_xmalloc(n * R * sizeof(float));
+        for (int k = 0; k < R; k++) {
+            const float *blk = all + (size_t)k * n;
+            if (by_rows) {
+                memcpy(full + (size_t)k * n, blk, n * sizeof(float));
+            } else {
+                for (int i = 0; i < rows; i++)
+                    memcpy(full + (size_t)i * cols * R + (size_t)k * cols, blk + (size_t)i * cols, (size_t)cols * sizeof(float));
+            }
+        }
+        be->upload(dst, full, n * R * sizeof(float));
+        free(full);
+    }
+    free(all);
+    free(mine);
+    return rc;
+}
+
+int ln_tp_gather(ln_model *m, ln_adapter *ad, ln_model *full, ln_adapter *full_ad, ln_err *e)
+{
+    ln_comm *c = m->comm;
+    if (!c) return ln_errf(e, "tensor parallel gather: the model is not a shard (no comm)");
+    const lnb_backend *be = m->be;
+    int rc = 0;
+    if (ad && !ad->full) {
+        for (int i = 0; i < ad->num_layers * LN_NTARGET && rc == 0; i++) {
+            ln_lora *lo = &ad->lora[i];
+            if (!lo->A.w) continue;
+            int col = ln_tp_column_parallel((ln_target)(i % LN_NTARGET));
+            ln_lora *fl = full_ad ? &full_ad->lora[i] : NULL;
+            /* column-parallel: A whole, B by rows; row-parallel: A by columns, B whole */
+            rc = gather_block(c, be, &lo->A, 0, col, fl ? fl->A.w : NULL, e);
+            if (rc == 0) rc = gather_block(c, be, &lo->B, 1, !col, fl ? fl->B.w : NULL, e);
+        }
+        return rc ? ln_err_prefix(e, "tensor parallel gather") : 0;
+    }
+    /* full fine-tuning: every weight */
+    ln_param *rep[3] = {&m->embed, &m->norm, m->tied ? NULL : &m->lm_head};
+    ln_param *frep[3] = {full ? &full->embed : NULL, full ? &full->norm : NULL, full && !m->tied ? &full->lm_head : NULL};
+    for (int i = 0; i < 3 && rc == 0; i++)
+        if (rep[i]) rc = gather_block(c, be, rep[i], 1, 1, frep[i] ? frep[i]->w : NULL, e);
+    for (int l = 0; l < m->cfg.num_layers && rc == 0; l++) {
+        ln_layer *L = &m->layers[l], *F = full ? &full->layers[l] : NULL;
+        rc = gather_block(c, be, &L->attn_norm, 1, 1, F ? F->attn_norm.w : NULL, e);
+        if (rc == 0) rc = gather_block(c, be, &L->mlp_norm, 1, 1, F ? F->mlp_norm.w : NULL, e);
+        for (int t = 0; t < LN_NTARGET && rc == 0; t++)
+            rc = gather_block(c, be, &L->lin[t], ln_tp_column_parallel((ln_target)t), 0, F ? F->lin[t].w : NULL, e);
+    }
+    return rc ? ln_err_prefix(e, "tensor parallel gather") : 0;
+}
+
+/* ---------------------------------------------------------------- training on threads */
+
+typedef struct tp_train_ctx {
+    ln_model *full;
+    ln_adapter *full_ad;
+    const ln_dataset *ds;
+    ln_train_opts opts;
+    ln_train_result res;
+} tp_train_ctx;
+
+static int tp_train_rank(ln_comm *c, void *p, ln_err *e)
+{
+    tp_train_ctx *x = p;
+    ln_model *shard = NULL;
+    ln_adapter sad;
+    memset(&sad, 0, sizeof sad);
+    int rc = ln_tp_shard_model(x->full, c, &shard, e);
+    if (rc == 0) rc = ln_tp_shard_adapter(x->full, x->full_ad, shard, &sad, e);
+    ln_train_opts o = x->opts;
+    if (c->rank != 0) o.on_row = NULL, o.progress = 0;
+    if (rc == 0) rc = ln_train(shard, &sad, x->ds, &o, &x->res, e);
+    if (rc == 0) rc = ln_tp_gather(shard, &sad, c->rank == 0 ? x->full : NULL, c->rank == 0 ? x->full_ad : NULL, e);
+    if (!sad.full) ln_adapter_free(&sad);
+    ln_model_free(shard);
+    if (rc) ln_err_prefix(e, "rank %d of %d", c->rank, c->size);
+    return rc;
+}
+
+int ln_tp_train(ln_model *full, ln_adapter *full_ad, const ln_dataset *ds, const ln_train_opts *opts, int ranks,
+                ln_train_result *res, ln_err *e)
+{
+    if (opts->out_dir || opts->resume || opts->eval || opts->should_stop)
+        return ln_errf(e, "tensor-parallel training on threads: out_dir, resume, eval and should_stop are not "
+                          "supported yet (save the gathered adapter after it returns)");
+    if (ranks < 1) return ln_errf(e, "tensor-parallel training: %d ranks (at least 1 expected)", ranks);
+    ln_config sh;
+    if (ln_tp_shard_config(&full->cfg, ranks, &sh, e)) return -1;
+    tp_train_ctx *ctx = ln_xcalloc((size_t)ranks, sizeof *ctx);
+    void **ptrs = ln_xcalloc((size_t)ranks, sizeof *ptrs);
+    for (int r = 0; r < ranks; r++) {
+        ctx[r] = (tp_train_ctx){.full = full, .full_ad = full_ad, .ds = ds, .opts = *opts};
+        ptrs[r] = &ctx[r];
+    }
+    int rc = comm_thread_run(ranks, tp_train_rank, ptrs, e);
+    if (rc == 0 && res) *res = ctx[0].res;
+    free(ctx);
+    free(ptrs);
+    return rc;
+}

@@ -26,6 +26,7 @@
 #include "worker/engine/adapter.h"
 #include "worker/engine/model.h"
 #include "worker/engine/optim.h"
+#include "worker/engine/train.h"
 
 /* The config of one of `size` shards; fails, naming the field, when heads, kv heads or the
  * intermediate size do not divide by size. */
@@ -48,5 +49,18 @@ int ln_tp_reduce_grads(ln_model *shard, ln_adapter *ad, ln_err *e);
 /* The global gradient norm √(Σ g²) of the whole (unsharded) model: sharded gradients summed over
  * the ranks, replicated ones counted once. Equal on every rank. */
 int ln_tp_grad_norm(ln_model *shard, ln_adapter *ad, double *norm, ln_err *e);
+
+/* Collective (every rank calls it): rebuilds the whole adapter's factors (full fine-tuning: every
+ * weight) from all ranks' shards, by all-gathers. Ranks that pass full/full_ad (non-NULL) get them
+ * written there — both of the same shape as the model and adapter that were sharded. */
+int ln_tp_gather(ln_model *shard, ln_adapter *shard_ad, ln_model *full, ln_adapter *full_ad, ln_err *e);
+
+/* Trains full_ad on `full` as `ranks` tensor-parallel ranks on threads (the thread backend):
+ * each rank shards the model and adapter, runs ln_train on the same data (the same seeded order),
+ * and at the end the trained shards are gathered back into full_ad (or full's weights for full
+ * fine-tuning). opts->out_dir, resume, eval, should_stop must be NULL/0 (save the gathered adapter
+ * afterwards); on_row is called from rank 0 only. res gets rank 0's result. */
+int ln_tp_train(ln_model *full, ln_adapter *full_ad, const ln_dataset *ds, const ln_train_opts *opts, int ranks,
+                ln_train_result *res, ln_err *e);
 
 #endif

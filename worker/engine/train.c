@@ -9,6 +9,7 @@
 #include "common/safetensors.h"
 #include "common/util.h"
 #include "worker/engine/rng.h"
+#include "worker/engine/tensor_parallel.h"
 #include "worker/engine/train.h"
 
 ln_train_opts ln_train_defaults(void)
@@ -392,7 +393,12 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
         if (frc) { ln_err_prefix(e, "train step %lld", (long long)step + 1); goto out; }
         double loss = trained > 0 ? loss_sum / (double)trained : 0.0;
         if (!isfinite(loss)) { ln_errf(e, "train step %lld: the loss is not finite (%g); lower the learning rate", (long long)step + 1, loss); goto out; }
-        double gnorm = ln_optim_grad_norm(&opt);
+        double gnorm = 0.0;
+        if (m->comm) { /* a tensor-parallel shard: finish replicated gradients, global norm */
+            if (ln_tp_reduce_grads(m, ad, e) || ln_tp_grad_norm(m, ad, &gnorm, e)) goto out;
+        } else {
+            gnorm = ln_optim_grad_norm(&opt);
+        }
         float coef = 1.0f;
         if (oc.max_grad_norm > 0) {
             float c = oc.max_grad_norm / (float)(gnorm + 1e-6);
