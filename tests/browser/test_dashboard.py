@@ -93,40 +93,55 @@ def test_submit_watch_control_a_job(dash, srv, project, worker):
     page.wait_for_selector("#live-state:has-text('live')")
     page.evaluate("window.__noReload = 1")  # gone if anything below reloaded the page
 
-    # ---- a test worker leases it and reports; the page follows without reload
+    # ---- a test worker leases it and reports as loranull-worker does; the page follows without reload
     lease = worker.lease(wait_s=8)
     assert lease and lease["job_id"] == job_id, lease
     gen = lease["lease_generation"]
     wait_status(dash, "running")
-    assert worker.events(job_id, gen, events=[{"message": "Calibrating on 3 samples",
-                                               "data": {"stage": "calibrating"}}]).status_code == 200
-    page.wait_for_selector("#timeline li[data-stage=calibrating][data-state=active]")
-    assert page.get_attribute("#timeline li[data-stage=validating]", "data-state") == "done"
-    assert worker.events(job_id, gen, events=[{"message": "Training", "data": {"stage": "training"}}],
-                         metrics=[{"step": s, "values": {"train_loss": 3.0 - 0.2 * s, "lr": 1e-4 * s,
-                                                         "total_steps": 10}} for s in (1, 2, 3)]).status_code == 200
-    page.wait_for_selector("#timeline li[data-stage=training][data-state=active]")
-    assert page.get_attribute("#timeline li[data-stage=calibrating]", "data-state") == "done"
+
+    def stage_is(name):
+        page.wait_for_selector(f"#timeline li[data-stage={name}][data-state=active]")
+        states = page.eval_on_selector_all("#timeline li", "ls => ls.map(l => l.dataset.state)")
+        i = ["validating", "calibrating", "initialising", "training", "evaluating", "exporting"].index(name)
+        assert states == ["done"] * i + ["active"] + ["pending"] * (5 - i), states
+
+    def report(events=(), metrics=()):
+        r = worker.events(job_id, gen, events=list(events), metrics=list(metrics))
+        assert r.status_code == 200, r.text
+
+    report([{"message": "Validating the data of " + job["training_file"]}])
+    stage_is("validating")
+    report([{"message": "Training data validated: 3 examples, 40 tokens (12 trained)"}])  # still validating
+    report([{"message": "Calibrating on up to 3 samples", "data": {"stage": "calibrating"}, "type": "message"}])
+    stage_is("calibrating")
+    report([{"message": "Initialised the lora_null_v2 adapter (rank 4, alpha 4) in 0.01 s"}])
+    stage_is("initialising")
+    row = lambda s: {"loss": 3.0 - 0.2 * s, "lr": 1e-4 * s, "tokens_per_s": 1234.0, "elapsed_s": 0.5 * s}  # noqa: E731
+    report([{"message": "Training: 10 steps of 8 examples (2 epochs, learning rate 0.0002)"}],
+           [{"step": s, "values": row(s)} for s in (1, 2, 3)])
+    stage_is("training")
     wait_points(dash, "chart-loss", 3)
     wait_points(dash, "chart-lr", 3)
 
     drift = {f"knowledge_drift/model.layers.{l}.{m}": 1e-4 * (l + 1) for l in (0, 1) for m in ("q_proj", "v_proj")}
-    worker.events(job_id, gen, metrics=[{"step": 3, "values": drift}] +
-                  [{"step": s, "values": {"train_loss": 3.0 - 0.2 * s, "lr": 1e-4 * s}} for s in (4, 5, 6)] +
-                  [{"step": 5, "values": {"valid_loss": 2.2}}, {"step": 6, "values": {k: 2 * v for k, v in drift.items()}}])
+    report(metrics=[{"step": 3, "values": drift}] + [{"step": s, "values": row(s)} for s in (4, 5, 6)] +
+           [{"step": 5, "values": {"val_loss": 2.2}}, {"step": 6, "values": {k: 2 * v for k, v in drift.items()}}])
     wait_points(dash, "chart-loss", 7)  # 6 train + 1 validation
     dash.wait_for("() => document.querySelector('#chart-drift-layers .heatmap-box').dataset.steps === '2'")
     assert page.get_attribute("#chart-drift-layers .heatmap-box", "data-layers") == "4"
     wait_points(dash, "chart-drift", 2)  # the mean over layers, computed where none is posted
 
-    # A training row carried by a "metrics" event arrives over the SSE stream itself.
-    worker.events(job_id, gen, events=[{"type": "metrics", "message": "step 7",
-                                        "data": {"step": 7, "train_loss": 1.5, "lr": 7e-4}}])
+    # A step event (type metrics, as the worker's every few steps) arrives over the SSE stream itself
+    # and gives the step count: progress 7/10. It stays out of the log unless asked for.
+    report([{"type": "metrics", "message": "Step 7/10: training loss=1.5000",
+             "data": {"step": 7, "train_loss": 1.5, "total_steps": 10}}])
     wait_points(dash, "chart-loss", 8)
     page.wait_for_selector("#job-overview .progress[data-progress='70']")
-    # The same point posted to the metrics table later is merged, not drawn twice (and the jobs
-    # list, which reads only the table, sees step 7 too).
-    worker.events(job_id, gen, metrics=[{"step": 7, "values": {"train_loss": 1.5}}])
+    assert page.locator("#events li:has-text('Step 7/10')").count() == 0
+    page.check("#show-metric-events")
+    page.wait_for_selector("#events li:has-text('Step 7/10')")
+    # The same step as a metric point ("loss", while the event said "train_loss") is one point.
+    report(metrics=[{"step": 7, "values": row(7)}])
     time.sleep(2.5)
     assert points(dash, "chart-loss") == 8
 
@@ -144,9 +159,19 @@ def test_submit_watch_control_a_job(dash, srv, project, worker):
     assert page.evaluate("window.__noReload") == 1
     dash.shot("job-running")
 
+    report([{"message": "Training finished: 10 steps, last loss 1.1000"}])
+    report([{"message": "After training: task loss 1.2000", "type": "metrics", "data": {"task_loss": 1.2}}])
+    stage_is("evaluating")
+    page.wait_for_selector("#events li:has-text('After training')")  # a summary, not a step row
+    report([{"message": "Exported a PEFT adapter (rank 4, lora_alpha 4) for the original tiny-llama"}])
+    stage_is("exporting")
+
+    # The list reads the metric points and the step count from the events: 7 of 10 steps.
     dash.go("#/jobs")
-    page.wait_for_selector(f"#jobs-table tr[data-job-id='{job_id}'] .progress[data-progress='70']")
-    assert page.inner_text(f"#jobs-table tr[data-job-id='{job_id}'] .badge") == "running"
+    row_sel = f"#jobs-table tr[data-job-id='{job_id}']"
+    page.wait_for_selector(f"{row_sel} .progress[data-progress='70']")
+    assert page.inner_text(f"{row_sel} .badge") == "running"
+    assert "1234" in page.inner_text(row_sel)  # tokens/s
     dash.shot("jobs")
 
     # ---- pause (declined, then confirmed), resume, cancel

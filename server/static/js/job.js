@@ -12,10 +12,17 @@ import { call, streamJobEvents, downloadFile, ApiError } from "./api.js";
 import { MetricStore, M } from "./metrics.js";
 import { LineChart, DriftHeatmap } from "./charts.js";
 import { progressCell } from "./jobs.js";
-import { el, clear, badge, fmtTime, fmtDuration, fmtNum, fmtBytes, TERMINAL, confirmAction, every } from "./util.js";
+import { el, clear, badge, fmtTime, fmtDuration, fmtNum, fmtRate, fmtBytes, TERMINAL, confirmAction, every } from "./util.js";
 
 const STAGES = ["validating", "calibrating", "initialising", "training", "evaluating", "exporting"];
-const STAGE_WORDS = [/^validating\b/i, /^calibrating\b/i, /^initiali[sz]ing\b/i, /^training\b/i, /^evaluating\b/i, /^exporting\b/i];
+// Without data.stage, a message's first words name its stage (in this order; the first match wins).
+// They follow what loranull-worker says ("Calibrating on up to 256 samples…", "Initialised the
+// lora_null_v2 adapter…", "Step 10/100: training loss…", "After training: task loss…", "Exported…").
+const STAGE_WORDS = [
+  [/^training data validated/i, 0], [/^validat/i, 0], [/^calibrat/i, 1],
+  [/^(initiali[sz]|restored the .*adapter|full fine-tuning)/i, 2],
+  [/^(before training|training\b|step \d+\/\d+)/i, 3], [/^(evaluat|after training)/i, 4], [/^export/i, 5],
+];
 const METRICS_MS = 2000;
 const JOB_MS = 3000;
 const MAX_LOG = 500;
@@ -26,8 +33,12 @@ function stageOf(ev) {
     const i = STAGES.findIndex((name) => s.startsWith(name.slice(0, 6)));
     if (i >= 0) return i;
   }
-  if (ev.type === "message") for (let i = 0; i < STAGES.length; i++) if (STAGE_WORDS[i].test(ev.message)) return i;
+  for (const [re, i] of STAGE_WORDS) if (re.test(ev.message || "")) return i;
   return -1;
+}
+
+function isStepRow(ev) {
+  return ev.type === "metrics" && ev.data && Number.isInteger(ev.data.step);
 }
 
 export function render(main, [jobId]) {
@@ -82,7 +93,7 @@ export function render(main, [jobId]) {
     el("div.grid2",
       el("div.panel",
         el("div.toolbar", el("h2", { style: "margin:0" }, "Events"), el("span.spacer"),
-           el("label.muted", logToggle, " metric events")),
+           el("label.muted", logToggle, " step metrics")),
         el("div.events", { id: "events" }, logList)),
       el("div",
         el("div.panel", el("h2", "Checkpoints"),
@@ -196,7 +207,7 @@ export function render(main, [jobId]) {
       ["Model", j.model],
       ["Method", a.type ? `${a.type}${a.type !== "full" ? `, rank ${a.rank}` : ""}` : "—"],
       ["Progress", progressCell(sum.progress)],
-      ["Tokens/s", sum.tokensPerS !== null ? fmtNum(sum.tokensPerS, 3) : "—"],
+      ["Tokens/s", fmtRate(sum.tokensPerS)],
       ["ETA", j.status === "running" ? fmtDuration(sum.etaS) : "—"],
       ["Created", fmtTime(j.created_at)],
       ["Started", fmtTime(j.started_at)],
@@ -258,7 +269,8 @@ export function render(main, [jobId]) {
 
   function renderLog() {
     clear(logList);
-    const shown = st.events.filter((e) => st.showMetricEvents || e.type !== "metrics");
+    // Step rows (a metrics event with a step) are hidden unless asked for; summaries stay.
+    const shown = st.events.filter((e) => st.showMetricEvents || !isStepRow(e));
     for (const ev of shown.slice(-MAX_LOG).reverse()) {
       logList.appendChild(el("li", { "data-event-id": ev.id },
         el("span.t", fmtTime(ev.created_at).slice(11)),

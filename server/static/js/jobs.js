@@ -3,8 +3,8 @@
 // and ETA come from each running job's metrics (metrics.js).
 // Hash: #/jobs?status=<status>&limit=<n>.
 import { call } from "./api.js";
-import { MetricStore } from "./metrics.js";
-import { el, clear, badge, fmtTime, fmtDuration, fmtNum, STATUSES, every } from "./util.js";
+import { MetricStore, M } from "./metrics.js";
+import { el, clear, badge, fmtTime, fmtDuration, fmtRate, STATUSES, every } from "./util.js";
 
 const POLL_MS = 2000;
 
@@ -75,13 +75,24 @@ export function render(main, [query]) {
     await Promise.all(jobs.filter((j) => j.status === "running" || j.status === "paused").map(async (j) => {
       let s = state.stores.get(j.id);
       if (!s) state.stores.set(j.id, (s = new MetricStore(j.id, call)));
-      try { await s.refresh(state.abort.signal); } catch (e) { if (e.name === "AbortError") throw e; }
+      try {
+        await s.refresh(state.abort.signal);
+        if (!s.latest(M.totalSteps) && !s.latest(M.progress)) await totalFromEvents(j.id, s);
+      } catch (e) { if (e.name === "AbortError") throw e; }
     })).catch(() => {});
     if (state.abort.signal.aborted || seq !== state.seq) return;
     renderRows(jobs);
     newer.disabled = state.page === 0;
     older.disabled = !list.has_more;
     pageLabel.textContent = `page ${state.page + 1}`;
+  }
+
+  // loranull-worker says the step count in its step events ({step, total_steps, …}), not as a
+  // metric point: the newest events give it (once known, it does not change within a run).
+  async function totalFromEvents(id, store) {
+    const page = await call(`/v1/fine_tuning/jobs/${encodeURIComponent(id)}/events?limit=50`, { signal: state.abort.signal });
+    const ev = (page.data || []).find((e) => e.data && Number.isInteger(e.data.step) && e.data.total_steps > 0);
+    if (ev) store.add("total_steps", ev.data.step, ev.data.total_steps);
   }
 
   function renderRows(jobs) {
@@ -102,7 +113,7 @@ export function render(main, [query]) {
         el("td", method),
         el("td", badge(j.status)),
         el("td", progressCell(sum.progress)),
-        el("td.opt", sum.tokensPerS !== null ? fmtNum(sum.tokensPerS, 3) : "—"),
+        el("td.opt", fmtRate(sum.tokensPerS)),
         el("td.opt", j.status === "running" ? fmtDuration(sum.etaS) : "—"),
         el("td.opt", { title: new Date(j.created_at * 1000).toISOString() }, fmtTime(j.created_at))));
     }

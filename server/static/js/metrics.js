@@ -5,6 +5,8 @@
 //    posts as "metrics": [{step, values: {name: x}}] on /internal/v1/jobs/{id}/events);
 //  - job events of type "metrics" whose data is a training row {"step": n, name: x, …}, as OpenAI's
 //    fine-tuning events carry them; a nested object {"knowledge_drift": {layer: x}} is per-layer.
+//    (loranull-worker posts every row as points and every few steps an event with
+//    {step, train_loss, total_steps, valid_loss?, knowledge_drift_mean?}.)
 //
 // Names the dashboard understands (the first present of each list is used):
 //   train loss       train_loss | loss
@@ -77,20 +79,26 @@ export class MetricStore {
     return this;
   }
 
-  first(aliases) {
-    for (const a of aliases) if (this.series.has(a)) return this.series.get(a);
-    return null;
+  // The union of the aliases' series (step → value; at a step two of them share, the first alias
+  // wins): a worker may post "loss" as a metric point every step and "train_loss" in a step event
+  // every few steps, and both are the same curve.
+  merged(aliases) {
+    const present = aliases.filter((a) => this.series.has(a));
+    if (present.length <= 1) return present.length ? this.series.get(present[0]) : null;
+    const out = new Map();
+    for (const a of present) for (const [k, v] of this.series.get(a)) if (!out.has(k)) out.set(k, v);
+    return out;
   }
 
   // [{x: step, y: value}] ascending by step.
   points(aliases) {
-    const s = this.first(aliases);
+    const s = this.merged(aliases);
     if (!s) return [];
     return [...s.entries()].sort((a, b) => a[0] - b[0]).map(([x, y]) => ({ x, y }));
   }
 
   latest(aliases) {
-    const s = this.first(aliases);
+    const s = this.merged(aliases);
     if (!s || !s.size) return null;
     let step = -1;
     for (const k of s.keys()) if (k > step) step = k;

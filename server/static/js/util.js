@@ -80,6 +80,12 @@ export function fmtNum(x, digits = 4) {
   return String(Number(x.toPrecision(digits)));
 }
 
+// Tokens per second: whole numbers once they are large (1234, not 1.23e3 or 1230).
+export function fmtRate(x) {
+  if (x === null || x === undefined || !isFinite(x)) return "—";
+  return x >= 100 ? String(Math.round(x)) : fmtNum(x, 3);
+}
+
 // A CSS variable of :root, for the canvas code that cannot use CSS directly.
 export function cssVar(name) {
   return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
