@@ -240,9 +240,29 @@ static void t_nccl_one_rank(void)
     comm_free(c);
 }
 
+/* Errors: a cuBLAS failure inside a kernel call is kept and reported as a sentence naming the
+ * call, file and line; a bad rank is refused with the shape. */
+static void t_errors(void)
+{
+    const lnb_backend *G = lnb_cuda();
+    ln_err e = {{0}};
+    float *x = G->alloc(64 * sizeof(float));
+    G->matmul(0, 0, 4, 4, 4, 1.0f, x, 1 /* lda < K: invalid */, x, 4, 0.0f, x, 4);
+    int rc = lnb_cuda_check(&e);
+    printf("#   %s\n", e.msg);
+    check_true("a failed cuBLAS call inside a kernel is reported with call, file and line",
+               rc == -1 && strstr(e.msg, "cublasGemmEx") && strstr(e.msg, "kernels.cu:"));
+    check_true("the error is cleared once reported", lnb_cuda_check(&e) == 0);
+    G->free(x);
+    double C[4] = {2, 0, 0, 1}, U[4];
+    rc = lnb_cuda_nullspace_basis(C, 2, 3, U, NULL, &e);
+    check_true("syevdx: rank beyond d_in refused with the numbers", rc == -1 && strstr(e.msg, "rank 3 must be in 1..2"));
+}
+
 int main(void)
 {
     gpu_require("test_solver", LNB_CUDA_MATH_FP32);
+    t_errors();
     t_covariance_and_init(64, 48, 6);
     t_covariance_and_init(256, 320, 16);
     t_layer_sharing();
