@@ -157,6 +157,33 @@ def test_added_token_flags_lstrip_rstrip_single_word(tmp_path, lines):
     compare(hf, d, tmp_path, cases, roundtrip_required=False)
 
 
+@pytest.mark.parametrize("prefix", [False, True])
+def test_trained_gpt2_style_byte_level(tmp_path, lines, prefix):
+    """ByteLevel with its own GPT-2 split pattern (use_regex), with and without add_prefix_space."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1500, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(lines[:4000], trainer)
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    compare(tok, d, tmp_path, lines, roundtrip_required=not prefix)
+
+
+def test_split_then_byte_level_with_prefix_space(tmp_path, lines):
+    """add_prefix_space on a ByteLevel that follows a Split acts on every piece of the split."""
+    hf = train_byte_level(lines[:3000])
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=False)])
+    d = tmp_path / "pieces"
+    d.mkdir()
+    hf.save(str(d / "tokenizer.json"))
+    compare(hf, d, tmp_path, lines, roundtrip_required=False)
+
+
 @pytest.mark.parametrize("scheme,split", [("first", False), ("always", True), ("never", False)])
 def test_trained_bpe_with_metaspace_pre_tokenizer(tmp_path, lines, scheme, split):
     """The other way LLaMA-2 tokenizer.json files spell "▁": a Metaspace pre-tokenizer instead of the

@@ -82,7 +82,8 @@ struct ln_tokenizer {
     int32_t byte_id[256];    /* byte-level: id of byte b; fallback: id of <0xHH>; -1 if none */
     int has_split;
     ln_split_pattern split;
-    int prefix_space;        /* ByteLevel add_prefix_space */
+    int prefix_space;        /* ByteLevel add_prefix_space after a Split: a space before each piece */
+    int prefix_segment;      /* ByteLevel add_prefix_space with its own regex: one before the stretch */
     int meta;                /* Metaspace pre-tokenizer: ' ' -> replacement, maybe prepended, maybe split */
     bytes_t meta_rep;
     int meta_prepend;        /* 0 never, 1 always, 2 first (only a stretch that starts the input) */
@@ -307,12 +308,17 @@ static int load_pre_tokenizer(ln_tokenizer *t, json_t *p, int *saw_byte_level, l
     }
     if (!strcmp(type, "ByteLevel")) {
         *saw_byte_level = 1;
-        t->prefix_space = json_is_true(json_object_get(p, "add_prefix_space"));
+        int aps = json_is_true(json_object_get(p, "add_prefix_space"));
         json_t *ur = json_object_get(p, "use_regex");
         if (!ur || json_is_true(ur)) {
+            /* ByteLevel splits by itself (GPT-2 pattern), after prefixing the whole stretch */
             if (t->has_split) return ln_errf(e, "pre_tokenizer: ByteLevel with use_regex after a Split is not supported");
             t->split = LN_SPLIT_GPT2;
             t->has_split = 1;
+            t->prefix_segment = aps;
+        } else {
+            t->prefix_space = aps && t->has_split; /* runs on each piece of the Split before it */
+            t->prefix_segment = aps && !t->has_split;
         }
         return 0;
     }
@@ -937,6 +943,11 @@ static size_t normalize(const ln_tokenizer *t, scratch *s, const uint8_t *seg, s
         i += (size_t)cl;
     }
     for (int st = 0; st < t->n_norm; st++) apply_norm_step(&t->norm[st], &cur, &al, &m);
+    if (t->prefix_segment && !(m && cur[0] == ' ')) {
+        /* ByteLevel add_prefix_space: " " before the stretch unless it starts with one */
+        norm_step pre = {NORM_PREPEND, {(uint8_t *)" ", 1}, {0}};
+        apply_norm_step(&pre, &cur, &al, &m);
+    }
     if (t->meta) {
         /* Metaspace: spaces become the replacement, then it is prepended unless the text already
          * starts with it ("first": only to the stretch that starts the input). */
@@ -962,7 +973,7 @@ static void encode_segment(const ln_tokenizer *t, scratch *s, const uint8_t *tex
     const uint8_t *seg = text + base;
     if (n == 0) return;
     int first = out->n;
-    if (t->n_norm || t->meta) {
+    if (t->n_norm || t->meta || t->prefix_segment) {
         size_t m = normalize(t, s, seg, n, (int)base);
         size_t pos = 0;
         while (pos < m) {
@@ -997,8 +1008,11 @@ static void encode_segment(const ln_tokenizer *t, scratch *s, const uint8_t *tex
             memcpy(w + 1, seg + pos, end - pos);
             int before = out->n;
             bpe_word(t, s, w, (int)(end - pos + 1), (int)(base + pos) - 1, out, offs);
-            if (offs && out->n > before && offs->ids[2 * before] < (int32_t)(base + pos))
-                offs->ids[2 * before] = (int32_t)(base + pos);
+            /* the space stands for the piece's first character (widened to it below) */
+            for (int i = before; offs && i < out->n; i++) {
+                if (offs->ids[2 * i] < (int32_t)(base + pos)) offs->ids[2 * i] = (int32_t)(base + pos);
+                if (offs->ids[2 * i + 1] <= (int32_t)(base + pos)) offs->ids[2 * i + 1] = (int32_t)(base + pos) + 1;
+            }
             free(w);
         } else {
             bpe_word(t, s, seg + pos, (int)(end - pos), (int)(base + pos), out, offs);
