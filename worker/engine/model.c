@@ -345,6 +345,7 @@ int ln_model_save(const ln_model *m, const char *dir, int st_dtype_code, ln_err 
 struct ln_acts {
     int64_t capN, capP;   /* token rows and B·T·T allocated for */
     int cap_r, L;         /* LoRA rank and layers allocated for */
+    unsigned cap_targets; /* LoRA targets allocated for */
     /* saved by the forward pass, per layer l (res has L+1 entries: res[l] is layer l's input) */
     float **res, **h1, **rstd1, **q, **k, **v, **probs, **att, **xmid, **h2, **rstd2, **gate, **up, **act;
     float **lh;           /* L × LN_NTARGET LoRA intermediates x Aᵀ (N × r), NULL when untargeted */
@@ -397,12 +398,14 @@ static int acts_ensure(const ln_model *m, const struct ln_adapter *ad, ln_acts *
     const ln_config *c = &m->cfg;
     int64_t N = (int64_t)B * T, P = (int64_t)B * c->num_heads * T * (m->be->attention_rows_only ? 1 : T);
     int r = ad && !ad->full ? ad->rank : 0;
-    if (a->res && N <= a->capN && P <= a->capP && r == a->cap_r && a->L == c->num_layers) return 0;
+    unsigned tg = r > 0 ? ad->targets : 0;
+    if (a->res && N <= a->capN && P <= a->capP && r == a->cap_r && tg == a->cap_targets && a->L == c->num_layers)
+        return 0;
     const lnb_backend *be = m->be;
     acts_release(be, a);
     int L = c->num_layers, C = c->hidden_size, I = c->intermediate_size;
     int64_t qd = (int64_t)c->num_heads * c->head_dim, kvd = (int64_t)c->num_kv_heads * c->head_dim;
-    a->capN = N; a->capP = P; a->cap_r = r; a->L = L;
+    a->capN = N; a->capP = P; a->cap_r = r; a->L = L; a->cap_targets = tg;
     a->h1 = ln_xcalloc((size_t)L, sizeof(float *)); a->rstd1 = ln_xcalloc((size_t)L, sizeof(float *));
     a->q = ln_xcalloc((size_t)L, sizeof(float *)); a->k = ln_xcalloc((size_t)L, sizeof(float *));
     a->v = ln_xcalloc((size_t)L, sizeof(float *)); a->probs = ln_xcalloc((size_t)L, sizeof(float *));
