@@ -158,6 +158,11 @@ def test_submit_watch_control_a_job(dash, srv, project, worker):
     assert open(dl.value.path(), "rb").read() == b"adapter-bytes-123"
     assert page.evaluate("window.__noReload") == 1
     dash.shot("job-running")
+    # Switching the system to dark re-themes the open page, charts included.
+    page.emulate_media(color_scheme="dark")
+    dash.wait_for("() => getComputedStyle(document.body).backgroundColor === 'rgb(16, 19, 23)'")
+    dash.shot("job-running-dark")
+    page.emulate_media(color_scheme="light")
 
     report([{"message": "Training finished: 10 steps, last loss 1.1000"}])
     report([{"message": "After training: task loss 1.2000", "type": "metrics", "data": {"task_loss": 1.2}}])
@@ -326,9 +331,12 @@ def test_every_page_fits_a_phone_in_dark_mode(dash_factory, srv, project, worker
     dash = dash_factory(viewport=PHONE, color_scheme=scheme)
     worker.post(f"/workers/{worker.worker_id}/heartbeat", {})
     job = api_job(srv, project)
-    dash.sign_in(project)
-    page = dash.page
+    page = dash.open()
+    page.wait_for_selector("#signin")
     assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(16, 19, 23)"
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    dash.shot(f"signin-phone-{scheme}")
+    dash.sign_in(project)
     pages = {"jobs": ("#/jobs", "#jobs-table tr[data-job-id]"),
              "job": (f"#/jobs/{job['id']}", "#job-overview tr"),
              "new-job": ("#/new", "#f-model option[value='tiny-llama']"),
