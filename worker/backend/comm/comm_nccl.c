@@ -23,14 +23,14 @@ typedef struct nccl_state {
     do {                                                                                              \
         ncclResult_t st_ = (call);                                                                    \
         if (st_ != ncclSuccess)                                                                       \
-            return ln_errf(e, "NCCL %s failed on rank %d of %d: %s (%s:%d)", #call, (c)->rank, (c)->size, \
+            return ln_errf(e, "NCCL %.*s failed on rank %d of %d: %s (%s:%d)", (int)strcspn(#call, "("), #call, (c)->rank, (c)->size, \
                            ncclGetErrorString(st_), __FILE__, __LINE__);                              \
     } while (0)
 #define CUDA_TRY_C(c, call, e)                                                                        \
     do {                                                                                              \
         cudaError_t st_ = (call);                                                                     \
         if (st_ != cudaSuccess)                                                                       \
-            return ln_errf(e, "CUDA %s failed on rank %d of %d: %s (%s:%d)", #call, (c)->rank, (c)->size, \
+            return ln_errf(e, "CUDA %.*s failed on rank %d of %d: %s (%s:%d)", (int)strcspn(#call, "("), #call, (c)->rank, (c)->size, \
                            cudaGetErrorString(st_), __FILE__, __LINE__);                              \
     } while (0)
 

@@ -12,14 +12,18 @@ extern "C" {
 #include "common/err.h"
 }
 
+#include <string.h>
+
 const char *lnb_cublas_status_name(cublasStatus_t s);
+/* The function name of a stringified call ("cudaMalloc(&p, n)" → "cudaMalloc"): as %.*s args. */
+#define CALL_NAME(s) (int)strcspn(s, "("), s
 const char *lnb_cusolver_status_name(cusolverStatus_t s);
 
 #define CUDA_TRY(call, e)                                                                                   \
     do {                                                                                                    \
         cudaError_t st_ = (call);                                                                           \
         if (st_ != cudaSuccess)                                                                             \
-            return ln_errf(e, "CUDA %s failed: %s (%s) at %s:%d", #call, cudaGetErrorString(st_),            \
+            return ln_errf(e, "CUDA %.*s failed: %s (%s) at %s:%d", CALL_NAME(#call), cudaGetErrorString(st_),            \
                            cudaGetErrorName(st_), __FILE__, __LINE__);                                      \
     } while (0)
 
@@ -27,7 +31,7 @@ const char *lnb_cusolver_status_name(cusolverStatus_t s);
     do {                                                                                                    \
         cublasStatus_t st_ = (call);                                                                        \
         if (st_ != CUBLAS_STATUS_SUCCESS)                                                                   \
-            return ln_errf(e, "cuBLAS %s failed: %s at %s:%d", #call, lnb_cublas_status_name(st_), __FILE__, \
+            return ln_errf(e, "cuBLAS %.*s failed: %s at %s:%d", CALL_NAME(#call), lnb_cublas_status_name(st_), __FILE__, \
                            __LINE__);                                                                       \
     } while (0)
 
@@ -35,7 +39,7 @@ const char *lnb_cusolver_status_name(cusolverStatus_t s);
     do {                                                                                                    \
         cusolverStatus_t st_ = (call);                                                                      \
         if (st_ != CUSOLVER_STATUS_SUCCESS)                                                                 \
-            return ln_errf(e, "cuSOLVER %s failed: %s at %s:%d", #call, lnb_cusolver_status_name(st_),       \
+            return ln_errf(e, "cuSOLVER %.*s failed: %s at %s:%d", CALL_NAME(#call), lnb_cusolver_status_name(st_),       \
                            __FILE__, __LINE__);                                                             \
     } while (0)
 
@@ -53,7 +57,11 @@ void lnb_cuda_note_error(const char *what, const char *detail, const char *file,
             lnb_cuda_note_error(#call, lnb_cublas_status_name(st_), __FILE__, __LINE__);                   \
     } while (0)
 /* After a kernel launch: a bad configuration shows up here. */
-#define LAUNCH_NOTE(name) CUDA_NOTE(cudaGetLastError())
+#define LAUNCH_NOTE(name)                                                                                   \
+    do {                                                                                                    \
+        cudaError_t st_ = cudaGetLastError();                                                               \
+        if (st_ != cudaSuccess) lnb_cuda_note_error("the launch of kernel " name, cudaGetErrorString(st_), __FILE__, __LINE__); \
+    } while (0)
 
 /* The process-wide context (kernels.cu owns it). */
 struct lnb_cuda_ctx {

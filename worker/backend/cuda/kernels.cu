@@ -30,7 +30,7 @@ void lnb_cuda_note_error(const char *what, const char *detail, const char *file,
 {
     if (g_err_set) return;
     g_err_set = 1;
-    snprintf(g_err, sizeof g_err, "CUDA backend: %s failed: %s at %s:%d", what, detail, file, line);
+    snprintf(g_err, sizeof g_err, "CUDA backend: %.*s failed: %s at %s:%d", CALL_NAME(what), detail, file, line);
     fprintf(stderr, "%s\n", g_err);
 }
 
