@@ -16,6 +16,7 @@
 #include "worker/backend/comm/comm.h"
 #include "worker/engine/adapter.h"
 #include "worker/engine/model.h"
+#include "worker/engine/nullspace.h"
 #include "worker/engine/optim.h"
 #include "worker/engine/rng.h"
 #include "worker/engine/tensor_parallel.h"
@@ -365,6 +366,102 @@ static void test_trainer_lora_2_ranks(void **s) { (void)s; check_trainer(CASE_LO
 static void test_trainer_null_v2_4_ranks(void **s) { (void)s; check_trainer(CASE_NULL_V2, 4); }
 static void test_trainer_full_2_ranks(void **s) { (void)s; check_trainer(CASE_FULL, 2); }
 
+/* ---- calibration: covariances of a sharded forward (rank 0) = an unsharded forward's ---- */
+
+#define NLAYERS 2
+typedef struct { ln_cov cov[NLAYERS][LN_NINPUT]; int bad; } cov_set;
+
+/* Runs on rank 0's thread: no cmocka asserts here (they longjmp), a flag checked afterwards. */
+static void collect(int layer, ln_input which, const float *X, int tokens, int d_in, void *ctx)
+{
+    cov_set *c = ctx;
+    ln_err e = {{0}};
+    if (!c->cov[layer][which].sum && ln_cov_init(&c->cov[layer][which], d_in, &e)) c->bad = 1;
+    if (c->cov[layer][which].d != d_in || ln_cov_add_sample(&c->cov[layer][which], X, tokens, &e)) c->bad = 1;
+}
+
+typedef struct { ln_model *full; cov_set *covs; } calib_ctx;
+
+static int calib_rank(ln_comm *c, void *p, ln_err *e)
+{
+    calib_ctx *x = p;
+    ln_model *shard;
+    if (ln_tp_shard_model(x->full, c, &shard, e)) return -1;
+    ln_tp_hook h = {.comm = c, .inner = collect, .inner_ctx = x->covs};
+    ln_fwd_opts o = {.hook = ln_tp_calibration_hook, .hook_ctx = &h, .no_logits = 1};
+    ln_acts *a = ln_acts_new();
+    int rc = 0;
+    for (int s = 0; s < 3 && rc == 0; s++) {
+        ln_batch b;
+        make_batch(&b);
+        b.B = 1;
+        b.ids[0] = (int32_t)s; /* three different samples */
+        rc = ln_model_forward(shard, NULL, a, &b, &o, NULL, e);
+        if (rc == 0 && h.failed) rc = ln_errf(e, "%s", h.err.msg);
+        ln_batch_free(&b);
+    }
+    ln_acts_free(shard, a);
+    ln_tp_hook_free(&h);
+    ln_model_free(shard);
+    return rc;
+}
+
+static void check_calibration(int R)
+{
+    ln_model *m;
+    ln_adapter ad;
+    build_full(CASE_FULL, &m, &ad);
+    cov_set *ref = calloc(1, sizeof *ref), *got = calloc(1, sizeof *got);
+    calib_ctx whole = {m, ref};
+    ln_err e = {{0}};
+    /* 1 rank: the plain hook on the whole model */
+    {
+        ln_fwd_opts o = {.hook = collect, .hook_ctx = ref, .no_logits = 1};
+        ln_acts *a = ln_acts_new();
+        for (int s = 0; s < 3; s++) {
+            ln_batch b;
+            make_batch(&b);
+            b.B = 1;
+            b.ids[0] = (int32_t)s;
+            assert_int_equal(ln_model_forward(m, NULL, a, &b, &o, NULL, &e), 0);
+            ln_batch_free(&b);
+        }
+        ln_acts_free(m, a);
+    }
+    calib_ctx *ctx = calloc((size_t)R, sizeof *ctx);
+    void *ptrs[8];
+    for (int r = 0; r < R; r++) { ctx[r] = (calib_ctx){m, got}; ptrs[r] = &ctx[r]; }
+    if (comm_thread_run(R, calib_rank, ptrs, &e)) fail_msg("%d ranks: %s", R, e.msg);
+    assert_int_equal(ref->bad, 0);
+    assert_int_equal(got->bad, 0);
+    double worst = 0;
+    for (int l = 0; l < NLAYERS; l++)
+        for (int i = 0; i < LN_NINPUT; i++) {
+            ln_cov *a = &got->cov[l][i], *b = &ref->cov[l][i];
+            assert_non_null(a->sum);
+            assert_int_equal(a->d, b->d);
+            assert_int_equal(a->samples, 3);
+            double mx = 0, num = 0;
+            for (int64_t k = 0; k < (int64_t)a->d * a->d; k++) {
+                num = fmax(num, fabs(a->sum[k] - b->sum[k]));
+                mx = fmax(mx, fabs(b->sum[k]));
+            }
+            worst = fmax(worst, num / mx);
+            ln_cov_free(a);
+            ln_cov_free(b);
+        }
+    printf("  calibration on %d ranks: 8 covariances (4 per layer), worst relative difference %.2e\n", R, worst);
+    assert_true(worst <= TOL);
+    (void)whole;
+    free(ref);
+    free(got);
+    free(ctx);
+    ln_model_free(m);
+}
+
+static void test_calibration_2_ranks(void **s) { (void)s; check_calibration(2); }
+static void test_calibration_4_ranks(void **s) { (void)s; check_calibration(4); }
+
 static void test_shard_config_errors(void **s)
 {
     (void)s;
@@ -390,6 +487,7 @@ int main(void)
         cmocka_unit_test(test_full_2_ranks),   cmocka_unit_test(test_full_4_ranks),
         cmocka_unit_test(test_trainer_lora_2_ranks), cmocka_unit_test(test_trainer_null_v2_4_ranks),
         cmocka_unit_test(test_trainer_full_2_ranks),
+        cmocka_unit_test(test_calibration_2_ranks), cmocka_unit_test(test_calibration_4_ranks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

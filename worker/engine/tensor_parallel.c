@@ -321,3 +321,50 @@ int ln_tp_train(ln_model *full, ln_adapter *full_ad, const ln_dataset *ds, const
     free(ptrs);
     return rc;
 }
+
+/* ---------------------------------------------------------------- calibration */
+
+void ln_tp_calibration_hook(int layer, ln_input which, const float *X, int tokens, int d_in, void *ctx)
+{
+    ln_tp_hook *h = ctx;
+    int R = h->comm->size, rank = h->comm->rank;
+    if (h->failed) return;
+    if (which == LN_IN_QKV || which == LN_IN_GATEUP || R == 1) {
+        /* column-parallel layers read the replicated norm output: already whole */
+        if (rank == 0) h->inner(layer, which, X, tokens, d_in, h->inner_ctx);
+        return;
+    }
+    size_t n = (size_t)tokens * d_in;
+    if (n * R > h->cap) {
+        free(h->mine);
+        free(h->all);
+        free(h->whole);
+        h->cap = n * R;
+        h->mine = ln_xmalloc(n * sizeof(float));
+        h->all = ln_xmalloc(h->cap * sizeof(float));
+        h->whole = ln_xmalloc(h->cap * sizeof(float));
+    }
+    /* X is host-readable: CPU memory, or the CUDA backend's managed memory. */
+    memcpy(h->mine, X, n * sizeof(float));
+    if (comm_allgather(h->comm, h->mine, h->all, (int64_t)n, &h->err)) {
+        h->failed = 1;
+        return;
+    }
+    if (rank != 0) return;
+    /* all = [rank 0's tokens × d_in | rank 1's | …] → whole row t = [rank 0's row t | rank 1's | …] */
+    int D = d_in * R;
+    for (int k = 0; k < R; k++)
+        for (int t = 0; t < tokens; t++)
+            memcpy(h->whole + (size_t)t * D + (size_t)k * d_in, h->all + (size_t)k * n + (size_t)t * d_in,
+                   (size_t)d_in * sizeof(float));
+    h->inner(layer, which, h->whole, tokens, D, h->inner_ctx);
+}
+
+void ln_tp_hook_free(ln_tp_hook *h)
+{
+    free(h->mine);
+    free(h->all);
+    free(h->whole);
+    h->mine = h->all = h->whole = NULL;
+    h->cap = 0;
+}

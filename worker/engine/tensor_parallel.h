@@ -50,6 +50,26 @@ int ln_tp_reduce_grads(ln_model *shard, ln_adapter *ad, ln_err *e);
  * the ranks, replicated ones counted once. Equal on every rank. */
 int ln_tp_grad_norm(ln_model *shard, ln_adapter *ad, double *norm, ln_err *e);
 
+/* Calibration on a shard. The forward hook (model.h) sees q,k,v's and gate,up's input whole on
+ * every rank, but o's and down's input split by columns (each rank its heads / intermediate
+ * units). ln_tp_calibration_hook, installed as the shard's hook with an ln_tp_hook as its ctx,
+ * all-gathers the row-parallel inputs and re-interleaves them per token row, then calls `inner`
+ * on rank 0 only with the whole X (tokens × d_in) — so rank 0's covariances equal an unsharded
+ * calibration's. Every rank must run the same forwards (it is a collective for o and down).
+ * A failed gather is kept in failed/err (a hook cannot fail); check it after the forward. */
+typedef struct ln_tp_hook {
+    ln_comm *comm;
+    ln_input_hook inner;
+    void *inner_ctx;
+    float *mine, *all, *whole;   /* scratch, owned; freed by ln_tp_hook_free */
+    size_t cap;
+    int failed;
+    ln_err err;
+} ln_tp_hook;
+
+void ln_tp_calibration_hook(int layer, ln_input which, const float *X, int tokens, int d_in, void *ctx);
+void ln_tp_hook_free(ln_tp_hook *h);
+
 /* Collective (every rank calls it): rebuilds the whole adapter's factors (full fine-tuning: every
  * weight) from all ranks' shards, by all-gathers. Ranks that pass full/full_ad (non-NULL) get them
  * written there — both of the same shape as the model and adapter that were sharded. */
