@@ -346,12 +346,8 @@ def make_models_dir(tmp_path):
     return models
 
 
-def test_job_runs_through_server_and_worker_entrypoints(tmp_path, secrets):
-    assert SERVER_BIN.exists(), f"{SERVER_BIN} is not built: run `make`"
-    assert WORKER_BIN.exists(), (f"{WORKER_BIN} is not built: the worker daemon (issue 6) has "
-                                 "not landed, so no job can run through the worker entrypoint")
-    models = make_models_dir(tmp_path)
-    server = EntrypointServer(server_env(tmp_path, secrets, free_port()), tmp_path / "server.log")
+def start_worker(tmp_path, server, secrets, models, name):
+    """loranull-worker through worker-entrypoint.sh, env as the StatefulSet sets it."""
     env = dict(os.environ)
     env.update({
         "LORANULL_WORKER_BIN": str(WORKER_BIN),
@@ -360,74 +356,140 @@ def test_job_runs_through_server_and_worker_entrypoints(tmp_path, secrets):
         "LORANULL_MODELS_DIR": str(models),
         "LORANULL_DEVICE": "cpu",
         "LORANULL_RANKS": "1",
-        "LORANULL_WORK_DIR": str(tmp_path / "worker-work"),
+        "LORANULL_WORK_DIR": str(tmp_path / name / "work"),
+        "LORANULL_WORKER_NAME": name,
         "LORANULL_GRACE_S": "20",
         "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
     })
-    worker_log = tmp_path / "worker.log"
-    worker = subprocess.Popen(["sh", str(WORKER_SH)], env=env, stdout=open(worker_log, "ab"),
-                              stderr=subprocess.STDOUT, cwd=tmp_path)
+    (tmp_path / name).mkdir()
+    log = tmp_path / name / "worker.log"
+    proc = subprocess.Popen(["sh", str(WORKER_SH)], env=env, stdout=open(log, "ab"),
+                            stderr=subprocess.STDOUT, cwd=tmp_path / name)
+    proc.log = log
+    return proc
+
+
+def sigterm(proc, timeout=30):
+    """SIGTERM as the kubelet sends it; (exit status, seconds until exit)."""
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = proc.wait()
+    return rc, time.time() - t0
+
+
+def tail(path, n=3000):
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def submit(api, server, file_id, n_epochs, save_interval=0):
+    r = api.post(server.base + "/v1/fine_tuning/jobs", json={
+        "model": "tiny-llama", "training_file": file_id, "seed": 7,
+        "hyperparameters": {"n_epochs": n_epochs, "batch_size": 4, "max_seq_len": 32,
+                            "save_interval": save_interval},
+        "adapter": {"type": "lora_null_v2", "rank": 2,
+                    "calibration": {"samples": 8, "max_length": 32}},
+        "resources": {"ranks": 1, "device": "cpu"}})
+    assert r.status_code in (200, 201), r.text
+    return r.json()["id"]
+
+
+def wait_job(api, server, job_id, workers, until, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = api.get(f"{server.base}/v1/fine_tuning/jobs/{job_id}").json()
+        if until(job):
+            return job
+        for w in workers:
+            assert w.poll() is None, f"worker exited {w.returncode}:\n{tail(w.log)}"
+        time.sleep(0.1)
+    events = api.get(f"{server.base}/v1/fine_tuning/jobs/{job_id}/events?limit=100").json()
+    pytest.fail(f"job {job_id} is {job['status']} after {timeout} s: {job.get('error')}\n"
+                f"events: {[e['message'] for e in events['data']][:20]}\n"
+                + "\n".join(tail(w.log) for w in workers))
+
+
+def upload_training_file(api, server):
+    lines = [json.dumps({"text": f"fact {i}: the value of item {i} is {i * 7 % 13}."}) for i in range(32)]
+    r = api.post(server.base + "/v1/files", data={"purpose": "fine-tune"},
+                 files={"file": ("train.jsonl", ("\n".join(lines) + "\n").encode())})
+    assert r.status_code in (200, 201), r.text
+    return r.json()["id"]
+
+
+def test_job_runs_through_server_and_worker_entrypoints(tmp_path, secrets):
+    assert SERVER_BIN.exists(), f"{SERVER_BIN} is not built: run `make`"
+    assert WORKER_BIN.exists(), (f"{WORKER_BIN} is not built: the worker daemon (issue 6) has "
+                                 "not landed, so no job can run through the worker entrypoint")
+    models = make_models_dir(tmp_path)
+    server = EntrypointServer(server_env(tmp_path, secrets, free_port()), tmp_path / "server.log")
+    worker = start_worker(tmp_path, server, secrets, models, "loranull-worker-0")
     api = requests.Session()
     api.headers["Authorization"] = f"Bearer {KEY_A}"
     try:
-        lines = [json.dumps({"text": f"fact {i}: the value of item {i} is {i * 7 % 13}."})
-                 for i in range(32)]
-        r = api.post(server.base + "/v1/files", data={"purpose": "fine-tune"},
-                     files={"file": ("train.jsonl", ("\n".join(lines) + "\n").encode())})
-        assert r.status_code in (200, 201), r.text
-        file_id = r.json()["id"]
-        r = api.post(server.base + "/v1/fine_tuning/jobs", json={
-            "model": "tiny-llama", "training_file": file_id, "seed": 7,
-            "hyperparameters": {"n_epochs": 1, "batch_size": 4, "max_seq_len": 32},
-            "adapter": {"type": "lora_null_v2", "rank": 2,
-                        "calibration": {"samples": 8, "max_length": 32}},
-            "resources": {"ranks": 1, "device": "cpu"}})
-        assert r.status_code in (200, 201), r.text
-        job_id = r.json()["id"]
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            assert worker.poll() is None, f"worker exited {worker.returncode}:\n{worker_log.read_text()[-3000:]}"
-            job = api.get(f"{server.base}/v1/fine_tuning/jobs/{job_id}").json()
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                break
-            time.sleep(0.25)
-        events = api.get(f"{server.base}/v1/fine_tuning/jobs/{job_id}/events?limit=100").json()
-        assert job["status"] == "succeeded", (
-            f"job ended {job['status']}: {job.get('error')}\nevents: "
-            f"{[e['message'] for e in events['data']]}\nworker log:\n{worker_log.read_text()[-3000:]}")
+        job_id = submit(api, server, upload_training_file(api, server), n_epochs=1)
+        job = wait_job(api, server, job_id, [worker],
+                       lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
+        assert job["status"] == "succeeded", f"{job.get('error')}\n{tail(worker.log)}"
         assert job["result_files"], "a succeeded job lists its artifacts"
         for fid in job["result_files"]:
             r = api.get(f"{server.base}/v1/files/{fid}/content")
             assert r.status_code == 200 and len(r.content) > 0
-        # the worker registered under the model folder name the models volume holds
+        # the worker registered the model folder of the models volume, under the pod's name
         models_list = api.get(server.base + "/v1/models").json()
         assert "tiny-llama" in [m["id"] for m in models_list["data"]]
     finally:
         # SIGTERM to the entrypoint's process is SIGTERM to the worker (exec): a clean exit
-        worker.send_signal(signal.SIGTERM)
-        try:
-            rc = worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            rc = worker.wait()
+        rc, _ = sigterm(worker)
         server.stop()
-    assert rc == 0, f"worker exited {rc} on SIGTERM:\n{worker_log.read_text()[-3000:]}"
+    assert rc == 0, f"worker exited {rc} on SIGTERM:\n{tail(worker.log)}"
 
 
-def test_server_entrypoint_passes_the_config_file(tmp_path, secrets):
-    env = server_env(tmp_path, secrets, free_port())
-    cfg = tmp_path / "server.json"
-    cfg.write_text(json.dumps({"threads": 2, "max_body_bytes": 4096}))
-    env["LORANULL_CONFIG"] = str(cfg)
-    s = EntrypointServer(env, tmp_path / "server.log")
+def test_eviction_mid_job_checkpoints_and_another_pod_finishes(tmp_path, secrets):
+    # What a rolling update or a node drain does to a StatefulSet pod: SIGTERM while training.
+    # The worker must checkpoint, release the job and exit 0 within LORANULL_GRACE_S; the
+    # next pod resumes the job from that checkpoint and finishes it.
+    assert WORKER_BIN.exists(), f"{WORKER_BIN} is not built: run `make`"
+    models = make_models_dir(tmp_path)
+    server = EntrypointServer(server_env(tmp_path, secrets, free_port()), tmp_path / "server.log")
+    api = requests.Session()
+    api.headers["Authorization"] = f"Bearer {KEY_A}"
+    first = start_worker(tmp_path, server, secrets, models, "loranull-worker-0")
+    second = None
     try:
-        # the config's body limit is in force: a 5 KiB JSON body is refused, a small one is not
-        big = {"model": "m", "training_file": "file-x", "metadata": {"pad": "x" * 5000}}
-        assert http("POST", s.base + "/v1/fine_tuning/jobs", KEY_A, big)[0] == 413
-        assert http("POST", s.base + "/v1/fine_tuning/jobs", KEY_A, {"model": "m"})[0] == 400
+        job_id = submit(api, server, upload_training_file(api, server), n_epochs=100, save_interval=50)
+
+        def training(j):
+            m = api.get(f"{server.base}/v1/fine_tuning/jobs/{job_id}/checkpoints").json()
+            return j["status"] == "running" and len(m["data"]) >= 1
+        wait_job(api, server, job_id, [first], training)
+        n_before = len(api.get(f"{server.base}/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"])
+        rc, took = sigterm(first)
+        assert rc == 0, f"evicted worker exited {rc}:\n{tail(first.log)}"
+        assert took < 20, f"the worker took {took:.1f} s, past its LORANULL_GRACE_S of 20"
+        job = api.get(f"{server.base}/v1/fine_tuning/jobs/{job_id}").json()
+        assert job["status"] in ("queued", "running"), f"evicted job is {job['status']}: {job.get('error')}"
+        ckpts = api.get(f"{server.base}/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+        assert len(ckpts) > n_before, "the eviction wrote no checkpoint"
+        evicted_at = max(c["step_number"] for c in ckpts)
+        second = start_worker(tmp_path, server, secrets, models, "loranull-worker-1")
+        job = wait_job(api, server, job_id, [second],
+                       lambda j: j["status"] in ("succeeded", "failed", "cancelled"), timeout=90)
+        assert job["status"] == "succeeded", f"{job.get('error')}\n{tail(second.log)}"
+        events = api.get(f"{server.base}/v1/fine_tuning/jobs/{job_id}/events?limit=100").json()["data"]
+        text = " ".join(e["message"] for e in events)
+        assert "loranull-worker-1" in text, "the second pod did not report on the job"
+        assert f"Resuming from the checkpoint at step {evicted_at}" in text, (
+            f"the second pod did not resume from the eviction checkpoint (step {evicted_at}): {text[:2000]}")
     finally:
-        s.stop()
-    cfg.write_text(json.dumps({"threads": 2, "no_such_setting": 1}))
-    r = sh(SERVER_SH, env=env)
-    assert r.returncode == 1, r.stderr
-    assert "no_such_setting" in r.stderr and "refused its settings" in r.stderr, r.stderr
+        for w in (first, second):
+            if w is not None and w.poll() is None:
+                sigterm(w)
+        server.stop()
