@@ -31,6 +31,12 @@ RUN make -j"$(nproc)" NVCC=/usr/local/cuda/bin/nvcc CUDA_HOME=/usr/local/cuda \
  && test -x bin/loranull-worker
 
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-${UBUNTU}
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# The GPU libraries the CUDA backend links come with the runtime base image; fail the build
+# here, not at the first job, if a base image lacks one.
+RUN for lib in libcudart.so libcublas.so libcublasLt.so libcusolver.so libnccl.so.2; do \
+      ldconfig -p | grep -q "$lib" || { echo "base image lacks $lib" >&2; exit 1; }; \
+    done
 # Runtime libraries of bin/loranull-worker besides CUDA's (tests/deploy checks this list
 # against `ldd` of the CPU build), plus curl for diagnostics from inside the pod.
 RUN apt-get update \
