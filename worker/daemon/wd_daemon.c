@@ -54,6 +54,9 @@ typedef struct wd_job {
     int flush_busy;
     double next_flush, flush_backoff;
     json_t *fl_events, *fl_metrics;        /* the batch in flight (given back on failure) */
+    uint64_t fl_mark, flushed_mark;        /* outbox marks: of the batch in flight, of the last one sent */
+    uint64_t ck_mark;                      /* the outbox mark when the checkpoint was written: its
+                                            * record waits for the reports before it (event order) */
 
     int ck_busy, ck_have;                  /* checkpoint upload: file, then its record */
     int64_t ck_step;
@@ -233,6 +236,7 @@ static void on_flush(const wd_resp *r, void *ctx) {
         json_decref(j->fl_events);
         json_decref(j->fl_metrics);
         j->fl_events = j->fl_metrics = NULL;
+        j->flushed_mark = j->fl_mark;
         j->flush_backoff = 0;
         j->next_flush = now + j->d->cfg.flush_interval_s;
     } else if (refused(r)) {
@@ -251,10 +255,12 @@ static void on_flush(const wd_resp *r, void *ctx) {
 static void flush(wd_job *j, double now) {
     if (j->flush_busy || now < j->next_flush) return;
     json_t *ev, *mt;
+    uint64_t mark = wd_outbox_appended(&j->out);
     wd_outbox_take(&j->out, 1000, 5000, &ev, &mt);
     if (json_array_size(ev) == 0 && json_array_size(mt) == 0) {
         json_decref(ev);
         json_decref(mt);
+        j->flushed_mark = mark;
         return;
     }
     char path[160];
@@ -262,6 +268,8 @@ static void flush(wd_job *j, double now) {
     json_t *b = json_pack("{s:I, s:O, s:O}", "lease_generation", (json_int_t)j->gen, "events", ev, "metrics", mt);
     j->fl_events = ev;
     j->fl_metrics = mt;
+    /* Everything appended up to `mark` is in this batch, unless the caps left some behind. */
+    j->fl_mark = json_array_size(ev) < 1000 && json_array_size(mt) < 5000 ? mark : j->flushed_mark;
     if (wd_http_json(j->d->http, "POST", path, b, 30.0, on_flush, j) == 0) {
         j->flush_busy = 1;
     } else {
@@ -317,8 +325,16 @@ static void on_ck_file(const wd_resp *r, void *ctx) {
 
 static void upload_checkpoint(wd_job *j, double now) {
     if (j->ck_busy) return;
-    if (!j->ck_have && j->run_started && wd_run_take_checkpoint(&j->run, &j->ck_step, j->ck_dir)) j->ck_have = 1;
+    if (!j->ck_have && j->run_started && wd_run_take_checkpoint(&j->run, &j->ck_step, j->ck_dir)) {
+        j->ck_have = 1;
+        j->ck_mark = wd_outbox_appended(&j->out);
+    }
     if (!j->ck_have || now < j->ck_next) return;
+    if (j->flushed_mark < j->ck_mark) {
+        /* The steps before the checkpoint go first (the server logs the checkpoint as an event). */
+        if (!j->flush_busy) j->next_flush = now;
+        return;
+    }
     char path[256], file[WD_PATH_MAX + 32];
     snprintf(path, sizeof path, "/internal/v1/jobs/%s/files?lease_generation=%lld&kind=checkpoint&filename=ckpt-step-%lld.safetensors",
              j->id, j->gen, (long long)j->ck_step);
@@ -331,7 +347,10 @@ static void upload_checkpoint(wd_job *j, double now) {
 }
 
 static int checkpoints_idle(wd_job *j) {
-    if (!j->ck_busy && !j->ck_have && wd_run_take_checkpoint(&j->run, &j->ck_step, j->ck_dir)) j->ck_have = 1;
+    if (!j->ck_busy && !j->ck_have && wd_run_take_checkpoint(&j->run, &j->ck_step, j->ck_dir)) {
+        j->ck_have = 1;
+        j->ck_mark = wd_outbox_appended(&j->out);
+    }
     return !j->ck_busy && !j->ck_have;
 }
 

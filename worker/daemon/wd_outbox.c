@@ -60,6 +60,7 @@ void wd_outbox_event(wd_outbox *o, const char *level, json_t *data, const char *
     }
     pthread_mutex_lock(&o->mu);
     json_array_append_new(o->events, ev);
+    o->appended++;
     enforce_bounds(o);
     pthread_mutex_unlock(&o->mu);
     wake(o);
@@ -79,6 +80,7 @@ void wd_outbox_metrics(wd_outbox *o, int64_t step, json_t *values) {
     json_t *pt = json_pack("{s:I, s:o}", "step", (json_int_t)step, "values", values);
     pthread_mutex_lock(&o->mu);
     json_array_append_new(o->metrics, pt);
+    o->appended++;
     enforce_bounds(o);
     pthread_mutex_unlock(&o->mu);
     wake(o);
@@ -121,6 +123,13 @@ void wd_outbox_putback(wd_outbox *o, json_t *events, json_t *metrics) {
     o->metrics = metrics;
     enforce_bounds(o);
     pthread_mutex_unlock(&o->mu);
+}
+
+uint64_t wd_outbox_appended(wd_outbox *o) {
+    pthread_mutex_lock(&o->mu);
+    uint64_t n = o->appended;
+    pthread_mutex_unlock(&o->mu);
+    return n;
 }
 
 void wd_outbox_size(wd_outbox *o, size_t *events, size_t *points) {

@@ -26,6 +26,7 @@ typedef struct wd_outbox {
     json_t *metrics;           /* [{"step","values"}] */
     size_t max_events, max_points;
     int64_t dropped_events, dropped_points;
+    uint64_t appended;         /* items ever appended: a mark that orders reports with checkpoints */
 } wd_outbox;
 
 void wd_outbox_init(wd_outbox *o, uv_async_t *wake, size_t max_events, size_t max_points);
@@ -42,6 +43,8 @@ void wd_outbox_metrics(wd_outbox *o, int64_t step, json_t *values);
 void wd_outbox_take(wd_outbox *o, size_t max_events, size_t max_points, json_t **events, json_t **metrics);
 /* Gives back what a failed post took, in front of anything appended since. Steals both. */
 void wd_outbox_putback(wd_outbox *o, json_t *events, json_t *metrics);
+/* Items ever appended (events + points). */
+uint64_t wd_outbox_appended(wd_outbox *o);
 /* Number of queued events and points. */
 void wd_outbox_size(wd_outbox *o, size_t *events, size_t *points);
 /* Empties the queue (a job that ends without its lease). */
