@@ -82,6 +82,13 @@ def test_pause_stops_training_and_resume_continues_to_the_same_adapter(env, refe
     assert result_files(env.srv, env.key, done)["adapter_model.safetensors"] == reference_adapter
 
 
+def test_sigterm_when_idle_exits_at_once(env):
+    w = env.worker("idle")
+    time.sleep(0.5)  # registered and long-polling for a lease
+    rc, took = w.term(timeout=10)
+    assert rc == 0 and took < 2, w.log()
+
+
 def test_cancel_stops_the_job_and_the_worker_takes_the_next(env):
     w = env.worker("w1")
     job = start_long_job(env, w)
@@ -97,18 +104,22 @@ def test_cancel_stops_the_job_and_the_worker_takes_the_next(env):
     assert env.srv.get_job(env.key, job["id"])["status"] == "cancelled"
 
 
-def test_server_away_within_the_lease_loses_no_reports(server_factory, models, tmp_path):
+def test_server_away_30s_within_the_lease_loses_no_reports(server_factory, models, tmp_path):
+    """The server stopped for 30 s and started again (a restart or an outage): the worker goes on
+    training, keeps its reports, and delivers every one of them once the server is back."""
     from conftest import Env
 
-    srv = server_factory("--lease-ttl-s", "30", "--lease-wait-max-s", "5")
+    srv = server_factory("--lease-ttl-s", "60", "--lease-wait-max-s", "5")
     env = Env(srv, models, tmp_path)
     w = env.worker("w1")
     try:
         job = start_long_job(env, w)
         srv.stop()
-        time.sleep(3)
+        time.sleep(30)
         srv.launch()
+        t0 = time.time()
         done = finished(env, job)
+        assert time.time() - t0 < 10, "the backlog was not sent soon after the server came back"
         assert done["attempts"] == 1
         assert "heartbeat failed" in w.log()
         # No metric point and no progress event was lost while the server was away.

@@ -184,7 +184,12 @@ static void on_job_heartbeat(const wd_resp *r, void *ctx) {
     wd_job *j = ctx;
     j->hb_busy = 0;
     if (r->status == 200) {
-        if (j->unreachable) ln_log(LN_LOG_INFO, "worker", "job %s: the server answers again; the lease is still ours", j->id);
+        if (j->unreachable) {
+            /* Back, and the lease is still ours: send the backlog now rather than after the backoffs. */
+            ln_log(LN_LOG_INFO, "worker", "job %s: the server answers again; the lease is still ours", j->id);
+            j->next_flush = j->ck_next = j->res_next = j->final_next = 0;
+            j->flush_backoff = j->ck_backoff = j->res_backoff = j->final_backoff = 0;
+        }
         j->unreachable = 0;
     } else if (refused(r)) {
         job_refused(j, r);
