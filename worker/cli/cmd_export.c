@@ -92,12 +92,12 @@ int cmd_export(int argc, char **argv) {
         }
         if (ln_model_load(run, lnb_cpu(), &m, &e)) goto fail;
         ad.full = 1;
-        if (dtype < 0) {
-            base = run_base_model(run, model, &e);
-            ln_config bc;
-            if (base && ln_config_load(base, &bc, &e) == 0) dtype = ln_export_base_dtype(&bc);
-        }
+        ln_err be; /* the base only supplies the dtype and the tokenizer files here */
+        base = run_base_model(run, model, &be);
+        ln_config bc;
+        if (dtype < 0 && base && ln_config_load(base, &bc, &be) == 0) dtype = ln_export_base_dtype(&bc);
         if (ln_export_merged(m, m, &ad, out, dtype, &e)) goto fail;
+        copy_tokenizer(base ? base : run, out);
         printf("{\"out\":\"%s\",\"merged\":true,\"method\":\"full\"}\n", out);
         goto done;
     }
