@@ -462,6 +462,128 @@ static void check_calibration(int R)
 static void test_calibration_2_ranks(void **s) { (void)s; check_calibration(2); }
 static void test_calibration_4_ranks(void **s) { (void)s; check_calibration(4); }
 
+/* ---- LoRA-Null init with the eigensolves spread over ranks = ln_adapter_init on the whole model ---- */
+
+typedef struct { double *C[NLAYERS][LN_NINPUT]; } cov_mats;
+static const double *cov_of(void *ctx, int layer, ln_input which) { return ((cov_mats *)ctx)->C[layer][which]; }
+
+typedef struct {
+    ln_model *full;
+    cov_mats *cov;
+    ln_model *shard;
+    ln_adapter ad;
+    int solves;
+} init_ctx;
+
+static int init_rank(ln_comm *c, void *p, ln_err *e)
+{
+    init_ctx *x = p;
+    if (ln_tp_shard_model(x->full, c, &x->shard, e)) return -1;
+    if (ln_adapter_alloc(x->shard, &x->ad, "lora_null_v2", 4, 4.0f, LN_TARGETS_ALL, e)) return -1;
+    return ln_tp_init_lora_null(x->shard, &x->ad, cov_of, x->cov, &x->solves, e);
+}
+
+/* (B A) of one target, d_out × d_in, in double */
+static double *product(const ln_lora *lo)
+{
+    int r = lo->A.rows, dout = lo->B.rows, din = lo->A.cols;
+    double *p = calloc((size_t)dout * din, sizeof(double));
+    for (int i = 0; i < dout; i++)
+        for (int j = 0; j < r; j++)
+            for (int k = 0; k < din; k++) p[(size_t)i * din + k] += (double)lo->B.w[i * r + j] * lo->A.w[j * din + k];
+    return p;
+}
+
+static void check_init(int R)
+{
+    ln_err e = {{0}};
+    ln_model *m, *pristine;
+    ln_adapter unused;
+    build_full(CASE_FULL, &m, &unused);
+    build_full(CASE_FULL, &pristine, &unused);
+    /* covariances from a calibration forward of the whole model */
+    cov_set *cs = calloc(1, sizeof *cs);
+    cov_mats cm;
+    ln_fwd_opts o = {.hook = collect, .hook_ctx = cs, .no_logits = 1};
+    ln_acts *a = ln_acts_new();
+    /* 24 samples of 10 random tokens: 240 rows > every d_in (≤ 64), so each covariance has full
+     * rank and a non-degenerate bottom of its spectrum (a degenerate null space has no unique
+     * basis, and LAPACK's choice inside it may differ with the thread count). */
+    ln_rng rr;
+    ln_rng_seed(&rr, 2024);
+    for (int s = 0; s < 24; s++) {
+        ln_batch b;
+        make_batch(&b);
+        b.B = 1;
+        for (int t = 0; t < SEQ; t++) b.ids[t] = (int32_t)(ln_rng_u64(&rr) % 48);
+        assert_int_equal(ln_model_forward(m, NULL, a, &b, &o, NULL, &e), 0);
+        ln_batch_free(&b);
+    }
+    ln_acts_free(m, a);
+    for (int l = 0; l < NLAYERS; l++)
+        for (int i = 0; i < LN_NINPUT; i++) {
+            int d = cs->cov[l][i].d;
+            cm.C[l][i] = malloc((size_t)d * d * sizeof(double));
+            assert_int_equal(ln_cov_finish(&cs->cov[l][i], cm.C[l][i], &e), 0);
+            ln_cov_free(&cs->cov[l][i]);
+        }
+    /* 1 rank: the engine's own init */
+    ln_adapter ad;
+    ln_adapter_opts ao = {.method = "lora_null_v2", .rank = 4, .alpha = 4.0f, .targets = LN_TARGETS_ALL,
+                          .covariance = cov_of, .method_ctx = &cm};
+    assert_int_equal(ln_adapter_init(m, &ad, &ao, &e), 0);
+    /* R ranks */
+    init_ctx *ctx = calloc((size_t)R, sizeof *ctx);
+    void *ptrs[8];
+    for (int r = 0; r < R; r++) { ctx[r] = (init_ctx){.full = pristine, .cov = &cm}; ptrs[r] = &ctx[r]; }
+    if (comm_thread_run(R, init_rank, ptrs, &e)) fail_msg("%d ranks: %s", R, e.msg);
+    double worst_p = 0, worst_w = 0;
+    int solves = 0, most = 0;
+    for (int r = 0; r < R; r++) {
+        solves += ctx[r].solves;
+        most = ctx[r].solves > most ? ctx[r].solves : most;
+        for (int l = 0; l < NLAYERS; l++)
+            for (int t = 0; t < LN_NTARGET; t++) {
+                ln_lora *F = &ad.lora[l * LN_NTARGET + t], *S = &ctx[r].ad.lora[l * LN_NTARGET + t];
+                double *pf = product(F), *ps = product(S);
+                int col = ln_tp_column_parallel((ln_target)t);
+                int rows = S->B.rows, cols = S->A.cols, fcols = F->A.cols;
+                int r0 = col ? r * rows : 0, c0 = col ? 0 : r * cols;
+                double mx = 0, num = 0;
+                for (size_t q = 0; q < (size_t)F->B.rows * fcols; q++) mx = fmax(mx, fabs(pf[q]));
+                for (int i = 0; i < rows; i++)
+                    for (int k = 0; k < cols; k++)
+                        num = fmax(num, fabs(ps[(size_t)i * cols + k] - pf[(size_t)(r0 + i) * fcols + c0 + k]));
+                worst_p = fmax(worst_p, num / mx);
+                const ln_param *Wf = &m->layers[l].lin[t], *Ws = &ctx[r].shard->layers[l].lin[t];
+                worst_w = fmax(worst_w, block_err(Ws->w, Ws->rows, Ws->cols, Wf->w, Wf->cols, r0, c0, maxabs(Wf->w, Wf->n)));
+                assert_false(ctx[r].ad.lora[l * LN_NTARGET + t].A.trainable); /* v2: A frozen */
+                free(pf);
+                free(ps);
+            }
+    }
+    printf("  LoRA-Null init on %d ranks: B A %.2e, residual W0' %.2e (relative); eigensolves %d in all, at most %d on a rank\n",
+           R, worst_p, worst_w, solves, most);
+    assert_true(worst_p <= TOL);
+    assert_true(worst_w <= TOL);
+    assert_int_equal(solves, 4 * NLAYERS);          /* 4 distinct inputs per layer, each solved once */
+    assert_int_equal(most, (4 * NLAYERS + R - 1) / R); /* and spread evenly */
+    for (int r = 0; r < R; r++) {
+        ln_adapter_free(&ctx[r].ad);
+        ln_model_free(ctx[r].shard);
+    }
+    free(ctx);
+    ln_adapter_free(&ad);
+    for (int l = 0; l < NLAYERS; l++)
+        for (int i = 0; i < LN_NINPUT; i++) free(cm.C[l][i]);
+    free(cs);
+    ln_model_free(m);
+    ln_model_free(pristine);
+}
+
+static void test_init_2_ranks(void **s) { (void)s; check_init(2); }
+static void test_init_4_ranks(void **s) { (void)s; check_init(4); }
+
 static void test_shard_config_errors(void **s)
 {
     (void)s;
@@ -488,6 +610,7 @@ int main(void)
         cmocka_unit_test(test_trainer_lora_2_ranks), cmocka_unit_test(test_trainer_null_v2_4_ranks),
         cmocka_unit_test(test_trainer_full_2_ranks),
         cmocka_unit_test(test_calibration_2_ranks), cmocka_unit_test(test_calibration_4_ranks),
+        cmocka_unit_test(test_init_2_ranks), cmocka_unit_test(test_init_4_ranks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

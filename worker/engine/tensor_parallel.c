@@ -5,7 +5,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <lapacke.h>
+
 #include "common/util.h"
+#include "worker/engine/lora_init.h"
+#include "worker/engine/nullspace.h"
 #include "worker/engine/tensor_parallel.h"
 
 int ln_tp_column_parallel(ln_target t) { return t != LN_O && t != LN_DOWN; }
@@ -367,4 +371,140 @@ void ln_tp_hook_free(ln_tp_hook *h)
     free(h->whole);
     h->mine = h->all = h->whole = NULL;
     h->cap = 0;
+}
+
+/* ---------------------------------------------------------------- LoRA-Null init, spread */
+
+/* Byte-exact collectives of doubles over the float interface: a double is two floats' bits. */
+static int bcast_f64(ln_comm *c, double *x, int64_t n, int root, ln_err *e)
+{
+    return comm_broadcast(c, (float *)x, 2 * n, root, e);
+}
+static int allgather_f64(ln_comm *c, const double *x, double *all, int64_t n, ln_err *e)
+{
+    return comm_allgather(c, (const float *)x, (float *)all, 2 * n, e);
+}
+
+/* One target: M = W0 U assembled over the ranks, its thin SVD, this rank's factor blocks and
+ * residual. U is the whole d_in × r basis. */
+static int factor_target(ln_model *m, ln_adapter *ad, int l, ln_target t, const double *U, int d_full, ln_err *e)
+{
+    ln_comm *c = m->comm;
+    int R = c->size, k = c->rank, r = ad->rank;
+    ln_lora *lo = &ad->lora[l * LN_NTARGET + t];
+    ln_param *W = &m->layers[l].lin[t];
+    int col = ln_tp_column_parallel(t);
+    int rows = W->rows, cols = W->cols;             /* this rank's block of W0 */
+    int d_out = col ? rows * R : rows;
+    int c0 = col ? 0 : k * cols;                    /* first input column this rank holds */
+    double scale = ad->scale;
+    size_t part = (size_t)rows * r;
+    double *Mk = ln_xcalloc(part, sizeof(double)), *all = ln_xmalloc(part * R * sizeof(double));
+    double *M = ln_xcalloc((size_t)d_out * r, sizeof(double));
+    double *s = ln_xmalloc((size_t)r * sizeof(double)), *P = ln_xmalloc((size_t)d_out * r * sizeof(double));
+    double *Qt = ln_xmalloc((size_t)r * r * sizeof(double));
+    float *h = ln_xmalloc((size_t)rows * cols * sizeof(float));
+    int rc = -1;
+    m->be->download(h, W->w, (size_t)rows * cols * sizeof(float));
+    /* Mk = W_k U_k: the rows of U for this rank's input columns (all of U when column-parallel) */
+    for (int i = 0; i < rows; i++)
+        for (int q = 0; q < cols; q++) {
+            double w = h[(size_t)i * cols + q];
+            const double *u = U + (size_t)(c0 + q) * r;
+            for (int j = 0; j < r; j++) Mk[(size_t)i * r + j] += w * u[j];
+        }
+    if (allgather_f64(c, Mk, all, (int64_t)part, e)) goto out;
+    if (col) {
+        memcpy(M, all, part * R * sizeof(double));            /* row blocks in rank order */
+    } else {
+        for (int q = 0; q < R; q++)                              /* partial products, rank order */
+            for (size_t i = 0; i < part; i++) M[i] += all[(size_t)q * part + i];
+    }
+    /* the same SVD on every rank: same input, same bits */
+    lapack_int info = LAPACKE_dgesdd(LAPACK_ROW_MAJOR, 'S', d_out, r, M, r, s, P, r, Qt, r);
+    if (info != 0) {
+        ln_errf(e, "layer %d %s: SVD of W0 U (%d x %d) failed (info %d)", l, ln_target_module(t), d_out, r, (int)info);
+        goto out;
+    }
+    {
+        float *A = ln_xmalloc((size_t)lo->A.n * sizeof(float)), *B = ln_xmalloc((size_t)lo->B.n * sizeof(float));
+        int a_cols = lo->A.cols, b_rows = lo->B.rows, b_r0 = col ? k * b_rows : 0;
+        for (int j = 0; j < r; j++) {
+            double g = sqrt(s[j] / scale);
+            /* A row j = g (U Q)ᵀ restricted to this rank's input columns */
+            for (int q = 0; q < a_cols; q++) {
+                const double *u = U + (size_t)(c0 + q) * r;
+                double v = 0;
+                for (int i = 0; i < r; i++) v += u[i] * Qt[(size_t)j * r + i];
+                A[(size_t)j * a_cols + q] = (float)(g * v);
+            }
+            for (int i = 0; i < b_rows; i++) B[(size_t)i * r + j] = (float)(P[(size_t)(b_r0 + i) * r + j] * g);
+        }
+        ln_residual_subtract(h, rows, cols, B, A, r, scale);
+        m->be->upload(W->w, h, (size_t)rows * cols * sizeof(float));
+        m->be->upload(lo->A.w, A, (size_t)lo->A.n * sizeof(float));
+        m->be->upload(lo->B.w, B, (size_t)lo->B.n * sizeof(float));
+        lo->A0 = m->be->alloc((size_t)lo->A.n * sizeof(float));
+        lo->B0 = m->be->alloc((size_t)lo->B.n * sizeof(float));
+        if (lo->A0 && lo->B0) {
+            m->be->upload(lo->A0, A, (size_t)lo->A.n * sizeof(float));
+            m->be->upload(lo->B0, B, (size_t)lo->B.n * sizeof(float));
+            rc = 0;
+        } else {
+            ln_errf(e, "out of memory copying the initial factors of %s", lo->A.name);
+        }
+        free(A);
+        free(B);
+    }
+out:
+    (void)d_full;
+    free(Mk); free(all); free(M); free(s); free(P); free(Qt); free(h);
+    return rc;
+}
+
+int ln_tp_init_lora_null(ln_model *m, ln_adapter *ad, ln_covariance_fn cov, void *ctx, int *eigensolves, ln_err *e)
+{
+    ln_comm *c = m->comm;
+    if (!c) return ln_errf(e, "tensor-parallel init: the model is not a shard (no comm)");
+    ln_method me;
+    if (ln_method_parse(ad->method, &me, e)) return -1;
+    if (me != LN_METHOD_LORA_NULL_V1 && me != LN_METHOD_LORA_NULL_V2)
+        return ln_errf(e, "tensor-parallel init: method %s is not lora_null_v1 or lora_null_v2", ad->method);
+    int R = c->size, r = ad->rank, solved = 0;
+    const ln_config *cf = &m->cfg;
+    /* whole input widths: q,k,v and gate,up read C; o reads nh·hd; down reads I (times R: sharded) */
+    int d_full[LN_NINPUT] = {cf->hidden_size, cf->num_heads * cf->head_dim * R, cf->hidden_size,
+                             cf->intermediate_size * R};
+    for (int l = 0; l < ad->num_layers; l++)
+        for (int in = 0; in < LN_NINPUT; in++) {
+            int used = 0;
+            for (int t = 0; t < LN_NTARGET; t++)
+                used |= ad->lora[l * LN_NTARGET + t].A.w && ln_target_input((ln_target)t) == (ln_input)in;
+            if (!used) continue;
+            int d = d_full[in], owner = (4 * l + in) % R;
+            if (r > d) return ln_errf(e, "tensor-parallel init: rank %d exceeds d_in %d", r, d);
+            double *U = ln_xmalloc((size_t)d * r * sizeof(double));
+            int rc = 0;
+            if (c->rank == owner) {
+                const double *C = cov(ctx, l, (ln_input)in);
+                if (!C) rc = ln_errf(e, "tensor-parallel init: no covariance for layer %d input %d", l, in);
+                else rc = ln_nullspace_basis(C, d, r, U, NULL, e);
+                solved += rc == 0;
+                if (rc) comm_abort(c); /* the others are about to wait for this basis */
+            }
+            if (rc == 0) rc = bcast_f64(c, U, (int64_t)d * r, owner, e);
+            for (int t = 0; t < LN_NTARGET && rc == 0; t++) {
+                if (!ad->lora[l * LN_NTARGET + t].A.w || ln_target_input((ln_target)t) != (ln_input)in) continue;
+                rc = factor_target(m, ad, l, (ln_target)t, U, d, e);
+            }
+            free(U);
+            if (rc) return ln_err_prefix(e, "tensor-parallel init, layer %d (rank %d of %d)", l, c->rank, R);
+        }
+    for (int i = 0; i < ad->num_layers * LN_NTARGET; i++) {
+        ln_lora *lo = &ad->lora[i];
+        if (lo->A.w && me == LN_METHOD_LORA_NULL_V2 && ln_param_set_trainable(m->be, &lo->A, 0, e)) return -1;
+    }
+    ad->residual = 1;
+    if (eigensolves) *eigensolves = solved;
+    return 0;
 }

@@ -70,6 +70,19 @@ typedef struct ln_tp_hook {
 void ln_tp_calibration_hook(int layer, ln_input which, const float *X, int tokens, int d_in, void *ctx);
 void ln_tp_hook_free(ln_tp_hook *h);
 
+/* LoRA-Null init of a shard's adapter (lora_null_v1 / lora_null_v2, already allocated on the
+ * shard by ln_adapter_alloc), collective. The eigensolves are spread over the ranks: the basis of
+ * layer l's input i (4 per layer, shared by the targets that read it) is computed by rank
+ * (4l + i) mod R and broadcast. Then per target each rank forms its part of the r-column matrix
+ * M = W0 U — its rows (column-parallel W) or a partial product over its input columns
+ * (row-parallel W) — the parts are gathered (and added in rank order), every rank takes the same
+ * thin SVD of M and keeps its block of A and B, and subtracts its block of scale·B A from its W0
+ * shard. The result equals ln_adapter_init's on the whole model, block by block.
+ * cov(ctx, l, input) must return the whole d_in × d_in covariance on the rank that owns it (it is
+ * not called on the others). *eigensolves (may be NULL) gets how many this rank ran. */
+int ln_tp_init_lora_null(ln_model *shard, ln_adapter *ad, ln_covariance_fn cov, void *ctx, int *eigensolves,
+                         ln_err *e);
+
 /* Collective (every rank calls it): rebuilds the whole adapter's factors (full fine-tuning: every
  * weight) from all ranks' shards, by all-gathers. Ranks that pass full/full_ad (non-NULL) get them
  * written there — both of the same shape as the model and adapter that were sharded. */
