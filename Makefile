@@ -106,8 +106,9 @@ CUDA_SRC := $(wildcard worker/backend/cuda/*.cu)
 CUDA_HDR := $(wildcard worker/backend/cuda/*.h)
 NVCCFLAGS ?= -O2 -std=c++17 -arch=sm_90 -Xcompiler -Wall,-Wextra,-Werror -I. -I$(CUDA_HOME)/include
 CUDA_LIBDIR := $(firstword $(wildcard $(CUDA_HOME)/lib64 $(CUDA_HOME)/lib))
+# --as-needed: only a binary that calls NCCL needs libnccl at run time (test_nccl).
 CUDA_LDLIBS := -L$(CUDA_LIBDIR) -L$(CUDA_HOME)/lib -Wl,-rpath,$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_HOME)/lib \
-               -lcudart -lcublas -lcublasLt -lcusolver -lnccl -lstdc++
+               -Wl,--as-needed -lcudart -lcublas -lcublasLt -lcusolver -lnccl -lstdc++ -Wl,--no-as-needed
 CUDA_OBJ := $(patsubst %.cu,build/cuda/obj/%.o,$(CUDA_SRC)) build/cuda/obj/worker/backend/comm/comm_nccl.o
 GPU_TEST_SRC := $(wildcard tests/gpu/*.c)
 GPU_TEST_HELPERS := $(filter-out tests/gpu/test_%.c tests/gpu/bench_%.c,$(GPU_TEST_SRC))

@@ -76,6 +76,7 @@ if want tests; then
     step test_kernels 60 "$BIN/test_kernels"
     step test_solver 90 "$BIN/test_solver"
     step test_model 120 "$BIN/test_model"
+    step test_nccl 60 "$BIN/test_nccl"
 fi
 
 if want bench; then

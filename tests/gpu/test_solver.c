@@ -10,11 +10,10 @@
  *     factorisations, every product equal to the CPU init's;
  *   - the memory plan: an 8B-shaped job fits an H200-sized device or fails with needed vs free;
  *     a 10×-sized one fails with the numbers;
- *   - the NCCL comm backend on one rank (allreduce, allgather, broadcast). */
+ *   - error sentences from a failed cuBLAS call and a bad rank. */
 #include <stdint.h>
 
 #include "tests/gpu/gpu_check.h"
-#include "worker/backend/comm/comm.h"
 #include "worker/engine/nullspace.h"
 
 static uint64_t rs = 99;
@@ -214,32 +213,6 @@ static void t_plan(void)
     printf("#   %s\n", e.msg);
 }
 
-/* The NCCL backend on one rank: the collectives are identities there, but every call path
- * (communicator init, stream, sync, errors) runs. */
-static void t_nccl_one_rank(void)
-{
-    ln_err e = {{0}};
-    unsigned char id[COMM_NCCL_ID_BYTES];
-    ln_comm *c = NULL;
-    if (comm_nccl_unique_id(id, &e) || comm_nccl_new(0, 1, id, 0, &c, &e)) {
-        printf("FAIL NCCL: %s\n", e.msg);
-        gpu_failures++;
-        return;
-    }
-    const lnb_backend *G = lnb_cuda();
-    float h[4] = {1, 2, 3, 4}, o[4] = {0};
-    float *d = G->alloc(sizeof h), *g = G->alloc(sizeof h);
-    G->upload(d, h, sizeof h);
-    int rc = comm_allreduce_sum(c, d, 4, &e) || comm_allgather(c, d, g, 4, &e) || comm_broadcast(c, g, 4, 0, &e) ||
-             comm_barrier(c, &e);
-    if (rc) printf("#   %s\n", e.msg);
-    G->download(o, g, sizeof o);
-    check_true("NCCL one rank: allreduce/allgather/broadcast/barrier", rc == 0 && memcmp(o, h, sizeof h) == 0);
-    G->free(d);
-    G->free(g);
-    comm_free(c);
-}
-
 /* Errors: a cuBLAS failure inside a kernel call is kept and reported as a sentence naming the
  * call, file and line; a bad rank is refused with the shape. */
 static void t_errors(void)
@@ -267,7 +240,6 @@ int main(void)
     t_covariance_and_init(256, 320, 16);
     t_layer_sharing();
     t_plan();
-    t_nccl_one_rank();
     check_cuda("solver");
     return gpu_done();
 }
