@@ -157,6 +157,23 @@ def test_added_token_flags_lstrip_rstrip_single_word(tmp_path, lines):
     compare(hf, d, tmp_path, cases, roundtrip_required=False)
 
 
+@pytest.mark.parametrize("family", ["byte_level", "sentencepiece"])
+def test_normalized_added_tokens(tmp_path, lines, family):
+    """Added tokens with normalized=true (HF's default for non-special ones) are matched in the
+    normalized text, after the normalizer — e.g. "▁bar" in LLaMA-2-style text."""
+    import random
+    hf = (train_byte_level if family == "byte_level" else train_sentencepiece)(lines[:3000])
+    hf.add_tokens(["hello world", "foo", "▁bar", "ba"])
+    d = tmp_path / "norm"
+    d.mkdir()
+    hf.save(str(d / "tokenizer.json"))
+    rng = random.Random(4)
+    pieces = ["hello", " ", "world", "foo", "bar", " bar", "ba", "r", "<s>", "▁", "日本", "x"]
+    cases = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 10))) for _ in range(3000)]
+    assert sum(hf.token_to_id("▁bar") in hf.encode(c).ids for c in cases) > 50 or family == "byte_level"
+    compare(hf, d, tmp_path, cases, roundtrip_required=False)
+
+
 @pytest.mark.parametrize("prefix", [False, True])
 def test_trained_gpt2_style_byte_level(tmp_path, lines, prefix):
     """ByteLevel with its own GPT-2 split pattern (use_regex), with and without add_prefix_space."""

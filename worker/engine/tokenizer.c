@@ -34,11 +34,20 @@ typedef struct bytes_t {
     int len;
 } bytes_t;
 
+/* Text with an alignment: al[2k], al[2k+1] = the original [start, end) of the character byte k
+ * came from (so offsets computed through it are whole characters, as HF's). */
+typedef struct aligned {
+    uint8_t *p;
+    int32_t *al;
+    size_t n;
+} aligned;
+
 typedef struct added_tok {
     bytes_t content;
+    bytes_t match;   /* what is looked for: content, or for a normalized token the normalizer's output */
     int32_t id;
     int special;
-    int lstrip, rstrip, single_word; /* HF AddedToken flags (normalized=true is matched like false) */
+    int lstrip, rstrip, single_word, normalized; /* HF AddedToken flags */
 } added_tok;
 
 typedef enum { NORM_PREPEND, NORM_REPLACE } norm_kind;
@@ -92,7 +101,9 @@ struct ln_tokenizer {
     int n_norm;
     added_tok *added;
     int n_added;
-    int32_t *added_by_first[256]; /* indices into added, longest first, -1 terminated */
+    int32_t *added_raw[256];  /* per first byte: added tokens matched in the input (normalized=false), */
+    int32_t *added_norm[256]; /* …and those matched in normalized text; longest first, -1 terminated */
+    int has_norm_added;
     uint8_t *is_special;     /* id -> 1 for special added tokens */
     int32_t pre_ids[8], post_ids[8];
     int n_pre, n_post;
@@ -449,22 +460,30 @@ static int load_post_processor(ln_tokenizer *t, json_t *p, ln_err *e) {
 /* Sorts added tokens longest-first inside each first-byte bucket (leftmost-longest matching). */
 static int cmp_added_len(const void *a, const void *b, void *ctx) {
     const added_tok *t = ctx;
-    return t[*(const int32_t *)b].content.len - t[*(const int32_t *)a].content.len;
+    return t[*(const int32_t *)b].match.len - t[*(const int32_t *)a].match.len;
 }
 
-static void index_added(ln_tokenizer *t) {
+static void index_added_where(ln_tokenizer *t, int normalized, int32_t **index) {
     int count[256] = {0};
-    for (int i = 0; i < t->n_added; i++) if (t->added[i].content.len) count[t->added[i].content.p[0]]++;
+    for (int i = 0; i < t->n_added; i++)
+        if (t->added[i].match.len && t->added[i].normalized == normalized) count[t->added[i].match.p[0]]++;
     for (int b = 0; b < 256; b++) {
         if (!count[b]) continue;
         int32_t *list = ln_xmalloc((size_t)(count[b] + 1) * sizeof *list);
         int k = 0;
         for (int i = 0; i < t->n_added; i++)
-            if (t->added[i].content.len && t->added[i].content.p[0] == b) list[k++] = i;
+            if (t->added[i].match.len && t->added[i].normalized == normalized && t->added[i].match.p[0] == b)
+                list[k++] = i;
         qsort_r(list, (size_t)k, sizeof *list, cmp_added_len, t->added);
         list[k] = -1;
-        t->added_by_first[b] = list;
+        index[b] = list;
     }
+}
+
+static void index_added(ln_tokenizer *t) {
+    index_added_where(t, 0, t->added_raw);
+    index_added_where(t, 1, t->added_norm);
+    for (int i = 0; i < t->n_added; i++) t->has_norm_added |= t->added[i].normalized && t->added[i].match.len;
 }
 
 static int32_t config_token_id(ln_tokenizer *t, json_t *cfg, const char *key) {
@@ -493,6 +512,10 @@ static void load_config(ln_tokenizer *t, const char *dir) {
     if (json_is_string(ct) && !t->chat_template) t->chat_template = ln_xstrdup(json_string_value(ct));
     json_decref(cfg);
 }
+
+static aligned aligned_from_input(const uint8_t *seg, size_t n, int base);
+static void aligned_free(aligned *a);
+static void apply_norm_step(const norm_step *ns, uint8_t **cur_p, int32_t **al_p, size_t *m_p);
 
 static int load_model(ln_tokenizer *t, json_t *model, json_t *added, int byte_level, ln_err *e) {
     const char *type = json_str(model, "type");
@@ -618,11 +641,23 @@ static int load_model(ln_tokenizer *t, json_t *model, json_t *added, int byte_le
         a->lstrip = json_is_true(json_object_get(x, "lstrip"));
         a->rstrip = json_is_true(json_object_get(x, "rstrip"));
         a->single_word = json_is_true(json_object_get(x, "single_word"));
+        /* "normalized" defaults to true for non-special tokens, as in HF's AddedToken */
+        json_t *nz = json_object_get(x, "normalized");
+        a->normalized = nz ? json_is_true(nz) : !a->special;
+        a->match = a->content;
+        if (a->normalized && t->n_norm && a->content.len) {
+            /* HF looks for the normalized form (LLaMA 2: "foo" is found as "▁foo") */
+            aligned m = aligned_from_input(a->content.p, (size_t)a->content.len, 0);
+            for (int st = 0; st < t->n_norm; st++) apply_norm_step(&t->norm[st], &m.p, &m.al, &m.n);
+            a->match = bytes_dup(m.p, m.n);
+            aligned_free(&m);
+        }
         t->is_special[id] = (uint8_t)a->special;
         if (!t->text[id]) {
-            t->text[id] = ln_xstrdup(c);
-            t->text_keys[id] = (bytes_t){(uint8_t *)t->text[id], (int)strlen(c)};
-            t->bpe[id] = bytes_dup(c, strlen(c));
+            /* HF spells (and decodes) a normalized added token by its normalized form */
+            t->text[id] = strndup((const char *)a->match.p, (size_t)a->match.len);
+            t->text_keys[id] = (bytes_t){(uint8_t *)t->text[id], a->match.len};
+            t->bpe[id] = bytes_dup(a->match.p, (size_t)a->match.len);
         }
     }
     index_added(t);
@@ -712,9 +747,12 @@ void ln_tokenizer_free(ln_tokenizer *t) {
     free(t->meta_rep.p);
     for (int i = 0; i < t->n_dec; i++) { free(t->dec[i].a.p); free(t->dec[i].b.p); }
     free(t->dec);
-    for (int i = 0; i < t->n_added; i++) free(t->added[i].content.p);
+    for (int i = 0; i < t->n_added; i++) {
+        if (t->added[i].match.p != t->added[i].content.p) free(t->added[i].match.p);
+        free(t->added[i].content.p);
+    }
     free(t->added);
-    for (int b = 0; b < 256; b++) free(t->added_by_first[b]);
+    for (int b = 0; b < 256; b++) { free(t->added_raw[b]); free(t->added_norm[b]); }
     free(t->chat_template);
     free(t);
 }
@@ -733,9 +771,6 @@ typedef struct scratch {
     int cap;
     merge_cand *heap;
     int heap_n, heap_cap;
-    uint8_t *norm;         /* normalized text */
-    int32_t *align;        /* 2 per normalized byte: original [start, end) */
-    size_t norm_cap;
 } scratch;
 
 static void scratch_reserve(scratch *s, int n) {
@@ -752,7 +787,7 @@ static void scratch_reserve(scratch *s, int n) {
 
 static void scratch_free(scratch *s) {
     free(s->id); free(s->start); free(s->len); free(s->prev); free(s->next);
-    free(s->heap); free(s->norm); free(s->align);
+    free(s->heap);
 }
 
 static inline int cand_less(const merge_cand *a, const merge_cand *b) {
@@ -923,115 +958,144 @@ static void apply_norm_step(const norm_step *ns, uint8_t **cur_p, int32_t **al_p
     *m_p = k;
 }
 
-/* Normalizes seg[0..n) (whose first byte is at original offset base) into s->norm with an
- * alignment: every normalized byte maps to the original [start, end) of the character it
- * came from (an inserted prefix takes the first character's). Returns the normalized length. */
-static size_t normalize(const ln_tokenizer *t, scratch *s, const uint8_t *seg, size_t n, int base) {
-    size_t cap = n + 16;
-    uint8_t *cur = ln_xmalloc(cap);
-    int32_t *al = ln_xmalloc(cap * 2 * sizeof *al);
-    size_t m = 0;
+
+
+static aligned aligned_copy(const uint8_t *p, const int32_t *al, size_t n) {
+    aligned a = {ln_xmalloc(n + 1), ln_xmalloc((n + 1) * 2 * sizeof(int32_t)), n};
+    memcpy(a.p, p, n);
+    memcpy(a.al, al, n * 2 * sizeof(int32_t));
+    return a;
+}
+
+/* seg[0..n) of the input, whose first byte is at original offset base. */
+static aligned aligned_from_input(const uint8_t *seg, size_t n, int base) {
+    aligned a = {ln_xmalloc(n + 1), ln_xmalloc((n + 1) * 2 * sizeof(int32_t)), n};
+    memcpy(a.p, seg, n);
     for (size_t i = 0; i < n;) {
         uint32_t cp;
         int cl = ln_utf8_next(seg + i, n - i, &cp);
         for (int k = 0; k < cl; k++) {
-            cur[m] = seg[i + (size_t)k];
-            al[2 * m] = base + (int32_t)i;
-            al[2 * m + 1] = base + (int32_t)i + cl;
-            m++;
+            a.al[2 * (i + (size_t)k)] = base + (int32_t)i;
+            a.al[2 * (i + (size_t)k) + 1] = base + (int32_t)i + cl;
         }
         i += (size_t)cl;
     }
-    for (int st = 0; st < t->n_norm; st++) apply_norm_step(&t->norm[st], &cur, &al, &m);
-    if (t->prefix_segment && !(m && cur[0] == ' ')) {
-        /* ByteLevel add_prefix_space: " " before the stretch unless it starts with one */
-        norm_step pre = {NORM_PREPEND, {(uint8_t *)" ", 1}, {0}};
-        apply_norm_step(&pre, &cur, &al, &m);
-    }
-    if (t->meta) {
-        /* Metaspace: spaces become the replacement, then it is prepended unless the text already
-         * starts with it ("first": only to the stretch that starts the input). */
-        bytes_t space = {(uint8_t *)" ", 1};
-        norm_step rep = {NORM_REPLACE, space, t->meta_rep};
-        apply_norm_step(&rep, &cur, &al, &m);
-        int starts = m >= (size_t)t->meta_rep.len && !memcmp(cur, t->meta_rep.p, (size_t)t->meta_rep.len);
-        if (!starts && (t->meta_prepend == 1 || (t->meta_prepend == 2 && base == 0))) {
-            norm_step pre = {NORM_PREPEND, t->meta_rep, {0}};
-            apply_norm_step(&pre, &cur, &al, &m);
-        }
-    }
-    free(s->norm);
-    free(s->align);
-    s->norm = cur;
-    s->align = al;
-    return m;
+    return a;
 }
 
-/* Encodes a stretch of text that holds no added token; base = its offset in the whole input. */
+static void aligned_free(aligned *a) {
+    free(a->p);
+    free(a->al);
+}
+
+static int find_added(const ln_tokenizer *t, int32_t *const *index, const uint8_t *text, size_t n, size_t from,
+                      size_t *start, size_t *stop);
+
+/* Pre-tokenizes one piece (text between added tokens, already normalized) and runs BPE on each
+ * word; offsets go through the piece's alignment. Metaspace and ByteLevel's add_prefix_space work
+ * here, per piece, as HF's pre-tokenizers do. */
+static void encode_piece(const ln_tokenizer *t, scratch *s, const uint8_t *p, const int32_t *al, size_t n,
+                         ln_ids *out, ln_ids *offs) {
+    if (n == 0) return;
+    int transform = t->prefix_segment || t->meta;
+    aligned w = transform ? aligned_copy(p, al, n) : (aligned){(uint8_t *)p, (int32_t *)al, n};
+    if (t->prefix_segment && w.p[0] != ' ') {
+        norm_step pre = {NORM_PREPEND, {(uint8_t *)" ", 1}, {0}};
+        apply_norm_step(&pre, &w.p, &w.al, &w.n);
+    }
+    if (t->meta) {
+        /* Metaspace: spaces become the replacement, which is then prepended unless the piece
+         * already starts with it ("first": only to the piece that starts the input) */
+        bytes_t space = {(uint8_t *)" ", 1};
+        norm_step rep = {NORM_REPLACE, space, t->meta_rep};
+        apply_norm_step(&rep, &w.p, &w.al, &w.n);
+        int starts = w.n >= (size_t)t->meta_rep.len && !memcmp(w.p, t->meta_rep.p, (size_t)t->meta_rep.len);
+        if (!starts && (t->meta_prepend == 1 || (t->meta_prepend == 2 && w.al[0] == 0))) {
+            norm_step pre = {NORM_PREPEND, t->meta_rep, {0}};
+            apply_norm_step(&pre, &w.p, &w.al, &w.n);
+        }
+    }
+    int first = out->n;
+    uint8_t *tmp = t->prefix_space ? ln_xmalloc(w.n + 2) : NULL;
+    for (size_t pos = 0; pos < w.n;) {
+        size_t end = w.n;
+        if (t->meta && t->meta_split) {
+            /* split before every replacement character, which stays with what follows it */
+            size_t rl = (size_t)t->meta_rep.len;
+            for (end = pos + 1; end < w.n; end++)
+                if (end + rl <= w.n && !memcmp(w.p + end, t->meta_rep.p, rl)) break;
+        } else if (t->has_split) {
+            end = ln_split_match(t->split, w.p, w.n, pos);
+        }
+        if (t->prefix_space && w.p[pos] != ' ') {
+            /* ByteLevel add_prefix_space after a Split: a space before each piece that lacks one;
+             * it stands for the piece's first character */
+            tmp[0] = ' ';
+            memcpy(tmp + 1, w.p + pos, end - pos);
+            int before = out->n;
+            bpe_word(t, s, tmp, (int)(end - pos + 1), (int)pos - 1, out, offs);
+            for (int i = before; offs && i < out->n; i++) {
+                if (offs->ids[2 * i] < (int32_t)pos) offs->ids[2 * i] = (int32_t)pos;
+                if (offs->ids[2 * i + 1] <= (int32_t)pos) offs->ids[2 * i + 1] = (int32_t)pos + 1;
+            }
+        } else {
+            bpe_word(t, s, w.p + pos, (int)(end - pos), (int)pos, out, offs);
+        }
+        pos = end;
+    }
+    if (offs) /* piece byte ranges -> original character ranges */
+        for (int i = first; i < out->n; i++) {
+            int32_t a = offs->ids[2 * i], b = offs->ids[2 * i + 1];
+            offs->ids[2 * i] = w.al[2 * a];
+            offs->ids[2 * i + 1] = w.al[2 * (b - 1) + 1];
+        }
+    free(tmp);
+    if (transform) aligned_free(&w);
+}
+
+/* Encodes a stretch of input that holds no (non-normalized) added token: normalizer, then the
+ * normalized added tokens matched in the normalized text, then each piece between them
+ * pre-tokenized and BPE'd — HF's order. base = the stretch's offset in the whole input. */
 static void encode_segment(const ln_tokenizer *t, scratch *s, const uint8_t *text, size_t text_len,
                            size_t base, size_t n, ln_ids *out, ln_ids *offs) {
     const uint8_t *seg = text + base;
     if (n == 0) return;
-    int first = out->n;
-    if (t->n_norm || t->meta || t->prefix_segment) {
-        size_t m = normalize(t, s, seg, n, (int)base);
-        size_t pos = 0;
-        while (pos < m) {
-            size_t end = m;
-            if (t->meta && t->meta_split) {
-                /* split before every replacement character, which stays with what follows it */
-                size_t rl = (size_t)t->meta_rep.len;
-                for (end = pos + 1; end < m; end++)
-                    if (end + rl <= m && !memcmp(s->norm + end, t->meta_rep.p, rl)) break;
-            } else if (t->has_split) {
-                end = ln_split_match(t->split, s->norm, m, pos);
-            }
-            bpe_word(t, s, s->norm + pos, (int)(end - pos), (int)pos, out, offs);
+    if (!t->n_norm && !t->has_norm_added && !t->meta && !t->prefix_segment && !t->prefix_space) {
+        /* the common byte-level path: no text changes, offsets are the input's bytes */
+        int first = out->n;
+        for (size_t pos = 0; pos < n;) {
+            size_t end = t->has_split ? ln_split_match(t->split, seg, n, pos) : n;
+            bpe_word(t, s, seg + pos, (int)(end - pos), (int)(base + pos), out, offs);
             pos = end;
         }
-        if (offs) /* normalized byte ranges -> original ranges */
-            for (int i = first; i < out->n; i++) {
-                int32_t a = offs->ids[2 * i], b = offs->ids[2 * i + 1];
-                offs->ids[2 * i] = s->align[2 * a];
-                offs->ids[2 * i + 1] = s->align[2 * (b - 1) + 1];
-            }
+        if (offs)
+            for (int i = first; i < out->n; i++) widen_to_chars(text, text_len, &offs->ids[2 * i], &offs->ids[2 * i + 1]);
         return;
     }
-    size_t pos = 0;
-    while (pos < n) {
-        size_t end = t->has_split ? ln_split_match(t->split, seg, n, pos) : n;
-        if (t->prefix_space && seg[pos] != ' ') {
-            /* ByteLevel add_prefix_space: a space before each piece that lacks one, aligned to
-             * the piece's first character. */
-            uint8_t *w = ln_xmalloc(end - pos + 1);
-            w[0] = ' ';
-            memcpy(w + 1, seg + pos, end - pos);
-            int before = out->n;
-            bpe_word(t, s, w, (int)(end - pos + 1), (int)(base + pos) - 1, out, offs);
-            /* the space stands for the piece's first character (widened to it below) */
-            for (int i = before; offs && i < out->n; i++) {
-                if (offs->ids[2 * i] < (int32_t)(base + pos)) offs->ids[2 * i] = (int32_t)(base + pos);
-                if (offs->ids[2 * i + 1] <= (int32_t)(base + pos)) offs->ids[2 * i + 1] = (int32_t)(base + pos) + 1;
-            }
-            free(w);
-        } else {
-            bpe_word(t, s, seg + pos, (int)(end - pos), (int)(base + pos), out, offs);
-        }
-        pos = end;
+    aligned a = aligned_from_input(seg, n, (int)base);
+    for (int st = 0; st < t->n_norm; st++) apply_norm_step(&t->norm[st], &a.p, &a.al, &a.n);
+    for (size_t pos = 0; pos < a.n;) {
+        size_t at = a.n, stop = a.n;
+        int k = t->has_norm_added ? find_added(t, t->added_norm, a.p, a.n, pos, &at, &stop) : -1;
+        encode_piece(t, s, a.p + pos, a.al + 2 * pos, (k >= 0 ? at : a.n) - pos, out, offs);
+        if (k < 0) break;
+        ln_ids_push(out, t->added[k].id);
+        if (offs) { ln_ids_push(offs, a.al[2 * at]); ln_ids_push(offs, a.al[2 * (stop - 1) + 1]); }
+        pos = stop;
     }
-    if (offs)
-        for (int i = first; i < out->n; i++) widen_to_chars(text, text_len, &offs->ids[2 * i], &offs->ids[2 * i + 1]);
+    aligned_free(&a);
 }
 
 /* Leftmost-longest added token at or after pos: returns its index and start, or -1. */
-static int next_added(const ln_tokenizer *t, const uint8_t *text, size_t n, size_t pos, size_t *at) {
+static int next_added(const ln_tokenizer *t, int32_t *const *index, const uint8_t *text, size_t n, size_t pos,
+                      size_t *at) {
     if (!t->n_added) return -1;
     for (size_t i = pos; i < n; i++) {
-        const int32_t *list = t->added_by_first[text[i]];
+        const int32_t *list = index[text[i]];
         if (!list) continue;
         for (; *list >= 0; list++) {
             const added_tok *a = &t->added[*list];
-            if (i + (size_t)a->content.len <= n && memcmp(text + i, a->content.p, (size_t)a->content.len) == 0) {
+            if (i + (size_t)a->match.len <= n && memcmp(text + i, a->match.p, (size_t)a->match.len) == 0) {
                 *at = i;
                 return *list;
             }
@@ -1053,14 +1117,14 @@ static int class_before(const uint8_t *text, size_t end, size_t *start) {
 /* The next added token as HF's AddedVocabulary finds it: matches scanned left to right, a
  * single_word token discarded unless it stands between non-word characters, and lstrip/rstrip
  * widening the match over whitespace (never back into what an earlier match took: from). */
-static int find_added(const ln_tokenizer *t, const uint8_t *text, size_t n, size_t from, size_t *start,
-                      size_t *stop) {
+static int find_added(const ln_tokenizer *t, int32_t *const *index, const uint8_t *text, size_t n, size_t from,
+                      size_t *start, size_t *stop) {
     for (size_t search = from;;) {
         size_t at;
-        int a = next_added(t, text, n, search, &at);
+        int a = next_added(t, index, text, n, search, &at);
         if (a < 0) return -1;
         const added_tok *tok = &t->added[a];
-        size_t s = at, e = at + (size_t)tok->content.len;
+        size_t s = at, e = at + (size_t)tok->match.len;
         if (tok->single_word) {
             size_t p;
             uint32_t cp;
@@ -1100,7 +1164,7 @@ int ln_tokenizer_encode(const ln_tokenizer *t, const char *text_in, size_t len, 
     size_t pos = 0;
     while (pos < len) {
         size_t at = len, stop = len;
-        int a = find_added(t, text, len, pos, &at, &stop);
+        int a = find_added(t, t->added_raw, text, len, pos, &at, &stop);
         encode_segment(t, &s, text, len, pos, (a >= 0 ? at : len) - pos, out, offs);
         if (a < 0) break;
         ln_ids_push(out, t->added[a].id);
