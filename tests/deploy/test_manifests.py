@@ -332,22 +332,27 @@ BASE_PACKAGES = {"libc6", "libgcc-s1", "libstdc++6", "zlib1g"}
 
 def direct_packages_of(binary):
     """Packages of the libraries the binary itself NEEDs (not their own dependencies, which
-    apt pulls in): the list a Dockerfile must name."""
+    apt pulls in): the list a Dockerfile must name. One `dpkg -S` for all paths (it is slow)."""
     r = subprocess.run(["objdump", "-p", str(binary)], capture_output=True, text=True, check=True)
     needed = re.findall(r"NEEDED\s+(\S+)", r.stdout)
     ldd = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=True).stdout
     where = dict(re.findall(r"^\s*(\S+)\s+=>\s+(/\S+)", ldd, re.M))
-    pkgs = {}
+    candidates = {}
     for lib in needed:
         assert lib in where, f"{binary} needs {lib}, which ldd cannot find"
-        path = str(pathlib.Path(where[lib]).resolve())
-        for candidate in (where[lib], path):
-            q = subprocess.run(["dpkg", "-S", candidate], capture_output=True, text=True)
-            if q.returncode == 0:
-                pkgs[lib] = q.stdout.split(":")[0].split(",")[0].strip()
-                break
-        else:
+        candidates[lib] = [where[lib], str(pathlib.Path(where[lib]).resolve())]
+    q = subprocess.run(["dpkg", "-S"] + sorted({p for c in candidates.values() for p in c}),
+                       capture_output=True, text=True)
+    owner = {}
+    for line in q.stdout.splitlines():
+        pkgs, _, path = line.partition(": ")
+        owner[path.strip()] = pkgs.split(",")[0].strip()
+    pkgs = {}
+    for lib, paths in candidates.items():
+        found = [owner[p] for p in paths if p in owner]
+        if not found:
             pytest.fail(f"{binary} needs {lib} ({where[lib]}), which no Debian package owns")
+        pkgs[lib] = found[0]
     return pkgs
 
 
