@@ -175,6 +175,9 @@ static int phase_train(const char *out, int steps)
                            .layers = c.num_layers, .heads = c.num_heads, .kv_heads = c.num_kv_heads,
                            .head_dim = c.head_dim, .tied = 0, .batch = Bsz, .seq = T, .rank = r, .targets = 7,
                            .train_a = 0};
+    const char *bw = getenv("LORANULL_BENCH_BF16_WEIGHTS");
+    int bf16w = !(bw && strcmp(bw, "0") == 0);
+    q.bf16_copies = bf16w;
     lnb_cuda_plan plan;
     if (lnb_cuda_plan_check(&q, &plan, &e)) die("memory plan", &e);
     printf("memory plan: %.1f GiB of %.1f GiB free (weights %.1f, activations %.1f)\n", plan.total / (1 << 30),
@@ -210,7 +213,16 @@ static int phase_train(const char *out, int steps)
         lnb_cuda_fill_normal(ad.lora[i].B.w, ad.lora[i].B.n, 9000 + i, 0.01f);
         ln_param_set_trainable(be, &ad.lora[i].A, 0, &e); /* v2: A frozen */
     }
-    printf("model + adapter built in %.1f s\n", now() - t0);
+    /* the frozen base weights and lm_head multiplied from bf16 copies (LORANULL_BENCH_BF16_WEIGHTS=0:
+     * fp32 storage into cuBLAS's bf16 compute mode instead) */
+    if (bf16w) {
+        if (lnb_cuda_register_bf16(m->lm_head.w, m->lm_head.n, &e)) die("bf16 weights", &e);
+        for (int l = 0; l < c.num_layers; l++)
+            for (int t = 0; t < LN_NTARGET; t++)
+                if (lnb_cuda_register_bf16(m->layers[l].lin[t].w, m->layers[l].lin[t].n, &e)) die("bf16 weights", &e);
+    }
+    printf("model + adapter built in %.1f s (base weights: %s)\n", now() - t0,
+           bf16w ? "bf16 copies for the GEMMs" : "fp32 into bf16 compute");
 
     ln_batch b = {.B = Bsz, .T = T};
     b.ids = malloc((size_t)Bsz * T * sizeof(int32_t));
@@ -264,9 +276,9 @@ static int phase_train(const char *out, int steps)
     FILE *f = json_open(out);
     fprintf(f, "{\"device\":\"%s\",\"seq\":%d,\"batch\":%d,\"rank\":%d,\"steps\":%d,\"step_s\":%.4f,\"tokens_per_s\":%.1f,"
                "\"model_tflop_per_step\":%.3f,\"gemm_tflop_per_step\":%.3f,\"achieved_tflops\":%.2f,\"peak_tflops\":%.2f,"
-               "\"mfu\":%.4f,\"loss\":%.5f,\"plan_gib\":%.2f}\n",
+               "\"mfu\":%.4f,\"loss\":%.5f,\"plan_gib\":%.2f,\"bf16_weights\":%d}\n",
             lnb_cuda_device_name(), T, Bsz, r, steps, step_time, tps, model_flops / 1e12, fl / 1e12, achieved, peak, mfu,
-            loss / b.n_targets, plan.total / (1 << 30));
+            loss / b.n_targets, plan.total / (1 << 30), bf16w);
     fclose(f);
     return 0;
 }

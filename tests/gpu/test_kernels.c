@@ -77,6 +77,32 @@ static void t_matmul(void)
     G->free(dC);
 }
 
+/* A registered bf16 weight: both GEMM directions the engine uses (x Wᵀ and dy W) on bf16 tensor
+ * cores against the fp32 CPU product; after unregistering, the fp32 path again. */
+static void t_bf16_weights(void)
+{
+    int N = 70, dout = 96, din = 160;
+    float *W = hrand((int64_t)dout * din, 0.05f), *x = hrand((int64_t)N * din, 1), *dy = hrand((int64_t)N * dout, 1);
+    float *dW = dcopy(W, (int64_t)dout * din), *dx = dcopy(x, (int64_t)N * din), *ddy = dcopy(dy, (int64_t)N * dout);
+    float *y = hrand((int64_t)N * dout, 0), *g = hrand((int64_t)N * din, 0);
+    float *dyo = dcopy(y, (int64_t)N * dout), *dg = dcopy(g, (int64_t)N * din);
+    ln_err e = {{0}};
+    lnb_cuda_set_math(LNB_CUDA_MATH_BF16);
+    check_true("register a weight for bf16 GEMMs", lnb_cuda_register_bf16(dW, (int64_t)dout * din, &e) == 0);
+    H->matmul(0, 1, N, dout, din, 1.0f, x, din, W, din, 0.0f, y, dout);
+    G->matmul(0, 1, N, dout, din, 1.0f, dx, din, dW, din, 0.0f, dyo, dout);
+    check_close("bf16 weight: y = x W^T", derr(dyo, y, (int64_t)N * dout), 2e-2);
+    H->matmul(0, 0, N, din, dout, 1.0f, dy, dout, W, din, 0.0f, g, din);
+    G->matmul(0, 0, N, din, dout, 1.0f, ddy, dout, dW, din, 0.0f, dg, din);
+    check_close("bf16 weight: dx = dy W", derr(dg, g, (int64_t)N * din), 2e-2);
+    lnb_cuda_unregister(dW);
+    lnb_cuda_set_math(LNB_CUDA_MATH_FP32);
+    G->matmul(0, 0, N, din, dout, 1.0f, ddy, dout, dW, din, 0.0f, dg, din);
+    check_close("after unregistering: fp32 again", derr(dg, g, (int64_t)N * din), 1e-5);
+    G->free(dW); G->free(dx); G->free(ddy); G->free(dyo); G->free(dg);
+    free(W); free(x); free(dy); free(y); free(g);
+}
+
 static void t_elementwise(void)
 {
     int64_t n = 100003;
@@ -237,6 +263,7 @@ int main(void)
     G = lnb_cuda();
     H = lnb_cpu();
     t_matmul();
+    t_bf16_weights();
     check_cuda("matmul");
     t_elementwise();
     t_embedding();

@@ -287,16 +287,24 @@ static void t_lora_null_v2(ln_batch *b)
     adapter_free(G, &adg);
     ln_model_free(mg);
 
-    /* bf16 tensor-core math: the same run, loosely */
+    /* bf16 tensor-core math with the frozen base weights (and lm_head) multiplied from bf16
+     * copies: the same run, loosely */
     lnb_cuda_set_math(LNB_CUDA_MATH_BF16);
     mg = new_model(G);
     if (null_v2(mg, &adg, c) == 0) {
+        ln_err e = {{0}};
+        int reg = lnb_cuda_register_bf16(mg->lm_head.w, mg->lm_head.n, &e);
+        for (int l = 0; l < cfg.num_layers && reg == 0; l++)
+            for (int t = 0; t < LN_NTARGET && reg == 0; t++)
+                reg = lnb_cuda_register_bf16(mg->layers[l].lin[t].w, mg->layers[l].lin[t].n, &e);
+        check_true("register the frozen weights as bf16", reg == 0);
         train(mg, &adg, b, lb);
         check_cuda("training (bf16 math)");
         worst = 0;
         for (int s = 0; s < STEPS; s++) worst = fmax(worst, fabs(lb[s] - lc[s]) / lc[s]);
         printf("#   GPU bf16 losses %.6f -> %.6f\n", lb[0], lb[STEPS - 1]);
-        check_close("lora_null_v2 10-step losses, GPU bf16 math vs CPU", worst, 2e-2);
+        check_close("lora_null_v2 10-step losses, GPU bf16 weights and math vs CPU", worst, 2e-2);
+        lnb_cuda_unregister_all();
         adapter_free(G, &adg);
     }
     lnb_cuda_set_math(LNB_CUDA_MATH_FP32);

@@ -63,6 +63,17 @@ int lnb_cuda_sync(ln_err *e);
 void lnb_cuda_fill_normal(float *x, int64_t n, uint64_t seed, float std);
 void lnb_cuda_fill_const(float *x, int64_t n, float v);
 
+/* ---- bf16 weights ----
+ * A frozen weight (a LoRA base matrix, lm_head) registered here is multiplied from a bf16 copy
+ * made at registration: in LNB_CUDA_MATH_BF16 every GEMM that reads it runs bf16 × bf16 with fp32
+ * accumulation into an fp32 result, the other operand (activations, gradients) converted to bf16
+ * on the fly. The fp32 tensor stays what host code reads (save, export, drift); the trainable
+ * factors stay fp32 masters (AdamW updates them in fp32). Unregister before the weight changes
+ * or is freed (the copy would go stale). */
+int lnb_cuda_register_bf16(const float *w, int64_t n, ln_err *e);
+void lnb_cuda_unregister(const float *w);
+void lnb_cuda_unregister_all(void);
+
 /* ---- memory plan ---- */
 
 /* What a training job needs on the device, as this backend (and the engine's fp32 layout)
@@ -73,6 +84,7 @@ typedef struct lnb_cuda_plan_req {
     int rank;              /* LoRA rank (0 = full fine-tuning) */
     int targets;           /* how many of the seven targets carry factors */
     int train_a;           /* A trains (gradient + AdamW state) */
+    int bf16_copies;       /* frozen weights also kept as bf16 copies (lnb_cuda_register_bf16) */
 } lnb_cuda_plan_req;
 
 typedef struct lnb_cuda_plan {

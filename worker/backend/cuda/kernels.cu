@@ -134,9 +134,12 @@ extern "C" int lnb_cuda_open(const lnb_cuda_opts *o, ln_err *e)
 static void *g_ws[WS_NSLOTS];
 static size_t g_ws_size[WS_NSLOTS];
 
+extern "C" void lnb_cuda_unregister_all(void);
+
 extern "C" void lnb_cuda_close(void)
 {
     if (!g_open) return;
+    lnb_cuda_unregister_all();
     cudaStreamSynchronize(lnb_cuda_g.stream);
     for (int i = 0; i < WS_NSLOTS; i++) {
         cudaFree(g_ws[i]);
@@ -212,9 +215,12 @@ static void *cu_alloc(size_t bytes)
     }
     return p;
 }
+extern "C" void lnb_cuda_unregister(const float *w);
+
 static void cu_free(void *p)
 {
     if (!p) return;
+    lnb_cuda_unregister((const float *)p); /* a later buffer at this address must not hit a stale bf16 copy */
     CUDA_NOTE(cudaStreamSynchronize(lnb_cuda_g.stream));
     CUDA_NOTE(cudaFree(p));
 }
@@ -307,8 +313,79 @@ __global__ void k_scale_rows(float *C, int M, int N, int ldc, float beta)
     }
 }
 
+/* ---- frozen weights multiplied from bf16 copies (lnb_cuda_register_bf16) ---- */
+
+#include <cuda_bf16.h>
+
+typedef struct { const float *w; int64_t n; __nv_bfloat16 *h; } bf16_entry;
+static bf16_entry *g_bf16;
+static int g_nbf16, g_capbf16;
+
+static const bf16_entry *bf16_find(const float *p)
+{
+    for (int i = 0; i < g_nbf16; i++)
+        if (g_bf16[i].w == p) return &g_bf16[i];
+    return NULL;
+}
+
+__global__ void k_to_bf16(__nv_bfloat16 *dst, const float *src, int64_t n)
+{
+    STRIDE_LOOP(i, n) dst[i] = __float2bfloat16(src[i]);
+}
+
+extern "C" int lnb_cuda_register_bf16(const float *w, int64_t n, ln_err *e)
+{
+    if (bf16_find(w)) return 0;
+    __nv_bfloat16 *h = NULL;
+    CUDA_TRY(cudaMalloc((void **)&h, (size_t)(n > 0 ? n : 1) * sizeof *h), e);
+    k_to_bf16<<<grid_for(n, 256), 256, 0, lnb_cuda_g.stream>>>(h, w, n);
+    CUDA_TRY(cudaGetLastError(), e);
+    CUDA_TRY(cudaStreamSynchronize(lnb_cuda_g.stream), e);
+    if (g_nbf16 == g_capbf16) {
+        g_capbf16 = g_capbf16 ? 2 * g_capbf16 : 256;
+        g_bf16 = (bf16_entry *)realloc(g_bf16, (size_t)g_capbf16 * sizeof *g_bf16);
+        if (!g_bf16) return ln_errf(e, "CUDA backend: out of host memory registering bf16 weights");
+    }
+    g_bf16[g_nbf16++] = (bf16_entry){w, n, h};
+    return 0;
+}
+
+extern "C" void lnb_cuda_unregister(const float *w)
+{
+    for (int i = 0; i < g_nbf16; i++)
+        if (g_bf16[i].w == w) {
+            CUDA_NOTE(cudaStreamSynchronize(lnb_cuda_g.stream));
+            cudaFree(g_bf16[i].h);
+            g_bf16[i] = g_bf16[--g_nbf16];
+            return;
+        }
+}
+
+extern "C" void lnb_cuda_unregister_all(void)
+{
+    CUDA_NOTE(cudaStreamSynchronize(lnb_cuda_g.stream));
+    for (int i = 0; i < g_nbf16; i++) cudaFree(g_bf16[i].h);
+    g_nbf16 = 0;
+}
+
+/* The bf16 image of a row-major operand with `rows` rows of `cols` used elements at leading
+ * dimension ld: (rows − 1)·ld + cols elements from p, converted into workspace `slot`. */
+static const __nv_bfloat16 *as_bf16(const float *p, int rows, int cols, int ld, int slot)
+{
+    const bf16_entry *b = bf16_find(p);
+    if (b) return b->h;
+    int64_t n = (int64_t)(rows - 1) * ld + cols;
+    __nv_bfloat16 *d = (__nv_bfloat16 *)lnb_cuda_workspace(slot, (size_t)n * sizeof *d);
+    if (!d) return NULL;
+    k_to_bf16<<<grid_for(n, 256), 256, 0, lnb_cuda_g.stream>>>(d, p, n);
+    LAUNCH_NOTE("to_bf16");
+    return d;
+}
+
 /* Row-major C = α op(A) op(B) + β C is column-major Cᵀ = α op(B)ᵀ op(A)ᵀ + β Cᵀ: swap the
- * operands, keep the transposition flags. */
+ * operands, keep the transposition flags. When either operand is a registered bf16 weight (and
+ * the math mode is bf16) both go in as bf16 (the other converted on the fly) with fp32
+ * accumulation and an fp32 C. */
 static void cu_matmul(int tA, int tB, int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
                       float beta, float *C, int ldc)
 {
@@ -316,6 +393,14 @@ static void cu_matmul(int tA, int tB, int M, int N, int K, float alpha, const fl
     if (K == 0) {
         k_scale_rows<<<grid_for((int64_t)M * N, 256), 256, 0, lnb_cuda_g.stream>>>(C, M, N, ldc, beta);
         LAUNCH_NOTE("scale_rows");
+    } else if (g_nbf16 && lnb_cuda_g.math == LNB_CUDA_MATH_BF16 && (bf16_find(A) || bf16_find(B))) {
+        /* stored shapes: A is M×K (K×M when tA), B is K×N (N×K when tB) */
+        const __nv_bfloat16 *a16 = as_bf16(A, tA ? K : M, tA ? M : K, lda, WS_BF16_A);
+        const __nv_bfloat16 *b16 = as_bf16(B, tB ? N : K, tB ? K : N, ldb, WS_BF16_B);
+        if (a16 && b16)
+            CUBLAS_NOTE(cublasGemmEx(lnb_cuda_g.blas, tB ? CUBLAS_OP_T : CUBLAS_OP_N, tA ? CUBLAS_OP_T : CUBLAS_OP_N, N,
+                                     M, K, &alpha, b16, CUDA_R_16BF, ldb, a16, CUDA_R_16BF, lda, &beta, C, CUDA_R_32F,
+                                     ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     } else {
         CUBLAS_NOTE(cublasGemmEx(lnb_cuda_g.blas, tB ? CUBLAS_OP_T : CUBLAS_OP_N, tA ? CUBLAS_OP_T : CUBLAS_OP_N, N, M,
                                  K, &alpha, B, CUDA_R_32F, ldb, A, CUDA_R_32F, lda, &beta, C, CUDA_R_32F, ldc,

@@ -259,6 +259,7 @@ extern "C" int lnb_cuda_plan_check(const lnb_cuda_plan_req *q, lnb_cuda_plan *p,
     double per_layer = C * qd * 2 + C * kvd * 2 + 3 * C * I + 2 * C;
     double params = q->layers * per_layer + (double)q->vocab * C * (q->tied ? 1 : 2) + C;
     p->weights = params * f;
+    if (q->bf16_copies) p->weights += (params - (double)q->vocab * C) * 2.0; /* all but the embedding */
     double N = (double)q->batch * q->seq, r = q->rank;
     if (q->rank > 0) {
         /* per target: A r×d_in, B d_out×r; the dims of each of the seven, averaged as the engine's */
@@ -283,8 +284,9 @@ extern "C" int lnb_cuda_plan_check(const lnb_cuda_plan_req *q, lnb_cuda_plan *p,
     double act_layer = N * (4 * C + 2 * qd + 2 * kvd + 3 * I + 2) + (double)q->batch * q->heads * q->seq;
     p->activations += q->layers * act_layer * f + N * (C + 2 * qd + 2 * kvd + 3 * I + C) * f;
     p->logits = N * (double)q->vocab * f;
-    /* attention chunk buffers (attention.cu) + cuBLAS/cuSOLVER workspaces */
-    p->workspace = 2.0 * (32 << 20) * f + 512.0 * (1 << 20);
+    /* attention chunk buffers (attention.cu) + cuBLAS/cuSOLVER workspaces (+ the bf16 image of
+     * the largest activation operand, the logits' gradient) */
+    p->workspace = 2.0 * (32 << 20) * f + 512.0 * (1 << 20) + (q->bf16_copies ? p->logits / 2 : 0);
     p->total = p->weights + p->adapter + p->optimizer + p->activations + p->logits + p->workspace;
     size_t fr = 0, tot = 0;
     CUDA_TRY(cudaMemGetInfo(&fr, &tot), e);
