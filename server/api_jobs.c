@@ -128,13 +128,11 @@ static enum MHD_Result jobs_list(http_req *r) {
     sqlite3_reset(st);
     int more = n > limit;
     if (more) n = (int)limit;
-    json_t *data = json_array();
-    for (int i = 0; i < n; i++) {
-        json_t *o = jobs_object(ids[i], r->project_id);
-        if (o) json_array_append_new(data, o);
-    }
+    char *text = jobs_render_list(ids, n, r->project_id, more);
     free(ids);
-    return http_json(r, 200, json_pack("{s:s, s:o, s:b}", "object", "list", "data", data, "has_more", more));
+    enum MHD_Result res = http_text(r, 200, "application/json", text, strlen(text));
+    free(text);
+    return res;
 }
 
 /* Looks up the job of the URL in the caller's project; replies 404 and returns 0 when absent. */
@@ -156,9 +154,11 @@ static int own_job(http_req *r, char status[32]) {
 
 static enum MHD_Result jobs_get(http_req *r) {
     if (!api_valid_id(r->params[0], "ftjob-")) return http_not_found(r, "fine-tuning job", r->params[0]);
-    json_t *j = jobs_object(r->params[0], r->project_id);
-    if (!j) return http_not_found(r, "fine-tuning job", r->params[0]);
-    return http_json(r, 200, j);
+    char *text = jobs_render(r->params[0], r->project_id);
+    if (!text) return http_not_found(r, "fine-tuning job", r->params[0]);
+    struct MHD_Response *resp = MHD_create_response_from_buffer(strlen(text), text, MHD_RESPMEM_MUST_FREE);
+    MHD_add_response_header(resp, "Content-Type", "application/json");
+    return http_queue(r, 200, resp);
 }
 
 /* ---------------------------------------------------------------- cancel / pause / resume */

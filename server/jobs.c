@@ -97,50 +97,184 @@ json_t *jobs_checkpoint_row(sqlite3_stmt *st) {
                      files ? files : json_array());
 }
 
-static json_t *int_or_null(sqlite3_stmt *st, int i) {
-    return sqlite3_column_type(st, i) == SQLITE_NULL ? json_null() : json_integer(sqlite3_column_int64(st, i));
-}
-static json_t *text_or_null(sqlite3_stmt *st, int i) {
-    return sqlite3_column_type(st, i) == SQLITE_NULL ? json_null() : json_string(store_col_text(st, i));
+/* ---------------------------------------------------------------- rendering
+ * GET job and list jobs are the hot paths (dashboards poll them), so a job is rendered straight to
+ * text: the immutable part that comes from the spec is rendered once per job and cached per thread;
+ * the columns that change are printed around it. jobs_object parses that text, so both agree. */
+
+typedef struct { char id[40]; char *frag; } spec_slot;
+#define SPEC_CACHE 1024
+static __thread spec_slot *t_spec_cache;
+
+static unsigned hash_id(const char *s) {
+    unsigned h = 2166136261u; /* FNV-1a */
+    for (; *s; s++) h = (h ^ (unsigned char)*s) * 16777619u;
+    return h;
 }
 
-json_t *jobs_object(const char *job_id, const char *project_id) {
+/* `"seed":…,"metadata":…,"method":…,"hyperparameters":…,"adapter":…,"resources":…,"user_provided_suffix":…`
+ * from the normalised spec text. The returned string belongs to the cache. */
+static const char *spec_fragment(const char *job_id, const char *spec_text) {
+    if (!t_spec_cache) t_spec_cache = ln_xcalloc(SPEC_CACHE, sizeof *t_spec_cache);
+    spec_slot *slot = &t_spec_cache[hash_id(job_id) % SPEC_CACHE];
+    if (slot->frag && strcmp(slot->id, job_id) == 0) return slot->frag;
+    json_t *spec = json_loads(spec_text, 0, NULL);
+    if (!spec) spec = json_object();
+    json_t *o = json_object();
+    static const char *const copy[] = {"seed", "metadata", "method", "hyperparameters", "adapter", "resources"};
+    for (size_t i = 0; i < sizeof copy / sizeof copy[0]; i++) {
+        json_t *v = json_object_get(spec, copy[i]);
+        json_object_set(o, copy[i], v ? v : json_null());
+    }
+    json_t *suffix = json_object_get(spec, "suffix");
+    json_object_set(o, "user_provided_suffix", suffix ? suffix : json_null());
+    char *text = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    json_decref(o);
+    json_decref(spec);
+    size_t n = strlen(text);
+    memmove(text, text + 1, n - 2); /* drop the braces: a fragment to splice */
+    text[n - 2] = 0;
+    free(slot->frag);
+    slot->frag = text;
+    snprintf(slot->id, sizeof slot->id, "%s", job_id);
+    return slot->frag;
+}
+
+typedef struct { char *p; size_t len, cap; } sbuf;
+
+static void sb_put(sbuf *b, const char *s, size_t n) {
+    if (b->len + n + 1 > b->cap) {
+        b->cap = (b->len + n + 1) * 2;
+        b->p = ln_xrealloc(b->p, b->cap);
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = 0;
+}
+static void sb_str(sbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
+
+/* A JSON string literal (escaped), or null when isnull. */
+static void sb_json_str(sbuf *b, const char *s, int isnull) {
+    if (isnull) {
+        sb_str(b, "null");
+        return;
+    }
+    sb_put(b, "\"", 1);
+    for (const char *p = s; *p; p++) {
+        unsigned char c = (unsigned char)*p;
+        if (c == '"' || c == '\\') {
+            char esc[2] = {'\\', (char)c};
+            sb_put(b, esc, 2);
+        } else if (c < 0x20) {
+            char esc[8];
+            snprintf(esc, sizeof esc, "\\u%04x", c);
+            sb_str(b, esc);
+        } else {
+            sb_put(b, (const char *)p, 1);
+        }
+    }
+    sb_put(b, "\"", 1);
+}
+
+static void sb_col_int(sbuf *b, sqlite3_stmt *st, int i) {
+    char num[32];
+    if (sqlite3_column_type(st, i) == SQLITE_NULL) sb_str(b, "null");
+    else {
+        snprintf(num, sizeof num, "%lld", (long long)sqlite3_column_int64(st, i));
+        sb_str(b, num);
+    }
+}
+
+static void sb_col_str(sbuf *b, sqlite3_stmt *st, int i) {
+    sb_json_str(b, store_col_text(st, i), sqlite3_column_type(st, i) == SQLITE_NULL);
+}
+
+/* Appends the job object; 0, or -1 when there is no such job (in that project). */
+static int render_into(sbuf *b, const char *job_id, const char *project_id) {
     sqlite3_stmt *st = store_stmt(
         "SELECT id, project_id, status, model, spec, training_file, validation_file, created_at, started_at, "
-        "finished_at, fine_tuned_model, trained_tokens, error, attempts, lease_gen FROM jobs "
+        "finished_at, fine_tuned_model, trained_tokens, error, attempts FROM jobs "
         "WHERE id=?1 AND (?2 IS NULL OR project_id=?2)");
     sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
     if (project_id) sqlite3_bind_text(st, 2, project_id, -1, SQLITE_STATIC);
     if (sqlite3_step(st) != SQLITE_ROW) {
         sqlite3_reset(st);
-        return NULL;
+        return -1;
     }
-    json_t *spec = json_loads(store_col_text(st, 4), 0, NULL);
-    if (!spec) spec = json_object();
-    json_t *err = sqlite3_column_type(st, 12) == SQLITE_NULL ? json_null() : json_loads(store_col_text(st, 12), 0, NULL);
-    json_t *j = json_pack("{s:s, s:s, s:I, s:o, s:o, s:o, s:s, s:s, s:s, s:o, s:s, s:o, s:o, s:o, s:o, s:I, s:o}",
-                          "object", "fine_tuning.job", "id", store_col_text(st, 0), "created_at",
-                          (json_int_t)sqlite3_column_int64(st, 7), "error", err ? err : json_null(),
-                          "fine_tuned_model", text_or_null(st, 10), "finished_at", int_or_null(st, 9), "model",
-                          store_col_text(st, 3), "organization_id", store_col_text(st, 1), "status",
-                          store_col_text(st, 2), "trained_tokens", int_or_null(st, 11), "training_file",
-                          store_col_text(st, 5), "validation_file", text_or_null(st, 6), "started_at",
-                          int_or_null(st, 8), "estimated_finish", json_null(), "integrations", json_array(),
-                          "attempts", (json_int_t)sqlite3_column_int64(st, 13), "result_files", json_array());
+    sb_str(b, "{\"object\":\"fine_tuning.job\",\"id\":");
+    sb_col_str(b, st, 0);
+    sb_str(b, ",\"created_at\":");
+    sb_col_int(b, st, 7);
+    /* error is stored as a JSON object written by the server itself */
+    sb_str(b, ",\"error\":");
+    sb_str(b, sqlite3_column_type(st, 12) == SQLITE_NULL ? "null" : store_col_text(st, 12));
+    sb_str(b, ",\"fine_tuned_model\":");
+    sb_col_str(b, st, 10);
+    sb_str(b, ",\"finished_at\":");
+    sb_col_int(b, st, 9);
+    sb_str(b, ",\"model\":");
+    sb_col_str(b, st, 3);
+    sb_str(b, ",\"organization_id\":");
+    sb_col_str(b, st, 1);
+    sb_str(b, ",\"status\":");
+    sb_col_str(b, st, 2);
+    sb_str(b, ",\"trained_tokens\":");
+    sb_col_int(b, st, 11);
+    sb_str(b, ",\"training_file\":");
+    sb_col_str(b, st, 5);
+    sb_str(b, ",\"validation_file\":");
+    sb_col_str(b, st, 6);
+    sb_str(b, ",\"started_at\":");
+    sb_col_int(b, st, 8);
+    sb_str(b, ",\"estimated_finish\":null,\"integrations\":[],\"attempts\":");
+    sb_col_int(b, st, 13);
+    sb_str(b, ",");
+    sb_str(b, spec_fragment(job_id, store_col_text(st, 4)));
     sqlite3_reset(st);
-    /* Spec fields ride along as they were normalised at creation. */
-    const char *copy[] = {"seed", "metadata", "method", "hyperparameters", "adapter", "resources"};
-    for (size_t i = 0; i < sizeof copy / sizeof copy[0]; i++) {
-        json_t *v = json_object_get(spec, copy[i]);
-        json_object_set(j, copy[i], v ? v : json_null());
-    }
-    json_object_set(j, "user_provided_suffix", json_object_get(spec, "suffix") ? json_object_get(spec, "suffix") : json_null());
-    json_decref(spec);
+    sb_str(b, ",\"result_files\":[");
     st = store_stmt("SELECT file_id FROM result_files r JOIN files f ON f.id=r.file_id WHERE r.job_id=? ORDER BY f.seq");
     sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
-    json_t *rf = json_object_get(j, "result_files");
-    while (sqlite3_step(st) == SQLITE_ROW) json_array_append_new(rf, json_string(store_col_text(st, 0)));
+    for (int k = 0; sqlite3_step(st) == SQLITE_ROW; k++) {
+        if (k) sb_str(b, ",");
+        sb_col_str(b, st, 0);
+    }
     sqlite3_reset(st);
+    sb_str(b, "]}");
+    return 0;
+}
+
+char *jobs_render(const char *job_id, const char *project_id) {
+    sbuf b = {0};
+    if (render_into(&b, job_id, project_id) != 0) {
+        free(b.p);
+        return NULL;
+    }
+    return b.p;
+}
+
+char *jobs_render_list(char (*ids)[40], int n, const char *project_id, int has_more) {
+    sbuf b = {0};
+    sb_str(&b, "{\"object\":\"list\",\"data\":[");
+    int k = 0;
+    for (int i = 0; i < n; i++) {
+        size_t mark = b.len;
+        if (k) sb_str(&b, ",");
+        if (render_into(&b, ids[i], project_id) != 0) {
+            b.len = mark; /* vanished meanwhile */
+            b.p[b.len] = 0;
+        } else {
+            k++;
+        }
+    }
+    sb_str(&b, has_more ? "],\"has_more\":true}" : "],\"has_more\":false}");
+    return b.p;
+}
+
+json_t *jobs_object(const char *job_id, const char *project_id) {
+    char *text = jobs_render(job_id, project_id);
+    if (!text) return NULL;
+    json_t *j = json_loads(text, 0, NULL);
+    free(text);
     return j;
 }
 

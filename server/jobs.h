@@ -38,6 +38,10 @@ void jobs_notify(const char *job_id);
 /* The OpenAI fine_tuning.job object of a job id (NULL when it does not exist or, with
  * project_id != NULL, belongs to another project). */
 json_t *jobs_object(const char *job_id, const char *project_id);
+/* The same object as JSON text (the fast path of GET job); caller frees. NULL when absent. */
+char *jobs_render(const char *job_id, const char *project_id);
+/* {"object":"list","data":[jobs…],"has_more":…} for the given ids (skipping vanished ones). */
+char *jobs_render_list(char (*ids)[40], int n, const char *project_id, int has_more);
 /* The event object of a row selected with JOBS_EVENT_COLS. */
 #define JOBS_EVENT_COLS "seq, created_at, level, type, message, data"
 json_t *jobs_event_row(sqlite3_stmt *st);

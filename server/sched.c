@@ -161,43 +161,79 @@ static int grant(const char *job_id, int ranks, pool_worker **who, const int *ta
     return 0;
 }
 
+typedef struct candidate {
+    int64_t seq;
+    char id[40];
+    char model[257];
+    char device[8];
+    int ranks;
+} candidate;
+
+static int cmp_candidate(const void *a, const void *b) {
+    int64_t x = ((const candidate *)a)->seq, y = ((const candidate *)b)->seq;
+    return x < y ? -1 : x > y;
+}
+
+#define CAND_MAX 1024
+
+/* Queued jobs past their backoff whose model some pool worker holds, oldest first. Looking model
+ * by model (index jobs_queue) keeps a long queue of jobs nobody can run from hiding the others. */
+static int collect_candidates(double now, candidate *out) {
+    const char *models[POOL_MAX * 4];
+    int nm = 0, n = 0;
+    for (int i = 0; i < g_npool; i++)
+        for (int k = 0; k < g_pool[i]->n_models && nm < POOL_MAX * 4; k++) {
+            int seen = 0;
+            for (int j = 0; j < nm && !seen; j++) seen = strcmp(models[j], g_pool[i]->models[k]) == 0;
+            if (!seen) models[nm++] = g_pool[i]->models[k];
+        }
+    for (int m = 0; m < nm && n < CAND_MAX; m++) {
+        sqlite3_stmt *st = store_stmt("SELECT seq, id, ranks, device FROM jobs WHERE status='queued' AND model=? "
+                                      "AND not_before_f<=? ORDER BY seq LIMIT 50");
+        sqlite3_bind_text(st, 1, models[m], -1, SQLITE_STATIC);
+        sqlite3_bind_double(st, 2, now);
+        while (n < CAND_MAX && sqlite3_step(st) == SQLITE_ROW) {
+            candidate *c = &out[n++];
+            c->seq = sqlite3_column_int64(st, 0);
+            snprintf(c->id, sizeof c->id, "%s", store_col_text(st, 1));
+            snprintf(c->model, sizeof c->model, "%s", models[m]);
+            c->ranks = sqlite3_column_int(st, 2);
+            snprintf(c->device, sizeof c->device, "%s", store_col_text(st, 3));
+        }
+        sqlite3_reset(st);
+    }
+    qsort(out, (size_t)n, sizeof *out, cmp_candidate);
+    return n;
+}
+
 /* One pass over the queue with the current pool. */
 static void schedule(const char *asking, double now) {
-    sqlite3_stmt *st = store_stmt("SELECT id, model, ranks, device FROM jobs WHERE status='queued' AND not_before_f<=? "
-                                  "ORDER BY seq LIMIT 100");
-    sqlite3_bind_double(st, 1, now);
-    char ids[100][40], models[100][257], devs[100][8];
-    int ranks[100], n = 0;
-    while (n < 100 && sqlite3_step(st) == SQLITE_ROW) {
-        snprintf(ids[n], 40, "%s", store_col_text(st, 0));
-        snprintf(models[n], 257, "%s", store_col_text(st, 1));
-        ranks[n] = sqlite3_column_int(st, 2);
-        snprintf(devs[n], 8, "%s", store_col_text(st, 3));
-        n++;
-    }
-    sqlite3_reset(st);
+    candidate *cand = ln_xmalloc(CAND_MAX * sizeof *cand);
+    int n = collect_candidates(now, cand);
     int granted = 0;
     for (int j = 0; j < n; j++) {
+        const char *model = cand[j].model, *dev = cand[j].device, *job_id = cand[j].id;
+        int ranks = cand[j].ranks;
         pool_worker *fit[POOL_MAX];
         int nfit = 0, total = 0, single = -1;
         /* The asking worker first, then the others in pool order. */
         pool_worker *me = asking ? pool_find(asking) : NULL;
-        if (me && worker_fits(me, models[j], devs[j])) fit[nfit++] = me;
+        if (me && worker_fits(me, model, dev)) fit[nfit++] = me;
         for (int i = 0; i < g_npool; i++)
-            if (g_pool[i] != me && worker_fits(g_pool[i], models[j], devs[j])) fit[nfit++] = g_pool[i];
+            if (g_pool[i] != me && worker_fits(g_pool[i], model, dev)) fit[nfit++] = g_pool[i];
         for (int i = 0; i < nfit; i++) {
             total += fit[i]->free_devices;
-            if (single < 0 && fit[i]->free_devices >= ranks[j]) single = i;
+            if (single < 0 && fit[i]->free_devices >= ranks) single = i;
         }
-        if (total < ranks[j]) continue;
+        if (total < ranks) continue;
         pool_worker *who[POOL_MAX];
         int take[POOL_MAX], nwho = 0;
         if (single >= 0) {
             who[0] = fit[single];
-            take[0] = ranks[j];
+            take[0] = ranks;
             nwho = 1;
         } else {
-            int left = ranks[j];
+            int left = ranks;
             for (int i = 0; i < nfit && left > 0; i++) {
                 int t = fit[i]->free_devices < left ? fit[i]->free_devices : left;
                 who[nwho] = fit[i];
@@ -205,11 +241,12 @@ static void schedule(const char *asking, double now) {
                 left -= t;
             }
         }
-        if (grant(ids[j], ranks[j], who, take, nwho, now) == 0) {
+        if (grant(job_id, ranks, who, take, nwho, now) == 0) {
             granted = 1;
-            jobs_notify(ids[j]);
+            jobs_notify(job_id);
         }
     }
+    free(cand);
     if (granted) http_wake_all(); /* other gang members pick their ranks up */
 }
 

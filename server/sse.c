@@ -119,7 +119,7 @@ enum MHD_Result sse_start(http_req *r, const char *job_id, int64_t after_seq) {
     c->dirty = 1;
     /* Tell the client at once that the stream is open (and how long to wait before reconnecting). */
     buf_append(c, "retry: 2000\n\n", 13);
-    struct MHD_Response *resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 32 * 1024, sse_read, c, sse_free);
+    struct MHD_Response *resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 8 * 1024, sse_read, c, sse_free);
     MHD_add_response_header(resp, "Content-Type", "text/event-stream");
     MHD_add_response_header(resp, "Cache-Control", "no-cache");
     MHD_add_response_header(resp, "X-Accel-Buffering", "no");
