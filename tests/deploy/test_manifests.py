@@ -217,10 +217,13 @@ def test_worker_statefulset(name, rendered):
 
 
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
-def test_network_policies_select_the_pods(name, rendered):
+def test_policies_select_the_pods(name, rendered):
     docs = rendered[name]
     server_labels = one(docs, "Deployment", "loranull-server")["spec"]["template"]["metadata"]["labels"]
     worker_labels = one(docs, "StatefulSet", "loranull-worker")["spec"]["template"]["metadata"]["labels"]
+    pdb = one(docs, "PodDisruptionBudget", "loranull-worker")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= worker_labels.items()
+    assert pdb["spec"]["maxUnavailable"] == 1
     pols = {p["metadata"]["name"]: p["spec"] for p in by_kind(docs, "NetworkPolicy")}
     assert pols["loranull-server"]["podSelector"]["matchLabels"].items() <= server_labels.items()
     w = pols["loranull-worker"]
