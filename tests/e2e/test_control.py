@@ -82,6 +82,21 @@ def test_pause_stops_training_and_resume_continues_to_the_same_adapter(env, refe
     assert result_files(env.srv, env.key, done)["adapter_model.safetensors"] == reference_adapter
 
 
+def test_paused_job_resumes_on_another_worker_from_its_last_uploaded_checkpoint(env, reference_adapter):
+    w1 = env.worker("w1")
+    job = start_long_job(env, w1)
+    api = env.srv.client(env.key)
+    assert api.post(env.srv.url(f"/v1/fine_tuning/jobs/{job['id']}/pause")).json()["status"] == "paused"
+    wait_for(lambda: f"job {job['id']}: stopped" in w1.log(), 10, "the worker to stop the paused job")
+    w1.term()
+    last = max(c["step_number"] for c in checkpoints(env.srv, env.key, job["id"]))
+    env.worker("w2")
+    assert api.post(env.srv.url(f"/v1/fine_tuning/jobs/{job['id']}/resume")).status_code == 200
+    done = finished(env, job)
+    assert any(f"Resuming from the checkpoint at step {last}" in m for m in messages(env, job))
+    assert result_files(env.srv, env.key, done)["adapter_model.safetensors"] == reference_adapter
+
+
 def test_sigterm_when_idle_exits_at_once(env):
     w = env.worker("idle")
     time.sleep(0.5)  # registered and long-polling for a lease
