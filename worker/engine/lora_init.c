@@ -4,6 +4,7 @@
 #include <cblas.h>
 #include <lapacke.h>
 #include <math.h>
+#include <omp.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -253,42 +254,88 @@ static int compute_basis(const double *C, int d, int r, double **out, ln_err *e)
     return 0;
 }
 
-/* The basis of a registered C for rank r (computed on first use; the lock is held across the
- * solve so two layers sharing C never solve twice), or NULL with *registered = 0. */
+/* Solves every registered covariance that has no rank-r basis yet, several at once (one OpenBLAS
+ * thread each, spread over OpenMP threads): a layer's q,k,v / o / gate,up / down inputs, and every
+ * layer's, are independent, and one tridiagonal reduction uses threads poorly. Called with the lock
+ * held. Each solve is single-threaded, so the bits do not depend on the thread count. */
+static int prefetch_bases(int r, ln_err *e) {
+    int n = 0;
+    for (basis_entry *b = basis_list; b; b = b->next) n++;
+    basis_entry **todo = ln_xcalloc((size_t)n + 1, sizeof *todo);
+    int k = 0;
+    for (basis_entry *b = basis_list; b; b = b->next) {
+        if (b->d < r) continue;
+        int have = 0, dup = 0;
+        for (basis_entry *c = basis_list; c; c = c->next)
+            if (c->C == b->C && c->r == r && c->U) have = 1;
+        for (int j = 0; j < k; j++)
+            if (todo[j]->C == b->C) dup = 1;
+        if (!have && !dup) todo[k++] = b;
+    }
+    double **U = ln_xcalloc((size_t)k + 1, sizeof *U);
+    int failed = 0;
+    ln_err first = {{0}};
+    ln_blas_threads_end();
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int j = 0; j < k; j++) {
+        ln_err le;
+        double *u = malloc((size_t)todo[j]->d * r * sizeof(double));
+        if (!u || ln_nullspace_basis_1t(todo[j]->C, todo[j]->d, r, u, NULL, &le) != 0) {
+            free(u);
+            u = NULL;
+#pragma omp critical
+            {
+                if (!failed) first = le;
+                failed = 1;
+            }
+        }
+        U[j] = u;
+    }
+    ln_blas_threads_begin(); /* back to how ln_init_layer runs the rest */
+    for (int j = 0; j < k; j++) {
+        if (!U[j]) continue;
+        eigensolves++;
+        basis_entry *b = todo[j];
+        if (b->U) { /* this C already has a basis of another rank: add an entry for this one */
+            b = ln_xcalloc(1, sizeof *b);
+            b->C = todo[j]->C;
+            b->d = todo[j]->d;
+            b->next = basis_list;
+            basis_list = b;
+        }
+        b->r = r;
+        b->U = U[j];
+    }
+    free(U);
+    free(todo);
+    if (failed) {
+        if (e) *e = first;
+        return -1;
+    }
+    return 0;
+}
+
+/* The basis of a registered C for rank r (solving every registered covariance's on first use), or
+ * NULL with *registered = 0 when C was not registered. */
 static const double *shared_basis(const double *C, int d, int r, int *registered, ln_err *e) {
     const double *res = NULL;
     *registered = 0;
     pthread_mutex_lock(&basis_mu);
-    basis_entry *reg = NULL;
-    for (basis_entry *b = basis_list; b; b = b->next) {
-        if (b->C != C || b->d != d) continue;
-        reg = b;
-        if (b->r == r && b->U) {
-            res = b->U;
-            break;
-        }
-    }
-    if (reg && !res) {
-        double *U = ln_try_alloc((size_t)d * r * sizeof(double), "LoRA-Null: basis", e);
-        if (U && ln_nullspace_basis(C, d, r, U, NULL, e) == 0) {
-            eigensolves++;
-            basis_entry *b = reg;
-            if (b->U) { /* another rank already cached: add an entry for this one */
-                b = ln_xcalloc(1, sizeof *b);
-                b->C = C;
-                b->d = d;
-                b->next = basis_list;
-                basis_list = b;
+    for (int pass = 0; pass < 2 && !res; pass++) {
+        int reg = 0;
+        for (basis_entry *b = basis_list; b; b = b->next) {
+            if (b->C != C || b->d != d) continue;
+            reg = 1;
+            if (b->r == r && b->U) {
+                res = b->U;
+                break;
             }
-            b->r = r;
-            b->U = U;
-            res = U;
-        } else {
-            free(U);
         }
+        *registered = reg;
+        if (!reg || res || pass == 1) break;
+        if (prefetch_bases(r, e) != 0) break;
     }
     pthread_mutex_unlock(&basis_mu);
-    *registered = reg != NULL;
     return res;
 }
 

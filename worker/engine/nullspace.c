@@ -147,7 +147,7 @@ int ln_cov_finish(const ln_cov *c, double *C, ln_err *e) {
 
 /* ---------------------------------------------------------------- null space */
 
-int ln_nullspace_basis(const double *C, int d, int r, double *U, double *evals, ln_err *e) {
+static int basis_impl(const double *C, int d, int r, double *U, double *evals, int all_threads, ln_err *e) {
     if (r <= 0 || r > d) return ln_errf(e, "null space: rank %d must be in 1..%d (d_in)", r, d);
     double *a = ln_try_alloc((size_t)d * d * sizeof(double), "null space: copy of C", e);
     double *w = ln_try_alloc((size_t)d * sizeof(double), "null space: eigenvalues", e);
@@ -156,12 +156,12 @@ int ln_nullspace_basis(const double *C, int d, int r, double *U, double *evals, 
     if (!a || !w || !isuppz) goto out;
     memcpy(a, C, (size_t)d * d * sizeof(double));
     lapack_int m = 0;
-    ln_blas_threads_begin();
+    if (all_threads) ln_blas_threads_begin();
     /* Range 'I', il=1..iu=r: LAPACK returns the r smallest eigenpairs, ascending. abstol 0 lets
      * dsyevr pick its default (accurate) tolerance. */
     lapack_int info = LAPACKE_dsyevr(LAPACK_ROW_MAJOR, 'V', 'I', 'U', d, a, d, 0.0, 0.0, 1, r, 0.0,
                                      &m, w, U, r, isuppz);
-    ln_blas_threads_end();
+    if (all_threads) ln_blas_threads_end();
     if (info != 0) {
         ln_errf(e, "null space: dsyevr failed (info %d) on a %d x %d covariance", (int)info, d, d);
         goto out;
@@ -177,6 +177,14 @@ out:
     free(w);
     free(isuppz);
     return rc;
+}
+
+int ln_nullspace_basis(const double *C, int d, int r, double *U, double *evals, ln_err *e) {
+    return basis_impl(C, d, r, U, evals, 1, e);
+}
+
+int ln_nullspace_basis_1t(const double *C, int d, int r, double *U, double *evals, ln_err *e) {
+    return basis_impl(C, d, r, U, evals, 0, e);
 }
 
 int ln_nullspace_factor(const float *W0, int d_out, int d_in, const double *U, int r, double scale,

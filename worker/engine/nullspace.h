@@ -53,6 +53,10 @@ int ln_cov_finish(const ln_cov *c, double *C, ln_err *e);
  * eigenvectors are computed — never a full SVD of C. U (d × r) gets the vectors in ascending
  * eigenvalue order; evals (r, may be NULL) the eigenvalues. C is not modified. */
 int ln_nullspace_basis(const double *C, int d, int r, double *U, double *evals, ln_err *e);
+/* The same on the caller's thread with OpenBLAS left as it is (one thread in the engine): for
+ * solving several covariances at once from an OpenMP loop. Its bits do not depend on the thread
+ * count. */
+int ln_nullspace_basis_1t(const double *C, int d, int r, double *U, double *evals, ln_err *e);
 
 /* The LoRA-Null factors of W0 on the basis U (d_in × r, orthonormal columns):
  *   M = W0 U (d_out × r),  thin SVD M = P S Qᵀ,
