@@ -112,3 +112,28 @@ def test_non_finite_loss_fails_with_an_actionable_message(env, tmp_path):
     assert done["status"] == "failed", w.log()
     assert done["error"]["code"] == "training_diverged", done["error"]
     assert "step 1" in done["error"]["message"] and "not finite" in done["error"]["message"], done["error"]
+
+
+def test_two_rank_job_on_one_worker_matches_one_rank(env, tmp_path):
+    """resources.ranks=2 on a worker started with --ranks 2: tensor parallel on threads; the adapter
+    equals the one-rank job's up to float rounding (partial sums added in another order)."""
+    from safetensors.numpy import load
+
+    env.worker("w2ranks", extra=("--ranks", "2"))
+    jobs = []
+    for ranks in (1, 2):
+        spec = dict(model="tiny-llama", training_file=env.train_id, seed=7,
+                    hyperparameters={"n_epochs": 1, "batch_size": 4, "learning_rate": 0.01},
+                    adapter={"type": "lora_null_v2", "rank": 4,
+                             "calibration": {"file": env.facts_id, "samples": 32, "max_length": 64}},
+                    resources={"ranks": ranks, "device": "cpu"})
+        jobs.append(env.srv.create_job(env.key, **spec))
+    out = []
+    for job in jobs:
+        done = env.srv.wait_status(env.key, job["id"], {"succeeded", "failed"}, timeout=120)
+        assert done["status"] == "succeeded", (done["error"], env.workers[0].log())
+        out.append(load(result_files(env.srv, env.key, done)["adapter_model.safetensors"]))
+    assert any("tensor-parallel" in e["message"] for e in events(env.srv, env.key, jobs[1]["id"]))
+    assert out[0].keys() == out[1].keys()
+    for k in out[0]:
+        np.testing.assert_allclose(out[1][k], out[0][k], rtol=1e-3, atol=1e-5, err_msg=k)

@@ -594,10 +594,15 @@ static void job_begin(wd_daemon *d, json_t *lease) {
     char *md = ln_path_join(d->cfg.models_dir, r->spec.model);
     snprintf(r->model_dir, sizeof r->model_dir, "%s", md);
     free(md);
-    if (world > 1) {
+    int mine = (int)json_array_size(json_object_get(lease, "ranks"));
+    r->world = world > 1 ? world : 1;
+    if (world > 1 && mine != world) {
+        /* A gang over several workers needs NCCL between them (the CUDA build). */
         snprintf(r->err_code, sizeof r->err_code, "unsupported_resources");
         snprintf(r->err_msg, sizeof r->err_msg,
-                 "resources.ranks=%d: this worker runs single-rank jobs only; submit with resources.ranks=1", world);
+                 "resources.ranks=%d was split over several workers (%d rank(s) here); this CPU worker runs "
+                 "multi-rank jobs only when it holds every rank (start it with --ranks %d)",
+                 world, mine, world);
         j->final = FINAL_FAIL;
         j->phase = PHASE_REPORTING;
         return;

@@ -21,6 +21,7 @@
 #include "worker/engine/export.h"
 #include "worker/engine/lora_init.h"
 #include "worker/engine/model.h"
+#include "worker/engine/tensor_parallel.h"
 #include "worker/engine/tokenizer.h"
 #include "worker/engine/train.h"
 
@@ -339,11 +340,29 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
     to.on_row = on_row;
     to.should_stop = should_stop;
     to.cb_ctx = r;
-    wd_outbox_event(r->out, "info", NULL, "Training: %lld steps of %d examples (%d epoch%s, learning rate %g)",
+    wd_outbox_event(r->out, "info", NULL, "Training: %lld steps of %d examples (%d epoch%s, learning rate %g)%s",
                     (long long)r->total_steps, per_step, hp->n_epochs, hp->n_epochs == 1 ? "" : "s",
-                    hp->learning_rate);
+                    hp->learning_rate, r->world > 1 ? ", tensor-parallel" : "");
     ln_train_result res;
-    int rc = ln_train(p->m, &p->ad, p->ds, &to, &res, &e);
+    int rc;
+    if (r->world > 1) {
+        /* ln_tp_train runs the ranks on threads and gathers the adapter back; it takes no
+         * checkpoints, evaluation or stop hook yet, so drift is measured once, at the end. */
+        to.out_dir = NULL;
+        to.resume = NULL;
+        to.eval = NULL;
+        to.eval_ctx = NULL;
+        to.should_stop = NULL;
+        rc = ln_tp_train(p->m, &p->ad, p->ds, &to, r->world, &res, &e);
+        if (rc == 0 && p->drift) {
+            json_t *row = json_object();
+            rc = on_eval(p->m, &p->ad, res.steps, row, r, &e);
+            if (rc == 0) wd_outbox_metrics(r->out, res.steps, row_values(row));
+            json_decref(row);
+        }
+    } else {
+        rc = ln_train(p->m, &p->ad, p->ds, &to, &res, &e);
+    }
     free(out);
     if (rc != 0) {
         json_decref(before);

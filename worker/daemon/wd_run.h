@@ -42,6 +42,9 @@ typedef struct wd_run {
     char train_path[WD_PATH_MAX], val_path[WD_PATH_MAX], calib_path[WD_PATH_MAX]; /* "" = none */
     char resume[WD_PATH_MAX];          /* checkpoint to continue from, "" = fresh */
     char cache_dir[WD_PATH_MAX];       /* calibration cache shared by jobs */
+    int world;                         /* tensor-parallel ranks, all on this worker (threads); 1 = plain.
+                                        * Multi-rank runs (ln_tp_train) have no checkpoints yet and
+                                        * see a stop only when they end. */
     wd_outbox *out;
     uv_async_t *wake;                  /* woken when done (may be NULL) */
 
