@@ -534,3 +534,37 @@ def test_online_backup_and_restore_as_the_readme_says(tmp_path, secrets):
         assert r.stdout.strip() == "ok", r.stdout + r.stderr
     finally:
         s2.stop()
+
+
+def test_upgrade_applies_new_migrations_at_start(tmp_path, secrets):
+    # deploy/README.md "Upgrade": a new image brings new migrations; the server applies them at
+    # start, through the same entrypoint, and the data (keys, files) is still there.
+    migrations = tmp_path / "migrations"
+    shutil.copytree(ROOT / "migrations", migrations)
+    env = server_env(tmp_path, secrets, free_port())
+    env["LORANULL_MIGRATIONS_DIR"] = str(migrations)
+    s = EntrypointServer(env, tmp_path / "server.log")
+    try:
+        r = requests.post(s.base + "/v1/files", headers={"Authorization": f"Bearer {KEY_A}"},
+                          data={"purpose": "fine-tune"}, files={"file": ("a.jsonl", b'{"text": "a"}\n')})
+        assert r.status_code in (200, 201), r.text
+        file_id = r.json()["id"]
+    finally:
+        s.stop()
+    (migrations / "999_deploy_upgrade_probe.sql").write_text(
+        "CREATE TABLE deploy_upgrade_probe (x INTEGER);\n")
+    s = EntrypointServer(env, tmp_path / "server.log")
+    try:
+        status, body = http("GET", f"{s.base}/v1/files/{file_id}", KEY_A)
+        assert status == 200, body
+    finally:
+        s.stop()
+    db = pathlib.Path(env["LORANULL_DATA_DIR"]) / "loranull.db"
+    r = subprocess.run(["sqlite3", str(db), "SELECT name FROM schema_migrations ORDER BY version"],
+                       capture_output=True, text=True, timeout=30)
+    names = r.stdout.split()
+    assert names[-1] == "999_deploy_upgrade_probe.sql", names
+    assert len(names) == len(list(migrations.glob("[0-9][0-9][0-9]_*.sql")))
+    r = subprocess.run(["sqlite3", str(db), "SELECT count(*) FROM deploy_upgrade_probe"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.strip() == "0", r.stderr
