@@ -46,7 +46,7 @@ export function render(main, [jobId]) {
   const store = new MetricStore(jobId, call);
   const st = {
     job: null, events: [], stage: -1, stageAt: new Array(STAGES.length).fill(null),
-    drawnVersion: -1, files: new Map(), ckptCount: -1, showMetricEvents: false, notFound: false,
+    drawnVersion: -1, finalMetrics: false, files: new Map(), ckptCount: -1, showMetricEvents: false, notFound: false,
   };
   const stops = [];
   let stream = null;
@@ -143,10 +143,13 @@ export function render(main, [jobId]) {
       el("a", { href: "#/jobs" }, "← Back to jobs")));
   }
 
+  // Polls until one read that started after the job was known to be final: a worker posts its
+  // last points before it completes, so that read has them all.
   async function loadMetrics() {
-    if (st.job && TERMINAL.has(st.job.status) && st.drawnVersion >= 0 && st.finalMetrics) return;
+    if (st.finalMetrics) return;
+    const final = !!st.job && TERMINAL.has(st.job.status);
     await store.refresh(abort.signal);
-    if (st.job && TERMINAL.has(st.job.status)) st.finalMetrics = true;
+    if (final) st.finalMetrics = true;
     drawCharts();
   }
 
@@ -298,11 +301,13 @@ export function render(main, [jobId]) {
     }
     driftChart.set([mean]);
     heatmap.set(layers);
+    if (st.ckpts && st.ckpts.length) renderCheckpoints(st.ckpts);
     if (st.job) renderJob();
   }
 
   function renderCheckpoints(list) {
     st.ckptCount = list.length;
+    st.ckpts = list;
     clear(ckptBody);
     if (!list.length) {
       ckptBody.appendChild(el("tr", el("td.muted", { colspan: 4 }, "No checkpoints yet.")));
@@ -310,7 +315,8 @@ export function render(main, [jobId]) {
     }
     for (const c of list) {
       const m = c.metrics || {};
-      const loss = m.train_loss ?? m.loss ?? m.full_valid_loss ?? m.valid_loss;
+      // The checkpoint's own metrics when the worker sent some, else the training loss of that step.
+      const loss = m.train_loss ?? m.loss ?? m.full_valid_loss ?? m.valid_loss ?? store.merged(M.trainLoss)?.get(c.step_number);
       ckptBody.appendChild(el("tr", { "data-step": c.step_number },
         el("td", c.step_number),
         el("td", fmtTime(c.created_at)),

@@ -41,6 +41,7 @@ export class MetricStore {
     this.call = call;
     this.series = new Map(); // name → Map(step → value)
     this.maxStep = -1;
+    this.polledStep = -1;    // the newest step read from …/metrics (events do not move it)
     this.version = 0;        // bumped on every change, so views redraw only when needed
   }
 
@@ -69,12 +70,17 @@ export class MetricStore {
   }
 
   async refresh(signal) {
-    const after = this.maxStep < 0 ? -1 : Math.max(-1, this.maxStep - REREAD_STEPS);
+    // The cursor is the newest step this endpoint returned, not the newest step any source gave:
+    // step events over SSE run ahead of the points, which must still all be read.
+    const after = this.polledStep - REREAD_STEPS;
     const q = after >= 0 ? `?after_step=${after}` : "";
     const body = await this.call(`/v1/fine_tuning/jobs/${encodeURIComponent(this.jobId)}/metrics${q}`, { signal });
     for (const s of body.data || []) {
       const n = Math.min(s.steps.length, s.values.length);
-      for (let i = 0; i < n; i++) this.add(s.name, s.steps[i], s.values[i]);
+      for (let i = 0; i < n; i++) {
+        this.add(s.name, s.steps[i], s.values[i]);
+        if (s.steps[i] > this.polledStep) this.polledStep = s.steps[i];
+      }
     }
     return this;
   }
