@@ -97,7 +97,8 @@ def run_train(work, method, steps=50, extra=()):
     out = work["dir"] / f"run_{method}_{steps}"
     if not (out / "knowledge_drift.json").exists():
         ln("train", "--model", work["base"], "--data", work["dir"] / "train.jsonl", "--out", out, "--method", method,
-           "--rank", R, "--lr", "1e-3", "--max-steps", steps, "--batch-size", 4, "--seed", 1, *calib_args(work), *extra)
+           "--rank", R, "--lr", "1e-3", "--max-steps", steps, "--batch-size", 4, "--seed", 1, "--eval-every", 25,
+           *calib_args(work), *extra)
     return out
 
 
@@ -204,9 +205,10 @@ def test_drift_v2_ten_times_below_lora(work):
         print(f"{k:40s} lora {a[k]:.3e}  lora_null_v2 {b[k]:.3e}  ratio {a[k] / b[k]:.1f}")
         assert a[k] > 0 and b[k] * 10 <= a[k], f"{k}: lora_null_v2 drift {b[k]:.3e} not 10x below lora's {a[k]:.3e}"
     print(f"mean drift: lora {d_lora['knowledge_drift_mean']:.3e}, lora_null_v2 {d_v2['knowledge_drift_mean']:.3e}")
-    # the metrics stream carries it too (the last row, after the final eval)
-    last = json.loads((run_train(work, "lora_null_v2") / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last["knowledge_drift"] == b
+    # the metrics stream carries it every eval interval, and the last row after the final eval
+    rows = [json.loads(x) for x in (run_train(work, "lora_null_v2") / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "knowledge_drift" in r] == [25, 50]
+    assert rows[-1]["knowledge_drift"] == b
 
 
 @pytest.mark.parametrize("method", ["lora_null_v1", "lora"])
