@@ -32,7 +32,11 @@ def test_kill9_then_another_worker_resumes_to_the_same_adapter(env, reference_ad
     w1 = env.worker("w1")
     job = start_long_job(env, w1)
     w1.kill9()
-    last = max(c["step_number"] for c in checkpoints(env.srv, env.key, job["id"]))
+    cks = checkpoints(env.srv, env.key, job["id"])
+    last = max(c["step_number"] for c in cks)
+    losses = metrics(env.srv, env.key, job["id"], "loss")["loss"]
+    for c in cks:  # each checkpoint carries its step's training loss, as OpenAI's do
+        assert abs(c["metrics"]["train_loss"] - losses[c["step_number"]]) < 1e-9, c
     w2 = env.worker("w2")
     done = finished(env, job)
     assert done["attempts"] == 2

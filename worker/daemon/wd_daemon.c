@@ -60,6 +60,7 @@ typedef struct wd_job {
 
     int ck_busy, ck_have;                  /* checkpoint upload: file, then its record */
     int64_t ck_step;
+    double ck_loss;
     char ck_dir[WD_PATH_MAX];
     double ck_next, ck_backoff;
 
@@ -319,8 +320,10 @@ static void on_ck_file(const wd_resp *r, void *ctx) {
         const char *fid = json_string_value(json_object_get(f, "id"));
         char path[160];
         snprintf(path, sizeof path, "/internal/v1/jobs/%s/checkpoints", j->id);
-        json_t *b = json_pack("{s:I, s:I, s:[s]}", "lease_generation", (json_int_t)j->gen, "step",
-                              (json_int_t)j->ck_step, "files", fid ? fid : "");
+        json_t *b = json_pack("{s:I, s:I, s:[s], s:{}}", "lease_generation", (json_int_t)j->gen, "step",
+                              (json_int_t)j->ck_step, "files", fid ? fid : "", "metrics");
+        if (isfinite(j->ck_loss))
+            json_object_set_new(json_object_get(b, "metrics"), "train_loss", json_real(j->ck_loss));
         json_decref(f);
         if (wd_http_json(j->d->http, "POST", path, b, 30.0, on_ck_record, j) == 0) j->ck_busy = 1;
     } else if (refused(r)) job_refused(j, r);
@@ -330,7 +333,7 @@ static void on_ck_file(const wd_resp *r, void *ctx) {
 
 static void upload_checkpoint(wd_job *j, double now) {
     if (j->ck_busy) return;
-    if (!j->ck_have && j->run_started && wd_run_take_checkpoint(&j->run, &j->ck_step, j->ck_dir)) {
+    if (!j->ck_have && j->run_started && wd_run_take_checkpoint(&j->run, &j->ck_step, &j->ck_loss, j->ck_dir)) {
         j->ck_have = 1;
         j->ck_mark = wd_outbox_appended(&j->out);
     }
@@ -352,7 +355,7 @@ static void upload_checkpoint(wd_job *j, double now) {
 }
 
 static int checkpoints_idle(wd_job *j) {
-    if (!j->ck_busy && !j->ck_have && wd_run_take_checkpoint(&j->run, &j->ck_step, j->ck_dir)) {
+    if (!j->ck_busy && !j->ck_have && wd_run_take_checkpoint(&j->run, &j->ck_step, &j->ck_loss, j->ck_dir)) {
         j->ck_have = 1;
         j->ck_mark = wd_outbox_appended(&j->out);
     }

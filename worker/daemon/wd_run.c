@@ -77,6 +77,7 @@ static void note_checkpoint(wd_run *r, int64_t step, const char *dir) {
     r->noted_step = step;
     pthread_mutex_lock(&r->mu);
     r->ckpt_step = step;
+    r->ckpt_loss = step == r->last_row_step ? r->last_row_loss : NAN;
     snprintf(r->ckpt_dir, sizeof r->ckpt_dir, "%s", dir);
     r->ckpt_new = 1;
     pthread_mutex_unlock(&r->mu);
@@ -132,6 +133,7 @@ static void on_row(json_t *row, void *ctx) {
     wd_run *r = ctx;
     int64_t step = json_integer_value(json_object_get(row, "step"));
     r->last_row_step = step;
+    r->last_row_loss = json_number_value(json_object_get(row, "loss"));
     wd_outbox_metrics(r->out, step, row_values(row));
     if (step % r->progress_every == 0 || step == r->total_steps) {
         double loss = json_number_value(json_object_get(row, "loss"));
@@ -465,11 +467,12 @@ void wd_run_finish(wd_run *r) {
     ln_jobspec_free(&r->spec);
 }
 
-int wd_run_take_checkpoint(wd_run *r, int64_t *step, char dir[WD_PATH_MAX]) {
+int wd_run_take_checkpoint(wd_run *r, int64_t *step, double *loss, char dir[WD_PATH_MAX]) {
     pthread_mutex_lock(&r->mu);
     int got = r->ckpt_new;
     if (got) {
         *step = r->ckpt_step;
+        *loss = r->ckpt_loss;
         snprintf(dir, WD_PATH_MAX, "%s", r->ckpt_dir);
         r->ckpt_new = 0;
     }

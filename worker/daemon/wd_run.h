@@ -53,6 +53,7 @@ typedef struct wd_run {
     atomic_int done;
     pthread_mutex_t mu;                /* guards ckpt_* */
     int64_t ckpt_step;
+    double ckpt_loss;                  /* training loss of the checkpoint's step */
     char ckpt_dir[WD_PATH_MAX];
     int ckpt_new;
 
@@ -67,6 +68,7 @@ typedef struct wd_run {
     /* ---- thread-private */
     uv_thread_t thread;
     int64_t total_steps, last_row_step, noted_step, drift_every, progress_every;
+    double last_row_loss;
     int save_every;
     void *priv;                        /* engine objects during the run */
 } wd_run;
@@ -77,8 +79,9 @@ void wd_run_init(wd_run *r);
 int wd_run_start(wd_run *r);
 /* Joins the thread (after done) and frees the spec. */
 void wd_run_finish(wd_run *r);
-/* 1 and the step + checkpoint directory when a checkpoint was written since the last call. */
-int wd_run_take_checkpoint(wd_run *r, int64_t *step, char dir[WD_PATH_MAX]);
+/* 1 and the step, its training loss and the checkpoint directory when a checkpoint was written
+ * since the last call. */
+int wd_run_take_checkpoint(wd_run *r, int64_t *step, double *loss, char dir[WD_PATH_MAX]);
 
 /* The highest step-NNNNNN checkpoint under dir/out/checkpoints (a state.safetensors in it),
  * or −1. Lets a worker continue a paused job from the checkpoint it wrote itself. */
