@@ -41,6 +41,7 @@ int ln_adapter_alloc(const ln_model *m, ln_adapter *ad, const char *method, int 
 {
     memset(ad, 0, sizeof *ad);
     snprintf(ad->method, sizeof ad->method, "%s", method);
+    ad->be = m->be;
     if (rank <= 0) return ln_errf(e, "adapter: rank must be positive (got %d)", rank);
     if (!(alpha > 0)) return ln_errf(e, "adapter: alpha must be positive (got %g)", (double)alpha);
     if (targets == 0 || (targets & ~LN_TARGETS_ALL)) return ln_errf(e, "adapter: no valid target modules");
@@ -70,12 +71,12 @@ int ln_adapter_alloc(const ln_model *m, ln_adapter *ad, const char *method, int 
 void ln_adapter_free(ln_adapter *ad)
 {
     if (!ad || !ad->lora) return;
-    /* Factors are allocated with the CPU allocator's contract (aligned_alloc → free). A device
-     * backend will keep its pointer in the adapter; not needed while only the CPU backend exists. */
+    /* Factors live in the backend's memory (device memory for a GPU backend). */
+    void (*release)(void *) = ad->be ? ad->be->free : free;
     for (int i = 0; i < ad->num_layers * LN_NTARGET; i++) {
         ln_lora *lo = &ad->lora[i];
-        free(lo->A.w); free(lo->A.g); free(lo->B.w); free(lo->B.g);
-        free(lo->A0); free(lo->B0);
+        release(lo->A.w); release(lo->A.g); release(lo->B.w); release(lo->B.g);
+        release(lo->A0); release(lo->B0);
     }
     free(ad->lora);
     ad->lora = NULL;

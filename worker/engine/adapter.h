@@ -42,6 +42,7 @@ typedef struct ln_adapter {
     int residual;        /* W0 of every targeted layer was replaced by W0 − scale·B0A0 */
     int num_layers;
     ln_lora *lora;       /* num_layers × LN_NTARGET */
+    const lnb_backend *be; /* whose memory the factors are in (set by ln_adapter_alloc; freed with its free) */
 } ln_adapter;
 
 /* Covariance of layer `layer`'s input `which` (d_in × d_in, row-major fp64), or NULL if none. */
