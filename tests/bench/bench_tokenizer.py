@@ -75,7 +75,8 @@ def main():
         BEGIN,
         "## Tokenizer throughput (bench_tokenizer.py)",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {cpu_name()}, one thread each, one run; "
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {cpu_name()} "
+        f"({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} while measuring), one thread each, one run; "
         f"corpus: {len(lines):,} lines, {nbytes / 1e6:.2f} MB (tests/reference/tokenizer_corpus.py, seed 99). "
         f"loranull: `loranull tokenize --encode --time` (encoder only); HF: tokenizers {tokenizers.__version__} "
         "`encode_batch_fast`, Rayon at 1 thread. Same token counts checked. Goal: ratio ≥ 1×.",
