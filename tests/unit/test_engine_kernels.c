@@ -131,11 +131,9 @@ static double att_loss(void *p)
     return dotv(c->out, c->r, (int64_t)c->B * c->T * c->nh * c->hd);
 }
 
-static void test_attention_backward_gqa(void **state)
+static void attention_backward_gqa(int B, int T, int nh, int nkv, int hd)
 {
-    (void)state;
     const lnb_backend *be = lnb_cpu();
-    int B = 2, T = 4, nh = 4, nkv = 2, hd = 4;
     int nq = B * T * nh * hd, nk = B * T * nkv * hd;
     att_ctx c = {randv(nq, 1), randv(nk, 1), randv(nk, 1), calloc(nq, 4), calloc(B * nh * T * T, 4),
                  randv(nq, 1), B, T, nh, nkv, hd};
@@ -155,6 +153,14 @@ static void test_attention_backward_gqa(void **state)
     assert_true(relerr(a3, n3, nk) < 2e-3);
     free(c.q); free(c.k); free(c.v); free(c.out); free(c.probs); free(c.r);
     free(dq); free(dk); free(dv); free(scr); free(n1); free(n2); free(n3); free(a1); free(a2); free(a3);
+}
+
+static void test_attention_backward_gqa(void **state)
+{
+    (void)state;
+    attention_backward_gqa(2, 4, 4, 2, 4);
+    /* T = 70: two query blocks of the CPU backend (64 + 6), a partial one last */
+    attention_backward_gqa(1, 70, 2, 1, 2);
 }
 
 /* ---------------------------------------------------------------- swiglu */

@@ -228,6 +228,10 @@ static void softmax_causal_row(float *row, int t, int T)
     for (int j = t + 1; j < T; j++) row[j] = 0.0f;
 }
 
+/* Queries go in blocks of ATT_QB rows: block [q0, q0+nq) only needs keys [0, q0+nq), so the
+ * masked upper triangle is (mostly) never computed — ~40% fewer attention FLOPs at T = 256. */
+#define ATT_QB 64
+
 /* Per (batch b, head h), with g = h / (nh/nkv), Q (T,hd) rows strided by nh·hd, K,V by nkv·hd:
  *   S = Q Kᵀ / √hd ; P = softmax(S + causal mask) ; O = P V
  * One (b, h) per OpenMP iteration, each with single-threaded sgemms. */
@@ -243,16 +247,20 @@ static void cpu_attention_forward(float *out, float *probs, const float *q, cons
         const float *Q = q + (int64_t)b * T * qs + h * hd;
         const float *K = k + (int64_t)b * T * ks + (h / grp) * hd;
         const float *Vv = v + (int64_t)b * T * ks + (h / grp) * hd;
-        float *P = probs + (int64_t)bh * T * T;
-        sgemm1(0, 1, T, T, hd, sc, Q, qs, K, ks, 0.0f, P, T);
-        for (int t = 0; t < T; t++) softmax_causal_row(P + (int64_t)t * T, t, T);
-        sgemm1(0, 0, T, hd, T, 1.0f, P, T, Vv, ks, 0.0f, out + (int64_t)b * T * qs + h * hd, qs);
+        float *P = probs + (int64_t)bh * T * T, *O = out + (int64_t)b * T * qs + h * hd;
+        for (int q0 = 0; q0 < T; q0 += ATT_QB) {
+            int nq = T - q0 < ATT_QB ? T - q0 : ATT_QB, kend = q0 + nq;
+            sgemm1(0, 1, nq, kend, hd, sc, Q + (int64_t)q0 * qs, qs, K, ks, 0.0f, P + (int64_t)q0 * T, T);
+            for (int t = q0; t < kend; t++) softmax_causal_row(P + (int64_t)t * T, t, T);
+            sgemm1(0, 0, nq, hd, kend, 1.0f, P + (int64_t)q0 * T, T, Vv, ks, 0.0f, O + (int64_t)q0 * qs, qs);
+        }
     }
 }
 
 /* dV += Pᵀ dO ; dP = dO Vᵀ ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) ; dQ = dS K /√hd ; dK += dSᵀ Q /√hd
- * One (batch, kv head) per OpenMP iteration: the query heads of a group add into the same dK, dV,
- * so they run in order inside one iteration (no races, a fixed summation order). */
+ * (by query blocks as the forward). One (batch, kv head) per OpenMP iteration: the query heads of
+ * a group add into the same dK, dV, so they run in order inside one iteration (no races, a fixed
+ * summation order). */
 static void cpu_attention_backward(float *dq, float *dk, float *dv, float *scratch, const float *dout,
                                    const float *probs, const float *q, const float *k, const float *v, int B, int T,
                                    int nh, int nkv, int hd)
@@ -260,9 +268,10 @@ static void cpu_attention_backward(float *dq, float *dk, float *dv, float *scrat
     blas_single_threaded();
     int grp = nh / nkv, qs = nh * hd, ks = nkv * hd;
     float sc = 1.0f / sqrtf((float)hd);
+    int qb = T < ATT_QB ? T : ATT_QB;
 #pragma omp parallel
     {
-        float *dS = malloc((size_t)T * T * sizeof(float));
+        float *dS = malloc((size_t)qb * T * sizeof(float)); /* (nq, kend) block, row stride T */
 #pragma omp for schedule(static)
         for (int bg = 0; bg < B * nkv; bg++) {
             int b = bg / nkv, g = bg % nkv;
@@ -274,18 +283,22 @@ static void cpu_attention_backward(float *dq, float *dk, float *dv, float *scrat
             for (int h = g * grp; h < (g + 1) * grp; h++) {
                 int64_t qo = (int64_t)b * T * qs + h * hd;
                 const float *P = probs + ((int64_t)b * nh + h) * T * T;
-                sgemm1(1, 0, T, hd, T, 1.0f, P, T, dout + qo, qs, 1.0f, dv + ko, ks);
-                sgemm1(0, 1, T, T, hd, 1.0f, dout + qo, qs, v + ko, ks, 0.0f, dS, T);
-                for (int t = 0; t < T; t++) {
-                    const float *p = P + (int64_t)t * T;
-                    float *d = dS + (int64_t)t * T;
-                    float dot = 0.0f;
-                    for (int j = 0; j <= t; j++) dot += d[j] * p[j];
-                    for (int j = 0; j <= t; j++) d[j] = p[j] * (d[j] - dot);
-                    for (int j = t + 1; j < T; j++) d[j] = 0.0f;
+                for (int q0 = 0; q0 < T; q0 += ATT_QB) {
+                    int nq = T - q0 < ATT_QB ? T - q0 : ATT_QB, kend = q0 + nq;
+                    const float *Pb = P + (int64_t)q0 * T, *dOb = dout + qo + (int64_t)q0 * qs;
+                    sgemm1(1, 0, kend, hd, nq, 1.0f, Pb, T, dOb, qs, 1.0f, dv + ko, ks);
+                    sgemm1(0, 1, nq, kend, hd, 1.0f, dOb, qs, v + ko, ks, 0.0f, dS, T);
+                    for (int t = q0; t < kend; t++) {
+                        const float *p = P + (int64_t)t * T;
+                        float *d = dS + (int64_t)(t - q0) * T;
+                        float dot = 0.0f;
+                        for (int j = 0; j <= t; j++) dot += d[j] * p[j];
+                        for (int j = 0; j <= t; j++) d[j] = p[j] * (d[j] - dot);
+                        for (int j = t + 1; j < kend; j++) d[j] = 0.0f;
+                    }
+                    sgemm1(0, 0, nq, hd, kend, sc, dS, T, k + ko, ks, 0.0f, dq + qo + (int64_t)q0 * qs, qs);
+                    sgemm1(1, 0, kend, hd, nq, sc, dS, T, q + qo + (int64_t)q0 * qs, qs, 1.0f, dk + ko, ks);
                 }
-                sgemm1(0, 0, T, hd, T, sc, dS, T, k + ko, ks, 0.0f, dq + qo, qs);
-                sgemm1(1, 0, T, hd, T, sc, dS, T, q + qo, qs, 1.0f, dk + ko, ks);
             }
         }
         free(dS);
