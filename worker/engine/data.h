@@ -7,8 +7,13 @@
  * labels[i] is the target id for position i's *own* token, -100 where the loss is masked —
  * exactly transformers' convention (the model shifts: position t predicts labels[t+1]).
  *
+ * How text lines become ids and labels (chat templates, masks): worker/engine/chat.h.
+ *
  * The whole file is validated before training starts; a bad line is an error naming the file,
- * the line number and the field. Ownership: a dataset owns its examples. */
+ * the line number and the field ("data.jsonl line 7: field \"messages[2].role\": unknown role
+ * \"bot\" …"), plus how many lines were bad in all. Blank lines are allowed and skipped; a UTF-8
+ * BOM is accepted. An example with no trained token (after truncation, too) is an error: it would
+ * add nothing but a division by zero. Ownership: a dataset owns its examples. */
 #ifndef LN_DATA_H
 #define LN_DATA_H
 
@@ -35,6 +40,8 @@ typedef struct ln_data_opts {
     const char *chat_template;       /* "llama3", "llama2" or NULL = from the tokenizer/model */
 } ln_data_opts;
 
+/* trained_tokens counts labels[1..len) that are not -100 — the targets the shifted loss
+ * averages over (labels[0] is never a target). truncated: examples cut to max_seq_len. */
 typedef struct ln_data_stats {
     int64_t examples, tokens, trained_tokens, truncated;
 } ln_data_stats;
