@@ -328,3 +328,32 @@ def test_merge_keeps_the_base_dtype(work, tmp_path):
     e, moved = rel(merged, ours), rel(base, ours)
     print(f"bf16 merge vs ours {e:.2e} (training moved logits by {moved:.2e})")
     assert e < 2e-2 and e < moved
+
+
+def test_cache_key_is_the_model_content(work, tmp_path):
+    """The same weights saved as two shards hit the cache of the single-file copy; other weights miss."""
+    from safetensors.numpy import save_file
+    import shutil
+    whole = load_file(str(work["base"] / "model.safetensors"))
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    shutil.copy(work["base"] / "config.json", sharded / "config.json")
+    names = sorted(whole)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for f, ns in halves.items():
+        save_file({n: whole[n] for n in ns}, str(sharded / f))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: f for f, ns in halves.items() for n in ns}}))
+    cache = tmp_path / "cache"
+    args = ["--calibration", work["dir"] / "calib.jsonl", "--calibration-max-length", MAXLEN, "--calibration-cache",
+            cache]
+    first = json.loads(ln("covariance", "--model", work["base"], "--out", tmp_path / "a.safetensors", *args).stdout)
+    second = json.loads(ln("covariance", "--model", sharded, "--out", tmp_path / "b.safetensors", *args).stdout)
+    assert not first["from_cache"] and second["from_cache"]
+    whole["model.layers.0.mlp.up_proj.weight"] = whole["model.layers.0.mlp.up_proj.weight"] * 1.001
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(work["base"] / "config.json", other / "config.json")
+    save_file(whole, str(other / "model.safetensors"))
+    third = json.loads(ln("covariance", "--model", other, "--out", tmp_path / "c.safetensors", *args).stdout)
+    assert not third["from_cache"]
