@@ -57,7 +57,7 @@ PROGS := $(if $(wildcard worker/cli/main.c),$(BIN)/loranull) \
          $(if $(wildcard worker/daemon/main.c),$(BIN)/loranull-worker)
 UNIT_BINS := $(patsubst tests/unit/%.c,$(B)/tests/%,$(UNIT_SRC))
 
-.PHONY: all deps test unit bench demo cuda clean asan check-tools
+.PHONY: all deps test unit bench demo cuda cuda-bin clean asan check-tools
 all: $(PROGS) $(if $(shell command -v $(NVCC) 2>/dev/null),cuda)
 
 $(B)/obj/%.o: %.c
@@ -132,8 +132,21 @@ build/cuda/tests/%: tests/gpu/%.c $(GPU_TEST_HELPERS) tests/gpu/gpu_check.h buil
 	@mkdir -p $(dir $@)
 	$(CC) $(CSTD) $(WARN) -O2 -g -fopenmp -I. -I$(CUDA_HOME)/include -o $@ $< $(GPU_TEST_HELPERS) \
 	    build/cuda/libloranull_cuda.a $(CUDA_RELEASE_LIBS) $(GPU_LDLIBS) $(CUDA_LDLIBS)
+# make cuda-bin: the programs with the CUDA backend linked in (lnb_select("cuda"), e.g.
+# `build/cuda/bin/loranull train --device cuda`). -u pulls the backend out of the archive so the
+# programs' weak references to it resolve. Needs every library the CPU programs need.
+CUDA_PROG_LIBS := $(patsubst build/$(V)/%,build/release/%,$(LIBS))
+CUDA_PULL := -Wl,-u,lnb_cuda_open -Wl,-u,lnb_cuda
+cuda-bin: build/cuda/bin/loranull build/cuda/bin/loranull-worker
+build/cuda/bin/loranull: build/release/obj/worker/cli/main.o build/cuda/libloranull_cuda.a $(CUDA_PROG_LIBS)
+	@mkdir -p $(dir $@)
+	$(CC) -fopenmp -o $@ $< $(CUDA_PULL) build/cuda/libloranull_cuda.a $(CUDA_PROG_LIBS) $(LDLIBS) $(CUDA_LDLIBS)
+build/cuda/bin/loranull-worker: build/release/obj/worker/daemon/main.o build/cuda/libloranull_cuda.a $(CUDA_PROG_LIBS)
+	@mkdir -p $(dir $@)
+	$(CC) -fopenmp -o $@ $< $(CUDA_PULL) build/cuda/libloranull_cuda.a $(CUDA_PROG_LIBS) $(LDLIBS) $(CUDA_LDLIBS)
+
 ifneq ($(V),release)
-$(CUDA_RELEASE_LIBS):
+$(CUDA_RELEASE_LIBS) $(filter-out $(CUDA_RELEASE_LIBS),$(CUDA_PROG_LIBS)) build/release/obj/worker/cli/main.o build/release/obj/worker/daemon/main.o:
 	$(MAKE) V=release $@
 endif
 

@@ -2,7 +2,7 @@
 # tests/gpu/run.sh — build, test and benchmark the CUDA backend on a GPU machine, in one script.
 #
 #   tests/gpu/run.sh                 every group below, in order
-#   tests/gpu/run.sh build tests     only some groups: build | tests | bench | peft
+#   tests/gpu/run.sh build tests     only some groups: build | tests | cli | bench | peft
 #
 # Results go to ${OUT:-tests/gpu/out}: one log per step, bench_*.json, summary.txt (one line
 # per step: PASS / FAIL / SKIP / TIMEOUT with its wall time). Every step runs under `timeout`
@@ -20,7 +20,7 @@ OUT=${OUT:-tests/gpu/out}
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
-GROUPS_WANTED=${*:-build tests bench peft}
+GROUPS_WANTED=${*:-build tests cli bench peft}
 JOBS=$(nproc 2>/dev/null || echo 4)
 FAILED=0
 
@@ -77,6 +77,14 @@ if want tests; then
     step test_solver 90 "$BIN/test_solver"
     step test_model 120 "$BIN/test_model"
     step test_nccl 60 "$BIN/test_nccl"
+fi
+
+if want cli; then
+    # the CUDA build of the programs needs every library the CPU programs need: a failure here
+    # says so and does not stop the rest
+    if step cuda_bin 150 make -j"$JOBS" cuda-bin; then
+        step cli_train 120 bash tests/gpu/cli_train.sh "$OUT/cli"
+    fi
 fi
 
 if want bench; then

@@ -7,6 +7,7 @@
 #include "common/util.h"
 #include "worker/cli/args.h"
 #include "worker/cli/calib_opts.h"
+#include "worker/backend/select.h"
 #include "worker/cli/commands.h"
 #include "worker/engine/adapter.h"
 #include "worker/engine/data.h"
@@ -30,6 +31,7 @@ int cmd_train(int argc, char **argv)
 {
     ln_train_opts to = ln_train_defaults();
     const char *model = NULL, *data = NULL, *val = NULL, *out = NULL, *method = "lora", *targets = "q,k,v,o,gate,up,down";
+    const char *device = NULL;
     int rank = 8, max_seq_len = 2048, no_shuffle = 0;
     float alpha = 0;
     cli_calib cal = {0};
@@ -39,6 +41,7 @@ int cmd_train(int argc, char **argv)
         {"data", CLI_STR, &data, "training data, JSONL (input_ids/labels, text, prompt/completion, messages)"},
         {"val-data", CLI_STR, &val, "validation JSONL: val_loss in metrics every --eval-every steps"},
         {"out", CLI_STR, &out, "output directory: metrics.jsonl, checkpoints/, the adapter (or model)"},
+        {"device", CLI_STR, &device, "cpu (default), cuda or cuda:N (the CUDA build, build/cuda/bin/); or $LORANULL_DEVICE"},
         {"method", CLI_STR, &method, "lora (default), lora_fa, full, pissa, milora, corda, lora_null_v1, lora_null_v2"},
         {"rank", CLI_INT, &rank, "LoRA rank (default 8)"},
         {"alpha", CLI_FLOAT, &alpha, "LoRA alpha; scale = alpha/rank (default 2·rank; rank for residual methods)"},
@@ -77,7 +80,8 @@ int cmd_train(int argc, char **argv)
     to.shuffle = !no_shuffle;
     to.out_dir = out;
     to.progress = isatty(2);
-    if (ln_model_load(model, lnb_cpu(), &m, &e)) goto fail;
+    const lnb_backend *be = lnb_select(device, &e);
+    if (!be || ln_model_load(model, be, &m, &e)) goto fail;
     char *tp = ln_path_join(model, "tokenizer.json");
     int rc = ln_file_exists(tp) ? ln_tokenizer_load(tp, &tok, &e) : 0;
     free(tp);
