@@ -12,6 +12,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -396,8 +397,8 @@ def tail(path, n=3000):
         return ""
 
 
-def submit(api, server, file_id, n_epochs, save_interval=0):
-    r = api.post(server.base + "/v1/fine_tuning/jobs", json={
+def submit(api, base, file_id, n_epochs, save_interval=0):
+    r = api.post(base + "/v1/fine_tuning/jobs", json={
         "model": "tiny-llama", "training_file": file_id, "seed": 7,
         "hyperparameters": {"n_epochs": n_epochs, "batch_size": 4, "max_seq_len": 32,
                             "save_interval": save_interval},
@@ -408,24 +409,24 @@ def submit(api, server, file_id, n_epochs, save_interval=0):
     return r.json()["id"]
 
 
-def wait_job(api, server, job_id, workers, until, timeout=60):
+def wait_job(api, base, job_id, workers, until, timeout=60):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        job = api.get(f"{server.base}/v1/fine_tuning/jobs/{job_id}").json()
+        job = api.get(f"{base}/v1/fine_tuning/jobs/{job_id}").json()
         if until(job):
             return job
         for w in workers:
             assert w.poll() is None, f"worker exited {w.returncode}:\n{tail(w.log)}"
         time.sleep(0.1)
-    events = api.get(f"{server.base}/v1/fine_tuning/jobs/{job_id}/events?limit=100").json()
+    events = api.get(f"{base}/v1/fine_tuning/jobs/{job_id}/events?limit=100").json()
     pytest.fail(f"job {job_id} is {job['status']} after {timeout} s: {job.get('error')}\n"
                 f"events: {[e['message'] for e in events['data']][:20]}\n"
                 + "\n".join(tail(w.log) for w in workers))
 
 
-def upload_training_file(api, server):
+def upload_training_file(api, base):
     lines = [json.dumps({"text": f"fact {i}: the value of item {i} is {i * 7 % 13}."}) for i in range(32)]
-    r = api.post(server.base + "/v1/files", data={"purpose": "fine-tune"},
+    r = api.post(base + "/v1/files", data={"purpose": "fine-tune"},
                  files={"file": ("train.jsonl", ("\n".join(lines) + "\n").encode())})
     assert r.status_code in (200, 201), r.text
     return r.json()["id"]
@@ -441,8 +442,8 @@ def test_job_runs_through_server_and_worker_entrypoints(tmp_path, secrets):
     api = requests.Session()
     api.headers["Authorization"] = f"Bearer {KEY_A}"
     try:
-        job_id = submit(api, server, upload_training_file(api, server), n_epochs=1)
-        job = wait_job(api, server, job_id, [worker],
+        job_id = submit(api, server.base, upload_training_file(api, server.base), n_epochs=1)
+        job = wait_job(api, server.base, job_id, [worker],
                        lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
         assert job["status"] == "succeeded", f"{job.get('error')}\n{tail(worker.log)}"
         assert job["result_files"], "a succeeded job lists its artifacts"
@@ -471,12 +472,12 @@ def test_eviction_mid_job_checkpoints_and_another_pod_finishes(tmp_path, secrets
     first = start_worker(tmp_path, server, secrets, models, "loranull-worker-0")
     second = None
     try:
-        job_id = submit(api, server, upload_training_file(api, server), n_epochs=100, save_interval=50)
+        job_id = submit(api, server.base, upload_training_file(api, server.base), n_epochs=100, save_interval=50)
 
         def training(j):
             m = api.get(f"{server.base}/v1/fine_tuning/jobs/{job_id}/checkpoints").json()
             return j["status"] == "running" and len(m["data"]) >= 1
-        wait_job(api, server, job_id, [first], training)
+        wait_job(api, server.base, job_id, [first], training)
         n_before = len(api.get(f"{server.base}/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"])
         rc, took = sigterm(first)
         assert rc == 0, f"evicted worker exited {rc}:\n{tail(first.log)}"
@@ -487,7 +488,7 @@ def test_eviction_mid_job_checkpoints_and_another_pod_finishes(tmp_path, secrets
         assert len(ckpts) > n_before, "the eviction wrote no checkpoint"
         evicted_at = max(c["step_number"] for c in ckpts)
         second = start_worker(tmp_path, server, secrets, models, "loranull-worker-1")
-        job = wait_job(api, server, job_id, [second],
+        job = wait_job(api, server.base, job_id, [second],
                        lambda j: j["status"] in ("succeeded", "failed", "cancelled"), timeout=90)
         assert job["status"] == "succeeded", f"{job.get('error')}\n{tail(second.log)}"
         events = api.get(f"{server.base}/v1/fine_tuning/jobs/{job_id}/events?limit=100").json()["data"]
@@ -574,3 +575,111 @@ def test_upgrade_applies_new_migrations_at_start(tmp_path, secrets):
     r = subprocess.run(["sqlite3", str(db), "SELECT count(*) FROM deploy_upgrade_probe"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and r.stdout.strip() == "0", r.stderr
+
+
+# ---- the same, under the pods' securityContext (emulated with tests/deploy/podlike.sh) ----
+
+PODLIKE = pathlib.Path(__file__).resolve().parent / "podlike.sh"
+POD_UID = 10001  # the images' user, and the manifests' runAsUser/runAsGroup/fsGroup
+
+
+@pytest.fixture
+def pod_volumes():
+    """Volumes as the kubelet would present them to uid 10001: owned (fsGroup) or group-readable
+    (defaultMode 0440), under a world-traversable root outside /tmp (the pods' /tmp is a tmpfs)."""
+    if os.geteuid() != 0:
+        pytest.skip("emulating the pod securityContext needs root (mount namespace, setpriv)")
+    root = pathlib.Path(tempfile.mkdtemp(prefix="loranull-podlike-", dir="/var/tmp"))
+    root.chmod(0o755)
+    vols = {n: root / n for n in ("data", "work", "secrets", "models")}
+    for n, d in vols.items():
+        d.mkdir()
+        os.chown(d, POD_UID if n in ("data", "work") else 0, POD_UID)
+        d.chmod(0o750)
+    (vols["secrets"] / "api-keys").write_text(f"team-a {KEY_A}\n")
+    (vols["secrets"] / "worker-token").write_text(TOKEN + "\n")
+    for f in vols["secrets"].iterdir():
+        os.chown(f, 0, POD_UID)
+        f.chmod(0o440)
+    yield vols
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_job_runs_under_the_pod_security_context(tmp_path, pod_volumes):
+    # uid 10001, read-only root, /tmp a tmpfs, no capabilities, no_new_privs: the server and the
+    # worker write only where the manifests mount volumes, and a job still runs end to end.
+    assert WORKER_BIN.exists(), f"{WORKER_BIN} is not built: run `make`"
+    v = pod_volumes
+    made = make_models_dir(tmp_path)
+    shutil.copytree(made / "tiny-llama", v["models"] / "tiny-llama")
+    subprocess.run(["chmod", "-R", "g+rX", str(v["models"])], check=True)
+    subprocess.run(["chgrp", "-R", str(POD_UID), str(v["models"])], check=True)
+    port = free_port()
+    env = dict(os.environ, HOME="/nonexistent")
+    env.update({
+        "LORANULL_SERVER_BIN": str(SERVER_BIN), "LORANULL_LISTEN": f"127.0.0.1:{port}",
+        "LORANULL_DATA_DIR": str(v["data"]), "LORANULL_API_KEYS_FILE": str(v["secrets"] / "api-keys"),
+        "LORANULL_WORKER_TOKEN_FILE": str(v["secrets"] / "worker-token"),
+        "LORANULL_MIGRATIONS_DIR": str(ROOT / "migrations"), "LORANULL_STATIC_DIR": str(ROOT / "server" / "static"),
+    })
+    base = f"http://127.0.0.1:{port}"
+    slog = tmp_path / "server.log"
+    server = subprocess.Popen([str(PODLIKE), str(v["data"]), "--", "sh", str(SERVER_SH)], env=env,
+                              stdout=open(slog, "ab"), stderr=subprocess.STDOUT)
+    worker = None
+    try:
+        deadline = time.time() + 15
+        while True:
+            assert server.poll() is None, f"server exited {server.returncode}:\n{tail(slog)}"
+            try:
+                if http("GET", base + "/readyz", timeout=1)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, f"server not ready:\n{tail(slog)}"
+            time.sleep(0.05)
+        wenv = dict(os.environ, HOME="/nonexistent", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+        wenv.update({
+            "LORANULL_WORKER_BIN": str(WORKER_BIN), "LORANULL_SERVER_URL": base,
+            "LORANULL_TOKEN_FILE": str(v["secrets"] / "worker-token"), "LORANULL_MODELS_DIR": str(v["models"]),
+            "LORANULL_DEVICE": "cpu", "LORANULL_RANKS": "1", "LORANULL_WORK_DIR": str(v["work"]),
+            "LORANULL_GRACE_S": "20",
+        })
+        wlog = tmp_path / "worker.log"
+        worker = subprocess.Popen([str(PODLIKE), str(v["work"]), "--", "sh", str(WORKER_SH)], env=wenv,
+                                  stdout=open(wlog, "ab"), stderr=subprocess.STDOUT, cwd=v["work"])
+        worker.log = wlog
+        api = requests.Session()
+        api.headers["Authorization"] = f"Bearer {KEY_A}"
+        job_id = submit(api, base, upload_training_file(api, base), n_epochs=1)
+        job = wait_job(api, base, job_id, [worker], lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
+        assert job["status"] == "succeeded", f"{job.get('error')}\n{tail(wlog)}\n{tail(slog)}"
+        # what the two wrote is theirs (uid 10001), and only inside their volumes
+        owners = {p.stat().st_uid for d in (v["data"], v["work"]) for p in d.rglob("*")}
+        assert owners == {POD_UID}, owners
+        assert any(v["work"].rglob("*.safetensors")), "the worker wrote nothing in its work dir"
+    finally:
+        if worker is not None:
+            rc, _ = sigterm(worker)
+            assert rc == 0, f"worker exited {rc} on SIGTERM:\n{tail(worker.log)}"
+        rc, _ = sigterm(server)
+        assert rc == 0, f"server exited {rc} on SIGTERM:\n{tail(slog)}"
+
+
+def test_podlike_sandbox_is_what_it_claims(pod_volumes):
+    # The emulation must bite: uid 10001, no capabilities, root read-only, /tmp and the
+    # volume writable — otherwise the test above proves nothing.
+    data = pod_volumes["data"]
+    script = ("id -u; grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; "
+              f"touch {ROOT}/podlike-probe 2>&1 || true; touch /tmp/ok && echo tmp-writable; "
+              f"touch {data}/ok && echo volume-writable; touch {pod_volumes['secrets']}/x 2>&1 || true")
+    r = subprocess.run([str(PODLIKE), str(data), "--", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert out.splitlines()[0] == str(POD_UID)
+    assert "CapEff:\t0000000000000000" in out and "NoNewPrivs:\t1" in out
+    assert f"touch: cannot touch '{ROOT}/podlike-probe': Read-only file system" in out
+    assert "tmp-writable" in out and "volume-writable" in out
+    assert "Read-only file system" in out.split("volume-writable")[1], "the secrets volume is writable"
+    assert not (ROOT / "podlike-probe").exists()
