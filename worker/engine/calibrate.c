@@ -209,7 +209,6 @@ typedef struct {
     float *scratch;    /* max d × max d floats for the fp32 products; NULL = fp64 products */
     int failed;
     ln_err err;
-    int layer_of_err;
 } hook_ctx;
 
 static void calib_hook(int layer, ln_input which, const float *X, int tokens, int d_in, void *ctx) {
