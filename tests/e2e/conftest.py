@@ -8,7 +8,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "server"))
 
-from e2e_helpers import WORKER_BIN, Worker, facts_jsonl, make_tiny_model, task_jsonl, upload  # noqa: E402
+from e2e_helpers import LONG_JOB, LONG_STEPS, WORKER_BIN, Env, make_tiny_model  # noqa: E402,F401
 from lnserver_fixtures import server, server_factory  # noqa: E402,F401  (re-exported fixtures)
 
 
@@ -17,23 +17,6 @@ def models(tmp_path_factory):
     if not WORKER_BIN.exists():
         pytest.skip(f"{WORKER_BIN} is not built (run make)")
     return make_tiny_model(tmp_path_factory.mktemp("e2e-model"))
-
-
-class Env:
-    """A server with a project key, a worker token and the task/facts files uploaded."""
-
-    def __init__(self, srv, models, tmp_path):
-        self.srv, self.models, self.tmp = srv, models, tmp_path
-        self.key = srv.create_key("e2e")
-        self.token = srv.create_token("e2e-workers")
-        self.train_id = upload(srv, self.key, task_jsonl(), "task.jsonl")
-        self.facts_id = upload(srv, self.key, facts_jsonl(), "facts.jsonl")
-        self.workers = []
-
-    def worker(self, name="w1", extra=()):
-        w = Worker(self.srv, self.token, self.models, self.tmp / name, name=name, extra=extra).start()
-        self.workers.append(w)
-        return w
 
 
 @pytest.fixture
@@ -47,10 +30,6 @@ def env(server_factory, models, tmp_path):
         w.stop()
 
 
-# The job every interruption test runs: long enough (720 steps of 4 examples, a second or two on one
-# core) to be interrupted mid-way, with a checkpoint every 40 steps.
-LONG_JOB = dict(method="lora_null_v2", epochs=60, save_interval=40)
-LONG_STEPS = 720
 
 
 @pytest.fixture(scope="session")

@@ -192,3 +192,26 @@ def save_files(files, dest):
 
 __all__ = ["Server", "Worker", "make_tiny_model", "task_jsonl", "facts_jsonl", "upload", "submit", "result_files",
            "events", "metrics", "checkpoints", "wait_for", "save_files", "run_cli", "MODEL_NAME", "WORKER_BIN"]
+
+
+class Env:
+    """A server with a project key, a worker token and the task/facts files uploaded."""
+
+    def __init__(self, srv, models, tmp_path):
+        self.srv, self.models, self.tmp = srv, models, tmp_path
+        self.key = srv.create_key("e2e")
+        self.token = srv.create_token("e2e-workers")
+        self.train_id = upload(srv, self.key, task_jsonl(), "task.jsonl")
+        self.facts_id = upload(srv, self.key, facts_jsonl(), "facts.jsonl")
+        self.workers = []
+
+    def worker(self, name="w1", extra=()):
+        w = Worker(self.srv, self.token, self.models, self.tmp / name, name=name, extra=extra).start()
+        self.workers.append(w)
+        return w
+
+
+# The job every interruption test runs: long enough (720 steps of 4 examples, a second or two on one
+# core) to be interrupted mid-way, with a checkpoint every 40 steps.
+LONG_JOB = dict(method="lora_null_v2", epochs=60, save_interval=40)
+LONG_STEPS = 720

@@ -5,7 +5,7 @@ import time
 
 import signal
 
-from conftest import LONG_JOB, LONG_STEPS
+from e2e_helpers import LONG_JOB, LONG_STEPS
 from e2e_helpers import checkpoints, events, metrics, result_files, submit, wait_for
 
 
@@ -126,7 +126,7 @@ def test_cancel_stops_the_job_and_the_worker_takes_the_next(env):
 def test_server_away_30s_within_the_lease_loses_no_reports(server_factory, models, tmp_path):
     """The server stopped for 30 s and started again (a restart or an outage): the worker goes on
     training, keeps its reports, and delivers every one of them once the server is back."""
-    from conftest import Env
+    from e2e_helpers import Env
 
     srv = server_factory("--lease-ttl-s", "60", "--lease-wait-max-s", "5")
     env = Env(srv, models, tmp_path)

@@ -17,7 +17,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import BIN
+import os
+import pathlib
+
+BIN = pathlib.Path(os.environ.get("LORANULL_BIN", pathlib.Path(__file__).resolve().parents[2] / "bin"))
 
 R = 4
 MAXLEN = 48
