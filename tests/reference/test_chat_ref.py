@@ -237,3 +237,35 @@ def test_truncate_policy_counts(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["truncated"] == 2
     assert json.loads(r.stdout)["tokens"] == 32 + 2 + 32
+
+
+def test_packing_equals_transformers_flattening_collator(tmp_path, transformers):
+    """`loranull tokenize --pack N` rows = transformers' DataCollatorWithFlattening over the same
+    examples: ids concatenated, labels with each example's first token -100, positions restarting,
+    and seq_idx = our segment."""
+    d = model_dir(tmp_path, "llama3")
+    convs = conversations(seed=11, n=40, alternate=False)
+    data = tmp_path / "pack.jsonl"
+    data.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in convs))
+    plain = run_tokenize(d, data)
+    assert plain.returncode == 0, plain.stderr
+    examples = [json.loads(x) for x in plain.stdout.splitlines()]
+    cap = max(len(e["input_ids"]) for e in examples) + 40
+    r = run_tokenize(d, data, "--pack", str(cap))
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert sum(row["examples"] for row in rows) == len(examples)
+    assert len(rows) < len(examples)  # something was packed together
+    collator = transformers.DataCollatorWithFlattening(return_position_ids=True, return_seq_idx=True)
+    k = 0
+    for row in rows:
+        feats = examples[k:k + row["examples"]]
+        k += row["examples"]
+        want = collator(feats, return_tensors="np")
+        assert row["input_ids"] == want["input_ids"][0].tolist()
+        assert row["labels"] == want["labels"][0].tolist()
+        assert row["position_ids"] == want["position_ids"][0].tolist()
+        assert row["segment"] == want["seq_idx"][0].tolist()
+        assert len(row["input_ids"]) <= cap
+        if k < len(examples):  # greedy: the next example did not fit
+            assert len(row["input_ids"]) + len(examples[k]["input_ids"]) > cap

@@ -265,9 +265,11 @@ static void test_packing(void **state) {
             assert_int_equal(r.segment[t], -1);
             assert_int_equal(r.labels[t], LN_IGNORE_INDEX);
         }
-        /* greedy: the next example would not have fitted */
+        /* greedy: the next example would not have fitted — or the epoch ended */
         const ln_example *next = &d->ex[l.order[l.pos.index < d->n ? l.pos.index : 0]];
         if (l.pos.index < d->n) assert_true(r.len + next->len > CAP);
+        else assert_int_equal(l.pos.epoch, seen + k <= N ? 0 : 1);
+        assert_true(seen % N + k <= N); /* no row spans two epochs */
         seen += k;
         if (row == 3) {
             mid = l.pos;

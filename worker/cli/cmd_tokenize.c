@@ -1,10 +1,11 @@
 /* cmd_tokenize.c — `loranull tokenize`: what training would see, one JSON line per example.
  *
  *   loranull tokenize --model DIR --data FILE [--stats] [--chat-template llama3|llama2]
- *                     [--max-seq-len N] [--truncate]
+ *                     [--max-seq-len N] [--truncate] [--pack N]
  * prints {"input_ids":[…],"labels":[…]} per example (labels -100 where the loss is masked), or
  * with --stats one summary {"examples","tokens","trained_tokens","truncated"}. DIR needs only
- * tokenizer.json (and tokenizer_config.json, if any).
+ * tokenizer.json (and tokenizer_config.json, if any). --pack N prints instead the packed rows of
+ * N tokens that packing would train on (file order, one pass; see ln_packed_row in data.h).
  *
  *   loranull tokenize --model DIR --encode FILE [--add-special] [--decode] [--time]
  * treats each line of FILE as a JSON string of raw text and prints {"ids":[…],"offsets":[…]}
@@ -102,7 +103,7 @@ out:
 
 int cmd_tokenize(int argc, char **argv) {
     const char *model = NULL, *data = NULL, *encode = NULL, *tmpl = NULL, *new_tok = NULL;
-    int vocab_size = 0, stats = 0, max_len = 0, truncate = 0, add_special = 0, decode = 0, timing = 0;
+    int vocab_size = 0, pack = 0, stats = 0, max_len = 0, truncate = 0, add_special = 0, decode = 0, timing = 0;
     const cli_opt opts[] = {
         {"model", CLI_STR, &model, "DIR holding tokenizer.json (and tokenizer_config.json)"},
         {"data", CLI_STR, &data, "JSONL file of examples (messages, prompt/completion, text, input_ids)"},
@@ -110,6 +111,7 @@ int cmd_tokenize(int argc, char **argv) {
         {"chat-template", CLI_STR, &tmpl, "llama3 or llama2 (default: from the tokenizer)"},
         {"max-seq-len", CLI_INT, &max_len, "longest example in tokens (0: no limit)"},
         {"truncate", CLI_FLAG, &truncate, "cut longer examples instead of rejecting the file"},
+        {"pack", CLI_INT, &pack, "print packed rows of N tokens (file order): ids, labels, position_ids, segment"},
         {"encode", CLI_STR, &encode, "raw mode: FILE of JSON strings, one a line; prints ids and offsets"},
         {"add-special", CLI_FLAG, &add_special, "raw mode: add the post-processor's tokens (BOS)"},
         {"decode", CLI_FLAG, &decode, "raw mode: also print the ids decoded back to text"},
@@ -165,7 +167,27 @@ int cmd_tokenize(int argc, char **argv) {
         ln_tokenizer_free(tok);
         return 1;
     }
-    if (stats) {
+    if (pack > 0) {
+        /* one pass over the file in its order, as packed rows (see ln_packed_row in data.h) */
+        ln_loader l;
+        ln_loader_init(&l, d, 0, 0);
+        ln_packed_row r;
+        ln_packed_row_init(&r, pack);
+        while (l.pos.epoch == 0 && !(l.pos.index >= d->n)) {
+            ln_loader_next_packed(&l, &r);
+            fputc('{', stdout);
+            print_ids(stdout, "input_ids", r.input_ids, r.len);
+            fputc(',', stdout);
+            print_ids(stdout, "labels", r.labels, r.len);
+            fputc(',', stdout);
+            print_ids(stdout, "position_ids", r.position_ids, r.len);
+            fputc(',', stdout);
+            print_ids(stdout, "segment", r.segment, r.len);
+            printf(",\"examples\":%d}\n", r.n_examples);
+        }
+        ln_packed_row_free(&r);
+        ln_loader_free(&l);
+    } else if (stats) {
         printf("{\"examples\":%lld,\"tokens\":%lld,\"trained_tokens\":%lld,\"truncated\":%lld}\n",
                (long long)d->stats.examples, (long long)d->stats.tokens, (long long)d->stats.trained_tokens,
                (long long)d->stats.truncated);

@@ -329,7 +329,8 @@ int ln_loader_next_packed(ln_loader *l, ln_packed_row *r) {
     r->len = 0;
     r->n_examples = 0;
     const ln_example *x;
-    while ((x = loader_peek(l)) != NULL) {
+    /* a row never spans two epochs: it ends where the epoch does */
+    while (!(r->n_examples > 0 && l->pos.index >= l->ds->n) && (x = loader_peek(l)) != NULL) {
         int take = x->len;
         if (r->len + take > r->cap) {
             if (r->n_examples > 0) break;  /* it starts the next row */

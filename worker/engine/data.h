@@ -102,9 +102,10 @@ typedef struct ln_packed_row {
 
 void ln_packed_row_init(ln_packed_row *r, int cap);
 void ln_packed_row_free(ln_packed_row *r);
-/* Fills r with the next examples of the loader's order that fit (at least one); the loader's
- * position moves past them, so checkpoints save and resume exactly as without packing. Returns the
- * number of examples packed (0 only for an empty dataset). */
+/* Fills r with the next examples of the loader's order that fit (at least one; greedy, in order,
+ * never past the end of the epoch); the loader's position moves past them, so checkpoints save
+ * and resume exactly as without packing. Returns the number of examples packed (0 only for an
+ * empty dataset). */
 int ln_loader_next_packed(ln_loader *l, ln_packed_row *r);
 
 #endif
