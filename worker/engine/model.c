@@ -346,6 +346,7 @@ struct ln_acts {
     int64_t capN, capP;   /* token rows and B·T·T allocated for */
     int cap_r, L;         /* LoRA rank and layers allocated for */
     unsigned cap_targets; /* LoRA targets allocated for */
+    int recompute;        /* one set of intermediates shared by every layer (model.h) */
     /* saved by the forward pass, per layer l (res has L+1 entries: res[l] is layer l's input) */
     float **res, **h1, **rstd1, **q, **k, **v, **probs, **att, **xmid, **h2, **rstd2, **gate, **up, **act;
     float **lh;           /* L × LN_NTARGET LoRA intermediates x Aᵀ (N × r), NULL when untargeted */
@@ -372,11 +373,11 @@ static void acts_release(const lnb_backend *be, ln_acts *a)
         float **lists[ACT_PER_LAYER];
         per_layer_lists(a, lists);
         for (int i = 0; i < ACT_PER_LAYER; i++) {
-            int n = i == 13 ? a->L + 1 : a->L;
+            int n = i == 13 ? a->L + 1 : a->recompute ? 1 : a->L; /* shared buffers are freed once */
             for (int l = 0; l < n; l++) be->free(lists[i][l]);
             free(lists[i]);
         }
-        for (int i = 0; i < a->L * LN_NTARGET; i++) be->free(a->lh[i]);
+        for (int i = 0; i < (a->recompute ? 1 : a->L) * LN_NTARGET; i++) be->free(a->lh[i]);
         free(a->lh);
     }
     float *single[] = {a->xf, a->rstdf, a->logits, a->dres, a->dh, a->dq, a->dk, a->dv,
@@ -399,13 +400,14 @@ static int acts_ensure(const ln_model *m, const struct ln_adapter *ad, ln_acts *
     int64_t N = (int64_t)B * T, P = (int64_t)B * c->num_heads * T * (m->be->attention_rows_only ? 1 : T);
     int r = ad && !ad->full ? ad->rank : 0;
     unsigned tg = r > 0 ? ad->targets : 0;
-    if (a->res && N <= a->capN && P <= a->capP && r == a->cap_r && tg == a->cap_targets && a->L == c->num_layers)
+    if (a->res && N <= a->capN && P <= a->capP && r == a->cap_r && tg == a->cap_targets && a->L == c->num_layers &&
+        a->recompute == m->recompute)
         return 0;
     const lnb_backend *be = m->be;
     acts_release(be, a);
     int L = c->num_layers, C = c->hidden_size, I = c->intermediate_size;
     int64_t qd = (int64_t)c->num_heads * c->head_dim, kvd = (int64_t)c->num_kv_heads * c->head_dim;
-    a->capN = N; a->capP = P; a->cap_r = r; a->L = L; a->cap_targets = tg;
+    a->capN = N; a->capP = P; a->cap_r = r; a->L = L; a->cap_targets = tg; a->recompute = m->recompute;
     a->h1 = ln_xcalloc((size_t)L, sizeof(float *)); a->rstd1 = ln_xcalloc((size_t)L, sizeof(float *));
     a->q = ln_xcalloc((size_t)L, sizeof(float *)); a->k = ln_xcalloc((size_t)L, sizeof(float *));
     a->v = ln_xcalloc((size_t)L, sizeof(float *)); a->probs = ln_xcalloc((size_t)L, sizeof(float *));
@@ -421,13 +423,18 @@ static int acts_ensure(const ln_model *m, const struct ln_adapter *ad, ln_acts *
     int fail = 0;
     for (int i = 0; i < ACT_PER_LAYER; i++) {
         int n = i == 13 ? L + 1 : L;
-        for (int l = 0; l < n; l++) fail |= !(lists[i][l] = be->alloc((size_t)sizes[i] * sizeof(float)));
+        for (int l = 0; l < n; l++) {
+            if (a->recompute && i != 13 && l > 0) lists[i][l] = lists[i][0];
+            else fail |= !(lists[i][l] = be->alloc((size_t)sizes[i] * sizeof(float)));
+        }
     }
     if (r > 0)
         for (int l = 0; l < L; l++)
             for (int t = 0; t < LN_NTARGET; t++)
-                if (ad->lora[l * LN_NTARGET + t].A.w)
-                    fail |= !(a->lh[l * LN_NTARGET + t] = be->alloc((size_t)(N * r) * sizeof(float)));
+                if (ad->lora[l * LN_NTARGET + t].A.w) {
+                    if (a->recompute && l > 0) a->lh[l * LN_NTARGET + t] = a->lh[t];
+                    else fail |= !(a->lh[l * LN_NTARGET + t] = be->alloc((size_t)(N * r) * sizeof(float)));
+                }
     int64_t wide = qd > C ? qd : C;
     fail |= !(a->xf = be->alloc((size_t)(N * C) * sizeof(float)));
     fail |= !(a->rstdf = be->alloc((size_t)N * sizeof(float)));
@@ -678,7 +685,12 @@ int ln_model_backward(ln_model *m, struct ln_adapter *ad, ln_acts *a, const ln_b
         for (int l = 0; l < L; l++)
             if (layer_trains(m, ad, l)) { lowest = l; break; }
     }
-    for (int l = L - 1; l >= lowest; l--) layer_backward(m, ad, a, l, B, T, l > lowest || m->embed.g != NULL);
+    for (int l = L - 1; l >= lowest; l--) {
+        /* recomputation: the shared buffers hold the last layer's intermediates after the forward;
+         * every other layer's are rebuilt from its saved input res[l] (no hook: not a calibration) */
+        if (a->recompute && l < L - 1) layer_forward(m, ad, a, l, B, T, NULL);
+        layer_backward(m, ad, a, l, B, T, l > lowest || m->embed.g != NULL);
+    }
     if (m->comm_failed) return ln_errf(e, "backward: %s", m->comm_err.msg);
     if (m->embed.g) be->embedding_backward(m->embed.g, a->dres, b->ids, N, C);
     return 0;

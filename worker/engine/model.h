@@ -71,6 +71,11 @@ typedef struct ln_model {
     ln_comm *comm;
     int comm_failed;
     ln_err comm_err;
+    /* Activation recomputation: when set, the forward keeps only each layer's input (one shared
+     * set of buffers serves every layer's intermediates) and the backward re-runs each layer's
+     * forward before its backward — about one more forward of compute for (L−1)/L of the
+     * activation memory. The results are bit-identical to keeping everything. */
+    int recompute;
 } ln_model;
 
 void ln_model_target_dims(const ln_config *c, ln_target t, int *d_out, int *d_in);
