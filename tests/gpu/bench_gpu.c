@@ -8,12 +8,16 @@
  *   bench_gpu train OUT.json [steps] LLaMA-3-8B shapes (random weights, fp32 storage in managed
  *                              memory), sequence 2048, batch 1, LoRA-Null-v2 rank 128 on all seven
  *                              targets (A frozen, B trains), AdamW: tokens/s and MFU
+ *                              (LORANULL_BENCH_BF16_WEIGHTS=0: fp32 weights into cuBLAS's bf16
+ *                              compute; LORANULL_BENCH_RECOMPUTE=1: activation recomputation)
  * MFU = model FLOPs per step / step time / the peak measured by `peak` (read back from
  * PEAK_TFLOPS in the environment, else measured again). Model FLOPs = every GEMM the engine
  * issues through the backend table (counted exactly by wrapping matmul) + causal attention
  * counted as 6·B·nh·hd·T² per layer (forward 2·2·T²/2·hd, backward twice that, no recompute). */
 #include <stdint.h>
 #include <time.h>
+
+#include <cuda_runtime.h>
 
 #include "tests/gpu/gpu_check.h"
 #include "worker/engine/adapter.h"
@@ -221,7 +225,9 @@ static int phase_train(const char *out, int steps)
             for (int t = 0; t < LN_NTARGET; t++)
                 if (lnb_cuda_register_bf16(m->layers[l].lin[t].w, m->layers[l].lin[t].n, &e)) die("bf16 weights", &e);
     }
-    printf("model + adapter built in %.1f s (base weights: %s)\n", now() - t0,
+    const char *rcp = getenv("LORANULL_BENCH_RECOMPUTE");
+    m->recompute = rcp && strcmp(rcp, "1") == 0;
+    printf("model + adapter built in %.1f s (base weights: %s%s)\n", now() - t0, m->recompute ? "activation recomputation, " : "",
            bf16w ? "bf16 copies for the GEMMs" : "fp32 into bf16 compute");
 
     ln_batch b = {.B = Bsz, .T = T};
@@ -256,7 +262,10 @@ static int phase_train(const char *out, int steps)
         ln_optim_step(&o, ln_lr_at(&oc, s), norm > 1.0 ? (float)(1.0 / (norm + 1e-6)) : 1.0f);
         if (lnb_cuda_sync(&e)) die("step", &e);
         double dt = now() - ts;
-        printf("step %d: loss %.4f, %.3f s%s\n", s, loss / b.n_targets, dt, s == 0 ? " (warm-up, not counted)" : "");
+        size_t fr = 0, tot = 0;
+        cudaMemGetInfo(&fr, &tot);
+        printf("step %d: loss %.4f, %.3f s, device memory in use %.1f GiB%s\n", s, loss / b.n_targets, dt,
+               (double)(tot - fr) / (1 << 30), s == 0 ? " (warm-up, not counted)" : "");
         if (s > 0) {
             step_time += dt;
             fl = g_flops;
@@ -276,9 +285,9 @@ static int phase_train(const char *out, int steps)
     FILE *f = json_open(out);
     fprintf(f, "{\"device\":\"%s\",\"seq\":%d,\"batch\":%d,\"rank\":%d,\"steps\":%d,\"step_s\":%.4f,\"tokens_per_s\":%.1f,"
                "\"model_tflop_per_step\":%.3f,\"gemm_tflop_per_step\":%.3f,\"achieved_tflops\":%.2f,\"peak_tflops\":%.2f,"
-               "\"mfu\":%.4f,\"loss\":%.5f,\"plan_gib\":%.2f,\"bf16_weights\":%d}\n",
+               "\"mfu\":%.4f,\"loss\":%.5f,\"plan_gib\":%.2f,\"bf16_weights\":%d,\"recompute\":%d}\n",
             lnb_cuda_device_name(), T, Bsz, r, steps, step_time, tps, model_flops / 1e12, fl / 1e12, achieved, peak, mfu,
-            loss / b.n_targets, plan.total / (1 << 30), bf16w);
+            loss / b.n_targets, plan.total / (1 << 30), bf16w, m->recompute);
     fclose(f);
     return 0;
 }

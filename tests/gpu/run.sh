@@ -2,7 +2,8 @@
 # tests/gpu/run.sh — build, test and benchmark the CUDA backend on a GPU machine, in one script.
 #
 #   tests/gpu/run.sh                 every group below, in order
-#   tests/gpu/run.sh build tests     only some groups: build | tests | cli | bench | peft
+#   tests/gpu/run.sh build tests     only some groups: build | tests | cli | bench | peft | bench-extra
+#                                    (bench-extra, not in the default set: recomputation, fp32 weights)
 #
 # Results go to ${OUT:-tests/gpu/out}: one log per step, bench_*.json, summary.txt (one line
 # per step: PASS / FAIL / SKIP / TIMEOUT with its wall time). Every step runs under `timeout`
@@ -95,6 +96,13 @@ if want bench; then
     step bench_train 180 "$BIN/bench_gpu" train "$OUT/bench_train.json" 3
     grep -hE '^(bf16 GEMM|one layer|calibration|LLaMA-3-8B|model FLOPs|memory plan)' \
         "$OUT"/bench_peak.log "$OUT"/bench_init.log "$OUT"/bench_train.log 2> /dev/null | tee "$OUT/bench_summary.txt"
+fi
+
+if want bench-extra; then # not in the default set: the same step with recomputation, and fp32 weights
+    LORANULL_BENCH_RECOMPUTE=1 step bench_train_recompute 180 "$BIN/bench_gpu" train "$OUT/bench_train_recompute.json" 2
+    LORANULL_BENCH_BF16_WEIGHTS=0 step bench_train_fp32w 180 "$BIN/bench_gpu" train "$OUT/bench_train_fp32w.json" 2
+    grep -hE '^(LLaMA-3-8B|model FLOPs|step)' "$OUT"/bench_train_recompute.log "$OUT"/bench_train_fp32w.log 2> /dev/null \
+        | tee -a "$OUT/bench_summary.txt"
 fi
 
 if want peft; then

@@ -32,7 +32,7 @@ int cmd_train(int argc, char **argv)
     ln_train_opts to = ln_train_defaults();
     const char *model = NULL, *data = NULL, *val = NULL, *out = NULL, *method = "lora", *targets = "q,k,v,o,gate,up,down";
     const char *device = NULL;
-    int rank = 8, max_seq_len = 2048, no_shuffle = 0;
+    int rank = 8, max_seq_len = 2048, no_shuffle = 0, recompute = 0;
     float alpha = 0;
     cli_calib cal = {0};
     cli_knowledge kn = {0};
@@ -57,6 +57,7 @@ int cmd_train(int argc, char **argv)
         {"max-seq-len", CLI_INT, &max_seq_len, "truncate examples to this many tokens (default 2048)"},
         {"seed", CLI_U64, &to.seed, "seed of init and data order (default 42)"},
         {"no-shuffle", CLI_FLAG, &no_shuffle, "keep the file's order"},
+        {"recompute", CLI_FLAG, &recompute, "activation recomputation: keep only each layer's input, redo the rest in the backward"},
         {"save-every", CLI_I64, &to.save_every, "checkpoint every N steps (default: only at the end)"},
         {"eval-every", CLI_I64, &to.eval_every, "validation every N steps (with --val-data)"},
         {"resume", CLI_STR, &to.resume, "continue from a checkpoint (OUT/checkpoints/step-N)"},
@@ -82,6 +83,7 @@ int cmd_train(int argc, char **argv)
     to.progress = isatty(2);
     const lnb_backend *be = lnb_select(device, &e);
     if (!be || ln_model_load(model, be, &m, &e)) goto fail;
+    m->recompute = recompute;
     char *tp = ln_path_join(model, "tokenizer.json");
     int rc = ln_file_exists(tp) ? ln_tokenizer_load(tp, &tok, &e) : 0;
     free(tp);
