@@ -415,3 +415,36 @@ def test_the_console_check_catches_errors(dash_factory):
     found = d.unexpected_errors()
     assert any("deliberate" in e for e in found) and any("uncaught" in e for e in found), found
     d.errors.clear()
+
+
+def test_failed_jobs_show_the_failed_stage_and_the_error(dash, srv, project):
+    # A training file the server refuses: the job fails while validating, with the line at fault.
+    bad = srv.upload(project, b'{"text": "ok"}\n{"prompt": 1}\n', "broken.jsonl")
+    early = srv.create_job(project, model=NOBODY, training_file=bad["id"])
+    srv.wait_status(project, early["id"], "failed")
+    # A job a worker fails while calibrating.
+    w = TestWorker(srv, srv.create_token("failing"), name="failing", models=("fail-model",))
+    w.register()
+    late = api_job(srv, project, model="fail-model")
+    srv.wait_status(project, late["id"], "queued")
+    gen = w.lease(wait_s=5)["lease_generation"]
+    assert w.events(late["id"], gen, events=[{"message": "Calibrating on up to 8 samples"}]).status_code == 200
+    assert w.fail(late["id"], gen, "out_of_memory", "calibration needs 3 GiB, 1 GiB free").status_code == 200
+
+    dash.sign_in(project)
+    page = dash.page
+    dash.go(f"#/jobs/{early['id']}")
+    wait_status(dash, "failed")
+    assert page.eval_on_selector_all("#timeline li", "ls => ls.map(l => l.dataset.state)") == \
+        ["failed"] + ["pending"] * 5
+    page.wait_for_selector("#job-overview td:has-text('line 2')")
+    assert page.inner_text("#job-overview tr:has(th:text-is('Attempts')) td") == "0"
+    dash.shot("job-failed-validation")
+
+    dash.go(f"#/jobs/{late['id']}")
+    wait_status(dash, "failed")
+    page.wait_for_selector("#timeline li[data-stage=calibrating][data-state=failed]")
+    assert page.get_attribute("#timeline li[data-stage=validating]", "data-state") == "done"
+    assert "out_of_memory: calibration needs 3 GiB" in page.inner_text("#job-overview")
+    assert page.is_disabled("#btn-cancel") and page.is_disabled("#btn-pause")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
