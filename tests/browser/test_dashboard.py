@@ -296,11 +296,14 @@ def test_workers_page_shows_alive_and_lost_workers(dash_factory, server_factory)
     gone.register()
     live = TestWorker(srv, tok, name="gpu-box", models=("llama-a", "llama-b"), devices=8, kind="cuda")
     live.register()
+    shared = TestWorker(srv, tok, name="shared-box", models=("llama-x",), devices=1)
+    shared.register()
     stop = threading.Event()
 
-    def beat():  # the live worker heartbeats; the other falls silent and is lost after 1 s
+    def beat():  # two workers heartbeat; the third falls silent and is lost after 1 s
         while not stop.wait(0.25):
-            live.post(f"/workers/{live.worker_id}/heartbeat", {})
+            for w in (live, shared):
+                w.post(f"/workers/{w.worker_id}/heartbeat", {})
 
     t = threading.Thread(target=beat, daemon=True)
     t.start()
@@ -309,6 +312,17 @@ def test_workers_page_shows_alive_and_lost_workers(dash_factory, server_factory)
         srv.wait_status(key, job["id"], "queued")
         lease = live.lease(wait_s=5)
         assert lease["job_id"] == job["id"]
+        other = srv.create_key("workers-other")
+        theirs = api_job(srv, other, model="llama-x")
+        srv.wait_status(other, theirs["id"], "queued")
+        assert shared.lease(wait_s=5)["job_id"] == theirs["id"]
+        # Workers are shared; their jobs are named only to the job's own project.
+        seen_by = {k: {w["name"]: w for w in srv.client(k).get(srv.url("/v1/workers")).json()["data"]}
+                   for k in (key, other)}
+        assert seen_by[key]["shared-box"]["current_jobs"] == [] and seen_by[key]["shared-box"]["busy"] is True
+        assert seen_by[other]["shared-box"]["current_jobs"] == [theirs["id"]]
+        assert seen_by[other]["gpu-box"]["current_jobs"] == [] and seen_by[other]["gpu-box"]["busy"] is True
+        assert seen_by[key]["gone-worker"]["busy"] is False
         dash.sign_in(key)
         dash.go("#/workers")
         page = dash.page
@@ -319,7 +333,9 @@ def test_workers_page_shows_alive_and_lost_workers(dash_factory, server_factory)
         text = page.inner_text(row)
         assert "8 × cuda" in text and "llama-a, llama-b" in text and "1.0 GiB" in text
         assert job["id"] in text
-        assert page.inner_text("#workers-summary") == "1 alive · 1 lost"
+        shared_row = page.inner_text(f"#workers-table tr[data-worker-id='{shared.worker_id}']")
+        assert "busy (another project)" in shared_row and theirs["id"] not in page.inner_text("#workers-table")
+        assert page.inner_text("#workers-summary") == "2 alive · 1 lost"
         dash.shot("workers")
     finally:
         stop.set()
