@@ -8,13 +8,15 @@
  *     "status": "alive" | "lost", "busy": bool, "current_jobs": ["ftjob-…"]}], "has_more": false}
  *
  * alive = seen (registered, heartbeat or lease poll) within worker_timeout_s. Alive workers first,
- * then by name. */
+ * then by name; at most WORKERS_MAX of them. */
 #include <string.h>
 
 #include "server/api.h"
 #include "server/sched.h"
 #include "server/server.h"
 #include "server/store.h"
+
+#define WORKERS_MAX 1000 /* one page; has_more says when a fleet is larger */
 
 /* Running jobs a worker holds a rank of under the job's current lease generation. */
 static void current_jobs(const char *worker_id, const char *project_id, json_t *w) {
@@ -45,11 +47,17 @@ static void models_of(const char *worker_id, json_t *w) {
 static enum MHD_Result workers_list(http_req *r) {
     double alive_after = sched_wall_now() - g_cfg.worker_timeout_s;
     sqlite3_stmt *st = store_stmt("SELECT id, name, device_kind, devices, memory_bytes, registered_at, last_seen_f "
-                                  "FROM workers ORDER BY last_seen_f < ?1, name, id LIMIT 1000");
+                                  "FROM workers ORDER BY last_seen_f < ?1, name, id LIMIT ?2");
     sqlite3_bind_double(st, 1, alive_after);
-    /* Collect the rows first: the per-worker queries reuse prepared statements of the same cache. */
+    sqlite3_bind_int(st, 2, WORKERS_MAX + 1);
+    /* Collect the rows first, then ask per worker (models, jobs) with the other statements. */
     json_t *data = json_array();
+    int more = 0;
     while (sqlite3_step(st) == SQLITE_ROW) {
+        if (json_array_size(data) == WORKERS_MAX) {
+            more = 1;
+            break;
+        }
         double seen = sqlite3_column_double(st, 6);
         json_array_append_new(
             data, json_pack("{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:f, s:s}", "object", "worker", "id",
@@ -67,7 +75,7 @@ static enum MHD_Result workers_list(http_req *r) {
         models_of(id, w);
         current_jobs(id, r->project_id, w);
     }
-    return http_json(r, 200, json_pack("{s:s, s:o, s:b}", "object", "list", "data", data, "has_more", 0));
+    return http_json(r, 200, json_pack("{s:s, s:o, s:b}", "object", "list", "data", data, "has_more", more));
 }
 
 void api_workers_register(void) {
