@@ -3,7 +3,8 @@
 # build/cuda/bin/loranull) against the same command on the CPU: a random tiny LLaMA, 16
 # pre-tokenized examples, LoRA-Null-v2 calibrated on the same file, 8 steps. The two runs'
 # per-step losses must agree within 2e-2 relative (the GPU runs bf16 tensor-core GEMMs), and
-# both must have written the adapter. Exit 77 (skip) when no GPU is usable.
+# both must have written the adapter; and a model far too big for the GPU is refused at once by the
+# memory plan, naming needed vs free. Exit 77 (skip) when no GPU is usable.
 set -u
 DIR=${1:-tests/gpu/out/cli}
 BIN=$(pwd)/build/cuda/bin/loranull
@@ -40,4 +41,18 @@ awk 'BEGIN { w = 0; n = 0 }
 for f in run_cpu/adapter_model.safetensors run_gpu/adapter_model.safetensors; do
     [ -s "$f" ] || { echo "FAIL $f missing"; exit 1; }
 done
+# a model that cannot fit fails before anything is loaded, with needed vs free (only config.json
+# exists: the plan comes first)
+mkdir -p huge
+cat > huge/config.json <<'CFG'
+{"vocab_size":128256,"hidden_size":8192,"intermediate_size":28672,"num_hidden_layers":400,"num_attention_heads":64,
+ "num_key_value_heads":8,"head_dim":128,"max_position_embeddings":8192,"rms_norm_eps":1e-5,"rope_theta":500000.0,
+ "tie_word_embeddings":false}
+CFG
+"$BIN" train --device cuda --model huge --data data.jsonl --out run_huge --max-steps 1 > huge.log 2>&1
+rc=$?
+cat huge.log
+if [ $rc -eq 0 ] || ! grep -q "GPU memory plan: the job needs" huge.log; then
+    echo "FAIL cli_train: a model that cannot fit was not refused by the memory plan"; exit 1
+fi
 echo "PASS cli_train"

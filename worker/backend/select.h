@@ -19,6 +19,7 @@
 
 #pragma weak lnb_cuda_open
 #pragma weak lnb_cuda
+#pragma weak lnb_cuda_plan_check
 
 static inline const lnb_backend *lnb_select(const char *device, ln_err *e)
 {
@@ -42,6 +43,16 @@ static inline const lnb_backend *lnb_select(const char *device, ln_err *e)
     }
     ln_errf(e, "device \"%s\": expected cpu, cuda or cuda:N", device);
     return NULL;
+}
+
+/* Before a job allocates anything on a GPU backend: does it fit? q describes the model, the
+ * micro-batch and the adapter (cuda.h). Returns −1 with needed vs free (and the parts) when it
+ * does not; 0 on the CPU backend (host memory is the operating system's business). */
+static inline int lnb_select_plan_check(const lnb_backend *be, const lnb_cuda_plan_req *q, ln_err *e)
+{
+    if (!be || strcmp(be->name, "cuda") != 0 || !lnb_cuda_plan_check) return 0;
+    lnb_cuda_plan p;
+    return lnb_cuda_plan_check(q, &p, e);
 }
 
 #endif

@@ -82,7 +82,23 @@ int cmd_train(int argc, char **argv)
     to.out_dir = out;
     to.progress = isatty(2);
     const lnb_backend *be = lnb_select(device, &e);
-    if (!be || ln_model_load(model, be, &m, &e)) goto fail;
+    if (!be) goto fail;
+    {
+        /* on a GPU: the memory plan first, so a job that cannot fit fails now, with the numbers */
+        ln_config mc;
+        unsigned tm = 0;
+        if (ln_config_load(model, &mc, &e) || ln_targets_parse(targets, &tm, &e)) goto fail;
+        int nt = 0;
+        for (int t = 0; t < LN_NTARGET; t++) nt += (tm >> t) & 1;
+        int full = strcmp(method, "full") == 0;
+        lnb_cuda_plan_req pq = {.vocab = mc.vocab_size, .hidden = mc.hidden_size, .intermediate = mc.intermediate_size,
+                                .layers = mc.num_layers, .heads = mc.num_heads, .kv_heads = mc.num_kv_heads,
+                                .head_dim = mc.head_dim, .tied = mc.tie_word_embeddings, .batch = to.batch_size,
+                                .seq = max_seq_len, .rank = full ? 0 : rank, .targets = nt,
+                                .train_a = strcmp(method, "lora_fa") != 0 && strcmp(method, "lora_null_v2") != 0};
+        if (lnb_select_plan_check(be, &pq, &e)) goto fail;
+    }
+    if (ln_model_load(model, be, &m, &e)) goto fail;
     m->recompute = recompute;
     char *tp = ln_path_join(model, "tokenizer.json");
     int rc = ln_file_exists(tp) ? ln_tokenizer_load(tp, &tok, &e) : 0;
