@@ -81,3 +81,14 @@ def test_model_new_writes_a_loadable_hf_model(tmp_path):
     # the same seed gives the same weights
     run("model", "new", "--config", tmp_path / "cfg.json", "--out", tmp_path / "m2", "--seed", 3, "--dtype", "bf16")
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == (tmp_path / "m2" / "model.safetensors").read_bytes()
+
+
+def test_out_of_memory_is_a_sentence(tmp_path):
+    """A batch whose attention probabilities cannot fit (4 heads × 100k² floats = 160 GB) is refused
+    with a message, not a crash."""
+    model = make_model("tied")
+    save_model(model, tmp_path / "m")
+    (tmp_path / "ids.json").write_text(json.dumps([[5] * 100_000]))
+    r = run("forward", "--model", tmp_path / "m", "--input-ids", tmp_path / "ids.json", "--out", tmp_path / "o",
+            check=False)
+    one_line_error(r, "out of memory", "100000")
