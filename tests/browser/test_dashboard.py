@@ -464,3 +464,16 @@ def test_failed_jobs_show_the_failed_stage_and_the_error(dash, srv, project):
     assert "out_of_memory: calibration needs 3 GiB" in page.inner_text("#job-overview")
     assert page.is_disabled("#btn-cancel") and page.is_disabled("#btn-pause")
     assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+
+    # Stages a worker never announced before a later one count as skipped, not done.
+    third = api_job(srv, project, model="fail-model")
+    srv.wait_status(project, third["id"], "queued")
+    gen = w.lease(wait_s=5)["lease_generation"]
+    w.events(third["id"], gen, events=[{"message": "Validating the data of x"},
+                                       {"message": "Training: 3 steps of 8 examples"}])
+    w.fail(third["id"], gen, "nan_loss", "the loss became NaN at step 2")
+    dash.go(f"#/jobs/{third['id']}")
+    wait_status(dash, "failed")
+    dash.wait_for("() => document.querySelector('#timeline li[data-stage=training]').dataset.state === 'failed'")
+    assert page.eval_on_selector_all("#timeline li", "ls => ls.map(l => l.dataset.state)") == \
+        ["done", "skipped", "skipped", "failed", "pending", "pending"]

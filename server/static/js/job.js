@@ -256,14 +256,18 @@ export function render(main, [jobId]) {
     const cur = status === "validating_files" ? 0 : st.stage;
     const validated = ["queued", "running", "paused", "succeeded"].includes(status) ||
       st.events.some((e) => /^Files validated/.test(e.message || ""));
+    // A stage the worker never announced while it announced a later one was skipped (e.g. no
+    // calibration for plain LoRA); without any announcements, earlier stages just count as done.
+    const lastSeen = st.stageAt.reduce((m, at, i) => (at !== null ? i : m), -1);
     STAGES.forEach((name, i) => {
       let cls = "";
-      if (status === "succeeded") cls = "done";
-      else if (cur < 0) cls = i === 0 ? (validated ? "done" : ended ? "failed" : "active") : "";
-      else if (i < cur) cls = "done";
+      if (status === "succeeded" || (cur >= 0 && i < cur)) {
+        cls = i > 0 && st.stageAt[i] === null && i < lastSeen ? "skipped" : "done";
+      } else if (cur < 0) cls = i === 0 ? (validated ? "done" : ended ? "failed" : "active") : "";
       else if (i === cur) cls = ended ? "failed" : "active";
       const at = i === 0 ? (j ? j.created_at : null) : st.stageAt[i];
-      const note = cls === "active" && status === "paused" ? "paused" : cls && at ? fmtTime(at) : "";
+      const note = cls === "skipped" ? "skipped" : cls === "active" && status === "paused" ? "paused"
+        : cls && at ? fmtTime(at) : "";
       timeline.appendChild(el(`li${cls ? `.${cls}` : ""}`,
         { "data-stage": name, "data-state": cls || "pending", "aria-current": cls === "active" ? "step" : null },
         name, el("span.when", note)));

@@ -54,7 +54,7 @@ export function render(main) {
 
   // ---- files
   function fileField(param, label, required, hint) {
-    const input = el("input", { type: "file", accept: ".jsonl,.json,.txt,application/jsonl" });
+    const input = el("input", { type: "file", accept: ".jsonl,.json,.txt,application/jsonl", "aria-label": label });
     const existing = el("select", { "aria-label": `${label}: a file uploaded before` },
       el("option", { value: "" }, required ? "— or pick an uploaded file —" : "— none, or pick an uploaded file —"));
     const box = el("div", input, existing);
