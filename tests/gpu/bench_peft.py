@@ -15,13 +15,17 @@ def main():
     steps = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     try:
         import torch
+    except ImportError as e:
+        print(f"SKIP: bench_peft: {e}", flush=True)
+        sys.exit(77)
+    if not torch.cuda.is_available():
+        print("SKIP: bench_peft: torch has no CUDA device", flush=True)
+        sys.exit(77)
+    try:
         import peft
         import transformers
     except ImportError as e:
-        print(f"SKIP: bench_peft: {e}")
-        sys.exit(77)
-    if not torch.cuda.is_available():
-        print("SKIP: bench_peft: torch has no CUDA device")
+        print(f"SKIP: bench_peft: {e}", flush=True)
         sys.exit(77)
     cfg = transformers.LlamaConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

@@ -6,15 +6,17 @@
 #                                    (bench-extra, not in the default set: recomputation, fp32 weights)
 #
 # Results go to ${OUT:-tests/gpu/out}: one log per step, bench_*.json, summary.txt (one line
-# per step: PASS / FAIL / SKIP / TIMEOUT with its wall time). Every step runs under `timeout`
-# (limits below, overridable as LIMIT_<STEP>=seconds), so the whole script is bounded: about
-# 9.5 minutes at worst with the default limits, typically 3-5 minutes on an H200
-# (the build is most of it). A device tool with a 600 s call limit can run it whole; with less,
-# run `build tests` and `bench peft` as two calls.
+# per step: PASS / FAIL / SKIP / TIMEOUT / NOTRUN with its wall time). Every step runs under
+# `timeout` (limits below, overridable as LIMIT_<STEP>=seconds), and the whole script keeps to
+# DEADLINE seconds (default 570, under a 600 s device call): a step gets at most the time left,
+# and steps that no longer fit are reported NOTRUN. Typically 5-8 minutes on an H200 for the
+# default groups (the builds are a good part of it); with less time, run `build tests cli` and
+# `bench peft` as two calls (the second reuses the build when the machine is still warm, else
+# add `build` to it).
 # Needs: the CUDA toolkit (nvcc, cuBLAS, cuSOLVER, NCCL) and what `make` needs for engine+common
 # (OpenBLAS, LAPACKE, jansson). Optional: python3 with torch (CUDA), transformers and peft for
 # the PEFT comparison (skipped, visibly, when missing). No network.
-# Exit status: 0 when nothing FAILed or TIMEd OUT (skips allowed), else 1.
+# Exit status: 0 when nothing FAILed, TIMEd OUT or was NOTRUN (skips allowed), else 1.
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-tests/gpu/out}
@@ -24,6 +26,8 @@ SUMMARY="$OUT/summary.txt"
 GROUPS_WANTED=${*:-build tests cli bench peft}
 JOBS=$(nproc 2>/dev/null || echo 4)
 FAILED=0
+DEADLINE=${DEADLINE:-570}
+START=$SECONDS
 
 want() { case " $GROUPS_WANTED " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
@@ -33,6 +37,13 @@ step() {
     shift 2
     local var="LIMIT_$(echo "$name" | tr 'a-z-' 'A-Z_')"
     limit=${!var:-$limit}
+    local left=$((DEADLINE - (SECONDS - START) - 5))
+    if [ "$left" -lt 15 ]; then
+        printf '%-8s %-14s %4ds  (the %ss deadline leaves no time)\n' NOTRUN "$name" 0 "$DEADLINE" | tee -a "$SUMMARY"
+        FAILED=1
+        return 124
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     local t0=$SECONDS
     echo "==> $name (limit ${limit}s): $*"
     timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
