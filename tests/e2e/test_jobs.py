@@ -137,3 +137,23 @@ def test_two_rank_job_on_one_worker_matches_one_rank(env, tmp_path):
     assert out[0].keys() == out[1].keys()
     for k in out[0]:
         np.testing.assert_allclose(out[1][k], out[0][k], rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+def test_reports_are_split_to_fit_a_small_server_body_limit(server_factory, models, tmp_path):
+    """A server that takes at most 16 KiB per request: the worker's batches (hundreds of points with
+    per-layer drift) are refused with 413, halved until they fit, and every point still arrives."""
+    from conftest import Env
+
+    srv = server_factory("--max-body-bytes", "16384")
+    env = Env(srv, models, tmp_path)
+    w = env.worker("w1")
+    try:
+        job = submit(srv, env.key, env.train_id, calibration=env.facts_id, epochs=10, eval_interval=1)
+        done = srv.wait_status(env.key, job["id"], {"succeeded", "failed"}, timeout=120)
+        assert done["status"] == "succeeded", (done["error"], w.log())
+        m = metrics(srv, env.key, job["id"])
+        assert sorted(m["loss"]) == list(range(1, 121))
+        assert sorted(m["knowledge_drift_mean"]) == list(range(1, 121))
+        assert len([k for k in m if k.startswith("knowledge_drift/")]) == 14
+    finally:
+        w.stop()

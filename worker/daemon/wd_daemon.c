@@ -55,6 +55,7 @@ typedef struct wd_job {
     double next_flush, flush_backoff;
     json_t *fl_events, *fl_metrics;        /* the batch in flight (given back on failure) */
     uint64_t fl_mark, flushed_mark;        /* outbox marks: of the batch in flight, of the last one sent */
+    size_t cap_events, cap_points;         /* batch size limits (shrunk when a batch is too big) */
     uint64_t ck_mark;                      /* the outbox mark when the checkpoint was written: its
                                             * record waits for the reports before it (event order) */
 
@@ -250,6 +251,20 @@ static void on_flush(const wd_resp *r, void *ctx) {
         json_decref(j->fl_metrics);
         j->fl_events = j->fl_metrics = NULL;
         job_refused(j, r);
+    } else if (r->status == 413) {
+        /* The server's body limit is lower than ours: smaller batches, at once. */
+        size_t ne = json_array_size(j->fl_events), np = json_array_size(j->fl_metrics);
+        j->cap_events = ne > 1 ? (ne + 1) / 2 : 1;
+        j->cap_points = np > 1 ? (np + 1) / 2 : 1;
+        if (ne + np > 1) {
+            wd_outbox_putback(&j->out, j->fl_events, j->fl_metrics);
+        } else {
+            ln_log(LN_LOG_ERROR, "worker", "job %s: one report is larger than the server accepts; dropped", j->id);
+            json_decref(j->fl_events);
+            json_decref(j->fl_metrics);
+        }
+        j->fl_events = j->fl_metrics = NULL;
+        j->next_flush = now;
     } else {
         wd_outbox_putback(&j->out, j->fl_events, j->fl_metrics);
         j->fl_events = j->fl_metrics = NULL;
@@ -258,24 +273,42 @@ static void on_flush(const wd_resp *r, void *ctx) {
     pump(j->d);
 }
 
+/* A batch stays well under the server's body limit (1 MiB by default): bigger ones are split. */
+#define FLUSH_MAX_BYTES (512 * 1024)
+
 static void flush(wd_job *j, double now) {
     if (j->flush_busy || now < j->next_flush) return;
+    if (j->cap_events == 0) j->cap_events = 1000;
+    if (j->cap_points == 0) j->cap_points = 5000;
     json_t *ev, *mt;
     uint64_t mark = wd_outbox_appended(&j->out);
-    wd_outbox_take(&j->out, 1000, 5000, &ev, &mt);
-    if (json_array_size(ev) == 0 && json_array_size(mt) == 0) {
+    wd_outbox_take(&j->out, j->cap_events, j->cap_points, &ev, &mt);
+    size_t ne = json_array_size(ev), np = json_array_size(mt);
+    if (ne == 0 && np == 0) {
         json_decref(ev);
         json_decref(mt);
         j->flushed_mark = mark;
         return;
     }
+    json_t *b = json_pack("{s:I, s:O, s:O}", "lease_generation", (json_int_t)j->gen, "events", ev, "metrics", mt);
+    char *text = json_dumps(b, JSON_COMPACT);
+    size_t len = text ? strlen(text) : 0;
+    free(text);
+    if (len > FLUSH_MAX_BYTES && ne + np > 1) {
+        /* Too big (per-layer drift of a large model): halve the caps and send a smaller batch now. */
+        json_decref(b);
+        wd_outbox_putback(&j->out, ev, mt);
+        j->cap_events = ne > 1 ? (ne + 1) / 2 : 1;
+        j->cap_points = np > 1 ? (np + 1) / 2 : 1;
+        j->next_flush = now;
+        return;
+    }
     char path[160];
     snprintf(path, sizeof path, "/internal/v1/jobs/%s/events", j->id);
-    json_t *b = json_pack("{s:I, s:O, s:O}", "lease_generation", (json_int_t)j->gen, "events", ev, "metrics", mt);
     j->fl_events = ev;
     j->fl_metrics = mt;
     /* Everything appended up to `mark` is in this batch, unless the caps left some behind. */
-    j->fl_mark = json_array_size(ev) < 1000 && json_array_size(mt) < 5000 ? mark : j->flushed_mark;
+    j->fl_mark = ne < j->cap_events && np < j->cap_points ? mark : j->flushed_mark;
     if (wd_http_json(j->d->http, "POST", path, b, 30.0, on_flush, j) == 0) {
         j->flush_busy = 1;
     } else {
