@@ -99,8 +99,12 @@ static enum MHD_Result workers_register(http_req *r) {
     }
     /* Re-registration keeps the id (a restarted worker daemon gives its old id). */
     char id[40];
-    const char *given = json_string_value(json_object_get(b, "worker_id"));
-    if (given && api_valid_id(given, "wrk_")) snprintf(id, sizeof id, "%s", given);
+    json_t *given = json_object_get(b, "worker_id");
+    if (given && !json_is_null(given) && !(json_is_string(given) && api_valid_id(json_string_value(given), "wrk_"))) {
+        res = bad(r, "worker_id", "must be an id register returned before (wrk_…)");
+        goto out;
+    }
+    if (given && json_is_string(given)) snprintf(id, sizeof id, "%s", json_string_value(given));
     else store_new_id("wrk_", id, sizeof id);
     if (store_begin() != 0) { res = http_error(r, 503, "server_error", "busy", NULL, "The database is busy; retry."); goto out; }
     char *info = json_dumps(b, JSON_COMPACT);
@@ -508,7 +512,7 @@ static enum MHD_Result rdv_get(http_req *r) {
     }
     sqlite3_reset(st);
     double now = ln_now_s();
-    if (r->deadline == 0) r->deadline = now + (double)wait;
+    if (r->deadline == 0) r->deadline = now + ((double)wait < g_cfg.lease_wait_max_s ? (double)wait : g_cfg.lease_wait_max_s);
     if (now >= r->deadline || http_stopping())
         return http_error(r, 404, "invalid_request_error", "not_ready", "key", "Rendezvous key '%s' is not set yet.",
                           r->params[1]);

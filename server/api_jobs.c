@@ -226,6 +226,8 @@ static enum MHD_Result jobs_events(http_req *r) {
     const char *id = r->params[0];
     const char *stream = http_query(r, "stream");
     const char *after = http_query(r, "after");
+    int64_t limit;
+    if (http_query_int(r, "limit", 1, 1000, 20, &limit) != 0) return r->result; /* checked in both modes */
     const char *last = http_header(r, "Last-Event-ID");
     if (last && event_seq(last) < 0)
         return http_error(r, 400, "invalid_request_error", "invalid_parameter", "Last-Event-ID",
@@ -241,8 +243,6 @@ static enum MHD_Result jobs_events(http_req *r) {
     if (stream && strcmp(stream, "false") != 0)
         return http_error(r, 400, "invalid_request_error", "invalid_parameter", "stream",
                           "Query parameter 'stream' must be true or false.");
-    int64_t limit;
-    if (http_query_int(r, "limit", 1, 1000, 20, &limit) != 0) return r->result;
     int64_t before = INT64_MAX;
     if (after) {
         before = event_seq(after);

@@ -11,13 +11,13 @@ from lnserver import ROOT, TRAIN_JSONL
 SCHEMA = ROOT / "proto" / "openapi.yaml"
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
           "response_schema_conformance,negative_data_rejection")
-MAX_EXAMPLES = os.environ.get("LORANULL_SCHEMATHESIS_EXAMPLES", "25")
+MAX_EXAMPLES = os.environ.get("LORANULL_SCHEMATHESIS_EXAMPLES", "15")
 
 
-def run_schemathesis(srv, key, config=None):
+def run_schemathesis(srv, key, config=None, extra=(), max_examples=MAX_EXAMPLES):
     exe = pathlib_exe()
-    cmd = [exe, "run", str(SCHEMA), "--url", srv.base, "-H", f"Authorization: Bearer {key}",
-           "--checks", CHECKS, "--max-examples", MAX_EXAMPLES, "--phases", "examples,coverage,fuzzing",
+    cmd = [exe, "run", str(SCHEMA), "--url", srv.base, "-H", f"Authorization: Bearer {key}", *extra,
+           "--checks", CHECKS, "--max-examples", max_examples, "--phases", "examples,coverage,fuzzing",
            "--workers", "1", "--request-timeout", "10", "--no-color", "--seed", "20261128"]
     if config:
         cmd = [exe, "--config-file", str(config)] + cmd[1:]
@@ -50,3 +50,10 @@ def test_schemathesis_real_ids(server_factory, tmp_path):
     config.write_text(f'[parameters]\n"path.job_id" = "{job["id"]}"\n"path.file_id" = "{f["id"]}"\n')
     out = run_schemathesis(srv, key, config)
     assert "passed" in out
+
+
+def test_schemathesis_worker_protocol(server_factory):
+    """The /internal/v1 operations with a worker token (long-polls capped short for the run)."""
+    srv = server_factory("--no-access-log", "--lease-wait-max-s", "0.2")
+    tok = srv.create_token("fuzz")
+    run_schemathesis(srv, tok, extra=("--include-tag", "internal"), max_examples="10")
