@@ -101,11 +101,16 @@ def test_paused_job_resumes_on_another_worker_from_its_last_uploaded_checkpoint(
     assert result_files(env.srv, env.key, done)["adapter_model.safetensors"] == reference_adapter
 
 
-def test_sigterm_when_idle_exits_at_once(env):
+def test_sigterm_when_idle_exits_at_once_and_a_restart_keeps_the_worker_id(env):
     w = env.worker("idle")
-    time.sleep(0.5)  # registered and long-polling for a lease
+    wait_for(lambda: (w.work_dir / "worker_id").exists(), 10, "registration")
+    wid = (w.work_dir / "worker_id").read_text()
+    time.sleep(0.3)  # long-polling for a lease now
     rc, took = w.term(timeout=10)
     assert rc == 0 and took < 2, w.log()
+    w.start()
+    wait_for(lambda: w.log().count("registered as") == 2, 10, "registration again")
+    assert w.log().count(f"registered as {wid} ") == 2
 
 
 def test_cancel_stops_the_job_and_the_worker_takes_the_next(env):

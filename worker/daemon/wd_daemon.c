@@ -698,6 +698,12 @@ static void on_register(const wd_resp *r, void *ctx) {
         d->registered = 1;
         d->backoff = 0;
         d->next_try = 0;
+        /* Kept in the work dir so that a restarted daemon comes back as the same worker. */
+        char *idf = ln_path_join(d->cfg.work_dir, "worker_id");
+        ln_err e;
+        if (ln_write_file_atomic(idf, d->worker_id, strlen(d->worker_id), &e) != 0)
+            ln_log(LN_LOG_WARN, "worker", "cannot keep the worker id: %s", e.msg);
+        free(idf);
         ln_log(LN_LOG_INFO, "worker", "registered as %s with %zu model(s)", d->worker_id, json_array_size(d->models));
     } else {
         char msg[1024];
@@ -824,6 +830,13 @@ int wd_daemon_run(const wd_config *cfg, ln_err *e) {
     if (json_array_size(d->models) == 0)
         ln_log(LN_LOG_WARN, "worker", "no models under %s (each needs config.json and model.safetensors)",
                cfg->models_dir);
+    char *idf = ln_path_join(cfg->work_dir, "worker_id"), *saved = NULL;
+    size_t idn;
+    if (ln_file_exists(idf) && ln_read_file(idf, &saved, &idn, NULL) == 0 && idn > 4 && idn < sizeof d->worker_id &&
+        strncmp(saved, "wrk_", 4) == 0)
+        snprintf(d->worker_id, sizeof d->worker_id, "%s", saved);
+    free(saved);
+    free(idf);
     d->loop = ln_xcalloc(1, sizeof *d->loop);
     uv_loop_init(d->loop);
     d->http = wd_http_new(d->loop, cfg->server, cfg->token, e);

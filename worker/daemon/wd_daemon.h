@@ -19,7 +19,9 @@
  *    checkpoint, which is uploaded, the outbox is flushed, the lease is released (fail with
  *    retryable=true, code worker_shutdown: the job is queued again and resumes from that
  *    checkpoint elsewhere) and the process exits 0 — or, past --grace-s, exits 1. A second signal
- *    exits at once. */
+ *    exits at once.
+ *  - The worker id the server gave is kept in <work-dir>/worker_id: a restarted daemon registers
+ *    again under the same id (one work dir per worker). */
 #ifndef WD_DAEMON_H
 #define WD_DAEMON_H
 
