@@ -236,8 +236,12 @@ def test_another_projects_job_is_not_visible(dash, srv, project):
     theirs = api_job(srv, other)
     mine = api_job(srv, project)
     dash.allow(r"status of 404")  # chromium logs the refused GET of their job
-    dash.sign_in(project)
-    page = dash.page
+    # A deep link opened before signing in leads to its page after.
+    page = dash.open(f"#/jobs/{mine['id']}")
+    page.fill("#api-key", project)
+    page.click("#signin button[type=submit]")
+    page.wait_for_selector(f"#job-page[data-job-id='{mine['id']}'] #job-overview tr")
+    dash.go("#/jobs")
     page.wait_for_selector(f"#jobs-table tr[data-job-id='{mine['id']}']")
     assert page.query_selector(f"#jobs-table tr[data-job-id='{theirs['id']}']") is None
     assert theirs["id"] not in page.inner_text("#jobs-table")

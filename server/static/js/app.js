@@ -64,8 +64,9 @@ function renderSignIn() {
       // Any authenticated call proves the key; the job list is the first page anyway.
       await call("/v1/fine_tuning/jobs?limit=1", { key });
       setApiKey(key);
+      // A new hash routes through hashchange; the same hash (a deep link) routes here.
       if (!location.hash || location.hash === "#/") location.hash = "#/jobs";
-      route();
+      else route();
     } catch (e) {
       error.textContent = e instanceof ApiError && e.status === 401
         ? `This key was refused: ${e.message}` : `Cannot sign in: ${e.message}`;
