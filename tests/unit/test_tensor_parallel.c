@@ -362,6 +362,70 @@ static void check_trainer(tp_case k, int R)
     free_dataset(ds);
 }
 
+/* A stop seen by rank 0's should_stop after step 3 stops every rank there (no hang); with
+ * out_dir, metrics.jsonl has rank 0's rows and the gathered adapter is saved. */
+typedef struct { int calls; int rows; } stop_ctx;
+static int stop_after_3(void *p) { stop_ctx *c = p; return c->calls++ >= 3; }
+static void count_row(json_t *row, void *p) { (void)row; ((stop_ctx *)p)->rows++; }
+
+static void test_trainer_stop_and_out_dir(void **s)
+{
+    (void)s;
+    ln_dataset *ds = make_dataset();
+    ln_train_opts o = ln_train_defaults();
+    o.max_steps = 6;
+    o.batch_size = 2;
+    stop_ctx sc = {0, 0};
+    o.should_stop = stop_after_3;
+    o.on_row = count_row;
+    o.cb_ctx = &sc;
+    ln_model *m;
+    ln_adapter ad;
+    build_full(CASE_LORA, &m, &ad);
+    ln_train_result r;
+    ln_err e = {{0}};
+    assert_int_equal(ln_tp_train(m, &ad, ds, &o, 2, &r, &e), 0);
+    assert_int_equal(r.steps, 3);
+    assert_true(r.stopped);
+    assert_int_equal(sc.rows, 3); /* rank 0's rows only */
+    /* the whole run, into a directory */
+    char dir[] = "/tmp/loranull-tp-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    o.should_stop = NULL;
+    o.out_dir = dir;
+    sc.rows = 0;
+    assert_int_equal(ln_tp_train(m, &ad, ds, &o, 2, &r, &e), 0);
+    assert_int_equal(r.steps, 6);
+    assert_int_equal(sc.rows, 6);
+    char path[256];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    int lines = 0, ch;
+    while ((ch = fgetc(f)) != EOF) lines += ch == '\n';
+    fclose(f);
+    assert_int_equal(lines, 6);
+    /* the saved adapter is the gathered one: loading it onto the base model gives ad's factors */
+    ln_model *m2;
+    ln_adapter back, unused;
+    build_full(CASE_LORA, &m2, &unused);
+    ln_adapter_free(&unused);
+    snprintf(path, sizeof path, "%s/adapter.safetensors", dir);
+    assert_int_equal(ln_adapter_load(m2, path, &back, &e), 0);
+    for (int i = 0; i < ad.num_layers * LN_NTARGET; i++) {
+        assert_memory_equal(back.lora[i].A.w, ad.lora[i].A.w, (size_t)ad.lora[i].A.n * sizeof(float));
+        assert_memory_equal(back.lora[i].B.w, ad.lora[i].B.w, (size_t)ad.lora[i].B.n * sizeof(float));
+    }
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+    ln_adapter_free(&back);
+    ln_adapter_free(&ad);
+    ln_model_free(m2);
+    ln_model_free(m);
+    free_dataset(ds);
+}
+
 static void test_trainer_lora_2_ranks(void **s) { (void)s; check_trainer(CASE_LORA, 2); }
 static void test_trainer_null_v2_4_ranks(void **s) { (void)s; check_trainer(CASE_NULL_V2, 4); }
 static void test_trainer_full_2_ranks(void **s) { (void)s; check_trainer(CASE_FULL, 2); }
@@ -608,7 +672,7 @@ int main(void)
         cmocka_unit_test(test_null_v2_2_ranks), cmocka_unit_test(test_null_v2_4_ranks),
         cmocka_unit_test(test_full_2_ranks),   cmocka_unit_test(test_full_4_ranks),
         cmocka_unit_test(test_trainer_lora_2_ranks), cmocka_unit_test(test_trainer_null_v2_4_ranks),
-        cmocka_unit_test(test_trainer_full_2_ranks),
+        cmocka_unit_test(test_trainer_full_2_ranks), cmocka_unit_test(test_trainer_stop_and_out_dir),
         cmocka_unit_test(test_calibration_2_ranks), cmocka_unit_test(test_calibration_4_ranks),
         cmocka_unit_test(test_init_2_ranks), cmocka_unit_test(test_init_4_ranks),
     };

@@ -7,6 +7,7 @@
 
 #include <lapacke.h>
 
+#include "common/safetensors.h"
 #include "common/util.h"
 #include "worker/engine/lora_init.h"
 #include "worker/engine/nullspace.h"
@@ -278,13 +279,43 @@ int ln_tp_gather(ln_model *m, ln_adapter *ad, ln_model *full, ln_adapter *full_a
 
 /* ---------------------------------------------------------------- training on threads */
 
+int ln_tp_agree(ln_model *m, int *flag, ln_err *e)
+{
+    if (!m->comm || m->comm->size == 1) return 0;
+    float f = (float)*flag;
+    if (comm_broadcast(m->comm, &f, 1, 0, e)) return ln_err_prefix(e, "tensor parallel: agreeing on a stop");
+    *flag = f != 0.0f;
+    return 0;
+}
+
 typedef struct tp_train_ctx {
     ln_model *full;
     ln_adapter *full_ad;
     const ln_dataset *ds;
     ln_train_opts opts;
     ln_train_result res;
+    FILE *metrics;          /* rank 0 writes the rows here (out_dir) */
+    const ln_train_opts *user;
 } tp_train_ctx;
+
+/* Rank 0's rows: into metrics.jsonl, then to the caller's on_row. */
+static void tp_on_row(json_t *row, void *p)
+{
+    tp_train_ctx *x = p;
+    if (x->metrics) {
+        char *line = json_dumps(row, JSON_COMPACT);
+        fprintf(x->metrics, "%s\n", line);
+        fflush(x->metrics);
+        free(line);
+    }
+    if (x->user->on_row) x->user->on_row(row, x->user->cb_ctx);
+}
+
+static int tp_should_stop(void *p)
+{
+    tp_train_ctx *x = p;
+    return x->user->should_stop ? x->user->should_stop(x->user->cb_ctx) : 0;
+}
 
 static int tp_train_rank(ln_comm *c, void *p, ln_err *e)
 {
@@ -295,7 +326,16 @@ static int tp_train_rank(ln_comm *c, void *p, ln_err *e)
     int rc = ln_tp_shard_model(x->full, c, &shard, e);
     if (rc == 0) rc = ln_tp_shard_adapter(x->full, x->full_ad, shard, &sad, e);
     ln_train_opts o = x->opts;
-    if (c->rank != 0) o.on_row = NULL, o.progress = 0;
+    o.out_dir = NULL;
+    if (c->rank == 0) {
+        o.on_row = tp_on_row;
+        o.should_stop = tp_should_stop;
+        o.cb_ctx = x;
+    } else {
+        o.on_row = NULL;
+        o.should_stop = NULL;
+        o.progress = 0;
+    }
     if (rc == 0) rc = ln_train(shard, &sad, x->ds, &o, &x->res, e);
     if (rc == 0) rc = ln_tp_gather(shard, &sad, c->rank == 0 ? x->full : NULL, c->rank == 0 ? x->full_ad : NULL, e);
     if (!sad.full) ln_adapter_free(&sad);
@@ -304,23 +344,45 @@ static int tp_train_rank(ln_comm *c, void *p, ln_err *e)
     return rc;
 }
 
+/* What ln_train's end writes into out_dir, for the gathered adapter (or model). */
+static int tp_save_final(ln_model *m, ln_adapter *ad, const char *dir, ln_err *e)
+{
+    if (ad->full) return ln_model_save(m, dir, ST_F32, e);
+    char *p = ln_path_join(dir, "adapter.safetensors");
+    int rc = ln_adapter_save(ad, p, e);
+    free(p);
+    if (rc == 0 && !ad->residual) rc = ln_adapter_save_peft(ad, m, dir, e);
+    return rc;
+}
+
 int ln_tp_train(ln_model *full, ln_adapter *full_ad, const ln_dataset *ds, const ln_train_opts *opts, int ranks,
                 ln_train_result *res, ln_err *e)
 {
-    if (opts->out_dir || opts->resume || opts->eval || opts->should_stop)
-        return ln_errf(e, "tensor-parallel training on threads: out_dir, resume, eval and should_stop are not "
-                          "supported yet (save the gathered adapter after it returns)");
+    if (opts->resume || opts->eval)
+        return ln_errf(e, "tensor-parallel training on threads: resume and eval are not supported yet "
+                          "(checkpoints of a sharded run are not written)");
     if (ranks < 1) return ln_errf(e, "tensor-parallel training: %d ranks (at least 1 expected)", ranks);
     ln_config sh;
     if (ln_tp_shard_config(&full->cfg, ranks, &sh, e)) return -1;
+    FILE *metrics = NULL;
+    if (opts->out_dir) {
+        if (ln_mkdir_p(opts->out_dir, e)) return -1;
+        char *mp = ln_path_join(opts->out_dir, "metrics.jsonl");
+        metrics = fopen(mp, "w");
+        free(mp);
+        if (!metrics) return ln_errf(e, "tensor-parallel training: cannot open metrics.jsonl in %s", opts->out_dir);
+    }
     tp_train_ctx *ctx = ln_xcalloc((size_t)ranks, sizeof *ctx);
     void **ptrs = ln_xcalloc((size_t)ranks, sizeof *ptrs);
     for (int r = 0; r < ranks; r++) {
-        ctx[r] = (tp_train_ctx){.full = full, .full_ad = full_ad, .ds = ds, .opts = *opts};
+        ctx[r] = (tp_train_ctx){.full = full, .full_ad = full_ad, .ds = ds, .opts = *opts, .user = opts,
+                                .metrics = r == 0 ? metrics : NULL};
         ptrs[r] = &ctx[r];
     }
     int rc = comm_thread_run(ranks, tp_train_rank, ptrs, e);
+    if (metrics) fclose(metrics);
     if (rc == 0 && res) *res = ctx[0].res;
+    if (rc == 0 && opts->out_dir && !ctx[0].res.stopped) rc = tp_save_final(full, full_ad, opts->out_dir, e);
     free(ctx);
     free(ptrs);
     return rc;

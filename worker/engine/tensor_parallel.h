@@ -88,11 +88,18 @@ int ln_tp_init_lora_null(ln_model *shard, ln_adapter *ad, ln_covariance_fn cov, 
  * written there — both of the same shape as the model and adapter that were sharded. */
 int ln_tp_gather(ln_model *shard, ln_adapter *shard_ad, ln_model *full, ln_adapter *full_ad, ln_err *e);
 
+/* Rank 0's decision, on every rank (a broadcast): ln_train uses it so that a pause or cancel seen
+ * by rank 0's should_stop stops every rank after the same step. */
+int ln_tp_agree(ln_model *shard, int *flag, ln_err *e);
+
 /* Trains full_ad on `full` as `ranks` tensor-parallel ranks on threads (the thread backend):
  * each rank shards the model and adapter, runs ln_train on the same data (the same seeded order),
  * and at the end the trained shards are gathered back into full_ad (or full's weights for full
- * fine-tuning). opts->out_dir, resume, eval, should_stop must be NULL/0 (save the gathered adapter
- * afterwards); on_row is called from rank 0 only. res gets rank 0's result. */
+ * fine-tuning). on_row and should_stop are rank 0's (every rank stops after the step rank 0 saw a
+ * stop at). With opts->out_dir, metrics.jsonl is written from rank 0's rows and the gathered
+ * adapter (or model) is saved there at the end, as ln_train does. resume and eval must be NULL;
+ * save_every is ignored: checkpoints of a sharded run are not written yet. res gets rank 0's
+ * result. */
 int ln_tp_train(ln_model *full, ln_adapter *full_ad, const ln_dataset *ds, const ln_train_opts *opts, int ranks,
                 ln_train_result *res, ln_err *e);
 

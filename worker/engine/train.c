@@ -362,7 +362,9 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
     double t_start = ln_now_s();
     int64_t steps_here = 0;
     for (int64_t step = cs.step; step < cs.total_steps; step++) {
-        if (o->should_stop && o->should_stop(o->cb_ctx)) {
+        int stop = o->should_stop && o->should_stop(o->cb_ctx);
+        if (m->comm && ln_tp_agree(m, &stop, e)) goto out; /* every rank stops at the same step */
+        if (stop) {
             /* a pause or cancel: keep what was done, unless the last checkpoint already has it */
             res->stopped = 1;
             if (ckdir && steps_here > 0 && !(o->save_every > 0 && cs.step % o->save_every == 0) &&
