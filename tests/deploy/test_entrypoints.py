@@ -4,6 +4,7 @@ secret files) pointed elsewhere through the environment the scripts document.
 
 What the images add around them (Debian slim / CUDA runtime, uid 10001, read-only root) is not
 reproduced here: there is no Docker engine on this machine."""
+import base64
 import json
 import os
 import pathlib
@@ -20,7 +21,7 @@ import urllib.request
 import pytest
 import requests
 
-from deploy_helpers import DOCKER, ROOT
+from deploy_helpers import DOCKER, KUSTOMIZATIONS, ROOT, render
 
 SERVER_SH = DOCKER / "server-entrypoint.sh"
 WORKER_SH = DOCKER / "worker-entrypoint.sh"
@@ -683,3 +684,27 @@ def test_podlike_sandbox_is_what_it_claims(pod_volumes):
     assert "tmp-writable" in out and "volume-writable" in out
     assert "Read-only file system" in out.split("volume-writable")[1], "the secrets volume is writable"
     assert not (ROOT / "podlike-probe").exists()
+
+
+def test_cpu_dev_secrets_work_with_the_server_entrypoint(tmp_path):
+    # The Secrets the cpu-dev overlay generates, mounted as the Deployment mounts them (each
+    # key's bytes in a file), pass the entrypoint's checks and authenticate.
+    docs = render(KUSTOMIZATIONS["cpu-dev"])
+    secret_dir = tmp_path / "secrets"
+    secret_dir.mkdir()
+    values = {}
+    for d in docs:
+        if d["kind"] == "Secret":
+            for key, b64 in d["data"].items():
+                values[key] = base64.b64decode(b64).decode()
+    (secret_dir / "api-keys").write_text(values["api-keys"])
+    (secret_dir / "worker-token").write_text(values["token"])
+    s = EntrypointServer(server_env(tmp_path, secret_dir, free_port()), tmp_path / "server.log")
+    try:
+        _project, key = values["api-keys"].split()
+        assert http("GET", s.base + "/v1/files", key)[0] == 200
+        status, body = http("POST", s.base + "/internal/v1/workers/register", values["token"],
+                            {"name": "dev", "device_kind": "cpu", "devices": 1, "memory_bytes": 1, "models": []})
+        assert status == 201, body
+    finally:
+        s.stop()
