@@ -157,3 +157,23 @@ def test_reports_are_split_to_fit_a_small_server_body_limit(server_factory, mode
         assert len([k for k in m if k.startswith("knowledge_drift/")]) == 14
     finally:
         w.stop()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--device", "tpu"], 'device "tpu": expected cpu, cuda or cuda:N'),
+    (["--device", "cpu", "--ranks", "0"], "--ranks '0'"),
+    (["--device", "cpu", "--token-file", "/nonexistent/token"], "--token-file"),
+    (["--device", "cpu", "--models", "/nonexistent/models"], "--models /nonexistent/models"),
+])
+def test_worker_flags_errors_are_sentences(models, tmp_path, args, needle):
+    import subprocess
+
+    from e2e_helpers import WORKER_BIN
+    tok = tmp_path / "tok"
+    tok.write_text("wt-ln-x\n")
+    base = ["--server", "http://127.0.0.1:9", "--token-file", str(tok), "--models", str(models),
+            "--work-dir", str(tmp_path / "w")]
+    # later flags win: the case's own value replaces the default one
+    r = subprocess.run([str(WORKER_BIN), *base, *args], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr, r.stderr

@@ -13,6 +13,7 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "proto/jobspec.h"
+#include "worker/backend/select.h"
 #include "worker/daemon/wd_http.h"
 #include "worker/daemon/wd_models.h"
 #include "worker/daemon/wd_outbox.h"
@@ -84,6 +85,7 @@ struct wd_daemon {
     char worker_id[64];
     json_t *models;
     char device_kind[8];
+    const lnb_backend *be;
     int registered, busy;                  /* busy: register or lease in flight */
     double next_try, backoff;
     wd_job *job;
@@ -632,6 +634,16 @@ static void job_begin(wd_daemon *d, json_t *lease) {
     free(md);
     int mine = (int)json_array_size(json_object_get(lease, "ranks"));
     r->world = world > 1 ? world : 1;
+    r->be = d->be;
+    if (world > 1 && strcmp(d->device_kind, "cpu") != 0) {
+        snprintf(r->err_code, sizeof r->err_code, "unsupported_resources");
+        snprintf(r->err_msg, sizeof r->err_msg,
+                 "resources.ranks=%d: multi-rank jobs run on CPU workers only for now (threads); submit with "
+                 "resources.ranks=1 for a GPU worker", world);
+        j->final = FINAL_FAIL;
+        j->phase = PHASE_REPORTING;
+        return;
+    }
     if (world > 1 && mine != world) {
         /* A gang over several workers needs NCCL between them (the CUDA build). */
         snprintf(r->err_code, sizeof r->err_code, "unsupported_resources");
@@ -808,16 +820,12 @@ static void on_signal(uv_signal_t *s, int signum) {
 int wd_daemon_run(const wd_config *cfg, ln_err *e) {
     wd_daemon *d = ln_xcalloc(1, sizeof *d);
     d->cfg = *cfg;
-    if (strcmp(cfg->device, "cpu") == 0) {
-        snprintf(d->device_kind, sizeof d->device_kind, "cpu");
-    } else if (strncmp(cfg->device, "cuda:", 5) == 0) {
+    d->be = lnb_select(cfg->device, e);
+    if (!d->be) {
         free(d);
-        return ln_errf(e, "--device %s: this build of loranull-worker has no CUDA backend; use --device cpu",
-                       cfg->device);
-    } else {
-        free(d);
-        return ln_errf(e, "--device %s: expected cpu or cuda:N", cfg->device);
+        return ln_err_prefix(e, "--device");
     }
+    snprintf(d->device_kind, sizeof d->device_kind, "%s", strncmp(cfg->device, "cuda", 4) == 0 ? "cuda" : "cpu");
     if (ln_mkdir_p(cfg->work_dir, e) != 0) {
         free(d);
         return ln_err_prefix(e, "--work-dir");

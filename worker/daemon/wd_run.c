@@ -14,6 +14,7 @@
 
 #include "common/util.h"
 #include "worker/backend/backend.h"
+#include "worker/backend/select.h"
 #include "worker/engine/adapter.h"
 #include "worker/engine/calibrate.h"
 #include "worker/engine/data.h"
@@ -202,7 +203,27 @@ static int stage_data(wd_run *r, run_priv *p) {
 static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets) {
     ln_err e = {{0}};
     const ln_jobspec *s = &r->spec;
-    if (ln_model_load(r->model_dir, lnb_cpu(), &p->m, &e) != 0) {
+    {
+        /* On a GPU the memory plan comes first: a job that cannot fit fails now, with needed vs free. */
+        ln_config mc;
+        char *cp = ln_path_join(r->model_dir, "config.json");
+        int rc = ln_config_load(cp, &mc, &e);
+        free(cp);
+        if (rc != 0) {
+            ln_err_prefix(&e, "model %s", r->model_name);
+            return fail(r, "model_unavailable", 1, &e);
+        }
+        int nt = 0;
+        for (int t = 0; t < LN_NTARGET; t++) nt += (targets >> t) & 1;
+        ln_adapter_type ty = s->adapter.type;
+        lnb_cuda_plan_req pq = {.vocab = mc.vocab_size, .hidden = mc.hidden_size, .intermediate = mc.intermediate_size,
+                                .layers = mc.num_layers, .heads = mc.num_heads, .kv_heads = mc.num_kv_heads,
+                                .head_dim = mc.head_dim, .tied = mc.tie_word_embeddings, .batch = s->hp.batch_size,
+                                .seq = s->hp.max_seq_len, .rank = ty == LN_ADAPTER_FULL ? 0 : s->adapter.rank,
+                                .targets = nt, .train_a = ty != LN_ADAPTER_LORA_FA && ty != LN_ADAPTER_LORA_NULL_V2};
+        if (lnb_select_plan_check(r->be, &pq, &e) != 0) return fail(r, "out_of_memory", 0, &e);
+    }
+    if (ln_model_load(r->model_dir, r->be, &p->m, &e) != 0) {
         ln_err_prefix(&e, "model %s", r->model_name);
         return fail(r, "model_unavailable", 1, &e);
     }

@@ -45,6 +45,7 @@ typedef struct wd_run {
     int world;                         /* tensor-parallel ranks, all on this worker (threads); 1 = plain.
                                         * Multi-rank runs (ln_tp_train) have no checkpoints yet and
                                         * see a stop only when they end. */
+    const struct lnb_backend *be;      /* the device's backend (lnb_select) */
     wd_outbox *out;
     uv_async_t *wake;                  /* woken when done (may be NULL) */
 
