@@ -49,16 +49,21 @@ def test_bf16_and_sharded_checkpoints_load(tiny, tmp_path):
     name, model, d, rows, data = tiny
     bf = make_model(name, dtype=torch.bfloat16)
     save_model(bf, tmp_path / "bf16")
+    f16 = make_model(name, dtype=torch.float16)
+    save_model(f16, tmp_path / "f16")
     save_model(model, tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     ids, _ = batch_tensors(rows)
     (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
     run("forward", "--model", tmp_path / "bf16", "--input-ids", tmp_path / "ids.json", "--out", tmp_path / "a.st")
     run("forward", "--model", tmp_path / "sharded", "--input-ids", tmp_path / "ids.json", "--out", tmp_path / "b.st")
+    run("forward", "--model", tmp_path / "f16", "--input-ids", tmp_path / "ids.json", "--out", tmp_path / "c.st")
     with torch.no_grad():
         ref_bf, _ = reference_logits_loss(bf.float(), rows)
         ref, _ = reference_logits_loss(model, rows)
+        ref_f16, _ = reference_logits_loss(f16.float(), rows)
     assert rel_err(load(tmp_path / "a.st")["logits"], ref_bf.numpy()) <= TOL
+    assert rel_err(load(tmp_path / "c.st")["logits"], ref_f16.numpy()) <= TOL
     assert rel_err(load(tmp_path / "b.st")["logits"], ref.numpy()) <= TOL
 
 
