@@ -2,6 +2,7 @@
 #include "server/jobs.h"
 
 #include <assert.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -104,7 +105,16 @@ json_t *jobs_checkpoint_row(sqlite3_stmt *st) {
 
 typedef struct { char id[40]; char *frag; } spec_slot;
 #define SPEC_CACHE 1024
-static __thread spec_slot *t_spec_cache;
+/* Per thread (no locking on the hot path); freed when the thread ends. */
+static pthread_key_t g_spec_key;
+static pthread_once_t g_spec_once = PTHREAD_ONCE_INIT;
+
+static void spec_cache_free(void *p) {
+    spec_slot *c = p;
+    for (int i = 0; i < SPEC_CACHE; i++) free(c[i].frag);
+    free(c);
+}
+static void spec_key_init(void) { pthread_key_create(&g_spec_key, spec_cache_free); }
 
 static unsigned hash_id(const char *s) {
     unsigned h = 2166136261u; /* FNV-1a */
@@ -115,8 +125,13 @@ static unsigned hash_id(const char *s) {
 /* `"seed":…,"metadata":…,"method":…,"hyperparameters":…,"adapter":…,"resources":…,"user_provided_suffix":…`
  * from the normalised spec text. The returned string belongs to the cache. */
 static const char *spec_fragment(const char *job_id, const char *spec_text) {
-    if (!t_spec_cache) t_spec_cache = ln_xcalloc(SPEC_CACHE, sizeof *t_spec_cache);
-    spec_slot *slot = &t_spec_cache[hash_id(job_id) % SPEC_CACHE];
+    pthread_once(&g_spec_once, spec_key_init);
+    spec_slot *cache = pthread_getspecific(g_spec_key);
+    if (!cache) {
+        cache = ln_xcalloc(SPEC_CACHE, sizeof *cache);
+        pthread_setspecific(g_spec_key, cache);
+    }
+    spec_slot *slot = &cache[hash_id(job_id) % SPEC_CACHE];
     if (slot->frag && strcmp(slot->id, job_id) == 0) return slot->frag;
     json_t *spec = json_loads(spec_text, 0, NULL);
     if (!spec) spec = json_object();
