@@ -133,3 +133,86 @@ int auth_list(int tokens, ln_err *e) {
     sqlite3_reset(st);
     return 0;
 }
+
+/* ---------------------------------------------------------------- import of given secrets */
+
+static int valid_secret(const char *s) {
+    size_t n = strlen(s);
+    if (n < 20 || n > 128) return 0;
+    for (; *s; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') || *s == '-' || *s == '_'))
+            return 0;
+    return 1;
+}
+
+/* 1 when a secret with this hash is already known (active or revoked: a revoked one stays revoked). */
+static int hash_known(const char *sql, const char *hex) {
+    sqlite3_stmt *st = store_stmt(sql);
+    sqlite3_bind_text(st, 1, hex, -1, SQLITE_STATIC);
+    int known = sqlite3_step(st) == SQLITE_ROW;
+    sqlite3_reset(st);
+    return known;
+}
+
+int auth_key_import(const char *project, const char *key, int *added, ln_err *e) {
+    *added = 0;
+    if (!valid_name(project))
+        return ln_errf(e, "project '%.80s': a project name is 1..64 of letters, digits and . _ -", project);
+    if (!valid_secret(key)) return ln_errf(e, "project %s: the key is not 20..128 of letters, digits, _ and -", project);
+    char hex[65];
+    sha256_hex(key, strlen(key), hex);
+    if (hash_known("SELECT 1 FROM api_keys WHERE key_hash=?", hex)) return 0;
+    if (store_begin() != 0) return ln_errf(e, "database is busy: %s", sqlite3_errmsg(store_db()));
+    char project_id[40], key_id[40];
+    sqlite3_stmt *st = store_stmt("SELECT id FROM projects WHERE name=?");
+    sqlite3_bind_text(st, 1, project, -1, SQLITE_STATIC);
+    int have = sqlite3_step(st) == SQLITE_ROW;
+    if (have) snprintf(project_id, sizeof project_id, "%s", store_col_text(st, 0));
+    sqlite3_reset(st);
+    if (!have) {
+        store_new_id("proj_", project_id, sizeof project_id);
+        st = store_stmt("INSERT INTO projects(id,name,created_at) VALUES(?,?,?)");
+        sqlite3_bind_text(st, 1, project_id, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, project, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 3, ln_unix_time());
+        int ok = sqlite3_step(st) == SQLITE_DONE;
+        sqlite3_reset(st);
+        if (!ok) goto err;
+    }
+    store_new_id("key_", key_id, sizeof key_id);
+    st = store_stmt("INSERT INTO api_keys(id,project_id,key_hash,prefix,created_at) VALUES(?,?,?,?,?)");
+    sqlite3_bind_text(st, 1, key_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, project_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, hex, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 4, key, 10, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 5, ln_unix_time());
+    int ok = sqlite3_step(st) == SQLITE_DONE;
+    sqlite3_reset(st);
+    if (!ok || store_commit() != 0) goto err;
+    *added = 1;
+    return 0;
+err:
+    ln_errf(e, "cannot import key: %s", sqlite3_errmsg(store_db()));
+    store_rollback();
+    return -1;
+}
+
+int auth_token_import(const char *name, const char *token, int *added, ln_err *e) {
+    *added = 0;
+    if (!valid_name(name)) return ln_errf(e, "--name '%.80s': a name is 1..64 of letters, digits and . _ -", name);
+    if (!valid_secret(token)) return ln_errf(e, "the token is not 20..128 of letters, digits, _ and -");
+    char hex[65], id[40];
+    sha256_hex(token, strlen(token), hex);
+    if (hash_known("SELECT 1 FROM worker_tokens WHERE token_hash=?", hex)) return 0;
+    store_new_id("wtok_", id, sizeof id);
+    sqlite3_stmt *st = store_stmt("INSERT INTO worker_tokens(id,name,token_hash,created_at) VALUES(?,?,?,?)");
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, name, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, hex, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 4, ln_unix_time());
+    int ok = sqlite3_step(st) == SQLITE_DONE;
+    sqlite3_reset(st);
+    if (!ok) return ln_errf(e, "cannot import token: %s", sqlite3_errmsg(store_db()));
+    *added = 1;
+    return 0;
+}

@@ -7,6 +7,8 @@
  *   loranull-server tokens create --name NAME --data-dir DIR      (worker token, printed once)
  *   loranull-server tokens revoke TOKEN_ID|TOKEN --data-dir DIR
  *   loranull-server tokens list --data-dir DIR
+ *   loranull-server keys import --data-dir DIR < "PROJECT KEY" lines   (given secrets, e.g. from a
+ *   loranull-server tokens import --name NAME --data-dir DIR < token     Kubernetes Secret; idempotent)
  *
  * Precedence: built-in defaults < --config FILE (JSON, keys as the long flags with '_') < flags.
  * SIGTERM/SIGINT stop it gracefully: stop accepting, end streams and long-polls, stop, close the DB. */
@@ -41,6 +43,8 @@ static void usage(FILE *f) {
             "       loranull-server tokens create --name NAME --data-dir DIR\n"
             "       loranull-server tokens revoke TOKEN_ID|TOKEN --data-dir DIR\n"
             "       loranull-server tokens list --data-dir DIR\n"
+            "       loranull-server keys import --data-dir DIR       < lines 'PROJECT KEY' (given secrets)\n"
+            "       loranull-server tokens import --name NAME --data-dir DIR   < one token\n"
             "options (config file keys in brackets):\n"
             "  --listen HOST:PORT          [listen]            default 127.0.0.1:8080 (port 0 = any free port)\n"
             "  --data-dir DIR              [data_dir]          database and file blobs (required)\n"
@@ -276,6 +280,32 @@ static int cmd_keys(int tokens, int argc, char **argv) {
         if (npos != 1) { ln_errf(&e, "%s revoke needs the id or the secret", tokens ? "tokens" : "keys"); goto fail; }
         if ((tokens ? auth_token_revoke(pos[0], &e) : auth_key_revoke(pos[0], &e)) != 0) goto fail;
         fprintf(stderr, "revoked\n");
+    } else if (strcmp(verb, "import") == 0) {
+        /* Secrets come on stdin so that they never show in /proc/<pid>/cmdline. */
+        char line[512];
+        int lineno = 0, added = 0, known = 0;
+        if (tokens && !name) { ln_errf(&e, "tokens import needs --name NAME (the token is read from stdin)"); goto fail; }
+        while (fgets(line, sizeof line, stdin)) {
+            lineno++;
+            line[strcspn(line, "\r\n")] = 0;
+            char *p = line;
+            while (*p == ' ' || *p == '\t') p++;
+            if (!*p || *p == '#') continue;
+            int a = 0;
+            if (tokens) {
+                if (auth_token_import(name, p, &a, &e) != 0) { ln_err_prefix(&e, "stdin line %d", lineno); goto fail; }
+            } else {
+                char proj[128], key[256];
+                if (sscanf(p, "%127s %255s", proj, key) != 2) {
+                    ln_errf(&e, "stdin line %d: expected 'PROJECT KEY'", lineno);
+                    goto fail;
+                }
+                if (auth_key_import(proj, key, &a, &e) != 0) { ln_err_prefix(&e, "stdin line %d", lineno); goto fail; }
+            }
+            if (a) added++;
+            else known++;
+        }
+        fprintf(stderr, "imported %d new %s (%d already known)\n", added, tokens ? "token(s)" : "key(s)", known);
     } else if (strcmp(verb, "list") == 0) {
         if (auth_list(tokens, &e) != 0) goto fail;
     } else {

@@ -74,3 +74,26 @@ def test_bad_flags_and_config_are_clear(tmp_path):
     assert r.returncode == 2 and str(bad) in r.stderr
     r = run("--listen", "127.0.0.1:0")
     assert r.returncode == 2 and "--data-dir is required" in r.stderr
+
+
+def test_import_given_secrets_from_stdin(server):
+    """`keys import` / `tokens import` make given secrets valid (a Kubernetes Secret), idempotently."""
+    mig = ["--migrations-dir", str(ROOT / "migrations"), "--data-dir", str(server.data_dir)]
+    key = "sk-given-0123456789abcdefghij"
+    lines = f"team-a {key}\n# comment\n\nteam-b sk-given-zzzzzzzzzzzzzzzzzzzzzz\n"
+    r = subprocess.run([str(SERVER_BIN), "keys", "import", *mig], input=lines, capture_output=True, text=True)
+    assert r.returncode == 0 and "imported 2 new key(s) (0 already known)" in r.stderr
+    assert server.client(key).get(server.url("/v1/files")).status_code == 200
+    # Idempotent, and a revoked key stays revoked when imported again.
+    server.revoke_key(key)
+    r = subprocess.run([str(SERVER_BIN), "keys", "import", *mig], input=lines, capture_output=True, text=True)
+    assert "imported 0 new key(s) (2 already known)" in r.stderr
+    assert server.client(key).get(server.url("/v1/files")).status_code == 401
+    tok = "wt-given-0123456789abcdefgh"
+    r = subprocess.run([str(SERVER_BIN), "tokens", "import", "--name", "k8s", *mig], input=tok + "\n",
+                       capture_output=True, text=True)
+    assert r.returncode == 0
+    TestWorker(server, tok).register()
+    bad = subprocess.run([str(SERVER_BIN), "keys", "import", *mig], input="team-c short\n", capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "stdin line 1" in bad.stderr and "20..128" in bad.stderr
