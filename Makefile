@@ -155,11 +155,12 @@ deps:
 	@bash .ci/deps.sh
 
 PY := .venv/bin/python
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 # make test: installs what is missing, builds release + ASan/UBSan, then runs every test
 # through pytest (the C unit tests are run by tests/test_unit.py, in both variants).
 test: deps
-	$(MAKE) all unit
-	$(MAKE) V=asan unit
+	$(MAKE) -j$(JOBS) all unit
+	$(MAKE) -j$(JOBS) V=asan unit
 	$(PY) -m pytest -q -ra tests $(PYTEST_ARGS)
 
 bench: deps all
