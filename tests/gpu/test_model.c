@@ -2,8 +2,8 @@
  *   1. forward logits and loss of the base model;
  *   2. backward with LoRA factors on all seven targets: every A and B gradient;
  *   3. backward of full fine-tuning: every weight's gradient (embedding, norms, lm_head included);
- *   4. LoRA-Null-v2 (covariances from the CPU model's calibration hook, init on each backend,
- *      A frozen, residual W0 − BA): the step-0 logits equal the base model's, and 10 AdamW steps
+ *   4. LoRA-Null-v2 (covariances from the CPU model's calibration hook, init on each backend —
+ *      the GPU's bases by cuSOLVER syevdx — A frozen, residual W0 − BA): the step-0 logits equal the base model's, and 10 AdamW steps
  *      give the CPU run's losses — in fp32 math tightly, in bf16 tensor-core math loosely. */
 #include <stdint.h>
 
@@ -257,7 +257,15 @@ static void t_lora_null_v2(ln_batch *b)
     }
     ln_model *mc = new_model(H), *mg = new_model(G);
     ln_adapter adc, adg;
-    if (null_v2(mc, &adc, c) || null_v2(mg, &adg, c)) {
+    if (null_v2(mc, &adc, c)) {
+        gpu_failures++;
+        return;
+    }
+    /* the GPU model's bases by cuSOLVER syevdx, as `loranull train --device cuda` does */
+    ln_nullspace_set_basis_solver(lnb_cuda_nullspace_basis);
+    int irc = null_v2(mg, &adg, c);
+    ln_nullspace_set_basis_solver(NULL);
+    if (irc) {
         gpu_failures++;
         return;
     }

@@ -20,6 +20,7 @@
 #pragma weak lnb_cuda_open
 #pragma weak lnb_cuda
 #pragma weak lnb_cuda_plan_check
+#pragma weak lnb_cuda_nullspace_basis
 
 static inline const lnb_backend *lnb_select(const char *device, ln_err *e)
 {
@@ -53,6 +54,15 @@ static inline int lnb_select_plan_check(const lnb_backend *be, const lnb_cuda_pl
     if (!be || strcmp(be->name, "cuda") != 0 || !lnb_cuda_plan_check) return 0;
     lnb_cuda_plan p;
     return lnb_cuda_plan_check(q, &p, e);
+}
+
+/* The backend's own subset eigensolver for the LoRA-Null bases (cuSOLVER syevdx on the CUDA
+ * backend), to pass to ln_nullspace_set_basis_solver (worker/engine/nullspace.h); NULL = LAPACK. */
+typedef int (*lnb_basis_solver_fn)(const double *C, int d, int r, double *U, double *evals, ln_err *e);
+static inline lnb_basis_solver_fn lnb_select_basis_solver(const lnb_backend *be)
+{
+    if (!be || strcmp(be->name, "cuda") != 0 || !lnb_cuda_nullspace_basis) return NULL;
+    return lnb_cuda_nullspace_basis;
 }
 
 #endif

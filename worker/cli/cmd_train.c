@@ -12,6 +12,7 @@
 #include "worker/engine/adapter.h"
 #include "worker/engine/data.h"
 #include "worker/engine/model.h"
+#include "worker/engine/nullspace.h"
 #include "worker/engine/tokenizer.h"
 #include "worker/engine/train.h"
 
@@ -100,6 +101,7 @@ int cmd_train(int argc, char **argv)
     }
     if (ln_model_load(model, be, &m, &e)) goto fail;
     m->recompute = recompute;
+    ln_nullspace_set_basis_solver(lnb_select_basis_solver(be)); /* GPU: LoRA-Null bases by cuSOLVER */
     char *tp = ln_path_join(model, "tokenizer.json");
     int rc = ln_file_exists(tp) ? ln_tokenizer_load(tp, &tok, &e) : 0;
     free(tp);

@@ -147,8 +147,13 @@ int ln_cov_finish(const ln_cov *c, double *C, ln_err *e) {
 
 /* ---------------------------------------------------------------- null space */
 
+static ln_basis_solver basis_solver; /* an accelerator's eigensolver, or NULL for LAPACK */
+
+void ln_nullspace_set_basis_solver(ln_basis_solver fn) { basis_solver = fn; }
+
 static int basis_impl(const double *C, int d, int r, double *U, double *evals, int all_threads, ln_err *e) {
     if (r <= 0 || r > d) return ln_errf(e, "null space: rank %d must be in 1..%d (d_in)", r, d);
+    if (basis_solver) return basis_solver(C, d, r, U, evals, e);
     double *a = ln_try_alloc((size_t)d * d * sizeof(double), "null space: copy of C", e);
     double *w = ln_try_alloc((size_t)d * sizeof(double), "null space: eigenvalues", e);
     lapack_int *isuppz = ln_try_alloc((size_t)2 * r * sizeof(lapack_int), "null space: support", e);

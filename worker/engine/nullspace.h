@@ -58,6 +58,13 @@ int ln_nullspace_basis(const double *C, int d, int r, double *U, double *evals, 
  * count. */
 int ln_nullspace_basis_1t(const double *C, int d, int r, double *U, double *evals, ln_err *e);
 
+/* An accelerator can take over the subset eigensolve of both functions above: the CUDA build
+ * installs cuSOLVER's syevdx (lnb_cuda_nullspace_basis, worker/backend/cuda/cuda.h) when a job
+ * runs on a GPU. Same contract (U d × r ascending, evals may be NULL); it must be thread-safe,
+ * since bases are solved from an OpenMP loop. NULL restores LAPACK. Process-wide. */
+typedef int (*ln_basis_solver)(const double *C, int d, int r, double *U, double *evals, ln_err *e);
+void ln_nullspace_set_basis_solver(ln_basis_solver fn);
+
 /* The LoRA-Null factors of W0 on the basis U (d_in × r, orthonormal columns):
  *   M = W0 U (d_out × r),  thin SVD M = P S Qᵀ,
  *   W0 U Uᵀ = P S (U Q)ᵀ  ⇒  B = P √S / √scale,  A = √S (U Q)ᵀ / √scale,

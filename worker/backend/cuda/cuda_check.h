@@ -84,6 +84,9 @@ void *lnb_cuda_workspace(int slot, size_t bytes);
 const void *lnb_cuda_device_view(const void *p, size_t bytes, int slot);
 /* The compute type GEMMs use under the current math mode. */
 cublasComputeType_t lnb_cuda_compute_type(void);
+/* Makes the backend's device current on the calling thread (the CUDA runtime keeps the current
+ * device per thread; the engine may call in from OpenMP or job threads). */
+void lnb_cuda_bind_thread(void);
 /* Waits for the stream when the context asks for synchronous calls. */
 void lnb_cuda_after_call(void);
 

@@ -160,6 +160,12 @@ extern "C" int lnb_cuda_sync(ln_err *e)
     return lnb_cuda_check(e);
 }
 
+void lnb_cuda_bind_thread(void)
+{
+    int cur = -1;
+    if (cudaGetDevice(&cur) != cudaSuccess || cur != lnb_cuda_g.device) CUDA_NOTE(cudaSetDevice(lnb_cuda_g.device));
+}
+
 void lnb_cuda_after_call(void)
 {
     if (lnb_cuda_g.sync) CUDA_NOTE(cudaStreamSynchronize(lnb_cuda_g.stream));
@@ -201,6 +207,7 @@ const void *lnb_cuda_device_view(const void *p, size_t bytes, int slot)
 
 static void *cu_alloc(size_t bytes)
 {
+    lnb_cuda_bind_thread();
     size_t n = (bytes + 255) & ~(size_t)255;
     if (n == 0) n = 256;
     void *p = NULL;

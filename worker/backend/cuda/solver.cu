@@ -3,6 +3,7 @@
  * the bf16 GEMM peak measurement the benchmark reports MFU against. */
 #include <cuda_bf16.h>
 #include <math.h>
+#include <mutex>
 #include <stdlib.h>
 #include <string.h>
 
@@ -84,6 +85,7 @@ extern "C" void lnb_cuda_cov_free(lnb_cuda_cov *c)
 
 extern "C" int lnb_cuda_cov_add_sample(lnb_cuda_cov *c, const float *X, int tokens, ln_err *e)
 {
+    lnb_cuda_bind_thread();
     const int d = c->d;
     if (tokens <= 0) return ln_errf(e, "GPU covariance: sample %lld has no tokens", (long long)c->samples);
     size_t n = (size_t)tokens * d;
@@ -136,8 +138,14 @@ extern "C" int lnb_cuda_cov_finish(const lnb_cuda_cov *c, double *C, ln_err *e)
 
 /* ================================================================ null space */
 
+/* One cuSOLVER handle and stream serve the process: the engine may call these from several
+ * threads at once (bases solved from an OpenMP loop), so they take turns. */
+static std::mutex g_solver_mu;
+
 extern "C" int lnb_cuda_nullspace_basis(const double *C, int d, int r, double *U, double *evals, ln_err *e)
 {
+    std::lock_guard<std::mutex> lock(g_solver_mu);
+    lnb_cuda_bind_thread();
     if (r <= 0 || r > d) return ln_errf(e, "GPU null space: rank %d must be in 1..%d (d_in)", r, d);
     dbuf A, W, info, work;
     if (dalloc(A, (size_t)d * d * sizeof(double), "the covariance", e) ||
@@ -183,6 +191,8 @@ __global__ void k_f32_to_f64(double *dst, const float *src, int64_t n)
 extern "C" int lnb_cuda_nullspace_factor(const float *W0, int d_out, int d_in, const double *U, int r, double scale,
                                          float *A, float *B, ln_err *e)
 {
+    std::lock_guard<std::mutex> lock(g_solver_mu);
+    lnb_cuda_bind_thread();
     if (r <= 0 || r > d_in || r > d_out)
         return ln_errf(e, "GPU LoRA-Null factor: rank %d exceeds the layer's %d x %d shape", r, d_out, d_in);
     if (!(scale > 0.0)) return ln_errf(e, "GPU LoRA-Null factor: scale (alpha/r) must be positive, got %g", scale);
