@@ -7,6 +7,7 @@ import { MetricStore, M } from "./metrics.js";
 import { el, clear, badge, fmtTime, fmtDuration, fmtRate, STATUSES, every } from "./util.js";
 
 const POLL_MS = 2000;
+const COLUMNS = ["ID", "Model", "Method", "Status", "Progress", "Tokens/s", "ETA", "Created"];
 
 export function render(main, [query]) {
   const params = new URLSearchParams(query || "");
@@ -41,10 +42,8 @@ export function render(main, [query]) {
       el("a.button", { href: "#/new" }, "New job")),
     error,
     el("div.panel.scroll-x",
-      el("table.jobs", { id: "jobs-table" },
-        el("thead", el("tr",
-          el("th", "ID"), el("th", "Model"), el("th", "Method"), el("th", "Status"), el("th", "Progress"),
-          el("th.opt", "Tokens/s"), el("th.opt", "ETA"), el("th.opt", "Created"))),
+      el("table.jobs.cards", { id: "jobs-table" },
+        el("thead", el("tr", COLUMNS.map((c) => el("th", c)))),
         tbody)),
     el("div.toolbar", newer, older, pageLabel)));
 
@@ -107,15 +106,13 @@ export function render(main, [query]) {
       const sum = store ? store.summary(j) : { progress: j.status === "succeeded" ? 1 : null, tokensPerS: null, etaS: null };
       const adapter = j.adapter || {};
       const method = adapter.type ? `${adapter.type}${adapter.type !== "full" && adapter.rank ? ` r${adapter.rank}` : ""}` : (j.method?.type || "—");
+      const cells = [
+        el("a.mono", { href: `#/jobs/${j.id}` }, j.id), j.model, method, badge(j.status), progressCell(sum.progress),
+        fmtRate(sum.tokensPerS), j.status === "running" ? fmtDuration(sum.etaS) : "—",
+        el("span", { title: new Date(j.created_at * 1000).toISOString() }, fmtTime(j.created_at)),
+      ];
       tbody.appendChild(el("tr", { "data-job-id": j.id },
-        el("td.mono", el("a", { href: `#/jobs/${j.id}` }, j.id)),
-        el("td", j.model),
-        el("td", method),
-        el("td", badge(j.status)),
-        el("td", progressCell(sum.progress)),
-        el("td.opt", fmtRate(sum.tokensPerS)),
-        el("td.opt", j.status === "running" ? fmtDuration(sum.etaS) : "—"),
-        el("td.opt", { title: new Date(j.created_at * 1000).toISOString() }, fmtTime(j.created_at))));
+        cells.map((c, i) => el("td", { "data-label": COLUMNS[i] }, c))));
     }
   }
 

@@ -4,6 +4,8 @@
 import { call, ApiError } from "./api.js";
 import { el, clear, badge, fmtAgo, fmtBytes, every } from "./util.js";
 
+const COLUMNS = ["Worker", "Status", "Devices", "Memory", "Models", "Last heartbeat", "Current job"];
+
 export function render(main) {
   const abort = new AbortController();
   const tbody = el("tbody");
@@ -13,9 +15,8 @@ export function render(main) {
     el("div.toolbar", el("h1", { style: "margin:0" }, "Workers"), el("span.spacer"), summary),
     notice,
     el("div.panel.scroll-x",
-      el("table", { id: "workers-table" },
-        el("thead", el("tr", el("th", "Worker"), el("th", "Status"), el("th", "Devices"), el("th", "Memory"),
-                       el("th", "Models"), el("th", "Last heartbeat"), el("th", "Current job"))),
+      el("table.cards", { id: "workers-table" },
+        el("thead", el("tr", COLUMNS.map((c) => el("th", c)))),
         tbody))));
 
   let stop = null;
@@ -45,16 +46,19 @@ export function render(main) {
     }
     for (const w of workers) {
       const jobs = w.current_jobs || [];
-      tbody.appendChild(el("tr", { "data-worker-id": w.id },
-        el("td", el("strong", w.name), el("div.muted.mono", w.id)),
-        el("td", badge(w.status || "alive")),
-        el("td", `${w.devices} × ${w.device_kind}`),
-        el("td", w.memory_bytes ? fmtBytes(w.memory_bytes) : "—"),
-        el("td.wrap", (w.models || []).join(", ") || "—"),
-        el("td", { title: w.last_heartbeat_at ? new Date(w.last_heartbeat_at * 1000).toISOString() : "" },
+      const cells = [
+        el("span", el("strong", w.name), el("div.muted.mono", w.id)),
+        badge(w.status || "alive"),
+        `${w.devices} × ${w.device_kind}`,
+        w.memory_bytes ? fmtBytes(w.memory_bytes) : "—",
+        (w.models || []).join(", ") || "—",
+        el("span", { title: w.last_heartbeat_at ? new Date(w.last_heartbeat_at * 1000).toISOString() : "" },
            fmtAgo(w.last_heartbeat_at)),
-        el("td", jobs.length ? jobs.map((id, i) => [i ? ", " : "", el("a.mono", { href: `#/jobs/${id}` }, id)])
-                             : w.busy ? "busy (another project)" : el("span.muted", "idle"))));
+        jobs.length ? el("span", jobs.map((id, i) => [i ? ", " : "", el("a.mono", { href: `#/jobs/${id}` }, id)]))
+                    : w.busy ? "busy (another project)" : el("span.muted", "idle"),
+      ];
+      tbody.appendChild(el("tr", { "data-worker-id": w.id },
+        cells.map((c, i) => el(i === 4 ? "td.wrap" : "td", { "data-label": COLUMNS[i] }, c))));
     }
   }
   stop = every(3000, load);
