@@ -24,6 +24,7 @@ BIN = pathlib.Path(os.environ.get("LORANULL_BIN", pathlib.Path(__file__).resolve
 
 R = 4
 MAXLEN = 48
+SAMPLES = 64
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -52,7 +53,7 @@ def work(tmp_path_factory):
     (d / "cfg.json").write_text(json.dumps(cfg))
     ln("model", "new", "--config", d / "cfg.json", "--out", d / "base", "--seed", 3)
     rng = np.random.default_rng(0)
-    # Knowledge: 40 samples, each shorter than MAXLEN, so every one is used whole (order is free).
+    # Knowledge: 40 short examples; calibration takes SAMPLES windows of MAXLEN tokens of their stream.
     calib = [rng.integers(0, 300, rng.integers(20, MAXLEN)).tolist() for _ in range(40)]
     with open(d / "calib.jsonl", "w") as f:
         for ids in calib:
@@ -67,7 +68,36 @@ def work(tmp_path_factory):
 
 def calib_args(work):
     return ["--calibration", work["dir"] / "calib.jsonl", "--calibration-max-length", MAXLEN,
-            "--calibration-cache", work["dir"] / "cache"]
+            "--calibration-samples", SAMPLES, "--calibration-cache", work["dir"] / "cache"]
+
+
+M64 = (1 << 64) - 1
+
+
+def calib_windows(examples, samples=SAMPLES, max_length=MAXLEN, seed=0):
+    """The calibration samples loranull takes (calibrate.h): the examples joined into one stream,
+    `samples` windows of max_length tokens at offsets from splitmix64(seed ^ "calibrat"), drawn by
+    rejection — reimplemented here so the references see exactly the same tokens."""
+    stream = [t for ex in examples for t in ex]
+    if len(stream) <= max_length:
+        return [stream]
+    state = seed ^ 0x63616C6962726174
+
+    def mix():
+        nonlocal state
+        state = (state + 0x9E3779B97F4A7C15) & M64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+        return z ^ (z >> 31)
+
+    def below(n):
+        lim = M64 - M64 % n
+        while True:
+            x = mix()
+            if x < lim:
+                return x % n
+    return [stream[o:o + max_length] for o in (below(len(stream) - max_length + 1) for _ in range(samples))]
 
 
 def hf_model(path):
@@ -111,10 +141,10 @@ def test_covariance_cli_equals_torch(work):
     out = work["dir"] / "cov.safetensors"
     r = ln("covariance", "--model", work["base"], "--out", out, *calib_args(work))
     info = json.loads(r.stdout)
-    assert info["samples"] == 40 and info["tokens"] == sum(map(len, work["calib"]))
+    assert info["samples"] == SAMPLES and info["tokens"] == SAMPLES * MAXLEN
     cov = load_file(str(out))
     assert len(cov) == 2 * 4, sorted(cov)  # 4 distinct inputs per layer, not 7
-    acts = layer_inputs(hf_model(work["base"]), work["calib"])
+    acts = layer_inputs(hf_model(work["base"]), calib_windows(work["calib"]))
     for l in range(2):
         for t in ("q_proj", "o_proj", "gate_proj", "down_proj"):
             name = f"model.layers.{l}.{MODULES[t]}.{t}"
@@ -131,7 +161,7 @@ def test_init_lora_null_v2_equals_paper_recipe(work):
     f = load_file(str(out / "init.safetensors"))
     cov = load_file(str(work["dir"] / "cov.safetensors")) if (work["dir"] / "cov.safetensors").exists() else None
     base = hf_model(work["base"])
-    acts = layer_inputs(base, work["calib"]) if cov is None else None
+    acts = layer_inputs(base, calib_windows(work["calib"])) if cov is None else None
     W = {n: m.weight.detach().double().numpy() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
     for l in range(2):
         for t in TARGETS:
@@ -175,8 +205,8 @@ def test_init_equals_peft(work, method, tmp_path):
         cfg = LoraConfig(r=R, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights="corda",
                          corda_config=CordaConfig(corda_method="kpm"))
 
-        def run_model():
-            for ids in work["calib"]:
+        def run_model():  # the same windows our calibration takes
+            for ids in calib_windows(work["calib"]):
                 base(torch.tensor([ids]))
         preprocess_corda(base, cfg, run_model=run_model)
     else:
@@ -224,7 +254,7 @@ def test_drift_from_cov_equals_activations(work, method):
     s = cfg["lora_alpha"] / cfg["r"]
     ours = json.loads((run / "knowledge_drift.json").read_text())["knowledge_drift"]
     base = hf_model(work["base"])
-    acts = layer_inputs(base, work["calib"])
+    acts = layer_inputs(base, calib_windows(work["calib"]))
     W = {n: m.weight.detach().double().numpy() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
     for key in ours:
         dW = s * f[f"base_model.model.{key}.lora_B.weight"].astype(np.float64) @ f[f"base_model.model.{key}.lora_A.weight"]

@@ -155,48 +155,63 @@ typedef struct {
     int len;
 } window;
 
-/* The seeded choice of calibration windows (see calibrate.h). Returns the count; *out owned by caller. */
-static int64_t choose_windows(const ln_dataset *ds, int samples, int max_length, uint64_t seed, window **out) {
-    uint64_t st = seed ^ 0x63616C6962726174ull;
-    int64_t n = ds->n;
-    int64_t *perm = ln_xmalloc((size_t)(n ? n : 1) * sizeof *perm);
-    for (int64_t i = 0; i < n; i++) perm[i] = i;
-    for (int64_t i = n - 1; i > 0; i--) { /* Fisher–Yates */
-        int64_t j = (int64_t)below(&st, (uint64_t)i + 1), t = perm[i];
-        perm[i] = perm[j];
-        perm[j] = t;
-    }
-    int64_t k = samples < n ? samples : n, w = 0;
-    window *win = ln_xcalloc((size_t)(k ? k : 1), sizeof *win);
-    for (int64_t i = 0; i < k; i++) {
-        const ln_example *ex = &ds->ex[perm[i]];
-        if (ex->len <= 0) continue;
-        int off = 0, len = ex->len;
-        if (len > max_length) {
-            off = (int)below(&st, (uint64_t)(len - max_length) + 1);
-            len = max_length;
-        }
-        win[w].ids = ex->input_ids + off;
-        win[w].len = len;
-        w++;
-    }
-    free(perm);
-    *out = win;
-    return w;
+/* The calibration samples: windows into one token stream (owned here). */
+typedef struct {
+    int32_t *stream;
+    int64_t total;
+    window *win;
+    int64_t count;
+} sample_set;
+
+static void sample_set_free(sample_set *ss) {
+    free(ss->stream);
+    free(ss->win);
+    memset(ss, 0, sizeof *ss);
 }
 
-static int load_windows(const ln_tokenizer *tok, const ln_calib_opts *o, ln_dataset **ds, window **win,
-                        int64_t *count, ln_err *e) {
+/* The reference recipe (CorDA's / LoRA-Null's get_calib_data): the examples joined into one stream
+ * (in file order; each example's own tokens, so its BOS/EOS separate it from the next), then
+ * `samples` windows of max_length tokens at seeded random offsets, drawn with replacement. A stream
+ * no longer than max_length is one sample. */
+static int choose_windows(const ln_dataset *ds, int samples, int max_length, uint64_t seed, sample_set *ss,
+                          ln_err *e) {
+    memset(ss, 0, sizeof *ss);
+    for (int64_t i = 0; i < ds->n; i++) ss->total += ds->ex[i].len;
+    if (ss->total == 0) return 0;
+    ss->stream = ln_try_alloc((size_t)ss->total * sizeof(int32_t), "calibration token stream", e);
+    if (!ss->stream) return -1;
+    int64_t at = 0;
+    for (int64_t i = 0; i < ds->n; i++) {
+        memcpy(ss->stream + at, ds->ex[i].input_ids, (size_t)ds->ex[i].len * sizeof(int32_t));
+        at += ds->ex[i].len;
+    }
+    uint64_t st = seed ^ 0x63616C6962726174ull;
+    if (ss->total <= max_length) {
+        ss->count = 1;
+        ss->win = ln_xcalloc(1, sizeof *ss->win);
+        ss->win[0] = (window){ss->stream, (int)ss->total};
+        return 0;
+    }
+    ss->count = samples;
+    ss->win = ln_xcalloc((size_t)samples, sizeof *ss->win);
+    for (int i = 0; i < samples; i++) {
+        int64_t off = (int64_t)below(&st, (uint64_t)(ss->total - max_length) + 1);
+        ss->win[i] = (window){ss->stream + off, max_length};
+    }
+    return 0;
+}
+
+static int load_windows(const ln_tokenizer *tok, const ln_calib_opts *o, sample_set *ss, ln_err *e) {
     ln_data_opts dopts = {.max_seq_len = 0, .overlong = LN_OVERLONG_TRUNCATE, .chat_template = o->chat_template};
-    if (ln_dataset_load(o->path, tok, &dopts, ds, e) != 0) return ln_err_prefix(e, "calibration");
+    ln_dataset *ds = NULL;
+    if (ln_dataset_load(o->path, tok, &dopts, &ds, e) != 0) return ln_err_prefix(e, "calibration");
     int samples = o->samples > 0 ? o->samples : LN_CALIB_DEFAULT_SAMPLES;
     int max_length = o->max_length > 0 ? o->max_length : LN_CALIB_DEFAULT_MAX_LENGTH;
-    *count = choose_windows(*ds, samples, max_length, o->seed, win);
-    if (*count == 0) {
-        ln_dataset_free(*ds);
-        free(*win);
-        *ds = NULL;
-        *win = NULL;
+    int rc = choose_windows(ds, samples, max_length, o->seed, ss, e);
+    ln_dataset_free(ds);
+    if (rc != 0) return -1;
+    if (ss->count == 0) {
+        sample_set_free(ss);
         return ln_errf(e, "%s: the calibration file has no tokens to calibrate on", o->path);
     }
     return 0;
@@ -421,13 +436,11 @@ int ln_calibrate(ln_model *m, const ln_tokenizer *tok, const ln_calib_opts *o, l
         }
         ln_log(LN_LOG_WARN, "calibration", "ignoring unreadable cache %s: %s", cpath, ce.msg);
     }
-    ln_dataset *ds = NULL;
-    window *win = NULL;
-    int64_t count = 0;
+    sample_set ss;
     ln_calib_opts oo = *o;
     oo.samples = samples;
     oo.max_length = max_length;
-    if (load_windows(tok, &oo, &ds, &win, &count, e) != 0) {
+    if (load_windows(tok, &oo, &ss, e) != 0) {
         free(cpath);
         return -1;
     }
@@ -436,9 +449,8 @@ int ln_calibrate(ln_model *m, const ln_tokenizer *tok, const ln_calib_opts *o, l
     c->seed = o->seed;
     memcpy(c->model_sha256, model_hash, sizeof model_hash);
     memcpy(c->data_sha256, data_hash, sizeof data_hash);
-    int rc = calibrate_compute(m, win, count, inputs_needed(targets), o->fp64, c, e);
-    free(win);
-    ln_dataset_free(ds);
+    int rc = calibrate_compute(m, ss.win, ss.count, inputs_needed(targets), o->fp64, c, e);
+    sample_set_free(&ss);
     if (rc != 0) {
         ln_calibration_free(c);
         free(cpath);
@@ -460,17 +472,16 @@ int ln_calibrate(ln_model *m, const ln_tokenizer *tok, const ln_calib_opts *o, l
 
 int ln_calibration_bench(ln_model *m, const ln_tokenizer *tok, const ln_calib_opts *o, double *calib_tps,
                          double *forward_tps, ln_err *e) {
-    ln_dataset *ds = NULL;
-    window *win = NULL;
-    int64_t count = 0, tokens = 0;
-    if (load_windows(tok, o, &ds, &win, &count, e) != 0) return -1;
-    for (int64_t s = 0; s < count; s++) tokens += win[s].len;
+    sample_set ss;
+    int64_t tokens = 0;
+    if (load_windows(tok, o, &ss, e) != 0) return -1;
+    for (int64_t s = 0; s < ss.count; s++) tokens += ss.win[s].len;
     int rc = -1;
     if (forward_tps) {
         ln_acts *acts = ln_acts_new();
         double t0 = ln_now_s();
-        for (int64_t s = 0; s < count; s++)
-            if (run_forward(m, acts, &win[s], NULL, NULL, e) != 0) {
+        for (int64_t s = 0; s < ss.count; s++)
+            if (run_forward(m, acts, &ss.win[s], NULL, NULL, e) != 0) {
                 ln_acts_free(m, acts);
                 goto out;
             }
@@ -480,7 +491,8 @@ int ln_calibration_bench(ln_model *m, const ln_tokenizer *tok, const ln_calib_op
     if (calib_tps) {
         ln_calibration *c = calib_new(&m->cfg);
         double t0 = ln_now_s();
-        int r = calibrate_compute(m, win, count, inputs_needed(o->targets ? o->targets : LN_TARGETS_ALL), o->fp64, c, e);
+        int r = calibrate_compute(m, ss.win, ss.count, inputs_needed(o->targets ? o->targets : LN_TARGETS_ALL), o->fp64,
+                                  c, e);
         double dt = ln_now_s() - t0;
         ln_calibration_free(c);
         if (r != 0) goto out;
@@ -488,7 +500,6 @@ int ln_calibration_bench(ln_model *m, const ln_tokenizer *tok, const ln_calib_op
     }
     rc = 0;
 out:
-    free(win);
-    ln_dataset_free(ds);
+    sample_set_free(&ss);
     return rc;
 }

@@ -3,11 +3,13 @@
  * (nullspace.h). A LLaMA layer has 4 distinct inputs (ln_input): q,k,v share one C and gate,up
  * share one — so 4 covariances per layer, each computed and decomposed once.
  *
- * Samples (the reference recipe, seeded): the JSONL file is read with the engine's data loader
- * (any format data.h reads; every line validated). A seeded permutation of its examples picks
- * min(samples, examples) of them; an example longer than max_length tokens contributes one window
- * of max_length tokens at a seeded random offset, a shorter one all its tokens. One forward per
- * sample (batch 1, no padding), so the scale 1/|max X_s| is per sample as the reference's is.
+ * Samples (the reference recipe — CorDA's / LoRA-Null's get_calib_data — seeded): the JSONL file is
+ * read with the engine's data loader (any format data.h reads; every line validated), its examples
+ * are joined into one token stream in file order, and `samples` windows of max_length tokens are
+ * taken at seeded random offsets (with replacement); a stream no longer than max_length is one
+ * sample. Offsets: splitmix64 seeded with seed ^ 0x63616C6962726174, each drawn uniformly (by
+ * rejection) from [0, total − max_length]. One forward per window (batch 1, no padding), so the
+ * scale 1/|max X_s| is per sample as the reference's is.
  *
  * File (`loranull covariance`, and the cache): safetensors, one F64 d_in × d_in tensor per
  * distinct input, named after the first target module that reads it:
