@@ -612,10 +612,12 @@ static void layer_backward(ln_model *m, struct ln_adapter *ad, ln_acts *a, int l
                            nkv, hd);
     be->rope_backward(a->dq, m->rope_cos, m->rope_sin, N, T, nh, hd);
     be->rope_backward(a->dk, m->rope_cos, m->rope_sin, N, T, nkv, hd);
-    linear_backward(be, a->dh, 0.0f, a->dq, a->h1[l], N, &L->lin[LN_Q], lora_of(ad, l, LN_Q), s, lh[LN_Q], a->dlh);
-    linear_backward(be, a->dh, 1.0f, a->dk, a->h1[l], N, &L->lin[LN_K], lora_of(ad, l, LN_K), s, lh[LN_K], a->dlh);
-    linear_backward(be, a->dh, 1.0f, a->dv, a->h1[l], N, &L->lin[LN_V], lora_of(ad, l, LN_V), s, lh[LN_V], a->dlh);
-    if (need_dx || L->attn_norm.g) {
+    /* ∂/∂h1 is only needed when something below (or this layer's input norm) trains */
+    float *dh1 = need_dx || L->attn_norm.g ? a->dh : NULL;
+    linear_backward(be, dh1, 0.0f, a->dq, a->h1[l], N, &L->lin[LN_Q], lora_of(ad, l, LN_Q), s, lh[LN_Q], a->dlh);
+    linear_backward(be, dh1, 1.0f, a->dk, a->h1[l], N, &L->lin[LN_K], lora_of(ad, l, LN_K), s, lh[LN_K], a->dlh);
+    linear_backward(be, dh1, 1.0f, a->dv, a->h1[l], N, &L->lin[LN_V], lora_of(ad, l, LN_V), s, lh[LN_V], a->dlh);
+    if (dh1) {
         tp_allreduce(m, a->dh, (int64_t)N * C);
         be->rmsnorm_backward(a->dres, L->attn_norm.g, a->dh, a->res[l], L->attn_norm.w, a->rstd1[l], N, C);
     }
