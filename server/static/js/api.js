@@ -93,17 +93,27 @@ export async function downloadFile(fileId, filename) {
   setTimeout(() => URL.revokeObjectURL(url), 10000);
 }
 
+// A connection that stays silent this long is dead even if TCP did not say so: the server writes a
+// keep-alive comment every --sse-keepalive-s (15 s by default).
+const SSE_SILENCE_MS = 45000;
+
 // Follows GET /v1/fine_tuning/jobs/{id}/events?stream=true from the first event.
 // handlers: onEvent(event) for every event in order, onDone() at "[DONE]" (the job is final),
 // onState("live" | "reconnecting") for the connection indicator. Returns {close()}.
 export function streamJobEvents(jobId, handlers) {
-  const ctl = { closed: false, abort: null, lastId: null, timer: null };
+  const ctl = { closed: false, abort: null, lastId: null, timer: null, heard: 0, watchdog: null, stale: false };
   const state = (s) => handlers.onState && handlers.onState(s);
 
   async function connect() {
     if (ctl.closed) return;
     const abort = new AbortController();
     ctl.abort = abort;
+    ctl.stale = false;
+    ctl.heard = Date.now();
+    clearInterval(ctl.watchdog);
+    ctl.watchdog = setInterval(() => {
+      if (Date.now() - ctl.heard > SSE_SILENCE_MS) { ctl.stale = true; abort.abort(); }
+    }, 5000);
     const headers = { ...authHeaders(), Accept: "text/event-stream" };
     if (ctl.lastId) headers["Last-Event-ID"] = ctl.lastId;
     let done = false;
@@ -120,7 +130,9 @@ export function streamJobEvents(jobId, handlers) {
       state("live");
       done = await readStream(res.body.getReader());
     } catch (e) {
-      if (ctl.closed || e.name === "AbortError") return;
+      if (ctl.closed || (e.name === "AbortError" && !ctl.stale)) return;
+    } finally {
+      clearInterval(ctl.watchdog);
     }
     if (done) {
       if (handlers.onDone) handlers.onDone();
@@ -139,6 +151,7 @@ export function streamJobEvents(jobId, handlers) {
     for (;;) {
       const { value, done } = await reader.read();
       if (done) return false;
+      ctl.heard = Date.now();
       buf += decoder.decode(value, { stream: true });
       let nl;
       while ((nl = buf.indexOf("\n")) >= 0) {
@@ -172,6 +185,7 @@ export function streamJobEvents(jobId, handlers) {
     close() {
       ctl.closed = true;
       clearTimeout(ctl.timer);
+      clearInterval(ctl.watchdog);
       if (ctl.abort) ctl.abort.abort();
     },
   };
