@@ -180,3 +180,20 @@ def test_trained_adapter_loads_in_peft(tmp_path):
     from engine_ref import rel_err
     assert rel_err(ours, ref.numpy()) <= 1e-4
     assert rel_err(base.numpy(), ref.numpy()) > 1e-3  # training moved the adapter away from B = 0
+
+
+def test_validation_loss_in_metrics(tmp_path):
+    model = make_model("tied")
+    save_model(model, tmp_path / "model")
+    rows = examples(model.config.vocab_size)
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    run("train", "--model", tmp_path / "model", "--data", data, "--val-data", data, "--eval-every", 2, "--batch-size", 3,
+        "--max-steps", 5, "--lr", 1e-2, "--no-shuffle", "--out", tmp_path / "o")
+    m = metrics(tmp_path / "o")
+    with_val = [r["step"] for r in m if "val_loss" in r]
+    assert with_val == [2, 4, 5]  # every 2 steps and after the last
+    # the validation set is the training set: its loss after step 2 equals step 3's training loss
+    assert abs(m[1]["val_loss"] - m[2]["loss"]) < 1e-5
+    ids, labels = batch_tensors(rows)
+    with torch.no_grad():
+        assert abs(model(input_ids=ids, labels=labels).loss.item() - m[0]["loss"]) < 1e-4
