@@ -67,7 +67,8 @@ export function render(main, [jobId]) {
   const lossChart = new LineChart("Loss", [{ label: "train", color: "--c1" }, { label: "validation", color: "--c2" }],
                                   { id: "chart-loss" });
   const lrChart = new LineChart("Learning rate", [{ label: "learning rate", color: "--c3" }], { id: "chart-lr" });
-  const driftChart = new LineChart("Knowledge drift (mean over layers)", [{ label: "mean drift", color: "--c4" }],
+  const driftChart = new LineChart("Knowledge drift over layers",
+                                   [{ label: "mean", color: "--c4" }, { label: "max", color: "--c5" }],
                                    { id: "chart-drift", emptyText: "No drift measured yet." });
   const heatmap = new DriftHeatmap();
   const logList = el("ul");
@@ -303,7 +304,7 @@ export function render(main, [jobId]) {
       }
       mean = [...steps].filter(([, e]) => e.n === layers.length).sort((a, b) => a[0] - b[0]).map(([x, e]) => ({ x, y: e.sum / e.n }));
     }
-    driftChart.set([mean]);
+    driftChart.set([mean, store.points(M.driftMax)]);
     heatmap.set(layers);
     if (st.ckpts && st.ckpts.length) renderCheckpoints(st.ckpts);
     if (st.job) renderJob();

@@ -16,7 +16,7 @@
 //   progress         progress (0..1), else step / total_steps
 //   ETA              eta_s, else the job's estimated_finish, else extrapolated from elapsed_s
 //   drift per layer  knowledge_drift/<layer> (also "." or ":" after knowledge_drift), layer like
-//                    model.layers.3.q_proj; knowledge_drift_mean is the mean over layers.
+//                    model.layers.3.q_proj; knowledge_drift_mean / _max over layers.
 
 export const M = {
   trainLoss: ["train_loss", "loss"],
@@ -28,6 +28,7 @@ export const M = {
   eta: ["eta_s"],
   elapsed: ["elapsed_s"],
   driftMean: ["knowledge_drift_mean"],
+  driftMax: ["knowledge_drift_max"],
 };
 const DRIFT = /^knowledge_drift[/.:](.+)$/;
 const MODULE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
