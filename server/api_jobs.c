@@ -8,6 +8,7 @@
 #include "common/util.h"
 #include "proto/jobspec.h"
 #include "server/api.h"
+#include "server/jobq.h"
 #include "server/jobs.h"
 #include "server/sched.h"
 #include "server/server.h"
@@ -27,6 +28,15 @@ static int project_has_file(const char *project_id, const char *file_id) {
 }
 
 static enum MHD_Result jobs_create(http_req *r) {
+    jobq_item *done = r->ctx;
+    if (done) {
+        /* Resumed by the committer (jobq.c): the batch holding this job has been committed. */
+        if (done->status == 201) return http_json(r, 201, jobs_object(done->id, NULL));
+        if (done->status == 400)
+            return http_error(r, 400, "invalid_request_error", "file_not_found", done->err_param,
+                              "%s: the file was deleted while the job was being created.", done->err_param);
+        return http_error(r, 503, "server_error", "busy", NULL, "The job could not be stored; retry.");
+    }
     json_t *body = http_body_object(r);
     if (!body) return r->result;
     ln_jobspec spec;
@@ -52,41 +62,22 @@ static enum MHD_Result jobs_create(http_req *r) {
         store_random(&s, sizeof s);
         spec.seed = s & 0x7fffffff;
     }
+    jobq_item *it = ln_xcalloc(1, sizeof *it);
     json_t *norm = ln_jobspec_to_json(&spec);
-    char *spec_text = json_dumps(norm, JSON_COMPACT | JSON_SORT_KEYS);
+    it->spec_text = json_dumps(norm, JSON_COMPACT | JSON_SORT_KEYS);
     json_decref(norm);
-    char id[40];
-    store_new_id("ftjob-", id, sizeof id);
-    if (store_begin() != 0) {
-        free(spec_text);
-        ln_jobspec_free(&spec);
-        return http_error(r, 503, "server_error", "busy", NULL, "The database is busy; retry.");
-    }
-    sqlite3_stmt *st = store_stmt(
-        "INSERT INTO jobs(id,project_id,status,model,spec,training_file,validation_file,calibration_file,ranks,device,"
-        "created_at) VALUES(?,?,'validating_files',?,?,?,?,?,?,?,?)");
-    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 2, r->project_id, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 3, spec.model, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 4, spec_text, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 5, spec.training_file, -1, SQLITE_STATIC);
-    if (spec.validation_file[0]) sqlite3_bind_text(st, 6, spec.validation_file, -1, SQLITE_STATIC);
-    if (spec.adapter.calibration_file[0]) sqlite3_bind_text(st, 7, spec.adapter.calibration_file, -1, SQLITE_STATIC);
-    sqlite3_bind_int(st, 8, spec.ranks);
-    sqlite3_bind_text(st, 9, ln_device_kind_name(spec.device), -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 10, ln_unix_time());
-    int ok = sqlite3_step(st) == SQLITE_DONE;
-    sqlite3_reset(st);
-    free(spec_text);
-    ok = ok && jobs_event(id, "info", "message", NULL, "Created fine-tuning job: %s", id) == 0;
+    store_new_id("ftjob-", it->id, sizeof it->id);
+    snprintf(it->project_id, sizeof it->project_id, "%s", r->project_id);
+    snprintf(it->model, sizeof it->model, "%s", spec.model);
+    snprintf(it->training_file, sizeof it->training_file, "%s", spec.training_file);
+    snprintf(it->validation_file, sizeof it->validation_file, "%s", spec.validation_file);
+    snprintf(it->calibration_file, sizeof it->calibration_file, "%s", spec.adapter.calibration_file);
+    snprintf(it->device, sizeof it->device, "%s", ln_device_kind_name(spec.device));
+    it->ranks = spec.ranks;
     ln_jobspec_free(&spec);
-    /* The commit (WAL fsync, synchronous=FULL) happens before the 201: an accepted job is on disk. */
-    if (!ok || store_commit() != 0) {
-        store_rollback();
-        return http_error(r, 503, "server_error", "busy", NULL, "The job could not be stored; retry.");
-    }
-    sched_kick(); /* validate its files now rather than at the next tick */
-    return http_json(r, 201, jobs_object(id, NULL));
+    r->ctx = it;
+    r->ctx_free = jobq_item_free;
+    return jobq_submit(r, it);
 }
 
 /* ---------------------------------------------------------------- list / retrieve */

@@ -27,6 +27,7 @@
 #include "server/api.h"
 #include "server/auth.h"
 #include "server/http.h"
+#include "server/jobq.h"
 #include "server/sched.h"
 #include "server/server.h"
 #include "server/sse.h"
@@ -341,7 +342,7 @@ static int cmd_serve(int argc, char **argv) {
     api_ops_register();
     api_workers_register();
     int port = http_start(g_cfg.listen_host, g_cfg.port, g_cfg.threads, &e);
-    if (port < 0 || sched_start(&e) != 0) {
+    if (port < 0 || sched_start(&e) != 0 || jobq_start(&e) != 0) {
         ln_log(LN_LOG_ERROR, "server", "%s", e.msg);
         return 1;
     }
@@ -353,6 +354,7 @@ static int cmd_serve(int argc, char **argv) {
     sigwait(&set, &sig);
     ln_log(LN_LOG_INFO, "server", "signal %d: stopping", sig);
     http_stop(sse_shutdown);
+    jobq_stop();
     sched_stop();
     store_close();
     ln_log(LN_LOG_INFO, "server", "stopped");
