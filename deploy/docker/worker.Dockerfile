@@ -25,10 +25,11 @@ RUN apt-get update \
 WORKDIR /src
 COPY . .
 # The README's targets: `make` builds the binaries (and, nvcc being on PATH, the CUDA backend);
-# `make cuda` is named as well so the image fails to build if the GPU backend does not.
+# `make cuda` is named as well so the image fails to build if the GPU backend does not, and
+# `make cuda-bin` links the worker with the CUDA backend (build/cuda/bin/loranull-worker).
 RUN make -j"$(nproc)" NVCC=/usr/local/cuda/bin/nvcc CUDA_HOME=/usr/local/cuda \
- && make cuda NVCC=/usr/local/cuda/bin/nvcc CUDA_HOME=/usr/local/cuda \
- && test -x bin/loranull-worker
+ && make cuda cuda-bin NVCC=/usr/local/cuda/bin/nvcc CUDA_HOME=/usr/local/cuda \
+ && test -x build/cuda/bin/loranull-worker
 
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-${UBUNTU}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -50,7 +51,7 @@ RUN apt-get update \
       --shell /usr/sbin/nologin loranull \
  && install -d -o 10001 -g 10001 -m 0750 /var/lib/loranull-worker
 
-COPY --from=build /src/bin/loranull-worker /usr/local/bin/loranull-worker
+COPY --from=build /src/build/cuda/bin/loranull-worker /usr/local/bin/loranull-worker
 COPY --chmod=0755 deploy/docker/worker-entrypoint.sh /usr/local/bin/worker-entrypoint.sh
 
 USER 10001:10001
