@@ -23,11 +23,13 @@ def test_a_real_worker_job_end_to_end(dash_factory, server_factory, tmp_path):
     facts = srv.upload(key, facts_jsonl(), "facts.jsonl")["id"]
     valid = srv.upload(key, task_jsonl(12), "valid.jsonl")["id"]
     models = make_tiny_model(tmp_path)
-    w = Worker(srv, srv.create_token("w"), models, tmp_path / "w1").start()
+    w = Worker(srv, srv.create_token("w"), models, tmp_path / "w1")
     try:
         page = dash.page
         dash.sign_in(key)
         dash.go("#/new")
+        page.wait_for_selector("#f-model option:text('no live worker holds a model')", state="attached")
+        w.start()  # the open form picks up the model of a worker that starts now
         page.wait_for_selector("#f-model option[value='tiny-llama']", state="attached", timeout=20_000)
         page.set_input_files("#f-training_file", {"name": "task.jsonl", "mimeType": "application/jsonl",
                                                   "buffer": task_jsonl()})

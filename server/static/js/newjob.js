@@ -6,7 +6,7 @@
 // as text) and shows the error's message next to the field its `param` names ("adapter.rank"),
 // or above the form when no field matches. Empty fields are left out, so the server's defaults apply.
 import { call, uploadFile, ApiError } from "./api.js";
-import { el, clear, fmtBytes } from "./util.js";
+import { el, clear, fmtBytes, every } from "./util.js";
 
 const METHODS = [
   ["lora_null_v2", "LoRA-Null v2 — null-space init, B trained (keeps knowledge best)"],
@@ -120,27 +120,40 @@ export function render(main) {
   });
 
   // ---- choices from the server
+  // Base models are the ones live workers hold ("workers" > 0). They are re-read every 5 s, so a
+  // worker that starts while the form is open shows up; the user's choice is kept.
+  let modelKey = null;
+  async function loadModels() {
+    const models = await call("/v1/models", { signal: abort.signal });
+    const bases = (models.data || []).filter((m) => m.workers > 0);
+    const key = JSON.stringify(bases.map((m) => [m.id, m.workers]));
+    if (key === modelKey) return;
+    modelKey = key;
+    const chosen = model.value;
+    clear(model);
+    if (!bases.length) {
+      model.appendChild(el("option", { value: "" }, "no live worker holds a model"));
+      modelHint.textContent = "Start a worker with --models DIR; its models appear here.";
+      return;
+    }
+    for (const m of bases)
+      model.appendChild(el("option", { value: m.id, selected: m.id === chosen },
+                           `${m.id} (${m.workers} worker${m.workers > 1 ? "s" : ""})`));
+    modelHint.textContent = "";
+  }
+  const stopModels = every(5000, async () => {
+    try { await loadModels(); } catch (e) {
+      if (e.name !== "AbortError") formError.textContent = `Cannot load the models: ${e.message}`;
+    }
+  });
   (async () => {
     try {
-      const [models, fileList] = await Promise.all([
-        call("/v1/models", { signal: abort.signal }),
-        call("/v1/files?purpose=fine-tune&limit=100", { signal: abort.signal }),
-      ]);
-      // Base models are the ones workers hold ("workers" > 0); fine-tuned ones are not bases here.
-      const bases = (models.data || []).filter((m) => m.workers > 0);
-      clear(model);
-      if (!bases.length) {
-        model.appendChild(el("option", { value: "" }, "no live worker holds a model"));
-        modelHint.textContent = "Start a worker with --models DIR; its models appear here.";
-      } else {
-        for (const m of bases) model.appendChild(el("option", { value: m.id }, `${m.id} (${m.workers} worker${m.workers > 1 ? "s" : ""})`));
-        modelHint.textContent = "";
-      }
+      const fileList = await call("/v1/files?purpose=fine-tune&limit=100", { signal: abort.signal });
       for (const f of Object.values(files))
         for (const x of fileList.data || [])
           f.existing.appendChild(el("option", { value: x.id }, `${x.filename} · ${fmtBytes(x.bytes)} · ${x.id}`));
     } catch (e) {
-      if (e.name !== "AbortError") formError.textContent = `Cannot load models and files: ${e.message}`;
+      if (e.name !== "AbortError") formError.textContent = `Cannot list uploaded files: ${e.message}`;
     }
   })();
 
@@ -235,5 +248,5 @@ export function render(main) {
     }
   });
 
-  return () => abort.abort();
+  return () => { stopModels(); abort.abort(); };
 }
