@@ -593,7 +593,8 @@ static void job_pump(wd_job *j, double now) {
     }
 }
 
-/* Builds the job from a lease object. Returns NULL (after reporting a failure) when it cannot run. */
+/* Makes d->job from a lease object. A lease the worker cannot run (bad spec, a gang split over
+ * workers) goes straight to PHASE_REPORTING with a non-retryable failure to report. */
 static void job_begin(wd_daemon *d, json_t *lease) {
     wd_job *j = ln_xcalloc(1, sizeof *j);
     j->d = d;
