@@ -3,13 +3,13 @@
 # 64 connections), job creation/s (each is an fsynced SQLite commit), and 1,000 concurrent SSE
 # streams with the delay from an event posted to its arrival on every stream.
 # Prints what it measured; appends nothing by itself (copy the summary into RESULTS.md).
-#   DURATION=10 THREADS=2 bash tests/bench/bench_server.sh
+#   DURATION=10 THREADS=4 bash tests/bench/bench_server.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-bin/loranull-server}
 PY=${PY:-.venv/bin/python}
 DURATION=${DURATION:-10}
-THREADS=${THREADS:-2}
+THREADS=${THREADS:-4}
 STREAMS=${STREAMS:-1000}
 [ -x "$BIN" ] || { echo "bench_server: $BIN not built (make)"; exit 1; }
 command -v wrk >/dev/null || { echo "bench_server: wrk not installed (make deps)"; exit 1; }
