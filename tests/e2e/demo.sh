@@ -202,6 +202,7 @@ print(f"knowledge kept:  loss on the facts {n['before']['knowledge_loss']:.3f} -
       f"drift {rows['lora'][1]['knowledge_drift']['mean']:.2e})")
 print(f"adapter:         {rows['lora_null_v2'][2]}/adapter_model.safetensors (+ adapter_config.json: PEFT, for the original base)")
 print(f"fine-tuned:      {rows['lora_null_v2'][0]['fine_tuned_model']}")
-print(f"dashboard:       {url}/")
+keep = os.environ.get("LORANULL_DEMO_KEEP") == "1"
+print(f"dashboard:       {url}/" + ("" if keep else "   (stopped with the demo: LORANULL_DEMO_KEEP=1 make demo keeps it up)"))
 print(f"demo finished in {took} s")
 EOF

@@ -157,6 +157,26 @@ def test_server_away_30s_within_the_lease_loses_no_reports(server_factory, model
         w.stop()
 
 
+def test_server_killed_and_restarted_mid_job(server_factory, models, tmp_path):
+    """kill -9 of the server while the worker trains: the restarted server still has the job and its
+    lease (SQLite, WAL), the worker's reports that were refused in flight are sent again."""
+    from conftest import Env
+
+    srv = server_factory("--lease-ttl-s", "30", "--lease-wait-max-s", "5")
+    env = Env(srv, models, tmp_path)
+    w = env.worker("w1")
+    try:
+        job = start_long_job(env, w)
+        srv.kill9()
+        time.sleep(2)
+        srv.launch()
+        done = finished(env, job)
+        assert done["attempts"] == 1
+        assert sorted(metrics(srv, env.key, job["id"], "loss")["loss"]) == list(range(1, LONG_STEPS + 1))
+    finally:
+        w.stop()
+
+
 def test_worker_cut_off_longer_than_the_lease_stops_then_resumes(env, reference_adapter):
     """A partition: the worker is frozen (SIGSTOP) past the lease TTL, the server requeues the job; when
     the worker comes back its next report is refused, it stops that run, leases the job again and

@@ -39,7 +39,7 @@ def test_demo_runs_and_its_summary_holds(tmp_path):
     m = re.search(r"^adapter:\s+(\S+)", summary, re.M)
     assert m and os.path.getsize(m.group(1)) > 0
     assert os.path.exists(os.path.join(os.path.dirname(m.group(1)), "adapter_config.json"))
-    url = re.search(r"^dashboard:\s+http://127\.0\.0\.1:(\d+)/$", summary, re.M)
+    url = re.search(r"^dashboard:\s+http://127\.0\.0\.1:(\d+)/ ", summary, re.M)
     assert url
     # Its processes are gone: nothing listens on the demo's port any more.
     with socket.socket() as s:
