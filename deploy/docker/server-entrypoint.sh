@@ -57,91 +57,37 @@ healthcheck() {
 }
 
 # ---- secrets → database ----
-# loranull-server has `keys create` / `tokens create`, which make random secrets; a Kubernetes
-# Secret needs the reverse: a given secret made valid. Until the server offers that as a
-# subcommand, this writes the same rows those commands write (schema: migrations/001_init.sql),
-# with the sqlite3 shell, after `keys list` has created and migrated the database. Only the
-# SHA-256 of a secret is stored, and secrets never appear on a command line (/proc/*/cmdline).
-# Idempotent: a secret already known is left as it is — in particular a revoked key stays
-# revoked even if it is still in the Secret.
-
-DB="$DATA_DIR/loranull.db"
-
-sha256_of() {
-    printf '%s' "$1" | sha256sum | cut -d' ' -f1
-}
-
-# An id like the server's: PREFIX + 24 of [A-Za-z0-9].
-new_id() {
-    printf '%s%s' "$1" "$(LC_ALL=C tr -dc 'A-Za-z0-9' </dev/urandom | head -c 24)"
-}
-
-# Names as the server accepts them (auth.c valid_name): 1..64 of letters, digits and . _ -
-valid_name() {
-    case $1 in '' | *[!A-Za-z0-9._-]*) return 1 ;; esac
-    [ ${#1} -le 64 ]
-}
-
-# A secret: 20..128 of letters, digits, _ and - (so it is safe in SQL and in a header).
-valid_secret() {
-    case $1 in *[!A-Za-z0-9_-]*) return 1 ;; esac
-    [ ${#1} -ge 20 ] && [ ${#1} -le 128 ]
-}
-
-run_sql() {
-    sqlite3 -batch -bail -cmd '.timeout 10000' "$DB" >/dev/null || die "writing secrets into $DB failed"
-}
+# `loranull-server keys import` / `tokens import` make given secrets valid (they store only
+# the SHA-256) and read them from stdin, so secrets never appear on a command line
+# (/proc/*/cmdline). Importing is idempotent: a secret already known is left as it is — in
+# particular a revoked key stays revoked even if it is still in the Secret. The server checks
+# every line; its "stdin line N" is line N of the file named after it.
 
 import_secrets() {
-    have_keys=0
-    [ -f "$API_KEYS_FILE" ] && have_keys=1
-    [ -f "$WORKER_TOKEN_FILE" ] || [ $have_keys -eq 1 ] || return 0
-    # Creates the database and applies the migrations, as the server would at start.
+    [ -f "$API_KEYS_FILE" ] || [ -f "$WORKER_TOKEN_FILE" ] || return 0
+    # First open (create, migrate) the database with the server's settings on their own, so a
+    # bad config or data dir is reported as that and not as a bad secret file.
     # shellcheck disable=SC2086 # DB_FLAGS holds paths without blanks (checked below)
     "$SERVER_BIN" keys list $DB_FLAGS >/dev/null \
         || die "loranull-server refused its settings or could not open the database in $DATA_DIR (its message is above)"
-    now=$(date +%s)
-    sql="BEGIN IMMEDIATE;"
-    n=0
-    if [ $have_keys -eq 1 ]; then
-        lineno=0
-        while IFS= read -r line || [ -n "$line" ]; do
-            lineno=$((lineno + 1))
-            case $line in '' | '#'*) continue ;; esac
-            # shellcheck disable=SC2086 # split "PROJECT KEY" on blanks on purpose
-            set -- $line
-            [ $# -eq 2 ] || die "$API_KEYS_FILE line $lineno: expected 'PROJECT KEY', got $# fields"
-            valid_name "$1" || die "$API_KEYS_FILE line $lineno: project '$1' is not 1..64 of letters, digits and . _ -"
-            valid_secret "$2" || die "$API_KEYS_FILE line $lineno: the key is not 20..128 of letters, digits, _ and -"
-            hash=$(sha256_of "$2")
-            prefix=$(printf '%s' "$2" | cut -c1-10)
-            sql="$sql
-INSERT INTO projects(id,name,created_at) SELECT '$(new_id proj_)','$1',$now
-  WHERE NOT EXISTS (SELECT 1 FROM projects WHERE name='$1');
-INSERT INTO api_keys(id,project_id,key_hash,prefix,created_at)
-  SELECT '$(new_id key_)',(SELECT id FROM projects WHERE name='$1'),'$hash','$prefix',$now
-  WHERE NOT EXISTS (SELECT 1 FROM api_keys WHERE key_hash='$hash');"
-            n=$((n + 1))
-        done <"$API_KEYS_FILE"
+    if [ -f "$API_KEYS_FILE" ]; then
+        # shellcheck disable=SC2086 # DB_FLAGS holds paths without blanks (checked below)
+        "$SERVER_BIN" keys import $DB_FLAGS <"$API_KEYS_FILE" \
+            || die "$API_KEYS_FILE: not imported (the server's reason is above; its stdin line is this file's line)"
     fi
     if [ -f "$WORKER_TOKEN_FILE" ]; then
-        token=$(cat "$WORKER_TOKEN_FILE")
-        valid_secret "$token" || die "$WORKER_TOKEN_FILE: the token is not 20..128 of letters, digits, _ and -"
-        name=${LORANULL_WORKER_TOKEN_NAME:-k8s-secret}
-        valid_name "$name" || die "LORANULL_WORKER_TOKEN_NAME='$name' is not 1..64 of letters, digits and . _ -"
-        hash=$(sha256_of "$token")
-        sql="$sql
-INSERT INTO worker_tokens(id,name,token_hash,created_at) SELECT '$(new_id wtok_)','$name','$hash',$now
-  WHERE NOT EXISTS (SELECT 1 FROM worker_tokens WHERE token_hash='$hash');"
+        [ -s "$WORKER_TOKEN_FILE" ] || die "$WORKER_TOKEN_FILE is empty"
+        # shellcheck disable=SC2086
+        "$SERVER_BIN" tokens import --name "${LORANULL_WORKER_TOKEN_NAME:-k8s-secret}" $DB_FLAGS \
+            <"$WORKER_TOKEN_FILE" \
+            || die "$WORKER_TOKEN_FILE: not imported (the server's reason is above)"
     fi
-    printf '%s\nCOMMIT;\n' "$sql" | run_sql
-    echo "server-entrypoint: secrets imported: $n API key(s)$([ -f "$WORKER_TOKEN_FILE" ] && echo ', 1 worker token')" >&2
 }
 
 [ -x "$SERVER_BIN" ] || die "$SERVER_BIN is not an executable (set LORANULL_SERVER_BIN)"
 
 # Flags that locate the database, shared by the server, its keys/tokens subcommands and the
-# `keys list` that migrates the database before secrets are imported.
+# imports that create and migrate the database before the server starts.
 for path in "$DATA_DIR" "$MIGRATIONS_DIR" "$CONFIG"; do
     case $path in *[[:space:]]*) die "'$path': paths with blanks are not supported" ;; esac
 done

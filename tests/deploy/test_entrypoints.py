@@ -196,23 +196,23 @@ def test_server_admin_subcommand_creates_a_working_key(tmp_path, secrets):
 
 
 @pytest.mark.parametrize("content,expect", [
-    ("team-a\n", "line 1: expected 'PROJECT KEY', got 1 fields"),
-    ("# c\nteam-a sk-ln-short\n", "line 2: the key is not 20..128"),
-    ("team/a " + KEY_A + "\n", "line 1: project 'team/a' is not"),
-    ("team-a " + KEY_A + "'; DROP TABLE api_keys; --\n", "expected 'PROJECT KEY'"),
-    ("team-a " + KEY_A[:-1] + "';x\n", "line 1: the key is not"),
+    ("team-a\n", "stdin line 1: expected 'PROJECT KEY'"),
+    ("# c\nteam-a sk-ln-short\n", "stdin line 2: project team-a: the key is not 20..128"),
+    ("team/a " + KEY_A + "\n", "stdin line 1: project 'team/a': a project name is 1..64"),
+    ("team-a " + KEY_A + "'; DROP TABLE api_keys; --\n", "stdin line 1: project team-a: the key is not"),
 ])
 def test_server_entrypoint_names_the_bad_secret_line(tmp_path, secrets, content, expect):
     (secrets / "api-keys").write_text(content)
     r = sh(SERVER_SH, env=server_env(tmp_path, secrets, free_port()))
     assert r.returncode == 1
-    assert str(secrets / "api-keys") in r.stderr and expect in r.stderr, r.stderr
+    assert f"{secrets / 'api-keys'}: not imported" in r.stderr and expect in r.stderr, r.stderr
 
 
 def test_server_entrypoint_refuses_a_bad_token_file(tmp_path, secrets):
     (secrets / "worker-token").write_text("short\n")
     r = sh(SERVER_SH, env=server_env(tmp_path, secrets, free_port()))
-    assert r.returncode == 1 and "worker-token: the token is not" in r.stderr, r.stderr
+    assert r.returncode == 1 and "the token is not 20..128" in r.stderr, r.stderr
+    assert f"{secrets / 'worker-token'}: not imported" in r.stderr, r.stderr
 
 
 def test_server_entrypoint_names_a_data_dir_it_cannot_use(tmp_path, secrets):
@@ -229,6 +229,25 @@ def test_server_entrypoint_refuses_a_bad_listen_for_healthcheck(tmp_path, secret
     env["LORANULL_LISTEN"] = "0.0.0.0"
     r = sh(SERVER_SH, ["healthcheck"], env=env)
     assert r.returncode == 1 and "LORANULL_LISTEN='0.0.0.0' is not HOST:PORT" in r.stderr, r.stderr
+
+
+def test_server_entrypoint_passes_the_config_file(tmp_path, secrets):
+    env = server_env(tmp_path, secrets, free_port())
+    cfg = tmp_path / "server.json"
+    cfg.write_text(json.dumps({"threads": 2, "max_body_bytes": 4096}))
+    env["LORANULL_CONFIG"] = str(cfg)
+    s = EntrypointServer(env, tmp_path / "server.log")
+    try:
+        # the config's body limit is in force: a 5 KiB JSON body is refused, a small one is not
+        big = {"model": "m", "training_file": "file-x", "metadata": {"pad": "x" * 5000}}
+        assert http("POST", s.base + "/v1/fine_tuning/jobs", KEY_A, big)[0] == 413
+        assert http("POST", s.base + "/v1/fine_tuning/jobs", KEY_A, {"model": "m"})[0] == 400
+    finally:
+        s.stop()
+    cfg.write_text(json.dumps({"threads": 2, "no_such_setting": 1}))
+    r = sh(SERVER_SH, env=env)
+    assert r.returncode == 1, r.stderr
+    assert "no_such_setting" in r.stderr and "refused its settings" in r.stderr, r.stderr
 
 
 # ---- worker: flags and refusals (a recording stand-in for the binary) ----
