@@ -1,8 +1,8 @@
 /* data.c — JSONL training data: validation, encoding into ids + labels, seeded epoch order.
  *
  * One pass over the whole file: every line is parsed and checked before training starts. A bad
- * line does not stop the pass; the error returned names the first bad line (file, line, field)
- * and how many lines were bad in all, so a user fixes the file in one round. */
+ * line does not stop the pass; the error returned says how many lines were bad in all and
+ * spells out the first three (file, line, field), so a user fixes the file in few rounds. */
 #include "worker/engine/data.h"
 
 #include <jansson.h>
@@ -185,7 +185,13 @@ int ln_dataset_load(const char *path, const ln_tokenizer *tok, const ln_data_opt
         ln_err le;
         if (load_line(line, len, tok, opts, &ex, &truncated, &le)) {
             example_free(&ex);
-            if (bad++ == 0) ln_errf(&first, "%s line %d: %s", path, lineno, le.msg);
+            /* the first three bad lines are spelled out; the rest are counted */
+            if (bad == 0) ln_errf(&first, "%s line %d: %s", path, lineno, le.msg);
+            else if (bad < 3) {
+                size_t used = strlen(first.msg);
+                snprintf(first.msg + used, sizeof first.msg - used, "; line %d: %.300s", lineno, le.msg);
+            }
+            bad++;
             if (strstr(le.msg, "longer than max_seq_len")) overlong_rejected++;
             continue;
         }
@@ -207,7 +213,8 @@ int ln_dataset_load(const char *path, const ln_tokenizer *tok, const ln_data_opt
         char extra[160] = "";
         if (overlong_rejected)
             snprintf(extra, sizeof extra, ", %lld of them longer than max_seq_len", (long long)overlong_rejected);
-        return ln_errf(e, "%s (%lld bad lines in all%s; this is the first)", first.msg, (long long)bad, extra);
+        /* the count goes first, so a long list cut at LN_ERR_MSG_MAX never loses it */
+        return ln_errf(e, "%lld bad lines in all%s; %s", (long long)bad, extra, first.msg);
     }
     if (d->n == 0) {
         ln_dataset_free(d);
