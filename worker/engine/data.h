@@ -11,7 +11,7 @@
  *
  * The whole file is validated before training starts; a bad line is an error naming the file,
  * the line number and the field ("data.jsonl line 7: field \"messages[2].role\": unknown role
- * \"bot\" …"), plus how many lines were bad in all. Blank lines are allowed and skipped; a UTF-8
+ * \"bot\" …"); with several bad lines it starts "N bad lines in all; " and lists the first three. Blank lines are allowed and skipped; a UTF-8
  * BOM is accepted. An example with no trained token (after truncation, too) is an error: it would
  * add nothing but a division by zero. Ownership: a dataset owns its examples. */
 #ifndef LN_DATA_H
