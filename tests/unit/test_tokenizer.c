@@ -13,6 +13,7 @@
 #include <cmocka.h>
 
 #include "common/util.h"
+#include "worker/engine/chat.h"
 #include "worker/engine/data.h"
 #include "worker/engine/tokenizer.h"
 #include "worker/engine/unicode.h"
@@ -366,6 +367,39 @@ static void test_random_text_roundtrips(void **state) {
     ln_tokenizer_free(sp);
 }
 
+/* The rendered text of both templates, and the trained spans in it. */
+static void test_chat_render_templates(void **state) {
+    (void)state;
+    ln_tokenizer *t = load_json("sp4.json", sp_json); /* bos <s>, eos </s> */
+    json_error_t je;
+    json_t *obj = json_loads("{\"messages\":[{\"role\":\"system\",\"content\":\" Sys \"},"
+                             "{\"role\":\"user\",\"content\":\" hi \"},{\"role\":\"assistant\",\"content\":\" yo \"},"
+                             "{\"role\":\"user\",\"content\":\"u2\"},{\"role\":\"assistant\",\"content\":\"a2\","
+                             "\"weight\":0}]}", 0, &je);
+    assert_non_null(obj);
+    ln_chat_rendered r;
+    ln_err e;
+    assert_int_equal(ln_chat_render(t, LN_TEMPLATE_LLAMA2, LN_CHAT_MESSAGES, obj, &r, &e), 0);
+    assert_string_equal(r.text, "<s>[INST] <<SYS>>\n Sys \n<</SYS>>\n\n hi [/INST] yo </s><s>[INST] u2 [/INST] a2 </s>");
+    assert_int_equal(r.n_spans, 1);
+    assert_memory_equal(r.text + r.spans[0][0], "yo </s>", r.spans[0][1] - r.spans[0][0]);
+    ln_chat_rendered_free(&r);
+    assert_int_equal(ln_chat_render(t, LN_TEMPLATE_LLAMA3, LN_CHAT_MESSAGES, obj, &r, &e), 0);
+    assert_string_equal(r.text, "<s><|start_header_id|>system<|end_header_id|>\n\nSys<|eot_id|>"
+                                "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+                                "<|start_header_id|>assistant<|end_header_id|>\n\nyo<|eot_id|>"
+                                "<|start_header_id|>user<|end_header_id|>\n\nu2<|eot_id|>"
+                                "<|start_header_id|>assistant<|end_header_id|>\n\na2<|eot_id|>");
+    assert_int_equal(r.n_spans, 1);
+    assert_memory_equal(r.text + r.spans[0][0], "yo<|eot_id|>", r.spans[0][1] - r.spans[0][0]);
+    ln_chat_rendered_free(&r);
+    json_decref(obj);
+    ln_chat_template tpl;
+    assert_int_equal(ln_chat_template_pick(t, NULL, &tpl, &e), 0);
+    assert_int_equal(tpl, LN_TEMPLATE_LLAMA2); /* SentencePiece-style, no chat_template: llama2 */
+    ln_tokenizer_free(t);
+}
+
 /* The real LLaMA 3 vocabulary, when the shared fixtures are there (CI has them). */
 static void test_llama3_fixture(void **state) {
     (void)state;
@@ -395,6 +429,7 @@ int main(void) {
         cmocka_unit_test(test_default_tokenizer),
         cmocka_unit_test(test_chat_through_loader),
         cmocka_unit_test(test_random_text_roundtrips),
+        cmocka_unit_test(test_chat_render_templates),
         cmocka_unit_test(test_llama3_fixture),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
