@@ -15,17 +15,29 @@ if [ "$#" -lt 3 ] || [ "$2" != "--" ]; then
 fi
 rw=$1
 shift 2
+# The checkout itself (the image's files, read-only in the pod). When it lives under /tmp (as a CI
+# clone may), it is carried over the fresh /tmp read-only instead of disappearing under it.
+repo=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck disable=SC2016 # the inner script expands its own arguments
 exec unshare --mount --propagation private sh -c '
     set -eu
     rw=$1
-    shift
+    repo=$2
+    shift 2
     old_ifs=$IFS
     IFS=:
     for d in $rw; do mount --bind "$d" "$d"; done
     IFS=$old_ifs
+    keep=0
+    case "$repo" in /tmp/*) mount --bind /tmp /mnt; keep=1 ;; esac
     mount -t tmpfs -o size=256m,mode=1777 tmpfs /tmp
+    if [ "$keep" = 1 ]; then
+        mkdir -p "$repo"
+        mount --bind "/mnt${repo#/tmp}" "$repo"
+        umount /mnt
+        mount -o remount,bind,ro "$repo"
+    fi
     mount -o remount,bind,ro /
     exec setpriv --reuid 10001 --regid 10001 --clear-groups --no-new-privs \
         --inh-caps=-all --bounding-set=-all "$@"
-' podlike "$rw" "$@"
+' podlike "$rw" "$repo" "$@"
