@@ -8,6 +8,7 @@ loranull uses, at the thread count of the benchmark), and each side's peak resid
 
 This script unsets OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE for its own child processes (these machines
 set them for older OpenBLAS builds; the tests and CI leave them as they are) and says so in its output.
+It sets OMP_WAIT_POLICY (default passive) and the thread count identically for both sides.
 
 Usage: .venv/bin/python tests/bench/bench_engine.py [--threads N] [--steps S] [--results tests/bench/RESULTS.md]
 """
@@ -28,8 +29,10 @@ SEQ, BATCH, RANK, ALPHA = 256, 8, 16, 32
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def child_env(threads):
+def child_env(threads, wait_policy):
     env = dict(os.environ)
+    if wait_policy:
+        env["OMP_WAIT_POLICY"] = wait_policy
     removed = [k for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in env]
     for k in removed:
         del env[k]
@@ -148,9 +151,12 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--wait-policy", default="passive",
+                    help="OMP_WAIT_POLICY for both sides ('' = leave the environment's): on a shared machine "
+                         "spinning OpenMP threads lose their cores at every barrier, for torch and for us alike")
     ap.add_argument("--results", default=str(ROOT / "tests" / "bench" / "RESULTS.md"))
     args = ap.parse_args()
-    env, removed = child_env(args.threads)
+    env, removed = child_env(args.threads, args.wait_policy)
     import numpy as np
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -349,13 +349,15 @@ static double cpu_cross_entropy(const float *logits, float *dlogits, const int32
         float mx = z[0];
         for (int j = 1; j < V; j++) mx = z[j] > mx ? z[j] : mx;
         double zy = (double)z[y] - mx, sum = 0.0;
-        for (int j = 0; j < V; j++) sum += expf(z[j] - mx);
-        if (rowloss) rowloss[n] = log(sum) - zy;
-        if (d) {
-            float inv = (float)(1.0 / sum);
-            for (int j = 0; j < V; j++) d[j] = dscale * (expf(z[j] - mx) * inv);
+        if (d) { /* one exp pass: keep e^(z−max) in d, then scale it (d may alias z; zy is saved) */
+            for (int j = 0; j < V; j++) { d[j] = expf(z[j] - mx); sum += d[j]; }
+            float k = (float)(dscale / sum);
+            for (int j = 0; j < V; j++) d[j] *= k;
             d[y] -= dscale;
+        } else {
+            for (int j = 0; j < V; j++) sum += expf(z[j] - mx);
         }
+        if (rowloss) rowloss[n] = log(sum) - zy;
     }
     if (rowloss) {
         for (int n = 0; n < N; n++) total += rowloss[n];
