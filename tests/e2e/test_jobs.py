@@ -52,6 +52,11 @@ def test_job_from_upload_to_peft_adapter(env, method, tmp_path):
     m = metrics(env.srv, env.key, job["id"])
     assert sorted(m["loss"]) == list(range(1, 25))
     assert set(m["eval/task_loss"]) == {0, 24}
+    # Reports went in batches: at most 4 posts in any second.
+    posts = [json.loads(x)["ts"] for x in env.srv.log_path.read_text().splitlines()
+             if '"route":"/internal/v1/jobs/{}/events"' in x]
+    secs = [int(t[11:13]) * 3600 + int(t[14:16]) * 60 + float(t[17:23]) for t in posts]
+    assert secs and max(sum(1 for u in secs if t <= u < t + 1) for t in secs) <= 4, secs
     msgs = [e["message"] for e in events(env.srv, env.key, job["id"])]
     for stage in ("Validating the data", "Training: 24 steps", "Step 24/24", "After training", "Exported a PEFT adapter"):
         assert any(stage in s for s in msgs), (stage, msgs)

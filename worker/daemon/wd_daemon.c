@@ -53,7 +53,7 @@ typedef struct wd_job {
     double next_hb, next_worker_hb;
 
     int flush_busy;
-    double next_flush, flush_backoff;
+    double next_flush, flush_backoff, last_flush;
     json_t *fl_events, *fl_metrics;        /* the batch in flight (given back on failure) */
     uint64_t fl_mark, flushed_mark;        /* outbox marks: of the batch in flight, of the last one sent */
     size_t cap_events, cap_points;         /* batch size limits (shrunk when a batch is too big) */
@@ -277,9 +277,11 @@ static void on_flush(const wd_resp *r, void *ctx) {
 
 /* A batch stays well under the server's body limit (1 MiB by default): bigger ones are split. */
 #define FLUSH_MAX_BYTES (512 * 1024)
+/* At most 4 report posts a second, whatever asks for one (a checkpoint waiting on its steps). */
+#define FLUSH_MIN_GAP_S 0.25
 
 static void flush(wd_job *j, double now) {
-    if (j->flush_busy || now < j->next_flush) return;
+    if (j->flush_busy || now < j->next_flush || now - j->last_flush < FLUSH_MIN_GAP_S) return;
     if (j->cap_events == 0) j->cap_events = 1000;
     if (j->cap_points == 0) j->cap_points = 5000;
     json_t *ev, *mt;
@@ -313,6 +315,7 @@ static void flush(wd_job *j, double now) {
     j->fl_mark = ne < j->cap_events && np < j->cap_points ? mark : j->flushed_mark;
     if (wd_http_json(j->d->http, "POST", path, b, 30.0, on_flush, j) == 0) {
         j->flush_busy = 1;
+        j->last_flush = now;
     } else {
         wd_outbox_putback(&j->out, ev, mt);
         j->fl_events = j->fl_metrics = NULL;
