@@ -380,16 +380,39 @@ void sched_requeue(const char *job_id, const char *code, const char *reason) {
 
 /* ---------------------------------------------------------------- ticker */
 
-static pthread_t g_thread;
+/* Two background threads: the ticker (timers: lease expiry, long-poll deadlines, SSE keep-alives)
+ * and the validator (reads new jobs' training files, which may take seconds for a large file —
+ * so it must not hold up the timers). Both wait on g_tick_cv; sched_kick wakes them. */
+static pthread_t g_thread, g_validator;
 static pthread_mutex_t g_tick_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_tick_cv = PTHREAD_COND_INITIALIZER;
-static int g_stop, g_kicked;
+static int g_stop, g_kicked, g_validate_kicked;
 
 void sched_kick(void) {
     pthread_mutex_lock(&g_tick_mu);
     g_kicked = 1;
-    pthread_cond_signal(&g_tick_cv);
+    g_validate_kicked = 1;
+    pthread_cond_broadcast(&g_tick_cv);
     pthread_mutex_unlock(&g_tick_mu);
+}
+
+/* Waits until kicked (flag), stopped, or timeout_ms passed. Returns 1 when stopping. */
+static int wait_kick(int *flag, int timeout_ms) {
+    pthread_mutex_lock(&g_tick_mu);
+    if (!g_stop && !*flag) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += (long)timeout_ms * 1000 * 1000;
+        while (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        pthread_cond_timedwait(&g_tick_cv, &g_tick_mu, &ts);
+    }
+    int stop = g_stop;
+    *flag = 0;
+    pthread_mutex_unlock(&g_tick_mu);
+    return stop;
 }
 
 static void expire_leases(void) {
@@ -476,24 +499,8 @@ static void validate_new_jobs(void) {
 
 static void *ticker(void *arg) {
     double last_second = 0;
-    for (;;) {
-        pthread_mutex_lock(&g_tick_mu);
-        if (!g_stop && !g_kicked) {
-            struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_nsec += 100 * 1000 * 1000;
-            if (ts.tv_nsec >= 1000000000) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000;
-            }
-            pthread_cond_timedwait(&g_tick_cv, &g_tick_mu, &ts);
-        }
-        int stop = g_stop;
-        g_kicked = 0;
-        pthread_mutex_unlock(&g_tick_mu);
-        if (stop) break;
+    while (!wait_kick(&g_kicked, 100)) {
         double now = ln_now_s();
-        validate_new_jobs();
         http_wake_expired(now);
         if (now - last_second >= 1.0) {
             last_second = now;
@@ -507,15 +514,23 @@ static void *ticker(void *arg) {
     return NULL;
 }
 
+static void *validator(void *arg) {
+    while (!wait_kick(&g_validate_kicked, 500)) validate_new_jobs();
+    store_close();
+    return NULL;
+}
+
 int sched_start(ln_err *e) {
-    if (pthread_create(&g_thread, NULL, ticker, NULL) != 0) return ln_errf(e, "cannot start the scheduler thread");
+    if (pthread_create(&g_thread, NULL, ticker, NULL) != 0 || pthread_create(&g_validator, NULL, validator, NULL) != 0)
+        return ln_errf(e, "cannot start the scheduler threads");
     return 0;
 }
 
 void sched_stop(void) {
     pthread_mutex_lock(&g_tick_mu);
     g_stop = 1;
-    pthread_cond_signal(&g_tick_cv);
+    pthread_cond_broadcast(&g_tick_cv);
     pthread_mutex_unlock(&g_tick_mu);
     pthread_join(g_thread, NULL);
+    pthread_join(g_validator, NULL);
 }

@@ -35,10 +35,11 @@ int sched_check_lease(const char *job_id, long long gen, ln_err *e);
  * transaction. reason is for the event and the final error. */
 void sched_requeue(const char *job_id, const char *code, const char *reason);
 
-/* Starts/stops the ticker thread (lease expiry, file validation, long-poll and SSE timers). */
+/* Starts/stops the ticker thread (lease expiry, long-poll and SSE timers) and the validator thread
+ * (new jobs' training files: validating_files → queued or failed). */
 int sched_start(ln_err *e);
 void sched_stop(void);
-/* Wakes the ticker now (a job was created). */
+/* Wakes both now (a job was created). */
 void sched_kick(void);
 
 #endif
