@@ -374,7 +374,7 @@ def make_models_dir(tmp_path):
     return models
 
 
-def start_worker(tmp_path, server, secrets, models, name):
+def start_worker(tmp_path, server, secrets, models, name, ranks=1):
     """loranull-worker through worker-entrypoint.sh, env as the StatefulSet sets it."""
     env = dict(os.environ)
     env.update({
@@ -383,7 +383,7 @@ def start_worker(tmp_path, server, secrets, models, name):
         "LORANULL_TOKEN_FILE": str(secrets / "worker-token"),
         "LORANULL_MODELS_DIR": str(models),
         "LORANULL_DEVICE": "cpu",
-        "LORANULL_RANKS": "1",
+        "LORANULL_RANKS": str(ranks),
         "LORANULL_WORK_DIR": str(tmp_path / name / "work"),
         "LORANULL_WORKER_NAME": name,
         "LORANULL_GRACE_S": "20",
@@ -417,14 +417,14 @@ def tail(path, n=3000):
         return ""
 
 
-def submit(api, base, file_id, n_epochs, save_interval=0):
+def submit(api, base, file_id, n_epochs, save_interval=0, ranks=1):
     r = api.post(base + "/v1/fine_tuning/jobs", json={
         "model": "tiny-llama", "training_file": file_id, "seed": 7,
         "hyperparameters": {"n_epochs": n_epochs, "batch_size": 4, "max_seq_len": 32,
                             "save_interval": save_interval},
         "adapter": {"type": "lora_null_v2", "rank": 2,
                     "calibration": {"samples": 8, "max_length": 32}},
-        "resources": {"ranks": 1, "device": "cpu"}})
+        "resources": {"ranks": ranks, "device": "cpu"}})
     assert r.status_code in (200, 201), r.text
     return r.json()["id"]
 
@@ -478,6 +478,25 @@ def test_job_runs_through_server_and_worker_entrypoints(tmp_path, secrets):
         rc, _ = sigterm(worker)
         server.stop()
     assert rc == 0, f"worker exited {rc} on SIGTERM:\n{tail(worker.log)}"
+
+
+def test_two_rank_job_on_one_cpu_worker_as_cpu_dev_runs_it(tmp_path, secrets):
+    # The cpu-dev overlay's worker offers two ranks (LORANULL_RANKS=2): a job asking for two
+    # runs tensor-parallel on it (deploy/README.md "Multi-rank and multi-node jobs").
+    assert WORKER_BIN.exists(), f"{WORKER_BIN} is not built: run `make`"
+    models = make_models_dir(tmp_path)
+    server = EntrypointServer(server_env(tmp_path, secrets, free_port()), tmp_path / "server.log")
+    worker = start_worker(tmp_path, server, secrets, models, "loranull-worker-0", ranks=2)
+    api = requests.Session()
+    api.headers["Authorization"] = f"Bearer {KEY_A}"
+    try:
+        job_id = submit(api, server.base, upload_training_file(api, server.base), n_epochs=1, ranks=2)
+        job = wait_job(api, server.base, job_id, [worker],
+                       lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
+        assert job["status"] == "succeeded", f"{job.get('error')}\n{tail(worker.log)}"
+    finally:
+        sigterm(worker)
+        server.stop()
 
 
 def test_eviction_mid_job_checkpoints_and_another_pod_finishes(tmp_path, secrets):
