@@ -32,6 +32,7 @@ typedef struct pool_worker {
     char kind[8];
     int free_devices;
     double last_poll;                 /* wall time of its latest lease call */
+    double last_seen_written;         /* when workers.last_seen_f was last written for it */
     int n_models;
     char models[MAX_MODELS][257];
 } pool_worker;
@@ -95,11 +96,16 @@ static pool_worker *pool_enter(const char *worker_id, int free_devices, double n
     while (sqlite3_step(st) == SQLITE_ROW && w->n_models < MAX_MODELS)
         snprintf(w->models[w->n_models++], sizeof w->models[0], "%s", store_col_text(st, 0));
     sqlite3_reset(st);
-    st = store_stmt("UPDATE workers SET last_seen_f=? WHERE id=?");
-    sqlite3_bind_double(st, 1, now);
-    sqlite3_bind_text(st, 2, worker_id, -1, SQLITE_STATIC);
-    sqlite3_step(st);
-    sqlite3_reset(st);
+    /* Liveness on disk every few seconds is enough (each write is an fsync; waiting workers poll
+     * once a second). */
+    if (now - w->last_seen_written >= 5.0) {
+        st = store_stmt("UPDATE workers SET last_seen_f=? WHERE id=?");
+        sqlite3_bind_double(st, 1, now);
+        sqlite3_bind_text(st, 2, worker_id, -1, SQLITE_STATIC);
+        sqlite3_step(st);
+        sqlite3_reset(st);
+        w->last_seen_written = now;
+    }
     return w;
 }
 
