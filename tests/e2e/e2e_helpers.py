@@ -66,10 +66,10 @@ def facts_jsonl(n=48):
 class Worker:
     """One loranull-worker process with its own work dir; logs to work_dir/worker.log."""
 
-    def __init__(self, server, token, models, work_dir, name="e2e-worker", extra=()):
+    def __init__(self, server, token, models, work_dir, name="e2e-worker", extra=(), prefix=()):
         self.srv, self.token, self.models = server, token, pathlib.Path(models)
         self.work_dir = pathlib.Path(work_dir)
-        self.name, self.extra = name, list(extra)
+        self.name, self.extra, self.prefix = name, list(extra), list(prefix)
         self.proc = None
         self._log = None
 
@@ -83,7 +83,7 @@ class Worker:
         tok.write_text(self.token + "\n")
         self._log = open(self.log_path, "ab")
         env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-        cmd = [str(WORKER_BIN), "--server", self.srv.base, "--token-file", str(tok), "--models", str(self.models),
+        cmd = [*self.prefix, str(WORKER_BIN), "--server", self.srv.base, "--token-file", str(tok), "--models", str(self.models),
                "--device", "cpu", "--work-dir", str(self.work_dir), "--name", self.name, "--lease-wait-s", "2",
                "--heartbeat-s", "0.3", *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log, env=env)
@@ -205,8 +205,8 @@ class Env:
         self.facts_id = upload(srv, self.key, facts_jsonl(), "facts.jsonl")
         self.workers = []
 
-    def worker(self, name="w1", extra=()):
-        w = Worker(self.srv, self.token, self.models, self.tmp / name, name=name, extra=extra).start()
+    def worker(self, name="w1", extra=(), prefix=()):
+        w = Worker(self.srv, self.token, self.models, self.tmp / name, name=name, extra=extra, prefix=prefix).start()
         self.workers.append(w)
         return w
 

@@ -160,7 +160,7 @@ def test_server_away_30s_within_the_lease_loses_no_reports(server_factory, model
 def test_server_killed_and_restarted_mid_job(server_factory, models, tmp_path):
     """kill -9 of the server while the worker trains: the restarted server still has the job and its
     lease (SQLite, WAL), the worker's reports that were refused in flight are sent again."""
-    from conftest import Env
+    from e2e_helpers import Env
 
     srv = server_factory("--lease-ttl-s", "30", "--lease-wait-max-s", "5")
     env = Env(srv, models, tmp_path)

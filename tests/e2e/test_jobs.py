@@ -119,6 +119,23 @@ def test_non_finite_loss_fails_with_an_actionable_message(env, tmp_path):
     assert "step 1" in done["error"]["message"] and "not finite" in done["error"]["message"], done["error"]
 
 
+def test_out_of_memory_fails_with_what_to_change(env):
+    """A batch that does not fit in the worker's memory (an address-space limit of 1.5 GB here)."""
+    import shutil
+
+    from e2e_helpers import WORKER_BIN
+    if "asan" in str(WORKER_BIN) or not shutil.which("prlimit"):
+        pytest.skip("needs prlimit and a build without ASan (which reserves terabytes of address space)")
+    w = env.worker("small", prefix=("prlimit", "--as=1500000000"))
+    job = submit(env.srv, env.key, env.train_id, method="lora", epochs=1, batch_size=65536)
+    done = env.srv.wait_status(env.key, job["id"], {"failed", "succeeded"}, timeout=60)
+    assert done["status"] == "failed", w.log()
+    err = done["error"]
+    assert err["code"] == "out_of_memory", err
+    assert "out of memory" in err["message"] and "batch_size" in err["message"], err
+    assert w.running(), "the worker itself must survive a job's out-of-memory"
+
+
 def test_two_rank_job_on_one_worker_matches_one_rank(env, tmp_path):
     """resources.ranks=2 on a worker started with --ranks 2: tensor parallel on threads; the adapter
     equals the one-rank job's up to float rounding (partial sums added in another order)."""
@@ -147,7 +164,7 @@ def test_two_rank_job_on_one_worker_matches_one_rank(env, tmp_path):
 def test_reports_are_split_to_fit_a_small_server_body_limit(server_factory, models, tmp_path):
     """A server that takes at most 16 KiB per request: the worker's batches (hundreds of points with
     per-layer drift) are refused with 413, halved until they fit, and every point still arrives."""
-    from conftest import Env
+    from e2e_helpers import Env
 
     srv = server_factory("--max-body-bytes", "16384")
     env = Env(srv, models, tmp_path)

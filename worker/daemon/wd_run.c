@@ -55,7 +55,12 @@ static void strip_paths(char *msg, const char *files_dir) {
 static int fail(wd_run *r, const char *code, int retryable, const ln_err *e) {
     r->status = WD_RUN_FAILED;
     snprintf(r->err_code, sizeof r->err_code, "%s", code);
-    snprintf(r->err_msg, sizeof r->err_msg, "%s", e->msg);
+    /* What the user can change, after what happened. */
+    const char *hint = strcmp(code, "out_of_memory") == 0
+                           ? ". Lower hyperparameters.batch_size (raise grad_accum to keep the effective batch) or "
+                             "max_seq_len, or run on a worker with more memory"
+                           : "";
+    snprintf(r->err_msg, sizeof r->err_msg, "%s%s", e->msg, hint);
     strip_paths(r->err_msg, r->files_dir);
     r->retryable = retryable;
     return -1;
