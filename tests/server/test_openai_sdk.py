@@ -40,6 +40,13 @@ def test_openai_sdk_fine_tuning_flow(server):
     messages = [e.message for e in events.data]
     assert "step 1/10 loss=1.5" in messages and messages[-1].startswith("Created fine-tuning job")
 
+    fid = w.upload(job.id, lease["lease_generation"], "adapter.safetensors", b"x", kind="checkpoint").json()["id"]
+    w.checkpoint(job.id, lease["lease_generation"], 5, [fid], {"train_loss": 1.25})
+    ckpts = client.fine_tuning.jobs.checkpoints.list(job.id)
+    assert ckpts.data[0].step_number == 5 and ckpts.data[0].metrics.train_loss == 1.25
+    assert ckpts.data[0].fine_tuning_job_id == job.id
+    assert "tiny-llama" in [m.id for m in client.models.list()]
+
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled"
 
