@@ -63,6 +63,42 @@ def accuracy(model_dir, adapter, facts, work):
     return float(np.mean(pred == np.array([v for _, v in facts])))
 
 
+def measure(methods, steps=500, lr=1e-2, rank=16, pretrain_steps=300, subjects=16):
+    """Runs the experiment; returns (facts recalled before, task before, [(method, task acc, facts kept,
+    mean drift)])."""
+    rng = np.random.default_rng(0)
+    n = subjects
+    # Knowledge on few distinct tokens, so its activations span a subspace (as an LLM's are strongly
+    # anisotropic) and a null space exists; the task on tokens of its own.
+    facts = make_facts(rng, range(20, 20 + n), [10, 11], range(100, 100 + n))
+    task = make_facts(rng, range(200, 200 + n), [13, 14], range(150, 150 + n))
+    rows = []
+    with tempfile.TemporaryDirectory() as td:
+        td = pathlib.Path(td)
+        cfg = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+               "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False}
+        (td / "cfg.json").write_text(json.dumps(cfg))
+        ln("model", "new", "--config", td / "cfg.json", "--out", td / "random", "--no-tokenizer", "--seed", 1)
+        write_jsonl(td / "facts.jsonl", facts)
+        write_jsonl(td / "task.jsonl", task)
+        ln("train", "--model", td / "random", "--data", td / "facts.jsonl", "--out", td / "pre", "--method", "full",
+           "--lr", "3e-3", "--max-steps", pretrain_steps, "--batch-size", 16, "--seed", 1)
+        base = td / "pre"
+        facts0, task0 = accuracy(base, None, facts, td), accuracy(base, None, task, td)
+        for method in methods:
+            out = td / f"run_{method}"
+            ln("train", "--model", base, "--data", td / "task.jsonl", "--out", out, "--method", method,
+               "--rank", rank, "--lr", lr, "--max-steps", steps, "--batch-size", 16, "--seed", 2,
+               "--calibration", td / "facts.jsonl", "--calibration-max-length", 64, "--calibration-samples", 64,
+               "--no-calibration-cache")
+            model, adapter = (out, None) if method == "full" else (base, out)
+            drift = json.loads((out / "knowledge_drift.json").read_text())
+            rows.append((method, accuracy(model, adapter, task, td), accuracy(model, adapter, facts, td),
+                         drift["knowledge_drift_mean"]))
+    return facts, task, facts0, task0, rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=500)
@@ -75,37 +111,9 @@ def main():
     ap.add_argument("--results", default=str(ROOT / "tests" / "bench" / "RESULTS.md"))
     a = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(a.threads)
-    rng = np.random.default_rng(0)
-    n = a.subjects
-    # Knowledge on few distinct tokens, so its activations span a subspace (as an LLM's are strongly
-    # anisotropic) and a null space exists; the task on tokens of its own.
-    facts = make_facts(rng, range(20, 20 + n), [10, 11], range(100, 100 + n))
-    task = make_facts(rng, range(200, 200 + n), [13, 14], range(150, 150 + n))
     t_start = time.perf_counter()
-    rows = []
-    with tempfile.TemporaryDirectory() as td:
-        td = pathlib.Path(td)
-        cfg = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
-               "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False}
-        (td / "cfg.json").write_text(json.dumps(cfg))
-        ln("model", "new", "--config", td / "cfg.json", "--out", td / "random", "--no-tokenizer", "--seed", 1)
-        write_jsonl(td / "facts.jsonl", facts)
-        write_jsonl(td / "task.jsonl", task)
-        ln("train", "--model", td / "random", "--data", td / "facts.jsonl", "--out", td / "pre", "--method", "full",
-           "--lr", "3e-3", "--max-steps", a.pretrain_steps, "--batch-size", 16, "--seed", 1)
-        base = td / "pre"
-        facts0, task0 = accuracy(base, None, facts, td), accuracy(base, None, task, td)
-        for method in a.methods.split(","):
-            out = td / f"run_{method}"
-            ln("train", "--model", base, "--data", td / "task.jsonl", "--out", out, "--method", method,
-               "--rank", a.rank, "--lr", a.lr, "--max-steps", a.steps, "--batch-size", 16, "--seed", 2,
-               "--calibration", td / "facts.jsonl", "--calibration-max-length", 64, "--calibration-samples", 64,
-               "--no-calibration-cache")
-            model, adapter = (out, None) if method == "full" else (base, out)
-            drift = json.loads((out / "knowledge_drift.json").read_text())
-            rows.append((method, accuracy(model, adapter, task, td), accuracy(model, adapter, facts, td),
-                         drift["knowledge_drift_mean"]))
+    facts, task, facts0, task0, rows = measure(a.methods.split(","), a.steps, a.lr, a.rank, a.pretrain_steps,
+                                               a.subjects)
     elapsed = time.perf_counter() - t_start
     lines = [
         BEGIN,
