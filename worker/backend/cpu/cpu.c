@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/util.h"
 #include "worker/backend/backend.h"
 
 /* ---------------------------------------------------------------- memory */
@@ -103,11 +104,7 @@ static double cpu_sumsq(const float *x, int64_t n)
     const int64_t blk = 4096;
     int64_t nb = (n + blk - 1) / blk;
     double total = 0.0;
-    double *part = malloc((size_t)(nb ? nb : 1) * sizeof(double));
-    if (!part) { /* tiny fallback, still deterministic */
-        for (int64_t i = 0; i < n; i++) total += (double)x[i] * x[i];
-        return total;
-    }
+    double *part = ln_xmalloc((size_t)(nb ? nb : 1) * sizeof(double));
 #pragma omp parallel for schedule(static) if (nb > 16)
     for (int64_t b = 0; b < nb; b++) {
         double s = 0.0;
@@ -271,7 +268,7 @@ static void cpu_attention_backward(float *dq, float *dk, float *dv, float *scrat
     int qb = T < ATT_QB ? T : ATT_QB;
 #pragma omp parallel
     {
-        float *dS = malloc((size_t)qb * T * sizeof(float)); /* (nq, kend) block, row stride T */
+        float *dS = ln_xmalloc((size_t)qb * T * sizeof(float)); /* (nq, kend) block, row stride T */
 #pragma omp for schedule(static)
         for (int bg = 0; bg < B * nkv; bg++) {
             int b = bg / nkv, g = bg % nkv;
@@ -334,7 +331,7 @@ static void cpu_swiglu_backward(float *dgate, float *dup, const float *dout, con
 static double cpu_cross_entropy(const float *logits, float *dlogits, const int32_t *targets, int N, int V,
                                 float dscale)
 {
-    double *rowloss = malloc((size_t)(N ? N : 1) * sizeof(double));
+    double *rowloss = ln_xmalloc((size_t)(N ? N : 1) * sizeof(double)); /* small; aborts on OOM */
     double total = 0.0;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
@@ -343,7 +340,7 @@ static double cpu_cross_entropy(const float *logits, float *dlogits, const int32
         int y = targets[n];
         if (y < 0) {
             if (d) memset(d, 0, (size_t)V * sizeof(float));
-            if (rowloss) rowloss[n] = 0.0;
+            rowloss[n] = 0.0;
             continue;
         }
         float mx = z[0];
@@ -357,12 +354,10 @@ static double cpu_cross_entropy(const float *logits, float *dlogits, const int32
         } else {
             for (int j = 0; j < V; j++) sum += expf(z[j] - mx);
         }
-        if (rowloss) rowloss[n] = log(sum) - zy;
+        rowloss[n] = log(sum) - zy;
     }
-    if (rowloss) {
-        for (int n = 0; n < N; n++) total += rowloss[n];
-        free(rowloss);
-    }
+    for (int n = 0; n < N; n++) total += rowloss[n]; /* in row order: deterministic */
+    free(rowloss);
     return total;
 }
 
