@@ -177,6 +177,29 @@ def test_server_killed_and_restarted_mid_job(server_factory, models, tmp_path):
         w.stop()
 
 
+def test_server_frozen_mid_job(server_factory, models, tmp_path):
+    """A hung server (SIGSTOP: connections open, no answers) for 5 s: requests time out instead of
+    failing at once; training goes on and every report arrives once the server answers again."""
+    from e2e_helpers import Env
+
+    srv = server_factory("--lease-ttl-s", "30", "--lease-wait-max-s", "5")
+    env = Env(srv, models, tmp_path)
+    w = env.worker("w1")
+    try:
+        job = start_long_job(env, w)
+        srv.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(5)
+        finally:
+            srv.proc.send_signal(signal.SIGCONT)
+        done = finished(env, job)
+        assert done["attempts"] == 1
+        assert "timed out" in w.log() or "Timeout" in w.log(), w.log()
+        assert sorted(metrics(srv, env.key, job["id"], "loss")["loss"]) == list(range(1, LONG_STEPS + 1))
+    finally:
+        w.stop()
+
+
 def test_worker_cut_off_longer_than_the_lease_stops_then_resumes(env, reference_adapter):
     """A partition: the worker is frozen (SIGSTOP) past the lease TTL, the server requeues the job; when
     the worker comes back its next report is refused, it stops that run, leases the job again and
