@@ -70,6 +70,26 @@ def test_job_from_upload_to_peft_adapter(env, method, tmp_path):
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_full_fine_tuning_job_exports_a_model(env, tmp_path):
+    """method full: every weight trains; the result is a whole model in HF layout that transformers loads."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    env.worker()
+    job = submit(env.srv, env.key, env.train_id, method="full", lr=0.003, epochs=1)
+    done = env.srv.wait_status(env.key, job["id"], {"succeeded", "failed"}, timeout=120)
+    assert done["status"] == "succeeded", (done["error"], env.workers[0].log())
+    files = result_files(env.srv, env.key, done)
+    assert {"config.json", "model.safetensors", "eval_summary.json"} <= set(files)
+    summary = json.loads(files["eval_summary.json"])
+    assert summary["after"]["task_loss"] < summary["before"]["task_loss"]
+    mdir = save_files({k: v for k, v in files.items() if k != "eval_summary.json"}, tmp_path / "model")
+    model = transformers.LlamaForCausalLM.from_pretrained(str(mdir), torch_dtype=torch.float32)
+    base = transformers.LlamaForCausalLM.from_pretrained(str(env.models / MODEL_NAME), torch_dtype=torch.float32)
+    ids = torch.tensor([[1, 40, 50, 60]])
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, base(ids).logits)
+
+
 def test_broken_training_file_fails_in_validating_files_with_line(env):
     bad = b'{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n{"prompt": "e" "completion": 1}\n'
     fid = upload(env.srv, env.key, bad, "broken.jsonl")
