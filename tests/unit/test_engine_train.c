@@ -159,6 +159,47 @@ static void test_resume_refuses_a_non_checkpoint(void **state)
     ln_model_free(m);
 }
 
+/* The lm_head on trained rows only (training) gives the loss and gradients of the full pass. */
+static void test_trained_rows_only_equals_full_logits(void **state)
+{
+    (void)state;
+    ln_config c = tiny_config();
+    ln_model *m;
+    ln_err e = {{0}};
+    assert_int_equal(ln_model_new_random(&c, lnb_cpu(), 9, &m, &e), 0);
+    ln_adapter ad;
+    ln_adapter_opts ao = {.method = "full"};
+    assert_int_equal(ln_adapter_init(m, &ad, &ao, &e), 0);
+    int32_t ids[2 * 6] = {1, 5, 7, 9, 11, 13, 2, 4, 6, 0, 0, 0};
+    int32_t tg[2 * 6] = {-100, -100, 9, 11, 13, -100, 4, 6, -100, -100, -100, -100};
+    ln_batch b = {.B = 2, .T = 6, .ids = ids, .targets = tg, .n_targets = 5};
+    double loss[2];
+    float *g[2];
+    for (int mode = 0; mode < 2; mode++) {
+        ln_acts *a = ln_acts_new();
+        ln_fwd_opts o = {.trained_rows_only = mode};
+        memset(m->embed.g, 0, (size_t)m->embed.n * sizeof(float));
+        memset(m->layers[0].lin[LN_Q].g, 0, (size_t)m->layers[0].lin[LN_Q].n * sizeof(float));
+        assert_int_equal(ln_model_forward(m, &ad, a, &b, &o, &loss[mode], &e), 0);
+        assert_int_equal(ln_model_backward(m, &ad, a, &b, 1.0f / 5, &e), 0);
+        g[mode] = malloc((size_t)m->embed.n * sizeof(float));
+        memcpy(g[mode], m->embed.g, (size_t)m->embed.n * sizeof(float));
+        ln_acts_free(m, a);
+    }
+    assert_float_equal(loss[0], loss[1], 1e-9 * loss[0]);
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < m->embed.n; i++) {
+        num += (g[0][i] - g[1][i]) * (double)(g[0][i] - g[1][i]);
+        den += (double)g[0][i] * g[0][i];
+    }
+    assert_true(den > 0);
+    assert_true(num <= 1e-12 * den);
+    free(g[0]);
+    free(g[1]);
+    ln_adapter_free(&ad);
+    ln_model_free(m);
+}
+
 int main(void)
 {
     snprintf(tmpdir, sizeof tmpdir, "/tmp/ln_test_train_%d", (int)getpid());
@@ -167,6 +208,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_should_stop_checkpoints_and_resumes_identically),
         cmocka_unit_test(test_resume_refuses_a_non_checkpoint),
+        cmocka_unit_test(test_trained_rows_only_equals_full_logits),
     };
     int rc = cmocka_run_group_tests_name("engine training loop", tests, NULL, NULL);
     char cmd[300];

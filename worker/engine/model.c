@@ -351,6 +351,10 @@ struct ln_acts {
     float **res, **h1, **rstd1, **q, **k, **v, **probs, **att, **xmid, **h2, **rstd2, **gate, **up, **act;
     float **lh;           /* L × LN_NTARGET LoRA intermediates x Aᵀ (N × r), NULL when untargeted */
     float *xf, *rstdf, *logits;
+    /* trained_rows_only: the M rows with a target, their xf rows and targets, compacted */
+    int64_t M;            /* −1 when the logits cover every row */
+    int32_t *rows, *tc;   /* host; M each */
+    float *xfc;           /* (M, C) */
     /* backward scratch */
     float *dres, *dh, *dq, *dk, *dv, *datt, *dgate, *dup, *dact, *dlh, *dS;
 };
@@ -381,8 +385,10 @@ static void acts_release(const lnb_backend *be, ln_acts *a)
         free(a->lh);
     }
     float *single[] = {a->xf, a->rstdf, a->logits, a->dres, a->dh, a->dq, a->dk, a->dv,
-                       a->datt, a->dgate, a->dup, a->dact, a->dlh, a->dS};
+                       a->datt, a->dgate, a->dup, a->dact, a->dlh, a->dS, a->xfc};
     for (size_t i = 0; i < sizeof single / sizeof *single; i++) be->free(single[i]);
+    free(a->rows);
+    free(a->tc);
     memset(a, 0, sizeof *a);
 }
 
@@ -439,6 +445,10 @@ static int acts_ensure(const ln_model *m, const struct ln_adapter *ad, ln_acts *
     fail |= !(a->xf = be->alloc((size_t)(N * C) * sizeof(float)));
     fail |= !(a->rstdf = be->alloc((size_t)N * sizeof(float)));
     fail |= !(a->logits = be->alloc((size_t)(N * c->vocab_size) * sizeof(float)));
+    fail |= !(a->xfc = be->alloc((size_t)(N * C) * sizeof(float)));
+    a->rows = ln_xmalloc((size_t)N * sizeof(int32_t));
+    a->tc = ln_xmalloc((size_t)N * sizeof(int32_t));
+    a->M = -1;
     fail |= !(a->dres = be->alloc((size_t)(N * C) * sizeof(float)));
     fail |= !(a->dh = be->alloc((size_t)(N * wide) * sizeof(float)));
     fail |= !(a->dq = be->alloc((size_t)(N * qd) * sizeof(float)));
@@ -648,6 +658,23 @@ int ln_model_forward(ln_model *m, const struct ln_adapter *ad, ln_acts *a, const
     if (o && o->no_logits) return 0;
     /* xf = rmsnorm(res[L]) ; logits = xf Wlmᵀ (N, V) */
     be->rmsnorm_forward(a->xf, a->rstdf, a->res[c->num_layers], m->norm.w, N, C, c->rms_norm_eps);
+    a->M = -1;
+    if (o && o->trained_rows_only && b->targets) {
+        /* Only rows that carry a target reach the lm_head: masked prompt tokens and padding cost
+         * no V × C products (in SFT data often half the rows). logits is then (M, V). */
+        int64_t M = 0;
+        for (int i = 0; i < N; i++)
+            if (b->targets[i] >= 0) {
+                a->rows[M] = i;
+                a->tc[M] = b->targets[i];
+                be->copy(a->xfc + M * C, a->xf + (int64_t)i * C, C);
+                M++;
+            }
+        a->M = M;
+        be->matmul(0, 1, (int)M, V, C, 1.0f, a->xfc, C, m->lm_head.w, C, 0.0f, a->logits, V);
+        if (loss_sum) *loss_sum = be->cross_entropy(a->logits, NULL, a->tc, (int)M, V, 0.0f);
+        return 0;
+    }
     be->matmul(0, 1, N, V, C, 1.0f, a->xf, C, m->lm_head.w, C, 0.0f, a->logits, V);
     if (loss_sum) *loss_sum = b->targets ? be->cross_entropy(a->logits, NULL, b->targets, N, V, 0.0f) : 0.0;
     return 0;
@@ -673,11 +700,22 @@ int ln_model_backward(ln_model *m, struct ln_adapter *ad, ln_acts *a, const ln_b
     int B = b->B, T = b->T, N = B * T, V = c->vocab_size, C = c->hidden_size, L = c->num_layers;
     if (!b->targets) return ln_errf(e, "backward: the batch has no labels");
     if (!a->res || N > a->capN) return ln_errf(e, "backward: called without a matching forward pass");
-    /* dlogits = scale · (softmax − onehot), in place */
-    be->cross_entropy(a->logits, a->logits, b->targets, N, V, loss_scale);
-    /* logits = xf Wlmᵀ: dWlm += dlogitsᵀ xf ; dxf = dlogits Wlm */
-    if (m->lm_head.g) be->matmul(1, 0, V, C, N, 1.0f, a->logits, V, a->xf, C, 1.0f, m->lm_head.g, C);
-    be->matmul(0, 0, N, C, V, 1.0f, a->logits, V, m->lm_head.w, C, 0.0f, a->dh, C);
+    if (a->M >= 0) {
+        /* compact rows (trained_rows_only): the same three steps on the M rows, then dxf scattered
+         * back (rows without a target get no gradient from the loss) */
+        int M = (int)a->M;
+        be->cross_entropy(a->logits, a->logits, a->tc, M, V, loss_scale);
+        if (m->lm_head.g) be->matmul(1, 0, V, C, M, 1.0f, a->logits, V, a->xfc, C, 1.0f, m->lm_head.g, C);
+        be->matmul(0, 0, M, C, V, 1.0f, a->logits, V, m->lm_head.w, C, 0.0f, a->xfc, C);
+        be->zero(a->dh, (int64_t)N * C);
+        for (int i = 0; i < M; i++) be->copy(a->dh + (int64_t)a->rows[i] * C, a->xfc + (int64_t)i * C, C);
+    } else {
+        /* dlogits = scale · (softmax − onehot), in place */
+        be->cross_entropy(a->logits, a->logits, b->targets, N, V, loss_scale);
+        /* logits = xf Wlmᵀ: dWlm += dlogitsᵀ xf ; dxf = dlogits Wlm */
+        if (m->lm_head.g) be->matmul(1, 0, V, C, N, 1.0f, a->logits, V, a->xf, C, 1.0f, m->lm_head.g, C);
+        be->matmul(0, 0, N, C, V, 1.0f, a->logits, V, m->lm_head.w, C, 0.0f, a->dh, C);
+    }
     be->zero(a->dres, (int64_t)N * C);
     be->rmsnorm_backward(a->dres, m->norm.g, a->dh, a->res[L], m->norm.w, a->rstdf, N, C);
     /* The gradient only has to travel down to the lowest layer that trains (or to the embedding). */

@@ -118,6 +118,8 @@ typedef struct ln_fwd_opts {
     ln_input_hook hook;
     void *hook_ctx;
     int no_logits;       /* stop after the last layer: no final norm, no lm_head, no loss */
+    int trained_rows_only; /* lm_head and loss only on rows whose target is ≥ 0 (training);
+                            * ln_acts_logits then holds those rows only, in order */
 } ln_fwd_opts;
 
 typedef struct ln_acts ln_acts;

@@ -92,7 +92,8 @@ int ln_eval_loss(ln_model *m, const ln_adapter *ad, const ln_dataset *ds, int ba
         ln_batch b;
         ln_batch_build(&b, ex, n);
         double ls = 0.0;
-        rc = ln_model_forward(m, ad, acts, &b, NULL, &ls, e);
+        ln_fwd_opts fwd = {.trained_rows_only = 1};
+        rc = ln_model_forward(m, ad, acts, &b, &fwd, &ls, e);
         sum += ls;
         count += b.n_targets;
         ln_batch_free(&b);
@@ -382,12 +383,13 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
             for (int i = 0; i < o->batch_size; i++) tokens += ex[a * o->batch_size + i]->len;
         }
         ln_optim_zero_grad(&opt);
+        ln_fwd_opts fwd = {.trained_rows_only = 1};
         double loss_sum = 0.0;
         float scale = trained > 0 ? 1.0f / (float)trained : 0.0f;
         int frc = 0;
         for (int a = 0; a < o->grad_accum && frc == 0; a++) {
             double ls = 0.0;
-            frc = ln_model_forward(m, ad, acts, &mb[a], NULL, &ls, e);
+            frc = ln_model_forward(m, ad, acts, &mb[a], &fwd, &ls, e);
             if (frc == 0 && trained > 0) frc = ln_model_backward(m, ad, acts, &mb[a], scale, e);
             loss_sum += ls;
         }
