@@ -70,6 +70,23 @@ def test_job_from_upload_to_peft_adapter(env, method, tmp_path):
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method, peft_rank", [("lora_null_v1", 8), ("pissa", 8), ("milora", 8), ("corda", 8),
+                                               ("lora_fa", 4)])
+def test_every_adapter_method_exports_for_peft(env, tmp_path, method, peft_rank):
+    """The other methods through the service: residual methods that train A export rank 2r."""
+    env.worker()
+    job = submit(env.srv, env.key, env.train_id, method=method, epochs=1,
+                 calibration=env.facts_id if method in ("lora_null_v1", "corda") else None)
+    done = env.srv.wait_status(env.key, job["id"], {"succeeded", "failed"}, timeout=120)
+    assert done["status"] == "succeeded", (done["error"], env.workers[0].log())
+    files = result_files(env.srv, env.key, done)
+    assert json.loads(files["adapter_config.json"])["r"] == peft_rank
+    adir = save_files({k: v for k, v in files.items() if k.startswith("adapter_")}, tmp_path / "adapter")
+    ids = [1, 40, 50, 60, 70]
+    np.testing.assert_allclose(our_logits(tmp_path, env.models / MODEL_NAME, adir, ids),
+                               peft_logits(env.models / MODEL_NAME, adir, ids), rtol=1e-4, atol=1e-4)
+
+
 def test_full_fine_tuning_job_exports_a_model(env, tmp_path):
     """method full: every weight trains; the result is a whole model in HF layout that transformers loads."""
     torch = pytest.importorskip("torch")
