@@ -17,6 +17,35 @@
 #include "common/util.h"
 #include "worker/backend/backend.h"
 
+/* ---------------------------------------------------------------- exp */
+
+/* Floating-point exceptions are never inspected here; without this GCC will not if-convert the
+ * clamps below and the exp loops stay scalar. */
+#pragma GCC optimize("no-trapping-math")
+
+/* e^x in a form the compiler vectorises (glibc's expf is a call per element): x = n·ln2 + r with
+ * |r| ≤ ln2/2, e^r from Cephes' expf polynomial (≈ 1 ulp), 2^n put straight into the exponent bits.
+ * n is rounded with the 1.5·2²³ trick (no libm call). Inputs are clamped to [−87, 88], where e^x
+ * is a normal float. */
+static inline __attribute__((always_inline)) float cpu_expf(float x)
+{
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f; /* ln2 split in two for exactness */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
 /* ---------------------------------------------------------------- memory */
 
 static void *cpu_alloc(size_t bytes)
@@ -219,7 +248,8 @@ static void softmax_causal_row(float *row, int t, int T)
     float mx = row[0];
     for (int j = 1; j <= t; j++) mx = row[j] > mx ? row[j] : mx;
     float sum = 0.0f;
-    for (int j = 0; j <= t; j++) { row[j] = expf(row[j] - mx); sum += row[j]; }
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j <= t; j++) { row[j] = cpu_expf(row[j] - mx); sum += row[j]; }
     float inv = 1.0f / sum;
     for (int j = 0; j <= t; j++) row[j] *= inv;
     for (int j = t + 1; j < T; j++) row[j] = 0.0f;
@@ -306,10 +336,10 @@ static void cpu_attention_backward(float *dq, float *dk, float *dv, float *scrat
 
 static void cpu_swiglu_forward(float *out, const float *gate, const float *up, int64_t n)
 {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for simd schedule(static)
     for (int64_t i = 0; i < n; i++) {
         float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
+        out[i] = g / (1.0f + cpu_expf(-g)) * up[i];
     }
 }
 
@@ -317,9 +347,9 @@ static void cpu_swiglu_forward(float *out, const float *gate, const float *up, i
 static void cpu_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
                                 const float *up, int64_t n)
 {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for simd schedule(static)
     for (int64_t i = 0; i < n; i++) {
-        float g = gate[i], s = 1.0f / (1.0f + expf(-g));
+        float g = gate[i], s = 1.0f / (1.0f + cpu_expf(-g));
         dgate[i] = dout[i] * up[i] * s * (1.0f + g * (1.0f - s));
         dup[i] = dout[i] * g * s;
     }
@@ -344,15 +374,20 @@ static double cpu_cross_entropy(const float *logits, float *dlogits, const int32
             continue;
         }
         float mx = z[0];
+#pragma omp simd reduction(max : mx)
         for (int j = 1; j < V; j++) mx = z[j] > mx ? z[j] : mx;
-        double zy = (double)z[y] - mx, sum = 0.0;
+        double zy = (double)z[y] - mx;
+        double sum = 0.0; /* double: vocabularies of 128k terms keep full fp32 accuracy */
         if (d) { /* one exp pass: keep e^(z−max) in d, then scale it (d may alias z; zy is saved) */
-            for (int j = 0; j < V; j++) { d[j] = expf(z[j] - mx); sum += d[j]; }
+#pragma omp simd reduction(+ : sum)
+            for (int j = 0; j < V; j++) { d[j] = cpu_expf(z[j] - mx); sum += d[j]; }
             float k = (float)(dscale / sum);
+#pragma omp simd
             for (int j = 0; j < V; j++) d[j] *= k;
             d[y] -= dscale;
         } else {
-            for (int j = 0; j < V; j++) sum += expf(z[j] - mx);
+#pragma omp simd reduction(+ : sum)
+            for (int j = 0; j < V; j++) sum += cpu_expf(z[j] - mx);
         }
         rowloss[n] = log(sum) - zy;
     }
