@@ -61,6 +61,8 @@ int api_store_upload(http_req *r, const char *project_id, const char *filename, 
         http_error(r, 500, "server_error", "storage_error", NULL, "The upload could not be stored.");
         return -1;
     }
+    /* The request's cleanup settles the blob after the row's commit (store.h). */
+    snprintf(r->up.blob_sha, sizeof r->up.blob_sha, "%s", sha);
     store_new_id("file-", file_id, 40);
     sqlite3_stmt *st = store_stmt(
         "INSERT INTO files(id,project_id,filename,purpose,bytes,sha256,job_id,created_at) VALUES(?,?,?,?,?,?,?,?)");
@@ -219,18 +221,9 @@ static enum MHD_Result files_delete(http_req *r) {
     sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
     sqlite3_step(st);
     sqlite3_reset(st);
-    st = store_stmt("SELECT COUNT(*) FROM files WHERE sha256=?");
-    sqlite3_bind_text(st, 1, sha, -1, SQLITE_STATIC);
-    sqlite3_step(st);
-    int still_used = sqlite3_column_int(st, 0) > 0;
-    sqlite3_reset(st);
     if (store_commit() != 0) return http_error(r, 503, "server_error", "busy", NULL, "The database is busy; retry.");
     /* The blob goes once no file row points at it (after the commit: a crash leaves only garbage). */
-    if (!still_used) {
-        char *path = store_blob_path(sha);
-        unlink(path);
-        free(path);
-    }
+    store_blob_release(sha);
     return http_json(r, 200, json_pack("{s:s, s:s, s:b}", "object", "file", "id", id, "deleted", 1));
 }
 

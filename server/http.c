@@ -338,7 +338,8 @@ static void upload_cleanup(http_upload *u) {
     if (u->pp) MHD_destroy_post_processor(u->pp);
     if (u->fd > 0) close(u->fd);
     if (u->tmp_path) {
-        unlink(u->tmp_path); /* no-op when it was moved into the blob store */
+        if (u->blob_sha[0]) store_blob_settle(u->tmp_path, u->blob_sha); /* the row is committed (or abandoned) by now */
+        else unlink(u->tmp_path);
         free(u->tmp_path);
     }
 }

@@ -33,6 +33,7 @@ typedef struct http_upload {
     char filename[256];          /* multipart: the file part's filename */
     char purpose[64];            /* multipart: the purpose field */
     int have_file;
+    char blob_sha[65];           /* set once linked into the blob store: cleanup settles it */
     int too_big, io_error;
     struct MHD_PostProcessor *pp;
 } http_upload;

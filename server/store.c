@@ -199,23 +199,58 @@ static void fsync_dir(const char *dir) {
     }
 }
 
-int store_blob_commit(const char *tmp, const char *sha, ln_err *e) {
+/* Blob lifetime. Rows reference blobs by hash, several rows may share one, and a blob is removed
+ * when its last row goes. An upload and a delete of the same content may interleave, so:
+ *   upload: store_blob_commit (hard-link the temp file in, keep the temp) → row committed →
+ *           store_blob_settle (link again if a delete removed it meanwhile; drop the temp);
+ *   delete: row deleted and committed → store_blob_release (re-count rows; unlink at zero).
+ * g_blob_mu makes "count, then unlink" and "link if missing" atomic with respect to each other, so
+ * a committed row never points at a missing blob. */
+static pthread_mutex_t g_blob_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static int link_in(const char *tmp, const char *sha, ln_err *e) {
     size_t n = strlen(g_data_dir) + 64;
     char *dir = ln_xmalloc(n);
     snprintf(dir, n, "%s/blobs/%.2s", g_data_dir, sha);
-    if (ln_mkdir_p(dir, e) != 0) {
-        free(dir);
-        return -1;
-    }
     char *path = store_blob_path(sha);
     int rc = 0;
-    /* Same content already stored: keep the old blob (identical bytes) and drop the upload. */
-    if (ln_file_exists(path)) unlink(tmp);
-    else if (rename(tmp, path) != 0) rc = ln_errf(e, "%s: cannot store upload: %s", path, strerror(errno));
-    else fsync_dir(dir);
+    if (ln_mkdir_p(dir, e) != 0) rc = -1;
+    else if (!ln_file_exists(path)) {
+        if (link(tmp, path) != 0 && errno != EEXIST) rc = ln_errf(e, "%s: cannot store upload: %s", path, strerror(errno));
+        else fsync_dir(dir);
+    }
     free(path);
     free(dir);
     return rc;
+}
+
+int store_blob_commit(const char *tmp, const char *sha, ln_err *e) {
+    pthread_mutex_lock(&g_blob_mu);
+    int rc = link_in(tmp, sha, e);
+    pthread_mutex_unlock(&g_blob_mu);
+    return rc;
+}
+
+void store_blob_settle(const char *tmp, const char *sha) {
+    ln_err e;
+    pthread_mutex_lock(&g_blob_mu);
+    if (link_in(tmp, sha, &e) != 0) ln_log(LN_LOG_ERROR, "store", "%s", e.msg);
+    pthread_mutex_unlock(&g_blob_mu);
+    unlink(tmp);
+}
+
+void store_blob_release(const char *sha) {
+    pthread_mutex_lock(&g_blob_mu);
+    sqlite3_stmt *st = store_stmt("SELECT COUNT(*) FROM files WHERE sha256=?");
+    sqlite3_bind_text(st, 1, sha, -1, SQLITE_STATIC);
+    int used = sqlite3_step(st) == SQLITE_ROW ? sqlite3_column_int(st, 0) : 1;
+    sqlite3_reset(st);
+    if (!used) {
+        char *path = store_blob_path(sha);
+        unlink(path);
+        free(path);
+    }
+    pthread_mutex_unlock(&g_blob_mu);
 }
 
 /* ---------------------------------------------------------------- migrations */

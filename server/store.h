@@ -44,8 +44,12 @@ const char *store_data_dir(void);
 char *store_blob_path(const char *sha_hex);
 /* A new temporary file path under <data>/tmp; caller frees. */
 char *store_tmp_path(void);
-/* Moves a finished temp file into the blob store under its hash (fsyncs the directory). */
+/* Links a finished temp file into the blob store under its hash (fsyncs the directory); the temp
+ * file stays until store_blob_settle, called once the file's row is committed (or abandoned). */
 int store_blob_commit(const char *tmp_path, const char *sha_hex, ln_err *e);
+void store_blob_settle(const char *tmp_path, const char *sha_hex);
+/* After a file row was deleted and committed: removes the blob if no row references it now. */
+void store_blob_release(const char *sha_hex);
 
 /* Writes and removes a probe row (for /readyz). */
 int store_probe_writable(ln_err *e);

@@ -154,6 +154,12 @@ def test_upload_limit_and_content_addressing(server_factory):
     assert a["id"] != b["id"] and a["sha256"] == b["sha256"]
     blobs = [p for p in (srv.data_dir / "blobs").rglob("*") if p.is_file()]
     assert len(blobs) == 1 and blobs[0].name == a["sha256"]
+    assert not [p for p in (srv.data_dir / "tmp").iterdir()], "temp files left behind"
+    # Deleting one of two files with the same bytes keeps the blob for the other; the last one frees it.
+    assert c.delete(srv.url(f"/v1/files/{a['id']}")).status_code == 200
+    assert c.get(srv.url(f"/v1/files/{b['id']}/content")).content == b'{"text":"same"}\n'
+    assert c.delete(srv.url(f"/v1/files/{b['id']}")).status_code == 200
+    assert not [p for p in (srv.data_dir / "blobs").rglob("*") if p.is_file()]
 
 
 @pytest.mark.parametrize("n", [45])
