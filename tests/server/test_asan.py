@@ -19,7 +19,8 @@ def test_server_suites_under_asan():
     env = dict(os.environ, LORANULL_BIN=str(ASAN_BIN), ASAN_OPTIONS="detect_leaks=1:abort_on_error=0",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
     suites = [str(ROOT / "tests" / "server" / name) for name in
-              ("test_lifecycle.py", "test_tenancy_and_errors.py", "test_ops.py", "test_openai_sdk.py")]
+              ("test_lifecycle.py", "test_tenancy_and_errors.py", "test_ops.py", "test_openai_sdk.py",
+                           "test_concurrency.py")]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *suites],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-2000:]
