@@ -176,8 +176,9 @@ static enum MHD_Result job_action(http_req *r, const char *to, const char *const
                           "Job %s cannot be %s: it is %s.", id, verb, status);
     }
     if (strcmp(to, "queued") == 0) {
-        /* A resumed job is leased at once (no backoff) and restarts from its last checkpoint. */
-        sqlite3_stmt *st = store_stmt("UPDATE jobs SET not_before_f=0 WHERE id=?");
+        /* A resumed job is leased at once (no backoff), restarts from its last checkpoint, and gets a
+         * fresh retry budget: leases a user paused were not failures. */
+        sqlite3_stmt *st = store_stmt("UPDATE jobs SET not_before_f=0, attempts=0 WHERE id=?");
         sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
         sqlite3_step(st);
         sqlite3_reset(st);

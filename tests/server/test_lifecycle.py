@@ -153,6 +153,7 @@ def test_cancel_pause_resume(server):
     api.post(server.url(f"/v1/fine_tuning/jobs/{job['id']}/resume"))
     lease2 = w.lease(wait_s=5)
     assert lease2["lease_generation"] > gen
+    assert lease2["attempt"] == 1, "a pause is not a failed attempt"
     assert lease2["resume_from"]["step_number"] == 10 and lease2["resume_from"]["files"] == [fid]
     # Cancel a running job; later reports refused; cancel again → 409.
     r = api.post(server.url(f"/v1/fine_tuning/jobs/{job['id']}/cancel"))
