@@ -49,8 +49,10 @@ static void usage(FILE *f) {
             "options (config file keys in brackets):\n"
             "  --listen HOST:PORT          [listen]            default 127.0.0.1:8080 (port 0 = any free port)\n"
             "  --data-dir DIR              [data_dir]          database and file blobs (required)\n"
-            "  --migrations-dir DIR        [migrations_dir]    default <exe>/../migrations\n"
+            "  --migrations-dir DIR        [migrations_dir]    default <exe>/../migrations (source tree)\n"
+            "                                                  or /usr/share/loranull/migrations\n"
             "  --static-dir DIR            [static_dir]        dashboard, default <exe>/../server/static\n"
+            "                                                  or /usr/share/loranull/static\n"
             "  --chartjs-dir DIR           [chartjs_dir]       default /usr/share/javascript/chart.js\n"
             "  --threads N                 [threads]           HTTP threads, default 4\n"
             "  --lease-ttl-s S             [lease_ttl_s]       default 30\n"
@@ -82,10 +84,15 @@ static void exe_relative(const char *rel, char *out, size_t cap) {
 static void defaults(void) {
     snprintf(g_cfg.listen_host, sizeof g_cfg.listen_host, "127.0.0.1");
     g_cfg.port = 8080;
+    /* bin/ of the source tree, build/asan/bin/ of the source tree, then an installed layout. */
     exe_relative("migrations", g_cfg.migrations_dir, sizeof g_cfg.migrations_dir);
+    if (!ln_file_exists(g_cfg.migrations_dir)) exe_relative("../../migrations", g_cfg.migrations_dir, sizeof g_cfg.migrations_dir);
     if (!ln_file_exists(g_cfg.migrations_dir))
         snprintf(g_cfg.migrations_dir, sizeof g_cfg.migrations_dir, "/usr/share/loranull/migrations");
     exe_relative("server/static", g_cfg.static_dir, sizeof g_cfg.static_dir);
+    if (!ln_file_exists(g_cfg.static_dir)) exe_relative("../../server/static", g_cfg.static_dir, sizeof g_cfg.static_dir);
+    if (!ln_file_exists(g_cfg.static_dir))
+        snprintf(g_cfg.static_dir, sizeof g_cfg.static_dir, "/usr/share/loranull/static");
     snprintf(g_cfg.chartjs_dir, sizeof g_cfg.chartjs_dir, "/usr/share/javascript/chart.js");
     g_cfg.max_body_bytes = 1 << 20;
     g_cfg.max_upload_bytes = 1ull << 30;
