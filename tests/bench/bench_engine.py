@@ -10,7 +10,7 @@ This script unsets OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE for its own child proc
 set them for older OpenBLAS builds; the tests and CI leave them as they are) and says so in its output.
 It sets OMP_WAIT_POLICY (default passive) and the thread count identically for both sides.
 
-Usage: .venv/bin/python tests/bench/bench_engine.py [--threads N] [--steps S] [--results tests/bench/RESULTS.md]
+Usage: .venv/bin/python tests/bench/bench_engine.py [--threads 1,2] [--steps S] [--rounds R] [--results FILE]
 """
 import argparse
 import json
@@ -100,32 +100,34 @@ print(json.dumps({"step_s": times, "loss": loss.item(), "torch": torch.__version
 BEGIN, END = "<!-- bench_engine:begin -->", "<!-- bench_engine:end -->"
 
 
-def write_results(path, r, note):
+def write_results(path, results, note):
     """Replaces this benchmark's own section of the shared RESULTS.md (between its markers)."""
     load = os.getloadavg()
+    r0 = results[0]
+    rows = "\n".join(
+        f"| {r['threads']} | **{r['loranull_tokens_per_s']}** ({r['loranull_mean_tokens_per_s']}) | "
+        f"{r['torch_peft_tokens_per_s']} ({r['torch_peft_mean_tokens_per_s']}) | **{r['ratio']}×** | "
+        f"{r['loranull_gflops']} / {r['torch_gflops']} | {r['sgemm_ceiling_gflops_2048cube']} "
+        f"({r['sgemm_gflops_layer_shape']}) | {r['loranull_fraction_of_ceiling']} / {r['torch_fraction_of_ceiling']} | "
+        f"{r['loranull_peak_rss_mib']} / {r['torch_peak_rss_mib']} |" for r in results)
     body = f"""{BEGIN}
 ## CPU LoRA training: loranull vs PyTorch + PEFT (`tests/bench/bench_engine.py`)
 
-Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {os.cpu_count()} CPUs ({platform_cpu()}),
-{r['threads']} threads for both sides, load average at the end {load[0]:.1f} (the machine is shared; other
-jobs ran at the same time, so absolute numbers are noisy — the two sides ran back to back under the same load).
-Model: LLaMA-shaped, {r['params'] / 1e6:.1f}M parameters (6 layers, hidden 512, 8 heads / 4 kv, intermediate 1408,
-vocab 8192, untied lm_head), seq 256 × batch 8, LoRA rank 16 (alpha 32) on q,k,v,o,gate,up,down, AdamW,
-{r['rounds']} alternating rounds of {r['steps_timed'] // r['rounds']} timed steps after a warm-up step each; throughput =
-the fastest step (mean over all timed steps in brackets). PyTorch {r['torch_version']} (+ PEFT, sdpa attention).
-OMP_WAIT_POLICY {r['omp_wait_policy']} for both.
-{note}.
+Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {os.cpu_count()} CPUs ({platform_cpu()}); load
+average at the end {load[0]:.1f}: the machine is shared with other jobs, so a second thread often finds its core
+busy and absolute numbers are noisy. The two sides alternate ({r0['rounds']} rounds each, {r0['steps_timed'] // r0['rounds']}
+timed steps after a warm-up step per round) under the same load, thread count and OMP_WAIT_POLICY ({r0['omp_wait_policy']});
+throughput = the fastest step (mean of all timed steps in brackets).
+Model: LLaMA-shaped, {r0['params'] / 1e6:.1f}M parameters (6 layers, hidden 512, 8 heads / 4 kv, intermediate 1408,
+vocab 8192, untied lm_head), seq 256 × batch 8, LoRA rank 16 (alpha 32) on q,k,v,o,gate,up,down, AdamW;
+{r0['flops_per_step_g']} GFLOP per step (forward, backward to the inputs, LoRA products, attention over T×T).
+PyTorch {r0['torch_version']} + PEFT (sdpa attention). sgemm ceiling: OpenBLAS through loranull's backend at the same
+thread count, 2048³ (and the 2048×1408×512 layer shape). {note}.
 
-| | loranull | PyTorch + PEFT |
-|---|---|---|
-| tokens/s | **{r['loranull_tokens_per_s']}** ({r['loranull_mean_tokens_per_s']}) | {r['torch_peft_tokens_per_s']} ({r['torch_peft_mean_tokens_per_s']}) |
-| ratio | **{r['ratio']}×** | 1× |
-| peak RSS (MiB) | {r['loranull_peak_rss_mib']} | {r['torch_peak_rss_mib']} |
-| achieved GFLOP/s ({r['flops_per_step_g']} GFLOP/step) | {r['loranull_gflops']} | {r['torch_gflops']} |
-| fraction of the sgemm ceiling | {r['loranull_fraction_of_ceiling']} | {r['torch_fraction_of_ceiling']} |
+| threads | loranull tok/s | PyTorch + PEFT tok/s | ratio | GFLOP/s (ours / torch) | sgemm ceiling GFLOP/s | fraction of ceiling (ours / torch) | peak RSS MiB (ours / torch) |
+|---|---|---|---|---|---|---|---|
+{rows}
 
-sgemm ceiling in the same run (OpenBLAS through loranull's backend, {r['threads']} threads):
-{r['sgemm_ceiling_gflops_2048cube']} GFLOP/s at 2048³, {r['sgemm_gflops_layer_shape']} GFLOP/s at 2048×1408×512.
 Goal (DESIGN.md §5): ≥ 2× PyTorch + PEFT and ≥ 50% of the ceiling.
 {END}"""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
@@ -146,9 +148,56 @@ def platform_cpu():
     return "unknown CPU"
 
 
+def measure(td, threads, args):
+    """One thread count: sgemm ceiling, then --rounds alternating rounds of both sides."""
+    env, removed = child_env(threads, args.wait_policy)
+    # sgemm ceiling through loranull's own backend (OpenBLAS), at this thread count
+    out, _, _ = run_measured([str(BIN), "bench-sgemm", "--m", "2048", "--n", "2048", "--k", "2048"], env)
+    ceiling = json.loads(out)["gflops"]
+    out, _, _ = run_measured([str(BIN), "bench-sgemm", "--m", str(BATCH * SEQ), "--n", "1408", "--k", "512"], env)
+    ceiling_layer = json.loads(out)["gflops"]
+    # The two sides alternate; each side's throughput is its fastest timed step (best-of is robust to
+    # other jobs on a shared machine; means are kept too).
+    ln_steps, torch_steps, ln_rss, torch_rss, tr = [], [], 0.0, 0.0, {}
+    for rnd in range(args.rounds):
+        out_dir = td / f"out{threads}_{rnd}"
+        _, _, rss = run_measured([str(BIN), "train", "--model", str(td / "model"), "--data", str(td / "data.jsonl"),
+                                  "--out", str(out_dir), "--method", "lora", "--rank", str(RANK), "--alpha",
+                                  str(ALPHA), "--batch-size", str(BATCH), "--max-steps", str(args.steps),
+                                  "--max-seq-len", str(SEQ), "--no-shuffle"], env)
+        ln_rss = max(ln_rss, rss)
+        rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        ln_steps += [r["tokens"] / r["tokens_per_s"] for r in rows][1:]
+        out, _, rss = run_measured([sys.executable, "-c", TORCH_SIDE, str(td / "model"), str(td / "data.jsonl"),
+                                    str(args.steps), str(threads)], env)
+        torch_rss = max(torch_rss, rss)
+        tr = json.loads(out)
+        torch_steps += tr["step_s"][1:]
+    ours_tps = BATCH * SEQ / min(ln_steps)
+    torch_tps = BATCH * SEQ / min(torch_steps)
+    fl = flops_per_step()
+    ours_gf = fl * ours_tps / (BATCH * SEQ) / 1e9
+    torch_gf = fl * torch_tps / (BATCH * SEQ) / 1e9
+    return {
+        "threads": threads, "steps_timed": (args.steps - 1) * args.rounds, "rounds": args.rounds,
+        "omp_wait_policy": env.get("OMP_WAIT_POLICY", "(unset)"),
+        "loranull_tokens_per_s": round(ours_tps, 1), "torch_peft_tokens_per_s": round(torch_tps, 1),
+        "loranull_mean_tokens_per_s": round(BATCH * SEQ * len(ln_steps) / sum(ln_steps), 1),
+        "torch_peft_mean_tokens_per_s": round(BATCH * SEQ * len(torch_steps) / sum(torch_steps), 1),
+        "ratio": round(ours_tps / torch_tps, 3),
+        "loranull_peak_rss_mib": round(ln_rss, 1), "torch_peak_rss_mib": round(torch_rss, 1),
+        "sgemm_ceiling_gflops_2048cube": ceiling, "sgemm_gflops_layer_shape": ceiling_layer,
+        "flops_per_step_g": round(fl / 1e9, 2),
+        "loranull_gflops": round(ours_gf, 1), "torch_gflops": round(torch_gf, 1),
+        "loranull_fraction_of_ceiling": round(ours_gf / ceiling, 3),
+        "torch_fraction_of_ceiling": round(torch_gf / ceiling, 3),
+        "torch_version": tr.get("torch", "?"), "unset_env": removed,
+    }
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="1,2", help="thread counts to measure, comma-separated")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--wait-policy", default="passive",
@@ -156,11 +205,11 @@ def main():
                          "spinning OpenMP threads lose their cores at every barrier, for torch and for us alike")
     ap.add_argument("--results", default=str(ROOT / "tests" / "bench" / "RESULTS.md"))
     args = ap.parse_args()
-    env, removed = child_env(args.threads, args.wait_policy)
     import numpy as np
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    results = []
     with tempfile.TemporaryDirectory() as td:
         td = pathlib.Path(td)
         torch.manual_seed(0)
@@ -169,65 +218,25 @@ def main():
         model.save_pretrained(str(td / "model"), safe_serialization=True)
         del model
         g = np.random.default_rng(0)
-        n_ex = BATCH * args.steps
         with open(td / "data.jsonl", "w") as f:
-            for _ in range(n_ex):
+            for _ in range(BATCH * args.steps):
                 f.write(json.dumps({"input_ids": g.integers(0, CFG["vocab_size"], SEQ).tolist()}) + "\n")
-
-        # sgemm ceiling through loranull's own backend (OpenBLAS), at this thread count
-        out, _, _ = run_measured([str(BIN), "bench-sgemm", "--m", "2048", "--n", "2048", "--k", "2048"], env)
-        ceiling = json.loads(out)["gflops"]
-        out, _, _ = run_measured([str(BIN), "bench-sgemm", "--m", str(BATCH * SEQ), "--n", "1408", "--k", "512"], env)
-        ceiling_layer = json.loads(out)["gflops"]
-
-        # The two sides alternate for --rounds rounds; each side's throughput is its fastest timed step
-        # (best-of is robust to other jobs on a shared machine; means are printed too).
-        ln_steps, torch_steps, ln_rss, torch_rss = [], [], 0.0, 0.0
-        for rnd in range(args.rounds):
-            out_dir = td / f"out{rnd}"
-            _, err, rss = run_measured([str(BIN), "train", "--model", str(td / "model"), "--data",
-                                        str(td / "data.jsonl"), "--out", str(out_dir), "--method", "lora", "--rank",
-                                        str(RANK), "--alpha", str(ALPHA), "--batch-size", str(BATCH), "--max-steps",
-                                        str(args.steps), "--max-seq-len", str(SEQ), "--no-shuffle"], env)
-            ln_rss = max(ln_rss, rss)
-            rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
-            ln_steps += [r["tokens"] / r["tokens_per_s"] for r in rows][1:]
-            out, _, rss = run_measured([sys.executable, "-c", TORCH_SIDE, str(td / "model"), str(td / "data.jsonl"),
-                                        str(args.steps), str(args.threads)], env)
-            torch_rss = max(torch_rss, rss)
-            tr = json.loads(out)
-            torch_steps += tr["step_s"][1:]
-        ours_tps = BATCH * SEQ / min(ln_steps)
-        torch_tps = BATCH * SEQ / min(torch_steps)
-        ours_mean = BATCH * SEQ * len(ln_steps) / sum(ln_steps)
-        torch_mean = BATCH * SEQ * len(torch_steps) / sum(torch_steps)
-
-    fl = flops_per_step()
-    ours_gf = fl * ours_tps / (BATCH * SEQ) / 1e9
-    torch_gf = fl * torch_tps / (BATCH * SEQ) / 1e9
-    res = {
-        "threads": args.threads, "steps_timed": (args.steps - 1) * args.rounds, "rounds": args.rounds,
-        "params": nparams, "omp_wait_policy": env.get("OMP_WAIT_POLICY", "(unset)"),
-        "loranull_mean_tokens_per_s": round(ours_mean, 1), "torch_peft_mean_tokens_per_s": round(torch_mean, 1),
-        "loranull_tokens_per_s": round(ours_tps, 1), "torch_peft_tokens_per_s": round(torch_tps, 1),
-        "ratio": round(ours_tps / torch_tps, 3),
-        "loranull_peak_rss_mib": round(ln_rss, 1), "torch_peak_rss_mib": round(torch_rss, 1),
-        "sgemm_ceiling_gflops_2048cube": ceiling, "sgemm_gflops_layer_shape": ceiling_layer,
-        "flops_per_step_g": round(fl / 1e9, 2),
-        "loranull_gflops": round(ours_gf, 1), "torch_gflops": round(torch_gf, 1),
-        "loranull_fraction_of_ceiling": round(ours_gf / ceiling, 3),
-        "torch_fraction_of_ceiling": round(torch_gf / ceiling, 3),
-        "torch_version": tr["torch"], "unset_env": removed,
-    }
-    print(json.dumps(res, indent=2))
+        for threads in [int(t) for t in args.threads.split(",")]:
+            r = measure(td, threads, args)
+            r["params"] = nparams
+            results.append(r)
+            print(json.dumps(r, indent=2))
+            print(f"bench_engine: {threads} thread(s): loranull {r['loranull_tokens_per_s']:.0f} tok/s vs "
+                  f"PyTorch+PEFT {r['torch_peft_tokens_per_s']:.0f} tok/s = {r['ratio']:.2f}x; "
+                  f"{r['loranull_gflops']:.0f} vs {r['torch_gflops']:.0f} GFLOP/s of a "
+                  f"{r['sgemm_ceiling_gflops_2048cube']:.0f} GFLOP/s sgemm ceiling")
+    removed = results[0]["unset_env"]
     note = ("unset OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE for its runs: " + ", ".join(removed)) if removed else \
         "OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE were not set in this environment (nothing to unset)"
     print(f"bench_engine: {note}")
     if args.results:
-        write_results(pathlib.Path(args.results), res, note)
-    print(f"bench_engine: loranull {ours_tps:.0f} tok/s vs PyTorch+PEFT {torch_tps:.0f} tok/s = {ours_tps / torch_tps:.2f}x "
-          f"({args.threads} threads); {ours_gf:.0f} vs {torch_gf:.0f} GFLOP/s of a {ceiling:.0f} GFLOP/s sgemm ceiling")
-    return res
+        write_results(pathlib.Path(args.results), results, note)
+    return results
 
 
 if __name__ == "__main__":
