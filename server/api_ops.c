@@ -9,6 +9,7 @@
 
 #include "common/util.h"
 #include "server/api.h"
+#include "server/jobq.h"
 #include "server/sched.h"
 #include "server/server.h"
 #include "server/sse.h"
@@ -59,6 +60,11 @@ static enum MHD_Result metrics(http_req *r) {
     http_buf_printf(&b, &len, &cap,
                     "# HELP loranull_sse_streams Open event streams.\n# TYPE loranull_sse_streams gauge\n"
                     "loranull_sse_streams %d\n", sse_client_count());
+    http_buf_printf(&b, &len, &cap,
+                    "# HELP loranull_jobs_created_total Jobs accepted (201) since the server started.\n"
+                    "# TYPE loranull_jobs_created_total counter\nloranull_jobs_created_total %lu\n",
+                    jobq_created_total());
+    sched_metrics_render(&b, &len, &cap);
     http_metrics_render(&b, &len, &cap);
     enum MHD_Result res = http_text(r, 200, "text/plain; version=0.0.4; charset=utf-8", b, len);
     free(b);

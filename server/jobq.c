@@ -2,6 +2,7 @@
 #include "server/jobq.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +19,9 @@ static jobq_item *g_head, *g_tail;
 static int g_stop;
 static pthread_t g_thread;
 static int g_started;
+static atomic_ulong g_created; /* jobs committed (201), for /metrics */
+
+unsigned long jobq_created_total(void) { return atomic_load(&g_created); }
 
 void jobq_item_free(void *p) {
     jobq_item *it = p;
@@ -95,6 +99,7 @@ static void commit_batch(jobq_item *batch) {
     /* Resume only after the commit returned: every 201 below is on disk. */
     for (jobq_item *it = batch, *next; it; it = next) {
         next = it->next;
+        if (it->status == 201) atomic_fetch_add(&g_created, 1);
         it->done = 1;
         MHD_resume_connection(it->r->conn);
     }

@@ -33,5 +33,7 @@ void jobq_stop(void);
 /* Queues it and suspends r's connection; the handler runs again once it->done. */
 enum MHD_Result jobq_submit(http_req *r, jobq_item *it);
 void jobq_item_free(void *it);
+/* Jobs created (committed) since start. */
+unsigned long jobq_created_total(void);
 
 #endif

@@ -3,6 +3,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +39,7 @@ typedef struct pool_worker {
 } pool_worker;
 
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER; /* pool and every lease decision */
+static atomic_ulong g_granted, g_expired; /* for /metrics */
 static pool_worker *g_pool[POOL_MAX];
 static int g_npool;
 
@@ -163,6 +165,7 @@ static int grant(const char *job_id, int ranks, pool_worker **who, const int *ta
     jobs_event(job_id, "info", "message", NULL, "Job leased (attempt %lld of %d, lease generation %lld, %d rank%s): %s",
                attempt, g_cfg.max_attempts, gen, ranks, ranks > 1 ? "s" : "", names);
     if (store_commit() != 0) return -1;
+    atomic_fetch_add(&g_granted, 1);
     for (int i = 0; i < nwho; i++) who[i]->free_devices -= take[i];
     return 0;
 }
@@ -448,6 +451,7 @@ static void expire_leases(void) {
             sched_requeue(ids[i], "lease_expired", reason);
         }
         if (store_commit() == 0 && still) {
+            atomic_fetch_add(&g_expired, 1);
             ln_log(LN_LOG_WARN, "sched", "lease of %s expired (worker %s)", ids[i], workers[i]);
             jobs_notify(ids[i]);
         }
@@ -539,4 +543,13 @@ void sched_stop(void) {
     pthread_mutex_unlock(&g_tick_mu);
     pthread_join(g_thread, NULL);
     pthread_join(g_validator, NULL);
+}
+
+void sched_metrics_render(char **b, size_t *l, size_t *c) {
+    http_buf_printf(b, l, c,
+                    "# HELP loranull_leases_granted_total Jobs leased (all ranks of a gang count once).\n"
+                    "# TYPE loranull_leases_granted_total counter\nloranull_leases_granted_total %lu\n"
+                    "# HELP loranull_lease_expirations_total Leases that expired without heartbeats.\n"
+                    "# TYPE loranull_lease_expirations_total counter\nloranull_lease_expirations_total %lu\n",
+                    atomic_load(&g_granted), atomic_load(&g_expired));
 }

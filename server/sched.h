@@ -39,6 +39,8 @@ void sched_requeue(const char *job_id, const char *code, const char *reason);
  * (new jobs' training files: validating_files → queued or failed). */
 int sched_start(ln_err *e);
 void sched_stop(void);
+/* Prometheus counters of leases granted and expired (appended to buf). */
+void sched_metrics_render(char **buf, size_t *len, size_t *cap);
 /* Wakes both now (a job was created). */
 void sched_kick(void);
 

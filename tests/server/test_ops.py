@@ -25,6 +25,7 @@ def test_health_ready_metrics_and_logs(server):
             assert re.fullmatch(r'[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? [0-9.e+-]+', line), line
     assert 'loranull_jobs{status="validating_files"}' in text or 'loranull_jobs{status="queued"} 1' in text
     assert "loranull_queue_depth" in text and "loranull_workers_alive 0" in text
+    assert "loranull_jobs_created_total 1" in text and "loranull_leases_granted_total 0" in text
     assert 'loranull_http_requests_total{route="jobs_list",code="2xx"} 1' in text
     assert 'loranull_http_request_duration_seconds_bucket{route="jobs_list",le="+Inf"} 1' in text
     # One JSON object per log line, with the request id.
