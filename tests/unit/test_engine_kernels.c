@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <cmocka.h>
+#include <omp.h>
 
 #include "worker/backend/backend.h"
 #include "worker/engine/config.h"
@@ -257,6 +258,42 @@ static void test_embedding_and_matmul(void **state)
     free(big);
 }
 
+/* The backend splits large products over threads by rows (M ≥ N) or columns (M < N), with and
+ * without transposes and leading dimensions wider than the matrix: all against a plain triple loop. */
+static void test_matmul_split_paths(void **state)
+{
+    (void)state;
+    omp_set_num_threads(3); /* an odd count: blocks of unequal size */
+    const lnb_backend *be = lnb_cpu();
+    int shapes[2][3] = {{301, 70, 100}, {40, 517, 130}}; /* row split, column split (> 4e6 flops each) */
+    for (int sh = 0; sh < 2; sh++)
+        for (int tA = 0; tA < 2; tA++)
+            for (int tB = 0; tB < 2; tB++) {
+                int M = shapes[sh][0], N = shapes[sh][1], K = shapes[sh][2];
+                int lda = (tA ? M : K) + 3, ldb = (tB ? K : N) + 5, ldc = N + 2;
+                float *A = randv((int64_t)(tA ? K : M) * lda, 1), *B = randv((int64_t)(tB ? N : K) * ldb, 1);
+                float *C = randv((int64_t)M * ldc, 1), *C0 = malloc((size_t)M * ldc * sizeof(float));
+                memcpy(C0, C, (size_t)M * ldc * sizeof(float));
+                be->matmul(tA, tB, M, N, K, 0.5f, A, lda, B, ldb, 2.0f, C, ldc);
+                double err = 0, ref2 = 0;
+                for (int i = 0; i < M; i++)
+                    for (int j = 0; j < N; j++) {
+                        double acc = 0;
+                        for (int k = 0; k < K; k++)
+                            acc += (double)(tA ? A[(int64_t)k * lda + i] : A[(int64_t)i * lda + k]) *
+                                   (tB ? B[(int64_t)j * ldb + k] : B[(int64_t)k * ldb + j]);
+                        double want = 0.5 * acc + 2.0 * C0[(int64_t)i * ldc + j];
+                        err += (C[(int64_t)i * ldc + j] - want) * (C[(int64_t)i * ldc + j] - want);
+                        ref2 += want * want;
+                    }
+                assert_true(sqrt(err / ref2) < 1e-5);
+                /* the padding columns beyond N are untouched */
+                assert_float_equal(C[N], C0[N], 0);
+                free(A); free(B); free(C); free(C0);
+            }
+    omp_set_num_threads(omp_get_num_procs());
+}
+
 /* ---------------------------------------------------------------- AdamW, schedule, config */
 
 static void test_adamw_matches_formula(void **state)
@@ -324,6 +361,7 @@ int main(void)
         cmocka_unit_test(test_swiglu_backward),
         cmocka_unit_test(test_cross_entropy_backward_and_mask),
         cmocka_unit_test(test_embedding_and_matmul),
+        cmocka_unit_test(test_matmul_split_paths),
         cmocka_unit_test(test_adamw_matches_formula),
         cmocka_unit_test(test_schedule),
         cmocka_unit_test(test_config_errors),
