@@ -33,3 +33,11 @@ def server(server_factory):
     """A fresh server with a short lease TTL and backoff, so expiry tests run fast."""
     return server_factory("--lease-ttl-s", "1.5", "--retry-backoff-s", "0.2", "--max-attempts", "3",
                           "--sse-keepalive-s", "1")
+
+
+@pytest.fixture
+def steady_server(server_factory):
+    """Like `server`, but with a lease TTL (60 s) that a loaded machine cannot run out between two
+    steps of a test: for tests that do not test lease expiry."""
+    return server_factory("--lease-ttl-s", "60", "--retry-backoff-s", "0.2", "--max-attempts", "3",
+                          "--sse-keepalive-s", "1")

@@ -28,7 +28,8 @@ def read_until(s, needle, timeout=15):
     return data
 
 
-def test_many_streams_and_waiters_then_sigterm(server):
+def test_many_streams_and_waiters_then_sigterm(steady_server):
+    server = steady_server
     key = server.create_key("p")
     tok = server.create_token("w")
     f = server.upload(key, TRAIN_JSONL)

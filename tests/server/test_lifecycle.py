@@ -4,16 +4,7 @@ import time
 
 import requests
 
-import pytest
-
 from lnserver import TRAIN_JSONL, TestWorker, sse_events
-
-
-@pytest.fixture
-def steady(server_factory):
-    """For tests that do not test expiry: a lease TTL long enough that a loaded machine cannot
-    expire a lease between two steps of the test."""
-    return server_factory("--lease-ttl-s", "60", "--retry-backoff-s", "0.2", "--sse-keepalive-s", "1")
 
 
 def setup(server, models=("tiny-llama",)):
@@ -23,8 +14,8 @@ def setup(server, models=("tiny-llama",)):
     return key, tok, f
 
 
-def test_full_lifecycle_with_sse_checkpoint_artifact_download(steady):
-    server = steady
+def test_full_lifecycle_with_sse_checkpoint_artifact_download(steady_server):
+    server = steady_server
     key, tok, f = setup(server)
     job = server.create_job(key, model="tiny-llama", training_file=f["id"], suffix="demo",
                             adapter={"type": "lora_null_v2", "rank": 4})
@@ -95,8 +86,8 @@ def test_full_lifecycle_with_sse_checkpoint_artifact_download(steady):
     assert "tiny-llama" in models and job["fine_tuned_model"] in models
 
 
-def test_sse_resume_with_last_event_id(steady):
-    server = steady
+def test_sse_resume_with_last_event_id(steady_server):
+    server = steady_server
     key, tok, f = setup(server)
     job = server.create_job(key, model="tiny-llama", training_file=f["id"])
     server.wait_status(key, job["id"], "queued")
@@ -140,8 +131,8 @@ def test_sse_resume_with_last_event_id(steady):
     assert seen_comment
 
 
-def test_cancel_pause_resume(steady):
-    server = steady
+def test_cancel_pause_resume(steady_server):
+    server = steady_server
     key, tok, f = setup(server)
     api = server.client(key)
     job = server.create_job(key, model="tiny-llama", training_file=f["id"])
@@ -218,8 +209,8 @@ def test_retry_limit_fails_with_reason(server):
     assert "gave up after 3 attempts" in job["error"]["message"]
 
 
-def test_worker_final_failure_and_bad_training_file(steady):
-    server = steady
+def test_worker_final_failure_and_bad_training_file(steady_server):
+    server = steady_server
     key, tok, f = setup(server)
     job = server.create_job(key, model="tiny-llama", training_file=f["id"])
     server.wait_status(key, job["id"], "queued")
@@ -237,8 +228,8 @@ def test_worker_final_failure_and_bad_training_file(steady):
     assert j["error"]["code"] == "invalid_training_file" and "line 2" in j["error"]["message"]
 
 
-def test_lease_only_to_worker_with_model_and_devices_and_gang(steady):
-    server = steady
+def test_lease_only_to_worker_with_model_and_devices_and_gang(steady_server):
+    server = steady_server
     key, tok, f = setup(server)
     job = server.create_job(key, model="big-llama", training_file=f["id"], resources={"ranks": 2, "device": "cpu"})
     server.wait_status(key, job["id"], "queued")

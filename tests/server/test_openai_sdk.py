@@ -7,7 +7,8 @@ import pytest
 from lnserver import TRAIN_JSONL, TestWorker
 
 
-def test_openai_sdk_fine_tuning_flow(server):
+def test_openai_sdk_fine_tuning_flow(steady_server):
+    server = steady_server
     key = server.create_key("sdk")
     tok = server.create_token("w")
     client = openai.OpenAI(api_key=key, base_url=server.url("/v1"), max_retries=0)

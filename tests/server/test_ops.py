@@ -54,7 +54,8 @@ def test_static_dashboard_and_chartjs(server_factory, tmp_path):
         assert chart.status_code == 404
 
 
-def test_restart_keeps_everything_and_sigterm_is_clean(server):
+def test_restart_keeps_everything_and_sigterm_is_clean(steady_server):
+    server = steady_server
     key = server.create_key("p")
     tok = server.create_token("w")
     f = server.upload(key, TRAIN_JSONL)
@@ -74,7 +75,8 @@ def test_restart_keeps_everything_and_sigterm_is_clean(server):
     assert w.complete(job["id"], lease["lease_generation"]).status_code == 200
 
 
-def test_unrunnable_jobs_do_not_block_the_queue(server):
+def test_unrunnable_jobs_do_not_block_the_queue(steady_server):
+    server = steady_server
     key = server.create_key("p")
     tok = server.create_token("w")
     f = server.upload(key, TRAIN_JSONL)
