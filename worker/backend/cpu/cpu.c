@@ -78,6 +78,11 @@ static void sgemm1(int tA, int tB, int M, int N, int K, float alpha, const float
                 lda, B, ldb, beta, C, ldc);
 }
 
+/* Products below this many FLOPs run on one thread: a fork/join costs more than it saves. */
+#ifndef LNB_SPLIT_MIN_FLOPS
+#define LNB_SPLIT_MIN_FLOPS 4e6
+#endif
+
 static void blas_single_threaded(void)
 {
     static int done;
@@ -95,7 +100,7 @@ static void cpu_matmul(int tA, int tB, int M, int N, int K, float alpha, const f
 {
     blas_single_threaded();
     int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
-    if (nt <= 1 || 2.0 * M * N * K < 4e6 || (M < 32 && N < 32)) {
+    if (nt <= 1 || 2.0 * M * N * K < LNB_SPLIT_MIN_FLOPS || (M < 32 && N < 32)) {
         sgemm1(tA, tB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
