@@ -159,7 +159,8 @@ static void test_resume_refuses_a_non_checkpoint(void **state)
     ln_model_free(m);
 }
 
-/* The lm_head on trained rows only (training) gives the loss and gradients of the full pass. */
+/* The lm_head on trained rows only, in chunks and fused with its backward (training), gives the
+ * loss and gradients of the plain full-logits pass. 2 × 700 rows: more than one LN_HEAD_CHUNK. */
 static void test_trained_rows_only_equals_full_logits(void **state)
 {
     (void)state;
@@ -170,32 +171,52 @@ static void test_trained_rows_only_equals_full_logits(void **state)
     ln_adapter ad;
     ln_adapter_opts ao = {.method = "full"};
     assert_int_equal(ln_adapter_init(m, &ad, &ao, &e), 0);
-    int32_t ids[2 * 6] = {1, 5, 7, 9, 11, 13, 2, 4, 6, 0, 0, 0};
-    int32_t tg[2 * 6] = {-100, -100, 9, 11, 13, -100, 4, 6, -100, -100, -100, -100};
-    ln_batch b = {.B = 2, .T = 6, .ids = ids, .targets = tg, .n_targets = 5};
+    enum { B = 2, T = 700 };
+    int32_t *ids = malloc(B * T * sizeof(int32_t)), *tg = malloc(B * T * sizeof(int32_t));
+    int64_t nt = 0;
+    for (int i = 0; i < B * T; i++) {
+        ids[i] = (i * 7 + 3) % 40;
+        tg[i] = (i % 5 == 0 || i % T > 650) ? -100 : (i * 11 + 1) % 40; /* masked prompt-like rows */
+        nt += tg[i] >= 0;
+    }
+    assert_true(nt > LN_HEAD_CHUNK);
+    ln_batch b = {.B = B, .T = T, .ids = ids, .targets = tg, .n_targets = nt};
+    float scale = 1.0f / (float)nt;
     double loss[2];
-    float *g[2];
+    float *g[2], *gl[2];
     for (int mode = 0; mode < 2; mode++) {
         ln_acts *a = ln_acts_new();
-        ln_fwd_opts o = {.trained_rows_only = mode};
+        ln_fwd_opts o = {.trained_rows_only = mode, .head_grad_scale = mode ? scale : 0.0f};
         memset(m->embed.g, 0, (size_t)m->embed.n * sizeof(float));
-        memset(m->layers[0].lin[LN_Q].g, 0, (size_t)m->layers[0].lin[LN_Q].n * sizeof(float));
+        memset(m->lm_head.g, 0, (size_t)m->lm_head.n * sizeof(float));
         assert_int_equal(ln_model_forward(m, &ad, a, &b, &o, &loss[mode], &e), 0);
-        assert_int_equal(ln_model_backward(m, &ad, a, &b, 1.0f / 5, &e), 0);
+        assert_int_equal(ln_model_backward(m, &ad, a, &b, scale, &e), 0);
         g[mode] = malloc((size_t)m->embed.n * sizeof(float));
         memcpy(g[mode], m->embed.g, (size_t)m->embed.n * sizeof(float));
+        gl[mode] = malloc((size_t)m->lm_head.n * sizeof(float));
+        memcpy(gl[mode], m->lm_head.g, (size_t)m->lm_head.n * sizeof(float));
+        if (mode) { /* a backward with another scale than the fused head used is refused */
+            assert_int_equal(ln_model_backward(m, &ad, a, &b, 2 * scale, &e), -1);
+            assert_non_null(strstr(e.msg, "head_grad_scale"));
+        }
         ln_acts_free(m, a);
     }
-    assert_float_equal(loss[0], loss[1], 1e-9 * loss[0]);
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < m->embed.n; i++) {
-        num += (g[0][i] - g[1][i]) * (double)(g[0][i] - g[1][i]);
-        den += (double)g[0][i] * g[0][i];
+    assert_float_equal(loss[0], loss[1], 1e-6 * loss[0]);
+    float **pairs[2] = {g, gl};
+    int64_t ns[2] = {m->embed.n, m->lm_head.n};
+    for (int k = 0; k < 2; k++) {
+        double num = 0, den = 0;
+        for (int64_t i = 0; i < ns[k]; i++) {
+            double d = (double)pairs[k][0][i] - pairs[k][1][i];
+            num += d * d;
+            den += (double)pairs[k][0][i] * pairs[k][0][i];
+        }
+        assert_true(den > 0);
+        assert_true(num <= 1e-10 * den);
     }
-    assert_true(den > 0);
-    assert_true(num <= 1e-12 * den);
-    free(g[0]);
-    free(g[1]);
+    free(g[0]); free(g[1]); free(gl[0]); free(gl[1]);
+    free(ids);
+    free(tg);
     ln_adapter_free(&ad);
     ln_model_free(m);
 }

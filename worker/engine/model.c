@@ -351,8 +351,12 @@ struct ln_acts {
     float **res, **h1, **rstd1, **q, **k, **v, **probs, **att, **xmid, **h2, **rstd2, **gate, **up, **act;
     float **lh;           /* L × LN_NTARGET LoRA intermediates x Aᵀ (N × r), NULL when untargeted */
     float *xf, *rstdf, *logits;
-    /* trained_rows_only: the M rows with a target, their xf rows and targets, compacted */
+    /* trained_rows_only: the M rows with a target, their xf rows and targets, compacted; the
+     * lm_head runs over them in chunks of LN_HEAD_CHUNK rows, fused with its backward */
     int64_t M;            /* −1 when the logits cover every row */
+    int head_done;        /* the forward already left ∂loss/∂xf in dh (fused head) */
+    int64_t cap_logit_rows; /* rows of logits allocated */
+    float head_scale;     /* the loss scale it used */
     int32_t *rows, *tc;   /* host; M each */
     float *xfc;           /* (M, C) */
     /* backward scratch */
@@ -399,15 +403,16 @@ void ln_acts_free(const ln_model *m, ln_acts *a)
     free(a);
 }
 
-/* Makes sure a holds buffers for batch (B, T) with adapter ad. */
-static int acts_ensure(const ln_model *m, const struct ln_adapter *ad, ln_acts *a, int B, int T, ln_err *e)
+/* Makes sure a holds buffers for batch (B, T) with adapter ad, and logit_rows rows of logits. */
+static int acts_ensure(const ln_model *m, const struct ln_adapter *ad, ln_acts *a, int B, int T, int64_t logit_rows,
+                       ln_err *e)
 {
     const ln_config *c = &m->cfg;
     int64_t N = (int64_t)B * T, P = (int64_t)B * c->num_heads * T * (m->be->attention_rows_only ? 1 : T);
     int r = ad && !ad->full ? ad->rank : 0;
     unsigned tg = r > 0 ? ad->targets : 0;
     if (a->res && N <= a->capN && P <= a->capP && r == a->cap_r && tg == a->cap_targets && a->L == c->num_layers &&
-        a->recompute == m->recompute)
+        a->recompute == m->recompute && logit_rows <= a->cap_logit_rows)
         return 0;
     const lnb_backend *be = m->be;
     acts_release(be, a);
@@ -444,7 +449,9 @@ static int acts_ensure(const ln_model *m, const struct ln_adapter *ad, ln_acts *
     int64_t wide = qd > C ? qd : C;
     fail |= !(a->xf = be->alloc((size_t)(N * C) * sizeof(float)));
     fail |= !(a->rstdf = be->alloc((size_t)N * sizeof(float)));
-    fail |= !(a->logits = be->alloc((size_t)(N * c->vocab_size) * sizeof(float)));
+    /* all N rows of logits for a plain forward; training (trained_rows_only) needs one chunk */
+    a->cap_logit_rows = logit_rows;
+    fail |= !(a->logits = be->alloc((size_t)(logit_rows * c->vocab_size) * sizeof(float)));
     fail |= !(a->xfc = be->alloc((size_t)(N * C) * sizeof(float)));
     a->rows = ln_xmalloc((size_t)N * sizeof(int32_t));
     a->tc = ln_xmalloc((size_t)N * sizeof(int32_t));
@@ -650,7 +657,9 @@ int ln_model_forward(ln_model *m, const struct ln_adapter *ad, ln_acts *a, const
             return ln_errf(e, "forward: label %d at row %d, position %d is outside the vocabulary [0, %d)",
                            b->targets[i], i / T, i % T, V);
     }
-    if (acts_ensure(m, ad, a, B, T, e)) return -1;
+    int chunked = o && o->trained_rows_only && b->targets;
+    int64_t logit_rows = chunked ? (N < LN_HEAD_CHUNK ? N : LN_HEAD_CHUNK) : N;
+    if (acts_ensure(m, ad, a, B, T, logit_rows, e)) return -1;
     rope_ensure(m, T);
     be->embedding_forward(a->res[0], b->ids, m->embed.w, N, C);
     for (int l = 0; l < c->num_layers; l++) layer_forward(m, ad, a, l, B, T, o);
@@ -659,9 +668,12 @@ int ln_model_forward(ln_model *m, const struct ln_adapter *ad, ln_acts *a, const
     /* xf = rmsnorm(res[L]) ; logits = xf Wlmᵀ (N, V) */
     be->rmsnorm_forward(a->xf, a->rstdf, a->res[c->num_layers], m->norm.w, N, C, c->rms_norm_eps);
     a->M = -1;
+    a->head_done = 0;
     if (o && o->trained_rows_only && b->targets) {
         /* Only rows that carry a target reach the lm_head: masked prompt tokens and padding cost
-         * no V × C products (in SFT data often half the rows). logits is then (M, V). */
+         * no V × C products (in SFT data often half the rows). They go in chunks of LN_HEAD_CHUNK
+         * rows; with head_grad_scale each chunk's backward runs right away (dlogits in place,
+         * dWlm += dlogitsᵀ xf, dxf = dlogits Wlm), so a (chunk × V) logits block is all that lives. */
         int64_t M = 0;
         for (int i = 0; i < N; i++)
             if (b->targets[i] >= 0) {
@@ -671,8 +683,25 @@ int ln_model_forward(ln_model *m, const struct ln_adapter *ad, ln_acts *a, const
                 M++;
             }
         a->M = M;
-        be->matmul(0, 1, (int)M, V, C, 1.0f, a->xfc, C, m->lm_head.w, C, 0.0f, a->logits, V);
-        if (loss_sum) *loss_sum = be->cross_entropy(a->logits, NULL, a->tc, (int)M, V, 0.0f);
+        float gs = o->head_grad_scale;
+        double loss = 0.0;
+        for (int64_t r0 = 0; r0 < M; r0 += LN_HEAD_CHUNK) {
+            int nr = (int)(M - r0 < LN_HEAD_CHUNK ? M - r0 : LN_HEAD_CHUNK);
+            float *xc = a->xfc + r0 * C;
+            be->matmul(0, 1, nr, V, C, 1.0f, xc, C, m->lm_head.w, C, 0.0f, a->logits, V);
+            loss += be->cross_entropy(a->logits, gs != 0.0f ? a->logits : NULL, a->tc + r0, nr, V, gs);
+            if (gs != 0.0f) {
+                if (m->lm_head.g) be->matmul(1, 0, V, C, nr, 1.0f, a->logits, V, xc, C, 1.0f, m->lm_head.g, C);
+                be->matmul(0, 0, nr, C, V, 1.0f, a->logits, V, m->lm_head.w, C, 0.0f, xc, C); /* xc ← dxf */
+            }
+        }
+        if (gs != 0.0f) {
+            be->zero(a->dh, (int64_t)N * C);
+            for (int64_t i = 0; i < M; i++) be->copy(a->dh + (int64_t)a->rows[i] * C, a->xfc + i * C, C);
+            a->head_done = 1;
+            a->head_scale = gs;
+        }
+        if (loss_sum) *loss_sum = loss;
         return 0;
     }
     be->matmul(0, 1, N, V, C, 1.0f, a->xf, C, m->lm_head.w, C, 0.0f, a->logits, V);
@@ -700,15 +729,13 @@ int ln_model_backward(ln_model *m, struct ln_adapter *ad, ln_acts *a, const ln_b
     int B = b->B, T = b->T, N = B * T, V = c->vocab_size, C = c->hidden_size, L = c->num_layers;
     if (!b->targets) return ln_errf(e, "backward: the batch has no labels");
     if (!a->res || N > a->capN) return ln_errf(e, "backward: called without a matching forward pass");
-    if (a->M >= 0) {
-        /* compact rows (trained_rows_only): the same three steps on the M rows, then dxf scattered
-         * back (rows without a target get no gradient from the loss) */
-        int M = (int)a->M;
-        be->cross_entropy(a->logits, a->logits, a->tc, M, V, loss_scale);
-        if (m->lm_head.g) be->matmul(1, 0, V, C, M, 1.0f, a->logits, V, a->xfc, C, 1.0f, m->lm_head.g, C);
-        be->matmul(0, 0, M, C, V, 1.0f, a->logits, V, m->lm_head.w, C, 0.0f, a->xfc, C);
-        be->zero(a->dh, (int64_t)N * C);
-        for (int i = 0; i < M; i++) be->copy(a->dh + (int64_t)a->rows[i] * C, a->xfc + (int64_t)i * C, C);
+    if (a->head_done) {
+        /* fused head (trained_rows_only + head_grad_scale): dh already holds ∂loss/∂xf */
+        if (loss_scale != a->head_scale)
+            return ln_errf(e, "backward: loss scale %g differs from the forward's head_grad_scale %g", (double)loss_scale,
+                           (double)a->head_scale);
+    } else if (a->M >= 0) {
+        return ln_errf(e, "backward: the forward ran trained_rows_only without head_grad_scale (loss only)");
     } else {
         /* dlogits = scale · (softmax − onehot), in place */
         be->cross_entropy(a->logits, a->logits, b->targets, N, V, loss_scale);

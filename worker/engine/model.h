@@ -112,14 +112,21 @@ typedef struct ln_batch {
 
 /* ---------------------------------------------------------------- passes */
 
+/* Rows of logits alive at once in trained_rows_only mode (memory: LN_HEAD_CHUNK × V floats). */
+#define LN_HEAD_CHUNK 1024
+
 typedef void (*ln_input_hook)(int layer, ln_input which, const float *X, int tokens, int d_in, void *ctx);
 
 typedef struct ln_fwd_opts {
     ln_input_hook hook;
     void *hook_ctx;
     int no_logits;       /* stop after the last layer: no final norm, no lm_head, no loss */
-    int trained_rows_only; /* lm_head and loss only on rows whose target is ≥ 0 (training);
-                            * ln_acts_logits then holds those rows only, in order */
+    int trained_rows_only; /* lm_head and loss only on rows whose target is ≥ 0, LN_HEAD_CHUNK
+                            * rows at a time (training, evaluation): ln_acts_logits is then not the
+                            * batch's logits */
+    float head_grad_scale;   /* with trained_rows_only, ≠ 0: the lm_head's backward runs inside the
+                            * forward with this loss scale (no N × V logits are ever kept); the
+                            * following ln_model_backward must pass the same scale */
 } ln_fwd_opts;
 
 typedef struct ln_acts ln_acts;

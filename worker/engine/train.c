@@ -383,9 +383,10 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
             for (int i = 0; i < o->batch_size; i++) tokens += ex[a * o->batch_size + i]->len;
         }
         ln_optim_zero_grad(&opt);
-        ln_fwd_opts fwd = {.trained_rows_only = 1};
+        /* the lm_head's backward runs fused inside the forward (see model.h) */
+        ln_fwd_opts fwd = {.trained_rows_only = 1, .head_grad_scale = trained > 0 ? 1.0f / (float)trained : 0.0f};
         double loss_sum = 0.0;
-        float scale = trained > 0 ? 1.0f / (float)trained : 0.0f;
+        float scale = fwd.head_grad_scale;
         int frc = 0;
         for (int a = 0; a < o->grad_accum && frc == 0; a++) {
             double ls = 0.0;
