@@ -99,7 +99,7 @@ static void collect_param(ln_param *p, void *ctx) {
 
 /* sha256 over (name, sha256(values)) of every parameter in the model's order; the per-parameter
  * digests run in parallel (hashing an 8B model's 32 GB of fp32 is the slow part of a cache hit). */
-void ln_model_content_hash(ln_model *m, char out[65]) {
+void ln_calibration_model_hash(ln_model *m, char out[65]) {
     param_list l = {0};
     ln_model_for_each_param(m, collect_param, &l);
     uint8_t(*dig)[32] = ln_xcalloc((size_t)(l.n ? l.n : 1), sizeof *dig);
@@ -419,7 +419,7 @@ int ln_calibrate(ln_model *m, const ln_tokenizer *tok, const ln_calib_opts *o, l
     unsigned targets = o->targets ? o->targets : LN_TARGETS_ALL;
     char model_hash[65], data_hash[65], key[65], keytext[256];
     if (file_hash(o->path, data_hash, e) != 0) return -1;
-    ln_model_content_hash(m, model_hash);
+    ln_calibration_model_hash(m, model_hash);
     snprintf(keytext, sizeof keytext, "model=%s data=%s samples=%d max_length=%d seed=%" PRIu64 " inputs=%u fp64=%d",
              model_hash, data_hash, samples, max_length, o->seed, inputs_needed(targets), o->fp64 ? 1 : 0);
     sha256_hex(keytext, strlen(keytext), key);
