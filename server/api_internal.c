@@ -34,7 +34,7 @@ static int get_int_member(http_req *r, json_t *o, const char *key, long long lo,
 
 /* Opens a write transaction for a report on the URL's job under the lease generation `gen`.
  * On failure replies (404 unknown job, 409 lease lost) and returns -1 with no transaction open. */
-static int lease_begin(http_req *r, long long gen) {
+static int lease_begin(http_req *r, long long gen, int pause_grace) {
     const char *job = r->params[0];
     if (!api_valid_id(job, "ftjob-")) {
         http_not_found(r, "fine-tuning job", job);
@@ -45,7 +45,7 @@ static int lease_begin(http_req *r, long long gen) {
         return -1;
     }
     ln_err e;
-    if (sched_check_lease(job, gen, &e) != 0) {
+    if (sched_check_lease(job, gen, pause_grace, &e) != 0) {
         store_rollback();
         if (strstr(e.msg, "does not exist")) http_not_found(r, "fine-tuning job", job);
         else http_error(r, 409, "invalid_request_error", "lease_lost", "lease_generation", "%s.", e.msg);
@@ -196,7 +196,7 @@ static enum MHD_Result job_heartbeat(http_req *r) {
     json_t *b = body_with_gen(r, &gen);
     if (!b) return r->result;
     json_decref(b);
-    if (lease_begin(r, gen) != 0) return r->result;
+    if (lease_begin(r, gen, 0) != 0) return r->result;
     double exp = sched_wall_now() + g_cfg.lease_ttl_s;
     sqlite3_stmt *st = store_stmt("UPDATE jobs SET lease_expires_f=? WHERE id=?");
     sqlite3_bind_double(st, 1, exp);
@@ -254,7 +254,7 @@ static enum MHD_Result job_events(http_req *r) {
             goto out;
         }
     }
-    if (lease_begin(r, gen) != 0) { res = r->result; goto out; }
+    if (lease_begin(r, gen, 1) != 0) { res = r->result; goto out; }
     json_array_foreach(events, i, ev) {
         const char *lvl = json_string_value(json_object_get(ev, "level"));
         const char *type = json_string_value(json_object_get(ev, "type"));
@@ -299,7 +299,7 @@ static enum MHD_Result job_files(http_req *r) {
     if (!ok_name) return bad(r, "filename", "query parameter must be 1..128 of [A-Za-z0-9._-], not starting with '.'");
     if (!kind || (strcmp(kind, "checkpoint") && strcmp(kind, "result")))
         return bad(r, "kind", "query parameter must be checkpoint or result");
-    if (lease_begin(r, gen) != 0) return r->result;
+    if (lease_begin(r, gen, 1) != 0) return r->result;
     sqlite3_stmt *st = store_stmt("SELECT project_id FROM jobs WHERE id=?");
     sqlite3_bind_text(st, 1, r->params[0], -1, SQLITE_STATIC);
     sqlite3_step(st);
@@ -352,7 +352,7 @@ static enum MHD_Result job_checkpoint(http_req *r) {
     if (get_int_member(r, b, "step", 0, INT64_MAX, &step) != 0) { res = r->result; goto out; }
     if (!json_is_array(files) || json_array_size(files) == 0 || json_array_size(files) > 64) { res = bad(r, "files", "must be a non-empty array of the job's uploaded file ids"); goto out; }
     if (metrics && !json_is_null(metrics) && !json_is_object(metrics)) { res = bad(r, "metrics", "must be an object"); goto out; }
-    if (lease_begin(r, gen) != 0) { res = r->result; goto out; }
+    if (lease_begin(r, gen, 1) != 0) { res = r->result; goto out; }
     if (!job_owns_files(r->params[0], files)) {
         store_rollback();
         res = bad(r, "files", "every id must be a file uploaded for this job");
@@ -387,7 +387,7 @@ static enum MHD_Result job_complete(http_req *r) {
     if (!b) return r->result;
     enum MHD_Result res;
     if (json_object_get(b, "trained_tokens") && get_int_member(r, b, "trained_tokens", 0, INT64_MAX, &tokens) != 0) { res = r->result; goto out; }
-    if (lease_begin(r, gen) != 0) { res = r->result; goto out; }
+    if (lease_begin(r, gen, 0) != 0) { res = r->result; goto out; }
     const char *job = r->params[0];
     /* OpenAI's naming: ft:<base model>:<project>:<suffix>:<job id>. */
     sqlite3_stmt *st = store_stmt("SELECT j.model, p.name, j.spec FROM jobs j JOIN projects p ON p.id=j.project_id WHERE j.id=?");
@@ -427,7 +427,7 @@ static enum MHD_Result job_fail(http_req *r) {
     json_t *retry = json_object_get(b, "retryable");
     if (!json_is_object(err) || !code || !msg || strlen(code) > 64 || strlen(msg) > 4096) { res = bad(r, "error", "must be {\"code\": string, \"message\": string}"); goto out; }
     if (retry && !json_is_boolean(retry)) { res = bad(r, "retryable", "must be a boolean"); goto out; }
-    if (lease_begin(r, gen) != 0) { res = r->result; goto out; }
+    if (lease_begin(r, gen, 0) != 0) { res = r->result; goto out; }
     const char *job = r->params[0];
     if (json_is_true(retry)) {
         char reason[4300];
@@ -472,7 +472,7 @@ static enum MHD_Result rdv_put(http_req *r) {
     enum MHD_Result res;
     const char *value = json_string_value(json_object_get(b, "value"));
     if (!value || strlen(value) > 65536) { res = bad(r, "value", "must be a string of at most 65536 characters"); goto out; }
-    if (lease_begin(r, gen) != 0) { res = r->result; goto out; }
+    if (lease_begin(r, gen, 0) != 0) { res = r->result; goto out; }
     sqlite3_stmt *st = store_stmt("INSERT OR REPLACE INTO rendezvous(job_id,lease_gen,key,value) VALUES(?,?,?,?)");
     sqlite3_bind_text(st, 1, r->params[0], -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 2, gen);
@@ -496,7 +496,7 @@ static enum MHD_Result rdv_get(http_req *r) {
     if (http_query_int(r, "wait_s", 0, 600, 0, &wait) != 0) return r->result;
     if (!api_valid_id(r->params[0], "ftjob-")) return http_not_found(r, "fine-tuning job", r->params[0]);
     ln_err e;
-    if (sched_check_lease(r->params[0], gen, &e) != 0)
+    if (sched_check_lease(r->params[0], gen, 0, &e) != 0)
         return strstr(e.msg, "does not exist") ? http_not_found(r, "fine-tuning job", r->params[0])
                                                 : http_error(r, 409, "invalid_request_error", "lease_lost",
                                                              "lease_generation", "%s.", e.msg);

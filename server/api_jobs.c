@@ -175,10 +175,18 @@ static enum MHD_Result job_action(http_req *r, const char *to, const char *const
         return http_error(r, 409, "invalid_request_error", "invalid_job_state", NULL,
                           "Job %s cannot be %s: it is %s.", id, verb, status);
     }
+    if (strcmp(to, "paused") == 0 && strcmp(from, "running") == 0) {
+        /* Its worker may still save a last checkpoint for pause_grace_s (sched_check_lease). */
+        sqlite3_stmt *st = store_stmt("UPDATE jobs SET paused_at_f=? WHERE id=?");
+        sqlite3_bind_double(st, 1, sched_wall_now());
+        sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
+        sqlite3_step(st);
+        sqlite3_reset(st);
+    }
     if (strcmp(to, "queued") == 0) {
         /* A resumed job is leased at once (no backoff), restarts from its last checkpoint, and gets a
          * fresh retry budget: leases a user paused were not failures. */
-        sqlite3_stmt *st = store_stmt("UPDATE jobs SET not_before_f=0, attempts=0 WHERE id=?");
+        sqlite3_stmt *st = store_stmt("UPDATE jobs SET not_before_f=0, attempts=0, paused_at_f=NULL WHERE id=?");
         sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
         sqlite3_step(st);
         sqlite3_reset(st);

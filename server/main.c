@@ -62,6 +62,8 @@ static void usage(FILE *f) {
             "  --lease-wait-max-s S        [lease_wait_max_s]  default 30\n"
             "  --worker-timeout-s S        [worker_timeout_s]  default 60\n"
             "  --sse-keepalive-s S         [sse_keepalive_s]   default 15\n"
+            "  --pause-grace-s S           [pause_grace_s]     default 60: a paused job's worker may still\n"
+            "                                                  upload a checkpoint this long\n"
             "  --max-body-bytes N          [max_body_bytes]    default 1048576\n"
             "  --max-upload-bytes N        [max_upload_bytes]  default 1073741824\n"
             "  --log-level debug|info|warn|error [log_level]   default info\n"
@@ -103,6 +105,7 @@ static void defaults(void) {
     g_cfg.lease_wait_max_s = 30;
     g_cfg.worker_timeout_s = 60;
     g_cfg.sse_keepalive_s = 15;
+    g_cfg.pause_grace_s = 60;
     g_cfg.threads = 4;
     g_cfg.log_requests = 1;
 }
@@ -180,6 +183,7 @@ static int set_option(const char *key, const char *v, ln_err *e) {
     NUM("lease_wait_max_s", 0, 3600, lease_wait_max_s, double)
     NUM("worker_timeout_s", 1, 86400, worker_timeout_s, double)
     NUM("sse_keepalive_s", 0.1, 3600, sse_keepalive_s, double)
+    NUM("pause_grace_s", 0, 86400, pause_grace_s, double)
     NUM("max_body_bytes", 1024, 1 << 30, max_body_bytes, size_t)
     NUM("max_upload_bytes", 1, 1e13, max_upload_bytes, uint64_t)
 #undef NUM

@@ -335,8 +335,8 @@ json_t *sched_lease(const char *worker_id, int free_devices, int *err_status, ln
     return lease;
 }
 
-int sched_check_lease(const char *job_id, long long gen, ln_err *e) {
-    sqlite3_stmt *st = store_stmt("SELECT status, lease_gen FROM jobs WHERE id=?");
+int sched_check_lease(const char *job_id, long long gen, int pause_grace, ln_err *e) {
+    sqlite3_stmt *st = store_stmt("SELECT status, lease_gen, paused_at_f FROM jobs WHERE id=?");
     sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
     if (sqlite3_step(st) != SQLITE_ROW) {
         sqlite3_reset(st);
@@ -345,7 +345,14 @@ int sched_check_lease(const char *job_id, long long gen, ln_err *e) {
     char status[32];
     snprintf(status, sizeof status, "%s", store_col_text(st, 0));
     long long cur = sqlite3_column_int64(st, 1);
+    double paused_at = sqlite3_column_type(st, 2) == SQLITE_NULL ? 0 : sqlite3_column_double(st, 2);
     sqlite3_reset(st);
+    double grace_left = paused_at + g_cfg.pause_grace_s - sched_wall_now();
+    if (strcmp(status, "paused") == 0 && cur == gen && paused_at > 0 && grace_left > 0) {
+        if (pause_grace) return 0;
+        return ln_errf(e, "job %s is paused: stop; files, checkpoints and events of lease generation %lld are "
+                          "still accepted for %.0f s to save a last checkpoint", job_id, gen, grace_left);
+    }
     if (strcmp(status, "running") != 0)
         return ln_errf(e, "job %s is %s: its lease (generation %lld) is no longer valid", job_id, status, gen);
     if (cur != gen)

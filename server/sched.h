@@ -27,9 +27,10 @@ double sched_wall_now(void);
  * worker (404 unknown). */
 json_t *sched_lease(const char *worker_id, int free_devices, int *err_status, ln_err *e);
 
-/* Extends/validates a lease inside the caller's transaction: 0 when job is running under gen,
- * else -1 with a reason in e (the job's state, or the stale generation). */
-int sched_check_lease(const char *job_id, long long gen, ln_err *e);
+/* Validates a lease inside the caller's transaction: 0 when job is running under gen — or, with
+ * pause_grace, when it was paused while running under gen less than pause_grace_s ago (so the
+ * worker can save a last checkpoint) — else -1 with a reason in e (state or stale generation). */
+int sched_check_lease(const char *job_id, long long gen, int pause_grace, ln_err *e);
 
 /* Puts a running job back in the queue (or fails it when out of attempts), inside the caller's
  * transaction. reason is for the event and the final error. */

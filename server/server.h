@@ -23,6 +23,7 @@ typedef struct srv_config {
     double lease_wait_max_s;     /* longest long-poll a worker may ask for (default 30) */
     double worker_timeout_s;     /* a worker unseen this long is not alive (default 60) */
     double sse_keepalive_s;      /* keep-alive comment period on idle streams (default 15) */
+    double pause_grace_s;        /* a paused job's worker may still save a checkpoint this long (default 60) */
     int threads;                 /* HTTP thread pool size (default 4) */
     int log_requests;            /* one log line per request (default on) */
 } srv_config;

@@ -152,12 +152,21 @@ def test_cancel_pause_resume(steady_server):
     assert api.post(server.url(f"/v1/fine_tuning/jobs/{job['id']}/pause")).json()["status"] == "paused"
     hb = w.heartbeat(job["id"], gen)
     assert hb.status_code == 409 and hb.json()["error"]["code"] == "lease_lost"
-    # Resume → a new lease, higher generation, resuming from the checkpoint.
+    assert "paused" in hb.json()["error"]["message"]
+    # Within the pause grace the worker saves a last checkpoint (files, checkpoint, event) — but
+    # nothing else: no heartbeat, no completion.
+    fid2 = w.upload(job["id"], gen, "ckpt-last.bin", b"state-12", kind="checkpoint")
+    assert fid2.status_code == 201, fid2.text
+    assert w.checkpoint(job["id"], gen, 12, [fid2.json()["id"]]).status_code == 201
+    assert w.events(job["id"], gen, events=[{"message": "saved on pause"}]).status_code == 200
+    assert w.complete(job["id"], gen).status_code == 409
+    # Resume → a new lease, higher generation, resuming from the last checkpoint.
     api.post(server.url(f"/v1/fine_tuning/jobs/{job['id']}/resume"))
+    assert w.upload(job["id"], gen, "late.bin", b"x", kind="checkpoint").status_code == 409
     lease2 = w.lease(wait_s=5)
     assert lease2["lease_generation"] > gen
     assert lease2["attempt"] == 1, "a pause is not a failed attempt"
-    assert lease2["resume_from"]["step_number"] == 10 and lease2["resume_from"]["files"] == [fid]
+    assert lease2["resume_from"]["step_number"] == 12 and lease2["resume_from"]["files"] == [fid2.json()["id"]]
     # Cancel a running job; later reports refused; cancel again → 409.
     r = api.post(server.url(f"/v1/fine_tuning/jobs/{job['id']}/cancel"))
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
@@ -280,3 +289,17 @@ def test_lease_only_to_worker_with_model_and_devices_and_gang(steady_server):
     two.register()
     l2 = two.lease(wait_s=5)
     assert l2["job_id"] == job2["id"] and l2["ranks"] == [0, 1]
+
+
+def test_pause_grace_ends(server_factory):
+    srv = server_factory("--pause-grace-s", "0.5", "--lease-ttl-s", "60")
+    key, tok, f = setup(srv)
+    job = srv.create_job(key, model="tiny-llama", training_file=f["id"])
+    srv.wait_status(key, job["id"], "queued")
+    w = TestWorker(srv, tok)
+    w.register()
+    gen = w.lease()["lease_generation"]
+    srv.client(key).post(srv.url(f"/v1/fine_tuning/jobs/{job['id']}/pause"))
+    time.sleep(0.8)
+    r = w.upload(job["id"], gen, "too-late.bin", b"x", kind="checkpoint")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "lease_lost"
