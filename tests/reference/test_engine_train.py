@@ -97,8 +97,11 @@ def state_tensors(path):
     return {k: v.tobytes() for k, v in load(path).items()}
 
 
-@pytest.mark.parametrize("method", ["lora", "lora_fa", "pissa", "full"])
+@pytest.mark.parametrize("method", ["lora", "lora_fa", "pissa", "full", "lora+pack"])
 def test_resume_is_bit_identical(tmp_path, method):
+    extra = []
+    if method.endswith("+pack"):  # packed rows of 20 tokens (2-3 examples each)
+        method, extra = method[:-len("+pack")], ["--pack", 20]
     model = make_model("head_dim")
     save_model(model, tmp_path / "model")
     rows = examples(model.config.vocab_size, seed=5, lens=(7, 12, 5, 9, 10, 8, 6))
@@ -106,7 +109,7 @@ def test_resume_is_bit_identical(tmp_path, method):
     # 7 examples, 2 per micro-batch × 2 accum: steps cross epoch boundaries mid-step, data reshuffled per epoch
     common = ["--model", tmp_path / "model", "--data", data, "--method", method, "--rank", 4, "--seed", 11,
               "--batch-size", 2, "--grad-accum", 2, "--lr", 5e-3, "--warmup-ratio", 0.2, "--weight-decay", 0.1,
-              "--max-steps", 20, "--save-every", 10]
+              "--max-steps", 20, "--save-every", 10, *extra]
     run("train", *common, "--out", tmp_path / "full")
     run("train", *common, "--out", tmp_path / "split", "--stop-at-step", 10)
     assert not (tmp_path / "split" / "checkpoints" / "step-000020").exists()
@@ -197,3 +200,21 @@ def test_validation_loss_in_metrics(tmp_path):
     ids, labels = batch_tensors(rows)
     with torch.no_grad():
         assert abs(model(input_ids=ids, labels=labels).loss.item() - m[0]["loss"]) < 1e-4
+
+
+def test_packed_training_matches_per_example_loss(tmp_path):
+    """--pack: each step's loss is the mean over the packed examples' own tokens — the first step's
+    equals transformers' loss over the same examples run separately (no attention across them)."""
+    model = make_model("gqa_llama3")
+    save_model(model, tmp_path / "model")
+    rows = examples(model.config.vocab_size, seed=4, lens=(9, 13, 6, 11))
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    # one row of 40 tokens holds all four examples (39 tokens): one packed row = the whole file
+    run("train", "--model", tmp_path / "model", "--data", data, "--pack", 40, "--batch-size", 1, "--max-steps", 3,
+        "--no-shuffle", "--lr", 1e-2, "--out", tmp_path / "o")
+    m = metrics(tmp_path / "o")
+    assert m[0]["tokens"] == sum(len(r["input_ids"]) for r in rows)
+    ids, labels = batch_tensors(rows)
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=labels).loss.item()
+    assert abs(m[0]["loss"] - ref) < 1e-4 * ref

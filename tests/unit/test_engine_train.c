@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #include <unistd.h>
 #include <cmocka.h>
 
@@ -221,6 +222,83 @@ static void test_trained_rows_only_equals_full_logits(void **state)
     ln_model_free(m);
 }
 
+/* A packed row (two examples back to back + padding, ln_batch.segment) computes exactly what the
+ * two examples compute as separate sequences: the same loss sum and every gradient. */
+typedef struct { float *buf; int64_t off; } grab_ctx;
+static void grab(ln_param *p, void *ctx)
+{
+    grab_ctx *g = ctx;
+    if (!p->g) return;
+    memcpy(g->buf + g->off, p->g, (size_t)p->n * sizeof(float));
+    g->off += p->n;
+}
+static void zero_g(ln_param *p, void *ctx)
+{
+    (void)ctx;
+    if (p->g) memset(p->g, 0, (size_t)p->n * sizeof(float));
+}
+
+static void test_packed_rows_equal_separate_sequences(void **state)
+{
+    (void)state;
+    ln_config c = tiny_config();
+    ln_model *m;
+    ln_err e = {{0}};
+    assert_int_equal(ln_model_new_random(&c, lnb_cpu(), 21, &m, &e), 0);
+    ln_adapter ad;
+    ln_adapter_opts ao = {.method = "full"};
+    assert_int_equal(ln_adapter_init(m, &ad, &ao, &e), 0);
+    int32_t e1[7] = {3, 9, 14, 2, 27, 8, 30}, e2[5] = {11, 4, 39, 17, 6};
+    /* separate: B = 2, T = 7, right-padded; position t predicts token t+1 of its own example */
+    int32_t ids_s[14] = {0}, tg_s[14];
+    for (int i = 0; i < 14; i++) tg_s[i] = -100;
+    for (int t = 0; t < 7; t++) { ids_s[t] = e1[t]; if (t < 6) tg_s[t] = e1[t + 1]; }
+    for (int t = 0; t < 5; t++) { ids_s[7 + t] = e2[t]; if (t < 4) tg_s[7 + t] = e2[t + 1]; }
+    ln_batch sep = {.B = 2, .T = 7, .ids = ids_s, .targets = tg_s, .n_targets = 10};
+    /* packed: one row of 15 = e1 ++ e2 ++ 3 padding tokens */
+    int32_t ids_p[15] = {0}, tg_p[15], seg[15];
+    for (int i = 0; i < 15; i++) { tg_p[i] = -100; seg[i] = -1; }
+    for (int t = 0; t < 7; t++) { ids_p[t] = e1[t]; seg[t] = 0; if (t < 6) tg_p[t] = e1[t + 1]; }
+    for (int t = 0; t < 5; t++) { ids_p[7 + t] = e2[t]; seg[7 + t] = 1; if (t < 4) tg_p[7 + t] = e2[t + 1]; }
+    ln_batch pk = {.B = 1, .T = 15, .ids = ids_p, .targets = tg_p, .n_targets = 10};
+    int64_t total = 0;
+    double loss[2];
+    float *grads[2];
+    ln_batch *bs[2] = {&sep, &pk};
+    for (int k = 0; k < 2; k++) {
+        ln_model_for_each_param(m, zero_g, NULL);
+        ln_acts *a = ln_acts_new();
+        ln_fwd_opts fo = {.segment = k ? seg : NULL};
+        assert_int_equal(ln_model_forward(m, &ad, a, bs[k], &fo, &loss[k], &e), 0);
+        assert_int_equal(ln_model_backward(m, &ad, a, bs[k], 0.1f, &e), 0);
+        grads[k] = calloc(1 << 16, sizeof(float));
+        grab_ctx g = {grads[k], 0};
+        ln_model_for_each_param(m, grab, &g);
+        total = g.off;
+        assert_true(total < (1 << 16));
+        ln_acts_free(m, a);
+    }
+    assert_float_equal(loss[0], loss[1], 1e-5 * loss[0]);
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < total; i++) {
+        double d = (double)grads[0][i] - grads[1][i];
+        num += d * d;
+        den += (double)grads[0][i] * grads[0][i];
+    }
+    assert_true(den > 0);
+    assert_true(num <= 1e-10 * den);
+    /* without the segments the packed row would let e2 attend to e1: a different loss */
+    ln_acts *a = ln_acts_new();
+    double leak;
+    assert_int_equal(ln_model_forward(m, &ad, a, &pk, NULL, &leak, &e), 0);
+    assert_true(fabs(leak - loss[0]) > 1e-4 * loss[0]);
+    ln_acts_free(m, a);
+    free(grads[0]);
+    free(grads[1]);
+    ln_adapter_free(&ad);
+    ln_model_free(m);
+}
+
 int main(void)
 {
     snprintf(tmpdir, sizeof tmpdir, "/tmp/ln_test_train_%d", (int)getpid());
@@ -230,6 +308,7 @@ int main(void)
         cmocka_unit_test(test_should_stop_checkpoints_and_resumes_identically),
         cmocka_unit_test(test_resume_refuses_a_non_checkpoint),
         cmocka_unit_test(test_trained_rows_only_equals_full_logits),
+        cmocka_unit_test(test_packed_rows_equal_separate_sequences),
     };
     int rc = cmocka_run_group_tests_name("engine training loop", tests, NULL, NULL);
     char cmd[300];

@@ -58,6 +58,7 @@ int cmd_train(int argc, char **argv)
         {"max-seq-len", CLI_INT, &max_seq_len, "truncate examples to this many tokens (default 2048)"},
         {"seed", CLI_U64, &to.seed, "seed of init and data order (default 42)"},
         {"no-shuffle", CLI_FLAG, &no_shuffle, "keep the file's order"},
+        {"pack", CLI_INT, &to.pack, "pack whole examples into rows of N tokens (attention stays per example)"},
         {"recompute", CLI_FLAG, &recompute, "activation recomputation: keep only each layer's input, redo the rest in the backward"},
         {"save-every", CLI_I64, &to.save_every, "checkpoint every N steps (default: only at the end)"},
         {"eval-every", CLI_I64, &to.eval_every, "validation every N steps (with --val-data)"},

@@ -356,6 +356,11 @@ struct ln_acts {
     int64_t M;            /* −1 when the logits cover every row */
     int head_done;        /* the forward already left ∂loss/∂xf in dh (fused head) */
     int64_t cap_logit_rows; /* rows of logits allocated */
+    /* packed rows (ln_batch.segment): nseg segments, each rows [row0, row0+len) of one sequence,
+     * its attention probabilities at probs + poff; nseg = 0 for plain batches */
+    int nseg;
+    int32_t *seg_row0, *seg_len;
+    int64_t *seg_poff;
     float head_scale;     /* the loss scale it used */
     int32_t *rows, *tc;   /* host; M each */
     float *xfc;           /* (M, C) */
@@ -393,6 +398,9 @@ static void acts_release(const lnb_backend *be, ln_acts *a)
     for (size_t i = 0; i < sizeof single / sizeof *single; i++) be->free(single[i]);
     free(a->rows);
     free(a->tc);
+    free(a->seg_row0);
+    free(a->seg_len);
+    free(a->seg_poff);
     memset(a, 0, sizeof *a);
 }
 
@@ -454,6 +462,9 @@ static int acts_ensure(const ln_model *m, const struct ln_adapter *ad, ln_acts *
     fail |= !(a->logits = be->alloc((size_t)(logit_rows * c->vocab_size) * sizeof(float)));
     fail |= !(a->xfc = be->alloc((size_t)(N * C) * sizeof(float)));
     a->rows = ln_xmalloc((size_t)N * sizeof(int32_t));
+    a->seg_row0 = ln_xmalloc((size_t)N * sizeof(int32_t));
+    a->seg_len = ln_xmalloc((size_t)N * sizeof(int32_t));
+    a->seg_poff = ln_xmalloc((size_t)N * sizeof(int64_t));
     a->tc = ln_xmalloc((size_t)N * sizeof(int32_t));
     a->M = -1;
     fail |= !(a->dres = be->alloc((size_t)(N * C) * sizeof(float)));
@@ -581,9 +592,22 @@ static void layer_forward(ln_model *m, const struct ln_adapter *ad, ln_acts *a, 
     linear_forward(be, a->q[l], 0.0f, a->h1[l], N, &L->lin[LN_Q], lora_of(ad, l, LN_Q), s, lh[LN_Q]);
     linear_forward(be, a->k[l], 0.0f, a->h1[l], N, &L->lin[LN_K], lora_of(ad, l, LN_K), s, lh[LN_K]);
     linear_forward(be, a->v[l], 0.0f, a->h1[l], N, &L->lin[LN_V], lora_of(ad, l, LN_V), s, lh[LN_V]);
-    be->rope_forward(a->q[l], m->rope_cos, m->rope_sin, N, T, nh, hd);
-    be->rope_forward(a->k[l], m->rope_cos, m->rope_sin, N, T, nkv, hd);
-    be->attention_forward(a->att[l], a->probs[l], a->q[l], a->k[l], a->v[l], B, T, nh, nkv, hd);
+    if (!a->nseg) {
+        be->rope_forward(a->q[l], m->rope_cos, m->rope_sin, N, T, nh, hd);
+        be->rope_forward(a->k[l], m->rope_cos, m->rope_sin, N, T, nkv, hd);
+        be->attention_forward(a->att[l], a->probs[l], a->q[l], a->k[l], a->v[l], B, T, nh, nkv, hd);
+    } else {
+        /* packed rows: each segment is its own sequence (positions from 0, attention inside it) */
+        for (int sg = 0; sg < a->nseg; sg++) {
+            int64_t r0 = a->seg_row0[sg];
+            int len = a->seg_len[sg];
+            float *q = a->q[l] + r0 * nh * hd, *k = a->k[l] + r0 * nkv * hd, *v = a->v[l] + r0 * nkv * hd;
+            be->rope_forward(q, m->rope_cos, m->rope_sin, len, len, nh, hd);
+            be->rope_forward(k, m->rope_cos, m->rope_sin, len, len, nkv, hd);
+            be->attention_forward(a->att[l] + r0 * nh * hd, a->probs[l] + a->seg_poff[sg], q, k, v, 1, len, nh, nkv,
+                                  hd);
+        }
+    }
     if (hook) hook(l, LN_IN_O, a->att[l], N, nh * hd, hctx);
     tp_residual(m, a->xmid[l], a->res[l], (int64_t)N * C);
     linear_forward(be, a->xmid[l], 1.0f, a->att[l], N, &L->lin[LN_O], lora_of(ad, l, LN_O), s, lh[LN_O]);
@@ -625,10 +649,21 @@ static void layer_backward(ln_model *m, struct ln_adapter *ad, ln_acts *a, int l
     /* Attention: xmid = x + att Woᵀ. */
     linear_backward(be, a->datt, 0.0f, a->dres, a->att[l], N, &L->lin[LN_O], lora_of(ad, l, LN_O), s, lh[LN_O],
                     a->dlh);
-    be->attention_backward(a->dq, a->dk, a->dv, a->dS, a->datt, a->probs[l], a->q[l], a->k[l], a->v[l], B, T, nh,
-                           nkv, hd);
-    be->rope_backward(a->dq, m->rope_cos, m->rope_sin, N, T, nh, hd);
-    be->rope_backward(a->dk, m->rope_cos, m->rope_sin, N, T, nkv, hd);
+    if (!a->nseg) {
+        be->attention_backward(a->dq, a->dk, a->dv, a->dS, a->datt, a->probs[l], a->q[l], a->k[l], a->v[l], B, T, nh,
+                               nkv, hd);
+        be->rope_backward(a->dq, m->rope_cos, m->rope_sin, N, T, nh, hd);
+        be->rope_backward(a->dk, m->rope_cos, m->rope_sin, N, T, nkv, hd);
+    } else {
+        for (int sg = 0; sg < a->nseg; sg++) { /* packed rows, segment by segment as the forward */
+            int64_t r0 = a->seg_row0[sg], qo = r0 * nh * hd, ko = r0 * nkv * hd;
+            int len = a->seg_len[sg];
+            be->attention_backward(a->dq + qo, a->dk + ko, a->dv + ko, a->dS, a->datt + qo, a->probs[l] + a->seg_poff[sg],
+                                   a->q[l] + qo, a->k[l] + ko, a->v[l] + ko, 1, len, nh, nkv, hd);
+            be->rope_backward(a->dq + qo, m->rope_cos, m->rope_sin, len, len, nh, hd);
+            be->rope_backward(a->dk + ko, m->rope_cos, m->rope_sin, len, len, nkv, hd);
+        }
+    }
     /* ∂/∂h1 is only needed when something below (or this layer's input norm) trains */
     float *dh1 = need_dx || L->attn_norm.g ? a->dh : NULL;
     linear_backward(be, dh1, 0.0f, a->dq, a->h1[l], N, &L->lin[LN_Q], lora_of(ad, l, LN_Q), s, lh[LN_Q], a->dlh);
@@ -660,6 +695,29 @@ int ln_model_forward(ln_model *m, const struct ln_adapter *ad, ln_acts *a, const
     int chunked = o && o->trained_rows_only && b->targets;
     int64_t logit_rows = chunked ? (N < LN_HEAD_CHUNK ? N : LN_HEAD_CHUNK) : N;
     if (acts_ensure(m, ad, a, B, T, logit_rows, e)) return -1;
+    /* packed rows: a segment starts wherever segment[] changes along a sequence (the padding tail,
+     * segment −1, is one more); segment s's probabilities take nh·len·len floats (nh·len when the
+     * backend keeps rows only) at seg_poff[s] — at most what the whole batch would */
+    a->nseg = 0;
+    const int32_t *segment = o ? o->segment : NULL;
+    if (segment) {
+        int64_t off = 0;
+        for (int bi = 0; bi < B; bi++)
+            for (int t = 0; t < T; t++) {
+                int64_t n = (int64_t)bi * T + t;
+                if (t == 0 || segment[n] != segment[n - 1]) {
+                    if (a->nseg > 0) {
+                        int p = a->nseg - 1;
+                        off += (int64_t)c->num_heads * a->seg_len[p] * (be->attention_rows_only ? 1 : a->seg_len[p]);
+                    }
+                    a->seg_row0[a->nseg] = (int32_t)n;
+                    a->seg_len[a->nseg] = 0;
+                    a->seg_poff[a->nseg] = off;
+                    a->nseg++;
+                }
+                a->seg_len[a->nseg - 1]++;
+            }
+    }
     rope_ensure(m, T);
     be->embedding_forward(a->res[0], b->ids, m->embed.w, N, C);
     for (int l = 0; l < c->num_layers; l++) layer_forward(m, ad, a, l, B, T, o);

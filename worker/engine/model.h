@@ -124,6 +124,10 @@ typedef struct ln_fwd_opts {
     int trained_rows_only; /* lm_head and loss only on rows whose target is ≥ 0, LN_HEAD_CHUNK
                             * rows at a time (training, evaluation): ln_acts_logits is then not the
                             * batch's logits */
+    const int32_t *segment; /* NULL, or packed rows (data.h's ln_packed_row.segment, B·T): tokens
+                             * attend only within their segment and RoPE positions restart at 0 in
+                             * each — every packed example computes exactly what it would alone.
+                             * The following ln_model_backward keeps the same segments. */
     float head_grad_scale;   /* with trained_rows_only, ≠ 0: the lm_head's backward runs inside the
                             * forward with this loss scale (no N × V logits are ever kept); the
                             * following ln_model_backward must pass the same scale */

@@ -49,6 +49,31 @@ void ln_batch_build(ln_batch *b, const ln_example *const *ex, int n)
     }
 }
 
+void ln_batch_build_packed(ln_batch *b, int32_t **segment, const ln_packed_row *rows, int n)
+{
+    int T = 1;
+    for (int i = 0; i < n; i++) T = rows[i].len > T ? rows[i].len : T;
+    b->B = n;
+    b->T = T;
+    b->ids = ln_xcalloc((size_t)n * T, sizeof(int32_t));
+    b->targets = ln_xmalloc((size_t)n * T * sizeof(int32_t));
+    int32_t *seg = ln_xmalloc((size_t)n * T * sizeof(int32_t));
+    b->n_targets = 0;
+    for (int i = 0; i < n; i++) {
+        const ln_packed_row *r = &rows[i];
+        for (int t = 0; t < T; t++) {
+            int64_t k = (int64_t)i * T + t;
+            b->ids[k] = t < r->len ? r->input_ids[t] : 0;
+            seg[k] = t < r->len ? r->segment[t] : -1;
+            /* the first label of every segment is −100 (data.h), so no target crosses examples */
+            int32_t y = t + 1 < r->len ? r->labels[t + 1] : LN_IGNORE_INDEX;
+            b->targets[k] = y >= 0 ? y : LN_IGNORE_INDEX;
+            b->n_targets += y >= 0;
+        }
+    }
+    *segment = seg;
+}
+
 void ln_batch_free(ln_batch *b)
 {
     free(b->ids);
@@ -323,6 +348,10 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
     ckpt_state cs;
     memset(&cs, 0, sizeof cs);
     cs.total_steps = o->max_steps > 0 ? o->max_steps : ((int64_t)o->epochs * ds->n + per_step - 1) / per_step;
+    if (o->pack > 0 && o->max_steps <= 0) { /* packed: steps from the token count (rows are not always full) */
+        int64_t per_step_tokens = (int64_t)per_step * o->pack;
+        cs.total_steps = ((int64_t)o->epochs * ds->stats.tokens + per_step_tokens - 1) / per_step_tokens;
+    }
     ln_optim_cfg oc = o->optim;
     oc.total_steps = cs.total_steps;
     oc.warmup_steps = (int64_t)ceil(o->warmup_ratio * (double)cs.total_steps);
@@ -345,7 +374,13 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
     FILE *metrics = NULL;
     int rc = -1;
     ln_batch *mb = ln_xcalloc((size_t)o->grad_accum, sizeof *mb);
+    int32_t **mseg = ln_xcalloc((size_t)o->grad_accum, sizeof *mseg); /* packed micro-batches' segments */
     const ln_example **ex = ln_xmalloc((size_t)per_step * sizeof *ex);
+    ln_packed_row *packed = NULL;
+    if (o->pack > 0) {
+        packed = ln_xcalloc((size_t)per_step, sizeof *packed);
+        for (int i = 0; i < per_step; i++) ln_packed_row_init(&packed[i], o->pack);
+    }
     char *ckdir = NULL;
 
     if (o->resume) {
@@ -376,11 +411,20 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
         double t0 = ln_now_s();
         /* the step's examples, then its micro-batches; the loss is averaged over all their targets */
         int64_t trained = 0, tokens = 0;
-        for (int i = 0; i < per_step; i++) ex[i] = ln_loader_next(&ld);
-        for (int a = 0; a < o->grad_accum; a++) {
-            ln_batch_build(&mb[a], ex + (size_t)a * o->batch_size, o->batch_size);
-            trained += mb[a].n_targets;
-            for (int i = 0; i < o->batch_size; i++) tokens += ex[a * o->batch_size + i]->len;
+        if (o->pack > 0) {
+            for (int i = 0; i < per_step; i++) ln_loader_next_packed(&ld, &packed[i]);
+            for (int a = 0; a < o->grad_accum; a++) {
+                ln_batch_build_packed(&mb[a], &mseg[a], packed + (size_t)a * o->batch_size, o->batch_size);
+                trained += mb[a].n_targets;
+                for (int i = 0; i < o->batch_size; i++) tokens += packed[a * o->batch_size + i].len;
+            }
+        } else {
+            for (int i = 0; i < per_step; i++) ex[i] = ln_loader_next(&ld);
+            for (int a = 0; a < o->grad_accum; a++) {
+                ln_batch_build(&mb[a], ex + (size_t)a * o->batch_size, o->batch_size);
+                trained += mb[a].n_targets;
+                for (int i = 0; i < o->batch_size; i++) tokens += ex[a * o->batch_size + i]->len;
+            }
         }
         ln_optim_zero_grad(&opt);
         /* the lm_head's backward runs fused inside the forward (see model.h) */
@@ -390,11 +434,16 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
         int frc = 0;
         for (int a = 0; a < o->grad_accum && frc == 0; a++) {
             double ls = 0.0;
+            fwd.segment = mseg[a]; /* NULL unless packed */
             frc = ln_model_forward(m, ad, acts, &mb[a], &fwd, &ls, e);
             if (frc == 0 && trained > 0) frc = ln_model_backward(m, ad, acts, &mb[a], scale, e);
             loss_sum += ls;
         }
-        for (int a = 0; a < o->grad_accum; a++) ln_batch_free(&mb[a]);
+        for (int a = 0; a < o->grad_accum; a++) {
+            ln_batch_free(&mb[a]);
+            free(mseg[a]);
+            mseg[a] = NULL;
+        }
         if (frc) { ln_err_prefix(e, "train step %lld", (long long)step + 1); goto out; }
         double loss = trained > 0 ? loss_sum / (double)trained : 0.0;
         if (!isfinite(loss)) { ln_errf(e, "train step %lld: the loss is not finite (%g); lower the learning rate", (long long)step + 1, loss); goto out; }
@@ -458,7 +507,12 @@ out:
     if (metrics) fclose(metrics);
     free(ckdir);
     free(ex);
+    if (packed) {
+        for (int i = 0; i < per_step; i++) ln_packed_row_free(&packed[i]);
+        free(packed);
+    }
     free(mb);
+    free(mseg);
     ln_acts_free(m, acts);
     ln_loader_free(&ld);
     ln_optim_free(&opt);

@@ -43,6 +43,9 @@ typedef struct ln_train_opts {
                                * ceil(0.1f · 20) would be 3) */
     uint64_t seed;
     int shuffle;
+    int pack;                 /* > 0: each row packs whole examples into this many tokens (data.h's
+                               * ln_loader_next_packed; the model keeps them apart); batch_size counts
+                               * rows; with epochs, steps = epochs · tokens / (pack · rows per step) */
     int64_t save_every;       /* 0 = only at the end */
     int64_t stop_at_step;     /* > 0: stop (with a checkpoint) after this step — an interruption */
     const char *out_dir;      /* metrics.jsonl, checkpoints, final adapter; NULL = write nothing */
@@ -79,6 +82,8 @@ int ln_train_load_checkpoint(ln_model *m, const char *ckpt, ln_adapter *ad, ln_e
 
 /* Right-pads n examples into a batch (pad id 0, targets shifted, −100 on padding). Owns ids/targets. */
 void ln_batch_build(ln_batch *b, const ln_example *const *ex, int n);
+/* The same for n packed rows; *segment (B·T, for ln_fwd_opts.segment) is the caller's to free. */
+void ln_batch_build_packed(ln_batch *b, int32_t **segment, const ln_packed_row *rows, int n);
 void ln_batch_free(ln_batch *b);
 /* Every trainable parameter of m and ad in a fixed order (caller frees the array). */
 int ln_trainable_params(ln_model *m, ln_adapter *ad, ln_param ***out);
