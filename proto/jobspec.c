@@ -166,13 +166,14 @@ static int parse_hparams(const json_t *h, const char *prefix, int extras, ln_hpa
         hp->batch_size = (int)x;
     }
     if (json_object_get(h, "learning_rate_multiplier")) {
-        if (get_num(h, "learning_rate_multiplier", P("learning_rate_multiplier"), 0, 1000, 1, 1.0, 1,
+        if (get_num(h, "learning_rate_multiplier", P("learning_rate_multiplier"), 0, LN_MAX_LR_MULTIPLIER, 1, 1.0, 1,
                     &hp->learning_rate_multiplier, param, e))
             return -1;
     }
     if (!extras) return 0;
     if (json_object_get(h, "learning_rate") && !json_is_null(json_object_get(h, "learning_rate"))) {
-        if (get_num(h, "learning_rate", P("learning_rate"), 0, 10, 1, 0, 0, &hp->learning_rate, param, e)) return -1;
+        if (get_num(h, "learning_rate", P("learning_rate"), 0, LN_MAX_LR, 1, 0, 0, &hp->learning_rate, param, e))
+            return -1;
         *lr_given = 1;
     }
     if (get_num(h, "warmup_ratio", P("warmup_ratio"), 0, 1, 0, hp->warmup_ratio, 0, &hp->warmup_ratio, param, e))
@@ -363,8 +364,28 @@ int ln_jobspec_parse(const json_t *obj, ln_jobspec *s, char param[LN_JOBSPEC_PAR
         fail(param, e, "hyperparameters.learning_rate", "give learning_rate or learning_rate_multiplier, not both%s", "");
         goto err;
     }
-    if (!lr_given) s->hp.learning_rate = LN_DEFAULT_BASE_LR * s->hp.learning_rate_multiplier;
-    else s->hp.learning_rate_multiplier = s->hp.learning_rate / LN_DEFAULT_BASE_LR;
+    /* learning_rate and learning_rate_multiplier are one setting (lr = base × multiplier) and the
+     * normalised spec carries both, so each is bounded here by the other's limits: whatever this
+     * accepts, its normalised form is accepted again. lr ≤ LN_MAX_LR = fl(base × 1000) is the same
+     * product a multiplier of 1000 gives (rounding is monotone), and base × multiplier must not
+     * underflow to 0 (learning_rate is > 0). */
+    if (!lr_given) {
+        s->hp.learning_rate = LN_DEFAULT_BASE_LR * s->hp.learning_rate_multiplier;
+        if (!(s->hp.learning_rate > 0)) {
+            int in_method = method && json_object_get(json_object_get(json_object_get(method, "supervised"),
+                                                                      "hyperparameters"),
+                                                      "learning_rate_multiplier");
+            fail(param, e,
+                 in_method ? "method.supervised.hyperparameters.learning_rate_multiplier"
+                           : "hyperparameters.learning_rate_multiplier",
+                 "is too small: learning_rate = 2e-4 x multiplier would be 0%s", "");
+            goto err;
+        }
+    } else {
+        /* The derived multiplier is shown, never used; division may round one ulp past the bound. */
+        s->hp.learning_rate_multiplier = s->hp.learning_rate / LN_DEFAULT_BASE_LR;
+        if (s->hp.learning_rate_multiplier > LN_MAX_LR_MULTIPLIER) s->hp.learning_rate_multiplier = LN_MAX_LR_MULTIPLIER;
+    }
 
     json_t *a;
     if (get_object(obj, "adapter", "adapter", &a, param, e) != 0) goto err;

@@ -42,6 +42,8 @@ typedef enum { LN_DEVICE_ANY, LN_DEVICE_CPU, LN_DEVICE_CUDA } ln_device_kind;
 #define LN_DEFAULT_N_EPOCHS 3
 #define LN_DEFAULT_BATCH_SIZE 8
 #define LN_DEFAULT_BASE_LR 2e-4        /* learning_rate = LN_DEFAULT_BASE_LR * multiplier */
+#define LN_MAX_LR_MULTIPLIER 1000.0   /* learning_rate_multiplier in (0, 1000] */
+#define LN_MAX_LR (LN_DEFAULT_BASE_LR * LN_MAX_LR_MULTIPLIER) /* learning_rate in (0, 0.2] */
 #define LN_DEFAULT_RANK 8
 #define LN_DEFAULT_CALIB_SAMPLES 256
 #define LN_DEFAULT_CALIB_MAX_LEN 1024
@@ -50,7 +52,7 @@ typedef struct ln_hparams {
     int n_epochs;                  /* 1..1000 */
     int batch_size;                /* 1..65536 */
     double learning_rate_multiplier;
-    double learning_rate;          /* effective: explicit, or base * multiplier */
+    double learning_rate;          /* effective: explicit (0, LN_MAX_LR], or base * multiplier */
     double warmup_ratio;           /* 0..1, default 0.03 */
     int max_seq_len;               /* 1..1048576, default 2048 */
     int grad_accum;                /* 1..65536, default 1 */

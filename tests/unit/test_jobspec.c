@@ -136,12 +136,166 @@ static void test_state_machine(void **state) {
     assert_true(jobs_is_terminal("failed") && !jobs_is_terminal("paused"));
 }
 
+/* ---------------------------------------------------------------- round trip, property style
+ * Many random specs built from each field's edge values (bounds, one ulp either side, tiny and
+ * huge numbers, "auto", null): whatever ln_jobspec_parse accepts, its normalised JSON must parse
+ * again to the same settings, and normalising that must be a fixed point. */
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static uint64_t rng(void) { /* xorshift64* */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 2685821657736338717ull;
+}
+#define PICK(arr) (arr[rng() % (sizeof arr / sizeof arr[0])])
+
+static json_t *random_spec(void) {
+    static const double reals[] = {5e-324, 1e-320, 1e-300, 1e-12, 1e-8, 2e-4, 0.03, 0.1, 0.19999999999999998, 0.2,
+                                   0.20000000000000004, 0.5, 1, 10, 99.99999999999999, 100, 999.9999999999999, 1000,
+                                   1000.0000000000001, 1e6, 1e300, 0, -1e-300};
+    static const long long ints[] = {-1, 0, 1, 2, 7, 8, 64, 1000, 1001, 4096, 4097, 65536, 65537, 1 << 20,
+                                     (1 << 20) + 1, 1 << 30, 2147483647, 2147483648LL};
+    static const char *const hp_real[] = {"learning_rate_multiplier", "learning_rate", "warmup_ratio", "weight_decay",
+                                          "max_grad_norm"};
+    static const char *const hp_int[] = {"n_epochs", "batch_size", "max_seq_len", "grad_accum", "eval_interval",
+                                         "save_interval"};
+    static const char *const types[] = {"lora", "pissa", "milora", "corda", "lora_fa", "lora_null_v1", "lora_null_v2",
+                                        "full"};
+    static const char *const mods[] = {"q_proj", "k", "v_proj", "o", "gate_proj", "up", "down_proj"};
+    json_t *j = json_pack("{s:s, s:s}", "model", "llama-3.2-1b", "training_file", "file-train");
+    if (rng() % 2) json_object_set_new(j, "seed", json_integer(PICK(ints)));
+    if (rng() % 3 == 0) json_object_set_new(j, "validation_file", rng() % 2 ? json_string("file-val") : json_null());
+    if (rng() % 3 == 0) json_object_set_new(j, "suffix", json_string("run-1"));
+    if (rng() % 3 == 0) json_object_set_new(j, "metadata", json_pack("{s:s}", "k", "v"));
+    json_t *hp = json_object();
+    for (size_t i = 0; i < 5; i++)
+        if (rng() % 3 == 0) json_object_set_new(hp, hp_real[i], json_real(PICK(reals)));
+    for (size_t i = 0; i < 6; i++)
+        if (rng() % 3 == 0) json_object_set_new(hp, hp_int[i], json_integer(PICK(ints)));
+    if (rng() % 4 == 0) json_object_set_new(hp, "n_epochs", json_string("auto"));
+    if (rng() % 4 == 0) json_object_del(hp, "learning_rate"); /* otherwise both often clash */
+    json_object_set_new(j, "hyperparameters", hp);
+    if (rng() % 2) {
+        json_t *mh = json_object();
+        if (rng() % 2) json_object_set_new(mh, "learning_rate_multiplier", rng() % 4 ? json_real(PICK(reals)) : json_string("auto"));
+        if (rng() % 2) json_object_set_new(mh, "batch_size", json_integer(PICK(ints)));
+        if (rng() % 2) json_object_set_new(mh, "n_epochs", json_integer(PICK(ints)));
+        json_object_set_new(j, "method", json_pack("{s:s, s:{s:o}}", "type", "supervised", "supervised",
+                                                   "hyperparameters", mh));
+    }
+    if (rng() % 2) {
+        json_t *a = json_object();
+        if (rng() % 2) json_object_set_new(a, "type", json_string(PICK(types)));
+        if (rng() % 2) json_object_set_new(a, "rank", json_integer(PICK(ints)));
+        if (rng() % 2) json_object_set_new(a, "alpha", json_real(PICK(reals)));
+        if (rng() % 2) {
+            json_t *t = json_array();
+            for (int k = 0, n = 1 + (int)(rng() % 4); k < n; k++) json_array_append_new(t, json_string(PICK(mods)));
+            json_object_set_new(a, "target_modules", t);
+        }
+        if (rng() % 2)
+            json_object_set_new(a, "calibration", json_pack("{s:o, s:I, s:I}", "file",
+                                                            rng() % 2 ? json_string("file-cal") : json_null(),
+                                                            "samples", (json_int_t)PICK(ints), "max_length",
+                                                            (json_int_t)PICK(ints)));
+        json_object_set_new(j, "adapter", a);
+    }
+    if (rng() % 2)
+        json_object_set_new(j, "resources", json_pack("{s:I, s:s}", "ranks", (json_int_t)(rng() % 70),
+                                                      "device", rng() % 2 ? "cpu" : "any"));
+    return j;
+}
+
+static char *normalised_text(const ln_jobspec *s) {
+    json_t *j = ln_jobspec_to_json(s);
+    char *t = json_dumps(j, JSON_COMPACT | JSON_SORT_KEYS);
+    json_decref(j);
+    return t;
+}
+
+static void test_round_trip_property(void **state) {
+    (void)state;
+    int accepted = 0, refused = 0;
+    for (int i = 0; i < 20000; i++) {
+        json_t *in = random_spec();
+        ln_jobspec s1, s2, s3;
+        char param[LN_JOBSPEC_PARAM_MAX];
+        ln_err e;
+        if (ln_jobspec_parse(in, &s1, param, &e) != 0) {
+            assert_true(param[0] != 0); /* a refusal always names the field */
+            refused++;
+            json_decref(in);
+            continue;
+        }
+        accepted++;
+        char *t1 = normalised_text(&s1);
+        if (ln_jobspec_parse_text(t1, strlen(t1), &s2, param, &e) != 0) {
+            char *src = json_dumps(in, JSON_COMPACT);
+            fail_msg("accepted %s\nbut its normalised form %s\nis refused: %s", src, t1, e.msg);
+        }
+        /* Every setting the engine uses survives exactly; the derived multiplier may move one ulp. */
+        assert_true(s2.hp.learning_rate == s1.hp.learning_rate);
+        assert_true(s2.hp.learning_rate_multiplier > 0 && s2.hp.learning_rate_multiplier <= LN_MAX_LR_MULTIPLIER);
+        assert_true(s2.hp.warmup_ratio == s1.hp.warmup_ratio && s2.hp.weight_decay == s1.hp.weight_decay &&
+                    s2.hp.max_grad_norm == s1.hp.max_grad_norm && s2.adapter.alpha == s1.adapter.alpha);
+        assert_int_equal(s2.hp.n_epochs, s1.hp.n_epochs);
+        assert_int_equal(s2.hp.batch_size, s1.hp.batch_size);
+        assert_int_equal(s2.hp.max_seq_len, s1.hp.max_seq_len);
+        assert_int_equal(s2.hp.grad_accum, s1.hp.grad_accum);
+        assert_int_equal(s2.adapter.rank, s1.adapter.rank);
+        assert_int_equal(s2.adapter.n_targets, s1.adapter.n_targets);
+        assert_int_equal(s2.seed, s1.seed);
+        assert_int_equal(s2.ranks, s1.ranks);
+        char *t2 = normalised_text(&s2);
+        assert_int_equal(ln_jobspec_parse_text(t2, strlen(t2), &s3, param, &e), 0);
+        char *t3 = normalised_text(&s3);
+        assert_string_equal(t3, t2);
+        free(t1);
+        free(t2);
+        free(t3);
+        ln_jobspec_free(&s1);
+        ln_jobspec_free(&s2);
+        ln_jobspec_free(&s3);
+        json_decref(in);
+    }
+    /* The generator reaches both sides of the bounds. */
+    assert_true(accepted > 1000 && refused > 1000);
+}
+
+static void test_learning_rate_bound_on_input(void **state) {
+    (void)state;
+    ln_jobspec s;
+    char param[LN_JOBSPEC_PARAM_MAX];
+    ln_err e;
+    /* Was accepted (bound 10), then the normalised multiplier 50000 broke its own bound of 1000. */
+    assert_int_equal(parse("{\"model\":\"m\",\"training_file\":\"file-a\",\"hyperparameters\":{\"learning_rate\":10}}",
+                           &s, param, &e),
+                     -1);
+    assert_string_equal(param, "hyperparameters.learning_rate");
+    assert_non_null(strstr(e.msg, "hyperparameters.learning_rate"));
+    assert_non_null(strstr(e.msg, "0.2"));
+    /* The largest multiplier's rate is accepted both ways. */
+    assert_int_equal(parse("{\"model\":\"m\",\"training_file\":\"file-a\",\"hyperparameters\":{\"learning_rate\":0.2}}",
+                           &s, param, &e),
+                     0);
+    ln_jobspec_free(&s);
+    /* A multiplier so small the rate would underflow to 0 is refused by name. */
+    assert_int_equal(parse("{\"model\":\"m\",\"training_file\":\"file-a\",\"method\":{\"type\":\"supervised\","
+                           "\"supervised\":{\"hyperparameters\":{\"learning_rate_multiplier\":5e-324}}}}",
+                           &s, param, &e),
+                     -1);
+    assert_string_equal(param, "method.supervised.hyperparameters.learning_rate_multiplier");
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_defaults_and_normalised_round_trip),
         cmocka_unit_test(test_openai_method_auto_and_loranull_fields),
         cmocka_unit_test(test_errors_name_the_field),
         cmocka_unit_test(test_state_machine),
+        cmocka_unit_test(test_round_trip_property),
+        cmocka_unit_test(test_learning_rate_bound_on_input),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
