@@ -45,7 +45,15 @@ static int lease_begin(http_req *r, long long gen, int pause_grace) {
         return -1;
     }
     ln_err e;
-    if (sched_check_lease(job, gen, pause_grace, &e) != 0) {
+    int rc = sched_check_lease(job, gen, pause_grace, &e);
+    if (rc == SCHED_LEASE_EXPIRED) {
+        /* Requeue now rather than at the next sweep, so the job's state says what the reply says. */
+        int requeued = sched_expire_lease(job);
+        if (store_commit() == 0 && requeued) jobs_notify(job);
+        http_error(r, 409, "invalid_request_error", "lease_lost", "lease_generation", "%s.", e.msg);
+        return -1;
+    }
+    if (rc != 0) {
         store_rollback();
         if (strstr(e.msg, "does not exist")) http_not_found(r, "fine-tuning job", job);
         else http_error(r, 409, "invalid_request_error", "lease_lost", "lease_generation", "%s.", e.msg);

@@ -336,7 +336,7 @@ json_t *sched_lease(const char *worker_id, int free_devices, int *err_status, ln
 }
 
 int sched_check_lease(const char *job_id, long long gen, int pause_grace, ln_err *e) {
-    sqlite3_stmt *st = store_stmt("SELECT status, lease_gen, paused_at_f FROM jobs WHERE id=?");
+    sqlite3_stmt *st = store_stmt("SELECT status, lease_gen, paused_at_f, lease_expires_f FROM jobs WHERE id=?");
     sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
     if (sqlite3_step(st) != SQLITE_ROW) {
         sqlite3_reset(st);
@@ -346,8 +346,10 @@ int sched_check_lease(const char *job_id, long long gen, int pause_grace, ln_err
     snprintf(status, sizeof status, "%s", store_col_text(st, 0));
     long long cur = sqlite3_column_int64(st, 1);
     double paused_at = sqlite3_column_type(st, 2) == SQLITE_NULL ? 0 : sqlite3_column_double(st, 2);
+    double expires = sqlite3_column_type(st, 3) == SQLITE_NULL ? 0 : sqlite3_column_double(st, 3);
     sqlite3_reset(st);
-    double grace_left = paused_at + g_cfg.pause_grace_s - sched_wall_now();
+    double now = sched_wall_now();
+    double grace_left = paused_at + g_cfg.pause_grace_s - now;
     if (strcmp(status, "paused") == 0 && cur == gen && paused_at > 0 && grace_left > 0) {
         if (pause_grace) return 0;
         return ln_errf(e, "job %s is paused: stop; files, checkpoints and events of lease generation %lld are "
@@ -357,7 +359,40 @@ int sched_check_lease(const char *job_id, long long gen, int pause_grace, ln_err
         return ln_errf(e, "job %s is %s: its lease (generation %lld) is no longer valid", job_id, status, gen);
     if (cur != gen)
         return ln_errf(e, "lease generation %lld of job %s is stale (current generation is %lld)", gen, job_id, cur);
+    /* Expired is expired when it is checked, not only when the once-a-second sweep gets to it: a
+     * heartbeat or report that arrives late must not revive a lease another worker may get next. */
+    if (expires < now) {
+        ln_errf(e, "lease generation %lld of job %s expired %.1f s ago (no heartbeat within %.0f s)", gen, job_id,
+                now - expires, g_cfg.lease_ttl_s);
+        return -2;
+    }
     return 0;
+}
+
+/* Requeues one expired lease inside the caller's transaction (re-checked there: a heartbeat may
+ * have just extended it); 1 when it did. */
+static int expire_one(const char *job_id, const char *worker, double now) {
+    sqlite3_stmt *st = store_stmt("SELECT 1 FROM jobs WHERE id=? AND status='running' AND lease_expires_f<?");
+    sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
+    sqlite3_bind_double(st, 2, now);
+    int still = sqlite3_step(st) == SQLITE_ROW;
+    sqlite3_reset(st);
+    if (!still) return 0;
+    char reason[200];
+    snprintf(reason, sizeof reason, "Lease expired: worker %s sent no heartbeat for %.0f s", worker, g_cfg.lease_ttl_s);
+    sched_requeue(job_id, "lease_expired", reason);
+    atomic_fetch_add(&g_expired, 1);
+    ln_log(LN_LOG_WARN, "sched", "lease of %s expired (worker %s)", job_id, worker);
+    return 1;
+}
+
+int sched_expire_lease(const char *job_id) {
+    sqlite3_stmt *st = store_stmt("SELECT lease_worker FROM jobs WHERE id=?");
+    sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
+    char worker[40] = "?";
+    if (sqlite3_step(st) == SQLITE_ROW && store_col_text(st, 0)) snprintf(worker, sizeof worker, "%s", store_col_text(st, 0));
+    sqlite3_reset(st);
+    return expire_one(job_id, worker, sched_wall_now());
 }
 
 void sched_requeue(const char *job_id, const char *code, const char *reason) {
@@ -445,23 +480,8 @@ static void expire_leases(void) {
     sqlite3_reset(st);
     for (int i = 0; i < n; i++) {
         if (store_begin() != 0) return;
-        /* Re-check inside the transaction: a heartbeat may have just extended it. */
-        st = store_stmt("SELECT 1 FROM jobs WHERE id=? AND status='running' AND lease_expires_f<?");
-        sqlite3_bind_text(st, 1, ids[i], -1, SQLITE_STATIC);
-        sqlite3_bind_double(st, 2, now);
-        int still = sqlite3_step(st) == SQLITE_ROW;
-        sqlite3_reset(st);
-        if (still) {
-            char reason[200];
-            snprintf(reason, sizeof reason, "Lease expired: worker %s sent no heartbeat for %.0f s", workers[i],
-                     g_cfg.lease_ttl_s);
-            sched_requeue(ids[i], "lease_expired", reason);
-        }
-        if (store_commit() == 0 && still) {
-            atomic_fetch_add(&g_expired, 1);
-            ln_log(LN_LOG_WARN, "sched", "lease of %s expired (worker %s)", ids[i], workers[i]);
-            jobs_notify(ids[i]);
-        }
+        int still = expire_one(ids[i], workers[i], now);
+        if (store_commit() == 0 && still) jobs_notify(ids[i]);
     }
 }
 

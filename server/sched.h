@@ -11,7 +11,8 @@
  * Expiry. A lease lives lease_ttl_s past the last heartbeat. An expired job goes back to the queue
  * with a backoff of retry_backoff_s * 2^(attempts-1) (capped), and fails with the reason once it
  * has had max_attempts leases. A worker's report for a job that is not running under the
- * generation it carries is refused (409 lease_lost). */
+ * generation it carries, or whose lease is past its expiry time when the report arrives (the
+ * sweep may not have run yet), is refused (409 lease_lost). */
 #ifndef LN_SCHED_H
 #define LN_SCHED_H
 
@@ -31,6 +32,12 @@ json_t *sched_lease(const char *worker_id, int free_devices, int *err_status, ln
  * pause_grace, when it was paused while running under gen less than pause_grace_s ago (so the
  * worker can save a last checkpoint) — else -1 with a reason in e (state or stale generation). */
 int sched_check_lease(const char *job_id, long long gen, int pause_grace, ln_err *e);
+/* sched_check_lease's answer for a running job under gen whose lease is past its expiry time (the
+ * sweep has not run yet): the report is refused like a stale one, and the caller, inside its
+ * transaction, requeues the job at once with sched_expire_lease. */
+#define SCHED_LEASE_EXPIRED (-2)
+/* Requeues job_id if its lease is past expiry, inside the caller's transaction; 1 when it did. */
+int sched_expire_lease(const char *job_id);
 
 /* Puts a running job back in the queue (or fails it when out of attempts), inside the caller's
  * transaction. reason is for the event and the final error. */
