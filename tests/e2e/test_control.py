@@ -92,8 +92,16 @@ def test_paused_job_resumes_on_another_worker_from_its_last_uploaded_checkpoint(
     api = env.srv.client(env.key)
     assert api.post(env.srv.url(f"/v1/fine_tuning/jobs/{job['id']}/pause")).json()["status"] == "paused"
     wait_for(lambda: f"job {job['id']}: stopped" in w1.log(), 10, "the worker to stop the paused job")
+    assert "paused, its last checkpoint uploaded" in w1.log(), w1.log()
     w1.term()
-    last = max(c["step_number"] for c in checkpoints(env.srv, env.key, job["id"]))
+    # The pause's own checkpoint went up (the server's pause grace): it is at the last step the
+    # worker reported, not at the periodic checkpoint before it.
+    cks = checkpoints(env.srv, env.key, job["id"])
+    last = max(c["step_number"] for c in cks)
+    loss_steps = sorted(metrics(env.srv, env.key, job["id"], "loss")["loss"])
+    assert last == loss_steps[-1], (last, loss_steps[-5:], w1.log())
+    assert [c for c in cks if c["step_number"] == last][0]["metrics"]["train_loss"] == \
+        metrics(env.srv, env.key, job["id"], "loss")["loss"][last]
     env.worker("w2")
     assert api.post(env.srv.url(f"/v1/fine_tuning/jobs/{job['id']}/resume")).status_code == 200
     done = finished(env, job)

@@ -44,6 +44,9 @@ typedef struct wd_job {
     wd_run run;
     int run_started;
     wd_stop lost;                          /* the lease is gone (cancel, pause, lost) */
+    int pausing;                           /* paused: the run stops, its last checkpoint and the
+                                            * reports before it still go up (the server's grace) */
+    double pause_deadline;                 /* give up on that upload after this (server unreachable) */
 
     int ndl, idl, dl_busy;                 /* downloads, one at a time */
     char dl_path[MAX_DOWNLOADS][WD_PATH_MAX];
@@ -161,8 +164,20 @@ static void job_end(wd_job *j, const char *how) {
 }
 
 /* The lease is gone: stop the run within a step, send nothing more. */
+#define PAUSE_DRAIN_MAX_S 120.0
+
 static void job_lost(wd_job *j, wd_stop why, const char *msg) {
     if (j->lost) return;
+    if (why == WD_STOP_PAUSE && !j->pausing && j->run_started && j->phase == PHASE_RUNNING) {
+        /* The server still takes this generation's events, files and checkpoints for its pause
+         * grace: stop within a step and upload the checkpoint the stop writes, so a resume (on any
+         * worker) continues from the pause step. A second refusal (grace over) ends it for good. */
+        j->pausing = 1;
+        j->pause_deadline = ln_now_s() + PAUSE_DRAIN_MAX_S;
+        atomic_store(&j->run.stop, why);
+        ln_log(LN_LOG_WARN, "worker", "job %s paused: %s; stopping and uploading a last checkpoint", j->id, msg);
+        return;
+    }
     j->lost = why;
     if (j->run_started) atomic_store(&j->run.stop, why);
     wd_http_abort_ctx(j->d->http, j);
@@ -537,6 +552,19 @@ static void job_pump(wd_job *j, double now) {
     wd_daemon *d = j->d;
     if (j->lost) {
         if (!j->run_started || atomic_load(&j->run.done)) job_end(j, "stopped: its lease is gone");
+        return;
+    }
+    if (j->pausing) {
+        /* No heartbeats (they would be refused); the reports, then the stop's checkpoint. */
+        flush(j, now);
+        upload_checkpoint(j, now);
+        if (j->lost) return;
+        int drained = atomic_load(&j->run.done) && outbox_empty(j) && checkpoints_idle(j);
+        if (drained || now >= j->pause_deadline) {
+            j->lost = WD_STOP_PAUSE;
+            job_end(j, drained ? "stopped: paused, its last checkpoint uploaded"
+                               : "stopped: paused, the last checkpoint could not be uploaded in time");
+        }
         return;
     }
     send_heartbeats(j, now);
