@@ -62,6 +62,24 @@ def test_job_from_upload_to_peft_adapter(env, method, tmp_path):
         assert any(stage in s for s in msgs), (stage, msgs)
     if method == "lora_null_v2":
         assert any(s.startswith("Calibrated") for s in msgs)
+    # Every stage event carries data.stage (the dashboard's timeline), entered in order.
+    evs = events(env.srv, env.key, job["id"])
+    staged = [(e["data"]["stage"], e["message"]) for e in evs if (e.get("data") or {}).get("stage")]
+    for prefix, stage in (("Validating the data", "validating"), ("Training data validated", "validating"),
+                          ("Calibrat", "calibrating"), ("Initialised the", "initialising"),
+                          ("Before training", "training"), ("Training: 24 steps", "training"),
+                          ("Step 24/24", "training"), ("Training finished", "evaluating"),
+                          ("After training", "evaluating"), ("Exported a PEFT adapter", "exporting")):
+        for e in evs:
+            if e["message"].startswith(prefix):
+                assert (e.get("data") or {}).get("stage") == stage, (prefix, e)
+    order = ["validating", "calibrating", "initialising", "training", "evaluating", "exporting"]
+    seq = [order.index(st) for st, _ in staged]
+    assert seq == sorted(seq), staged
+    want = set(order) - (set() if method == "lora_null_v2" else {"calibrating"})
+    assert {st for st, _ in staged} == want, staged
+    steps = [e for e in evs if e["message"].startswith("Step ")]
+    assert steps and all(e["type"] == "metrics" and e["data"]["stage"] == "training" for e in steps), steps[:2]
     # The downloaded adapter runs in PEFT on the ORIGINAL base, and gives our engine's logits.
     adir = save_files({k: v for k, v in files.items() if k.startswith("adapter_")}, tmp_path / "adapter")
     ids = [1, 40, 50, 60, 70, 80, 90, 100]
@@ -165,7 +183,10 @@ def test_out_of_memory_fails_with_what_to_change(env):
         pytest.skip("needs prlimit and a build without ASan (which reserves terabytes of address space)")
     w = env.worker("small", prefix=("prlimit", "--as=1500000000"))
     job = submit(env.srv, env.key, env.train_id, method="lora", epochs=1, batch_size=65536)
-    done = env.srv.wait_status(env.key, job["id"], {"failed", "succeeded"}, timeout=60)
+    try:
+        done = env.srv.wait_status(env.key, job["id"], {"failed", "succeeded"}, timeout=60)
+    except AssertionError as x:
+        raise AssertionError(f"{x}; the worker's log: {w.log()}") from None
     assert done["status"] == "failed", w.log()
     err = done["error"]
     assert err["code"] == "out_of_memory", err

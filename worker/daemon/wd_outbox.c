@@ -47,23 +47,35 @@ static void wake(wd_outbox *o) {
     if (o->wake) uv_async_send(o->wake);
 }
 
-void wd_outbox_event(wd_outbox *o, const char *level, json_t *data, const char *fmt, ...) {
+static void event_append(wd_outbox *o, const char *level, json_t *data, const char *type, const char *fmt, va_list ap) {
     char msg[4096];
-    va_list ap;
-    va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
     json_t *ev = json_pack("{s:s, s:s}", "level", level, "message", msg);
-    if (data) {
-        json_object_set_new(ev, "type", json_string("metrics"));
-        json_object_set_new(ev, "data", data);
-    }
+    if (type) json_object_set_new(ev, "type", json_string(type));
+    if (data) json_object_set_new(ev, "data", data);
     pthread_mutex_lock(&o->mu);
     json_array_append_new(o->events, ev);
     o->appended++;
     enforce_bounds(o);
     pthread_mutex_unlock(&o->mu);
     wake(o);
+}
+
+void wd_outbox_event(wd_outbox *o, const char *level, json_t *data, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    event_append(o, level, data, data ? "metrics" : NULL, fmt, ap);
+    va_end(ap);
+}
+
+void wd_outbox_stage_event(wd_outbox *o, const char *stage, json_t *data, const char *fmt, ...) {
+    const char *type = data ? "metrics" : NULL;
+    if (!data) data = json_object();
+    json_object_set_new(data, "stage", json_string(stage));
+    va_list ap;
+    va_start(ap, fmt);
+    event_append(o, "info", data, type, fmt, ap);
+    va_end(ap);
 }
 
 void wd_outbox_metrics(wd_outbox *o, int64_t step, json_t *values) {

@@ -35,6 +35,11 @@ void wd_outbox_destroy(wd_outbox *o);
 /* An event; data (may be NULL) is stolen. Thread-safe. */
 void wd_outbox_event(wd_outbox *o, const char *level, json_t *data, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
+/* An info event that enters one of the job's stages (validating, calibrating, initialising,
+ * training, evaluating, exporting): data.stage says which, for the dashboard's timeline. data
+ * (may be NULL) is stolen; the event is of type "metrics" only when the caller gave data. */
+void wd_outbox_stage_event(wd_outbox *o, const char *stage, json_t *data, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 /* A metric point: values is an object name → finite number (stolen). Thread-safe. */
 void wd_outbox_metrics(wd_outbox *o, int64_t step, json_t *values);
 

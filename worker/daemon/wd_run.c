@@ -156,7 +156,7 @@ static void on_row(json_t *row, void *ctx) {
             size_t l = strlen(extra);
             snprintf(extra + l, sizeof extra - l, ", knowledge drift=%.3e", json_number_value(dm));
         }
-        wd_outbox_event(r->out, "info", data, "Step %lld/%lld: training loss=%.4f%s", (long long)step,
+        wd_outbox_stage_event(r->out, "training", data, "Step %lld/%lld: training loss=%.4f%s", (long long)step,
                         (long long)r->total_steps, loss, extra);
     }
 }
@@ -181,7 +181,7 @@ static int should_stop(void *ctx) {
 static int stage_data(wd_run *r, run_priv *p) {
     ln_err e = {{0}};
     const ln_jobspec *s = &r->spec;
-    wd_outbox_event(r->out, "info", NULL, "Validating the data of %s", s->training_file);
+    wd_outbox_stage_event(r->out, "validating", NULL, "Validating the data of %s", s->training_file);
     char *tp = ln_path_join(r->model_dir, "tokenizer.json");
     int has_tok = ln_file_exists(tp);
     free(tp);
@@ -197,7 +197,7 @@ static int stage_data(wd_run *r, run_priv *p) {
         return fail(r, "invalid_validation_file", 0, &e);
     }
     const ln_data_stats *st = &p->ds->stats;
-    wd_outbox_event(r->out, "info", NULL,
+    wd_outbox_stage_event(r->out, "validating", NULL,
                     "Training data validated: %lld examples, %lld tokens (%lld trained), %lld truncated to "
                     "max_seq_len %d",
                     (long long)st->examples, (long long)st->tokens, (long long)st->trained_tokens,
@@ -238,7 +238,7 @@ static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets)
     if (!needs && !r->calib_path[0]) return 0;
     const char *cpath = r->calib_path[0] ? r->calib_path : r->train_path;
     const char *cid = r->calib_path[0] ? s->adapter.calibration_file : s->training_file;
-    wd_outbox_event(r->out, "info", NULL, "Calibrating on up to %d samples of %s (max_length %d)",
+    wd_outbox_stage_event(r->out, "calibrating", NULL, "Calibrating on up to %d samples of %s (max_length %d)",
                     s->adapter.calibration_samples, cid, s->adapter.calibration_max_length);
     double t0 = ln_now_s();
     ln_calib_opts co = {.path = cpath, .samples = s->adapter.calibration_samples,
@@ -248,7 +248,7 @@ static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets)
         ln_err_prefix(&e, "calibration file %s", cid);
         return fail(r, "invalid_calibration_file", 0, &e);
     }
-    wd_outbox_event(r->out, "info", NULL,
+    wd_outbox_stage_event(r->out, "calibrating", NULL,
                     "Calibrated%s: %lld samples, %lld tokens, %d covariance(s) per layer in %.1f s",
                     p->calib->from_cache ? " (from the cache)" : "", (long long)p->calib->samples,
                     (long long)p->calib->tokens, (targets & 0x7 ? 1 : 0) + (targets & 0x8 ? 1 : 0) +
@@ -270,7 +270,7 @@ static int stage_adapter(wd_run *r, run_priv *p, unsigned targets) {
     if (r->resume[0]) {
         if (ln_train_load_checkpoint(p->m, r->resume, &p->ad, &e) != 0) return fail(r, "checkpoint_unusable", 1, &e);
         p->have_ad = 1;
-        wd_outbox_event(r->out, "info", NULL, "Restored the %s adapter from checkpoint %s", method,
+        wd_outbox_stage_event(r->out, "initialising", NULL, "Restored the %s adapter from checkpoint %s", method,
                         basename_of(r->resume));
     } else {
         ln_adapter_opts ao = {.method = method, .rank = s->adapter.rank, .alpha = (float)s->adapter.alpha,
@@ -279,9 +279,9 @@ static int stage_adapter(wd_run *r, run_priv *p, unsigned targets) {
         if (ln_adapter_init(p->m, &p->ad, &ao, &e) != 0) return fail(r, "initialization_failed", 0, &e);
         p->have_ad = 1;
         if (p->ad.full)
-            wd_outbox_event(r->out, "info", NULL, "Full fine-tuning: every weight trains");
+            wd_outbox_stage_event(r->out, "initialising", NULL, "Full fine-tuning: every weight trains");
         else
-            wd_outbox_event(r->out, "info", NULL, "Initialised the %s adapter (rank %d, alpha %g) in %.2f s", method,
+            wd_outbox_stage_event(r->out, "initialising", NULL, "Initialised the %s adapter (rank %d, alpha %g) in %.2f s", method,
                             p->ad.rank, (double)p->ad.alpha, ln_now_s() - t0);
     }
     if (p->calib && ln_drift_tracker_new(p->m, &p->ad, ln_calibration_covariance, p->calib, &p->drift, &e) != 0)
@@ -345,7 +345,7 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
         if (evaluate(r, p, &task, &know, &e) != 0) return fail(r, "evaluation_failed", 0, &e);
         wd_outbox_metrics(r->out, 0, eval_values(task, know));
         before = json_pack("{s:f, s:o}", "task_loss", task, "knowledge_loss", isfinite(know) ? json_real(know) : json_null());
-        wd_outbox_event(r->out, "info", json_deep_copy(before), "Before training: task loss %.4f%s", task,
+        wd_outbox_stage_event(r->out, "training", json_deep_copy(before), "Before training: task loss %.4f%s", task,
                         isfinite(know) ? "" : " (no knowledge file)");
     }
     char *out = ln_path_join(r->dir, "out");
@@ -368,7 +368,7 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
     to.on_row = on_row;
     to.should_stop = should_stop;
     to.cb_ctx = r;
-    wd_outbox_event(r->out, "info", NULL, "Training: %lld steps of %d examples (%d epoch%s, learning rate %g)%s",
+    wd_outbox_stage_event(r->out, "training", NULL, "Training: %lld steps of %d examples (%d epoch%s, learning rate %g)%s",
                     (long long)r->total_steps, per_step, hp->n_epochs, hp->n_epochs == 1 ? "" : "s",
                     hp->learning_rate, r->world > 1 ? ", tensor-parallel" : "");
     ln_train_result res;
@@ -406,7 +406,7 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
         r->status = WD_RUN_STOPPED;
         return 0;
     }
-    wd_outbox_event(r->out, "info", NULL, "Training finished: %lld steps, last loss %.4f", (long long)res.steps,
+    wd_outbox_stage_event(r->out, "evaluating", NULL, "Training finished: %lld steps, last loss %.4f", (long long)res.steps,
                     res.last_loss);
 
     double task, know;
@@ -417,7 +417,7 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
     wd_outbox_metrics(r->out, res.steps, eval_values(task, know));
     json_t *after = json_pack("{s:f, s:o}", "task_loss", task, "knowledge_loss", isfinite(know) ? json_real(know) : json_null());
     if (p->have_drift) json_object_set_new(after, "knowledge_drift_mean", json_real(p->drift_mean));
-    wd_outbox_event(r->out, "info", after, "After training: task loss %.4f%s", task,
+    wd_outbox_stage_event(r->out, "evaluating", after, "After training: task loss %.4f%s", task,
                     p->have_drift ? ", knowledge drift measured" : "");
 
     char *ex = ln_path_join(r->dir, "export");
@@ -435,10 +435,10 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
         int pr;
         float pa;
         ln_export_peft_shape(&p->ad, &pr, &pa);
-        wd_outbox_event(r->out, "info", NULL, "Exported a PEFT adapter (rank %d, lora_alpha %g) for the original %s",
+        wd_outbox_stage_event(r->out, "exporting", NULL, "Exported a PEFT adapter (rank %d, lora_alpha %g) for the original %s",
                         pr, (double)pa, r->model_name);
     } else {
-        wd_outbox_event(r->out, "info", NULL, "Exported the fine-tuned model (full weights)");
+        wd_outbox_stage_event(r->out, "exporting", NULL, "Exported the fine-tuned model (full weights)");
     }
     r->status = WD_RUN_OK;
     return 0;
