@@ -281,6 +281,35 @@ static int parse_adapter(const json_t *a, ln_jobspec_adapter *ad, char *param, l
     return 0;
 }
 
+/* "data": {"overlong", "chat_template", "pack"}; pack true needs max_seq_len, so hp is parsed first. */
+static int parse_data(const json_t *d, const ln_hparams *hp, ln_jobspec_data *out, char *param, ln_err *e) {
+    static const char *const keys[] = {"overlong", "chat_template", "pack", NULL};
+    if (check_keys(d, keys, "data.", param, e) != 0) return -1;
+    char v[16];
+    if (get_str(d, "overlong", "data.overlong", 0, 15, 1, v, sizeof v, param, e) != 0) return -1;
+    if (v[0]) {
+        if (strcmp(v, "truncate") == 0) out->reject_overlong = 0;
+        else if (strcmp(v, "reject") == 0) out->reject_overlong = 1;
+        else return fail(param, e, "data.overlong", "\"%s\" is not one of truncate, reject", v);
+    }
+    if (get_str(d, "chat_template", "data.chat_template", 0, 15, 1, v, sizeof v, param, e) != 0) return -1;
+    if (v[0]) {
+        if (strcmp(v, "auto") != 0 && strcmp(v, "llama3") != 0 && strcmp(v, "llama2") != 0)
+            return fail(param, e, "data.chat_template", "\"%s\" is not one of auto, llama3, llama2", v);
+        memcpy(out->chat_template, v, strlen(v) + 1); /* one of three names, ≤ 6 characters */
+    }
+    json_t *p = json_object_get(d, "pack");
+    if (json_is_boolean(p)) {
+        out->pack = json_is_true(p) ? hp->max_seq_len : 0;
+    } else if (p && !json_is_null(p)) {
+        if (!json_is_number(p)) return fail(param, e, "data.pack", "must be true, false or a row length in tokens%s", "");
+        int64_t x;
+        if (get_int(d, "pack", "data.pack", 0, 1 << 20, 0, 0, &x, param, e) != 0) return -1;
+        out->pack = (int)x;
+    }
+    return 0;
+}
+
 static int parse_metadata(const json_t *m, json_t **out, char *param, ln_err *e) {
     /* OpenAI's limits: at most 16 pairs, keys up to 64 characters, string values up to 512. */
     if (json_object_size(m) > 16) return fail(param, e, "metadata", "may hold at most 16 keys%s", "");
@@ -320,11 +349,13 @@ static void set_defaults(ln_jobspec *s) {
     s->adapter.calibration_max_length = LN_DEFAULT_CALIB_MAX_LEN;
     s->ranks = 1;
     s->device = LN_DEVICE_ANY;
+    snprintf(s->data.chat_template, sizeof s->data.chat_template, "auto");
 }
 
 int ln_jobspec_parse(const json_t *obj, ln_jobspec *s, char param[LN_JOBSPEC_PARAM_MAX], ln_err *e) {
     static const char *const keys[] = {"model", "training_file", "validation_file", "seed", "suffix", "metadata",
-                                       "method", "hyperparameters", "adapter", "resources", "integrations", NULL};
+                                       "method", "hyperparameters", "adapter", "resources", "integrations", "data",
+                                       NULL};
     set_defaults(s);
     param[0] = 0;
     if (!json_is_object(obj)) return fail(param, e, "body", "must be a JSON object%s", "");
@@ -409,6 +440,9 @@ int ln_jobspec_parse(const json_t *obj, ln_jobspec *s, char param[LN_JOBSPEC_PAR
             goto err;
         }
     }
+    json_t *d;
+    if (get_object(obj, "data", "data", &d, param, e) != 0) goto err;
+    if (d && parse_data(d, &s->hp, &s->data, param, e) != 0) goto err;
     return 0;
 err:
     ln_jobspec_free(s);
@@ -457,6 +491,9 @@ json_t *ln_jobspec_to_json(const ln_jobspec *s) {
         "supervised", "hyperparameters", hpo, "hyperparameters", all, "adapter", "type",
         ln_adapter_type_name(s->adapter.type), "rank", s->adapter.rank, "alpha", s->adapter.alpha, "target_modules",
         targets, "calibration", calib, "resources", "ranks", s->ranks, "device", ln_device_kind_name(s->device));
+    json_object_set_new(j, "data", json_pack("{s:s, s:s, s:i}", "overlong",
+                                             s->data.reject_overlong ? "reject" : "truncate", "chat_template",
+                                             s->data.chat_template, "pack", s->data.pack));
     return j;
 }
 

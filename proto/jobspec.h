@@ -13,7 +13,9 @@
  *        eval_interval, save_interval},
  *    "adapter": {"type": "lora_null_v2", "rank": 8, "alpha": 8, "target_modules": ["q_proj",…],
  *                "calibration": {"file": "file-…", "samples": 256, "max_length": 1024}},
- *    "resources": {"ranks": 1, "device": "any"|"cpu"|"cuda"}}
+ *    "resources": {"ranks": 1, "device": "any"|"cpu"|"cuda"},
+ *    "data": {"overlong": "truncate"|"reject", "chat_template": "auto"|"llama3"|"llama2",
+ *             "pack": false|true|N}}
  *
  * Unknown fields are refused (a typo must not silently fall back to a default). A failure fills
  * `param` with the dotted path of the field at fault ("adapter.rank") and e with a sentence.
@@ -73,6 +75,15 @@ typedef struct ln_jobspec_adapter {
     int calibration_max_length;    /* 1..1048576 */
 } ln_jobspec_adapter;
 
+/* How the training data becomes rows (the engine's ln_data_opts and ln_train_opts.pack). */
+typedef struct ln_jobspec_data {
+    int reject_overlong;           /* "overlong": 0 = "truncate" an example to max_seq_len (default),
+                                    * 1 = "reject": an example longer than max_seq_len fails the job */
+    char chat_template[8];         /* "auto" (from the model's tokenizer, default), "llama3", "llama2" */
+    int pack;                      /* 0 = no packing (default); N = pack whole examples into rows of N
+                                    * tokens. Input true means N = hyperparameters.max_seq_len. */
+} ln_jobspec_data;
+
 /* A parsed spec. Owns metadata (a JSON object or NULL): free with ln_jobspec_free. */
 typedef struct ln_jobspec {
     char model[257];
@@ -85,6 +96,7 @@ typedef struct ln_jobspec {
     ln_jobspec_adapter adapter;
     int ranks;                     /* 1..64 */
     ln_device_kind device;
+    ln_jobspec_data data;
 } ln_jobspec;
 
 /* Parses and validates a job spec object. On failure returns -1, fills e and param. */

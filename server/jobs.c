@@ -122,7 +122,7 @@ static unsigned hash_id(const char *s) {
     return h;
 }
 
-/* `"seed":…,"metadata":…,"method":…,"hyperparameters":…,"adapter":…,"resources":…,"user_provided_suffix":…`
+/* `"seed":…,"metadata":…,"method":…,"hyperparameters":…,"adapter":…,"resources":…,"data":…,"user_provided_suffix":…`
  * from the normalised spec text. The returned string belongs to the cache. */
 static const char *spec_fragment(const char *job_id, const char *spec_text) {
     pthread_once(&g_spec_once, spec_key_init);
@@ -136,7 +136,8 @@ static const char *spec_fragment(const char *job_id, const char *spec_text) {
     json_t *spec = json_loads(spec_text, 0, NULL);
     if (!spec) spec = json_object();
     json_t *o = json_object();
-    static const char *const copy[] = {"seed", "metadata", "method", "hyperparameters", "adapter", "resources"};
+    static const char *const copy[] = {"seed", "metadata", "method", "hyperparameters", "adapter", "resources",
+                                       "data"};
     for (size_t i = 0; i < sizeof copy / sizeof copy[0]; i++) {
         json_t *v = json_object_get(spec, copy[i]);
         json_object_set(o, copy[i], v ? v : json_null());

@@ -201,6 +201,15 @@ static json_t *random_spec(void) {
                                                             (json_int_t)PICK(ints)));
         json_object_set_new(j, "adapter", a);
     }
+    if (rng() % 2) {
+        static const char *const overlong[] = {"truncate", "reject", "drop"};
+        static const char *const tmpl[] = {"auto", "llama3", "llama2", "chatml"};
+        json_t *d = json_object();
+        if (rng() % 2) json_object_set_new(d, "overlong", json_string(PICK(overlong)));
+        if (rng() % 2) json_object_set_new(d, "chat_template", json_string(PICK(tmpl)));
+        if (rng() % 2) json_object_set_new(d, "pack", rng() % 2 ? json_boolean(rng() % 2) : json_integer(PICK(ints)));
+        json_object_set_new(j, "data", d);
+    }
     if (rng() % 2)
         json_object_set_new(j, "resources", json_pack("{s:I, s:s}", "ranks", (json_int_t)(rng() % 70),
                                                       "device", rng() % 2 ? "cpu" : "any"));
@@ -247,6 +256,7 @@ static void test_round_trip_property(void **state) {
         assert_int_equal(s2.adapter.n_targets, s1.adapter.n_targets);
         assert_int_equal(s2.seed, s1.seed);
         assert_int_equal(s2.ranks, s1.ranks);
+        assert_int_equal(memcmp(&s2.data, &s1.data, sizeof s1.data), 0);
         char *t2 = normalised_text(&s2);
         assert_int_equal(ln_jobspec_parse_text(t2, strlen(t2), &s3, param, &e), 0);
         char *t3 = normalised_text(&s3);
@@ -288,6 +298,53 @@ static void test_learning_rate_bound_on_input(void **state) {
     assert_string_equal(param, "method.supervised.hyperparameters.learning_rate_multiplier");
 }
 
+static void test_data_options(void **state) {
+    (void)state;
+    ln_jobspec s;
+    char param[LN_JOBSPEC_PARAM_MAX];
+    ln_err e;
+    /* Defaults: what `loranull train` does without flags. */
+    assert_int_equal(parse("{\"model\":\"m\",\"training_file\":\"file-a\"}", &s, param, &e), 0);
+    assert_int_equal(s.data.reject_overlong, 0);
+    assert_string_equal(s.data.chat_template, "auto");
+    assert_int_equal(s.data.pack, 0);
+    ln_jobspec_free(&s);
+    /* pack true = rows of max_seq_len tokens, whichever order the fields come in. */
+    assert_int_equal(parse("{\"data\":{\"pack\":true,\"overlong\":\"reject\",\"chat_template\":\"llama2\"},"
+                           "\"model\":\"m\",\"training_file\":\"file-a\",\"hyperparameters\":{\"max_seq_len\":512}}",
+                           &s, param, &e),
+                     0);
+    assert_int_equal(s.data.pack, 512);
+    assert_int_equal(s.data.reject_overlong, 1);
+    assert_string_equal(s.data.chat_template, "llama2");
+    json_t *j = ln_jobspec_to_json(&s);
+    assert_int_equal(json_integer_value(json_object_get(json_object_get(j, "data"), "pack")), 512);
+    assert_string_equal(json_string_value(json_object_get(json_object_get(j, "data"), "overlong")), "reject");
+    json_decref(j);
+    ln_jobspec_free(&s);
+    assert_int_equal(parse("{\"model\":\"m\",\"training_file\":\"file-a\",\"data\":{\"pack\":4096}}", &s, param, &e), 0);
+    assert_int_equal(s.data.pack, 4096);
+    ln_jobspec_free(&s);
+    /* Each bad value names its field. */
+    static const struct { const char *data, *param, *words; } bad[] = {
+        {"{\"overlong\":\"drop\"}", "data.overlong", "truncate, reject"},
+        {"{\"overlong\":1}", "data.overlong", "string"},
+        {"{\"chat_template\":\"chatml\"}", "data.chat_template", "auto, llama3, llama2"},
+        {"{\"pack\":-1}", "data.pack", "0..1048576"},
+        {"{\"pack\":\"yes\"}", "data.pack", "true, false"},
+        {"{\"pack\":1.5}", "data.pack", "integer"},
+        {"{\"packing\":true}", "data.packing", "unknown"},
+        {"[]", "data", "object"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char text[256];
+        snprintf(text, sizeof text, "{\"model\":\"m\",\"training_file\":\"file-a\",\"data\":%s}", bad[i].data);
+        assert_int_equal(parse(text, &s, param, &e), -1);
+        assert_string_equal(param, bad[i].param);
+        if (!strstr(e.msg, bad[i].words)) fail_msg("%s: message '%s' lacks '%s'", bad[i].data, e.msg, bad[i].words);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_defaults_and_normalised_round_trip),
@@ -296,6 +353,7 @@ int main(void) {
         cmocka_unit_test(test_state_machine),
         cmocka_unit_test(test_round_trip_property),
         cmocka_unit_test(test_learning_rate_bound_on_input),
+        cmocka_unit_test(test_data_options),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
