@@ -461,11 +461,12 @@ static int acts_ensure(const ln_model *m, const struct ln_adapter *ad, ln_acts *
     a->cap_logit_rows = logit_rows;
     fail |= !(a->logits = be->alloc((size_t)(logit_rows * c->vocab_size) * sizeof(float)));
     fail |= !(a->xfc = be->alloc((size_t)(N * C) * sizeof(float)));
-    a->rows = ln_xmalloc((size_t)N * sizeof(int32_t));
-    a->seg_row0 = ln_xmalloc((size_t)N * sizeof(int32_t));
-    a->seg_len = ln_xmalloc((size_t)N * sizeof(int32_t));
-    a->seg_poff = ln_xmalloc((size_t)N * sizeof(int64_t));
-    a->tc = ln_xmalloc((size_t)N * sizeof(int32_t));
+    /* per-token index arrays grow with the batch: a failure is the batch's out of memory, not an abort */
+    fail |= !(a->rows = malloc((size_t)N * sizeof(int32_t)));
+    fail |= !(a->seg_row0 = malloc((size_t)N * sizeof(int32_t)));
+    fail |= !(a->seg_len = malloc((size_t)N * sizeof(int32_t)));
+    fail |= !(a->seg_poff = malloc((size_t)N * sizeof(int64_t)));
+    fail |= !(a->tc = malloc((size_t)N * sizeof(int32_t)));
     a->M = -1;
     fail |= !(a->dres = be->alloc((size_t)(N * C) * sizeof(float)));
     fail |= !(a->dh = be->alloc((size_t)(N * wide) * sizeof(float)));
