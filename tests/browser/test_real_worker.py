@@ -71,6 +71,8 @@ def test_a_real_worker_job_end_to_end(dash_factory, server_factory, tmp_path):
         assert len(mean) == len(top) >= 1 and all(m <= t for m, t in zip(mean, top)), (mean, top)
         page.wait_for_selector("#job-overview .progress[data-progress='100']")
         # The worker's checkpoints carry no metrics: the table shows the training loss of their step.
+        # The table is re-read once per burst of events, so the last rows can land after progress 100.
+        page.wait_for_selector("#checkpoints tbody tr[data-step]")
         ck_loss = page.eval_on_selector_all("#checkpoints tbody tr[data-step]", "rs => rs.map(r => r.cells[2].textContent)")
         assert ck_loss and all(x not in ("", "—") for x in ck_loss), ck_loss
 
