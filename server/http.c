@@ -43,7 +43,8 @@ static const double bucket_le[N_BUCKETS] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 
 static http_route_def g_routes[MAX_ROUTES];
 static int g_nroutes;
 static http_route_def g_unrouted = {.metric = "unrouted"};
-static struct MHD_Daemon *g_daemon;
+static struct MHD_Daemon *g_daemon, *g_internal; /* g_internal: --internal-listen, or NULL */
+static int g_internal_cls;                         /* its access_cb cls: &g_internal_cls */
 static atomic_int g_stopping;
 static atomic_int g_active;
 
@@ -382,12 +383,22 @@ static const char *bearer(http_req *r) {
     return *h ? h : NULL;
 }
 
+/* With an internal listener, each route lives on one side: the workers' /internal/ routes there,
+ * everything else on the public one, health checks on both (probes of either port). Without
+ * one, every route is everywhere. A route not served on this listener answers as unknown (404). */
+static int route_on_listener(const http_route_def *d, int on_internal) {
+    if (!g_internal) return 1;
+    if (strcmp(d->pattern, "/healthz") == 0 || strcmp(d->pattern, "/readyz") == 0) return 1;
+    return (strncmp(d->pattern, "/internal/", 10) == 0) == (on_internal != 0);
+}
+
 /* Decides everything that can be decided before the body: route, auth, size limits.
  * Returns 1 when a reply was queued already. */
 static int request_start(http_req *r) {
     int path_matched = 0;
     for (int i = 0; i < g_nroutes; i++) {
         char params[3][160];
+        if (!route_on_listener(&g_routes[i], r->on_internal)) continue;
         if (!route_match(g_routes[i].pattern, r->path, params)) continue;
         path_matched = 1;
         if (strcmp(g_routes[i].method, r->method) != 0) continue;
@@ -472,6 +483,7 @@ static enum MHD_Result access_cb(void *cls, struct MHD_Connection *conn, const c
         r = ln_xcalloc(1, sizeof *r);
         *con_cls = r;
         r->conn = conn;
+        r->on_internal = cls == &g_internal_cls;
         r->route = -1;
         r->up.fd = -1;
         r->t0 = ln_now_s();
@@ -559,7 +571,8 @@ static void mhd_log(void *cls, const char *fmt, va_list ap) {
     ln_log(LN_LOG_DEBUG, "mhd", "%s", msg);
 }
 
-int http_start(const char *host, int port, int threads, ln_err *e) {
+static struct MHD_Daemon *start_daemon(const char *flag, const char *host, int port, int threads, void *cls,
+                                       int *bound, ln_err *e) {
     struct addrinfo hints = {0}, *ai = NULL;
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
@@ -567,10 +580,14 @@ int http_start(const char *host, int port, int threads, ln_err *e) {
     char ps[16];
     snprintf(ps, sizeof ps, "%d", port);
     int gai = getaddrinfo(host[0] ? host : NULL, ps, &hints, &ai);
-    if (gai != 0) return ln_errf(e, "--listen %s:%d: cannot resolve host: %s", host, port, gai_strerror(gai));
+    if (gai != 0) {
+        ln_errf(e, "%s %s:%d: cannot resolve host: %s", flag, host, port, gai_strerror(gai));
+        return NULL;
+    }
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
     if (ai->ai_family == AF_INET6) flags |= MHD_USE_IPv6;
-    g_daemon = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, access_cb, NULL, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
+    struct MHD_Daemon *d =
+        MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, access_cb, cls, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
                                 MHD_OPTION_THREAD_POOL_SIZE, (unsigned)threads, MHD_OPTION_CONNECTION_LIMIT,
                                 (unsigned)16000, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)300,
                                 MHD_OPTION_LISTEN_BACKLOG_SIZE, (unsigned)4096,
@@ -579,9 +596,25 @@ int http_start(const char *host, int port, int threads, ln_err *e) {
                                 MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(16 * 1024), MHD_OPTION_NOTIFY_COMPLETED,
                                 completed_cb, NULL, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_END);
     freeaddrinfo(ai);
-    if (!g_daemon) return ln_errf(e, "--listen %s:%d: cannot start the HTTP server (port in use?)", host, port);
-    const union MHD_DaemonInfo *info = MHD_get_daemon_info(g_daemon, MHD_DAEMON_INFO_BIND_PORT);
-    return info ? (int)info->port : port;
+    if (!d) {
+        ln_errf(e, "%s %s:%d: cannot start the HTTP server (port in use?)", flag, host, port);
+        return NULL;
+    }
+    const union MHD_DaemonInfo *info = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
+    *bound = info ? (int)info->port : port;
+    return d;
+}
+
+int http_start(const char *host, int port, int threads, ln_err *e) {
+    int bound;
+    g_daemon = start_daemon("--listen", host, port, threads, NULL, &bound, e);
+    return g_daemon ? bound : -1;
+}
+
+int http_start_internal(const char *host, int port, int threads, ln_err *e) {
+    int bound;
+    g_internal = start_daemon("--internal-listen", host, port, threads, &g_internal_cls, &bound, e);
+    return g_internal ? bound : -1;
 }
 
 int http_stopping(void) { return atomic_load(&g_stopping); }
@@ -589,6 +622,7 @@ int http_stopping(void) { return atomic_load(&g_stopping); }
 void http_begin_stop(void) {
     atomic_store(&g_stopping, 1);
     if (g_daemon) MHD_quiesce_daemon(g_daemon);
+    if (g_internal) MHD_quiesce_daemon(g_internal);
 }
 
 void http_stop(void (*wake_others)(void)) {
@@ -606,6 +640,8 @@ void http_stop(void (*wake_others)(void)) {
         ln_log(LN_LOG_WARN, "http", "stopping with %d request(s) still in progress", atomic_load(&g_active));
     MHD_stop_daemon(g_daemon);
     g_daemon = NULL;
+    if (g_internal) MHD_stop_daemon(g_internal);
+    /* g_internal stays set: route_on_listener may still be asked by a straggler. */
 }
 
 int http_active_connections(void) { return atomic_load(&g_active); }

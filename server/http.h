@@ -53,6 +53,7 @@ struct http_req {
     size_t body_len, body_cap;
     int body_too_big;
     http_upload up;
+    int on_internal;             /* arrived on the --internal-listen listener */
     char project_id[40];         /* HTTP_AUTH_KEY: the key's project */
     char worker_token_id[40];    /* HTTP_AUTH_WORKER */
     int status;                  /* status queued, for logs and metrics */
@@ -72,6 +73,10 @@ void http_route(const char *method, const char *pattern, http_auth auth, http_bo
 
 /* Starts the daemon on host:port (port 0 = any); returns the bound port or -1. */
 int http_start(const char *host, int port, int threads, ln_err *e);
+/* Starts the internal listener (--internal-listen) before http_start; returns its bound port or
+ * -1. Once started, routes are split by listener: /internal/… only on this one; /v1, the
+ * dashboard and /metrics only on the public one (a 404 elsewhere); /healthz and /readyz on both. */
+int http_start_internal(const char *host, int port, int threads, ln_err *e);
 /* Stops accepting connections; http_stopping() becomes true. */
 void http_begin_stop(void);
 /* Wakes every suspended request (and, through wake_others, e.g. SSE streams) until none is in

@@ -48,6 +48,9 @@ static void usage(FILE *f) {
             "       loranull-server tokens import --name NAME --data-dir DIR   < one token\n"
             "options (config file keys in brackets):\n"
             "  --listen HOST:PORT          [listen]            default 127.0.0.1:8080 (port 0 = any free port)\n"
+            "  --internal-listen HOST:PORT [internal_listen]   serve the workers' /internal/v1 only here (404 on\n"
+            "                                                  --listen, which keeps /v1, the dashboard, /metrics);\n"
+            "                                                  /healthz, /readyz on both. Default: unset, one listener\n"
             "  --data-dir DIR              [data_dir]          database and file blobs (required)\n"
             "  --migrations-dir DIR        [migrations_dir]    default <exe>/../migrations (source tree)\n"
             "                                                  or /usr/share/loranull/migrations\n"
@@ -110,23 +113,24 @@ static void defaults(void) {
     g_cfg.log_requests = 1;
 }
 
-static int parse_listen(const char *v, ln_err *e) {
+/* HOST:PORT of --listen or --internal-listen (flag names it in errors) into host[256] and port. */
+static int parse_listen(const char *flag, const char *v, char host[256], int *port_out, ln_err *e) {
     const char *colon = strrchr(v, ':');
-    if (!colon) return ln_errf(e, "--listen '%s': expected HOST:PORT", v);
+    if (!colon) return ln_errf(e, "%s '%s': expected HOST:PORT", flag, v);
     char *end;
     long port = strtol(colon + 1, &end, 10);
-    if (*end || end == colon + 1 || port < 0 || port > 65535) return ln_errf(e, "--listen '%s': bad port", v);
+    if (*end || end == colon + 1 || port < 0 || port > 65535) return ln_errf(e, "%s '%s': bad port", flag, v);
     size_t hl = (size_t)(colon - v);
-    if (hl >= sizeof g_cfg.listen_host) return ln_errf(e, "--listen '%s': host too long", v);
+    if (hl >= 256) return ln_errf(e, "%s '%s': host too long", flag, v);
     /* [::1]:8080 → ::1 */
     if (hl >= 2 && v[0] == '[' && v[hl - 1] == ']') {
-        memcpy(g_cfg.listen_host, v + 1, hl - 2);
-        g_cfg.listen_host[hl - 2] = 0;
+        memcpy(host, v + 1, hl - 2);
+        host[hl - 2] = 0;
     } else {
-        memcpy(g_cfg.listen_host, v, hl);
-        g_cfg.listen_host[hl] = 0;
+        memcpy(host, v, hl);
+        host[hl] = 0;
     }
-    g_cfg.port = (int)port;
+    *port_out = (int)port;
     return 0;
 }
 
@@ -165,7 +169,13 @@ static int set_option(const char *key, const char *v, ln_err *e) {
         snprintf(g_cfg.field, sizeof g_cfg.field, "%s", v);                     \
         return 0;                                                               \
     }
-    if (strcmp(key, "listen") == 0) return parse_listen(v, e);
+    if (strcmp(key, "listen") == 0) return parse_listen("--listen", v, g_cfg.listen_host, &g_cfg.port, e);
+    if (strcmp(key, "internal_listen") == 0) {
+        if (parse_listen("--internal-listen", v, g_cfg.internal_host, &g_cfg.internal_port, e) != 0) return -1;
+        /* An empty host would read as unset: the wildcard address spelled out. */
+        if (!g_cfg.internal_host[0]) snprintf(g_cfg.internal_host, sizeof g_cfg.internal_host, "0.0.0.0");
+        return 0;
+    }
     if (strcmp(key, "log_level") == 0) return parse_level(v, e);
     if (strcmp(key, "access_log") == 0) {
         g_cfg.log_requests = strcmp(v, "true") == 0 || strcmp(v, "1") == 0;
@@ -352,6 +362,14 @@ static int cmd_serve(int argc, char **argv) {
     api_internal_register();
     api_ops_register();
     api_workers_register();
+    int iport = 0;
+    if (g_cfg.internal_host[0]) {
+        iport = http_start_internal(g_cfg.internal_host, g_cfg.internal_port, g_cfg.threads, &e);
+        if (iport < 0) {
+            ln_log(LN_LOG_ERROR, "server", "%s", e.msg);
+            return 1;
+        }
+    }
     int port = http_start(g_cfg.listen_host, g_cfg.port, g_cfg.threads, &e);
     if (port < 0 || sched_start(&e) != 0 || jobq_start(&e) != 0) {
         ln_log(LN_LOG_ERROR, "server", "%s", e.msg);
@@ -361,6 +379,10 @@ static int cmd_serve(int argc, char **argv) {
     snprintf(kv, sizeof kv, "\"host\":\"%.100s\",\"port\":%d,\"data_dir\":\"%.200s\",\"threads\":%d", g_cfg.listen_host,
              port, g_cfg.data_dir, g_cfg.threads);
     ln_log_kv(LN_LOG_INFO, "server", kv, "listening on %s:%d", g_cfg.listen_host, port);
+    if (g_cfg.internal_host[0]) {
+        snprintf(kv, sizeof kv, "\"host\":\"%.100s\",\"port\":%d", g_cfg.internal_host, iport);
+        ln_log_kv(LN_LOG_INFO, "server", kv, "internal listener (/internal/v1) on %s:%d", g_cfg.internal_host, iport);
+    }
     int sig = 0;
     sigwait(&set, &sig);
     ln_log(LN_LOG_INFO, "server", "signal %d: stopping", sig);

@@ -10,6 +10,11 @@
 typedef struct srv_config {
     char listen_host[256];
     int port;
+    /* --internal-listen: when set, /internal/v1 is served only there (and not on --listen), so a
+     * NetworkPolicy — L3/L4 only — can keep workers' routes away from users. "" = unset: one
+     * listener serves everything. */
+    char internal_host[256];
+    int internal_port;
     char data_dir[4096];
     char migrations_dir[4096];   /* default: <exe>/../migrations, then /usr/share/loranull/migrations */
     char static_dir[4096];       /* dashboard files, served at / and /static/ */
