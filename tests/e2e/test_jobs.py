@@ -150,9 +150,9 @@ def test_worker_side_data_error_names_the_line(env):
     assert "/" not in err["message"].split(":")[0], "the worker's local path leaked into the message"
 
 
-def test_non_finite_loss_fails_with_an_actionable_message(env, tmp_path):
-    """NaN weights (a poisoned copy of the model) make the loss non-finite at step 1: the job
-    fails with training_diverged and a sentence naming the step, not a crash or a silent NaN adapter."""
+def test_non_finite_weights_are_refused_naming_the_tensor(env, tmp_path):
+    """NaN weights (a poisoned copy of the model) are refused when the worker loads the model: the
+    job fails naming the tensor, not a crash, a NaN loss at step 1, or a silent NaN adapter."""
     import shutil
 
     from safetensors.numpy import load_file, save_file
@@ -168,10 +168,13 @@ def test_non_finite_loss_fails_with_an_actionable_message(env, tmp_path):
     w.models = models
     w.start()
     job = submit(env.srv, env.key, env.train_id, method="lora", epochs=1)
-    done = env.srv.wait_status(env.key, job["id"], {"failed", "succeeded"}, timeout=60)
+    done = env.srv.wait_status(env.key, job["id"], {"failed", "succeeded"}, timeout=90)
     assert done["status"] == "failed", w.log()
-    assert done["error"]["code"] == "training_diverged", done["error"]
-    assert "step 1" in done["error"]["message"] and "not finite" in done["error"]["message"], done["error"]
+    err = done["error"]
+    assert err["code"] == "model_unavailable", err
+    assert name in err["message"] and "not finite" in err["message"], err
+    assert "step" not in err["message"], "refused at load, before any training step"
+    assert w.running()
 
 
 def test_out_of_memory_fails_with_what_to_change(env):

@@ -92,3 +92,29 @@ def test_out_of_memory_is_a_sentence(tmp_path):
     r = run("forward", "--model", tmp_path / "m", "--input-ids", tmp_path / "ids.json", "--out", tmp_path / "o",
             check=False)
     one_line_error(r, "out of memory", "100000")
+
+
+def test_diverging_training_fails_naming_the_step(tmp_path):
+    """A learning rate that blows the weights up: the run stops at the step it happened with a
+    "not finite" sentence (the worker's training_diverged), instead of a flat ln(V) loss trained on."""
+    model = make_model("tied")
+    save_model(model, tmp_path / "m")
+    data = write_jsonl(tmp_path / "d.jsonl", examples(model.config.vocab_size))
+    base = ["train", "--model", tmp_path / "m", "--data", data, "--method", "lora", "--rank", "2",
+            "--epochs", "3", "--batch-size", "1"]
+    r = run(*base, "--out", tmp_path / "o1", "--lr", "1e10", check=False)
+    one_line_error(r, "train step 2", "not finite")
+    r = run(*base, "--out", tmp_path / "o2", "--lr", "3e38", check=False)
+    one_line_error(r, "train step 1", "lora_", "not finite after the update")
+
+
+def test_model_with_an_inf_weight_is_refused_naming_the_tensor(tmp_path):
+    import torch
+    model = make_model("tied")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, 4] = float("inf")
+    save_model(model, tmp_path / "m")
+    (tmp_path / "ids.json").write_text("[1,2,3]")
+    r = run("forward", "--model", tmp_path / "m", "--input-ids", tmp_path / "ids.json", "--out", tmp_path / "o",
+            check=False)
+    one_line_error(r, "model.layers.0.mlp.up_proj.weight", "not finite")

@@ -299,6 +299,139 @@ static void test_packed_rows_equal_separate_sequences(void **state)
     ln_model_free(m);
 }
 
+/* Weights grown so large that the activations overflow fail the next step, naming it, instead of
+ * training on with a flat ln(V) loss and no gradient. */
+typedef struct { int rows, bad_rows; } div_state;
+static void div_row(json_t *row, void *ctx)
+{
+    div_state *s = ctx;
+    s->rows++;
+    s->bad_rows += !isfinite(json_number_value(json_object_get(row, "loss")));
+}
+
+static void test_overflowing_update_fails_naming_the_step(void **state)
+{
+    (void)state;
+    ln_config c = tiny_config();
+    ln_model *m;
+    ln_err e = {{0}};
+    assert_int_equal(ln_model_new_random(&c, lnb_cpu(), 5, &m, &e), 0);
+    ln_dataset *ds = tiny_data();
+    ln_adapter ad;
+    ln_adapter_opts ao = {.method = "lora", .rank = 2, .seed = 3};
+    assert_int_equal(ln_adapter_init(m, &ad, &ao, &e), 0);
+    ln_train_opts o = ln_train_defaults();
+    o.max_steps = 8;
+    o.batch_size = 2;
+    /* Adam's first update moves every B entry by ~lr: the hidden states' Σx² then overflows a float
+     * while every weight stays finite (before the check: loss ln(40) at every step, gradient 0). */
+    o.optim.lr = 1e10f;
+    o.optim.max_grad_norm = 0;
+    div_state st = {0};
+    o.on_row = div_row;
+    o.cb_ctx = &st;
+    ln_train_result r;
+    int rc = ln_train(m, &ad, ds, &o, &r, &e);
+    assert_int_equal(rc, -1);
+    assert_non_null(strstr(e.msg, "not finite"));
+    /* the step that overflowed: no row was reported for it, and the rows before were finite */
+    char want[64];
+    snprintf(want, sizeof want, "train step %d:", st.rows + 1);
+    if (!strstr(e.msg, want)) fail_msg("expected '%s' in: %s", want, e.msg);
+    assert_true(st.rows < 8);
+    assert_int_equal(st.bad_rows, 0);
+    assert_int_equal(st.rows, 1);
+    ln_adapter_free(&ad);
+
+    /* An update that itself overflows to inf fails at once, naming the tensor. */
+    assert_int_equal(ln_adapter_init(m, &ad, &ao, &e), 0);
+    o.optim.lr = 3e38f;
+    st.rows = 0;
+    assert_int_equal(ln_train(m, &ad, ds, &o, &r, &e), -1);
+    if (!strstr(e.msg, "train step 1:") || !strstr(e.msg, "lora_") || !strstr(e.msg, "not finite after the update"))
+        fail_msg("unexpected error: %s", e.msg);
+    assert_int_equal(st.rows, 0);
+    ln_adapter_free(&ad);
+    ln_dataset_free(ds);
+    ln_model_free(m);
+}
+
+/* A model whose file holds an inf is refused at load, naming the tensor. */
+static void test_model_with_a_non_finite_weight_is_refused(void **state)
+{
+    (void)state;
+    ln_config c = tiny_config();
+    ln_model *m;
+    ln_err e = {{0}};
+    assert_int_equal(ln_model_new_random(&c, lnb_cpu(), 5, &m, &e), 0);
+    char *dir = ln_path_join(tmpdir, "bad-model");
+    assert_int_equal(ln_mkdir_p(dir, &e), 0);
+    assert_int_equal(ln_model_save(m, dir, ST_F32, &e), 0);
+    ln_model *ok;
+    assert_int_equal(ln_model_load(dir, lnb_cpu(), &ok, &e), 0); /* the clean copy loads */
+    ln_model_free(ok);
+    m->layers[1].lin[LN_O].w[5] = INFINITY;
+    assert_int_equal(ln_model_save(m, dir, ST_F32, &e), 0);
+    ln_model *bad = NULL;
+    assert_int_equal(ln_model_load(dir, lnb_cpu(), &bad, &e), -1);
+    assert_null(bad);
+    if (!strstr(e.msg, "model.layers.1.self_attn.o_proj.weight") || !strstr(e.msg, "not finite") ||
+        !strstr(e.msg, "index 5"))
+        fail_msg("unexpected error: %s", e.msg);
+    free(dir);
+    ln_model_free(m);
+}
+
+/* Writes a NaN into element `at` of F32 tensor `name` of a safetensors file, in place. */
+static void poison_tensor(const char *path, const char *name, int at)
+{
+    char *buf;
+    size_t len;
+    ln_err e;
+    assert_int_equal(ln_read_file(path, &buf, &len, &e), 0);
+    uint64_t hlen = 0;
+    for (int i = 7; i >= 0; i--) hlen = hlen << 8 | (unsigned char)buf[i];
+    json_t *h = json_loadb(buf + 8, (size_t)hlen, 0, NULL);
+    assert_non_null(h);
+    json_t *t = json_object_get(h, name);
+    if (!t) fail_msg("no tensor %s in %s", name, path);
+    assert_string_equal(json_string_value(json_object_get(t, "dtype")), "F32");
+    size_t off = 8 + (size_t)hlen + (size_t)json_integer_value(json_array_get(json_object_get(t, "data_offsets"), 0));
+    float nan = NAN;
+    memcpy(buf + off + (size_t)at * sizeof(float), &nan, sizeof nan);
+    json_decref(h);
+    assert_int_equal(ln_write_file_atomic(path, buf, len, &e), 0);
+    free(buf);
+}
+
+/* A checkpoint whose adapter holds a NaN is refused when loaded, naming the tensor. */
+static void test_checkpoint_with_a_nan_is_refused(void **state)
+{
+    (void)state;
+    char *out = ln_path_join(tmpdir, "nan-ck");
+    float b[32];
+    cb_state st = {0};
+    run(out, 3, NULL, b, &st);
+    char *ck = ln_path_join(out, "checkpoints/step-000003");
+    ln_config c = tiny_config();
+    ln_model *m;
+    ln_err e = {{0}};
+    assert_int_equal(ln_model_new_random(&c, lnb_cpu(), 5, &m, &e), 0);
+    ln_adapter ad;
+    assert_int_equal(ln_train_load_checkpoint(m, ck, &ad, &e), 0); /* the clean one loads */
+    ln_adapter_free(&ad);
+    char *file = ln_path_join(ck, "state.safetensors");
+    const char *name = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight";
+    poison_tensor(file, name, 3);
+    assert_int_equal(ln_train_load_checkpoint(m, ck, &ad, &e), -1);
+    if (!strstr(e.msg, name) || !strstr(e.msg, "not finite") || !strstr(e.msg, "index 3"))
+        fail_msg("unexpected error: %s", e.msg);
+    free(file);
+    free(ck);
+    free(out);
+    ln_model_free(m);
+}
+
 int main(void)
 {
     snprintf(tmpdir, sizeof tmpdir, "/tmp/ln_test_train_%d", (int)getpid());
@@ -309,6 +442,9 @@ int main(void)
         cmocka_unit_test(test_resume_refuses_a_non_checkpoint),
         cmocka_unit_test(test_trained_rows_only_equals_full_logits),
         cmocka_unit_test(test_packed_rows_equal_separate_sequences),
+        cmocka_unit_test(test_overflowing_update_fails_naming_the_step),
+        cmocka_unit_test(test_model_with_a_non_finite_weight_is_refused),
+        cmocka_unit_test(test_checkpoint_with_a_nan_is_refused),
     };
     int rc = cmocka_run_group_tests_name("engine training loop", tests, NULL, NULL);
     char cmd[300];

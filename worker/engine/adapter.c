@@ -333,6 +333,10 @@ static int copy_factor(st_set *s, const lnb_backend *be, ln_param *p, const char
     float *h = ln_try_alloc((size_t)p->n * sizeof(float), name, e);
     if (!h) return -1;
     int rc = st_to_f32(t, h, p->n, e);
+    for (int64_t i = 0; rc == 0 && i < p->n; i++)
+        if (!isfinite(h[i]))
+            rc = ln_errf(e, "adapter %s: tensor %s is not finite (%g at index %lld)", file, name, (double)h[i],
+                         (long long)i);
     if (rc == 0) be->upload(p->w, h, (size_t)p->n * sizeof(float));
     free(h);
     return rc;

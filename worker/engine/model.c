@@ -222,6 +222,12 @@ static int load_tensor(st_set *s, const lnb_backend *be, ln_param *p, const char
     float *host = ln_try_alloc((size_t)p->n * sizeof(float), p->name, e);
     if (!host) return -1;
     int rc = st_to_f32(t, host, p->n, e);
+    /* A NaN or inf weight would only show up steps later as a loss of NaN (or, through RMSNorm,
+     * as a flat ln(V) with no gradient): refuse the model now, naming the tensor. */
+    for (int64_t i = 0; rc == 0 && i < p->n; i++)
+        if (!isfinite(host[i]))
+            rc = ln_errf(e, "model %s: tensor %s in %s is not finite (%g at index %lld)", dir, p->name, t->file,
+                         (double)host[i], (long long)i);
     if (rc == 0) be->upload(p->w, host, (size_t)p->n * sizeof(float));
     free(host);
     return rc;
@@ -726,6 +732,20 @@ int ln_model_forward(ln_model *m, const struct ln_adapter *ad, ln_acts *a, const
     if (o && o->no_logits) return 0;
     /* xf = rmsnorm(res[L]) ; logits = xf Wlmᵀ (N, V) */
     be->rmsnorm_forward(a->xf, a->rstdf, a->res[c->num_layers], m->norm.w, N, C, c->rms_norm_eps);
+    {
+        /* r = (Σx²/C + eps)^-½ is finite and > 0 for any finite hidden row whose Σx² fits a float.
+         * A row that overflowed (weights grown too large) gives r = 0: xf = 0, uniform logits, a
+         * flat loss of ln(V) and no gradient — training would go on silently. A NaN row gives NaN. */
+        float *r = ln_xmalloc((size_t)N * sizeof(float));
+        be->download(r, a->rstdf, (size_t)N * sizeof(float));
+        int bad = -1;
+        for (int i = 0; i < N && bad < 0; i++)
+            if (!(r[i] > 0.0f) || !isfinite(r[i])) bad = i;
+        free(r);
+        if (bad >= 0)
+            return ln_errf(e, "forward: the hidden state of token %d is not finite (its sum of squares overflows at "
+                           "the final norm): the weights have grown too large", bad);
+    }
     a->M = -1;
     a->head_done = 0;
     if (o && o->trained_rows_only && b->targets) {

@@ -65,6 +65,15 @@ double ln_optim_grad_norm(const ln_optim *o)
     return sqrt(ss);
 }
 
+int ln_optim_first_nonfinite(const ln_optim *o)
+{
+    /* Σ w² in double is finite for any finite float weights (|w| < 2^128, n < 2^60), so a
+     * non-finite sum means a NaN or inf among them. */
+    for (int i = 0; i < o->n; i++)
+        if (!isfinite(o->be->sumsq(o->params[i]->w, o->params[i]->n))) return i;
+    return -1;
+}
+
 void ln_optim_step(ln_optim *o, float lr, float gscale)
 {
     o->step++;

@@ -40,6 +40,8 @@ void ln_optim_free(ln_optim *o);
 void ln_optim_zero_grad(ln_optim *o);
 /* √(Σ g²) over every param (deterministic). */
 double ln_optim_grad_norm(const ln_optim *o);
+/* The first param whose weights hold a NaN or inf (an update that overflowed), or -1. */
+int ln_optim_first_nonfinite(const ln_optim *o);
 /* One update with learning rate lr, gradients multiplied by gscale (the clipping coefficient). */
 void ln_optim_step(ln_optim *o, float lr, float gscale);
 

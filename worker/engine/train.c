@@ -212,7 +212,12 @@ static int copy_tensor(st_set *s, const char *name, float *dst, int64_t n, const
     if (!t) return ln_errf(e, "checkpoint %s: tensor %s is missing", file, name);
     if (t->numel != n) return ln_errf(e, "checkpoint %s: tensor %s has %lld elements, expected %lld", file, name,
                                       (long long)t->numel, (long long)n);
-    return st_to_f32(t, dst, n, e);
+    if (st_to_f32(t, dst, n, e)) return -1;
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(dst[i]))
+            return ln_errf(e, "checkpoint %s: tensor %s is not finite (%g at index %lld)", file, name, (double)dst[i],
+                           (long long)i);
+    return 0;
 }
 
 typedef struct { st_set *s; const char *file; ln_err *e; int rc; } load_ctx;
@@ -453,6 +458,11 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
         } else {
             gnorm = ln_optim_grad_norm(&opt);
         }
+        if (!isfinite(gnorm)) {
+            ln_errf(e, "train step %lld: the gradient norm is not finite (%g); lower the learning rate",
+                    (long long)step + 1, gnorm);
+            goto out;
+        }
         float coef = 1.0f;
         if (oc.max_grad_norm > 0) {
             float c = oc.max_grad_norm / (float)(gnorm + 1e-6);
@@ -460,6 +470,16 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
         }
         float lr = ln_lr_at(&oc, step);
         ln_optim_step(&opt, lr, coef);
+        /* An update that overflows leaves inf weights, which need not make the next loss NaN
+         * (RMSNorm maps an inf row to 0: a flat ln(V), zero gradient): catch it at this step.
+         * A tensor-parallel shard skips it: its ranks would disagree on stopping (the global
+         * gradient norm above and the next loss still catch a diverging run there). */
+        int bad = m->comm ? -1 : ln_optim_first_nonfinite(&opt);
+        if (bad >= 0) {
+            ln_errf(e, "train step %lld: the weights of %s are not finite after the update (learning rate %g); lower "
+                    "the learning rate", (long long)step + 1, opt.params[bad]->name, (double)lr);
+            goto out;
+        }
         cs.step = step + 1;
         cs.pos = ld.pos;
         steps_here++;
