@@ -46,7 +46,7 @@ typedef struct wd_job {
     wd_stop lost;                          /* the lease is gone (cancel, pause, lost) */
     int pausing;                           /* paused: the run stops, its last checkpoint and the
                                             * reports before it still go up (the server's grace) */
-    double pause_deadline;                 /* give up on that upload after this (server unreachable) */
+    double pause_deadline;                 /* once the run ended: give up on those uploads after this */
 
     int ndl, idl, dl_busy;                 /* downloads, one at a time */
     char dl_path[MAX_DOWNLOADS][WD_PATH_MAX];
@@ -173,7 +173,6 @@ static void job_lost(wd_job *j, wd_stop why, const char *msg) {
          * grace: stop within a step and upload the checkpoint the stop writes, so a resume (on any
          * worker) continues from the pause step. A second refusal (grace over) ends it for good. */
         j->pausing = 1;
-        j->pause_deadline = ln_now_s() + PAUSE_DRAIN_MAX_S;
         atomic_store(&j->run.stop, why);
         ln_log(LN_LOG_WARN, "worker", "job %s paused: %s; stopping and uploading a last checkpoint", j->id, msg);
         return;
@@ -559,7 +558,10 @@ static void job_pump(wd_job *j, double now) {
         flush(j, now);
         upload_checkpoint(j, now);
         if (j->lost) return;
-        int drained = atomic_load(&j->run.done) && outbox_empty(j) && checkpoints_idle(j);
+        /* The run thread ends within a step (or when a stage before training ends). */
+        if (!atomic_load(&j->run.done)) return;
+        if (j->pause_deadline == 0) j->pause_deadline = now + PAUSE_DRAIN_MAX_S;
+        int drained = outbox_empty(j) && checkpoints_idle(j);
         if (drained || now >= j->pause_deadline) {
             j->lost = WD_STOP_PAUSE;
             job_end(j, drained ? "stopped: paused, its last checkpoint uploaded"
