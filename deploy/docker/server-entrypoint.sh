@@ -16,6 +16,8 @@
 # Environment (defaults are the image's paths):
 #   LORANULL_SERVER_BIN         /usr/local/bin/loranull-server
 #   LORANULL_LISTEN             0.0.0.0:8080    public API, dashboard, /healthz, /readyz, /metrics
+#   LORANULL_INTERNAL_LISTEN    (unset)         --internal-listen: the workers' /internal/v1 only
+#                                               there (and 404 on LORANULL_LISTEN); unset = one port
 #   LORANULL_DATA_DIR           /var/lib/loranull   SQLite database and file blobs (a volume)
 #   LORANULL_CONFIG             (unset)         optional --config FILE (the server's JSON config)
 #   LORANULL_MIGRATIONS_DIR     (unset)         optional --migrations-dir (image: /usr/share/loranull/migrations)
@@ -28,6 +30,7 @@ set -eu
 
 SERVER_BIN=${LORANULL_SERVER_BIN:-/usr/local/bin/loranull-server}
 LISTEN=${LORANULL_LISTEN:-0.0.0.0:8080}
+INTERNAL_LISTEN=${LORANULL_INTERNAL_LISTEN:-}
 DATA_DIR=${LORANULL_DATA_DIR:-/var/lib/loranull}
 CONFIG=${LORANULL_CONFIG:-}
 MIGRATIONS_DIR=${LORANULL_MIGRATIONS_DIR:-}
@@ -117,8 +120,14 @@ rm -f "$probe"
 
 import_secrets
 
+case $INTERNAL_LISTEN in
+    '' | *:[0-9]*) ;;
+    *) die "LORANULL_INTERNAL_LISTEN='$INTERNAL_LISTEN' is not HOST:PORT" ;;
+esac
+
 # shellcheck disable=SC2086
 set -- --listen "$LISTEN" $DB_FLAGS "$@"
+[ -z "$INTERNAL_LISTEN" ] || set -- "$@" --internal-listen "$INTERNAL_LISTEN"
 [ -z "$STATIC_DIR" ] || set -- "$@" --static-dir "$STATIC_DIR"
 [ -z "$CHARTJS_DIR" ] || set -- "$@" --chartjs-dir "$CHARTJS_DIR"
 echo "server-entrypoint: exec $SERVER_BIN $*" >&2

@@ -236,6 +236,8 @@ def main():
 
     port = free_port()
     server_cfg["env"]["LORANULL_LISTEN"] = f"127.0.0.1:{port}"  # the pod's 0.0.0.0, kept to loopback here
+    iport = free_port()  # the workers' port (the k8s base sets LORANULL_INTERNAL_LISTEN)
+    server_cfg["env"]["LORANULL_INTERNAL_LISTEN"] = f"127.0.0.1:{iport}"
     base = f"http://127.0.0.1:{port}"
     server_vols = {vol["data"]: ("/var/lib/loranull", "rw"), vol["secrets"]: ("/run/secrets/loranull", "ro")}
     slog, wlog = work / "server.log", work / "worker.log"
@@ -264,7 +266,7 @@ def main():
         assert api.get(base + "/v1/files").status_code == 200, "the key from the Secret file is refused"
         log("server image: the API key from the mounted Secret file works")
 
-        worker_cfg["env"]["LORANULL_SERVER_URL"] = base
+        worker_cfg["env"]["LORANULL_SERVER_URL"] = f"http://127.0.0.1:{iport}"
         worker_cfg["env"]["LORANULL_GRACE_S"] = "20"
         worker_vols = {vol["models"]: ("/models", "ro"), vol["work"]: ("/var/lib/loranull-worker", "rw"),
                        vol["secrets"]: ("/run/secrets/loranull", "ro")}

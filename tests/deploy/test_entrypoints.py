@@ -746,3 +746,26 @@ def test_cpu_dev_secrets_work_with_the_server_entrypoint(tmp_path):
         assert status == 201, body
     finally:
         s.stop()
+
+
+# ---- the internal listener (LORANULL_INTERNAL_LISTEN, set by the k8s base) ----
+
+def test_server_entrypoint_internal_listen_splits_the_ports(tmp_path, secrets):
+    assert SERVER_BIN.exists(), f"{SERVER_BIN} is not built: run `make`"
+    env = server_env(tmp_path, secrets, free_port())
+    iport = free_port()
+    env["LORANULL_INTERNAL_LISTEN"] = f"127.0.0.1:{iport}"
+    s = EntrypointServer(env, tmp_path / "server.log")
+    try:
+        internal = f"http://127.0.0.1:{iport}"
+        reg = {"name": "deploy-test", "device_kind": "cpu", "devices": 1, "memory_bytes": 1 << 30, "models": []}
+        assert http("POST", internal + "/internal/v1/workers/register", TOKEN, reg)[0] == 201
+        assert http("POST", s.base + "/internal/v1/workers/register", TOKEN, reg)[0] == 404
+        assert http("GET", s.base + "/v1/files", KEY_A)[0] == 200
+        assert http("GET", internal + "/v1/files", KEY_A)[0] == 404
+        assert http("GET", internal + "/readyz")[0] == 200
+    finally:
+        s.stop()
+    bad = dict(env, LORANULL_INTERNAL_LISTEN="8081")
+    r = subprocess.run(["sh", str(SERVER_SH)], env=bad, capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1 and "LORANULL_INTERNAL_LISTEN='8081' is not HOST:PORT" in r.stderr, r.stderr

@@ -236,6 +236,32 @@ def test_policies_select_the_pods(name, rendered):
     assert any(peer.get("podSelector", {}).get("matchLabels", {}).items() <= server_labels.items()
                and "namespaceSelector" not in peer
                for rule in w["egress"] for peer in rule.get("to", []))
+    # the server's internal port (/internal/v1 only, --internal-listen) admits worker pods alone;
+    # every rule that opens it names only worker pods, and workers reach the server only there
+    server = one(docs, "Deployment", "loranull-server")["spec"]["template"]["spec"]
+    c = container(server, "server")
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert env_of(c)["LORANULL_INTERNAL_LISTEN"].endswith(f":{ports['internal']}")
+    assert ports["internal"] != ports["http"]
+    svc = one(docs, "Service", "loranull-server")
+    assert {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]}["internal"] == "internal"
+    opening = [r for r in pols["loranull-server"]["ingress"]
+               if any(p["port"] in ("internal", ports["internal"]) for p in r.get("ports", []))]
+    assert opening, "no rule admits workers to the internal port"
+    for rule in opening:
+        assert rule.get("from"), "the internal port is open to everyone"
+        for peer in rule["from"]:
+            assert "namespaceSelector" not in peer and "ipBlock" not in peer
+            assert peer["podSelector"]["matchLabels"].items() <= worker_labels.items()
+    # and no other rule opens every port (a rule without ports would)
+    assert all(r.get("ports") for r in pols["loranull-server"]["ingress"])
+    to_server = [r for r in w["egress"] for peer in r.get("to", [])
+                 if peer.get("podSelector", {}).get("matchLabels", {}).items() <= server_labels.items()]
+    assert all({p["port"] for p in r["ports"]} == {"internal"} for r in to_server)
+    worker = one(docs, "StatefulSet", "loranull-worker")["spec"]["template"]["spec"]
+    url = env_of(container(worker, "worker"))["LORANULL_SERVER_URL"]
+    internal_svc_port = {p["name"]: p["port"] for p in svc["spec"]["ports"]}["internal"]
+    assert url.rstrip("/").endswith(f":{internal_svc_port}"), "workers must use the internal port"
 
 
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
