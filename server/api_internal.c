@@ -461,6 +461,44 @@ out:
     return res;
 }
 
+/* {"lease_generation", "reason"?}: the worker hands a running job back (it is shutting down). The job
+ * goes back to the queue at once, without backoff, and the attempt the lease counted is given back:
+ * an eviction is not the job's failure, so a job survives any number of them. */
+static enum MHD_Result job_release(http_req *r) {
+    long long gen;
+    json_t *b = body_with_gen(r, &gen);
+    if (!b) return r->result;
+    enum MHD_Result res;
+    json_t *reason_j = json_object_get(b, "reason");
+    if (reason_j && !json_is_null(reason_j) && (!json_is_string(reason_j) || strlen(json_string_value(reason_j)) > 1024)) {
+        res = bad(r, "reason", "must be a string of at most 1024 characters");
+        goto out;
+    }
+    const char *reason = json_is_string(reason_j) && json_string_value(reason_j)[0] ? json_string_value(reason_j)
+                                                                                      : "shutting down";
+    if (lease_begin(r, gen, 0) != 0) { res = r->result; goto out; }
+    const char *job = r->params[0];
+    sqlite3_stmt *st = store_stmt("SELECT lease_worker FROM jobs WHERE id=?");
+    sqlite3_bind_text(st, 1, job, -1, SQLITE_STATIC);
+    char worker[40] = "?";
+    if (sqlite3_step(st) == SQLITE_ROW && store_col_text(st, 0)) snprintf(worker, sizeof worker, "%s", store_col_text(st, 0));
+    sqlite3_reset(st);
+    jobs_set_status(job, "running", "queued");
+    st = store_stmt("UPDATE jobs SET attempts=MAX(attempts-1, 0), not_before_f=0, lease_worker=NULL WHERE id=?");
+    sqlite3_bind_text(st, 1, job, -1, SQLITE_STATIC);
+    sqlite3_step(st);
+    sqlite3_reset(st);
+    jobs_event(job, "warn", "message", NULL, "Worker %s released the job (%s); requeued without using an attempt",
+               worker, reason);
+    ln_log(LN_LOG_INFO, "sched", "job %s released by worker %s (%s)", job, worker, reason);
+    if (store_commit() != 0) { res = http_error(r, 503, "server_error", "busy", NULL, "The database is busy; retry."); goto out; }
+    jobs_notify(job);
+    res = http_json(r, 200, jobs_object(job, NULL));
+out:
+    json_decref(b);
+    return res;
+}
+
 /* ---------------------------------------------------------------- rendezvous */
 
 static int valid_key(const char *k) {
@@ -556,6 +594,7 @@ void api_internal_register(void) {
     http_route("POST", "/internal/v1/jobs/{}/checkpoints", HTTP_AUTH_WORKER, HTTP_BODY_JSON, job_checkpoint, "int_checkpoint");
     http_route("POST", "/internal/v1/jobs/{}/complete", HTTP_AUTH_WORKER, HTTP_BODY_JSON, job_complete, "int_complete");
     http_route("POST", "/internal/v1/jobs/{}/fail", HTTP_AUTH_WORKER, HTTP_BODY_JSON, job_fail, "int_fail");
+    http_route("POST", "/internal/v1/jobs/{}/release", HTTP_AUTH_WORKER, HTTP_BODY_JSON, job_release, "int_release");
     http_route("PUT", "/internal/v1/jobs/{}/rendezvous/{}", HTTP_AUTH_WORKER, HTTP_BODY_JSON, rdv_put, "int_rdv_put");
     http_route("GET", "/internal/v1/jobs/{}/rendezvous/{}", HTTP_AUTH_WORKER, HTTP_BODY_NONE, rdv_get, "int_rdv_get");
     http_route("GET", "/internal/v1/files/{}/content", HTTP_AUTH_WORKER, HTTP_BODY_NONE, file_content, "int_file_content");

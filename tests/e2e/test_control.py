@@ -5,7 +5,7 @@ import time
 
 import signal
 
-from e2e_helpers import LONG_JOB, LONG_STEPS
+from e2e_helpers import LONG_JOB, LONG_STEPS, Env
 from e2e_helpers import checkpoints, events, metrics, result_files, submit, wait_for
 
 
@@ -57,7 +57,8 @@ def test_sigterm_checkpoints_releases_and_exits_zero(env, reference_adapter):
     j = env.srv.get_job(env.key, job["id"])
     assert j["status"] == "queued", j
     msgs = messages(env, job)
-    assert any("worker_shutdown" in m and "requeued" in m for m in msgs), msgs
+    assert any("released the job (shutting down); requeued without using an attempt" in m for m in msgs), msgs
+    assert j["attempts"] == 0, "the released lease's attempt is given back"
     assert not any("Lease expired" in m for m in msgs)
     stop_step = max(c["step_number"] for c in checkpoints(env.srv, env.key, job["id"]))
     loss_steps = sorted(metrics(env.srv, env.key, job["id"], "loss")["loss"])
@@ -66,6 +67,41 @@ def test_sigterm_checkpoints_releases_and_exits_zero(env, reference_adapter):
     done = finished(env, job)
     assert any(f"Resuming from the checkpoint at step {stop_step}" in m for m in messages(env, job))
     assert result_files(env.srv, env.key, done)["adapter_model.safetensors"] == reference_adapter
+
+
+def test_three_sigterms_in_a_row_use_no_attempts(server_factory, models, tmp_path):
+    """With max_attempts 2, the job is evicted (SIGTERM) mid-training three times, each time picked
+    up by a new worker: releases give their attempt back, so it still succeeds, on attempt 1.
+    (Four times LONG_JOB's epochs, so that three evictions land well before its end.)"""
+    srv = server_factory("--lease-ttl-s", "2", "--retry-backoff-s", "0.2", "--max-attempts", "2",
+                         "--lease-wait-max-s", "5")
+    env = Env(srv, models, tmp_path)
+    try:
+        job = submit(env.srv, env.key, env.train_id, calibration=env.facts_id,
+                     **dict(LONG_JOB, epochs=4 * LONG_JOB["epochs"]))
+        stop_step = 0
+        for i in range(3):
+            w = env.worker(f"w{i + 1}")
+            # Mid-training under this worker: a checkpoint past the last stop, the job still running.
+            wait_for(lambda: any(c["step_number"] >= stop_step + 40 for c in checkpoints(env.srv, env.key, job["id"])),
+                     120, f"a checkpoint past step {stop_step} on {w.name} ({w.log()})")
+            assert env.srv.get_job(env.key, job["id"])["status"] == "running", "the job ended before eviction"
+            rc, _ = w.term(timeout=30)
+            assert rc == 0, w.log()
+            j = env.srv.get_job(env.key, job["id"])
+            assert j["status"] == "queued" and j["attempts"] == 0, (j, w.log())
+            stop_step = max(c["step_number"] for c in checkpoints(env.srv, env.key, job["id"]))
+        env.worker("w4")
+        done = finished(env, job)
+        assert done["attempts"] == 1
+        msgs = messages(env, job)
+        assert sum("requeued without using an attempt" in m for m in msgs) == 3, msgs
+        assert not any("Lease expired" in m or "gave up" in m for m in msgs), msgs
+        assert any(f"Resuming from the checkpoint at step {stop_step}" in m for m in msgs), msgs
+        assert sorted(metrics(env.srv, env.key, job["id"], "loss")["loss"])[-1] == 4 * LONG_STEPS
+    finally:
+        for w in env.workers:
+            w.stop()
 
 
 def test_pause_stops_training_and_resume_continues_to_the_same_adapter(env, reference_adapter):

@@ -229,6 +229,9 @@ class TestWorker:
         return self.post(f"/jobs/{job_id}/fail", {"lease_generation": gen, "retryable": retryable,
                                                   "error": {"code": code, "message": message}})
 
+    def release(self, job_id, gen, reason="shutting down"):
+        return self.post(f"/jobs/{job_id}/release", {"lease_generation": gen, "reason": reason})
+
 
 def sse_events(resp, stop_after=None, timeout=10.0):
     """Parses an SSE response (requests, stream=True) into [(id, data)] until [DONE] or stop_after events."""

@@ -474,15 +474,15 @@ static void send_final(wd_job *j, double now) {
         snprintf(path, sizeof path, "/internal/v1/jobs/%s/complete", j->id);
         b = json_pack("{s:I, s:I}", "lease_generation", (json_int_t)j->gen, "trained_tokens",
                       (json_int_t)j->run.trained_tokens);
+    } else if (j->final == FINAL_RELEASE) {
+        /* Shutting down after the last checkpoint: release hands the job back without using an
+         * attempt (an eviction is not the job's failure); the next worker resumes from it. */
+        snprintf(path, sizeof path, "/internal/v1/jobs/%s/release", j->id);
+        b = json_pack("{s:I, s:s}", "lease_generation", (json_int_t)j->gen, "reason", "shutting down");
     } else {
         snprintf(path, sizeof path, "/internal/v1/jobs/%s/fail", j->id);
-        int release = j->final == FINAL_RELEASE;
         b = json_pack("{s:I, s:b, s:{s:s, s:s}}", "lease_generation", (json_int_t)j->gen, "retryable",
-                      release || j->run.retryable, "error", "code", release ? "worker_shutdown" : j->run.err_code,
-                      "message",
-                      release ? "The worker was stopped (SIGTERM) and released the job after saving a checkpoint; it "
-                                "resumes from there on the next worker"
-                              : j->run.err_msg);
+                      j->run.retryable, "error", "code", j->run.err_code, "message", j->run.err_msg);
     }
     if (wd_http_json(j->d->http, "POST", path, b, 30.0, on_final, j) == 0) j->final_busy = 1;
 }

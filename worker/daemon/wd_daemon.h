@@ -16,8 +16,8 @@
  *    answers again, either the lease is still ours and the backlog is sent, or it is gone and the
  *    job stops.
  *  - SIGTERM/SIGINT: idle → exit 0 at once. Running → the job stops at the next step with a
- *    checkpoint, which is uploaded, the outbox is flushed, the lease is released (fail with
- *    retryable=true, code worker_shutdown: the job is queued again and resumes from that
+ *    checkpoint, which is uploaded, the outbox is flushed, the lease is released (POST
+ *    jobs/{id}/release: the job is queued again without using an attempt and resumes from that
  *    checkpoint elsewhere) and the process exits 0 — or, past --grace-s, exits 1. A second signal
  *    exits at once.
  *  - The worker id the server gave is kept in <work-dir>/worker_id: a restarted daemon registers
