@@ -416,6 +416,36 @@ fail:
     return -1;
 }
 
+/* adapter_config.json as PEFT writes it for a LoRA of rank r on the adapter's targets. */
+int ln_peft_write_config(const ln_adapter *ad, int r, float alpha, const char *base_model, const char *dir, ln_err *e) {
+    json_t *o = json_object(), *tm = json_array();
+    for (int t = 0; t < LN_NTARGET; t++)
+        if (ad->targets & (1u << t)) json_array_append_new(tm, json_string(strchr(ln_target_module((ln_target)t), '.') + 1));
+    json_object_set_new(o, "peft_type", json_string("LORA"));
+    json_object_set_new(o, "task_type", json_string("CAUSAL_LM"));
+    json_object_set_new(o, "r", json_integer(r));
+    json_object_set_new(o, "lora_alpha", json_real(alpha));
+    json_object_set_new(o, "lora_dropout", json_real(0.0));
+    json_object_set_new(o, "target_modules", tm);
+    json_object_set_new(o, "bias", json_string("none"));
+    json_object_set_new(o, "fan_in_fan_out", json_false());
+    json_object_set_new(o, "init_lora_weights", json_true());
+    json_object_set_new(o, "use_rslora", json_false());
+    json_object_set_new(o, "use_dora", json_false());
+    json_object_set_new(o, "inference_mode", json_true());
+    json_object_set_new(o, "modules_to_save", json_null());
+    json_object_set_new(o, "rank_pattern", json_object());
+    json_object_set_new(o, "alpha_pattern", json_object());
+    json_object_set_new(o, "base_model_name_or_path", base_model ? json_string(base_model) : json_null());
+    char *txt = json_dumps(o, JSON_INDENT(2) | JSON_SORT_KEYS);
+    json_decref(o);
+    char *path = ln_path_join(dir, "adapter_config.json");
+    int rc = ln_write_file_atomic(path, txt, strlen(txt), e);
+    free(path);
+    free(txt);
+    return rc;
+}
+
 int ln_adapter_save_peft(const ln_adapter *ad, const ln_model *m, const char *dir, ln_err *e)
 {
     if (ad->full) return ln_errf(e, "PEFT export: a full fine-tune has no adapter");
@@ -423,31 +453,7 @@ int ln_adapter_save_peft(const ln_adapter *ad, const ln_model *m, const char *di
         return ln_errf(e, "PEFT export: method %s trained on a residual base; its export relative to the original "
                           "weights is lora_init's job", ad->method);
     if (ln_mkdir_p(dir, e)) return -1;
-    json_t *o = json_object(), *tm = json_array();
-    for (int t = 0; t < LN_NTARGET; t++)
-        if (ad->targets & (1u << t)) {
-            const char *mod = strchr(ln_target_module((ln_target)t), '.') + 1;
-            json_array_append_new(tm, json_string(mod));
-        }
-    json_object_set_new(o, "peft_type", json_string("LORA"));
-    json_object_set_new(o, "task_type", json_string("CAUSAL_LM"));
-    json_object_set_new(o, "r", json_integer(ad->rank));
-    json_object_set_new(o, "lora_alpha", json_real(ad->alpha));
-    json_object_set_new(o, "lora_dropout", json_real(0.0));
-    json_object_set_new(o, "target_modules", tm);
-    json_object_set_new(o, "bias", json_string("none"));
-    json_object_set_new(o, "fan_in_fan_out", json_false());
-    json_object_set_new(o, "init_lora_weights", json_true());
-    json_object_set_new(o, "use_rslora", json_false());
-    json_object_set_new(o, "inference_mode", json_true());
-    json_object_set_new(o, "modules_to_save", json_null());
-    json_object_set_new(o, "base_model_name_or_path", json_null());
-    char *txt = json_dumps(o, JSON_INDENT(2) | JSON_SORT_KEYS);
-    json_decref(o);
-    char *cp = ln_path_join(dir, "adapter_config.json");
-    int rc = ln_write_file_atomic(cp, txt, strlen(txt), e);
-    free(cp);
-    free(txt);
+    int rc = ln_peft_write_config(ad, ad->rank, ad->alpha, NULL, dir, e);
     if (rc) return -1;
     (void)m;
     st_writer *w = st_writer_new();

@@ -88,5 +88,7 @@ int ln_adapter_load(ln_model *m, const char *path, ln_adapter *ad, ln_err *e);
 /* PEFT layout in dir: adapter_config.json + adapter_model.safetensors (A, B only). Refused for
  * residual methods, whose export (relative to the original W0) is lora_init's job. */
 int ln_adapter_save_peft(const ln_adapter *ad, const ln_model *m, const char *dir, ln_err *e);
+/* Writes DIR/adapter_config.json (PEFT LoRA, rank r, lora_alpha alpha, base_model or null). */
+int ln_peft_write_config(const ln_adapter *ad, int r, float alpha, const char *base_model, const char *dir, ln_err *e);
 
 #endif
