@@ -128,7 +128,7 @@ def upload(srv, key, content, filename):
 
 
 def submit(srv, key, training_file, method="lora_null_v2", calibration=None, epochs=2, batch_size=4, lr=0.01,
-           seed=7, rank=4, save_interval=0, eval_interval=0, validation_file=None, samples=32, **hp):
+           seed=7, rank=4, save_interval=0, eval_interval=0, validation_file=None, samples=32, data=None, **hp):
     spec = {"model": MODEL_NAME, "training_file": training_file, "seed": seed,
             "hyperparameters": {"n_epochs": epochs, "batch_size": batch_size, "learning_rate": lr,
                                 "save_interval": save_interval, "eval_interval": eval_interval, **hp},
@@ -137,6 +137,8 @@ def submit(srv, key, training_file, method="lora_null_v2", calibration=None, epo
         spec["adapter"]["calibration"] = {"file": calibration, "samples": samples, "max_length": 64}
     if validation_file:
         spec["validation_file"] = validation_file
+    if data is not None:
+        spec["data"] = data
     return srv.create_job(key, **spec)
 
 

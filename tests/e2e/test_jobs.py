@@ -150,6 +150,47 @@ def test_worker_side_data_error_names_the_line(env):
     assert "/" not in err["message"].split(":")[0], "the worker's local path leaked into the message"
 
 
+def test_data_overlong_reject_fails_naming_the_line_and_truncate_trains(env):
+    """spec.data.overlong reaches the worker's loader: "reject" fails the job (not retried) naming the
+    file and the line; the same file under the default "truncate" trains."""
+    w = env.worker()
+    lines = [{"prompt": "reverse cat:", "completion": " tac"}, {"prompt": "reverse dog:", "completion": " god"},
+             {"prompt": "reverse sun:", "completion": " " + " ".join(["nus pam puc"] * 20)},
+             {"prompt": "reverse hat:", "completion": " tah"}]
+    fid = upload(env.srv, env.key, ("\n".join(json.dumps(x) for x in lines) + "\n").encode(), "long.jsonl")
+    job = submit(env.srv, env.key, fid, method="lora", epochs=1, max_seq_len=24, data={"overlong": "reject"})
+    assert job["data"]["overlong"] == "reject"
+    done = env.srv.wait_status(env.key, job["id"], {"failed", "succeeded"}, timeout=60)
+    assert done["status"] == "failed", w.log()
+    err = done["error"]
+    assert err["code"] == "invalid_training_file", err
+    assert fid in err["message"] and "line 3" in err["message"] and "max_seq_len 24" in err["message"], err
+    assert done["attempts"] == 1, "a rejected example is the data's fault: not retried"
+    job = submit(env.srv, env.key, fid, method="lora", epochs=1, max_seq_len=24)
+    done = env.srv.wait_status(env.key, job["id"], {"failed", "succeeded"}, timeout=60)
+    assert done["status"] == "succeeded", done["error"]["message"]
+    msgs = [e["message"] for e in events(env.srv, env.key, job["id"])]
+    assert any("Training data validated: 4 examples" in m and "1 truncated to max_seq_len 24" in m for m in msgs), msgs
+
+
+def test_data_pack_trains_packed_rows(env):
+    """spec.data.pack reaches ln_train_opts.pack: the job trains rows of N tokens, so its step count
+    is the epochs' tokens over (rows per step · N), not examples over batch_size."""
+    import math
+    w = env.worker()
+    job = submit(env.srv, env.key, env.train_id, method="lora", epochs=2, batch_size=2, data={"pack": 64})
+    assert job["data"]["pack"] == 64
+    done = env.srv.wait_status(env.key, job["id"], {"failed", "succeeded"}, timeout=120)
+    assert done["status"] == "succeeded", (done["error"], w.log())
+    msgs = [e["message"] for e in events(env.srv, env.key, job["id"])]
+    validated = [m for m in msgs if m.startswith("Training data validated:")][0]
+    n_examples, n_tokens = (int(x) for x in validated.split(":")[1].replace(",", "").split()[0:3:2])
+    steps = math.ceil(2 * n_tokens / (2 * 64))
+    assert steps < math.ceil(2 * n_examples / 2), "packing must take fewer steps than one example per row"
+    assert any(f"Training: {steps} steps of 2 packed rows of 64 tokens" in m for m in msgs), (steps, msgs)
+    assert max(metrics(env.srv, env.key, job["id"], "loss")["loss"]) == steps
+
+
 def test_non_finite_weights_are_refused_naming_the_tensor(env, tmp_path):
     """NaN weights (a poisoned copy of the model) are refused when the worker loads the model: the
     job fails naming the tensor, not a crash, a NaN loss at step 1, or a silent NaN adapter."""

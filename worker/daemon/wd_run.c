@@ -178,6 +178,11 @@ static int should_stop(void *ctx) {
 
 /* ---------------------------------------------------------------- stages */
 
+/* spec.data.chat_template for ln_data_opts / ln_calib_opts: NULL for "auto" (the tokenizer's own). */
+static const char *data_chat_template(const ln_jobspec *s) {
+    return s->data.chat_template[0] && strcmp(s->data.chat_template, "auto") != 0 ? s->data.chat_template : NULL;
+}
+
 static int stage_data(wd_run *r, run_priv *p) {
     ln_err e = {{0}};
     const ln_jobspec *s = &r->spec;
@@ -187,7 +192,10 @@ static int stage_data(wd_run *r, run_priv *p) {
     free(tp);
     if (has_tok && ln_tokenizer_load(r->model_dir, &p->tok, &e) != 0)
         return fail(r, "model_unavailable", 1, &e);
-    ln_data_opts dopts = {.max_seq_len = s->hp.max_seq_len, .overlong = LN_OVERLONG_TRUNCATE, .chat_template = NULL};
+    /* spec.data (proto/worker-protocol.md): the same options as `loranull train`'s flags. */
+    ln_data_opts dopts = {.max_seq_len = s->hp.max_seq_len,
+                          .overlong = s->data.reject_overlong ? LN_OVERLONG_REJECT : LN_OVERLONG_TRUNCATE,
+                          .chat_template = data_chat_template(s)};
     if (ln_dataset_load(r->train_path, p->tok, &dopts, &p->ds, &e) != 0) {
         ln_err_prefix(&e, "training file %s", s->training_file);
         return fail(r, "invalid_training_file", 0, &e);
@@ -224,7 +232,7 @@ static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets)
         lnb_cuda_plan_req pq = {.vocab = mc.vocab_size, .hidden = mc.hidden_size, .intermediate = mc.intermediate_size,
                                 .layers = mc.num_layers, .heads = mc.num_heads, .kv_heads = mc.num_kv_heads,
                                 .head_dim = mc.head_dim, .tied = mc.tie_word_embeddings, .batch = s->hp.batch_size,
-                                .seq = s->hp.max_seq_len, .rank = ty == LN_ADAPTER_FULL ? 0 : s->adapter.rank,
+                                .seq = s->data.pack > s->hp.max_seq_len ? s->data.pack : s->hp.max_seq_len, .rank = ty == LN_ADAPTER_FULL ? 0 : s->adapter.rank,
                                 .targets = nt, .train_a = ty != LN_ADAPTER_LORA_FA && ty != LN_ADAPTER_LORA_NULL_V2};
         if (lnb_select_plan_check(r->be, &pq, &e) != 0) return fail(r, "out_of_memory", 0, &e);
     }
@@ -243,7 +251,7 @@ static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets)
     double t0 = ln_now_s();
     ln_calib_opts co = {.path = cpath, .samples = s->adapter.calibration_samples,
                         .max_length = s->adapter.calibration_max_length, .seed = 0, .targets = targets,
-                        .cache_dir = r->cache_dir, .chat_template = NULL};
+                        .cache_dir = r->cache_dir, .chat_template = data_chat_template(s)};
     if (ln_calibrate(p->m, p->tok, &co, &p->calib, &e) != 0) {
         ln_err_prefix(&e, "calibration file %s", cid);
         return fail(r, "invalid_calibration_file", 0, &e);
@@ -254,7 +262,8 @@ static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets)
                     (long long)p->calib->tokens, (targets & 0x7 ? 1 : 0) + (targets & 0x8 ? 1 : 0) +
                     (targets & 0x30 ? 1 : 0) + (targets & 0x40 ? 1 : 0), ln_now_s() - t0);
     /* The knowledge set: the same file, scored before and after training. */
-    ln_data_opts dopts = {.max_seq_len = s->adapter.calibration_max_length, .overlong = LN_OVERLONG_TRUNCATE};
+    ln_data_opts dopts = {.max_seq_len = s->adapter.calibration_max_length, .overlong = LN_OVERLONG_TRUNCATE,
+                          .chat_template = data_chat_template(s)};
     if (ln_dataset_load(cpath, p->tok, &dopts, &p->kds, &e) != 0) {
         ln_err_prefix(&e, "calibration file %s", cid);
         return fail(r, "invalid_calibration_file", 0, &e);
@@ -331,6 +340,15 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
     const ln_hparams *hp = &s->hp;
     int per_step = hp->batch_size * hp->grad_accum;
     r->total_steps = ((int64_t)hp->n_epochs * p->ds->n + per_step - 1) / per_step;
+    if (s->data.pack > 0) { /* as ln_train counts packed steps: rows of `pack` tokens over the epochs' tokens */
+        if (r->world > 1) {
+            ln_errf(&e, "data.pack %d: packed training is not supported with resources.ranks > 1 (%d); pack 0 or "
+                        "one rank", s->data.pack, r->world);
+            return fail(r, "unsupported_data_option", 0, &e);
+        }
+        int64_t per_step_tokens = (int64_t)per_step * s->data.pack;
+        r->total_steps = ((int64_t)hp->n_epochs * p->ds->stats.tokens + per_step_tokens - 1) / per_step_tokens;
+    }
     /* Checkpoints: the spec's interval, else about ten per run, so a lost worker costs little. */
     r->save_every = hp->save_interval > 0 ? hp->save_interval : (int)((r->total_steps + 9) / 10);
     r->drift_every = hp->eval_interval > 0 ? hp->eval_interval : (r->total_steps + 19) / 20;
@@ -362,14 +380,18 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
     to.save_every = r->save_every;
     to.out_dir = out;
     to.resume = r->resume[0] ? r->resume : NULL;
+    to.pack = s->data.pack;
     to.eval_every = 1;
     to.eval = on_eval;
     to.eval_ctx = r;
     to.on_row = on_row;
     to.should_stop = should_stop;
     to.cb_ctx = r;
-    wd_outbox_stage_event(r->out, "training", NULL, "Training: %lld steps of %d examples (%d epoch%s, learning rate %g)%s",
-                    (long long)r->total_steps, per_step, hp->n_epochs, hp->n_epochs == 1 ? "" : "s",
+    char unit[96];
+    if (s->data.pack > 0) snprintf(unit, sizeof unit, "%d packed rows of %d tokens", per_step, s->data.pack);
+    else snprintf(unit, sizeof unit, "%d examples", per_step);
+    wd_outbox_stage_event(r->out, "training", NULL, "Training: %lld steps of %s (%d epoch%s, learning rate %g)%s",
+                    (long long)r->total_steps, unit, hp->n_epochs, hp->n_epochs == 1 ? "" : "s",
                     hp->learning_rate, r->world > 1 ? ", tensor-parallel" : "");
     ln_train_result res;
     int rc;
