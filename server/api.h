@@ -29,4 +29,8 @@ int api_store_upload(http_req *r, const char *project_id, const char *filename, 
  * Returns -1 after replying 400. */
 int api_page_params(http_req *r, int def, int64_t *limit, const char **after, const char *prefix);
 
+/* Steps st (bound with LIMIT limit + 1) into an OpenAI list object {"object":"list","data",
+ * "has_more"}, one row(st) per row, resetting st; with_ids adds "first_id"/"last_id". */
+json_t *api_page_collect(sqlite3_stmt *st, int64_t limit, json_t *(*row)(sqlite3_stmt *), int with_ids);
+
 #endif

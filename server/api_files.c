@@ -40,6 +40,27 @@ int api_page_params(http_req *r, int def, int64_t *limit, const char **after, co
     return 0;
 }
 
+json_t *api_page_collect(sqlite3_stmt *st, int64_t limit, json_t *(*row)(sqlite3_stmt *), int with_ids) {
+    json_t *data = json_array();
+    int64_t n = 0;
+    int more = 0;
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        if (n++ == limit) { /* the extra row only says there is another page */
+            more = 1;
+            break;
+        }
+        json_array_append_new(data, row(st));
+    }
+    sqlite3_reset(st);
+    json_t *j = json_pack("{s:s, s:o, s:b}", "object", "list", "data", data, "has_more", more);
+    if (with_ids) {
+        size_t sz = json_array_size(data);
+        json_object_set_new(j, "first_id", sz ? json_incref(json_object_get(json_array_get(data, 0), "id")) : json_null());
+        json_object_set_new(j, "last_id", sz ? json_incref(json_object_get(json_array_get(data, sz - 1), "id")) : json_null());
+    }
+    return j;
+}
+
 /* A filename as given by the client, made safe to show and to echo in a header:
  * the last path component, printable ASCII without quotes or backslashes. */
 static void clean_filename(const char *in, char *out, size_t cap) {
@@ -136,21 +157,7 @@ static enum MHD_Result files_list(http_req *r) {
     sqlite3_bind_int64(st, 2, after_seq);
     if (purpose) sqlite3_bind_text(st, 3, purpose, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 4, limit + 1);
-    json_t *data = json_array();
-    int n = 0, more = 0;
-    while (sqlite3_step(st) == SQLITE_ROW) {
-        if (n++ == limit) {
-            more = 1;
-            break;
-        }
-        json_array_append_new(data, api_file_row(st));
-    }
-    sqlite3_reset(st);
-    json_t *j = json_pack("{s:s, s:o, s:b}", "object", "list", "data", data, "has_more", more);
-    size_t sz = json_array_size(data);
-    json_object_set_new(j, "first_id", sz ? json_incref(json_object_get(json_array_get(data, 0), "id")) : json_null());
-    json_object_set_new(j, "last_id", sz ? json_incref(json_object_get(json_array_get(data, sz - 1), "id")) : json_null());
-    return http_json(r, 200, j);
+    return http_json(r, 200, api_page_collect(st, limit, api_file_row, 1));
 }
 
 static enum MHD_Result files_get(http_req *r) {

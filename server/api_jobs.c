@@ -256,17 +256,7 @@ static enum MHD_Result jobs_events(http_req *r) {
     sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 2, before);
     sqlite3_bind_int64(st, 3, limit + 1);
-    json_t *data = json_array();
-    int n = 0, more = 0;
-    while (sqlite3_step(st) == SQLITE_ROW) {
-        if (n++ == limit) {
-            more = 1;
-            break;
-        }
-        json_array_append_new(data, jobs_event_row(st));
-    }
-    sqlite3_reset(st);
-    return http_json(r, 200, json_pack("{s:s, s:o, s:b}", "object", "list", "data", data, "has_more", more));
+    return http_json(r, 200, api_page_collect(st, limit, jobs_event_row, 0));
 }
 
 static enum MHD_Result jobs_checkpoints(http_req *r) {
@@ -291,21 +281,7 @@ static enum MHD_Result jobs_checkpoints(http_req *r) {
     sqlite3_bind_text(st, 1, r->params[0], -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 2, before);
     sqlite3_bind_int64(st, 3, limit + 1);
-    json_t *data = json_array();
-    int n = 0, more = 0;
-    while (sqlite3_step(st) == SQLITE_ROW) {
-        if (n++ == limit) {
-            more = 1;
-            break;
-        }
-        json_array_append_new(data, jobs_checkpoint_row(st));
-    }
-    sqlite3_reset(st);
-    json_t *j = json_pack("{s:s, s:o, s:b}", "object", "list", "data", data, "has_more", more);
-    size_t sz = json_array_size(data);
-    json_object_set_new(j, "first_id", sz ? json_incref(json_object_get(json_array_get(data, 0), "id")) : json_null());
-    json_object_set_new(j, "last_id", sz ? json_incref(json_object_get(json_array_get(data, sz - 1), "id")) : json_null());
-    return http_json(r, 200, j);
+    return http_json(r, 200, api_page_collect(st, limit, jobs_checkpoint_row, 1));
 }
 
 /* Time series for charts: one entry per metric name, steps ascending. */

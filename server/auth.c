@@ -8,34 +8,28 @@
 #include "common/util.h"
 #include "server/store.h"
 
-int auth_check_key(const char *key, char project_id[40]) {
-    if (strlen(key) > 128) return -1;
+/* Looks a secret up by its SHA-256 in sql (one '?', selecting one id column) among unrevoked rows. */
+static int lookup_secret(const char *sql, const char *secret, char id[40]) {
+    if (strlen(secret) > 128) return -1;
     char hex[65];
-    sha256_hex(key, strlen(key), hex);
-    sqlite3_stmt *st = store_stmt("SELECT project_id FROM api_keys WHERE key_hash=? AND revoked_at IS NULL");
+    sha256_hex(secret, strlen(secret), hex);
+    sqlite3_stmt *st = store_stmt(sql);
     sqlite3_bind_text(st, 1, hex, -1, SQLITE_STATIC);
     int rc = -1;
     if (sqlite3_step(st) == SQLITE_ROW) {
-        snprintf(project_id, 40, "%s", store_col_text(st, 0));
+        snprintf(id, 40, "%s", store_col_text(st, 0));
         rc = 0;
     }
     sqlite3_reset(st);
     return rc;
 }
 
+int auth_check_key(const char *key, char project_id[40]) {
+    return lookup_secret("SELECT project_id FROM api_keys WHERE key_hash=? AND revoked_at IS NULL", key, project_id);
+}
+
 int auth_check_worker_token(const char *token, char token_id[40]) {
-    if (strlen(token) > 128) return -1;
-    char hex[65];
-    sha256_hex(token, strlen(token), hex);
-    sqlite3_stmt *st = store_stmt("SELECT id FROM worker_tokens WHERE token_hash=? AND revoked_at IS NULL");
-    sqlite3_bind_text(st, 1, hex, -1, SQLITE_STATIC);
-    int rc = -1;
-    if (sqlite3_step(st) == SQLITE_ROW) {
-        snprintf(token_id, 40, "%s", store_col_text(st, 0));
-        rc = 0;
-    }
-    sqlite3_reset(st);
-    return rc;
+    return lookup_secret("SELECT id FROM worker_tokens WHERE token_hash=? AND revoked_at IS NULL", token, token_id);
 }
 
 static int valid_name(const char *s) {
