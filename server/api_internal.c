@@ -416,9 +416,7 @@ static enum MHD_Result job_complete(http_req *r) {
     sqlite3_step(st);
     sqlite3_reset(st);
     jobs_event(job, "info", "message", NULL, "The job has successfully completed");
-    if (store_commit() != 0) { res = http_error(r, 503, "server_error", "busy", NULL, "The database is busy; retry."); goto out; }
-    jobs_notify(job);
-    res = http_json(r, 200, jobs_object(job, NULL));
+    res = commit_reply(r, 200, jobs_object(job, NULL));
 out:
     json_decref(b);
     return res;
@@ -453,9 +451,7 @@ static enum MHD_Result job_fail(http_req *r) {
         json_decref(e);
         jobs_event(job, "error", "message", NULL, "Job failed (%s): %s", code, msg);
     }
-    if (store_commit() != 0) { res = http_error(r, 503, "server_error", "busy", NULL, "The database is busy; retry."); goto out; }
-    jobs_notify(job);
-    res = http_json(r, 200, jobs_object(job, NULL));
+    res = commit_reply(r, 200, jobs_object(job, NULL));
 out:
     json_decref(b);
     return res;
@@ -491,9 +487,7 @@ static enum MHD_Result job_release(http_req *r) {
     jobs_event(job, "warn", "message", NULL, "Worker %s released the job (%s); requeued without using an attempt",
                worker, reason);
     ln_log(LN_LOG_INFO, "sched", "job %s released by worker %s (%s)", job, worker, reason);
-    if (store_commit() != 0) { res = http_error(r, 503, "server_error", "busy", NULL, "The database is busy; retry."); goto out; }
-    jobs_notify(job);
-    res = http_json(r, 200, jobs_object(job, NULL));
+    res = commit_reply(r, 200, jobs_object(job, NULL));
 out:
     json_decref(b);
     return res;
