@@ -42,9 +42,12 @@ typedef struct wd_run {
     char train_path[WD_PATH_MAX], val_path[WD_PATH_MAX], calib_path[WD_PATH_MAX]; /* "" = none */
     char resume[WD_PATH_MAX];          /* checkpoint to continue from, "" = fresh */
     char cache_dir[WD_PATH_MAX];       /* calibration cache shared by jobs */
-    int world;                         /* tensor-parallel ranks, all on this worker (threads); 1 = plain.
-                                        * Multi-rank runs (ln_tp_train) have no checkpoints yet and
-                                        * see a stop only when they end. */
+    int world;                         /* tensor-parallel ranks of the job; 1 = plain */
+    /* A gang spread over workers: the daemon sets comm to this process's rank of the group
+     * (comm_rank(comm) = rank, comm_size(comm) = world), made through the server's rendezvous,
+     * and the run trains only that rank. NULL: every rank of the job runs here, on threads. */
+    struct ln_comm *comm;
+    int rank;
     const struct lnb_backend *be;      /* the device's backend (lnb_select) */
     wd_outbox *out;
     uv_async_t *wake;                  /* woken when done (may be NULL) */
