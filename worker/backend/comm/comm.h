@@ -1,10 +1,12 @@
 /* comm.h — collectives between the ranks of one job (tensor parallelism, DESIGN.md §3).
  *
- * One interface, two backends:
+ * One interface, three backends:
  *  - thread: N ranks in one process, one thread per rank (pthreads). Buffers are host memory.
  *    Reductions add the ranks' values in rank order 0, 1, …, N−1 for every element, whatever the
  *    thread timing, so a run is deterministic and N ranks reproduce 1 rank up to the rounding of
  *    the partial sums themselves. This is what CI tests the sharded math with.
+ *  - tcp: one rank per process or host (comm_tcp.c), the same sums as thread, over sockets: a
+ *    CPU gang the server spreads over several workers.
  *  - nccl: one rank per GPU (one process or thread per rank), buffers in device (or managed)
  *    memory; compiled into the CUDA build only (comm_nccl.c, LN_WITH_NCCL). Ranks of a multi-node
  *    job exchange the 128-byte ncclUniqueId through the server's rendezvous.
@@ -20,6 +22,7 @@
 #ifndef LN_COMM_H
 #define LN_COMM_H
 
+#include <stdatomic.h>
 #include <stdint.h>
 
 #include "common/err.h"
@@ -69,6 +72,42 @@ int comm_thread_group_new(int size, ln_comm **ranks, ln_err *e);
  * with the lowest failing rank's message in e (ranks' messages come from errs[i]). */
 typedef int (*comm_rank_fn)(ln_comm *c, void *ctx, ln_err *e);
 int comm_thread_run(int size, comm_rank_fn fn, void **ctxs, ln_err *e);
+
+/* ---- TCP backend (comm_tcp.c): one rank per process or host ----
+ *
+ * Rank 0 listens (comm_tcp_listen), publishes its address and a secret token (the worker uses the
+ * server's rendezvous), and waits for the others (comm_tcp_accept); ranks 1..size−1 connect
+ * (comm_tcp_connect). A connection with a wrong token, a wrong group size or a taken rank is
+ * refused and the accept goes on waiting. Sums are rank 0 + rank 1 + … for every element (the
+ * thread backend's order: bitwise equal results). Host buffers; floats travel in host byte order.
+ * A peer that dies makes this rank's next or pending collective fail naming it; there is no
+ * timeout on a peer's data (keepalive finds a vanished host in about 90 s). `stop`, when not
+ * NULL, is polled while connecting or accepting (about every 100 ms): non-zero gives up. */
+
+#define COMM_TCP_TOKEN_LEN 64
+#define COMM_TCP_ADDR_MAX 300
+
+typedef struct comm_tcp_listener comm_tcp_listener;
+
+/* A fresh random token (COMM_TCP_TOKEN_LEN hex characters). */
+int comm_tcp_token_new(char token[COMM_TCP_TOKEN_LEN + 1], ln_err *e);
+/* Listens on host (NULL/"" = every address) at the first free port of port_lo..port_hi (0..0 =
+ * one the kernel picks). comm_tcp_listener_addr gives "host:port" ("[v6]:port") as bound. */
+int comm_tcp_listen(const char *host, int port_lo, int port_hi, comm_tcp_listener **out, ln_err *e);
+const char *comm_tcp_listener_addr(const comm_tcp_listener *l);
+int comm_tcp_listener_port(const comm_tcp_listener *l);
+void comm_tcp_listener_free(comm_tcp_listener *l);
+/* Rank 0: waits up to timeout_s for ranks 1..size−1 to connect with token, then *out is rank 0's
+ * handle. The listener stays the caller's (free it after). */
+int comm_tcp_accept(comm_tcp_listener *l, int size, const char *token, double timeout_s, const atomic_int *stop,
+                    ln_comm **out, ln_err *e);
+/* Rank 1..size−1: connects to rank 0 at addr ("host:port"), retrying a refused connection until
+ * timeout_s, and presents token, rank and size. */
+int comm_tcp_connect(const char *addr, int rank, int size, const char *token, double timeout_s,
+                     const atomic_int *stop, ln_comm **out, ln_err *e);
+/* The rank whose connection ended first (a peer lost, not this rank's own abort), or −1; also −1
+ * for a handle of another backend. Lets a caller tell "a peer died" from its own failure. */
+int comm_tcp_lost_peer(const ln_comm *c);
 
 /* ---- NCCL backend (CUDA build only: comm_nccl.c with LN_WITH_NCCL) ---- */
 
