@@ -58,7 +58,7 @@ PROGS := $(if $(wildcard worker/cli/main.c),$(BIN)/loranull) \
 UNIT_BINS := $(patsubst tests/unit/%.c,$(B)/tests/%,$(UNIT_SRC))
 
 .PHONY: all deps test unit bench demo cuda cuda-bin clean asan check-tools
-all: $(PROGS) $(if $(shell command -v $(NVCC) 2>/dev/null),cuda)
+all: $(PROGS) $(if $(shell command -v $(NVCC) 2>/dev/null),cuda cuda-bin)
 
 $(B)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -134,9 +134,12 @@ build/cuda/tests/%: tests/gpu/%.c $(GPU_TEST_HELPERS) tests/gpu/gpu_check.h buil
 	    build/cuda/libloranull_cuda.a $(CUDA_RELEASE_LIBS) $(GPU_LDLIBS) $(CUDA_LDLIBS)
 # make cuda-bin: the programs with the CUDA backend linked in (lnb_select("cuda"), e.g.
 # `build/cuda/bin/loranull train --device cuda`). -u pulls the backend out of the archive so the
-# programs' weak references to it resolve. Needs every library the CPU programs need.
+# programs' weak references to it resolve (every entry point select.h references: an object no
+# -u names stays out, and its weak references stay NULL: the host path, silently). Needs every
+# library the CPU programs need.
 CUDA_PROG_LIBS := $(patsubst build/$(V)/%,build/release/%,$(LIBS))
-CUDA_PULL := -Wl,-u,lnb_cuda_open -Wl,-u,lnb_cuda
+CUDA_PULL := -Wl,-u,lnb_cuda_open -Wl,-u,lnb_cuda -Wl,-u,lnb_cuda_plan_check -Wl,-u,lnb_cuda_nullspace_basis \
+             -Wl,-u,lnb_cuda_cov_init
 cuda-bin: build/cuda/bin/loranull build/cuda/bin/loranull-worker
 build/cuda/bin/loranull: build/release/obj/worker/cli/main.o build/cuda/libloranull_cuda.a $(CUDA_PROG_LIBS)
 	@mkdir -p $(dir $@)

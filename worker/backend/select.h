@@ -6,7 +6,13 @@
  * references: in the default (CPU) build they stay NULL and "cuda" is a clear error; the CUDA
  * variant of the programs (make cuda-bin → build/cuda/bin/) links libloranull_cuda.a, which
  * defines them. "cuda" picks the GPU with the most free memory, "cuda:N" device N; GEMMs run on
- * bf16 tensor cores with fp32 accumulation (worker/backend/cuda/cuda.h). */
+ * bf16 tensor cores with fp32 accumulation (worker/backend/cuda/cuda.h).
+ *
+ * Selecting "cuda" also routes the engine's process-wide accelerator hooks to the device, so every
+ * program that selects it (loranull train --device cuda, a GPU worker) gets them: the LoRA-Null
+ * bases by cuSOLVER (ln_nullspace_set_basis_solver) and the calibration covariances by DSYRK on the
+ * device (ln_calibrate_set_accumulator). The CUDA programs must link those entry points (the
+ * Makefile's CUDA_PULL): a weak reference the link left undefined would silently keep the host path. */
 #ifndef LN_BACKEND_SELECT_H
 #define LN_BACKEND_SELECT_H
 
@@ -16,11 +22,57 @@
 #include "common/err.h"
 #include "worker/backend/backend.h"
 #include "worker/backend/cuda/cuda.h"
+#include "worker/engine/calibrate.h"
+#include "worker/engine/nullspace.h"
 
 #pragma weak lnb_cuda_open
 #pragma weak lnb_cuda
 #pragma weak lnb_cuda_plan_check
 #pragma weak lnb_cuda_nullspace_basis
+#pragma weak lnb_cuda_cov_init
+#pragma weak lnb_cuda_cov_add_sample
+#pragma weak lnb_cuda_cov_finish
+#pragma weak lnb_cuda_cov_free
+
+/* ln_cov_accumulator (calibrate.h) over lnb_cuda_cov: one heap-held device sum per covariance. */
+static inline void *lnb_cuda_acc_open(int d, ln_err *e)
+{
+    lnb_cuda_cov *c = (lnb_cuda_cov *)calloc(1, sizeof *c);
+    if (!c) {
+        ln_errf(e, "GPU covariance: out of host memory for its handle");
+        return NULL;
+    }
+    if (lnb_cuda_cov_init(c, d, e)) {
+        free(c);
+        return NULL;
+    }
+    return c;
+}
+static inline int lnb_cuda_acc_add(void *c, const float *X, int tokens, ln_err *e)
+{
+    return lnb_cuda_cov_add_sample((lnb_cuda_cov *)c, X, tokens, e);
+}
+static inline int lnb_cuda_acc_finish(void *c, double *C, ln_err *e)
+{
+    return lnb_cuda_cov_finish((const lnb_cuda_cov *)c, C, e);
+}
+static inline void lnb_cuda_acc_close(void *c)
+{
+    lnb_cuda_cov_free((lnb_cuda_cov *)c);
+    free(c);
+}
+
+/* The backend's covariance accumulator for calibration (DSYRK on the CUDA backend), to pass to
+ * ln_calibrate_set_accumulator; NULL = the host's. */
+static inline const ln_cov_accumulator *lnb_select_cov_accumulator(const lnb_backend *be)
+{
+    static const ln_cov_accumulator cuda_acc = {"cuda", lnb_cuda_acc_open, lnb_cuda_acc_add, lnb_cuda_acc_finish,
+                                                lnb_cuda_acc_close};
+    if (!be || strcmp(be->name, "cuda") != 0 || !lnb_cuda_cov_init || !lnb_cuda_cov_add_sample ||
+        !lnb_cuda_cov_finish || !lnb_cuda_cov_free)
+        return NULL;
+    return &cuda_acc;
+}
 
 static inline const lnb_backend *lnb_select(const char *device, ln_err *e)
 {
@@ -40,7 +92,10 @@ static inline const lnb_backend *lnb_select(const char *device, ln_err *e)
         }
         lnb_cuda_opts o = {.device = (int)dev, .math = LNB_CUDA_MATH_BF16};
         if (lnb_cuda_open(&o, e)) return NULL;
-        return lnb_cuda();
+        const lnb_backend *be = lnb_cuda();
+        ln_nullspace_set_basis_solver(lnb_cuda_nullspace_basis); /* NULL (LAPACK) if not linked */
+        ln_calibrate_set_accumulator(lnb_select_cov_accumulator(be));
+        return be;
     }
     ln_errf(e, "device \"%s\": expected cpu, cuda or cuda:N", device);
     return NULL;

@@ -219,24 +219,48 @@ static int load_windows(const ln_tokenizer *tok, const ln_calib_opts *o, sample_
 
 /* ---------------------------------------------------------------- forward with the hook */
 
+/* The installed accumulator (NULL = the host's ln_cov). */
+static const ln_cov_accumulator *g_accumulator;
+
+void ln_calibrate_set_accumulator(const ln_cov_accumulator *acc) { g_accumulator = acc; }
+const ln_cov_accumulator *ln_calibrate_accumulator(void) { return g_accumulator; }
+
 typedef struct {
-    ln_cov *covs;      /* num_layers × LN_NINPUT; .sum NULL where not needed */
+    ln_cov *covs;      /* num_layers × LN_NINPUT; .d set where needed, .sum NULL where not on the host */
+    const ln_cov_accumulator *acc;
+    void **dev;        /* num_layers × LN_NINPUT sums of acc (NULL where on the host or not needed) */
     float *scratch;    /* max d × max d floats for the fp32 products; NULL = fp64 products */
     int failed;
     ln_err err;
 } hook_ctx;
 
+/* Opens covariance i (width d) with the installed accumulator, or on the host when there is none
+ * or it cannot (the warning names the layer input and why). */
+static int cov_open(hook_ctx *h, int i, int d, ln_err *e) {
+    h->covs[i].d = d;
+    if (h->acc) {
+        ln_err ae = {{0}};
+        if ((h->dev[i] = h->acc->open(d, &ae))) return 0;
+        ln_log(LN_LOG_WARN, "calibration", "layer %d %s input: %s covariance unavailable, summing on the host: %s",
+               i / LN_NINPUT, ln_target_module(INPUT_NAMER[i % LN_NINPUT]), h->acc->name, ae.msg);
+    }
+    return ln_cov_init(&h->covs[i], d, e);
+}
+
 static void calib_hook(int layer, ln_input which, const float *X, int tokens, int d_in, void *ctx) {
     hook_ctx *h = ctx;
-    ln_cov *c = &h->covs[layer * LN_NINPUT + which];
-    if (h->failed || !c->sum) return;
+    int i = layer * LN_NINPUT + which;
+    ln_cov *c = &h->covs[i];
+    void *dev = h->dev ? h->dev[i] : NULL;
+    if (h->failed || (!c->sum && !dev)) return;
     if (d_in != c->d) {
         h->failed = 1;
         ln_errf(&h->err, "calibration: layer %d input %d has width %d, expected %d", layer, (int)which, d_in, c->d);
         return;
     }
-    int rc = h->scratch ? ln_cov_add_sample_f32(c, X, tokens, h->scratch, &h->err)
-                        : ln_cov_add_sample(c, X, tokens, &h->err);
+    int rc = dev          ? h->acc->add(dev, X, tokens, &h->err)
+             : h->scratch ? ln_cov_add_sample_f32(c, X, tokens, h->scratch, &h->err)
+                          : ln_cov_add_sample(c, X, tokens, &h->err);
     if (rc != 0) {
         h->failed = 1;
         ln_err_prefix(&h->err, "calibration: layer %d %s input", layer, ln_target_module(INPUT_NAMER[which]));
@@ -257,9 +281,10 @@ static int run_forward(ln_model *m, ln_acts *acts, const window *w, ln_input_hoo
 static int calibrate_compute(ln_model *m, const window *win, int64_t count, unsigned need, int fp64,
                              ln_calibration *c, ln_err *e) {
     const int L = m->cfg.num_layers;
-    hook_ctx h = {.covs = ln_xcalloc((size_t)L * LN_NINPUT, sizeof(ln_cov))};
+    hook_ctx h = {.covs = ln_xcalloc((size_t)L * LN_NINPUT, sizeof(ln_cov)), .acc = g_accumulator};
     int rc = -1;
-    if (!fp64) {
+    if (h.acc) h.dev = ln_xcalloc((size_t)L * LN_NINPUT, sizeof *h.dev);
+    if (!fp64 && !h.acc) {
         int dmax = 0;
         for (int in = 0; in < LN_NINPUT; in++)
             if ((need & (1u << in)) && c->d[in] > dmax) dmax = c->d[in];
@@ -268,7 +293,7 @@ static int calibrate_compute(ln_model *m, const window *win, int64_t count, unsi
     }
     for (int l = 0; l < L; l++)
         for (int in = 0; in < LN_NINPUT; in++)
-            if ((need & (1u << in)) && ln_cov_init(&h.covs[l * LN_NINPUT + in], c->d[in], e) != 0) goto out;
+            if ((need & (1u << in)) && cov_open(&h, l * LN_NINPUT + in, c->d[in], e) != 0) goto out;
     ln_acts *acts = ln_acts_new();
     double t0 = ln_now_s();
     for (int64_t s = 0; s < count; s++) {
@@ -287,17 +312,31 @@ static int calibrate_compute(ln_model *m, const window *win, int64_t count, unsi
     ln_acts_free(m, acts);
     c->samples = count;
     for (int i = 0; i < L * LN_NINPUT; i++) {
-        if (!h.covs[i].sum) continue;
+        void *dev = h.dev ? h.dev[i] : NULL;
+        if (!h.covs[i].sum && !dev) continue;
         int d = h.covs[i].d;
         c->C[i] = ln_try_alloc((size_t)d * d * sizeof(double), "calibration covariance", e);
-        if (!c->C[i] || ln_cov_finish(&h.covs[i], c->C[i], e) != 0) goto out;
+        if (!c->C[i]) goto out;
+        if (dev ? h.acc->finish(dev, c->C[i], e) : ln_cov_finish(&h.covs[i], c->C[i], e)) {
+            ln_err_prefix(e, "calibration: layer %d %s input", i / LN_NINPUT,
+                          ln_target_module(INPUT_NAMER[i % LN_NINPUT]));
+            goto out;
+        }
         ln_init_share_basis(c->C[i], d);
+        if (dev) { /* the device sum is no longer needed: free it as soon as it is fetched */
+            h.acc->close(dev);
+            h.dev[i] = NULL;
+        }
     }
-    ln_log(LN_LOG_INFO, "calibration", "samples=%" PRId64 " tokens=%" PRId64 " seconds=%.3f", c->samples, c->tokens,
-           ln_now_s() - t0);
+    ln_log(LN_LOG_INFO, "calibration", "samples=%" PRId64 " tokens=%" PRId64 " seconds=%.3f sums=%s", c->samples,
+           c->tokens, ln_now_s() - t0, h.acc ? h.acc->name : "host");
     rc = 0;
 out:
-    for (int i = 0; i < L * LN_NINPUT; i++) ln_cov_free(&h.covs[i]);
+    for (int i = 0; i < L * LN_NINPUT; i++) {
+        ln_cov_free(&h.covs[i]);
+        if (h.dev && h.dev[i]) h.acc->close(h.dev[i]);
+    }
+    free(h.dev);
     free(h.covs);
     free(h.scratch);
     return rc;
@@ -418,10 +457,11 @@ int ln_calibrate(ln_model *m, const ln_tokenizer *tok, const ln_calib_opts *o, l
     int max_length = o->max_length > 0 ? o->max_length : LN_CALIB_DEFAULT_MAX_LENGTH;
     unsigned targets = o->targets ? o->targets : LN_TARGETS_ALL;
     char model_hash[65], data_hash[65], key[65], keytext[256];
+    int fp64 = o->fp64 || g_accumulator; /* an installed accumulator's products are fp64 */
     if (file_hash(o->path, data_hash, e) != 0) return -1;
     ln_calibration_model_hash(m, model_hash);
     snprintf(keytext, sizeof keytext, "model=%s data=%s samples=%d max_length=%d seed=%" PRIu64 " inputs=%u fp64=%d",
-             model_hash, data_hash, samples, max_length, o->seed, inputs_needed(targets), o->fp64 ? 1 : 0);
+             model_hash, data_hash, samples, max_length, o->seed, inputs_needed(targets), fp64);
     sha256_hex(keytext, strlen(keytext), key);
     char *cpath = cache_path(o, key);
     if (cpath && ln_file_exists(cpath)) {

@@ -61,6 +61,27 @@ typedef struct ln_calib_opts {
 #define LN_CALIB_DEFAULT_SAMPLES 256
 #define LN_CALIB_DEFAULT_MAX_LENGTH 1024
 
+/* Where the covariance sums accumulate. None installed (the default): on the host (ln_cov,
+ * nullspace.h), each layer input read through the host. A GPU job installs the CUDA backend's
+ * (worker/backend/select.h installs it when "cuda" is selected): DSYRK in fp64 on the device, the
+ * activations never leave it, and the sums are fetched to host memory once, when the last sample
+ * is in. Its products are fp64, so its results are keyed in the cache as ln_calib_opts.fp64 = 1.
+ * A covariance the accumulator cannot open (device memory) falls back to the host, with a warning.
+ * Process-wide, like ln_nullspace_set_basis_solver; NULL restores the host path. */
+typedef struct ln_cov_accumulator {
+    const char *name;                                     /* for the log: "cuda" */
+    /* A zeroed running sum of a d-wide input's scaled second moments; NULL with e set on failure. */
+    void *(*open)(int d, ln_err *e);
+    /* Adds one sample X (tokens × d fp32, in the model backend's memory), scaled by 1/|max X| as
+     * ln_cov_add_sample does, with the same errors (non-finite, maximum 0). */
+    int (*add)(void *sum, const float *X, int tokens, ln_err *e);
+    /* C = sum / samples as a full symmetric d × d fp64 matrix in host memory. */
+    int (*finish)(void *sum, double *C, ln_err *e);
+    void (*close)(void *sum);
+} ln_cov_accumulator;
+void ln_calibrate_set_accumulator(const ln_cov_accumulator *acc);
+const ln_cov_accumulator *ln_calibrate_accumulator(void);
+
 /* Calibrates m (the base model, no adapter) on o->path, or loads the cached result. tok may be
  * NULL when every line is pre-tokenized. */
 int ln_calibrate(ln_model *m, const ln_tokenizer *tok, const ln_calib_opts *o, ln_calibration **out,

@@ -77,7 +77,8 @@ extern struct lnb_cuda_ctx lnb_cuda_g;
 
 /* A grow-only device scratch buffer per slot (staging of host tables, reductions). NULL and a
  * noted error on failure. */
-enum { WS_IDS, WS_TARGETS, WS_COS, WS_SIN, WS_REDUCE, WS_ATT_S, WS_ATT_DP, WS_SOLVER, WS_BF16_A, WS_BF16_B, WS_NSLOTS };
+enum { WS_IDS, WS_TARGETS, WS_COS, WS_SIN, WS_REDUCE, WS_ATT_S, WS_ATT_DP, WS_SOLVER, WS_BF16_A, WS_BF16_B, WS_COV_X, WS_COV_FLAGS,
+       WS_NSLOTS };
 void *lnb_cuda_workspace(int slot, size_t bytes);
 /* p itself when the device can read it (device or managed memory), else a device copy of its
  * first `bytes` bytes in workspace `slot`. */

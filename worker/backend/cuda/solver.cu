@@ -34,6 +34,10 @@ static int dalloc(dbuf &b, size_t bytes, const char *what, ln_err *e)
     return 0;
 }
 
+/* One cuSOLVER handle, stream and set of workspaces serve the process: the engine may call the
+ * routines below from several threads at once (bases solved from an OpenMP loop), so they take turns. */
+static std::mutex g_solver_mu;
+
 /* ================================================================ covariance */
 
 /* max of X and whether every entry is finite (flag), by one block of 1024 threads. */
@@ -83,20 +87,28 @@ extern "C" void lnb_cuda_cov_free(lnb_cuda_cov *c)
     if (c) c->sum = NULL;
 }
 
+/* One sample of the calibration: the max and finiteness check, the fp64 scaled copy and the DSYRK
+ * reuse two workspace slots (no allocation per sample: a whole-model calibration makes tens of
+ * thousands of these calls), so calls take turns with each other and the solvers (g_solver_mu). */
+
 extern "C" int lnb_cuda_cov_add_sample(lnb_cuda_cov *c, const float *X, int tokens, ln_err *e)
 {
+    std::lock_guard<std::mutex> lock(g_solver_mu);
     lnb_cuda_bind_thread();
     const int d = c->d;
     if (tokens <= 0) return ln_errf(e, "GPU covariance: sample %lld has no tokens", (long long)c->samples);
     size_t n = (size_t)tokens * d;
     const float *dx = (const float *)lnb_cuda_device_view(X, n * sizeof(float), WS_SOLVER);
-    if (!dx) return lnb_cuda_check(e);
-    dbuf flags, xd;
-    if (dalloc(flags, 2 * sizeof(float), "the sample's max", e)) return -1;
-    k_max_finite<<<1, 1024, 0, ST>>>(dx, (int64_t)n, flags.as<float>(), (int *)(flags.as<float>() + 1));
+    float *flags = (float *)lnb_cuda_workspace(WS_COV_FLAGS, 2 * sizeof(float));
+    double *xd = (double *)lnb_cuda_workspace(WS_COV_X, n * sizeof(double));
+    if (!dx || !flags || !xd) {
+        if (lnb_cuda_check(e)) return ln_err_prefix(e, "GPU covariance: %d x %d sample", tokens, d);
+        return ln_errf(e, "GPU covariance: no device memory for a %d x %d sample", tokens, d);
+    }
+    k_max_finite<<<1, 1024, 0, ST>>>(dx, (int64_t)n, flags, (int *)(flags + 1));
     CUDA_TRY(cudaGetLastError(), e);
     float hm[2];
-    CUDA_TRY(cudaMemcpyAsync(hm, flags.p, sizeof hm, cudaMemcpyDeviceToHost, ST), e);
+    CUDA_TRY(cudaMemcpyAsync(hm, flags, sizeof hm, cudaMemcpyDeviceToHost, ST), e);
     CUDA_TRY(cudaStreamSynchronize(ST), e);
     int bad;
     memcpy(&bad, &hm[1], sizeof bad);
@@ -105,15 +117,14 @@ extern "C" int lnb_cuda_cov_add_sample(lnb_cuda_cov *c, const float *X, int toke
         return ln_errf(e, "GPU covariance: sample %lld has maximum activation 0, so the reference scaling 1/|max X| is undefined",
                        (long long)c->samples);
     /* The reference scales by 1/|max X| (signed max), as nullspace.c. */
-    if (dalloc(xd, n * sizeof(double), "the fp64 sample", e)) return -1;
-    k_to_f64_scaled<<<1024, 256, 0, ST>>>(xd.as<double>(), dx, (int64_t)n, 1.0 / fabs((double)hm[0]));
+    k_to_f64_scaled<<<1024, 256, 0, ST>>>(xd, dx, (int64_t)n, 1.0 / fabs((double)hm[0]));
     CUDA_TRY(cudaGetLastError(), e);
     /* Row-major X (tokens × d) is column-major Xc (d × tokens): Xᵀ X = Xc Xcᵀ, a DSYRK with no
      * transpose; the column-major upper triangle is the row-major lower one (symmetrised at finish). */
     const double one = 1.0;
-    CUBLAS_TRY(cublasDsyrk(lnb_cuda_g.blas, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, d, tokens, &one, xd.as<double>(), d,
-                           &one, c->sum, d), e);
-    CUDA_TRY(cudaStreamSynchronize(ST), e);
+    CUBLAS_TRY(cublasDsyrk(lnb_cuda_g.blas, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, d, tokens, &one, xd, d, &one, c->sum,
+                           d), e);
+    /* No wait here: the next sample's max check waits for this one (same stream), finish for the last. */
     c->samples++;
     c->tokens += tokens;
     return 0;
@@ -137,10 +148,6 @@ extern "C" int lnb_cuda_cov_finish(const lnb_cuda_cov *c, double *C, ln_err *e)
 }
 
 /* ================================================================ null space */
-
-/* One cuSOLVER handle and stream serve the process: the engine may call these from several
- * threads at once (bases solved from an OpenMP loop), so they take turns. */
-static std::mutex g_solver_mu;
 
 extern "C" int lnb_cuda_nullspace_basis(const double *C, int d, int r, double *U, double *evals, ln_err *e)
 {
