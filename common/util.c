@@ -1,6 +1,7 @@
 #include "common/util.h"
 
 #include <errno.h>
+#include <stdarg.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,6 +47,30 @@ void *ln_try_alloc(size_t n, const char *what, ln_err *e) {
         return NULL;
     }
     return p;
+}
+
+char *ln_fmt_bytes(double bytes, char *buf, size_t n) {
+    const double K = 1024.0;
+    if (bytes < K) snprintf(buf, n, "%.0f B", bytes);
+    else if (bytes < K * K) snprintf(buf, n, "%.1f KiB", bytes / K);
+    else if (bytes < K * K * K) snprintf(buf, n, "%.1f MiB", bytes / (K * K));
+    else snprintf(buf, n, "%.2f GiB", bytes / (K * K * K));
+    return buf;
+}
+
+void *ln_try_allocf(size_t n_elems, size_t elem_size, ln_err *e, const char *area, const char *what_fmt, ...) {
+    void *p = NULL;
+    size_t n = n_elems * elem_size;
+    int overflow = elem_size != 0 && n / elem_size != n_elems;
+    if (!overflow && posix_memalign(&p, 64, n ? (n + 63) / 64 * 64 : 64) == 0 && p) return p;
+    char what[512], size[32];
+    va_list ap;
+    va_start(ap, what_fmt);
+    vsnprintf(what, sizeof what, what_fmt, ap);
+    va_end(ap);
+    ln_fmt_bytes((double)n_elems * (double)elem_size, size, sizeof size);
+    ln_errf(e, "%s: out of memory allocating %s for %s", area, size, what);
+    return NULL;
 }
 
 int ln_read_file(const char *path, char **out, size_t *len, ln_err *e) {

@@ -16,6 +16,14 @@ char *ln_xstrdup(const char *s);
 
 /* Large allocation (64-byte aligned) that can fail: returns NULL and fills e with the size. */
 void *ln_try_alloc(size_t n, const char *what, ln_err *e);
+/* The same, with the sentence "<area>: out of memory allocating <size> for <what>" (what is
+ * printf-style: name the layer, tensor or phase), e.g.
+ *   "knowledge drift: out of memory allocating 1.2 GiB for the original weight of layer 7 mlp.down_proj".
+ * n_elems · elem_size is checked for overflow. */
+void *ln_try_allocf(size_t n_elems, size_t elem_size, ln_err *e, const char *area, const char *what_fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+/* A byte count for people: "512 B", "3.0 KiB", "64.0 MiB", "1.20 GiB". Returns buf. */
+char *ln_fmt_bytes(double bytes, char *buf, size_t n);
 
 /* Reads a whole file into a NUL-terminated buffer owned by the caller. */
 int ln_read_file(const char *path, char **out, size_t *len, ln_err *e);

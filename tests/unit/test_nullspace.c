@@ -304,8 +304,9 @@ static void test_factor_properties(void **state) {
         }
         /* v2: any B' gives B' A x ≈ 0 on every activation */
         float *Bp = rand_f32((size_t)d_out * r, 1.0);
-        double num = ln_drift_quad_lowrank(Bp, A, r, NULL, NULL, 0, d_out, d_in, scale, C);
-        double den = ln_drift_quad_dense(W0, d_out, d_in, C);
+        double num, den;
+        assert_int_equal(ln_drift_quad_lowrank(Bp, A, r, NULL, NULL, 0, d_out, d_in, scale, C, &num, &e), 0);
+        assert_int_equal(ln_drift_quad_dense(W0, d_out, d_in, C, &den, &e), 0);
         assert_true(den > 0);
         assert_true(ln_drift_ratio(num, den) < 1e-8);
         free(Bp);
@@ -519,10 +520,11 @@ static void test_drift_from_cov_equals_direct(void **state) {
         dW[i] -= P0[i];
         dWf[i] = (float)dW[i];
     }
-    double num_c = ln_drift_quad_lowrank(B1, A1, r, B0, A0, r, d_out, d_in, scale, C);
-    double num_dense = ln_drift_quad_dense(dWf, d_out, d_in, C);
+    double num_c, num_dense, den_c;
+    assert_int_equal(ln_drift_quad_lowrank(B1, A1, r, B0, A0, r, d_out, d_in, scale, C, &num_c, &e), 0);
+    assert_int_equal(ln_drift_quad_dense(dWf, d_out, d_in, C, &num_dense, &e), 0);
     assert_true(fabs(num_c - num_dense) < 1e-5 * num_c);
-    double den_c = ln_drift_quad_dense(W0, d_out, d_in, C);
+    assert_int_equal(ln_drift_quad_dense(W0, d_out, d_in, C, &den_c, &e), 0);
     /* direct: Σ_s ‖(X_s/|max|) ΔWᵀ‖² / Σ_s ‖(X_s/|max|) W0ᵀ‖² (the 1/n cancels) */
     double num = 0, den = 0;
     for (int s = 0; s < n; s++) {
@@ -556,6 +558,52 @@ static void test_drift_from_cov_equals_direct(void **state) {
     free(dWf);
 }
 
+/* tr(W C Wᵀ) as the tracker computed it before (a dense W·C by dsymm, then Σ (W C)∘W), the
+ * reference the one-triangular-product form must equal to 1e-10. */
+static double quad_by_symm(const float *W, int d_out, int d_in, const double *C) {
+    double *wb = malloc((size_t)d_out * d_in * sizeof *wb), *t = malloc((size_t)d_out * d_in * sizeof *t);
+    for (size_t k = 0; k < (size_t)d_out * d_in; k++) wb[k] = W[k];
+    cblas_dsymm(CblasRowMajor, CblasRight, CblasUpper, d_out, d_in, 1.0, C, d_in, wb, d_in, 0.0, t, d_in);
+    double acc = 0;
+    for (size_t k = 0; k < (size_t)d_out * d_in; k++) acc += t[k] * wb[k];
+    free(wb);
+    free(t);
+    return acc;
+}
+
+/* The drift denominator from W·triu(C) equals the dense W·C form within 1e-10 (relative), for
+ * shapes below, at and across the 256-row block, a covariance with an outlier feature (as LLM
+ * activations have) and a rank-deficient one (fewer tokens than features). */
+static void test_drift_dense_triangular_equals_symm(void **state) {
+    (void)state;
+    rng_state = 11;
+    const int shapes[][3] = {{10, 18, 40}, {256, 40, 200}, {300, 64, 500}, {700, 96, 30}};
+    ln_err e;
+    for (size_t c = 0; c < sizeof shapes / sizeof *shapes; c++) {
+        const int d_out = shapes[c][0], d_in = shapes[c][1], tokens = shapes[c][2];
+        float *X = rand_f32((size_t)tokens * d_in, 1.0);
+        for (int k = 0; k < tokens; k++) {
+            X[(size_t)k * d_in + 3] *= 40.0f;                          /* an outlier feature */
+            X[(size_t)k * d_in + 5] = X[(size_t)k * d_in + 4] + 0.01f * X[(size_t)k * d_in + 5]; /* correlated */
+        }
+        ln_cov cov;
+        assert_int_equal(ln_cov_init(&cov, d_in, &e), 0);
+        assert_int_equal(ln_cov_add_sample(&cov, X, tokens, &e), 0);
+        double *C = malloc((size_t)d_in * d_in * sizeof *C);
+        assert_int_equal(ln_cov_finish(&cov, C, &e), 0);
+        float *W = rand_f32((size_t)d_out * d_in, 0.02);
+        double got, want = quad_by_symm(W, d_out, d_in, C);
+        assert_int_equal(ln_drift_quad_dense(W, d_out, d_in, C, &got, &e), 0);
+        if (!(fabs(got - want) <= 1e-10 * want))
+            fail_msg("%d x %d, %d tokens: triangular %.17g vs dsymm %.17g (rel %.2e)", d_out, d_in, tokens, got, want,
+                     fabs(got - want) / want);
+        free(W);
+        free(C);
+        free(X);
+        ln_cov_free(&cov);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cov_matches_naive_sum),
@@ -568,6 +616,7 @@ int main(void) {
         cmocka_unit_test(test_corda_damp_doubles_on_singular),
         cmocka_unit_test(test_basis_shared_between_layers),
         cmocka_unit_test(test_drift_from_cov_equals_direct),
+        cmocka_unit_test(test_drift_dense_triangular_equals_symm),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -105,7 +105,9 @@ static int init_lora(ln_model *m, ln_adapter *ad, const ln_adapter_opts *o, ln_e
         ln_lora *lo = &ad->lora[i];
         if (!lo->A.w) continue;
         float bound = 1.0f / sqrtf((float)lo->A.cols);
-        float *h = ln_xmalloc((size_t)lo->A.n * sizeof(float));
+        float *h = ln_try_allocf((size_t)lo->A.n, sizeof(float), e, "lora init", "the initial values of %s",
+                                 lo->A.name);
+        if (!h) return -1;
         for (int64_t j = 0; j < lo->A.n; j++) h[j] = (2.0f * ln_rng_uniform(&r) - 1.0f) * bound;
         m->be->upload(lo->A.w, h, (size_t)lo->A.n * sizeof(float));
         free(h);
@@ -201,7 +203,7 @@ fail:
 }
 
 /* W0' = W0 − s·B0 A0 (d_out × d_in) for each targeted layer. */
-static void apply_residual(ln_model *m, ln_adapter *ad)
+static int apply_residual(ln_model *m, ln_adapter *ad, ln_err *e)
 {
     for (int l = 0; l < ad->num_layers; l++)
         for (int t = 0; t < LN_NTARGET; t++) {
@@ -210,9 +212,11 @@ static void apply_residual(ln_model *m, ln_adapter *ad)
             ln_param *W = &m->layers[l].lin[t];
             /* The same fp64 routine the residual methods' init used, so a resumed run rebuilds
              * exactly the W0' the original run trained on (bit-identical resume). */
-            ln_residual_subtract(W->w, W->rows, W->cols, lo->B0, lo->A0, lo->A.rows, (double)ad->scale);
+            if (ln_residual_apply(W->w, W->rows, W->cols, lo->B0, lo->A0, lo->A.rows, (double)ad->scale, e) != 0)
+                return ln_err_prefix(e, "adapter: layer %d %s", l, ln_target_module((ln_target)t));
         }
     ad->residual = 1;
+    return 0;
 }
 
 int ln_adapter_make_residual(ln_model *m, ln_adapter *ad, ln_err *e)
@@ -227,8 +231,7 @@ int ln_adapter_make_residual(ln_model *m, ln_adapter *ad, ln_err *e)
         m->be->copy(lo->A0, lo->A.w, lo->A.n);
         m->be->copy(lo->B0, lo->B.w, lo->B.n);
     }
-    apply_residual(m, ad);
-    return 0;
+    return apply_residual(m, ad, e);
 }
 
 /* ================================================================ files */
@@ -397,7 +400,7 @@ int ln_adapter_load(ln_model *m, const char *path, ln_adapter *ad, ln_err *e)
             if (copy_factor(s, m->be, &b0, name, file, e)) goto fail;
         }
     }
-    if (residual) apply_residual(m, ad);
+    if (residual && apply_residual(m, ad, e) != 0) goto fail;
     /* Frozen factors stay frozen (lora_fa, lora_null_v2); PEFT adapters load fully trainable. */
     const char *ta = st_metadata(s, "train_A"), *tb = st_metadata(s, "train_B");
     for (int i = 0; i < ad->num_layers * LN_NTARGET; i++) {

@@ -24,7 +24,8 @@ static int read_id_array(json_t *arr, const char *field, int vocab, int allow_ig
     size_t n = json_array_size(arr);
     if (n == 0) return ln_errf(e, "field \"%s\" is empty", field);
     if (n > (size_t)INT32_MAX / 2) return ln_errf(e, "field \"%s\" is too long (%zu ids)", field, n);
-    int32_t *ids = ln_xmalloc(n * sizeof *ids);
+    int32_t *ids = ln_try_allocf(n, sizeof *ids, e, "data", "the %zu token ids of field \"%s\"", n, field);
+    if (!ids) return -1;
     for (size_t i = 0; i < n; i++) {
         json_t *v = json_array_get(arr, i);
         if (!json_is_integer(v)) {
@@ -54,7 +55,8 @@ static int encode_pretokenized(json_t *obj, const ln_tokenizer *tok, ln_example 
         return -1;
     json_t *labels = json_object_get(obj, "labels");
     if (!labels || json_is_null(labels)) {
-        ex->labels = ln_xmalloc((size_t)n * sizeof *ex->labels);
+        ex->labels = ln_try_allocf((size_t)n, sizeof *ex->labels, e, "data", "the %d labels copied from input_ids", n);
+        if (!ex->labels) return -1;
         memcpy(ex->labels, ex->input_ids, (size_t)n * sizeof *ex->labels);
     } else {
         if (read_id_array(labels, "labels", vocab, 1, &ex->labels, &nl, e)) return -1;
@@ -197,8 +199,18 @@ int ln_dataset_load(const char *path, const ln_tokenizer *tok, const ln_data_opt
         }
         if (bad) { example_free(&ex); continue; }  /* keep validating, but stop collecting */
         if (d->n == cap) {
-            cap = cap ? cap * 2 : 256;
-            d->ex = ln_xrealloc(d->ex, (size_t)cap * sizeof *d->ex);
+            int64_t ncap = cap ? cap * 2 : 256;
+            ln_example *grown = realloc(d->ex, (size_t)ncap * sizeof *d->ex);
+            if (!grown) {
+                example_free(&ex);
+                free(buf);
+                ln_dataset_free(d);
+                char size[32];
+                return ln_errf(e, "%s line %d: out of memory allocating %s for the list of %lld examples", path, lineno,
+                               ln_fmt_bytes((double)ncap * sizeof *d->ex, size, sizeof size), (long long)ncap);
+            }
+            d->ex = grown;
+            cap = ncap;
         }
         d->stats.examples++;
         d->stats.tokens += ex.len;

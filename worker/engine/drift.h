@@ -12,17 +12,19 @@
 #include "common/err.h"
 #include "worker/engine/adapter.h"
 
-/* tr(W C Wᵀ) = Σ_ij (W C)_ij W_ij for a dense W, in fp64 a block of rows at a time.
- * Used for the denominator (W = W0, once per layer) and for full fine-tuning's ΔW. */
-double ln_drift_quad_dense(const float *W, int d_out, int d_in, const double *C);
+/* *out = tr(W C Wᵀ) for a dense W, in fp64 a block of rows at a time, from one triangular product
+ * W·triu(C) (w C wᵀ = 2·w triu(C) wᵀ − Σ_j C_jj w_j²): d_out·d_in²/2 multiply-adds.
+ * Used for the denominator (W = W0, once per layer) and for full fine-tuning's ΔW.
+ * Fails (out of memory, with the size) only when its 2 × 256 × d_in fp64 scratch cannot be had. */
+int ln_drift_quad_dense(const float *W, int d_out, int d_in, const double *C, double *out, ln_err *e);
 
 /* tr(ΔW C ΔWᵀ) for a low-rank update ΔW = scale · (B1 A1 − B0 A0) without forming ΔW:
  * with B̃ = [B1, −B0] (d_out × k) and Ã = [A1; A0] (k × d_in), k = r1 + r0,
  *   tr(B̃ Ã C Ãᵀ B̃ᵀ) = tr((B̃ᵀ B̃)(Ã C Ãᵀ)) — O(k·d_in² + k²·d_out) instead of O(d_out·d_in²).
  * B0/A0 may be NULL (r0 = 0) for methods whose initial product is zero (lora, lora_fa).
- * Returns a negative value if scratch memory cannot be had. */
-double ln_drift_quad_lowrank(const float *B1, const float *A1, int r1, const float *B0, const float *A0,
-                             int r0, int d_out, int d_in, double scale, const double *C);
+ * Fails (out of memory, with the size) only when its fp64 scratch cannot be had. */
+int ln_drift_quad_lowrank(const float *B1, const float *A1, int r1, const float *B0, const float *A0, int r0,
+                          int d_out, int d_in, double scale, const double *C, double *out, ln_err *e);
 
 /* The drift ratio num / den, 0 when den is 0 (a layer whose input never reached it). */
 double ln_drift_ratio(double num, double den);

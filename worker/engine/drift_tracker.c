@@ -5,6 +5,7 @@
 #include <stdlib.h>
 
 #include "common/util.h"
+#include "worker/engine/nullspace.h"
 
 typedef struct drift_layer {
     int layer;
@@ -26,33 +27,33 @@ void ln_drift_tracker_free(ln_drift_tracker *t) {
     free(t);
 }
 
-static float *download_w(const ln_model *m, const ln_param *p, ln_err *e) {
-    float *h = ln_try_alloc((size_t)p->n * sizeof(float), "drift: weight copy", e);
+/* A host copy of a weight (the backend may hold it elsewhere). */
+static float *download_w(const ln_model *m, const ln_param *p, const char *what, int layer, ln_target t, ln_err *e) {
+    float *h = ln_try_allocf((size_t)p->n, sizeof(float), e, "knowledge drift", "%s of layer %d %s", what, layer,
+                             ln_target_module(t));
     if (h) m->be->download(h, p->w, (size_t)p->n * sizeof(float));
     return h;
 }
 
-/* W0 = W' + s·B0 A0 rebuilt from the residual in fp64 and rounded once (the residual was
- * computed the other way round, so this is W0 up to fp32 rounding). */
-static void add_back_initial(float *W, const ln_lora *lo, const ln_model *m, double s) {
-    const int r = lo->A.rows, d_in = lo->A.cols, d_out = lo->B.rows;
-    float *A0 = ln_xmalloc((size_t)r * d_in * sizeof(float)), *B0 = ln_xmalloc((size_t)d_out * r * sizeof(float));
-    m->be->download(A0, lo->A0, (size_t)r * d_in * sizeof(float));
-    m->be->download(B0, lo->B0, (size_t)d_out * r * sizeof(float));
-    double *row = ln_xmalloc((size_t)d_in * sizeof(double));
-    for (int o = 0; o < d_out; o++) {
-        for (int c = 0; c < d_in; c++) row[c] = 0.0;
-        for (int k = 0; k < r; k++) {
-            double b = s * B0[(size_t)o * r + k];
-            const float *a = A0 + (size_t)k * d_in;
-            for (int c = 0; c < d_in; c++) row[c] += b * a[c];
-        }
-        float *w = W + (size_t)o * d_in;
-        for (int c = 0; c < d_in; c++) w[c] = (float)((double)w[c] + row[c]);
+/* Host copies of a layer's factors: *A, *B, and when initial is set *A0, *B0 (one buffer at *A). */
+static int download_factors(const ln_model *m, const ln_lora *lo, int initial, float **A, float **B, float **A0,
+                            float **B0, int layer, ln_target t, ln_err *e) {
+    const size_t na = (size_t)lo->A.n, nb = (size_t)lo->B.n;
+    float *h = ln_try_allocf((na + nb) * (initial ? 2 : 1), sizeof(float), e, "knowledge drift",
+                             "host copies of the rank-%d factors of layer %d %s", lo->A.rows, layer,
+                             ln_target_module(t));
+    if (!h) return -1;
+    *A = h;
+    *B = h + na;
+    m->be->download(*A, lo->A.w, na * sizeof(float));
+    m->be->download(*B, lo->B.w, nb * sizeof(float));
+    if (initial) {
+        *A0 = *B + nb;
+        *B0 = *A0 + na;
+        m->be->download(*A0, lo->A0, na * sizeof(float));
+        m->be->download(*B0, lo->B0, nb * sizeof(float));
     }
-    free(row);
-    free(A0);
-    free(B0);
+    return 0;
 }
 
 int ln_drift_tracker_new(ln_model *m, const ln_adapter *ad, ln_covariance_fn cov, void *cov_ctx,
@@ -71,21 +72,29 @@ int ln_drift_tracker_new(ln_model *m, const ln_adapter *ad, ln_covariance_fn cov
                                ln_target_module((ln_target)k));
             }
             const ln_param *W = &m->layers[l].lin[k];
-            float *w0 = download_w(m, W, e);
-            if (!w0) {
-                ln_drift_tracker_free(t);
-                return -1;
-            }
-            if (!ad->full && ad->residual) add_back_initial(w0, lo, m, (double)ad->scale);
             drift_layer *d = &t->l[t->n++];
             d->layer = l;
             d->t = (ln_target)k;
             d->C = C;
-            d->den = ln_drift_quad_dense(w0, W->rows, W->cols, C);
-            if (d->den < 0) {
+            float *w0 = download_w(m, W, "a copy of the original weight", l, (ln_target)k, e);
+            int rc = w0 ? 0 : -1;
+            if (rc == 0 && !ad->full && ad->residual) {
+                /* W0 = W0' + s·B0 A0, rebuilt in fp64 and rounded once by the routine that made W0'
+                 * (with −s), so this is W0 up to fp32 rounding. */
+                float *A, *B, *A0, *B0;
+                rc = download_factors(m, lo, 1, &A, &B, &A0, &B0, l, (ln_target)k, e);
+                if (rc == 0) {
+                    rc = ln_residual_apply(w0, W->rows, W->cols, B0, A0, lo->A.rows, -(double)ad->scale, e);
+                    if (rc != 0) ln_err_prefix(e, "knowledge drift, layer %d %s", l, ln_target_module((ln_target)k));
+                    free(A);
+                }
+            }
+            if (rc == 0 && ln_drift_quad_dense(w0, W->rows, W->cols, C, &d->den, e) != 0)
+                rc = ln_err_prefix(e, "knowledge drift, layer %d %s", l, ln_target_module((ln_target)k));
+            if (rc != 0) {
                 free(w0);
                 ln_drift_tracker_free(t);
-                return ln_errf(e, "knowledge drift: out of memory for layer %d", l);
+                return -1;
             }
             if (ad->full) d->W0 = w0;
             else free(w0);
@@ -101,38 +110,31 @@ int ln_drift_tracker_measure(ln_drift_tracker *t, ln_model *m, const ln_adapter 
     for (int i = 0; i < t->n; i++) {
         drift_layer *d = &t->l[i];
         const ln_param *W = &m->layers[d->layer].lin[d->t];
-        double num;
+        double num = 0;
+        int rc;
         if (ad->full) {
-            float *w = download_w(m, W, e);
-            if (!w) {
-                json_decref(per);
-                return -1;
+            float *w = download_w(m, W, "a copy of the trained weight", d->layer, d->t, e);
+            rc = w ? 0 : -1;
+            if (rc == 0) {
+                for (int64_t k = 0; k < W->n; k++) w[k] -= d->W0[k];
+                if (ln_drift_quad_dense(w, W->rows, W->cols, d->C, &num, e) != 0)
+                    rc = ln_err_prefix(e, "knowledge drift, layer %d %s", d->layer, ln_target_module(d->t));
             }
-            for (int64_t k = 0; k < W->n; k++) w[k] -= d->W0[k];
-            num = ln_drift_quad_dense(w, W->rows, W->cols, d->C);
             free(w);
         } else {
             const ln_lora *lo = &ad->lora[d->layer * LN_NTARGET + d->t];
-            const int r = lo->A.rows, d_in = lo->A.cols, d_out = lo->B.rows;
-            size_t na = (size_t)r * d_in * sizeof(float), nb = (size_t)d_out * r * sizeof(float);
-            float *A = ln_xmalloc(na), *B = ln_xmalloc(nb), *A0 = NULL, *B0 = NULL;
-            m->be->download(A, lo->A.w, na);
-            m->be->download(B, lo->B.w, nb);
-            if (ad->residual) {
-                A0 = ln_xmalloc(na);
-                B0 = ln_xmalloc(nb);
-                m->be->download(A0, lo->A0, na);
-                m->be->download(B0, lo->B0, nb);
+            float *A, *B, *A0 = NULL, *B0 = NULL;
+            rc = download_factors(m, lo, ad->residual, &A, &B, &A0, &B0, d->layer, d->t, e);
+            if (rc == 0) {
+                if (ln_drift_quad_lowrank(B, A, lo->A.rows, B0, A0, A0 ? lo->A.rows : 0, lo->B.rows, lo->A.cols,
+                                          (double)ad->scale, d->C, &num, e) != 0)
+                    rc = ln_err_prefix(e, "knowledge drift, layer %d %s", d->layer, ln_target_module(d->t));
+                free(A);
             }
-            num = ln_drift_quad_lowrank(B, A, r, B0, A0, A0 ? r : 0, d_out, d_in, (double)ad->scale, d->C);
-            free(A);
-            free(B);
-            free(A0);
-            free(B0);
         }
-        if (num < 0) {
+        if (rc != 0) {
             json_decref(per);
-            return ln_errf(e, "knowledge drift: out of memory for layer %d", d->layer);
+            return -1;
         }
         double v = ln_drift_ratio(num, d->den);
         snprintf(name, sizeof name, "model.layers.%d.%s", d->layer, ln_target_module(d->t));

@@ -47,15 +47,15 @@ static int fetch(const ln_model *m, const ln_lora *lo, int residual, host_factor
     h->d_in = lo->A.cols;
     h->d_out = lo->B.rows;
     size_t na = (size_t)lo->A.n * sizeof(float), nb = (size_t)lo->B.n * sizeof(float);
-    h->A = ln_try_alloc(na, "export: A", e);
-    h->B = ln_try_alloc(nb, "export: B", e);
+    h->A = ln_try_allocf(na, 1, e, "export", "a host copy of %s", lo->A.name);
+    h->B = h->A ? ln_try_allocf(nb, 1, e, "export", "a host copy of %s", lo->B.name) : NULL;
     if (!h->A || !h->B) return -1;
     m->be->download(h->A, lo->A.w, na);
     m->be->download(h->B, lo->B.w, nb);
     if (residual) {
         if (!lo->A0 || !lo->B0) return ln_errf(e, "export: %s has a residual but no initial factors", lo->A.name);
-        h->A0 = ln_try_alloc(na, "export: A0", e);
-        h->B0 = ln_try_alloc(nb, "export: B0", e);
+        h->A0 = ln_try_allocf(na, 1, e, "export", "a host copy of the initial factor of %s", lo->A.name);
+        h->B0 = h->A0 ? ln_try_allocf(nb, 1, e, "export", "a host copy of the initial factor of %s", lo->B.name) : NULL;
         if (!h->A0 || !h->B0) return -1;
         m->be->download(h->A0, lo->A0, na);
         m->be->download(h->B0, lo->B0, nb);
@@ -99,11 +99,22 @@ int ln_export_peft(const ln_model *m, const ln_adapter *ad, const char *base_mod
                 goto out;
             }
             const int r = h.r, d_in = h.d_in, d_out = h.d_out;
-            float *A2, *B2;
+            float *A2 = NULL, *B2 = NULL;
+            if (kind != EXPORT_PLAIN) {
+                size_t ra = kind == EXPORT_DOUBLE_RANK ? 2 * (size_t)r : (size_t)r;
+                A2 = ln_try_allocf(ra * d_in, sizeof(float), e, "export", "the PEFT factor lora_A of layer %d %s", l,
+                                   ln_target_module((ln_target)t));
+                B2 = A2 ? ln_try_allocf((size_t)d_out * ra, sizeof(float), e, "export",
+                                        "the PEFT factor lora_B of layer %d %s", l, ln_target_module((ln_target)t))
+                        : NULL;
+                if (!B2) {
+                    free(A2);
+                    release(&h);
+                    goto out;
+                }
+            }
             if (kind == EXPORT_DOUBLE_RANK) {
                 /* A' = [A*; A0] stacks rows; B' = [B*, −B0] places columns side by side. */
-                A2 = ln_xmalloc((size_t)2 * r * d_in * sizeof(float));
-                B2 = ln_xmalloc((size_t)d_out * 2 * r * sizeof(float));
                 memcpy(A2, h.A, (size_t)r * d_in * sizeof(float));
                 memcpy(A2 + (size_t)r * d_in, h.A0, (size_t)r * d_in * sizeof(float));
                 for (int o = 0; o < d_out; o++)
@@ -113,8 +124,6 @@ int ln_export_peft(const ln_model *m, const ln_adapter *ad, const char *base_mod
                     }
             } else if (kind == EXPORT_FROZEN_A) {
                 /* A* = A0 (frozen), so B* A0 − B0 A0 = (B* − B0) A0. */
-                A2 = ln_xmalloc((size_t)r * d_in * sizeof(float));
-                B2 = ln_xmalloc((size_t)d_out * r * sizeof(float));
                 memcpy(A2, h.A0, (size_t)r * d_in * sizeof(float));
                 for (size_t k = 0; k < (size_t)d_out * r; k++) B2[k] = h.B[k] - h.B0[k];
             } else {
@@ -147,9 +156,13 @@ out:
 /* ---------------------------------------------------------------- merged */
 
 /* W += s·(B A − B0 A0) in fp64 from fp32 factors, rounded once. */
-static void add_update(float *W, const host_factors *h, double s) {
+static int add_update(float *W, const host_factors *h, double s, const char *name, ln_err *e) {
     const int r = h->r, d_in = h->d_in, d_out = h->d_out, k = h->A0 ? 2 * r : r;
-    double *Bt = ln_xmalloc((size_t)d_out * k * sizeof(double)), *At = ln_xmalloc((size_t)k * d_in * sizeof(double));
+    /* one buffer: B̃ (d_out × k), Ã (k × d_in), one row of the update (d_in) */
+    double *Bt = ln_try_allocf((size_t)d_out * k + (size_t)k * d_in + (size_t)d_in, sizeof(double), e, "merge",
+                               "the fp64 update of %s (%d x %d, rank %d)", name, d_out, d_in, k);
+    if (!Bt) return -1;
+    double *At = Bt + (size_t)d_out * k, *row = At + (size_t)k * d_in;
     for (int o = 0; o < d_out; o++)
         for (int j = 0; j < r; j++) {
             Bt[(size_t)o * k + j] = h->B[(size_t)o * r + j];
@@ -159,15 +172,13 @@ static void add_update(float *W, const host_factors *h, double s) {
         At[x] = h->A[x];
         if (h->A0) At[(size_t)r * d_in + x] = h->A0[x];
     }
-    double *row = ln_xmalloc((size_t)d_in * sizeof(double));
     for (int o = 0; o < d_out; o++) {
         cblas_dgemv(CblasRowMajor, CblasTrans, k, d_in, s, At, d_in, Bt + (size_t)o * k, 1, 0.0, row, 1);
         float *w = W + (size_t)o * d_in;
         for (int c = 0; c < d_in; c++) w[c] = (float)((double)w[c] + row[c]);
     }
-    free(row);
     free(Bt);
-    free(At);
+    return 0;
 }
 
 int ln_export_merged(ln_model *orig, const ln_model *trained, const ln_adapter *ad, const char *dir, int dtype,
@@ -191,16 +202,13 @@ int ln_export_merged(ln_model *orig, const ln_model *trained, const ln_adapter *
                 return -1;
             }
             size_t nw = (size_t)W->n * sizeof(float);
-            float *hw = ln_try_alloc(nw, "merge: weight", e);
-            if (!hw) {
-                release(&h);
-                return -1;
-            }
-            orig->be->download(hw, W->w, nw);
-            add_update(hw, &h, (double)ad->scale);
-            orig->be->upload(W->w, hw, nw);
+            float *hw = ln_try_allocf(nw, 1, e, "merge", "a host copy of %s", W->name);
+            if (hw) orig->be->download(hw, W->w, nw);
+            int rc = hw ? add_update(hw, &h, (double)ad->scale, W->name, e) : -1;
+            if (rc == 0) orig->be->upload(W->w, hw, nw);
             free(hw);
             release(&h);
+            if (rc != 0) return -1;
         }
     return ln_model_save(orig, dir, dtype, e);
 }

@@ -68,7 +68,7 @@ static int svd_thin(const float *W, int d_out, int d_in, double *U, double *s, d
     int k = d_out < d_in ? d_out : d_in;
     lapack_int info = LAPACKE_dgesdd(LAPACK_ROW_MAJOR, 'S', d_out, d_in, a, d_in, s, U, k, Vt, d_in);
     free(a);
-    if (info != 0) return ln_errf(e, "SVD of a %d x %d matrix failed (LAPACK dgesdd info %d)", d_out, d_in, (int)info);
+    if (info != 0) return ln_lapack_fail(e, (int)info, "SVD of a %d x %d matrix (dgesdd)", d_out, d_in);
     return 0;
 }
 
@@ -167,7 +167,7 @@ static int init_corda(const ln_layer_init *li, const float *W, float *A, float *
     cblas_dsymm(CblasRowMajor, CblasRight, CblasUpper, d_out, d_in, 1.0, cf, d_in, wd, d_in, 0.0, wc, d_in);
     lapack_int info = LAPACKE_dgesdd(LAPACK_ROW_MAJOR, 'S', d_out, d_in, wc, d_in, s, U, k, Vt, d_in);
     if (info != 0) {
-        ln_errf(e, "CorDA: SVD of W C' (%d x %d) failed (LAPACK dgesdd info %d)", d_out, d_in, (int)info);
+        ln_lapack_fail(e, (int)info, "CorDA: SVD of W C' (%d x %d, dgesdd)", d_out, d_in);
         goto out;
     }
     /* The last r triplets; A's rows are V_rᵀ C'⁻¹, i.e. X = C'⁻¹ V_r solved by Cholesky (C' is SPD). */
@@ -175,6 +175,10 @@ static int init_corda(const ln_layer_init *li, const float *W, float *A, float *
     for (int c = 0; c < d_in; c++)
         for (int j = 0; j < r; j++) X[(size_t)c * r + j] = Vt[(size_t)(j0 + j) * d_in + c];
     info = LAPACKE_dposv(LAPACK_ROW_MAJOR, 'U', d_in, r, cf, d_in, X, r);
+    if (info < 0) {
+        ln_lapack_fail(e, (int)info, "CorDA: Cholesky solve with the damped covariance (%d x %d, dposv)", d_in, d_in);
+        goto out;
+    }
     if (info != 0) {
         ln_errf(e, "CorDA: damped covariance is not positive definite (LAPACK dposv info %d)", (int)info);
         goto out;
@@ -279,7 +283,8 @@ static int prefetch_bases(int r, ln_err *e) {
 #pragma omp parallel for schedule(dynamic, 1)
     for (int j = 0; j < k; j++) {
         ln_err le;
-        double *u = malloc((size_t)todo[j]->d * r * sizeof(double));
+        double *u = ln_try_allocf((size_t)todo[j]->d * r, sizeof(double), &le, "LoRA-Null",
+                                  "the %d x %d null-space basis of a layer input", todo[j]->d, r);
         if (!u || ln_nullspace_basis_1t(todo[j]->C, todo[j]->d, r, u, NULL, &le) != 0) {
             free(u);
             u = NULL;
@@ -393,7 +398,8 @@ static int init_layer(ln_method m, const ln_layer_init *li, float *W, float *A, 
     default: return ln_errf(e, "init: method %s has no initialiser", name);
     }
     if (rc != 0) return ln_err_prefix(e, "%s init (%d x %d, rank %d)", name, d_out, d_in, r);
-    ln_residual_subtract(W, d_out, d_in, B, A, r, li->scale);
+    if (ln_residual_apply(W, d_out, d_in, B, A, r, li->scale, e) != 0)
+        return ln_err_prefix(e, "%s init (%d x %d, rank %d)", name, d_out, d_in, r);
     return 0;
 }
 

@@ -269,20 +269,15 @@ fail:
     return -1;
 }
 
-static void fill_normal(const lnb_backend *be, ln_param *p, ln_rng *r, float std)
+/* p ← std·N(0,1) draws (std > 0), or all ones (std = 0), through a host buffer. */
+static int fill_param(const lnb_backend *be, ln_param *p, ln_rng *r, float std, ln_err *e)
 {
-    float *h = ln_xmalloc((size_t)p->n * sizeof(float));
-    for (int64_t i = 0; i < p->n; i++) h[i] = std * ln_rng_normal(r);
+    float *h = ln_try_allocf((size_t)p->n, sizeof(float), e, "random model", "the initial values of %s", p->name);
+    if (!h) return -1;
+    for (int64_t i = 0; i < p->n; i++) h[i] = std > 0.0f ? std * ln_rng_normal(r) : 1.0f;
     be->upload(p->w, h, (size_t)p->n * sizeof(float));
     free(h);
-}
-
-static void fill_ones(const lnb_backend *be, ln_param *p)
-{
-    float *h = ln_xmalloc((size_t)p->n * sizeof(float));
-    for (int64_t i = 0; i < p->n; i++) h[i] = 1.0f;
-    be->upload(p->w, h, (size_t)p->n * sizeof(float));
-    free(h);
+    return 0;
 }
 
 int ln_model_new_random(const ln_config *c, const lnb_backend *be, uint64_t seed, ln_model **out, ln_err *e)
@@ -299,26 +294,61 @@ int ln_model_new_random(const ln_config *c, const lnb_backend *be, uint64_t seed
     ln_rng r;
     ln_rng_seed(&r, seed);
     /* transformers' LlamaPreTrainedModel._init_weights: N(0, initializer_range=0.02), norms 1. */
-    fill_normal(be, &m->embed, &r, 0.02f);
-    for (int l = 0; l < c->num_layers; l++) {
-        fill_ones(be, &m->layers[l].attn_norm);
-        fill_ones(be, &m->layers[l].mlp_norm);
-        for (int t = 0; t < LN_NTARGET; t++) fill_normal(be, &m->layers[l].lin[t], &r, 0.02f);
+    int rc = fill_param(be, &m->embed, &r, 0.02f, e);
+    for (int l = 0; l < c->num_layers && rc == 0; l++) {
+        rc |= fill_param(be, &m->layers[l].attn_norm, &r, 0.0f, e);
+        rc |= fill_param(be, &m->layers[l].mlp_norm, &r, 0.0f, e);
+        for (int t = 0; t < LN_NTARGET && rc == 0; t++) rc = fill_param(be, &m->layers[l].lin[t], &r, 0.02f, e);
     }
-    fill_ones(be, &m->norm);
-    if (!m->tied) fill_normal(be, &m->lm_head, &r, 0.02f);
+    if (rc == 0) rc = fill_param(be, &m->norm, &r, 0.0f, e);
+    if (rc == 0 && !m->tied) rc = fill_param(be, &m->lm_head, &r, 0.02f, e);
+    if (rc != 0) {
+        ln_model_free(m);
+        return -1;
+    }
     *out = m;
     return 0;
 }
 
-typedef struct { st_writer *w; st_dtype dt; } save_ctx;
+/* What the writer references until the file is written: each tensor as stored (fp32 read where it
+ * lives on the CPU backend, else a host copy; BF16/F16 converted), the copies owned here. */
+typedef struct {
+    st_writer *w;
+    st_dtype dt;
+    const lnb_backend *be;
+    void **owned;
+    int n_owned, failed;
+    ln_err *e;
+} save_ctx;
 
 static void save_param(ln_param *p, void *ctx)
 {
     save_ctx *s = ctx;
+    if (s->failed) return;
     int64_t shape[2] = {p->rows, p->cols};
-    /* CPU backend: w is host memory. A device backend downloads first (not needed yet). */
-    st_writer_add_f32(s->w, p->name, s->dt, p->ndim, shape, p->w);
+    const size_t n = (size_t)p->n;
+    const int host = strcmp(s->be->name, "cpu") == 0;
+    if (host && s->dt == ST_F32) {
+        st_writer_add(s->w, p->name, ST_F32, p->ndim, shape, p->w);
+        return;
+    }
+    /* a host fp32 image (downloaded), converted in place to 16 bits when asked: the halves fit */
+    float *h = ln_try_allocf(n, sizeof(float), s->e, "model save", "a host copy of %s", p->name);
+    if (!h) {
+        s->failed = 1;
+        return;
+    }
+    s->owned[s->n_owned++] = h;
+    const float *src = p->w;
+    if (!host) {
+        s->be->download(h, p->w, n * sizeof(float));
+        src = h;
+    }
+    if (s->dt != ST_F32) {
+        uint16_t *o = (uint16_t *)h;
+        for (size_t i = 0; i < n; i++) o[i] = s->dt == ST_BF16 ? st_f32_to_bf16(src[i]) : st_f32_to_f16(src[i]);
+    }
+    st_writer_add(s->w, p->name, s->dt, p->ndim, shape, h);
 }
 
 int ln_model_save(const ln_model *m, const char *dir, int st_dtype_code, ln_err *e)
@@ -336,13 +366,19 @@ int ln_model_save(const ln_model *m, const char *dir, int st_dtype_code, ln_err 
     free(cpath);
     free(json);
     if (rc) return -1;
-    save_ctx s = {st_writer_new(), dt};
+    save_ctx s = {st_writer_new(), dt, m->be, ln_xcalloc((size_t)m->cfg.num_layers * (LN_NTARGET + 2) + 4, sizeof(void *)),
+                  0, 0, e};
     st_writer_meta(s.w, "format", "pt");
     ln_model_for_each_param((ln_model *)m, save_param, &s);
-    char *mpath = ln_path_join(dir, "model.safetensors");
-    rc = st_writer_write(s.w, mpath, e);
-    free(mpath);
+    rc = -1;
+    if (!s.failed) {
+        char *mpath = ln_path_join(dir, "model.safetensors");
+        rc = st_writer_write(s.w, mpath, e);
+        free(mpath);
+    }
     st_writer_free(s.w);
+    for (int i = 0; i < s.n_owned; i++) free(s.owned[i]);
+    free(s.owned);
     return rc;
 }
 
@@ -493,16 +529,25 @@ static int acts_ensure(const ln_model *m, const struct ln_adapter *ad, ln_acts *
 }
 
 /* cos/sin tables (T, hd/2): angle = t · inv_freq_i (fp32 product, as transformers). */
-static void rope_ensure(ln_model *m, int T)
+static int rope_ensure(ln_model *m, int T, ln_err *e)
 {
-    if (T <= m->rope_T) return;
+    if (T <= m->rope_T) return 0;
     int half = m->cfg.head_dim / 2;
     float *inv = ln_xmalloc((size_t)half * sizeof(float));
     ln_config_rope_inv_freq(&m->cfg, inv);
     free(m->rope_cos);
     free(m->rope_sin);
-    m->rope_cos = ln_xmalloc((size_t)T * half * sizeof(float));
-    m->rope_sin = ln_xmalloc((size_t)T * half * sizeof(float));
+    m->rope_T = 0;
+    m->rope_cos = ln_try_allocf((size_t)T * half, sizeof(float), e, "forward", "the rotary table of %d positions", T);
+    m->rope_sin = m->rope_cos ? ln_try_allocf((size_t)T * half, sizeof(float), e, "forward",
+                                              "the rotary table of %d positions", T)
+                              : NULL;
+    if (!m->rope_sin) {
+        free(m->rope_cos);
+        m->rope_cos = NULL;
+        free(inv);
+        return -1;
+    }
     for (int t = 0; t < T; t++)
         for (int i = 0; i < half; i++) {
             float ang = (float)t * inv[i];
@@ -511,6 +556,7 @@ static void rope_ensure(ln_model *m, int T)
         }
     m->rope_T = T;
     free(inv);
+    return 0;
 }
 
 /* ================================================================ linear (+ LoRA) */
@@ -725,7 +771,7 @@ int ln_model_forward(ln_model *m, const struct ln_adapter *ad, ln_acts *a, const
                 a->seg_len[a->nseg - 1]++;
             }
     }
-    rope_ensure(m, T);
+    if (rope_ensure(m, T, e) != 0) return -1;
     be->embedding_forward(a->res[0], b->ids, m->embed.w, N, C);
     for (int l = 0; l < c->num_layers; l++) layer_forward(m, ad, a, l, B, T, o);
     if (m->comm_failed) return ln_errf(e, "forward: %s", m->comm_err.msg);
@@ -736,7 +782,8 @@ int ln_model_forward(ln_model *m, const struct ln_adapter *ad, ln_acts *a, const
         /* r = (Σx²/C + eps)^-½ is finite and > 0 for any finite hidden row whose Σx² fits a float.
          * A row that overflowed (weights grown too large) gives r = 0: xf = 0, uniform logits, a
          * flat loss of ln(V) and no gradient — training would go on silently. A NaN row gives NaN. */
-        float *r = ln_xmalloc((size_t)N * sizeof(float));
+        float *r = ln_try_allocf((size_t)N, sizeof(float), e, "forward", "the final norm's %d row scales", N);
+        if (!r) return -1;
         be->download(r, a->rstdf, (size_t)N * sizeof(float));
         int bad = -1;
         for (int i = 0; i < N && bad < 0; i++)

@@ -5,6 +5,8 @@
 #include <lapacke.h>
 #include <math.h>
 #include <omp.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -145,6 +147,17 @@ int ln_cov_finish(const ln_cov *c, double *C, ln_err *e) {
     return 0;
 }
 
+int ln_lapack_fail(ln_err *e, int info, const char *call_fmt, ...) {
+    char call[512];
+    va_list ap;
+    va_start(ap, call_fmt);
+    vsnprintf(call, sizeof call, call_fmt, ap);
+    va_end(ap);
+    if (info == LAPACK_WORK_MEMORY_ERROR || info == LAPACK_TRANSPOSE_MEMORY_ERROR)
+        return ln_errf(e, "%s: out of memory in LAPACK's work space or row-major copy", call);
+    return ln_errf(e, "%s failed (LAPACK info %d)", call, info);
+}
+
 /* ---------------------------------------------------------------- null space */
 
 static ln_basis_solver basis_solver; /* an accelerator's eigensolver, or NULL for LAPACK */
@@ -168,7 +181,7 @@ static int basis_impl(const double *C, int d, int r, double *U, double *evals, i
                                      &m, w, U, r, isuppz);
     if (all_threads) ln_blas_threads_end();
     if (info != 0) {
-        ln_errf(e, "null space: dsyevr failed (info %d) on a %d x %d covariance", (int)info, d, d);
+        ln_lapack_fail(e, (int)info, "null space: dsyevr on a %d x %d covariance", d, d);
         goto out;
     }
     if (m != r) {
@@ -219,7 +232,7 @@ int ln_nullspace_factor(const float *W0, int d_out, int d_in, const double *U, i
     /* Thin SVD of the d_out × r matrix M = P diag(s) Qᵀ (dgesdd overwrites M). */
     lapack_int info = LAPACKE_dgesdd(LAPACK_ROW_MAJOR, 'S', d_out, r, M, r, s, P, r, Qt, r);
     if (info != 0) {
-        ln_errf(e, "LoRA-Null factor: SVD of W0 U (%d x %d) failed (info %d)", d_out, r, (int)info);
+        ln_lapack_fail(e, (int)info, "LoRA-Null factor: SVD of W0 U (%d x %d)", d_out, r);
         goto out;
     }
     /* UQ = U Q (d_in × r): column j is the direction of A's row j. */
@@ -240,16 +253,17 @@ out:
     return rc;
 }
 
-void ln_residual_subtract(float *W, int d_out, int d_in, const float *B, const float *A, int r,
-                          double scale) {
+int ln_residual_apply(float *W, int d_out, int d_in, const float *B, const float *A, int r, double scale, ln_err *e) {
     /* scale·B A from the fp32 factors, accumulated in fp64, then one rounding of W0 − scale·BA to
      * fp32: so W0' + scale·BA = W0 up to half an ulp of W0'. Row blocks bound the scratch. */
-    double *bd = ln_xmalloc((size_t)d_out * r * sizeof(double));
-    double *ad = ln_xmalloc((size_t)r * d_in * sizeof(double));
-    int blk = d_out < FACTOR_BLOCK_ROWS ? d_out : FACTOR_BLOCK_ROWS;
-    double *pd = ln_xmalloc((size_t)blk * d_in * sizeof(double));
-    for (size_t k = 0; k < (size_t)d_out * r; k++) bd[k] = B[k];
-    for (size_t k = 0; k < (size_t)r * d_in; k++) ad[k] = A[k];
+    const int blk = d_out < FACTOR_BLOCK_ROWS ? d_out : FACTOR_BLOCK_ROWS;
+    const size_t nb = (size_t)d_out * r, na = (size_t)r * d_in, np = (size_t)blk * d_in;
+    double *bd = ln_try_allocf(nb + na + np, sizeof(double), e, "residual",
+                               "the fp64 factors and row block of a %d x %d weight at rank %d", d_out, d_in, r);
+    if (!bd) return -1;
+    double *ad = bd + nb, *pd = ad + na;
+    for (size_t k = 0; k < nb; k++) bd[k] = B[k];
+    for (size_t k = 0; k < na; k++) ad[k] = A[k];
     ln_blas_threads_begin(); /* the same threads at init and when a resume re-applies it */
     for (int i0 = 0; i0 < d_out; i0 += blk) {
         int rows = d_out - i0 < blk ? d_out - i0 : blk;
@@ -260,6 +274,17 @@ void ln_residual_subtract(float *W, int d_out, int d_in, const float *B, const f
     }
     ln_blas_threads_end();
     free(bd);
-    free(ad);
-    free(pd);
+    return 0;
+}
+
+void ln_residual_subtract(float *W, int d_out, int d_in, const float *B, const float *A, int r, double scale) {
+    if (ln_residual_apply(W, d_out, d_in, B, A, r, scale, NULL) == 0) return;
+    for (int o = 0; o < d_out; o++) {
+        float *w = W + (size_t)o * d_in;
+        for (int c = 0; c < d_in; c++) {
+            double acc = 0.0;
+            for (int k = 0; k < r; k++) acc += (double)B[(size_t)o * r + k] * (double)A[(size_t)k * d_in + c];
+            w[c] = (float)((double)w[c] - scale * acc);
+        }
+    }
 }

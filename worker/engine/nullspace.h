@@ -58,6 +58,11 @@ int ln_nullspace_basis(const double *C, int d, int r, double *U, double *evals, 
  * count. */
 int ln_nullspace_basis_1t(const double *C, int d, int r, double *U, double *evals, ln_err *e);
 
+/* The sentence for a LAPACKE call that returned info ≠ 0: "<call>: out of memory in LAPACK's work
+ * space or row-major copy" when LAPACKE could not allocate (LAPACKE's row-major interface copies
+ * the matrix), else "<call> failed (LAPACK info N)". call is printf-style. Returns −1. */
+int ln_lapack_fail(ln_err *e, int info, const char *call_fmt, ...) __attribute__((format(printf, 3, 4)));
+
 /* An accelerator can take over the subset eigensolve of both functions above: the CUDA build
  * installs cuSOLVER's syevdx (lnb_cuda_nullspace_basis, worker/backend/cuda/cuda.h) when a job
  * runs on a GPU. Same contract (U d × r ascending, evals may be NULL); it must be thread-safe,
@@ -74,8 +79,15 @@ int ln_nullspace_factor(const float *W0, int d_out, int d_in, const double *U, i
                         float *A, float *B, ln_err *e);
 
 /* W ← W − scale · B A in place (the residual W0' of every residual-based method), computed with
- * the fp32 factors as they will be used, so that W0' + scale·B A reproduces W0 to fp32 rounding. */
-void ln_residual_subtract(float *W, int d_out, int d_in, const float *B, const float *A, int r,
-                          double scale);
+ * the fp32 factors as they will be used, so that W0' + scale·B A reproduces W0 to fp32 rounding.
+ * A negative scale adds the product back (W0 rebuilt from W0', as the drift tracker does).
+ * Fails, leaving W untouched, when its fp64 scratch ((d_out + min(d_out, 256))·d_in-sized: the
+ * factors and a block of rows) cannot be had: "residual: out of memory allocating …". */
+int ln_residual_apply(float *W, int d_out, int d_in, const float *B, const float *A, int r, double scale, ln_err *e);
+
+/* The same for callers that cannot fail (tensor_parallel.c until it takes the error): when the
+ * scratch cannot be had it falls back to a row-at-a-time fp64 product that needs none (the same
+ * W0' up to fp64 rounding before the one fp32 rounding), instead of aborting the worker. */
+void ln_residual_subtract(float *W, int d_out, int d_in, const float *B, const float *A, int r, double scale);
 
 #endif
