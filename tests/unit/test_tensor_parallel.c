@@ -20,6 +20,7 @@
 #include "worker/engine/optim.h"
 #include "worker/engine/rng.h"
 #include "worker/engine/tensor_parallel.h"
+#include "common/util.h"
 #include "worker/engine/train.h"
 
 #define TOL 1e-5
@@ -320,16 +321,24 @@ static void free_dataset(ln_dataset *d)
     free(d);
 }
 
-static void check_trainer(tp_case k, int R)
+/* 6 steps of 2 × 2 examples, warmup, weight decay and clipping. */
+static ln_train_opts ckpt_opts(void)
 {
-    ln_dataset *ds = make_dataset();
     ln_train_opts o = ln_train_defaults();
     o.max_steps = 6;
     o.batch_size = 2;
     o.grad_accum = 2;
     o.optim.lr = 1e-2f;
+    o.optim.weight_decay = 0.01f;
     o.optim.max_grad_norm = 0.5f;
     o.warmup_ratio = 0.2;
+    return o;
+}
+
+static void check_trainer(tp_case k, int R)
+{
+    ln_dataset *ds = make_dataset();
+    ln_train_opts o = ckpt_opts();
     ln_model *m1, *mR;
     ln_adapter a1, aR;
     build_full(k, &m1, &a1);
@@ -664,6 +673,360 @@ static void test_shard_config_errors(void **s)
     assert_int_equal(sh.intermediate_size, 12);
 }
 
+/* ---- one rank per "process": ln_tp_train_rank with its own whole model, checkpoints, resume on
+ * another rank count, eval at eval points, packing ---- */
+
+/* The base model a case's checkpoint is restored onto (no adapter, no residual). */
+static ln_model *base_model(tp_case k)
+{
+    ln_config cfg;
+    ln_err e = {{0}};
+    ln_model *m;
+    assert_int_equal(ln_config_parse(CONFIG, "tp-config", &cfg, &e), 0);
+    assert_int_equal(ln_model_new_random(&cfg, lnb_cpu(), 11, &m, &e), 0);
+    return m;
+}
+
+/* Trains a case on `ranks` (1: ln_train, else ln_tp_train) from scratch or from a checkpoint, into
+ * dir; *m / *ad get the trained whole model and adapter. */
+static void train_case(tp_case k, int ranks, const ln_dataset *ds, ln_train_opts o, const char *resume, ln_model **m,
+                       ln_adapter *ad, ln_train_result *res)
+{
+    ln_err e = {{0}};
+    if (resume) {
+        *m = base_model(k);
+        if (ln_train_load_checkpoint(*m, resume, ad, &e)) fail_msg("loading %s: %s", resume, e.msg);
+        o.resume = resume;
+    } else {
+        build_full(k, m, ad);
+    }
+    int rc = ranks == 1 ? ln_train(*m, ad, ds, &o, res, &e) : ln_tp_train(*m, ad, ds, &o, ranks, res, &e);
+    if (rc) fail_msg("case %d, %d ranks%s: %s", k, ranks, resume ? " (resumed)" : "", e.msg);
+}
+
+/* The same run on 1 and on R ranks, the callbacks' context (the opts field at ctx_field) c1, cR. */
+static void train_1_and_R(tp_case k, int R, const ln_dataset *ds, ln_train_opts o, size_t ctx_field, void *c1,
+                          void *cR, ln_model **m1, ln_adapter *a1, ln_model **mR, ln_adapter *aR)
+{
+    ln_train_result r;
+    *(void **)((char *)&o + ctx_field) = c1;
+    train_case(k, 1, ds, o, NULL, m1, a1, &r);
+    *(void **)((char *)&o + ctx_field) = cR;
+    train_case(k, R, ds, o, NULL, mR, aR, &r);
+}
+
+static void free_case(ln_model *m, ln_adapter *ad)
+{
+    if (!ad->full) ln_adapter_free(ad);
+    ln_model_free(m);
+}
+
+/* Worst relative difference (or −1 when not bit-identical, with bitwise) between two trained runs. */
+static double trained_diff(ln_model *m1, ln_adapter *a1, ln_model *m2, ln_adapter *a2, int *same_bits)
+{
+    ln_param **p1, **p2;
+    int n1 = ln_trainable_params(m1, a1, &p1), n2 = ln_trainable_params(m2, a2, &p2);
+    assert_int_equal(n1, n2);
+    double worst = 0;
+    *same_bits = 1;
+    for (int i = 0; i < n1; i++) {
+        assert_string_equal(p1[i]->name, p2[i]->name);
+        assert_int_equal(p1[i]->n, p2[i]->n);
+        if (memcmp(p1[i]->w, p2[i]->w, (size_t)p1[i]->n * sizeof(float))) *same_bits = 0;
+        double err = block_err(p2[i]->w, p1[i]->rows, p1[i]->cols, p1[i]->w, p1[i]->cols, 0, 0,
+                               maxabs(p1[i]->w, p1[i]->n));
+        worst = err > worst ? err : worst;
+    }
+    free(p1);
+    free(p2);
+    return worst;
+}
+
+static void rm_rf(const char *dir)
+{
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
+/* Save at step 3 of 6 (a stop) on `from` ranks, resume on `to` ranks: the final adapter against an
+ * uninterrupted run on `to` ranks — bit-identical when from == to, else within TOL. The stop
+ * checkpoint is the one-rank format whatever `from` was. */
+static void check_resume(tp_case k, int from, int to)
+{
+    ln_dataset *ds = make_dataset();
+    char dir[] = "/tmp/loranull-tp-ckpt-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char a[300], b[300], ck[400];
+    snprintf(a, sizeof a, "%s/whole", dir);
+    snprintf(b, sizeof b, "%s/split", dir);
+    ln_train_opts o = ckpt_opts();
+    o.save_every = 2;
+    ln_model *mu, *mi, *mr;
+    ln_adapter au, ai, ar;
+    ln_train_result ru, ri, rr;
+    o.out_dir = a;
+    train_case(k, to, ds, o, NULL, &mu, &au, &ru);
+    o.out_dir = b;
+    o.stop_at_step = 3;
+    train_case(k, from, ds, o, NULL, &mi, &ai, &ri);
+    assert_true(ri.stopped);
+    assert_int_equal(ri.steps, 3);
+    snprintf(ck, sizeof ck, "%s/checkpoints/step-000003", b);
+    assert_string_equal(ri.last_checkpoint, ck);
+    /* save_every 2 wrote step 2 as well, in the same format */
+    snprintf(ck, sizeof ck, "%s/checkpoints/step-000002/state.safetensors", b);
+    assert_true(ln_file_exists(ck));
+    snprintf(ck, sizeof ck, "%s/checkpoints/step-000003", b);
+    o.stop_at_step = 0;
+    train_case(k, to, ds, o, ck, &mr, &ar, &rr);
+    assert_int_equal(rr.steps, 6);
+    assert_false(rr.stopped);
+    int same;
+    double d = trained_diff(mu, &au, mr, &ar, &same);
+    double dl = fabs(rr.last_loss - ru.last_loss) / fabs(ru.last_loss);
+    printf("  resume, case %d: saved on %d ranks, resumed on %d: trained weights %.2e, last loss %.1e (relative)%s\n",
+           k, from, to, d, dl, same ? ", bit-identical" : "");
+    if (from == to) {
+        assert_true(same);
+        assert_true(rr.last_loss == ru.last_loss);
+    } else {
+        assert_true(d <= TOL);
+        assert_true(dl <= TOL);
+    }
+    /* the resumed run's final adapter file equals the uninterrupted run's when the rank count is kept */
+    if (from == to && !au.full) {
+        char fa[400], fb[400];
+        snprintf(fa, sizeof fa, "%s/adapter.safetensors", a);
+        snprintf(fb, sizeof fb, "%s/adapter.safetensors", b);
+        char *x, *y;
+        size_t nx, ny;
+        ln_err e = {{0}};
+        assert_int_equal(ln_read_file(fa, &x, &nx, &e), 0);
+        assert_int_equal(ln_read_file(fb, &y, &ny, &e), 0);
+        assert_int_equal(nx, ny);
+        assert_memory_equal(x, y, nx);
+        free(x);
+        free(y);
+    }
+    free_case(mu, &au);
+    free_case(mi, &ai);
+    free_case(mr, &ar);
+    rm_rf(dir);
+    free_dataset(ds);
+}
+
+static void test_resume_lora_2_to_2(void **s) { (void)s; check_resume(CASE_LORA, 2, 2); }
+static void test_resume_null_v2_4_to_4(void **s) { (void)s; check_resume(CASE_NULL_V2, 4, 4); }
+static void test_resume_full_2_to_2(void **s) { (void)s; check_resume(CASE_FULL, 2, 2); }
+static void test_resume_lora_2_to_1(void **s) { (void)s; check_resume(CASE_LORA, 2, 1); }
+static void test_resume_null_v2_1_to_2(void **s) { (void)s; check_resume(CASE_NULL_V2, 1, 2); }
+static void test_resume_lora_4_to_2(void **s) { (void)s; check_resume(CASE_LORA, 4, 2); }
+static void test_resume_full_1_to_4(void **s) { (void)s; check_resume(CASE_FULL, 1, 4); }
+
+/* Each rank as its own "process": its own whole model and adapter, built the same way, and the
+ * thread comm standing in for the network. */
+typedef struct {
+    tp_case k;
+    const ln_dataset *ds;
+    ln_train_opts o;
+    ln_model *m;
+    ln_adapter ad;
+    ln_train_result res;
+    int rows;
+    float nudge;              /* added to the first A factor before training: a rank that disagrees */
+} proc_ctx;
+
+static void proc_row(json_t *row, void *p) { (void)row; ((proc_ctx *)p)->rows++; }
+
+/* No cmocka asserts on these threads (they longjmp): build_full's asserts hold for this config. */
+static int proc_rank(ln_comm *c, void *p, ln_err *e)
+{
+    proc_ctx *x = p;
+    if (x->nudge != 0.0f) x->ad.lora[0].A.w[0] += x->nudge;
+    x->o.on_row = proc_row;
+    x->o.cb_ctx = x;
+    return ln_tp_train_rank(c, x->m, &x->ad, x->ds, &x->o, &x->res, e);
+}
+
+static void check_processes(tp_case k, int R)
+{
+    ln_dataset *ds = make_dataset();
+    ln_train_opts o = ckpt_opts();
+    ln_model *mt;
+    ln_adapter at;
+    ln_train_result rt;
+    train_case(k, R, ds, o, NULL, &mt, &at, &rt); /* the same run on threads sharing one model */
+    proc_ctx *px = calloc((size_t)R, sizeof *px);
+    void *ptrs[4];
+    for (int r = 0; r < R; r++) {
+        px[r] = (proc_ctx){.k = k, .ds = ds, .o = o};
+        build_full(k, &px[r].m, &px[r].ad);
+        ptrs[r] = &px[r];
+    }
+    ln_err e = {{0}};
+    if (comm_thread_run(R, proc_rank, ptrs, &e)) fail_msg("%d processes: %s", R, e.msg);
+    int same;
+    double d = trained_diff(mt, &at, px[0].m, &px[0].ad, &same);
+    printf("  case %d, %d ranks each with its own model: rank 0's gathered adapter %s the threads' run (%.1e); "
+           "rows: rank 0 %d, rank 1 %d\n", k, R, same ? "bit-identical to" : "differs from", d, px[0].rows, px[1].rows);
+    assert_true(same);
+    assert_int_equal(px[0].res.steps, 6);
+    assert_int_equal(px[1].res.steps, 6);
+    assert_int_equal(px[0].rows, 6); /* rank 0 reports */
+    assert_int_equal(px[1].rows, 0);
+    /* rank 1's own copy is not written: it still holds the untrained adapter */
+    ln_model *m0;
+    ln_adapter a0;
+    build_full(k, &m0, &a0);
+    (void)trained_diff(m0, &a0, px[1].m, &px[1].ad, &same);
+    assert_true(same);
+    free_case(m0, &a0);
+    /* a rank whose adapter differs: every rank fails, naming it, instead of training apart */
+    for (int r = 0; r < R; r++) {
+        free_case(px[r].m, &px[r].ad);
+        px[r] = (proc_ctx){.k = k, .ds = ds, .o = o, .nudge = r == R - 1 ? 1e-3f : 0.0f};
+        build_full(k, &px[r].m, &px[r].ad);
+    }
+    if (k != CASE_FULL) {
+        assert_int_equal(comm_thread_run(R, proc_rank, ptrs, &e), -1);
+        printf("  a rank that disagrees: %s\n", e.msg);
+        char want[64];
+        snprintf(want, sizeof want, "rank %d's initialised adapter", R - 1);
+        assert_non_null(strstr(e.msg, want));
+        assert_int_equal(px[0].rows, 0);
+    }
+    for (int r = 0; r < R; r++) free_case(px[r].m, &px[r].ad);
+    free(px);
+    free_case(mt, &at);
+    free_dataset(ds);
+}
+
+static void test_processes_lora_2(void **s) { (void)s; check_processes(CASE_LORA, 2); }
+static void test_processes_null_v2_4(void **s) { (void)s; check_processes(CASE_NULL_V2, 4); }
+static void test_processes_full_2(void **s) { (void)s; check_processes(CASE_FULL, 2); }
+
+/* The eval callback: what it saw at each eval point (copies of every trainable tensor). */
+#define MAX_EVALS 8
+typedef struct {
+    int n, whole, fail_at;
+    int64_t steps[MAX_EVALS];
+    float *w[MAX_EVALS];
+    int64_t len;
+} eval_seen;
+
+static int record_eval(ln_model *m, ln_adapter *ad, int64_t step, json_t *row, void *ctx, ln_err *e)
+{
+    eval_seen *s = ctx;
+    if (s->fail_at == step) return ln_errf(e, "the evaluation at step %lld failed on purpose", (long long)step);
+    s->whole &= m->comm == NULL; /* the whole model, not a shard */
+    ln_param **ps;
+    int n = ln_trainable_params(m, ad, &ps);
+    int64_t len = 0;
+    for (int i = 0; i < n; i++) len += ps[i]->n;
+    float *w = malloc((size_t)len * sizeof(float)), *q = w;
+    for (int i = 0; i < n; i++) {
+        memcpy(q, ps[i]->w, (size_t)ps[i]->n * sizeof(float));
+        q += ps[i]->n;
+    }
+    free(ps);
+    if (s->n < MAX_EVALS) {
+        s->steps[s->n] = step;
+        s->w[s->n++] = w;
+        s->len = len;
+    } else {
+        free(w);
+    }
+    json_object_set_new(row, "seen", json_integer(step));
+    return 0;
+}
+
+static void check_eval(tp_case k, int R)
+{
+    ln_dataset *ds = make_dataset();
+    ln_train_opts o = ckpt_opts();
+    o.eval = record_eval;
+    o.eval_every = 2;
+    eval_seen s1 = {.whole = 1, .fail_at = -1}, sR = {.whole = 1, .fail_at = -1};
+    ln_model *m1, *mR;
+    ln_adapter a1, aR;
+    ln_train_result rR;
+    train_1_and_R(k, R, ds, o, offsetof(ln_train_opts, eval_ctx), &s1, &sR, &m1, &a1, &mR, &aR);
+    assert_int_equal(s1.n, 3);
+    assert_int_equal(sR.n, 3);
+    assert_true(sR.whole);
+    double worst = 0;
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(sR.steps[i], 2 * (i + 1));
+        assert_int_equal(sR.len, s1.len);
+        double scale = maxabs(s1.w[i], s1.len);
+        for (int64_t j = 0; j < s1.len; j++) {
+            double d = fabs((double)sR.w[i][j] - s1.w[i][j]) / scale;
+            worst = d > worst ? d : worst;
+        }
+        free(s1.w[i]);
+        free(sR.w[i]);
+    }
+    printf("  eval, case %d, %d ranks: the callback saw the whole model and the gathered adapter at steps 2, 4, 6, "
+           "%.2e from 1 rank's (relative)\n", k, R, worst);
+    assert_true(worst <= TOL);
+    free_case(m1, &a1);
+    free_case(mR, &aR);
+    /* an evaluation that fails on rank 0 fails every rank, with its message (no hang) */
+    eval_seen sf = {.whole = 1, .fail_at = 4};
+    o.eval_ctx = &sf;
+    build_full(k, &mR, &aR);
+    ln_err e = {{0}};
+    assert_int_equal(ln_tp_train(mR, &aR, ds, &o, R, &rR, &e), -1);
+    assert_non_null(strstr(e.msg, "failed on purpose"));
+    assert_int_equal(sf.n, 1);
+    free(sf.w[0]);
+    free_case(mR, &aR);
+    free_dataset(ds);
+}
+
+static void test_eval_lora_2_ranks(void **s) { (void)s; check_eval(CASE_LORA, 2); }
+static void test_eval_null_v2_4_ranks(void **s) { (void)s; check_eval(CASE_NULL_V2, 4); }
+
+/* Packed rows (pack > 0): every step's loss and the trained adapter as on 1 rank. */
+typedef struct { int n; double loss[16]; } loss_log;
+static void log_loss(json_t *row, void *p)
+{
+    loss_log *l = p;
+    if (l->n < 16) l->loss[l->n++] = json_number_value(json_object_get(row, "loss"));
+}
+
+static void check_pack(tp_case k, int R)
+{
+    ln_dataset *ds = make_dataset();
+    ln_train_opts o = ckpt_opts();
+    o.pack = 16;
+    o.on_row = log_loss;
+    loss_log l1 = {0}, lR = {0};
+    ln_model *m1, *mR;
+    ln_adapter a1, aR;
+    train_1_and_R(k, R, ds, o, offsetof(ln_train_opts, cb_ctx), &l1, &lR, &m1, &a1, &mR, &aR);
+    assert_int_equal(l1.n, 6);
+    assert_int_equal(lR.n, 6);
+    double worst = 0;
+    for (int i = 0; i < 6; i++) {
+        double d = fabs(lR.loss[i] - l1.loss[i]) / fabs(l1.loss[i]);
+        worst = d > worst ? d : worst;
+    }
+    int same;
+    double dw = trained_diff(m1, &a1, mR, &aR, &same);
+    printf("  pack 16, case %d, %d ranks: losses %.1e, trained weights %.2e from 1 rank's (relative)\n", k, R, worst,
+           dw);
+    assert_true(worst <= TOL);
+    assert_true(dw <= TOL);
+    free_case(m1, &a1);
+    free_case(mR, &aR);
+    free_dataset(ds);
+}
+
+static void test_pack_lora_2_ranks(void **s) { (void)s; check_pack(CASE_LORA, 2); }
+static void test_pack_full_4_ranks(void **s) { (void)s; check_pack(CASE_FULL, 4); }
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -675,6 +1038,14 @@ int main(void)
         cmocka_unit_test(test_trainer_full_2_ranks), cmocka_unit_test(test_trainer_stop_and_out_dir),
         cmocka_unit_test(test_calibration_2_ranks), cmocka_unit_test(test_calibration_4_ranks),
         cmocka_unit_test(test_init_2_ranks), cmocka_unit_test(test_init_4_ranks),
+        cmocka_unit_test(test_processes_lora_2), cmocka_unit_test(test_processes_null_v2_4),
+        cmocka_unit_test(test_processes_full_2),
+        cmocka_unit_test(test_resume_lora_2_to_2), cmocka_unit_test(test_resume_null_v2_4_to_4),
+        cmocka_unit_test(test_resume_full_2_to_2), cmocka_unit_test(test_resume_lora_2_to_1),
+        cmocka_unit_test(test_resume_null_v2_1_to_2), cmocka_unit_test(test_resume_lora_4_to_2),
+        cmocka_unit_test(test_resume_full_1_to_4),
+        cmocka_unit_test(test_eval_lora_2_ranks), cmocka_unit_test(test_eval_null_v2_4_ranks),
+        cmocka_unit_test(test_pack_lora_2_ranks), cmocka_unit_test(test_pack_full_4_ranks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

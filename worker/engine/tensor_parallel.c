@@ -35,17 +35,22 @@ int ln_tp_shard_config(const ln_config *full, int size, ln_config *shard, ln_err
 
 /* Copies rows [r0, r0+rows) × columns [c0, c0+cols) of src (ld src_cols) into dst (rows × cols),
  * through host memory so that it works for any backend. */
-static void copy_block(const lnb_backend *be, float *dst, const float *src, int src_rows, int src_cols, int r0,
-                       int rows, int c0, int cols)
+static int copy_block(const lnb_backend *be, float *dst, const float *src, int src_rows, int src_cols, int r0,
+                      int rows, int c0, int cols, ln_err *e)
 {
-    float *h = ln_xmalloc((size_t)src_rows * src_cols * sizeof(float));
-    float *o = ln_xmalloc((size_t)rows * cols * sizeof(float));
+    float *h = ln_try_alloc((size_t)src_rows * src_cols * sizeof(float), "tensor parallel: a whole tensor to shard", e);
+    float *o = h ? ln_try_alloc((size_t)rows * cols * sizeof(float), "tensor parallel: a shard's block", e) : NULL;
+    if (!o) {
+        free(h);
+        return -1;
+    }
     be->download(h, src, (size_t)src_rows * src_cols * sizeof(float));
     for (int i = 0; i < rows; i++)
         memcpy(o + (size_t)i * cols, h + (size_t)(r0 + i) * src_cols + c0, (size_t)cols * sizeof(float));
     be->upload(dst, o, (size_t)rows * cols * sizeof(float));
     free(h);
     free(o);
+    return 0;
 }
 
 /* The block of a full d_out × d_in weight that rank k of R holds (see the header). */
@@ -77,8 +82,11 @@ int ln_tp_shard_model(const ln_model *full, ln_comm *c, ln_model **out, ln_err *
         for (int t = 0; t < LN_NTARGET; t++) {
             int r0, c0;
             weight_block((ln_target)t, &F->lin[t], &S->lin[t], c->rank, &r0, &c0);
-            copy_block(be, S->lin[t].w, F->lin[t].w, F->lin[t].rows, F->lin[t].cols, r0, S->lin[t].rows, c0,
-                       S->lin[t].cols);
+            if (copy_block(be, S->lin[t].w, F->lin[t].w, F->lin[t].rows, F->lin[t].cols, r0, S->lin[t].rows, c0,
+                           S->lin[t].cols, e)) {
+                ln_model_free(m);
+                return ln_err_prefix(e, "sharding %s", F->lin[t].name);
+            }
         }
     }
     m->comm = c;
@@ -88,10 +96,10 @@ int ln_tp_shard_model(const ln_model *full, ln_comm *c, ln_model **out, ln_err *
 
 /* Copies one factor's block: the block of full factor src (rows × cols) that matches dst's shape
  * at (r0, c0). */
-static void factor_block(const lnb_backend *be, float *dst, const ln_param *dp, const float *src, const ln_param *sp,
-                         int r0, int c0)
+static int factor_block(const lnb_backend *be, float *dst, const ln_param *dp, const float *src, const ln_param *sp,
+                        int r0, int c0, ln_err *e)
 {
-    copy_block(be, dst, src, sp->rows, sp->cols, r0, dp->rows, c0, dp->cols);
+    return copy_block(be, dst, src, sp->rows, sp->cols, r0, dp->rows, c0, dp->cols, e);
 }
 
 int ln_tp_shard_adapter(const ln_model *full, const ln_adapter *ad, ln_model *shard, ln_adapter *out, ln_err *e)
@@ -116,16 +124,18 @@ int ln_tp_shard_adapter(const ln_model *full, const ln_adapter *ad, ln_model *sh
             int col = ln_tp_column_parallel((ln_target)t);
             /* column-parallel: B rows split, A whole; row-parallel: A columns split, B whole */
             int b_r0 = col ? k * S->B.rows : 0, a_c0 = col ? 0 : k * S->A.cols;
-            factor_block(be, S->A.w, &S->A, F->A.w, &F->A, 0, a_c0);
-            factor_block(be, S->B.w, &S->B, F->B.w, &F->B, b_r0, 0);
+            if (factor_block(be, S->A.w, &S->A, F->A.w, &F->A, 0, a_c0, e) ||
+                factor_block(be, S->B.w, &S->B, F->B.w, &F->B, b_r0, 0, e))
+                return ln_err_prefix(e, "sharding %s", F->A.name);
             if (ln_param_set_trainable(be, &S->A, F->A.trainable, e)) return -1;
             if (ln_param_set_trainable(be, &S->B, F->B.trainable, e)) return -1;
             if (F->A0) {
                 S->A0 = be->alloc((size_t)S->A.n * sizeof(float));
                 S->B0 = be->alloc((size_t)S->B.n * sizeof(float));
                 if (!S->A0 || !S->B0) return ln_errf(e, "tensor parallel: out of memory copying the initial factors of %s", S->A.name);
-                copy_block(be, S->A0, F->A0, F->A.rows, F->A.cols, 0, S->A.rows, a_c0, S->A.cols);
-                copy_block(be, S->B0, F->B0, F->B.rows, F->B.cols, b_r0, S->B.rows, 0, S->B.cols);
+                if (copy_block(be, S->A0, F->A0, F->A.rows, F->A.cols, 0, S->A.rows, a_c0, S->A.cols, e) ||
+                    copy_block(be, S->B0, F->B0, F->B.rows, F->B.cols, b_r0, S->B.rows, 0, S->B.cols, e))
+                    return ln_err_prefix(e, "sharding the initial factors of %s", F->A.name);
             }
         }
     return 0;
@@ -207,41 +217,89 @@ int ln_tp_grad_norm(ln_model *m, ln_adapter *ad, double *norm, ln_err *e)
 
 /* ---------------------------------------------------------------- gather */
 
-/* Gathers one sharded tensor (the rank's block is rows × cols of a full_rows × full_cols tensor,
- * split by rows when by_rows, else by columns) into dst (full layout, may be NULL). A tensor
- * every rank holds whole is copied from the rank's own buffer. */
-static int gather_block(ln_comm *c, const lnb_backend *be, const ln_param *sp, int by_rows, int replicated,
+int64_t ln_tp_whole_numel(const ln_param *p, ln_tp_split split, int ranks)
+{
+    return split == LN_TP_WHOLE ? p->n : p->n * ranks;
+}
+
+void ln_tp_take_block(const ln_param *p, ln_tp_split split, int rank, int ranks, const float *whole, float *dst)
+{
+    size_t n = (size_t)p->n;
+    if (split == LN_TP_WHOLE) memcpy(dst, whole, n * sizeof(float));
+    else if (split == LN_TP_ROWS) memcpy(dst, whole + (size_t)rank * n, n * sizeof(float));
+    else
+        for (int i = 0; i < p->rows; i++)
+            memcpy(dst + (size_t)i * p->cols, whole + ((size_t)i * ranks + rank) * p->cols, (size_t)p->cols * sizeof(float));
+}
+
+int ln_tp_gather_tensor(ln_comm *c, const lnb_backend *be, const ln_param *p, ln_tp_split split, const float *src,
                         float *dst, ln_err *e)
 {
     int R = c->size;
-    size_t n = (size_t)sp->n;
-    float *mine = ln_xmalloc(n * sizeof(float));
-    be->download(mine, sp->w, n * sizeof(float));
-    if (replicated) {
-        if (dst) be->upload(dst, mine, n * sizeof(float));
+    size_t n = (size_t)p->n;
+    float *mine = ln_try_alloc(n * sizeof(float), "tensor parallel gather: this rank's block", e);
+    if (!mine) goto fail;
+    be->download(mine, src, n * sizeof(float));
+    if (split == LN_TP_WHOLE) {
+        if (dst) memcpy(dst, mine, n * sizeof(float));
         free(mine);
         return 0;
     }
-    float *all = ln_xmalloc(n * R * sizeof(float));
+    float *all = ln_try_alloc(n * R * sizeof(float), "tensor parallel gather: every rank's block", e);
+    if (!all) {
+        free(mine);
+        goto fail;
+    }
     int rc = comm_allgather(c, mine, all, (int64_t)n, e);
     if (rc == 0 && dst) {
-        int rows = sp->rows, cols = sp->cols;
-        float *full = ln_xmalloc(n * R * sizeof(float));
-        for (int k = 0; k < R; k++) {
-            const float *blk = all + (size_t)k * n;
-            if (by_rows) {
-                memcpy(full + (size_t)k * n, blk, n * sizeof(float));
-            } else {
+        /* all = [rank 0's block | rank 1's | …]: row blocks follow each other; column blocks interleave per row */
+        if (split == LN_TP_ROWS) {
+            memcpy(dst, all, n * R * sizeof(float));
+        } else {
+            int rows = p->rows, cols = p->cols;
+            for (int k = 0; k < R; k++)
                 for (int i = 0; i < rows; i++)
-                    memcpy(full + (size_t)i * cols * R + (size_t)k * cols, blk + (size_t)i * cols, (size_t)cols * sizeof(float));
-            }
+                    memcpy(dst + ((size_t)i * R + k) * cols, all + (size_t)k * n + (size_t)i * cols,
+                           (size_t)cols * sizeof(float));
         }
-        be->upload(dst, full, n * R * sizeof(float));
-        free(full);
     }
     free(all);
     free(mine);
+    return rc ? ln_err_prefix(e, "%s", p->name) : 0;
+fail:
+    comm_abort(c); /* the others are about to wait for this rank's block */
+    return ln_err_prefix(e, "%s", p->name);
+}
+
+/* Gathers the shard parameter sp's weights into dst (backend memory of the whole tensor, may be NULL). */
+static int gather_block(ln_comm *c, const lnb_backend *be, const ln_param *sp, ln_tp_split split, float *dst,
+                        ln_err *e)
+{
+    int64_t whole = ln_tp_whole_numel(sp, split, c->size);
+    float *h = NULL;
+    if (dst && !(h = ln_try_alloc((size_t)whole * sizeof(float), "tensor parallel gather: a whole tensor", e))) {
+        comm_abort(c);
+        return ln_err_prefix(e, "%s", sp->name);
+    }
+    int rc = ln_tp_gather_tensor(c, be, sp, split, sp->w, h, e);
+    if (rc == 0 && dst) be->upload(dst, h, (size_t)whole * sizeof(float));
+    free(h);
     return rc;
+}
+
+ln_tp_split ln_tp_param_split(const ln_model *m, const ln_adapter *ad, const ln_param *p)
+{
+    for (int l = 0; l < m->cfg.num_layers; l++)
+        for (int t = 0; t < LN_NTARGET; t++) {
+            int col = ln_tp_column_parallel((ln_target)t);
+            if (p == &m->layers[l].lin[t]) return col ? LN_TP_ROWS : LN_TP_COLS;
+            if (!ad || ad->full || l >= ad->num_layers) continue;
+            const ln_lora *lo = &ad->lora[l * LN_NTARGET + t];
+            /* column-parallel: A whole, B by rows; row-parallel: A by columns, B whole */
+            if (p == &lo->A) return col ? LN_TP_WHOLE : LN_TP_COLS;
+            if (p == &lo->B) return col ? LN_TP_ROWS : LN_TP_WHOLE;
+        }
+    return LN_TP_WHOLE; /* embeddings, norms, lm_head */
 }
 
 int ln_tp_gather(ln_model *m, ln_adapter *ad, ln_model *full, ln_adapter *full_ad, ln_err *e)
@@ -254,11 +312,9 @@ int ln_tp_gather(ln_model *m, ln_adapter *ad, ln_model *full, ln_adapter *full_a
         for (int i = 0; i < ad->num_layers * LN_NTARGET && rc == 0; i++) {
             ln_lora *lo = &ad->lora[i];
             if (!lo->A.w) continue;
-            int col = ln_tp_column_parallel((ln_target)(i % LN_NTARGET));
             ln_lora *fl = full_ad ? &full_ad->lora[i] : NULL;
-            /* column-parallel: A whole, B by rows; row-parallel: A by columns, B whole */
-            rc = gather_block(c, be, &lo->A, 0, col, fl ? fl->A.w : NULL, e);
-            if (rc == 0) rc = gather_block(c, be, &lo->B, 1, !col, fl ? fl->B.w : NULL, e);
+            rc = gather_block(c, be, &lo->A, ln_tp_param_split(m, ad, &lo->A), fl ? fl->A.w : NULL, e);
+            if (rc == 0) rc = gather_block(c, be, &lo->B, ln_tp_param_split(m, ad, &lo->B), fl ? fl->B.w : NULL, e);
         }
         return rc ? ln_err_prefix(e, "tensor parallel gather") : 0;
     }
@@ -266,13 +322,13 @@ int ln_tp_gather(ln_model *m, ln_adapter *ad, ln_model *full, ln_adapter *full_a
     ln_param *rep[3] = {&m->embed, &m->norm, m->tied ? NULL : &m->lm_head};
     ln_param *frep[3] = {full ? &full->embed : NULL, full ? &full->norm : NULL, full && !m->tied ? &full->lm_head : NULL};
     for (int i = 0; i < 3 && rc == 0; i++)
-        if (rep[i]) rc = gather_block(c, be, rep[i], 1, 1, frep[i] ? frep[i]->w : NULL, e);
+        if (rep[i]) rc = gather_block(c, be, rep[i], LN_TP_WHOLE, frep[i] ? frep[i]->w : NULL, e);
     for (int l = 0; l < m->cfg.num_layers && rc == 0; l++) {
         ln_layer *L = &m->layers[l], *F = full ? &full->layers[l] : NULL;
-        rc = gather_block(c, be, &L->attn_norm, 1, 1, F ? F->attn_norm.w : NULL, e);
-        if (rc == 0) rc = gather_block(c, be, &L->mlp_norm, 1, 1, F ? F->mlp_norm.w : NULL, e);
+        rc = gather_block(c, be, &L->attn_norm, LN_TP_WHOLE, F ? F->attn_norm.w : NULL, e);
+        if (rc == 0) rc = gather_block(c, be, &L->mlp_norm, LN_TP_WHOLE, F ? F->mlp_norm.w : NULL, e);
         for (int t = 0; t < LN_NTARGET && rc == 0; t++)
-            rc = gather_block(c, be, &L->lin[t], ln_tp_column_parallel((ln_target)t), 0, F ? F->lin[t].w : NULL, e);
+            rc = gather_block(c, be, &L->lin[t], ln_tp_param_split(m, NULL, &L->lin[t]), F ? F->lin[t].w : NULL, e);
     }
     return rc ? ln_err_prefix(e, "tensor parallel gather") : 0;
 }
@@ -282,107 +338,169 @@ int ln_tp_gather(ln_model *m, ln_adapter *ad, ln_model *full, ln_adapter *full_a
 int ln_tp_agree(ln_model *m, int *flag, ln_err *e)
 {
     if (!m->comm || m->comm->size == 1) return 0;
-    float f = (float)*flag;
-    if (comm_broadcast(m->comm, &f, 1, 0, e)) return ln_err_prefix(e, "tensor parallel: agreeing on a stop");
+    float f = *flag ? 1.0f : 0.0f;
+    if (comm_allreduce_sum(m->comm, &f, 1, e)) return ln_err_prefix(e, "tensor parallel: agreeing on a stop");
     *flag = f != 0.0f;
     return 0;
 }
 
-typedef struct tp_train_ctx {
+/* ---- do the ranks hold the same job? (FNV-1a, 64-bit, over the bytes) */
+
+static uint64_t fnv(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 0x100000001b3ull;
+    return h;
+}
+
+static uint64_t hash_i64(uint64_t h, int64_t v) { return fnv(h, &v, sizeof v); }
+
+typedef struct { const lnb_backend *be; uint64_t h; float *tmp; size_t cap; int failed; ln_err *e; } hash_ctx;
+
+/* A parameter's weights (or an A0/B0 copy), through host memory. */
+static void hash_floats(hash_ctx *x, const float *w, int64_t n)
+{
+    if (!w || x->failed) return;
+    if ((size_t)n > x->cap) {
+        free(x->tmp);
+        x->cap = (size_t)n;
+        if (!(x->tmp = ln_try_alloc(x->cap * sizeof(float), "tensor parallel: checking the ranks agree", x->e))) {
+            x->cap = 0;
+            x->failed = 1;
+            return;
+        }
+    }
+    x->be->download(x->tmp, w, (size_t)n * sizeof(float));
+    x->h = fnv(x->h, x->tmp, (size_t)n * sizeof(float));
+}
+
+static void hash_param(ln_param *p, void *ctx)
+{
+    hash_ctx *x = ctx;
+    x->h = hash_i64(x->h, p->trainable);
+    hash_floats(x, p->w, p->n);
+}
+
+int ln_tp_check_same(ln_comm *c, ln_model *full, ln_adapter *ad, const ln_dataset *ds, const ln_train_opts *o,
+                     ln_err *e)
+{
+    if (c->size == 1) return 0;
+    const uint64_t basis = 0xcbf29ce484222325ull;
+    /* the data: every example's tokens and labels, in order */
+    uint64_t hd = hash_i64(basis, ds->n);
+    for (int64_t i = 0; i < ds->n; i++) {
+        const ln_example *x = &ds->ex[i];
+        hd = hash_i64(hd, x->len);
+        hd = fnv(hd, x->input_ids, (size_t)x->len * sizeof(int32_t));
+        hd = fnv(hd, x->labels, (size_t)x->len * sizeof(int32_t));
+    }
+    /* the options that decide what every rank does at each step (collectives must line up) */
+    int64_t ov[] = {o->epochs, o->max_steps, o->batch_size, o->grad_accum, (int64_t)o->seed, o->shuffle, o->pack,
+                    o->save_every, o->stop_at_step, o->out_dir != NULL, o->resume != NULL, o->eval_every,
+                    o->eval != NULL};
+    uint64_t ho = basis;
+    for (size_t i = 0; i < sizeof ov / sizeof ov[0]; i++) ho = hash_i64(ho, ov[i]);
+    ho = fnv(ho, &o->optim, sizeof o->optim);
+    ho = fnv(ho, &o->warmup_ratio, sizeof o->warmup_ratio);
+    /* the initialised (or restored) adapter, or every weight for full fine-tuning */
+    hash_ctx hx = {full->be, basis, NULL, 0, 0, e};
+    if (ad->full) {
+        ln_model_for_each_param(full, hash_param, &hx);
+    } else {
+        hx.h = fnv(hx.h, ad->method, strlen(ad->method));
+        hx.h = hash_i64(hash_i64(hx.h, ad->rank), ad->residual);
+        ln_adapter_for_each_param(ad, hash_param, &hx);
+        for (int i = 0; i < ad->num_layers * LN_NTARGET; i++) {
+            hash_floats(&hx, ad->lora[i].A0, ad->lora[i].A.n);
+            hash_floats(&hx, ad->lora[i].B0, ad->lora[i].B.n);
+        }
+    }
+    free(hx.tmp);
+    if (hx.failed) {
+        comm_abort(c);
+        return -1;
+    }
+    uint64_t mine[3] = {hd, ho, hx.h};
+    enum { W = sizeof(mine) / (sizeof(float)) };
+    float send[W], *all = ln_xmalloc((size_t)c->size * sizeof mine);
+    memcpy(send, mine, sizeof mine); /* the bits travel as they are: allgather does no arithmetic */
+    int rc = comm_allgather(c, send, all, W, e);
+    static const char *what[3] = {"training data", "training options", "initialised adapter (or weights)"};
+    for (int k = 1; k < c->size && rc == 0; k++) {
+        uint64_t theirs[3], first[3];
+        memcpy(first, all, sizeof first);
+        memcpy(theirs, all + (size_t)k * W, sizeof theirs);
+        for (int i = 0; i < 3 && rc == 0; i++)
+            if (theirs[i] != first[i])
+                rc = ln_errf(e, "tensor parallel: rank %d's %s differ from rank 0's; every rank must validate, "
+                                "calibrate and initialise the same job the same way", k, what[i]);
+    }
+    free(all);
+    return rc ? ln_err_prefix(e, "checking the %d ranks agree", c->size) : 0;
+}
+
+/* ---- training */
+
+int ln_tp_train_rank(ln_comm *c, ln_model *full, ln_adapter *full_ad, const ln_dataset *ds, const ln_train_opts *opts,
+                     ln_train_result *res, ln_err *e)
+{
+    memset(res, 0, sizeof *res);
+    int root = c->rank == 0;
+    ln_model *shard = NULL;
+    ln_adapter sad;
+    memset(&sad, 0, sizeof sad);
+    int rc = ln_tp_check_same(c, full, full_ad, ds, opts, e);
+    if (rc == 0) rc = ln_tp_shard_model(full, c, &shard, e);
+    if (rc == 0) rc = ln_tp_shard_adapter(full, full_ad, shard, &sad, e);
+    ln_train_opts o = *opts;
+    o.tp_full = root ? full : NULL;
+    o.tp_full_ad = root ? full_ad : NULL;
+    if (!root) { /* rank 0 reports; a stop seen by any rank's should_stop stops every rank (ln_tp_agree) */
+        o.on_row = NULL;
+        o.progress = 0;
+    }
+    if (rc == 0) rc = ln_train(shard, &sad, ds, &o, res, e);
+    /* the trained shards, back into rank 0's whole adapter (or model) */
+    if (rc == 0) rc = ln_tp_gather(shard, &sad, o.tp_full, o.tp_full_ad, e);
+    if (rc == 0 && root && opts->out_dir && !res->stopped) rc = ln_train_save_final(full, full_ad, opts->out_dir, e);
+    if (!sad.full) ln_adapter_free(&sad);
+    ln_model_free(shard);
+    if (rc) {
+        comm_abort(c); /* no rank waits for this one any more */
+        ln_err_prefix(e, "rank %d of %d", c->rank, c->size);
+    }
+    return rc;
+}
+
+typedef struct tp_thread_ctx {
     ln_model *full;
     ln_adapter *full_ad;
     const ln_dataset *ds;
     ln_train_opts opts;
     ln_train_result res;
-    FILE *metrics;          /* rank 0 writes the rows here (out_dir) */
-    const ln_train_opts *user;
-} tp_train_ctx;
+} tp_thread_ctx;
 
-/* Rank 0's rows: into metrics.jsonl, then to the caller's on_row. */
-static void tp_on_row(json_t *row, void *p)
+static int tp_thread_rank(ln_comm *c, void *p, ln_err *e)
 {
-    tp_train_ctx *x = p;
-    if (x->metrics) {
-        char *line = json_dumps(row, JSON_COMPACT);
-        fprintf(x->metrics, "%s\n", line);
-        fflush(x->metrics);
-        free(line);
-    }
-    if (x->user->on_row) x->user->on_row(row, x->user->cb_ctx);
-}
-
-static int tp_should_stop(void *p)
-{
-    tp_train_ctx *x = p;
-    return x->user->should_stop ? x->user->should_stop(x->user->cb_ctx) : 0;
-}
-
-static int tp_train_rank(ln_comm *c, void *p, ln_err *e)
-{
-    tp_train_ctx *x = p;
-    ln_model *shard = NULL;
-    ln_adapter sad;
-    memset(&sad, 0, sizeof sad);
-    int rc = ln_tp_shard_model(x->full, c, &shard, e);
-    if (rc == 0) rc = ln_tp_shard_adapter(x->full, x->full_ad, shard, &sad, e);
-    ln_train_opts o = x->opts;
-    o.out_dir = NULL;
-    if (c->rank == 0) {
-        o.on_row = tp_on_row;
-        o.should_stop = tp_should_stop;
-        o.cb_ctx = x;
-    } else {
-        o.on_row = NULL;
-        o.should_stop = NULL;
-        o.progress = 0;
-    }
-    if (rc == 0) rc = ln_train(shard, &sad, x->ds, &o, &x->res, e);
-    if (rc == 0) rc = ln_tp_gather(shard, &sad, c->rank == 0 ? x->full : NULL, c->rank == 0 ? x->full_ad : NULL, e);
-    if (!sad.full) ln_adapter_free(&sad);
-    ln_model_free(shard);
-    if (rc) ln_err_prefix(e, "rank %d of %d", c->rank, c->size);
-    return rc;
-}
-
-/* What ln_train's end writes into out_dir, for the gathered adapter (or model). */
-static int tp_save_final(ln_model *m, ln_adapter *ad, const char *dir, ln_err *e)
-{
-    if (ad->full) return ln_model_save(m, dir, ST_F32, e);
-    char *p = ln_path_join(dir, "adapter.safetensors");
-    int rc = ln_adapter_save(ad, p, e);
-    free(p);
-    if (rc == 0 && !ad->residual) rc = ln_adapter_save_peft(ad, m, dir, e);
-    return rc;
+    tp_thread_ctx *x = p;
+    return ln_tp_train_rank(c, x->full, x->full_ad, x->ds, &x->opts, &x->res, e);
 }
 
 int ln_tp_train(ln_model *full, ln_adapter *full_ad, const ln_dataset *ds, const ln_train_opts *opts, int ranks,
                 ln_train_result *res, ln_err *e)
 {
-    if (opts->resume || opts->eval)
-        return ln_errf(e, "tensor-parallel training on threads: resume and eval are not supported yet "
-                          "(checkpoints of a sharded run are not written)");
     if (ranks < 1) return ln_errf(e, "tensor-parallel training: %d ranks (at least 1 expected)", ranks);
     ln_config sh;
     if (ln_tp_shard_config(&full->cfg, ranks, &sh, e)) return -1;
-    FILE *metrics = NULL;
-    if (opts->out_dir) {
-        if (ln_mkdir_p(opts->out_dir, e)) return -1;
-        char *mp = ln_path_join(opts->out_dir, "metrics.jsonl");
-        metrics = fopen(mp, "w");
-        free(mp);
-        if (!metrics) return ln_errf(e, "tensor-parallel training: cannot open metrics.jsonl in %s", opts->out_dir);
-    }
-    tp_train_ctx *ctx = ln_xcalloc((size_t)ranks, sizeof *ctx);
+    tp_thread_ctx *ctx = ln_xcalloc((size_t)ranks, sizeof *ctx);
     void **ptrs = ln_xcalloc((size_t)ranks, sizeof *ptrs);
     for (int r = 0; r < ranks; r++) {
-        ctx[r] = (tp_train_ctx){.full = full, .full_ad = full_ad, .ds = ds, .opts = *opts, .user = opts,
-                                .metrics = r == 0 ? metrics : NULL};
+        ctx[r] = (tp_thread_ctx){.full = full, .full_ad = full_ad, .ds = ds, .opts = *opts};
+        if (r > 0) ctx[r].opts.should_stop = NULL; /* the caller's callbacks are rank 0's */
         ptrs[r] = &ctx[r];
     }
-    int rc = comm_thread_run(ranks, tp_train_rank, ptrs, e);
-    if (metrics) fclose(metrics);
+    int rc = comm_thread_run(ranks, tp_thread_rank, ptrs, e);
     if (rc == 0 && res) *res = ctx[0].res;
-    if (rc == 0 && opts->out_dir && !ctx[0].res.stopped) rc = tp_save_final(full, full_ad, opts->out_dir, e);
     free(ctx);
     free(ptrs);
     return rc;

@@ -88,18 +88,57 @@ int ln_tp_init_lora_null(ln_model *shard, ln_adapter *ad, ln_covariance_fn cov, 
  * written there — both of the same shape as the model and adapter that were sharded. */
 int ln_tp_gather(ln_model *shard, ln_adapter *shard_ad, ln_model *full, ln_adapter *full_ad, ln_err *e);
 
-/* Rank 0's decision, on every rank (a broadcast): ln_train uses it so that a pause or cancel seen
- * by rank 0's should_stop stops every rank after the same step. */
+/* How one parameter of a shard (of its model, or of its adapter ad, may be NULL) is split: by
+ * rows, by columns, or held whole by every rank (see the split above). Optimizer moments split
+ * like their parameter. */
+typedef enum { LN_TP_WHOLE = 0, LN_TP_ROWS, LN_TP_COLS } ln_tp_split;
+ln_tp_split ln_tp_param_split(const ln_model *shard, const ln_adapter *ad, const ln_param *p);
+/* Elements of the whole tensor whose block (p's shape) one of `ranks` ranks holds. */
+int64_t ln_tp_whole_numel(const ln_param *p, ln_tp_split split, int ranks);
+/* Collective: the whole tensor of which src (backend memory, p's shape) is this rank's block, into
+ * dst (host memory, ln_tp_whole_numel floats; NULL on ranks that do not need it). A rank that
+ * cannot allocate aborts the group (comm_abort) so that no rank waits for it. */
+int ln_tp_gather_tensor(ln_comm *c, const lnb_backend *be, const ln_param *p, ln_tp_split split, const float *src,
+                        float *dst, ln_err *e);
+/* The inverse, with no communication: rank `rank`'s block (p's shape, host) of a whole tensor (host). */
+void ln_tp_take_block(const ln_param *p, ln_tp_split split, int rank, int ranks, const float *whole, float *dst);
+
+/* A stop seen by any rank's should_stop (a flag, 0/1), on every rank (an all-reduce): ln_train
+ * uses it so that a pause or cancel seen by one rank stops every rank after the same step. */
 int ln_tp_agree(ln_model *shard, int *flag, ln_err *e);
 
-/* Trains full_ad on `full` as `ranks` tensor-parallel ranks on threads (the thread backend):
- * each rank shards the model and adapter, runs ln_train on the same data (the same seeded order),
- * and at the end the trained shards are gathered back into full_ad (or full's weights for full
- * fine-tuning). on_row and should_stop are rank 0's (every rank stops after the step rank 0 saw a
- * stop at). With opts->out_dir, metrics.jsonl is written from rank 0's rows and the gathered
- * adapter (or model) is saved there at the end, as ln_train does. resume and eval must be NULL;
- * save_every is ignored: checkpoints of a sharded run are not written yet. res gets rank 0's
- * result. */
+/* Collective: fails on every rank, naming the first rank that differs, unless every rank holds the
+ * same training data (every example's tokens and labels), the same options that decide the
+ * per-step collectives (steps, batch, pack, save_every, eval, out_dir, resume, optimizer…) and the
+ * same initialised (or restored) adapter — every weight for full fine-tuning. Ranks in separate
+ * processes validate, calibrate and initialise on their own: this is where a difference shows,
+ * instead of as a hang or silently different shards. */
+int ln_tp_check_same(ln_comm *c, ln_model *full, ln_adapter *ad, const ln_dataset *ds, const ln_train_opts *o,
+                     ln_err *e);
+
+/* Trains one rank, comm_rank(c) of comm_size(c), of a tensor-parallel run; every rank of the group
+ * calls it with its own copy of the whole model `full` and the whole adapter `full_ad` (built the
+ * same way on every rank: ln_tp_check_same verifies it first), the same data and the same options.
+ * The rank shards both, runs ln_train on its shard (the same seeded data order on every rank),
+ * and at the end the trained shards are gathered back into rank 0's full_ad (full's weights for
+ * full fine-tuning); the other ranks' full/full_ad are left as they were.
+ *  - Rank 0 reports: on_row, progress, and with out_dir metrics.jsonl, the checkpoints and the
+ *    final adapter (or model). The other ranks write nothing (their out_dir only says that
+ *    checkpoints are taken: pass the same options everywhere) and res->last_checkpoint stays "".
+ *  - should_stop is polled on every rank; a stop seen by any rank stops every rank after the same
+ *    step (with a checkpoint, as ln_train does).
+ *  - Checkpoints (save_every, the last step, a stop) are collective: the adapter and the AdamW
+ *    moments are gathered and rank 0 writes the same file ln_train writes on one rank. resume
+ *    loads that file whatever rank count wrote it: pass a full_ad restored from it
+ *    (ln_train_load_checkpoint on the whole model) on every rank; the moments are sharded here.
+ *  - eval: at eval points the adapter is gathered into rank 0's full_ad and opts->eval is called
+ *    on rank 0 with (full, full_ad); the other ranks wait for it, and fail if it failed.
+ * On any failure the group is aborted (comm_abort) so the other ranks fail instead of waiting. */
+int ln_tp_train_rank(ln_comm *c, ln_model *full, ln_adapter *full_ad, const ln_dataset *ds, const ln_train_opts *opts,
+                     ln_train_result *res, ln_err *e);
+
+/* ln_tp_train_rank on `ranks` threads (the thread backend), each rank a thread of this process
+ * sharing full/full_ad. on_row and should_stop are rank 0's; res gets rank 0's result. */
 int ln_tp_train(ln_model *full, ln_adapter *full_ad, const ln_dataset *ds, const ln_train_opts *opts, int ranks,
                 ln_train_result *res, ln_err *e);
 

@@ -264,9 +264,31 @@ static int meta_get_i64(st_set *s, const char *k, int64_t *v, const char *file, 
     return 0;
 }
 
-/* The second half of a resume: position, RNG and moments; refuses changed options. */
-static int checkpoint_restore(const char *ckpt, ln_optim *opt, ckpt_state *cs, const ln_train_opts *o, ln_err *e)
+/* One AdamW moment of a tensor-parallel shard's param p: the whole tensor from the checkpoint,
+ * this rank's block of it into dst. */
+static int restore_moment_block(st_set *s, const char *name, const ln_model *m, const ln_adapter *ad,
+                                const ln_param *p, float *dst, const char *file, ln_err *e)
 {
+    ln_tp_split sp = ln_tp_param_split(m, ad, p);
+    int64_t whole = ln_tp_whole_numel(p, sp, m->comm->size);
+    float *w = ln_try_alloc((size_t)whole * sizeof(float), "resume: a whole optimizer moment", e);
+    float *blk = w ? ln_try_alloc((size_t)p->n * sizeof(float), "resume: an optimizer moment's block", e) : NULL;
+    int rc = blk ? copy_tensor(s, name, w, whole, file, e) : -1;
+    if (rc == 0) {
+        ln_tp_take_block(p, sp, m->comm->rank, m->comm->size, w, blk);
+        m->be->upload(dst, blk, (size_t)p->n * sizeof(float));
+    }
+    free(w);
+    free(blk);
+    return rc;
+}
+
+/* The second half of a resume: position, RNG and moments; refuses changed options. On a
+ * tensor-parallel shard (m->comm) the checkpoint holds whole moments: each rank takes its block. */
+static int checkpoint_restore(const char *ckpt, ln_model *m, ln_adapter *ad, ln_optim *opt, ckpt_state *cs,
+                              const ln_train_opts *o, ln_err *e)
+{
+    int tp = m->comm && m->comm->size > 1;
     char *file = checkpoint_file(ckpt);
     st_set *s = NULL;
     int rc = -1;
@@ -293,10 +315,13 @@ static int checkpoint_restore(const char *ckpt, ln_optim *opt, ckpt_state *cs, c
         cs->rng.s[i] = strtoull(v, NULL, 16);
     }
     for (int i = 0; i < opt->n; i++) {
-        snprintf(name, sizeof name, "optim.m.%s", opt->params[i]->name);
-        if (copy_tensor(s, name, opt->m[i], opt->params[i]->n, file, e)) goto out;
-        snprintf(name, sizeof name, "optim.v.%s", opt->params[i]->name);
-        if (copy_tensor(s, name, opt->v[i], opt->params[i]->n, file, e)) goto out;
+        const ln_param *p = opt->params[i];
+        for (int k = 0; k < 2; k++) {
+            float *dst = k ? opt->v[i] : opt->m[i];
+            snprintf(name, sizeof name, "optim.%c.%s", k ? 'v' : 'm', p->name);
+            if (tp ? restore_moment_block(s, name, m, ad, p, dst, file, e) : copy_tensor(s, name, dst, p->n, file, e))
+                goto out;
+        }
     }
     opt->step = cs->step;
     rc = 0;
@@ -317,28 +342,116 @@ static void progress_line(int64_t step, int64_t total, double loss, float lr, do
     fflush(stderr);
 }
 
-/* OUT/checkpoints/step-NNNNNN/state.safetensors; remembered in res->last_checkpoint. */
+/* Collective: a tensor-parallel shard's adapter (or weights) gathered into rank 0's whole model
+ * and adapter (o->tp_full*), for `what` (a checkpoint, an eval). */
+static int tp_gather_whole(ln_model *m, ln_adapter *ad, const ln_train_opts *o, const char *what, ln_err *e)
+{
+    int root = m->comm->rank == 0;
+    if (root && (!o->tp_full || !o->tp_full_ad)) {
+        comm_abort(m->comm);
+        return ln_errf(e, "tensor-parallel %s: rank 0 has no whole model to gather into (train through "
+                          "ln_tp_train_rank)", what);
+    }
+    return ln_tp_gather(m, ad, root ? o->tp_full : NULL, root ? o->tp_full_ad : NULL, e);
+}
+
+/* A tensor-parallel shard's checkpoint (collective): the adapter (or weights) gathered into rank
+ * 0's whole model and adapter (o->tp_full*), the moments gathered like their params, and rank 0
+ * writes the one-rank format from them. */
+static int tp_checkpoint_save(const char *path, ln_model *m, ln_adapter *ad, const ln_optim *opt, const ckpt_state *cs,
+                              const ln_train_opts *o, ln_err *e)
+{
+    ln_comm *c = m->comm;
+    int root = c->rank == 0;
+    if (tp_gather_whole(m, ad, o, "checkpoint", e)) return -1;
+    ln_optim whole;
+    memset(&whole, 0, sizeof whole);
+    ln_param **wp = NULL;
+    int rc = 0;
+    if (root) {
+        whole.n = ln_trainable_params(o->tp_full, o->tp_full_ad, &wp);
+        whole.params = wp;
+        whole.m = ln_xcalloc((size_t)opt->n + 1, sizeof(float *));
+        whole.v = ln_xcalloc((size_t)opt->n + 1, sizeof(float *));
+        if (whole.n != opt->n) {
+            comm_abort(c);
+            rc = ln_errf(e, "tensor-parallel checkpoint: the whole model has %d trainable tensors, the shard %d",
+                         whole.n, opt->n);
+        }
+    }
+    for (int i = 0; i < opt->n && rc == 0; i++) {
+        const ln_param *p = opt->params[i];
+        ln_tp_split sp = ln_tp_param_split(m, ad, p);
+        if (root) {
+            size_t bytes = (size_t)ln_tp_whole_numel(p, sp, c->size) * sizeof(float);
+            if (!(whole.m[i] = ln_try_alloc(bytes, "checkpoint: a whole optimizer moment", e)) ||
+                !(whole.v[i] = ln_try_alloc(bytes, "checkpoint: a whole optimizer moment", e))) {
+                comm_abort(c);
+                rc = -1;
+                break;
+            }
+        }
+        rc = ln_tp_gather_tensor(c, m->be, p, sp, opt->m[i], root ? whole.m[i] : NULL, e);
+        if (rc == 0) rc = ln_tp_gather_tensor(c, m->be, p, sp, opt->v[i], root ? whole.v[i] : NULL, e);
+    }
+    if (rc == 0 && root) {
+        rc = checkpoint_save(path, o->tp_full, o->tp_full_ad, &whole, cs, o, e);
+        if (rc) comm_abort(c);
+    }
+    for (int i = 0; root && i < opt->n; i++) {
+        free(whole.m[i]);
+        free(whole.v[i]);
+    }
+    free(whole.m);
+    free(whole.v);
+    free(wp);
+    return rc;
+}
+
+/* OUT/checkpoints/step-NNNNNN/state.safetensors; remembered in res->last_checkpoint. Every rank
+ * of a tensor-parallel shard calls it; rank 0 writes. */
 static int save_checkpoint_dir(const char *ckdir, ln_model *m, ln_adapter *ad, const ln_optim *opt,
                                const ckpt_state *cs, const ln_train_opts *o, ln_train_result *res, ln_err *e)
 {
+    int tp = m->comm && m->comm->size > 1, root = !tp || m->comm->rank == 0;
     char sub[64];
     snprintf(sub, sizeof sub, "step-%06lld", (long long)cs->step);
     char *d = ln_path_join(ckdir, sub);
     char *f = ln_path_join(d, "state.safetensors");
-    int rc = ln_mkdir_p(d, e) || checkpoint_save(f, m, ad, opt, cs, o, e) ? -1 : 0;
-    if (rc == 0) snprintf(res->last_checkpoint, sizeof res->last_checkpoint, "%s", d);
+    int rc = root ? ln_mkdir_p(d, e) : 0;
+    if (rc && tp) comm_abort(m->comm);
+    if (rc == 0) rc = tp ? tp_checkpoint_save(f, m, ad, opt, cs, o, e) : checkpoint_save(f, m, ad, opt, cs, o, e);
+    if (rc == 0 && root) snprintf(res->last_checkpoint, sizeof res->last_checkpoint, "%s", d);
     free(f);
     free(d);
     return rc;
 }
 
-static int save_final(ln_model *m, ln_adapter *ad, const char *dir, ln_err *e)
+int ln_train_save_final(ln_model *m, ln_adapter *ad, const char *dir, ln_err *e)
 {
     if (ad->full) return ln_model_save(m, dir, ST_F32, e);
     char *p = ln_path_join(dir, "adapter.safetensors");
     int rc = ln_adapter_save(ad, p, e);
     free(p);
     if (rc == 0 && !ad->residual) rc = ln_adapter_save_peft(ad, m, dir, e);
+    return rc;
+}
+
+/* An eval point of a tensor-parallel shard (collective): the adapter gathered into rank 0's whole
+ * one, o->eval on rank 0; the others wait for its outcome and fail with it. */
+static int tp_eval(ln_model *m, ln_adapter *ad, const ln_train_opts *o, int64_t step, json_t *row, ln_err *e)
+{
+    ln_comm *c = m->comm;
+    int root = c->rank == 0;
+    if (tp_gather_whole(m, ad, o, "eval", e)) return -1;
+    int rc = root ? o->eval(o->tp_full, o->tp_full_ad, step, row, o->eval_ctx, e) : 0;
+    float failed = rc ? 1.0f : 0.0f;
+    ln_err be = {{0}};
+    if (comm_broadcast(c, &failed, 1, 0, &be)) {
+        if (rc == 0) *e = be;
+        return -1;
+    }
+    if (!root && failed != 0.0f) return ln_errf(e, "rank 0's evaluation failed");
     return rc;
 }
 
@@ -350,6 +463,8 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
     if (ds->n <= 0) return ln_errf(e, "train: dataset %s has no examples", ds->path ? ds->path : "");
     if (o->max_steps <= 0 && o->epochs <= 0) return ln_errf(e, "train: give epochs or max_steps");
     int per_step = o->batch_size * o->grad_accum;
+    /* a tensor-parallel shard: collectives at checkpoints and eval points; rank 0 writes */
+    int tp = m->comm && m->comm->size > 1, root = !tp || m->comm->rank == 0;
     ckpt_state cs;
     memset(&cs, 0, sizeof cs);
     cs.total_steps = o->max_steps > 0 ? o->max_steps : ((int64_t)o->epochs * ds->n + per_step - 1) / per_step;
@@ -389,17 +504,17 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
     char *ckdir = NULL;
 
     if (o->resume) {
-        if (checkpoint_restore(o->resume, &opt, &cs, o, e)) goto out;
+        if (checkpoint_restore(o->resume, m, ad, &opt, &cs, o, e)) goto out;
         ln_loader_seek(&ld, cs.pos);
     }
-    if (o->out_dir) {
+    if (o->out_dir && root) {
         if (ln_mkdir_p(o->out_dir, e)) goto out;
         char *mp = ln_path_join(o->out_dir, "metrics.jsonl");
         metrics = fopen(mp, o->resume ? "a" : "w");
         free(mp);
         if (!metrics) { ln_errf(e, "train: cannot open metrics.jsonl in %s", o->out_dir); goto out; }
-        ckdir = ln_path_join(o->out_dir, "checkpoints");
     }
+    if (o->out_dir) ckdir = ln_path_join(o->out_dir, "checkpoints"); /* every rank: saving is collective */
     double t_start = ln_now_s();
     int64_t steps_here = 0;
     for (int64_t step = cs.step; step < cs.total_steps; step++) {
@@ -498,7 +613,7 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
         json_object_set_new(row, "elapsed_s", json_real(ln_now_s() - t_start));
         int last = cs.step == cs.total_steps || (o->stop_at_step > 0 && cs.step == o->stop_at_step);
         if (o->eval && ((o->eval_every > 0 && cs.step % o->eval_every == 0) || last) &&
-            o->eval(m, ad, cs.step, row, o->eval_ctx, e)) {
+            (tp ? tp_eval(m, ad, o, cs.step, row, e) : o->eval(m, ad, cs.step, row, o->eval_ctx, e))) {
             json_decref(row);
             ln_err_prefix(e, "train step %lld: evaluation", (long long)cs.step);
             goto out;
@@ -521,7 +636,8 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
         if (o->stop_at_step > 0 && cs.step == o->stop_at_step) { res->stopped = 1; break; }
     }
     res->steps = cs.step;
-    if (o->out_dir && !res->stopped && save_final(m, ad, o->out_dir, e)) goto out;
+    /* a shard's final adapter is gathered and saved by ln_tp_train_rank */
+    if (o->out_dir && !res->stopped && !tp && ln_train_save_final(m, ad, o->out_dir, e)) goto out;
     rc = 0;
 out:
     if (metrics) fclose(metrics);

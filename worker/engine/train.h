@@ -18,7 +18,11 @@
  *    knowledge drift. Returning −1 (with e filled) stops training with that error.
  *  - on_row (optional) sees every metrics row after it is written (the worker forwards them).
  *  - should_stop (optional) is polled between steps; when it returns 1 the loop saves a
- *    checkpoint and returns with result.stopped = 1. */
+ *    checkpoint and returns with result.stopped = 1.
+ *  - On a tensor-parallel shard (m->comm, see tensor_parallel.h's ln_tp_train_rank) the same loop
+ *    runs on every rank: checkpoints and eval points are collective (the shards are gathered and
+ *    rank 0 writes / evaluates the whole adapter), the checkpoint file is the one-rank format
+ *    (resumable on any rank count), and only rank 0 writes metrics and checkpoints. */
 #ifndef LN_TRAIN_H
 #define LN_TRAIN_H
 
@@ -57,6 +61,11 @@ typedef struct ln_train_opts {
     void (*on_row)(json_t *row, void *ctx);
     int (*should_stop)(void *ctx);
     void *cb_ctx;
+    /* Tensor parallel (m->comm of more than one rank; set by ln_tp_train_rank, tensor_parallel.h):
+     * the whole model and adapter the shard was cut from, on rank 0 (NULL on the others).
+     * Checkpoints and eval gather the shards into them; only rank 0 writes into out_dir. */
+    ln_model *tp_full;
+    ln_adapter *tp_full_ad;
 } ln_train_opts;
 
 ln_train_opts ln_train_defaults(void);
@@ -73,6 +82,10 @@ typedef struct ln_train_result {
  * loaded by ln_train_load_checkpoint. */
 int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_opts *opts, ln_train_result *res,
              ln_err *e);
+
+/* What ln_train writes into out_dir at the end: adapter.safetensors (+ the PEFT layout when the
+ * method has no residual), or the model for full fine-tuning. */
+int ln_train_save_final(ln_model *m, ln_adapter *ad, const char *dir, ln_err *e);
 
 /* Rebuilds the adapter (or the full model's weights) a checkpoint holds, on a freshly loaded
  * base model: the first half of a resume. */
