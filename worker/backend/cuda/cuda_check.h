@@ -70,6 +70,7 @@ struct lnb_cuda_ctx {
     cublasHandle_t blas;
     cusolverDnHandle_t solver;
     int math;
+    int sm;                /* compute capability, major·10 + minor (80 = A100, 90 = H100/H200) */
     int sync;              /* wait after each call (see cuda.h) */
     char name[400];
 };
@@ -78,7 +79,7 @@ extern struct lnb_cuda_ctx lnb_cuda_g;
 /* A grow-only device scratch buffer per slot (staging of host tables, reductions). NULL and a
  * noted error on failure. */
 enum { WS_IDS, WS_TARGETS, WS_COS, WS_SIN, WS_REDUCE, WS_ATT_S, WS_ATT_DP, WS_SOLVER, WS_BF16_A, WS_BF16_B, WS_COV_X, WS_COV_FLAGS,
-       WS_NSLOTS };
+       WS_ATT_D, WS_NSLOTS };
 void *lnb_cuda_workspace(int slot, size_t bytes);
 /* p itself when the device can read it (device or managed memory), else a device copy of its
  * first `bytes` bytes in workspace `slot`. */
