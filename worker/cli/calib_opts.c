@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "common/util.h"
+#include "worker/cli/ranks.h"
 #include "worker/engine/tokenizer.h"
 
 int cli_calibrate(ln_model *m, const char *model_dir, const cli_calib *c, unsigned targets, ln_calibration **out,
@@ -30,8 +31,9 @@ int cli_calibrate(ln_model *m, const char *model_dir, const cli_calib *c, unsign
 /* ---------------------------------------------------------------- training */
 
 int cli_knowledge_calibrate(cli_knowledge *k, ln_model *m, const char *model_dir, const cli_calib *c,
-                            unsigned targets, ln_err *e) {
-    if (cli_calibrate(m, model_dir, c, targets, &k->calib, e) != 0) return ln_err_prefix(e, "--calibration");
+                            unsigned targets, int ranks, ln_err *e) {
+    if (cli_calibrate_ranks(m, model_dir, c, targets, ranks, &k->calib, e) != 0)
+        return ln_err_prefix(e, "--calibration");
     return 0;
 }
 

@@ -40,8 +40,9 @@ int cli_calibrate(ln_model *m, const char *model_dir, const cli_calib *c, unsign
                   ln_err *e);
 
 /* ---- a training job's knowledge side (`loranull train --calibration FILE`) ----
- * cli_knowledge_calibrate: the covariances, before the adapter is initialised (pass
- *   ln_calibration_covariance / k->calib as ln_adapter_opts.covariance / .method_ctx).
+ * cli_knowledge_calibrate: the covariances (on `ranks` shards: ranks.h), before the adapter is
+ *   initialised (pass ln_calibration_covariance / k->calib as ln_adapter_opts.covariance /
+ *   .method_ctx); `train --covariance FILE` loads k->calib from a file instead.
  * cli_knowledge_track: after the adapter exists (fresh or resumed), adds per-layer knowledge drift
  *   to the metrics row of every eval (every --eval-every steps and after the last), after the
  *   command's own eval callback.
@@ -57,7 +58,7 @@ typedef struct cli_knowledge {
 } cli_knowledge;
 
 int cli_knowledge_calibrate(cli_knowledge *k, ln_model *m, const char *model_dir, const cli_calib *c,
-                            unsigned targets, ln_err *e);
+                            unsigned targets, int ranks, ln_err *e);
 int cli_knowledge_track(cli_knowledge *k, ln_model *m, ln_adapter *ad, ln_train_opts *to, ln_err *e);
 int cli_knowledge_summary(const cli_knowledge *k, const char *out_dir, ln_err *e);
 void cli_knowledge_free(cli_knowledge *k);

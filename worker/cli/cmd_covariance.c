@@ -10,6 +10,7 @@
 #include "worker/cli/args.h"
 #include "worker/cli/calib_opts.h"
 #include "worker/cli/commands.h"
+#include "worker/cli/ranks.h"
 #include "worker/engine/model.h"
 #include "worker/engine/tokenizer.h"
 
@@ -53,12 +54,13 @@ fail:
 int cmd_covariance(int argc, char **argv) {
     const char *model = NULL, *out = NULL, *targets_s = NULL;
     cli_calib cal = {0};
-    int bench = 0;
+    int bench = 0, ranks = 1;
     const cli_opt opts[] = {
         {"model", CLI_STR, &model, "model directory (config.json + safetensors [+ tokenizer.json])"},
         {"out", CLI_STR, &out, "covariance file to write (safetensors)"},
         {"targets", CLI_STR, &targets_s, "target modules whose inputs to calibrate (default all: q,k,v,o,gate,up,down)"},
         {"bench", CLI_FLAG, &bench, "measure calibration and plain forward tokens/s on the same windows (no cache)"},
+        CLI_RANKS_OPT(ranks),
         CLI_CALIB_OPTS(cal),
     };
     int nopts = (int)(sizeof opts / sizeof *opts);
@@ -71,15 +73,21 @@ int cmd_covariance(int argc, char **argv) {
     ln_calibration *c = NULL;
     unsigned targets = LN_TARGETS_ALL;
     if (cli_parse(argc, argv, 1, opts, nopts, &e)) goto fail;
+    if (bench && ranks != 1) {
+        ln_errf(&e, "covariance --bench runs on one rank (drop --ranks %d)", ranks);
+        goto fail;
+    }
     if (bench) return covariance_bench(model, &cal, targets_s);
     if (!model || !cal.file || !out) {
         ln_errf(&e, "covariance needs --model, --calibration and --out");
         goto fail;
     }
     if (targets_s && ln_targets_parse(targets_s, &targets, &e)) goto fail;
+    ln_config mc;
+    if (ln_config_load(model, &mc, &e) || cli_ranks_check(ranks, NULL, &mc, &e)) goto fail;
     if (ln_model_load(model, lnb_cpu(), &m, &e)) goto fail;
     double t0 = ln_now_s();
-    if (cli_calibrate(m, model, &cal, targets, &c, &e)) goto fail;
+    if (cli_calibrate_ranks(m, model, &cal, targets, ranks, &c, &e)) goto fail;
     double dt = ln_now_s() - t0;
     if (ln_calibration_save(c, out, &e)) goto fail;
     printf("{\"out\":\"%s\",\"samples\":%" PRId64 ",\"tokens\":%" PRId64 ",\"from_cache\":%s,\"seconds\":%.3f}\n", out,

@@ -11,6 +11,7 @@
 #include "worker/cli/args.h"
 #include "worker/cli/calib_opts.h"
 #include "worker/cli/commands.h"
+#include "worker/cli/ranks.h"
 #include "worker/engine/adapter.h"
 #include "worker/engine/lora_init.h"
 #include "worker/engine/model.h"
@@ -54,7 +55,7 @@ static int write_factors(const ln_model *m, const ln_adapter *ad, const char *di
 
 int cmd_init(int argc, char **argv) {
     const char *model = NULL, *out = NULL, *method = NULL, *targets_s = NULL, *cov_file = NULL;
-    int rank = 0;
+    int rank = 0, ranks = 1;
     float alpha = 0;
     uint64_t seed = 0;
     cli_calib cal = {0};
@@ -67,6 +68,8 @@ int cmd_init(int argc, char **argv) {
         {"seed", CLI_U64, &seed, "seed of lora/lora_fa's random A (default 0)"},
         {"covariance", CLI_STR, &cov_file, "covariances from `loranull covariance` instead of --calibration"},
         {"out", CLI_STR, &out, "directory to write init.safetensors into"},
+        {"ranks", CLI_INT, &ranks, "tensor-parallel ranks (threads): calibration on N shards, and lora_null_v1/v2's "
+                                   "eigensolves spread over them (default 1)"},
         CLI_CALIB_OPTS(cal),
     };
     int nopts = (int)(sizeof opts / sizeof *opts);
@@ -79,6 +82,7 @@ int cmd_init(int argc, char **argv) {
     ln_calibration *c = NULL;
     ln_adapter ad;
     memset(&ad, 0, sizeof ad);
+    int *solves = NULL;
     unsigned targets = LN_TARGETS_ALL;
     ln_method me;
     double t_cal = 0, t_init = 0;
@@ -93,7 +97,12 @@ int cmd_init(int argc, char **argv) {
         goto fail;
     }
     if (targets_s && ln_targets_parse(targets_s, &targets, &e)) goto fail;
+    ln_config mc;
+    if (ln_config_load(model, &mc, &e) || cli_ranks_check(ranks, NULL, &mc, &e) ||
+        cli_ranks_check_lora(ranks, &mc, rank, targets, &e))
+        goto fail;
     if (ln_model_load(model, lnb_cpu(), &m, &e)) goto fail;
+    solves = ln_xcalloc((size_t)ranks, sizeof *solves);
     if (ln_method_needs_calibration(me)) {
         double t0 = ln_now_s();
         if (cov_file) {
@@ -101,7 +110,7 @@ int cmd_init(int argc, char **argv) {
         } else if (!cal.file) {
             ln_errf(&e, "init: method %s needs --calibration FILE (or --covariance FILE)", method);
             goto fail;
-        } else if (cli_calibrate(m, model, &cal, targets, &c, &e)) {
+        } else if (cli_calibrate_ranks(m, model, &cal, targets, ranks, &c, &e)) {
             goto fail;
         }
         t_cal = ln_now_s() - t0;
@@ -109,18 +118,23 @@ int cmd_init(int argc, char **argv) {
     ln_adapter_opts ao = {.method = method, .rank = rank, .alpha = alpha, .targets = targets, .seed = seed,
                           .covariance = ln_calibration_covariance, .method_ctx = c};
     double t0 = ln_now_s();
-    if (ln_adapter_init(m, &ad, &ao, &e)) goto fail;
+    if (cli_adapter_init_ranks(m, &ad, &ao, ranks, solves, &e)) goto fail;
     t_init = ln_now_s() - t0;
     if (write_factors(m, &ad, out, &e)) goto fail;
     printf("{\"method\":\"%s\",\"rank\":%d,\"alpha\":%g,\"layers\":%d,\"calibration_s\":%.4f,\"init_s\":%.4f,"
-           "\"from_cache\":%s}\n",
-           method, ad.rank, (double)ad.alpha, ad.num_layers, t_cal, t_init, c && c->from_cache ? "true" : "false");
+           "\"from_cache\":%s,\"ranks\":%d,\"eigensolves\":[",
+           method, ad.rank, (double)ad.alpha, ad.num_layers, t_cal, t_init, c && c->from_cache ? "true" : "false",
+           ranks);
+    for (int r = 0; r < ranks; r++) printf("%s%d", r ? "," : "", solves[r]); /* per rank; all 0 unless spread */
+    printf("]}\n");
+    free(solves);
     ln_adapter_free(&ad);
     ln_calibration_free(c);
     ln_model_free(m);
     return 0;
 fail:
     fprintf(stderr, "loranull init: %s\n", e.msg);
+    free(solves);
     ln_adapter_free(&ad);
     ln_calibration_free(c);
     ln_model_free(m);

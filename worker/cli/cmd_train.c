@@ -9,10 +9,12 @@
 #include "worker/cli/calib_opts.h"
 #include "worker/backend/select.h"
 #include "worker/cli/commands.h"
+#include "worker/cli/ranks.h"
 #include "worker/engine/adapter.h"
 #include "worker/engine/data.h"
 #include "worker/engine/model.h"
 #include "worker/engine/nullspace.h"
+#include "worker/engine/tensor_parallel.h"
 #include "worker/engine/tokenizer.h"
 #include "worker/engine/train.h"
 
@@ -32,8 +34,8 @@ int cmd_train(int argc, char **argv)
 {
     ln_train_opts to = ln_train_defaults();
     const char *model = NULL, *data = NULL, *val = NULL, *out = NULL, *method = "lora", *targets = "q,k,v,o,gate,up,down";
-    const char *device = NULL;
-    int rank = 8, max_seq_len = 2048, no_shuffle = 0, recompute = 0;
+    const char *device = NULL, *cov_file = NULL;
+    int rank = 8, max_seq_len = 2048, no_shuffle = 0, recompute = 0, ranks = 1;
     float alpha = 0;
     cli_calib cal = {0};
     cli_knowledge kn = {0};
@@ -59,11 +61,13 @@ int cmd_train(int argc, char **argv)
         {"seed", CLI_U64, &to.seed, "seed of init and data order (default 42)"},
         {"no-shuffle", CLI_FLAG, &no_shuffle, "keep the file's order"},
         {"pack", CLI_INT, &to.pack, "pack whole examples into rows of N tokens (attention stays per example)"},
+        CLI_RANKS_OPT(ranks),
         {"recompute", CLI_FLAG, &recompute, "activation recomputation: keep only each layer's input, redo the rest in the backward"},
         {"save-every", CLI_I64, &to.save_every, "checkpoint every N steps (default: only at the end)"},
         {"eval-every", CLI_I64, &to.eval_every, "validation every N steps (with --val-data)"},
         {"resume", CLI_STR, &to.resume, "continue from a checkpoint (OUT/checkpoints/step-N)"},
         {"stop-at-step", CLI_I64, &to.stop_at_step, NULL}, /* tests: an interruption after step N */
+        {"covariance", CLI_STR, &cov_file, "covariances from `loranull covariance` instead of --calibration"},
         CLI_CALIB_OPTS(cal),
     };
     int nopts = (int)(sizeof opts / sizeof *opts);
@@ -80,6 +84,7 @@ int cmd_train(int argc, char **argv)
     int have_ad = 0;
     if (cli_parse(argc, argv, 1, opts, nopts, &e)) goto fail;
     if (!model || !data || !out) { ln_errf(&e, "train needs --model, --data and --out"); goto fail; }
+    if (cal.file && cov_file) { ln_errf(&e, "train takes --calibration or --covariance, not both"); goto fail; }
     to.shuffle = !no_shuffle;
     to.out_dir = out;
     to.progress = isatty(2);
@@ -89,7 +94,11 @@ int cmd_train(int argc, char **argv)
         /* on a GPU: the memory plan first, so a job that cannot fit fails now, with the numbers */
         ln_config mc;
         unsigned tm = 0;
-        if (ln_config_load(model, &mc, &e) || ln_targets_parse(targets, &tm, &e)) goto fail;
+        if (ln_config_load(model, &mc, &e) || ln_targets_parse(targets, &tm, &e) ||
+            cli_ranks_check(ranks, be, &mc, &e))
+            goto fail;
+        /* (a resumed adapter has the checkpoint's rank: its shards are checked when they are cut) */
+        if (!to.resume && strcmp(method, "full") != 0 && cli_ranks_check_lora(ranks, &mc, rank, tm, &e)) goto fail;
         int nt = 0;
         for (int t = 0; t < LN_NTARGET; t++) nt += (tm >> t) & 1;
         int full = strcmp(method, "full") == 0;
@@ -112,13 +121,14 @@ int cmd_train(int argc, char **argv)
     if (val && ln_dataset_load(val, tok, &dopts, &vds, &e)) goto fail;
     unsigned mask;
     if (ln_targets_parse(targets, &mask, &e)) goto fail;
-    if (cal.file && cli_knowledge_calibrate(&kn, m, model, &cal, mask, &e)) goto fail;
+    if (cal.file && cli_knowledge_calibrate(&kn, m, model, &cal, mask, ranks, &e)) goto fail;
+    if (cov_file && ln_calibration_load(cov_file, &m->cfg, &kn.calib, &e)) goto fail;
     if (to.resume) {
         if (ln_train_load_checkpoint(m, to.resume, &ad, &e)) goto fail;
     } else {
         ln_adapter_opts ao = {.method = method, .rank = rank, .alpha = alpha, .targets = mask, .seed = to.seed,
                               .covariance = ln_calibration_covariance, .method_ctx = kn.calib};
-        if (ln_adapter_init(m, &ad, &ao, &e)) goto fail;
+        if (cli_adapter_init_ranks(m, &ad, &ao, ranks, NULL, &e)) goto fail;
     }
     have_ad = 1;
     val_ctx vc = {vds, to.batch_size};
@@ -128,7 +138,7 @@ int cmd_train(int argc, char **argv)
     }
     if (cli_knowledge_track(&kn, m, &ad, &to, &e) || cli_write_run_json(out, model, method, &e)) goto fail;
     ln_train_result res;
-    if (ln_train(m, &ad, ds, &to, &res, &e)) goto fail;
+    if (ranks > 1 ? ln_tp_train(m, &ad, ds, &to, ranks, &res, &e) : ln_train(m, &ad, ds, &to, &res, &e)) goto fail;
     if (cli_knowledge_summary(&kn, out, &e)) goto fail;
     fprintf(stderr, "loranull train: %lld steps, last loss %.4f%s; output in %s\n", (long long)res.steps, res.last_loss,
             res.stopped ? " (stopped early; resume from the last checkpoint)" : "", out);

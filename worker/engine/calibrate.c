@@ -14,6 +14,7 @@
 #include "worker/engine/data.h"
 #include "worker/engine/lora_init.h"
 #include "worker/engine/nullspace.h"
+#include "worker/engine/tensor_parallel.h"
 
 /* The first target reading each input names its covariance. */
 static const ln_target INPUT_NAMER[LN_NINPUT] = {
@@ -217,6 +218,36 @@ static int load_windows(const ln_tokenizer *tok, const ln_calib_opts *o, sample_
     return 0;
 }
 
+/* ---------------------------------------------------------------- on tensor-parallel shards */
+
+/* A shard (m->comm with 2+ ranks) calibrates collectively: every rank runs the same forwards and
+ * ln_tp_calibration_hook hands the whole layer inputs to rank 0, which alone accumulates, caches and
+ * returns the covariances (the other ranks get an ln_calibration without any). The widths are the
+ * unsharded model's; the cache key's model hash is the hash of the ranks' shard hashes in rank order. */
+static ln_comm *tp_comm(const ln_model *m) { return m->comm && m->comm->size > 1 ? m->comm : NULL; }
+
+static void tp_whole_config(const ln_model *m, ln_config *whole) {
+    ln_comm *c = tp_comm(m);
+    int R = c ? c->size : 1;
+    *whole = m->cfg;
+    whole->num_heads *= R;
+    whole->num_kv_heads *= R;
+    whole->intermediate_size *= R;
+}
+
+static int tp_model_hash(ln_model *m, char out[65], ln_err *e) {
+    ln_calibration_model_hash(m, out);
+    ln_comm *c = tp_comm(m);
+    if (!c) return 0;
+    float mine[16];
+    memcpy(mine, out, sizeof mine); /* the 64 hex characters */
+    float *all = ln_xmalloc((size_t)c->size * sizeof mine);
+    int rc = comm_allgather(c, mine, all, 16, e);
+    if (rc == 0) sha256_hex(all, (size_t)c->size * sizeof mine, out);
+    free(all);
+    return rc ? ln_err_prefix(e, "calibration: hashing the model's %d shards", c->size) : 0;
+}
+
 /* ---------------------------------------------------------------- forward with the hook */
 
 /* The installed accumulator (NULL = the host's ln_cov). */
@@ -282,9 +313,12 @@ static int calibrate_compute(ln_model *m, const window *win, int64_t count, unsi
                              ln_calibration *c, ln_err *e) {
     const int L = m->cfg.num_layers;
     hook_ctx h = {.covs = ln_xcalloc((size_t)L * LN_NINPUT, sizeof(ln_cov)), .acc = g_accumulator};
+    ln_tp_hook tph = {.comm = tp_comm(m), .inner = calib_hook, .inner_ctx = &h};
+    ln_input_hook hook = tph.comm ? ln_tp_calibration_hook : calib_hook;
+    void *hook_arg = tph.comm ? (void *)&tph : (void *)&h;
     int rc = -1;
     if (h.acc) h.dev = ln_xcalloc((size_t)L * LN_NINPUT, sizeof *h.dev);
-    if (!fp64 && !h.acc) {
+    if (need && !fp64 && !h.acc) {
         int dmax = 0;
         for (int in = 0; in < LN_NINPUT; in++)
             if ((need & (1u << in)) && c->d[in] > dmax) dmax = c->d[in];
@@ -297,13 +331,13 @@ static int calibrate_compute(ln_model *m, const window *win, int64_t count, unsi
     ln_acts *acts = ln_acts_new();
     double t0 = ln_now_s();
     for (int64_t s = 0; s < count; s++) {
-        if (run_forward(m, acts, &win[s], calib_hook, &h, e) != 0) {
+        if (run_forward(m, acts, &win[s], hook, hook_arg, e) != 0) {
             ln_err_prefix(e, "calibration sample %" PRId64, s);
             ln_acts_free(m, acts);
             goto out;
         }
-        if (h.failed) {
-            *e = h.err;
+        if (h.failed || tph.failed) {
+            *e = h.failed ? h.err : tph.err;
             ln_acts_free(m, acts);
             goto out;
         }
@@ -339,6 +373,7 @@ out:
     free(h.dev);
     free(h.covs);
     free(h.scratch);
+    ln_tp_hook_free(&tph);
     return rc;
 }
 
@@ -459,22 +494,35 @@ int ln_calibrate(ln_model *m, const ln_tokenizer *tok, const ln_calib_opts *o, l
     char model_hash[65], data_hash[65], key[65], keytext[256];
     int fp64 = o->fp64 || g_accumulator; /* an installed accumulator's products are fp64 */
     if (file_hash(o->path, data_hash, e) != 0) return -1;
-    ln_calibration_model_hash(m, model_hash);
+    ln_comm *tp = tp_comm(m);
+    int rank0 = !tp || tp->rank == 0;
+    ln_config whole;
+    tp_whole_config(m, &whole);
+    if (tp_model_hash(m, model_hash, e) != 0) return -1;
     snprintf(keytext, sizeof keytext, "model=%s data=%s samples=%d max_length=%d seed=%" PRIu64 " inputs=%u fp64=%d",
              model_hash, data_hash, samples, max_length, o->seed, inputs_needed(targets), fp64);
     sha256_hex(keytext, strlen(keytext), key);
     char *cpath = cache_path(o, key);
-    if (cpath && ln_file_exists(cpath)) {
+    ln_calibration *hit = NULL;
+    if (cpath && rank0 && ln_file_exists(cpath)) {
         ln_err ce;
-        ln_calibration *c = NULL;
-        if (ln_calibration_load(cpath, &m->cfg, &c, &ce) == 0) {
-            c->from_cache = 1;
+        if (ln_calibration_load(cpath, &whole, &hit, &ce) == 0)
             ln_log(LN_LOG_INFO, "calibration", "cache hit %s", cpath);
-            free(cpath);
-            *out = c;
-            return 0;
-        }
-        ln_log(LN_LOG_WARN, "calibration", "ignoring unreadable cache %s: %s", cpath, ce.msg);
+        else
+            ln_log(LN_LOG_WARN, "calibration", "ignoring unreadable cache %s: %s", cpath, ce.msg);
+    }
+    float found = hit != NULL; /* on shards: rank 0's finding, on every rank */
+    if (tp && comm_broadcast(tp, &found, 1, 0, e) != 0) {
+        ln_calibration_free(hit);
+        free(cpath);
+        return ln_err_prefix(e, "calibration: agreeing on the cache");
+    }
+    if (found != 0.0f) {
+        if (!hit) hit = calib_new(&whole);
+        hit->from_cache = 1;
+        free(cpath);
+        *out = hit;
+        return 0;
     }
     sample_set ss;
     ln_calib_opts oo = *o;
@@ -484,19 +532,19 @@ int ln_calibrate(ln_model *m, const ln_tokenizer *tok, const ln_calib_opts *o, l
         free(cpath);
         return -1;
     }
-    ln_calibration *c = calib_new(&m->cfg);
+    ln_calibration *c = calib_new(&whole);
     c->max_length = max_length;
     c->seed = o->seed;
     memcpy(c->model_sha256, model_hash, sizeof model_hash);
     memcpy(c->data_sha256, data_hash, sizeof data_hash);
-    int rc = calibrate_compute(m, ss.win, ss.count, inputs_needed(targets), o->fp64, c, e);
+    int rc = calibrate_compute(m, ss.win, ss.count, rank0 ? inputs_needed(targets) : 0, o->fp64, c, e);
     sample_set_free(&ss);
     if (rc != 0) {
         ln_calibration_free(c);
         free(cpath);
         return -1;
     }
-    if (cpath) {
+    if (cpath && rank0) {
         ln_err ce;
         char *slash = strrchr(cpath, '/');
         if (slash) *slash = 0;

@@ -83,7 +83,9 @@ void ln_calibrate_set_accumulator(const ln_cov_accumulator *acc);
 const ln_cov_accumulator *ln_calibrate_accumulator(void);
 
 /* Calibrates m (the base model, no adapter) on o->path, or loads the cached result. tok may be
- * NULL when every line is pre-tokenized. */
+ * NULL when every line is pre-tokenized. On a tensor-parallel shard (m->comm of 2+ ranks) it is
+ * collective: every rank calls it, and rank 0 gets the whole model's covariances (the others an
+ * ln_calibration holding none); the cache is keyed by the ranks' shard hashes. */
 int ln_calibrate(ln_model *m, const ln_tokenizer *tok, const ln_calib_opts *o, ln_calibration **out,
                  ln_err *e);
 void ln_calibration_free(ln_calibration *c);
