@@ -39,9 +39,31 @@ typedef struct run_priv {
     ln_drift_tracker *drift;
     double drift_mean, drift_max;
     int have_drift;
+    wd_outbox *out;               /* r->out on the reporting rank; `sink` (never sent) on the others */
+    wd_outbox sink;
 } run_priv;
 
 /* ---------------------------------------------------------------- helpers */
+
+/* Where this process's events and metrics go: the daemon's outbox, unless it holds a rank ≠ 0
+ * of a gang spread over workers (rank 0 reports for the whole job; see wd_run.h). */
+static wd_outbox *report_to(wd_run *r) { return ((run_priv *)r->priv)->out; }
+
+/* Does this process hold rank 0 (or the whole job)? */
+static int reporting(const wd_run *r) { return !r->comm || r->rank == 0; }
+
+/* "training file file-X: …" — unless the message already names the file (the loader's
+ * "<path> line N: …", the path becoming the id once stripped): then "training file file-X line
+ * N: …", the id said once. */
+static void prefix_file(ln_err *e, const char *what, const char *path, const char *id) {
+    if (!strstr(e->msg, path)) {
+        ln_err_prefix(e, "%s %s", what, id);
+        return;
+    }
+    char old[sizeof e->msg];
+    memcpy(old, e->msg, sizeof old);
+    snprintf(e->msg, sizeof e->msg, "%s %.*s", what, (int)(sizeof e->msg - strlen(what) - 2), old);
+}
 
 /* Removes every "<files_dir>/" from msg: the user knows the file by its id, not our path. */
 static void strip_paths(char *msg, const char *files_dir) {
@@ -140,7 +162,7 @@ static void on_row(json_t *row, void *ctx) {
     int64_t step = json_integer_value(json_object_get(row, "step"));
     r->last_row_step = step;
     r->last_row_loss = json_number_value(json_object_get(row, "loss"));
-    wd_outbox_metrics(r->out, step, row_values(row));
+    wd_outbox_metrics(report_to(r), step, row_values(row));
     if (step % r->progress_every == 0 || step == r->total_steps) {
         double loss = json_number_value(json_object_get(row, "loss"));
         json_t *data = json_pack("{s:I, s:f, s:I}", "step", (json_int_t)step, "train_loss", loss, "total_steps",
@@ -156,7 +178,7 @@ static void on_row(json_t *row, void *ctx) {
             size_t l = strlen(extra);
             snprintf(extra + l, sizeof extra - l, ", knowledge drift=%.3e", json_number_value(dm));
         }
-        wd_outbox_stage_event(r->out, "training", data, "Step %lld/%lld: training loss=%.4f%s", (long long)step,
+        wd_outbox_stage_event(report_to(r), "training", data, "Step %lld/%lld: training loss=%.4f%s", (long long)step,
                         (long long)r->total_steps, loss, extra);
     }
 }
@@ -186,7 +208,7 @@ static const char *data_chat_template(const ln_jobspec *s) {
 static int stage_data(wd_run *r, run_priv *p) {
     ln_err e = {{0}};
     const ln_jobspec *s = &r->spec;
-    wd_outbox_stage_event(r->out, "validating", NULL, "Validating the data of %s", s->training_file);
+    wd_outbox_stage_event(report_to(r), "validating", NULL, "Validating the data of %s", s->training_file);
     char *tp = ln_path_join(r->model_dir, "tokenizer.json");
     int has_tok = ln_file_exists(tp);
     free(tp);
@@ -197,15 +219,15 @@ static int stage_data(wd_run *r, run_priv *p) {
                           .overlong = s->data.reject_overlong ? LN_OVERLONG_REJECT : LN_OVERLONG_TRUNCATE,
                           .chat_template = data_chat_template(s)};
     if (ln_dataset_load(r->train_path, p->tok, &dopts, &p->ds, &e) != 0) {
-        ln_err_prefix(&e, "training file %s", s->training_file);
+        prefix_file(&e, "training file", r->train_path, s->training_file);
         return fail(r, "invalid_training_file", 0, &e);
     }
     if (r->val_path[0] && ln_dataset_load(r->val_path, p->tok, &dopts, &p->vds, &e) != 0) {
-        ln_err_prefix(&e, "validation file %s", s->validation_file);
+        prefix_file(&e, "validation file", r->val_path, s->validation_file);
         return fail(r, "invalid_validation_file", 0, &e);
     }
     const ln_data_stats *st = &p->ds->stats;
-    wd_outbox_stage_event(r->out, "validating", NULL,
+    wd_outbox_stage_event(report_to(r), "validating", NULL,
                     "Training data validated: %lld examples, %lld tokens (%lld trained), %lld truncated to "
                     "max_seq_len %d",
                     (long long)st->examples, (long long)st->tokens, (long long)st->trained_tokens,
@@ -246,17 +268,17 @@ static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets)
     if (!needs && !r->calib_path[0]) return 0;
     const char *cpath = r->calib_path[0] ? r->calib_path : r->train_path;
     const char *cid = r->calib_path[0] ? s->adapter.calibration_file : s->training_file;
-    wd_outbox_stage_event(r->out, "calibrating", NULL, "Calibrating on up to %d samples of %s (max_length %d)",
+    wd_outbox_stage_event(report_to(r), "calibrating", NULL, "Calibrating on up to %d samples of %s (max_length %d)",
                     s->adapter.calibration_samples, cid, s->adapter.calibration_max_length);
     double t0 = ln_now_s();
     ln_calib_opts co = {.path = cpath, .samples = s->adapter.calibration_samples,
                         .max_length = s->adapter.calibration_max_length, .seed = 0, .targets = targets,
                         .cache_dir = r->cache_dir, .chat_template = data_chat_template(s)};
     if (ln_calibrate(p->m, p->tok, &co, &p->calib, &e) != 0) {
-        ln_err_prefix(&e, "calibration file %s", cid);
+        prefix_file(&e, "calibration file", cpath, cid);
         return fail(r, "invalid_calibration_file", 0, &e);
     }
-    wd_outbox_stage_event(r->out, "calibrating", NULL,
+    wd_outbox_stage_event(report_to(r), "calibrating", NULL,
                     "Calibrated%s: %lld samples, %lld tokens, %d covariance(s) per layer in %.1f s",
                     p->calib->from_cache ? " (from the cache)" : "", (long long)p->calib->samples,
                     (long long)p->calib->tokens, (targets & 0x7 ? 1 : 0) + (targets & 0x8 ? 1 : 0) +
@@ -265,7 +287,7 @@ static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets)
     ln_data_opts dopts = {.max_seq_len = s->adapter.calibration_max_length, .overlong = LN_OVERLONG_TRUNCATE,
                           .chat_template = data_chat_template(s)};
     if (ln_dataset_load(cpath, p->tok, &dopts, &p->kds, &e) != 0) {
-        ln_err_prefix(&e, "calibration file %s", cid);
+        prefix_file(&e, "calibration file", cpath, cid);
         return fail(r, "invalid_calibration_file", 0, &e);
     }
     return 0;
@@ -279,7 +301,7 @@ static int stage_adapter(wd_run *r, run_priv *p, unsigned targets) {
     if (r->resume[0]) {
         if (ln_train_load_checkpoint(p->m, r->resume, &p->ad, &e) != 0) return fail(r, "checkpoint_unusable", 1, &e);
         p->have_ad = 1;
-        wd_outbox_stage_event(r->out, "initialising", NULL, "Restored the %s adapter from checkpoint %s", method,
+        wd_outbox_stage_event(report_to(r), "initialising", NULL, "Restored the %s adapter from checkpoint %s", method,
                         basename_of(r->resume));
     } else {
         ln_adapter_opts ao = {.method = method, .rank = s->adapter.rank, .alpha = (float)s->adapter.alpha,
@@ -288,12 +310,12 @@ static int stage_adapter(wd_run *r, run_priv *p, unsigned targets) {
         if (ln_adapter_init(p->m, &p->ad, &ao, &e) != 0) return fail(r, "initialization_failed", 0, &e);
         p->have_ad = 1;
         if (p->ad.full)
-            wd_outbox_stage_event(r->out, "initialising", NULL, "Full fine-tuning: every weight trains");
+            wd_outbox_stage_event(report_to(r), "initialising", NULL, "Full fine-tuning: every weight trains");
         else
-            wd_outbox_stage_event(r->out, "initialising", NULL, "Initialised the %s adapter (rank %d, alpha %g) in %.2f s", method,
+            wd_outbox_stage_event(report_to(r), "initialising", NULL, "Initialised the %s adapter (rank %d, alpha %g) in %.2f s", method,
                             p->ad.rank, (double)p->ad.alpha, ln_now_s() - t0);
     }
-    if (p->calib && ln_drift_tracker_new(p->m, &p->ad, ln_calibration_covariance, p->calib, &p->drift, &e) != 0)
+    if (p->calib && reporting(r) && ln_drift_tracker_new(p->m, &p->ad, ln_calibration_covariance, p->calib, &p->drift, &e) != 0)
         return fail(r, "initialization_failed", 0, &e);
     return 0;
 }
@@ -341,11 +363,6 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
     int per_step = hp->batch_size * hp->grad_accum;
     r->total_steps = ((int64_t)hp->n_epochs * p->ds->n + per_step - 1) / per_step;
     if (s->data.pack > 0) { /* as ln_train counts packed steps: rows of `pack` tokens over the epochs' tokens */
-        if (r->world > 1) {
-            ln_errf(&e, "data.pack %d: packed training is not supported with resources.ranks > 1 (%d); pack 0 or "
-                        "one rank", s->data.pack, r->world);
-            return fail(r, "unsupported_data_option", 0, &e);
-        }
         int64_t per_step_tokens = (int64_t)per_step * s->data.pack;
         r->total_steps = ((int64_t)hp->n_epochs * p->ds->stats.tokens + per_step_tokens - 1) / per_step_tokens;
     }
@@ -358,12 +375,12 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
     r->trained_tokens = p->ds->stats.trained_tokens * hp->n_epochs;
 
     json_t *before = NULL;
-    if (!r->resume[0]) {
+    if (!r->resume[0] && reporting(r)) {
         double task, know;
         if (evaluate(r, p, &task, &know, &e) != 0) return fail(r, "evaluation_failed", 0, &e);
-        wd_outbox_metrics(r->out, 0, eval_values(task, know));
+        wd_outbox_metrics(report_to(r), 0, eval_values(task, know));
         before = json_pack("{s:f, s:o}", "task_loss", task, "knowledge_loss", isfinite(know) ? json_real(know) : json_null());
-        wd_outbox_stage_event(r->out, "training", json_deep_copy(before), "Before training: task loss %.4f%s", task,
+        wd_outbox_stage_event(report_to(r), "training", json_deep_copy(before), "Before training: task loss %.4f%s", task,
                         isfinite(know) ? "" : " (no knowledge file)");
     }
     char *out = ln_path_join(r->dir, "out");
@@ -390,26 +407,18 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
     char unit[96];
     if (s->data.pack > 0) snprintf(unit, sizeof unit, "%d packed rows of %d tokens", per_step, s->data.pack);
     else snprintf(unit, sizeof unit, "%d examples", per_step);
-    wd_outbox_stage_event(r->out, "training", NULL, "Training: %lld steps of %s (%d epoch%s, learning rate %g)%s",
+    wd_outbox_stage_event(report_to(r), "training", NULL, "Training: %lld steps of %s (%d epoch%s, learning rate %g)%s",
                     (long long)r->total_steps, unit, hp->n_epochs, hp->n_epochs == 1 ? "" : "s",
                     hp->learning_rate, r->world > 1 ? ", tensor-parallel" : "");
     ln_train_result res;
     int rc;
-    if (r->world > 1) {
-        /* ln_tp_train runs the ranks on threads and gathers the adapter back; it takes no
-         * checkpoints, evaluation or stop hook yet, so drift is measured once, at the end. */
-        to.out_dir = NULL;
-        to.resume = NULL;
-        to.eval = NULL;
-        to.eval_ctx = NULL;
-        to.should_stop = NULL;
+    /* Tensor parallel: the same options on every rank (checkpoints, eval points and stops are
+     * collective); rank 0 calls on_row and on_eval with the gathered adapter and writes the
+     * checkpoints; a stop on any rank stops the gang after the same step. */
+    if (r->comm) {
+        rc = ln_tp_train_rank(r->comm, p->m, &p->ad, p->ds, &to, &res, &e);
+    } else if (r->world > 1) {
         rc = ln_tp_train(p->m, &p->ad, p->ds, &to, r->world, &res, &e);
-        if (rc == 0 && p->drift) {
-            json_t *row = json_object();
-            rc = on_eval(p->m, &p->ad, res.steps, row, r, &e);
-            if (rc == 0) wd_outbox_metrics(r->out, res.steps, row_values(row));
-            json_decref(row);
-        }
     } else {
         rc = ln_train(p->m, &p->ad, p->ds, &to, &res, &e);
     }
@@ -428,7 +437,12 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
         r->status = WD_RUN_STOPPED;
         return 0;
     }
-    wd_outbox_stage_event(r->out, "evaluating", NULL, "Training finished: %lld steps, last loss %.4f", (long long)res.steps,
+    if (!reporting(r)) { /* rank 0 evaluates, exports and summarises */
+        json_decref(before);
+        r->status = WD_RUN_OK;
+        return 0;
+    }
+    wd_outbox_stage_event(report_to(r), "evaluating", NULL, "Training finished: %lld steps, last loss %.4f", (long long)res.steps,
                     res.last_loss);
 
     double task, know;
@@ -436,10 +450,10 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
         json_decref(before);
         return fail(r, "evaluation_failed", 0, &e);
     }
-    wd_outbox_metrics(r->out, res.steps, eval_values(task, know));
+    wd_outbox_metrics(report_to(r), res.steps, eval_values(task, know));
     json_t *after = json_pack("{s:f, s:o}", "task_loss", task, "knowledge_loss", isfinite(know) ? json_real(know) : json_null());
     if (p->have_drift) json_object_set_new(after, "knowledge_drift_mean", json_real(p->drift_mean));
-    wd_outbox_stage_event(r->out, "evaluating", after, "After training: task loss %.4f%s", task,
+    wd_outbox_stage_event(report_to(r), "evaluating", after, "After training: task loss %.4f%s", task,
                     p->have_drift ? ", knowledge drift measured" : "");
 
     char *ex = ln_path_join(r->dir, "export");
@@ -457,10 +471,10 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
         int pr;
         float pa;
         ln_export_peft_shape(&p->ad, &pr, &pa);
-        wd_outbox_stage_event(r->out, "exporting", NULL, "Exported a PEFT adapter (rank %d, lora_alpha %g) for the original %s",
+        wd_outbox_stage_event(report_to(r), "exporting", NULL, "Exported a PEFT adapter (rank %d, lora_alpha %g) for the original %s",
                         pr, (double)pa, r->model_name);
     } else {
-        wd_outbox_stage_event(r->out, "exporting", NULL, "Exported the fine-tuned model (full weights)");
+        wd_outbox_stage_event(report_to(r), "exporting", NULL, "Exported the fine-tuned model (full weights)");
     }
     r->status = WD_RUN_OK;
     return 0;
@@ -472,6 +486,11 @@ static void run_main(void *arg) {
     wd_run *r = arg;
     run_priv p;
     memset(&p, 0, sizeof p);
+    p.out = r->out;
+    if (!reporting(r)) {
+        wd_outbox_init(&p.sink, NULL, 64, 64);
+        p.out = &p.sink;
+    }
     r->priv = &p;
     ln_err e = {{0}};
     unsigned targets = 0;
@@ -492,6 +511,7 @@ static void run_main(void *arg) {
     ln_dataset_free(p.kds);
     ln_model_free(p.m);
     ln_tokenizer_free(p.tok);
+    if (p.out == &p.sink) wd_outbox_destroy(&p.sink);
     r->priv = NULL;
     atomic_store(&r->done, 1);
     if (r->wake) uv_async_send(r->wake);

@@ -45,7 +45,22 @@ typedef struct wd_run {
     int world;                         /* tensor-parallel ranks of the job; 1 = plain */
     /* A gang spread over workers: the daemon sets comm to this process's rank of the group
      * (comm_rank(comm) = rank, comm_size(comm) = world), made through the server's rendezvous,
-     * and the run trains only that rank. NULL: every rank of the job runs here, on threads. */
+     * and the run trains only that rank (ln_tp_train_rank). NULL: every rank of the job runs
+     * here, on threads (ln_tp_train), and this process reports as for one rank.
+     * Every rank validates the data, calibrates and initialises (or restores resume, which every
+     * rank must hold) on its own; these are deterministic, and the ranks check that they agree
+     * (data, options, initialised adapter) before the first step, failing all with a message
+     * naming the rank that differs. Then:
+     *  - rank 0 reports for the job: every event and metric point, the before/after evaluation,
+     *    drift and validation at eval points, the checkpoints (wd_run_take_checkpoint), the
+     *    export and the summary — exactly what a one-rank job reports;
+     *  - a rank ≠ 0 trains its shard and takes part in every collective (checkpoints, eval
+     *    points, stops), but posts nothing to `out`, writes no checkpoint and no export
+     *    (export_dir stays ""), and ends with WD_RUN_OK when training finished, WD_RUN_STOPPED
+     *    when the gang stopped (no checkpoint of its own to upload), or WD_RUN_FAILED with the
+     *    error (a failed rank aborts the comm, so the others fail too instead of waiting).
+     * `stop` is honoured on every rank: a stop on any rank stops the whole gang after the same
+     * step (rank 0 then writes the stop checkpoint). */
     struct ln_comm *comm;
     int rank;
     const struct lnb_backend *be;      /* the device's backend (lnb_select) */
