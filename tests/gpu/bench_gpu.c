@@ -9,7 +9,13 @@
  *                              memory), sequence 2048, batch 1, LoRA-Null-v2 rank 128 on all seven
  *                              targets (A frozen, B trains), AdamW: tokens/s and MFU
  *                              (LORANULL_BENCH_BF16_WEIGHTS=0: fp32 weights into cuBLAS's bf16
- *                              compute; LORANULL_BENCH_RECOMPUTE=1: activation recomputation)
+ *                              compute; LORANULL_BENCH_RECOMPUTE=1: activation recomputation;
+ *                              attention by the fused flash kernels unless LORANULL_CUDA_ATTN=chunked)
+ *   bench_gpu calib OUT.json [samples] whole-model calibration of the same model: `samples` (256)
+ *                              windows of 1024 tokens through ln_calibration_bench — the engine's
+ *                              calibration loop, forward passes with the hook, every layer's 4
+ *                              covariances summed on the device (DSYRK, the accumulator a GPU job
+ *                              installs) and fetched to the host at the end
  * MFU = model FLOPs per step / step time / the peak measured by `peak` (read back from
  * PEAK_TFLOPS in the environment, else measured again). Model FLOPs = every GEMM the engine
  * issues through the backend table (counted exactly by wrapping matmul) + causal attention
@@ -20,7 +26,11 @@
 #include <cuda_runtime.h>
 
 #include "tests/gpu/gpu_check.h"
+#include <unistd.h>
+
+#include "worker/backend/select.h"
 #include "worker/engine/adapter.h"
+#include "worker/engine/calibrate.h"
 #include "worker/engine/model.h"
 #include "worker/engine/optim.h"
 
@@ -169,6 +179,38 @@ static void param_new(const lnb_backend *be, ln_param *p, int rows, int cols, in
     else lnb_cuda_fill_const(p->w, p->n, 1.0f);
 }
 
+/* The LLaMA-3-8B-shaped model with random weights on backend be; bf16w: the frozen base weights and
+ * lm_head multiplied from bf16 copies (else fp32 storage into cuBLAS's bf16 compute mode). */
+static ln_model *build_model(const lnb_backend *be, const ln_config *cp, int bf16w)
+{
+    ln_err e = {{0}};
+    const ln_config c = *cp;
+    ln_model *m = calloc(1, sizeof *m);
+    m->cfg = c;
+    m->be = be;
+    int C = c.hidden_size;
+    param_new(be, &m->embed, c.vocab_size, C, 2, 0.02f, 1);
+    param_new(be, &m->norm, C, 1, 1, 0, 0);
+    param_new(be, &m->lm_head, c.vocab_size, C, 2, 0.02f, 2);
+    m->layers = calloc((size_t)c.num_layers, sizeof(ln_layer));
+    for (int l = 0; l < c.num_layers; l++) {
+        param_new(be, &m->layers[l].attn_norm, C, 1, 1, 0, 0);
+        param_new(be, &m->layers[l].mlp_norm, C, 1, 1, 0, 0);
+        for (int t = 0; t < LN_NTARGET; t++) {
+            int dout, din;
+            ln_model_target_dims(&c, (ln_target)t, &dout, &din);
+            param_new(be, &m->layers[l].lin[t], dout, din, 2, 0.02f, 1000 + l * 8 + t);
+        }
+    }
+    if (bf16w) {
+        if (lnb_cuda_register_bf16(m->lm_head.w, m->lm_head.n, &e)) die("bf16 weights", &e);
+        for (int l = 0; l < c.num_layers; l++)
+            for (int t = 0; t < LN_NTARGET; t++)
+                if (lnb_cuda_register_bf16(m->layers[l].lin[t].w, m->layers[l].lin[t].n, &e)) die("bf16 weights", &e);
+    }
+    return m;
+}
+
 static int phase_train(const char *out, int steps)
 {
     ln_err e = {{0}};
@@ -193,37 +235,13 @@ static int phase_train(const char *out, int steps)
     const lnb_backend *be = &counted;
 
     double t0 = now();
-    ln_model *m = calloc(1, sizeof *m);
-    m->cfg = c;
-    m->be = be;
-    int C = c.hidden_size;
-    param_new(be, &m->embed, c.vocab_size, C, 2, 0.02f, 1);
-    param_new(be, &m->norm, C, 1, 1, 0, 0);
-    param_new(be, &m->lm_head, c.vocab_size, C, 2, 0.02f, 2);
-    m->layers = calloc((size_t)c.num_layers, sizeof(ln_layer));
-    for (int l = 0; l < c.num_layers; l++) {
-        param_new(be, &m->layers[l].attn_norm, C, 1, 1, 0, 0);
-        param_new(be, &m->layers[l].mlp_norm, C, 1, 1, 0, 0);
-        for (int t = 0; t < LN_NTARGET; t++) {
-            int dout, din;
-            ln_model_target_dims(&c, (ln_target)t, &dout, &din);
-            param_new(be, &m->layers[l].lin[t], dout, din, 2, 0.02f, 1000 + l * 8 + t);
-        }
-    }
+    ln_model *m = build_model(be, &c, bf16w);
     ln_adapter ad;
     if (ln_adapter_alloc(m, &ad, "lora_null_v2", r, (float)r, LN_TARGETS_ALL, &e)) die("adapter", &e);
     for (int i = 0; i < c.num_layers * LN_NTARGET; i++) {
         lnb_cuda_fill_normal(ad.lora[i].A.w, ad.lora[i].A.n, 5000 + i, 0.01f);
         lnb_cuda_fill_normal(ad.lora[i].B.w, ad.lora[i].B.n, 9000 + i, 0.01f);
         ln_param_set_trainable(be, &ad.lora[i].A, 0, &e); /* v2: A frozen */
-    }
-    /* the frozen base weights and lm_head multiplied from bf16 copies (LORANULL_BENCH_BF16_WEIGHTS=0:
-     * fp32 storage into cuBLAS's bf16 compute mode instead) */
-    if (bf16w) {
-        if (lnb_cuda_register_bf16(m->lm_head.w, m->lm_head.n, &e)) die("bf16 weights", &e);
-        for (int l = 0; l < c.num_layers; l++)
-            for (int t = 0; t < LN_NTARGET; t++)
-                if (lnb_cuda_register_bf16(m->layers[l].lin[t].w, m->layers[l].lin[t].n, &e)) die("bf16 weights", &e);
     }
     const char *rcp = getenv("LORANULL_BENCH_RECOMPUTE");
     m->recompute = rcp && strcmp(rcp, "1") == 0;
@@ -292,10 +310,60 @@ static int phase_train(const char *out, int steps)
     return 0;
 }
 
+/* ---------------------------------------------------------------- calibration */
+
+static int phase_calib(const char *out, int samples)
+{
+    ln_err e = {{0}};
+    ln_config c;
+    if (ln_config_parse(CONFIG_8B, "8B", &c, &e)) die("config", &e);
+    const int len = 1024;
+    /* pre-tokenized calibration text: 64 lines of 4096 random ids (262,144 tokens to draw from) */
+    char dir[] = "/tmp/ln_bench_calib_XXXXXX";
+    if (!mkdtemp(dir)) die("mkdtemp", &e);
+    char path[64];
+    snprintf(path, sizeof path, "%s/calib.jsonl", dir);
+    FILE *f = json_open(path);
+    uint64_t st = 7;
+    for (int i = 0; i < 64; i++) {
+        fputs("{\"input_ids\":[", f);
+        for (int k = 0; k < 4096; k++) {
+            st = st * 6364136223846793005ull + 1442695040888963407ull;
+            fprintf(f, "%s%d", k ? "," : "", (int)((st >> 33) % (uint64_t)c.vocab_size));
+        }
+        fputs("]}\n", f);
+    }
+    fclose(f);
+    double t0 = now();
+    ln_model *m = build_model(lnb_cuda(), &c, 1);
+    if (lnb_cuda_sync(&e)) die("model", &e);
+    printf("model built in %.1f s\n", now() - t0);
+    /* what a GPU job gets from lnb_select("cuda"): covariances summed on the device */
+    ln_calibrate_set_accumulator(lnb_select_cov_accumulator(lnb_cuda()));
+    ln_calib_opts o = {.path = path, .samples = samples, .max_length = len, .seed = 1, .cache_dir = ""};
+    double tps = 0;
+    t0 = now();
+    if (ln_calibration_bench(m, NULL, &o, &tps, NULL, &e)) die("calibration", &e);
+    double wall = now() - t0, secs = (double)samples * len / tps;
+    printf("calibration of the whole model (32 layers x 4 covariances, device sums): %d x %d tokens in %.1f s "
+           "(%.0f tokens/s)\n", samples, len, secs, tps);
+    if (samples != 256) /* the loop is linear in the samples */
+        printf("calibration 256 x 1024 tokens, extrapolated from %d samples: %.1f s\n", samples, secs * 256.0 / samples);
+    f = json_open(out);
+    fprintf(f, "{\"device\":\"%s\",\"samples\":%d,\"max_length\":%d,\"calib_s\":%.3f,\"tokens_per_s\":%.1f,"
+               "\"calib_256x1024_s\":%.3f,\"extrapolated\":%s,\"wall_s\":%.3f}\n",
+            lnb_cuda_device_name(), samples, len, secs, tps, secs * 256.0 / samples, samples == 256 ? "false" : "true",
+            wall);
+    fclose(f);
+    remove(path);
+    rmdir(dir);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3) {
-        fprintf(stderr, "usage: bench_gpu peak|init|train OUT.json [steps]\n");
+        fprintf(stderr, "usage: bench_gpu peak|init|train|calib OUT.json [steps|samples]\n");
         return 2;
     }
     setenv("LORANULL_CUDA_SYNC", "0", 0); /* nothing below reads device tensors from the host mid-step */
@@ -303,6 +371,7 @@ int main(int argc, char **argv)
     if (strcmp(argv[1], "peak") == 0) return phase_peak(argv[2]);
     if (strcmp(argv[1], "init") == 0) return phase_init(argv[2]);
     if (strcmp(argv[1], "train") == 0) return phase_train(argv[2], argc > 3 ? atoi(argv[3]) : 3);
-    fprintf(stderr, "bench_gpu: unknown phase %s (peak, init or train)\n", argv[1]);
+    if (strcmp(argv[1], "calib") == 0) return phase_calib(argv[2], argc > 3 && atoi(argv[3]) > 0 ? atoi(argv[3]) : 256);
+    fprintf(stderr, "bench_gpu: unknown phase %s (peak, init, train or calib)\n", argv[1]);
     return 2;
 }

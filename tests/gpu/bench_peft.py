@@ -9,24 +9,13 @@ import json
 import sys
 import time
 
+import torch_gpu
+
 
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else "bench_peft.json"
     steps = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    try:
-        import torch
-    except ImportError as e:
-        print(f"SKIP: bench_peft: {e}", flush=True)
-        sys.exit(77)
-    if not torch.cuda.is_available():
-        print("SKIP: bench_peft: torch has no CUDA device", flush=True)
-        sys.exit(77)
-    try:
-        import peft
-        import transformers
-    except ImportError as e:
-        print(f"SKIP: bench_peft: {e}", flush=True)
-        sys.exit(77)
+    torch, peft, transformers = torch_gpu.require("bench_peft", "peft", "transformers")
     cfg = transformers.LlamaConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,

@@ -2,8 +2,9 @@
 # tests/gpu/cli_train.sh DIR — `loranull train` end to end on the GPU (the CUDA build of the CLI,
 # build/cuda/bin/loranull) against the same command on the CPU: a random tiny LLaMA, 16
 # pre-tokenized examples, LoRA-Null-v2 calibrated on the same file, 8 steps. The two runs'
-# per-step losses must agree within 2e-2 relative (the GPU runs bf16 tensor-core GEMMs), and
-# both must have written the adapter; and a model far too big for the GPU is refused at once by the
+# per-step losses must agree within 2e-2 relative (the GPU runs bf16 tensor-core GEMMs), the GPU
+# run's calibration must have summed on the device (sums=cuda in its log), and both must have
+# written the adapter; and a model far too big for the GPU is refused at once by the
 # memory plan, naming needed vs free. Exit 77 (skip) when no GPU is usable.
 set -u
 DIR=${1:-tests/gpu/out/cli}
@@ -38,6 +39,9 @@ awk 'BEGIN { w = 0; n = 0 }
      { n++; d = ($1 - $2) / $1; if (d < 0) d = -d; if (d > w) w = d }
      END { printf "%s cli_train: %d steps, worst relative loss difference GPU vs CPU %.3g (tol 2e-2)\n",
                   (n == 8 && w <= 2e-2) ? "PASS" : "FAIL", n, w; exit !(n == 8 && w <= 2e-2) }' losses.tsv || exit 1
+# --device cuda routes calibration to the device accumulator (DSYRK on the GPU), --device cpu does not
+grep -q '"calibration".*sums=cuda' gpu.log || { grep calibration gpu.log; echo "FAIL cli_train: the GPU run's calibration did not sum its covariances on the device (no sums=cuda logged)"; exit 1; }
+grep -q '"calibration".*sums=host' cpu.log || { grep calibration cpu.log; echo "FAIL cli_train: the CPU run's calibration log has no sums=host"; exit 1; }
 for f in run_cpu/adapter_model.safetensors run_gpu/adapter_model.safetensors; do
     [ -s "$f" ] || { echo "FAIL $f missing"; exit 1; }
 done

@@ -5,7 +5,9 @@
  *      with the host fp64 path (which reads the same activations from managed memory): every
  *      covariance equal to fp64 rounding (the summation order differs);
  *   3. the same against the CPU model's host calibration (fp32 forward on both backends: 1e-4);
- *   4. a cache written by the device calibration is read back by a host job asking for fp64. */
+ *   4. a cache written by the device calibration is read back by a host job asking for fp64;
+ *   5. a failing sample (non-finite, or maximum 0) is found without a host round trip and reported
+ *      by finish naming the first one; the samples before it are not lost. */
 #include <stdint.h>
 #include <unistd.h>
 
@@ -73,6 +75,31 @@ static double cov_err(const ln_calibration *a, const ln_calibration *b)
     return num / (den > 0 ? den : 1);
 }
 
+static void t_failing_samples(void)
+{
+    ln_err e = {{0}};
+    const int d = 8, tok = 5;
+    float X[3][5 * 8];
+    for (int s = 0; s < 3; s++)
+        for (int i = 0; i < tok * d; i++) X[s][i] = s == 2 ? 0.0f : (float)((i * 7 + s) % 11) - 3.0f;
+    X[1][17] = NAN;
+    lnb_cuda_cov c;
+    double C[64];
+    int ok = lnb_cuda_cov_init(&c, d, &e) == 0;
+    for (int s = 0; ok && s < 3; s++) ok = lnb_cuda_cov_add_sample(&c, X[s], tok, &e) == 0;
+    check_true("samples are queued without a host round trip (no error yet)", ok);
+    int rc = lnb_cuda_cov_finish(&c, C, &e);
+    printf("#   %s\n", e.msg);
+    check_true("finish names the first failing sample (1, non-finite)",
+               rc == -1 && strstr(e.msg, "sample 1 has a non-finite activation"));
+    lnb_cuda_cov_free(&c);
+    ok = lnb_cuda_cov_init(&c, d, &e) == 0 && lnb_cuda_cov_add_sample(&c, X[0], tok, &e) == 0 &&
+         lnb_cuda_cov_add_sample(&c, X[2], tok, &e) == 0;
+    rc = ok ? lnb_cuda_cov_finish(&c, C, &e) : -1;
+    check_true("finish names a sample whose maximum is 0", rc == -1 && strstr(e.msg, "sample 1 has maximum activation 0"));
+    lnb_cuda_cov_free(&c);
+}
+
 int main(void)
 {
     gpu_require("test_calibrate", LNB_CUDA_MATH_FP32);
@@ -80,6 +107,7 @@ int main(void)
         printf("FAIL mkdtemp\n");
         return 1;
     }
+    t_failing_samples();
     ln_err e = {{0}};
     const lnb_backend *G = lnb_select("cuda", &e);
     check_true("lnb_select(\"cuda\") opens the CUDA backend", G && strcmp(G->name, "cuda") == 0);

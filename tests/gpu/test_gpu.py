@@ -10,7 +10,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIN = ROOT / "build" / "cuda" / "tests"
-TESTS = ["test_kernels", "test_solver", "test_calibrate", "test_model", "test_nccl"]
+TESTS = ["test_kernels", "test_attention", "test_solver", "test_calibrate", "test_model", "test_nccl"]
 
 
 @pytest.mark.parametrize("name", TESTS)

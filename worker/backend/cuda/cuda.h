@@ -108,14 +108,19 @@ int lnb_cuda_plan_check(const lnb_cuda_plan_req *rq, lnb_cuda_plan *out, ln_err 
 typedef struct lnb_cuda_cov {
     int d;
     int64_t samples, tokens;
-    double *sum;           /* device, d × d */
+    double *sum;           /* device, d × d (the column-major upper triangle is kept) */
+    int *flags;            /* device: the first failing sample, reported by finish */
 } lnb_cuda_cov;
 
 int lnb_cuda_cov_init(lnb_cuda_cov *c, int d, ln_err *e);
 void lnb_cuda_cov_free(lnb_cuda_cov *c);
-/* X (tokens × d, fp32, device/managed or host memory). DSYRK on the device. */
+/* X (tokens × d, fp32, device/managed or host memory): scale 1/|max X| and DSYRK in fp64, queued
+ * on the backend's stream without waiting (the calibration forward is not stalled). A sample with
+ * a non-finite entry or maximum 0 adds nothing and makes finish fail naming it (the host's
+ * ln_cov_add_sample fails at once; the device learns it without a round trip). */
 int lnb_cuda_cov_add_sample(lnb_cuda_cov *c, const float *X, int tokens, ln_err *e);
-/* C = sum / samples as a full symmetric d × d fp64 matrix in host memory. */
+/* C = sum / samples as a full symmetric d × d fp64 matrix in host memory (symmetrised on the
+ * device), or the first failing sample's error. */
 int lnb_cuda_cov_finish(const lnb_cuda_cov *c, double *C, ln_err *e);
 
 /* The r smallest eigenpairs of the symmetric d × d host matrix C by cusolverDnDsyevdx (range by

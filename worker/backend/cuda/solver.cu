@@ -40,14 +40,20 @@ static std::mutex g_solver_mu;
 
 /* ================================================================ covariance */
 
-/* max of X and whether every entry is finite (flag), by one block of 1024 threads. */
-__global__ void k_max_finite(const float *x, int64_t n, float *out_max, int *out_bad)
+/* A sample's scale 1/|max X| without a host round trip (the calibration forward is not stalled):
+ * k_max_partial reduces X to one (max, non-finite flag) per block; k_sample_scale combines the
+ * partials in a fixed order, writes the scale for k_to_f64_scaled, and records the first failing
+ * sample (non-finite entry, or maximum 0 where the reference's scaling is undefined) in flags,
+ * which finish reports. A failing sample's scale is 0: it adds nothing to the sum. */
+#define COV_PARTS 256
+
+__global__ void k_max_partial(const float *x, int64_t n, float *pmax, int *pbad)
 {
     __shared__ float sm[32];
     __shared__ int sb[32];
     float m = -INFINITY;
     int bad = 0;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         float v = x[i];
         if (!isfinite(v)) bad = 1;
         else m = fmaxf(m, v);
@@ -59,38 +65,72 @@ __global__ void k_max_finite(const float *x, int64_t n, float *out_max, int *out
     if ((threadIdx.x & 31) == 0) { sm[threadIdx.x >> 5] = m; sb[threadIdx.x >> 5] = bad; }
     __syncthreads();
     if (threadIdx.x == 0) {
-        for (int w = 1; w < (int)(blockDim.x >> 5); w++) { m = fmaxf(sm[0], sm[w]); sm[0] = m; sb[0] |= sb[w]; }
-        *out_max = sm[0];
-        *out_bad = sb[0];
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) { sm[0] = fmaxf(sm[0], sm[w]); sb[0] |= sb[w]; }
+        pmax[blockIdx.x] = sm[0];
+        pbad[blockIdx.x] = sb[0];
     }
 }
 
-__global__ void k_to_f64_scaled(double *dst, const float *src, int64_t n, double s)
+/* flags[0] = 1 + the first failing sample's index (0: none), flags[1] = 1 non-finite, 2 max 0. */
+__global__ void k_sample_scale(const float *pmax, const int *pbad, int parts, int64_t sample, int *flags, double *scale)
 {
+    float m = -INFINITY;
+    int bad = 0;
+    for (int i = 0; i < parts; i++) { m = fmaxf(m, pmax[i]); bad |= pbad[i]; }
+    int why = bad ? 1 : m == 0.0f ? 2 : 0;
+    if (why && flags[0] == 0) { flags[0] = (int)sample + 1; flags[1] = why; }
+    *scale = why ? 0.0 : 1.0 / fabs((double)m);
+}
+
+__global__ void k_to_f64_scaled(double *dst, const float *src, int64_t n, const double *scale)
+{
+    double s = *scale;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
         dst[i] = (double)src[i] * s;
+}
+
+/* Row-major full C = sum / samples from the column-major upper triangle DSYRK keeps (entry (r, c),
+ * r ≤ c, at sum[r + c·d]); C is symmetric, so C[i][j] is that entry for (min, max). */
+__global__ void k_cov_full(double *C, const double *sum, int d, double inv)
+{
+    int64_t n = (int64_t)d * d;
+    for (int64_t x = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; x < n; x += (int64_t)gridDim.x * blockDim.x) {
+        int64_t i = x / d, j = x % d, lo = i < j ? i : j, hi = i < j ? j : i;
+        C[x] = sum[lo + hi * d] * inv;
+    }
 }
 
 extern "C" int lnb_cuda_cov_init(lnb_cuda_cov *c, int d, ln_err *e)
 {
     memset(c, 0, sizeof *c);
     if (d <= 0) return ln_errf(e, "GPU covariance: input dimension must be positive, got %d", d);
+    lnb_cuda_bind_thread();
     c->d = d;
-    CUDA_TRY(cudaMalloc((void **)&c->sum, (size_t)d * d * sizeof(double)), e);
+    cudaError_t st = cudaMalloc((void **)&c->sum, (size_t)d * d * sizeof(double));
+    if (st == cudaSuccess) st = cudaMalloc((void **)&c->flags, 2 * sizeof(int));
+    if (st != cudaSuccess) {
+        cudaGetLastError();
+        lnb_cuda_cov_free(c);
+        return ln_errf(e, "GPU covariance: out of device memory for a %d x %d fp64 sum (%.1f MiB): %s", d, d,
+                       (double)d * d * 8 / (1 << 20), cudaGetErrorString(st));
+    }
     CUDA_TRY(cudaMemsetAsync(c->sum, 0, (size_t)d * d * sizeof(double), ST), e);
+    CUDA_TRY(cudaMemsetAsync(c->flags, 0, 2 * sizeof(int), ST), e);
     return 0;
 }
 
 extern "C" void lnb_cuda_cov_free(lnb_cuda_cov *c)
 {
-    if (c && c->sum) cudaFree(c->sum);
-    if (c) c->sum = NULL;
+    if (!c) return;
+    if (c->sum) cudaFree(c->sum);
+    if (c->flags) cudaFree(c->flags);
+    c->sum = NULL;
+    c->flags = NULL;
 }
 
-/* One sample of the calibration: the max and finiteness check, the fp64 scaled copy and the DSYRK
- * reuse two workspace slots (no allocation per sample: a whole-model calibration makes tens of
- * thousands of these calls), so calls take turns with each other and the solvers (g_solver_mu). */
-
+/* One sample: the scale, the fp64 scaled copy and the DSYRK, all queued on the stream (no wait,
+ * no allocation: a whole-model calibration makes tens of thousands of these calls). They reuse
+ * workspace slots, so calls take turns with each other and the solvers (g_solver_mu). */
 extern "C" int lnb_cuda_cov_add_sample(lnb_cuda_cov *c, const float *X, int tokens, ln_err *e)
 {
     std::lock_guard<std::mutex> lock(g_solver_mu);
@@ -99,32 +139,24 @@ extern "C" int lnb_cuda_cov_add_sample(lnb_cuda_cov *c, const float *X, int toke
     if (tokens <= 0) return ln_errf(e, "GPU covariance: sample %lld has no tokens", (long long)c->samples);
     size_t n = (size_t)tokens * d;
     const float *dx = (const float *)lnb_cuda_device_view(X, n * sizeof(float), WS_SOLVER);
-    float *flags = (float *)lnb_cuda_workspace(WS_COV_FLAGS, 2 * sizeof(float));
+    char *part = (char *)lnb_cuda_workspace(WS_COV_FLAGS, COV_PARTS * (sizeof(float) + sizeof(int)) + sizeof(double));
     double *xd = (double *)lnb_cuda_workspace(WS_COV_X, n * sizeof(double));
-    if (!dx || !flags || !xd) {
+    if (!dx || !part || !xd) {
         if (lnb_cuda_check(e)) return ln_err_prefix(e, "GPU covariance: %d x %d sample", tokens, d);
         return ln_errf(e, "GPU covariance: no device memory for a %d x %d sample", tokens, d);
     }
-    k_max_finite<<<1, 1024, 0, ST>>>(dx, (int64_t)n, flags, (int *)(flags + 1));
-    CUDA_TRY(cudaGetLastError(), e);
-    float hm[2];
-    CUDA_TRY(cudaMemcpyAsync(hm, flags, sizeof hm, cudaMemcpyDeviceToHost, ST), e);
-    CUDA_TRY(cudaStreamSynchronize(ST), e);
-    int bad;
-    memcpy(&bad, &hm[1], sizeof bad);
-    if (bad) return ln_errf(e, "GPU covariance: sample %lld has a non-finite activation", (long long)c->samples);
-    if (hm[0] == 0.0f)
-        return ln_errf(e, "GPU covariance: sample %lld has maximum activation 0, so the reference scaling 1/|max X| is undefined",
-                       (long long)c->samples);
-    /* The reference scales by 1/|max X| (signed max), as nullspace.c. */
-    k_to_f64_scaled<<<1024, 256, 0, ST>>>(xd, dx, (int64_t)n, 1.0 / fabs((double)hm[0]));
+    double *scale = (double *)part;
+    float *pmax = (float *)(part + sizeof(double));
+    int *pbad = (int *)(pmax + COV_PARTS);
+    k_max_partial<<<COV_PARTS, 256, 0, ST>>>(dx, (int64_t)n, pmax, pbad);
+    k_sample_scale<<<1, 1, 0, ST>>>(pmax, pbad, COV_PARTS, c->samples, c->flags, scale);
+    k_to_f64_scaled<<<1024, 256, 0, ST>>>(xd, dx, (int64_t)n, scale);
     CUDA_TRY(cudaGetLastError(), e);
     /* Row-major X (tokens × d) is column-major Xc (d × tokens): Xᵀ X = Xc Xcᵀ, a DSYRK with no
-     * transpose; the column-major upper triangle is the row-major lower one (symmetrised at finish). */
+     * transpose, into the column-major upper triangle. */
     const double one = 1.0;
     CUBLAS_TRY(cublasDsyrk(lnb_cuda_g.blas, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, d, tokens, &one, xd, d, &one, c->sum,
                            d), e);
-    /* No wait here: the next sample's max check waits for this one (same stream), finish for the last. */
     c->samples++;
     c->tokens += tokens;
     return 0;
@@ -132,18 +164,28 @@ extern "C" int lnb_cuda_cov_add_sample(lnb_cuda_cov *c, const float *X, int toke
 
 extern "C" int lnb_cuda_cov_finish(const lnb_cuda_cov *c, double *C, ln_err *e)
 {
+    std::lock_guard<std::mutex> lock(g_solver_mu);
+    lnb_cuda_bind_thread();
     if (c->samples <= 0) return ln_errf(e, "GPU covariance: no calibration samples were accumulated");
     const int d = c->d;
-    CUDA_TRY(cudaMemcpyAsync(C, c->sum, (size_t)d * d * sizeof(double), cudaMemcpyDeviceToHost, ST), e);
+    int flags[2] = {0, 0};
+    CUDA_TRY(cudaMemcpyAsync(flags, c->flags, sizeof flags, cudaMemcpyDeviceToHost, ST), e);
     CUDA_TRY(cudaStreamSynchronize(ST), e);
-    /* column-major upper (i ≤ j at C[i + j·d]) → full symmetric / samples */
-    double inv = 1.0 / (double)c->samples;
-    for (int j = 0; j < d; j++)
-        for (int i = 0; i <= j; i++) {
-            double v = C[(size_t)j * d + i] * inv;
-            C[(size_t)j * d + i] = v;
-            C[(size_t)i * d + j] = v;
-        }
+    if (flags[0] > 0) {
+        if (flags[1] == 1) return ln_errf(e, "GPU covariance: sample %d has a non-finite activation", flags[0] - 1);
+        return ln_errf(e, "GPU covariance: sample %d has maximum activation 0, so the reference scaling 1/|max X| is "
+                          "undefined", flags[0] - 1);
+    }
+    /* symmetrised and divided on the device (a host loop over a 14336² matrix strides through memory) */
+    double *full = (double *)lnb_cuda_workspace(WS_COV_X, (size_t)d * d * sizeof(double));
+    if (!full) {
+        if (lnb_cuda_check(e)) return ln_err_prefix(e, "GPU covariance: finishing a %d x %d sum", d, d);
+        return ln_errf(e, "GPU covariance: no device memory to finish a %d x %d sum", d, d);
+    }
+    k_cov_full<<<2048, 256, 0, ST>>>(full, c->sum, d, 1.0 / (double)c->samples);
+    CUDA_TRY(cudaGetLastError(), e);
+    CUDA_TRY(cudaMemcpyAsync(C, full, (size_t)d * d * sizeof(double), cudaMemcpyDeviceToHost, ST), e);
+    CUDA_TRY(cudaStreamSynchronize(ST), e);
     return 0;
 }
 
