@@ -23,6 +23,14 @@
 #include "common/util.h"
 #include "worker/engine/train.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#define UNDER_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define UNDER_ASAN 1
+#endif
+#endif
+
 #define TOL 1e-5
 #define STEPS 20
 #define BATCH 2
@@ -1027,6 +1035,35 @@ static void check_pack(tp_case k, int R)
 static void test_pack_lora_2_ranks(void **s) { (void)s; check_pack(CASE_LORA, 2); }
 static void test_pack_full_4_ranks(void **s) { (void)s; check_pack(CASE_FULL, 4); }
 
+/* A rank whose block is too big to allocate fails with a clear out-of-memory sentence naming the
+ * tensor, and aborts the group: the other rank's gather fails instead of waiting for it. (Not under
+ * ASan, whose allocator aborts on a request this size instead of returning NULL.) */
+static int oom_rank(ln_comm *c, void *p, ln_err *e)
+{
+    float small[4] = {1, 2, 3, 4}, whole[8];
+    ln_param q = {.name = "layers.0.mlp.up_proj.weight", .w = small, .n = 4, .rows = 2, .cols = 2, .ndim = 2};
+    if (c->rank == 0) { /* 2^20 × 2^20 floats: 4 TiB */
+        q.rows = q.cols = 1 << 20;
+        q.n = (int64_t)q.rows * q.cols;
+    }
+    (void)p;
+    return ln_tp_gather_tensor(c, lnb_cpu(), &q, LN_TP_ROWS, q.w, c->rank == 0 ? NULL : whole, e);
+}
+
+static void test_gather_out_of_memory_fails_every_rank(void **s)
+{
+    (void)s;
+#ifdef UNDER_ASAN
+    skip();
+#endif
+    void *ptrs[2] = {NULL, NULL};
+    ln_err e = {{0}};
+    assert_int_equal(comm_thread_run(2, oom_rank, ptrs, &e), -1);
+    printf("  %s\n", e.msg);
+    assert_non_null(strstr(e.msg, "out of memory"));
+    assert_non_null(strstr(e.msg, "layers.0.mlp.up_proj.weight"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1046,6 +1083,7 @@ int main(void)
         cmocka_unit_test(test_resume_full_1_to_4),
         cmocka_unit_test(test_eval_lora_2_ranks), cmocka_unit_test(test_eval_null_v2_4_ranks),
         cmocka_unit_test(test_pack_lora_2_ranks), cmocka_unit_test(test_pack_full_4_ranks),
+        cmocka_unit_test(test_gather_out_of_memory_fails_every_rank),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

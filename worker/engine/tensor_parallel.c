@@ -524,9 +524,16 @@ void ln_tp_calibration_hook(int layer, ln_input which, const float *X, int token
         free(h->all);
         free(h->whole);
         h->cap = n * R;
-        h->mine = ln_xmalloc(n * sizeof(float));
-        h->all = ln_xmalloc(h->cap * sizeof(float));
-        h->whole = ln_xmalloc(h->cap * sizeof(float));
+        const char *what = "tensor-parallel calibration: a layer input gathered from every rank";
+        h->mine = ln_try_alloc(n * sizeof(float), what, &h->err);
+        h->all = h->mine ? ln_try_alloc(h->cap * sizeof(float), what, &h->err) : NULL;
+        h->whole = h->all ? ln_try_alloc(h->cap * sizeof(float), what, &h->err) : NULL;
+        if (!h->whole) {
+            ln_tp_hook_free(h);
+            h->failed = 1;
+            comm_abort(h->comm); /* the others are about to wait for this rank's part */
+            return;
+        }
     }
     /* X is host-readable: CPU memory, or the CUDA backend's managed memory. */
     memcpy(h->mine, X, n * sizeof(float));
@@ -579,12 +586,23 @@ static int factor_target(ln_model *m, ln_adapter *ad, int l, ln_target t, const 
     int c0 = col ? 0 : k * cols;                    /* first input column this rank holds */
     double scale = ad->scale;
     size_t part = (size_t)rows * r;
-    double *Mk = ln_xcalloc(part, sizeof(double)), *all = ln_xmalloc(part * R * sizeof(double));
-    double *M = ln_xcalloc((size_t)d_out * r, sizeof(double));
-    double *s = ln_xmalloc((size_t)r * sizeof(double)), *P = ln_xmalloc((size_t)d_out * r * sizeof(double));
-    double *Qt = ln_xmalloc((size_t)r * r * sizeof(double));
-    float *h = ln_xmalloc((size_t)rows * cols * sizeof(float));
+    const char *what = "tensor-parallel init: factoring W0 U";
+    double *Mk = ln_try_alloc(part * sizeof(double), what, e);
+    double *all = Mk ? ln_try_alloc(part * R * sizeof(double), what, e) : NULL;
+    double *M = all ? ln_try_alloc((size_t)d_out * r * sizeof(double), what, e) : NULL;
+    double *s = M ? ln_try_alloc((size_t)r * sizeof(double), what, e) : NULL;
+    double *P = s ? ln_try_alloc((size_t)d_out * r * sizeof(double), what, e) : NULL;
+    double *Qt = P ? ln_try_alloc((size_t)r * r * sizeof(double), what, e) : NULL;
+    float *h = Qt ? ln_try_alloc((size_t)rows * cols * sizeof(float), what, e) : NULL;
+    float *A = h ? ln_try_alloc((size_t)lo->A.n * sizeof(float), what, e) : NULL;
+    float *B = A ? ln_try_alloc((size_t)lo->B.n * sizeof(float), what, e) : NULL;
     int rc = -1;
+    if (!B) {
+        comm_abort(c); /* the others are about to wait for this rank's part of M */
+        goto out;
+    }
+    memset(Mk, 0, part * sizeof(double));
+    memset(M, 0, (size_t)d_out * r * sizeof(double));
     m->be->download(h, W->w, (size_t)rows * cols * sizeof(float));
     /* Mk = W_k U_k: the rows of U for this rank's input columns (all of U when column-parallel) */
     for (int i = 0; i < rows; i++)
@@ -607,7 +625,6 @@ static int factor_target(ln_model *m, ln_adapter *ad, int l, ln_target t, const 
         goto out;
     }
     {
-        float *A = ln_xmalloc((size_t)lo->A.n * sizeof(float)), *B = ln_xmalloc((size_t)lo->B.n * sizeof(float));
         int a_cols = lo->A.cols, b_rows = lo->B.rows, b_r0 = col ? k * b_rows : 0;
         for (int j = 0; j < r; j++) {
             double g = sqrt(s[j] / scale);
@@ -633,12 +650,10 @@ static int factor_target(ln_model *m, ln_adapter *ad, int l, ln_target t, const 
         } else {
             ln_errf(e, "out of memory copying the initial factors of %s", lo->A.name);
         }
-        free(A);
-        free(B);
     }
 out:
     (void)d_full;
-    free(Mk); free(all); free(M); free(s); free(P); free(Qt); free(h);
+    free(Mk); free(all); free(M); free(s); free(P); free(Qt); free(h); free(A); free(B);
     return rc;
 }
 
@@ -663,7 +678,11 @@ int ln_tp_init_lora_null(ln_model *m, ln_adapter *ad, ln_covariance_fn cov, void
             if (!used) continue;
             int d = d_full[in], owner = (4 * l + in) % R;
             if (r > d) return ln_errf(e, "tensor-parallel init: rank %d exceeds d_in %d", r, d);
-            double *U = ln_xmalloc((size_t)d * r * sizeof(double));
+            double *U = ln_try_alloc((size_t)d * r * sizeof(double), "tensor-parallel init: a null-space basis", e);
+            if (!U) {
+                comm_abort(c); /* the others may wait for this rank's basis or its part of M */
+                return ln_err_prefix(e, "tensor-parallel init, layer %d (rank %d of %d)", l, c->rank, R);
+            }
             int rc = 0;
             if (c->rank == owner) {
                 const double *C = cov(ctx, l, (ln_input)in);
