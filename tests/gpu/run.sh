@@ -1,62 +1,102 @@
 #!/usr/bin/env bash
-# tests/gpu/run.sh — build, test and benchmark the CUDA backend on a GPU machine, in one script.
+# tests/gpu/run.sh — build, test and benchmark the CUDA backend on one GPU machine, in one script
+# sized for a ~9-minute device window (one H200).
 #
-#   tests/gpu/run.sh                 every group below, in order
-#   tests/gpu/run.sh build tests     only some groups: build | tests | cli | bench | peft | bench-extra
-#                                    (bench-extra, not in the default set: recomputation, fp32 weights)
+#   tests/gpu/run.sh [--dry-run] [GROUP...]
 #
-# Results go to ${OUT:-tests/gpu/out}: one log per step, bench_*.json, summary.txt (one line
-# per step: PASS / FAIL / SKIP / TIMEOUT / NOTRUN with its wall time). Every step runs under
-# `timeout` (limits below, overridable as LIMIT_<STEP>=seconds), and the whole script keeps to
-# DEADLINE seconds (default 570, under a 600 s device call): a step gets at most the time left,
-# and steps that no longer fit are reported NOTRUN. Typically 5-8 minutes on an H200 for the
-# default groups (the builds are a good part of it); with less time, run `build tests cli` and
-# `bench peft` as two calls (the second reuses the build when the machine is still warm, else
-# add `build` to it).
+# GROUPs, in the order they run (default: all of these):
+#   build   make -j$(nproc) cuda: the backend, the GPU tests and the benchmark (needs only the
+#           engine's and common/'s libraries)
+#   tests   test_attention (fused flash kernels vs chunked vs CPU), test_kernels, test_solver,
+#           test_calibrate (device covariances), test_model (whole engine), test_nccl
+#   bench   bench_gpu peak (bf16 GEMM peak) and train (LLaMA-3-8B shapes, seq 2048, LoRA-Null-v2
+#           r=128 on all seven targets: tokens/s, MFU against that peak)
+#   peft    the same step in transformers + PEFT on the same GPU (bench_peft.py; the ratio)
+#   cli     make cuda-bin, then `loranull train --device cuda` vs --device cpu (cli_train.sh)
+#   calib   bench_gpu calib: whole-model calibration, 256 × 1024 tokens, device covariances
+#   init    bench_gpu init (one 8B layer's LoRA-Null init, ×32) and the torch recipe on the same
+#           GPU (bench_init_torch.py)
+#   bench-extra (never by default): the train step with recomputation, and with fp32 weights
+# --dry-run (or DRY_RUN=1): the build steps run for real; every GPU step is reported SKIP with the
+#   reason and what it would run — what a machine without a GPU can check of this script.
+#
+# Results go to ${OUT:-tests/gpu/out}: environment.txt, one log per step, bench_*.json,
+# summary.txt (one line per step: PASS / FAIL / SKIP / TIMEOUT / NOTRUN, wall seconds, rc, and for
+# a skip its reason), bench_summary.{txt,json} (issue 7's numbers side by side: bench_report.py).
+# summary.txt grows as steps end and the report is written on exit, also after a failure or a
+# SIGTERM, so a run cut short still returns what it measured.
+# Time: every step runs under `timeout` with the limit below (LIMIT_<STEP>=seconds overrides,
+# e.g. LIMIT_BENCH_CALIB=200); the whole keeps to DEADLINE seconds (default 540: 9 minutes) — a step
+# gets at most the time left, and one that no longer fits is NOTRUN. Expected on an H200: build
+# ~1.5-2 min (nvcc, -j16), tests ~1 min, bench + peft ~2.5 min, cli ~0.5 min, calib ~1.5 min,
+# init ~1.5 min. BENCH_CALIB_SAMPLES (256) and BENCH_STEPS (3) trade accuracy for time.
 # Needs: the CUDA toolkit (nvcc, cuBLAS, cuSOLVER, NCCL) and what `make` needs for engine+common
-# (OpenBLAS, LAPACKE, jansson). Optional: python3 with torch (CUDA), transformers and peft for
-# the PEFT comparison (skipped, visibly, when missing). No network.
+# (OpenBLAS, LAPACKE, jansson); cli also the server's libraries. Optional: python3 with torch (CUDA),
+# transformers and peft (skipped, visibly, when missing). No network.
 # Exit status: 0 when nothing FAILed, TIMEd OUT or was NOTRUN (skips allowed), else 1.
 set -u
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
+DRY=${DRY_RUN:-0}
+WANT=()
+for a in "$@"; do
+    case $a in
+        --dry-run) DRY=1 ;;
+        -h|--help) sed -n '2,/^set -u/p' "$0" | sed 's/^# \{0,1\}//; /^set -u/d'; exit 0 ;;
+        build|tests|bench|peft|cli|calib|init|bench-extra) WANT+=("$a") ;;
+        *) echo "run.sh: unknown group or option \"$a\" (see --help)" >&2; exit 2 ;;
+    esac
+done
+[ ${#WANT[@]} -eq 0 ] && WANT=(build tests bench peft cli calib init)
 OUT=${OUT:-tests/gpu/out}
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
-GROUPS_WANTED=${*:-build tests cli bench peft}
-JOBS=$(nproc 2>/dev/null || echo 4)
-FAILED=0
-DEADLINE=${DEADLINE:-570}
+JOBS=$(nproc 2> /dev/null || echo 4)
+DEADLINE=${DEADLINE:-540}
+RESERVE=15 # kept for the report at the end
 START=$SECONDS
+FAILED=0
+PY=python3
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+BIN=build/cuda/tests
 
-want() { case " $GROUPS_WANTED " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+want() { case " ${WANT[*]} " in *" $1 "*) return 0 ;; *) return 1 ;; esac }
 
-# step NAME LIMIT_SECONDS COMMAND...: runs it with a timeout, logs to $OUT/NAME.log, classifies.
-step() {
-    local name=$1 limit=$2
-    shift 2
-    local var="LIMIT_$(echo "$name" | tr 'a-z-' 'A-Z_')"
+record() { # VERDICT NAME SECONDS DETAIL
+    printf '%-8s %-17s %4ds  %s\n' "$1" "$2" "$3" "$4" | tee -a "$SUMMARY"
+}
+
+# run_step KIND NAME LIMIT COMMAND...: KIND gpu (skipped in a dry run) or host (always runs).
+# Runs COMMAND under timeout, its output in $OUT/NAME.log; exit 77 is a skip (the first line
+# starting SKIP says why), 124/137 a timeout. Returns COMMAND's status.
+run_step() {
+    local kind=$1 name=$2 limit=$3 var
+    shift 3
+    var="LIMIT_$(echo "$name" | tr 'a-z-' 'A-Z_')"
     limit=${!var:-$limit}
-    local left=$((DEADLINE - (SECONDS - START) - 5))
-    if [ "$left" -lt 15 ]; then
-        printf '%-8s %-14s %4ds  (the %ss deadline leaves no time)\n' NOTRUN "$name" 0 "$DEADLINE" | tee -a "$SUMMARY"
+    if [ "$DRY" = 1 ] && [ "$kind" = gpu ]; then
+        record SKIP "$name" 0 "dry run: would run \`$*\` under ${limit}s"
+        return 77
+    fi
+    local left=$((DEADLINE - (SECONDS - START) - RESERVE))
+    if [ "$left" -lt 10 ]; then
+        record NOTRUN "$name" 0 "the ${DEADLINE}s deadline leaves no time"
         FAILED=1
         return 124
     fi
     [ "$limit" -gt "$left" ] && limit=$left
-    local t0=$SECONDS
+    local t0=$SECONDS rc verdict detail
     echo "==> $name (limit ${limit}s): $*"
-    timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-    local rc=$? dt=$((SECONDS - t0)) verdict
+    timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+    detail="rc=$rc"
     case $rc in
         0) verdict=PASS ;;
-        77) verdict=SKIP ;;
-        124|137) verdict=TIMEOUT; FAILED=1 ;;
+        77) verdict=SKIP; detail="rc=77 — $(grep -m1 '^SKIP' "$OUT/$name.log" | cut -c1-200)" ;;
+        124|137) verdict=TIMEOUT; detail="rc=$rc (limit ${limit}s)"; FAILED=1 ;;
         *) verdict=FAIL; FAILED=1 ;;
     esac
-    local why=""
-    if [ "$verdict" = SKIP ]; then why=" — $(grep -m1 '^SKIP' "$OUT/$name.log" | cut -c1-160)"; fi
-    printf '%-8s %-14s %4ds  rc=%d%s\n' "$verdict" "$name" "$dt" "$rc" "$why" | tee -a "$SUMMARY"
+    record "$verdict" "$name" $((SECONDS - t0)) "$detail"
     if [ "$verdict" = FAIL ] || [ "$verdict" = TIMEOUT ]; then
         echo "---- last lines of $OUT/$name.log ----"
         tail -n 25 "$OUT/$name.log"
@@ -67,62 +107,80 @@ step() {
     return $rc
 }
 
+finish() {
+    trap - EXIT TERM INT
+    if [ -f tests/gpu/bench_report.py ] && command -v "$PY" > /dev/null; then
+        "$PY" tests/gpu/bench_report.py "$OUT" > "$OUT/report.log" 2>&1 || echo "bench_report.py failed: see $OUT/report.log"
+    fi
+    echo "==== summary ($OUT/summary.txt), $((SECONDS - START))s in all"
+    cat "$SUMMARY"
+    [ -f "$OUT/bench_summary.txt" ] && { echo "==== benchmark ($OUT/bench_summary.txt)"; cat "$OUT/bench_summary.txt"; }
+    exit "$FAILED"
+}
+trap finish EXIT
+trap 'record KILLED run.sh $((SECONDS - START)) "a signal ended the script"; FAILED=1; exit 1' TERM INT
+
 {
     echo "date: $(date -u +%FT%TZ)"
-    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv 2>&1 || echo "nvidia-smi: not available"
+    echo "commit: $(git rev-parse --short HEAD 2> /dev/null || echo unknown)"
+    echo "mode: $([ "$DRY" = 1 ] && echo dry run || echo full), groups: ${WANT[*]}, deadline ${DEADLINE}s, make -j$JOBS"
+    nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.max.sm --format=csv 2>&1 ||
+        echo "nvidia-smi: not available"
     nvcc --version 2>&1 | tail -n 1
 } > "$OUT/environment.txt"
 cat "$OUT/environment.txt"
 
 if want build; then
     if ! command -v nvcc > /dev/null; then
-        echo "SKIP     build          nvcc not found: no CUDA toolkit on this machine" | tee -a "$SUMMARY"
-        exit 0
+        record FAIL build 0 "nvcc not found: no CUDA toolkit on this machine"
+        FAILED=1
+        exit
     fi
-    step build 240 make -j"$JOBS" cuda || { echo "build failed: nothing else can run"; cat "$SUMMARY"; exit 1; }
+    run_step host build 240 make -j"$JOBS" cuda || { echo "the build failed: nothing else can run"; exit; }
 fi
 
-BIN=build/cuda/tests
 if want tests; then
-    step test_kernels 60 "$BIN/test_kernels"
-    step test_solver 90 "$BIN/test_solver"
-    step test_model 120 "$BIN/test_model"
-    step test_nccl 60 "$BIN/test_nccl"
+    run_step gpu test_attention 90 "$BIN/test_attention"
+    run_step gpu test_kernels 60 "$BIN/test_kernels"
+    run_step gpu test_solver 60 "$BIN/test_solver"
+    run_step gpu test_calibrate 45 "$BIN/test_calibrate"
+    run_step gpu test_model 90 "$BIN/test_model"
+    run_step gpu test_nccl 45 "$BIN/test_nccl"
+fi
+
+if want bench; then
+    run_step gpu bench_peak 45 "$BIN/bench_gpu" peak "$OUT/bench_peak.json"
+    PEAK=$(sed -n 's/^PEAK_TFLOPS=//p' "$OUT/bench_peak.log" 2> /dev/null | tail -n 1)
+    [ -n "$PEAK" ] && export PEAK_TFLOPS=$PEAK
+    run_step gpu bench_train 120 "$BIN/bench_gpu" train "$OUT/bench_train.json" "${BENCH_STEPS:-3}"
+fi
+
+if want peft; then
+    run_step gpu bench_peft 120 "$PY" tests/gpu/bench_peft.py "$OUT/bench_peft.json" "${BENCH_STEPS:-3}"
 fi
 
 if want cli; then
     # the CUDA build of the programs needs every library the CPU programs need: a failure here
     # says so and does not stop the rest
-    if step cuda_bin 150 make -j"$JOBS" cuda-bin; then
-        step cli_train 120 bash tests/gpu/cli_train.sh "$OUT/cli"
+    if run_step host cuda_bin 120 make -j"$JOBS" cuda-bin; then
+        run_step gpu cli_train 60 bash tests/gpu/cli_train.sh "$OUT/cli"
     fi
 fi
 
-if want bench; then
-    step bench_peak 60 "$BIN/bench_gpu" peak "$OUT/bench_peak.json"
-    PEAK=$(sed -n 's/^PEAK_TFLOPS=//p' "$OUT/bench_peak.log" | tail -n 1)
-    [ -n "$PEAK" ] && export PEAK_TFLOPS=$PEAK
-    step bench_init 90 "$BIN/bench_gpu" init "$OUT/bench_init.json"
-    step bench_train 180 "$BIN/bench_gpu" train "$OUT/bench_train.json" 3
-    grep -hE '^(bf16 GEMM|one layer|calibration|LLaMA-3-8B|model FLOPs|memory plan)' \
-        "$OUT"/bench_peak.log "$OUT"/bench_init.log "$OUT"/bench_train.log 2> /dev/null | tee "$OUT/bench_summary.txt"
+if want calib; then
+    run_step gpu bench_calib 150 "$BIN/bench_gpu" calib "$OUT/bench_calib.json" "${BENCH_CALIB_SAMPLES:-256}"
 fi
 
-if want bench-extra; then # not in the default set: the same step with recomputation, and fp32 weights
-    LORANULL_BENCH_RECOMPUTE=1 step bench_train_recompute 180 "$BIN/bench_gpu" train "$OUT/bench_train_recompute.json" 2
-    LORANULL_BENCH_BF16_WEIGHTS=0 step bench_train_fp32w 180 "$BIN/bench_gpu" train "$OUT/bench_train_fp32w.json" 2
-    grep -hE '^(LLaMA-3-8B|model FLOPs|step)' "$OUT"/bench_train_recompute.log "$OUT"/bench_train_fp32w.log 2> /dev/null \
-        | tee -a "$OUT/bench_summary.txt"
+if want init; then
+    run_step gpu bench_init 75 "$BIN/bench_gpu" init "$OUT/bench_init.json"
+    run_step gpu bench_init_torch 90 "$PY" tests/gpu/bench_init_torch.py "$OUT/bench_init_torch.json"
 fi
 
-if want peft; then
-    PY=python3
-    [ -x .venv/bin/python ] && PY=.venv/bin/python
-    step bench_peft 150 "$PY" tests/gpu/bench_peft.py "$OUT/bench_peft.json"
-    grep -h '^transformers' "$OUT/bench_peft.log" 2> /dev/null | tee -a "$OUT/bench_summary.txt"
+if want bench-extra; then
+    LORANULL_BENCH_RECOMPUTE=1 run_step gpu bench_train_recompute 120 "$BIN/bench_gpu" train \
+        "$OUT/bench_train_recompute.json" 2
+    LORANULL_BENCH_BF16_WEIGHTS=0 run_step gpu bench_train_fp32w 120 "$BIN/bench_gpu" train \
+        "$OUT/bench_train_fp32w.json" 2
+    LORANULL_CUDA_ATTN=chunked run_step gpu bench_train_chunked 120 "$BIN/bench_gpu" train \
+        "$OUT/bench_train_chunked.json" 2
 fi
-
-echo "==== summary ($OUT/summary.txt)"
-cat "$SUMMARY"
-exit $FAILED
