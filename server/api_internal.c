@@ -82,6 +82,31 @@ static json_t *body_with_gen(http_req *r, long long *gen) {
     return b;
 }
 
+/* The optional "worker_id" of a job report: which worker of the job's gang speaks (wid = "" when
+ * absent: the report speaks for every rank, as before gangs were spread over workers). Replies 400
+ * and returns -1 when it is not a worker id. */
+static int report_worker(http_req *r, json_t *b, char wid[40]) {
+    json_t *w = json_object_get(b, "worker_id");
+    wid[0] = 0;
+    if (!w || json_is_null(w)) return 0;
+    if (!json_is_string(w) || !api_valid_id(json_string_value(w), "wrk_")) {
+        bad(r, "worker_id", "must be the id register returned (wrk_…) of the worker holding ranks of this job");
+        return -1;
+    }
+    snprintf(wid, 40, "%s", json_string_value(w));
+    return 0;
+}
+
+/* Inside lease_begin's transaction: the named worker must hold a rank of the job under gen, or the
+ * report is refused (409 lease_lost, transaction rolled back, -1). *rank0: it holds rank 0. */
+static int gang_member(http_req *r, long long gen, const char *wid, int *rank0) {
+    if (sched_gang_ranks(r->params[0], gen, wid, rank0) > 0) return 0;
+    store_rollback();
+    http_error(r, 409, "invalid_request_error", "lease_lost", "worker_id",
+               "Worker %s holds no rank of job %s under lease generation %lld.", wid, r->params[0], gen);
+    return -1;
+}
+
 /* ---------------------------------------------------------------- workers */
 
 static enum MHD_Result workers_register(http_req *r) {
@@ -201,16 +226,15 @@ out:
 
 static enum MHD_Result job_heartbeat(http_req *r) {
     long long gen;
+    char wid[40];
     json_t *b = body_with_gen(r, &gen);
     if (!b) return r->result;
+    int bad_wid = report_worker(r, b, wid);
     json_decref(b);
-    if (lease_begin(r, gen, 0) != 0) return r->result;
-    double exp = sched_wall_now() + g_cfg.lease_ttl_s;
-    sqlite3_stmt *st = store_stmt("UPDATE jobs SET lease_expires_f=? WHERE id=?");
-    sqlite3_bind_double(st, 1, exp);
-    sqlite3_bind_text(st, 2, r->params[0], -1, SQLITE_STATIC);
-    sqlite3_step(st);
-    sqlite3_reset(st);
+    if (bad_wid || lease_begin(r, gen, 0) != 0) return r->result;
+    int rank0;
+    if (wid[0] && gang_member(r, gen, wid, &rank0) != 0) return r->result;
+    double exp = sched_heartbeat(r->params[0], gen, wid[0] ? wid : NULL);
     if (store_commit() != 0) return http_error(r, 503, "server_error", "busy", NULL, "The database is busy; retry.");
     return http_json(r, 200, json_pack("{s:s, s:s, s:I, s:f}", "object", "lease", "job_id", r->params[0],
                                        "lease_generation", (json_int_t)gen, "expires_at", exp));
@@ -394,9 +418,22 @@ static enum MHD_Result job_complete(http_req *r) {
     json_t *b = body_with_gen(r, &gen);
     if (!b) return r->result;
     enum MHD_Result res;
+    char wid[40];
     if (json_object_get(b, "trained_tokens") && get_int_member(r, b, "trained_tokens", 0, INT64_MAX, &tokens) != 0) { res = r->result; goto out; }
-    if (lease_begin(r, gen, 0) != 0) { res = r->result; goto out; }
+    if (report_worker(r, b, wid) != 0 || lease_begin(r, gen, 0) != 0) { res = r->result; goto out; }
     const char *job = r->params[0];
+    int rank0;
+    if (wid[0] && gang_member(r, gen, wid, &rank0) != 0) { res = r->result; goto out; }
+    if (wid[0] && !rank0) {
+        /* Rank 0 holds the trained adapter and completes for the gang; the other ranks just end. */
+        char owner[40];
+        sched_gang_workers(job, gen, owner);
+        store_rollback();
+        res = http_error(r, 409, "invalid_request_error", "not_rank_zero", "worker_id",
+                         "Worker %s holds no rank 0 of job %s (lease generation %lld): only rank 0's worker %s "
+                         "completes the job; the other ranks end without calling complete.", wid, job, gen, owner);
+        goto out;
+    }
     /* OpenAI's naming: ft:<base model>:<project>:<suffix>:<job id>. */
     sqlite3_stmt *st = store_stmt("SELECT j.model, p.name, j.spec FROM jobs j JOIN projects p ON p.id=j.project_id WHERE j.id=?");
     sqlite3_bind_text(st, 1, job, -1, SQLITE_STATIC);
@@ -433,11 +470,15 @@ static enum MHD_Result job_fail(http_req *r) {
     json_t *retry = json_object_get(b, "retryable");
     if (!json_is_object(err) || !code || !msg || strlen(code) > 64 || strlen(msg) > 4096) { res = bad(r, "error", "must be {\"code\": string, \"message\": string}"); goto out; }
     if (retry && !json_is_boolean(retry)) { res = bad(r, "retryable", "must be a boolean"); goto out; }
-    if (lease_begin(r, gen, 0) != 0) { res = r->result; goto out; }
+    char wid[40];
+    int rank0;
+    if (report_worker(r, b, wid) != 0 || lease_begin(r, gen, 0) != 0) { res = r->result; goto out; }
     const char *job = r->params[0];
+    if (wid[0] && gang_member(r, gen, wid, &rank0) != 0) { res = r->result; goto out; }
     if (json_is_true(retry)) {
         char reason[4300];
-        snprintf(reason, sizeof reason, "Worker reported a retryable failure (%s): %s", code, msg);
+        snprintf(reason, sizeof reason, "Worker%s%s reported a retryable failure (%s): %s", wid[0] ? " " : "", wid,
+                 code, msg);
         sched_requeue(job, code, reason);
     } else {
         jobs_set_status(job, "running", "failed");
@@ -449,7 +490,8 @@ static enum MHD_Result job_fail(http_req *r) {
         sqlite3_step(st);
         sqlite3_reset(st);
         json_decref(e);
-        jobs_event(job, "error", "message", NULL, "Job failed (%s): %s", code, msg);
+        if (wid[0]) jobs_event(job, "error", "message", NULL, "Job failed (%s, reported by worker %s): %s", code, wid, msg);
+        else jobs_event(job, "error", "message", NULL, "Job failed (%s): %s", code, msg);
     }
     res = commit_reply(r, 200, jobs_object(job, NULL));
 out:
@@ -472,13 +514,17 @@ static enum MHD_Result job_release(http_req *r) {
     }
     const char *reason = json_is_string(reason_j) && json_string_value(reason_j)[0] ? json_string_value(reason_j)
                                                                                       : "shutting down";
-    if (lease_begin(r, gen, 0) != 0) { res = r->result; goto out; }
+    char wid[40];
+    int rank0;
+    if (report_worker(r, b, wid) != 0 || lease_begin(r, gen, 0) != 0) { res = r->result; goto out; }
     const char *job = r->params[0];
+    if (wid[0] && gang_member(r, gen, wid, &rank0) != 0) { res = r->result; goto out; }
+    char worker[40] = "?";
     sqlite3_stmt *st = store_stmt("SELECT lease_worker FROM jobs WHERE id=?");
     sqlite3_bind_text(st, 1, job, -1, SQLITE_STATIC);
-    char worker[40] = "?";
     if (sqlite3_step(st) == SQLITE_ROW && store_col_text(st, 0)) snprintf(worker, sizeof worker, "%s", store_col_text(st, 0));
     sqlite3_reset(st);
+    if (wid[0]) snprintf(worker, sizeof worker, "%s", wid);
     jobs_set_status(job, "running", "queued");
     st = store_stmt("UPDATE jobs SET attempts=MAX(attempts-1, 0), not_before_f=0, lease_worker=NULL WHERE id=?");
     sqlite3_bind_text(st, 1, job, -1, SQLITE_STATIC);

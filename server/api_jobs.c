@@ -82,6 +82,45 @@ static enum MHD_Result jobs_create(http_req *r) {
 
 /* ---------------------------------------------------------------- list / retrieve */
 
+/* The list's metadata filter, from the query: metadata[KEY]=VALUE (every pair must be in the job's
+ * metadata; OpenAI's syntax and limits: at most 16 pairs, keys 1..64 characters, values at most
+ * 512) and metadata=null (jobs without metadata). */
+typedef struct metadata_filter {
+    json_t *pairs;      /* [[key, value], …]; owned */
+    int want_none;      /* metadata=null */
+    char bad[80];       /* the offending parameter, when one is malformed */
+    const char *why;
+} metadata_filter;
+
+static enum MHD_Result collect_metadata_arg(void *cls, enum MHD_ValueKind kind, const char *key, const char *value) {
+    metadata_filter *mf = cls;
+    if (mf->bad[0] || strncmp(key, "metadata", 8) != 0) return MHD_YES;
+    const char *rest = key + 8;
+    if (*rest == 0) {
+        if (!value || strcmp(value, "null") != 0) {
+            snprintf(mf->bad, sizeof mf->bad, "metadata");
+            mf->why = "Query parameter 'metadata' may only be null (jobs without metadata); filter by a key with "
+                      "metadata[key]=value.";
+        }
+        mf->want_none = 1;
+        return MHD_YES;
+    }
+    if (*rest != '[') return MHD_YES; /* another parameter that happens to start with "metadata" */
+    size_t n = strlen(rest);
+    snprintf(mf->bad, sizeof mf->bad, "%.79s", key);
+    if (rest[n - 1] != ']' || n < 3 || n - 2 > 64 || memchr(rest + 1, ']', n - 2))
+        mf->why = "Query parameter '%s': the key between the brackets must be 1..64 characters.";
+    else if (!value || strlen(value) > 512)
+        mf->why = "Query parameter '%s' must have a value of at most 512 characters.";
+    else if (json_array_size(mf->pairs) == 16)
+        mf->why = "Query parameter '%s': at most 16 metadata pairs can be matched (a job holds at most 16).";
+    else {
+        mf->bad[0] = 0;
+        json_array_append_new(mf->pairs, json_pack("[s#, s]", rest + 1, (int)(n - 2), value));
+    }
+    return MHD_YES;
+}
+
 static enum MHD_Result jobs_list(http_req *r) {
     int64_t limit;
     const char *after;
@@ -107,12 +146,28 @@ static enum MHD_Result jobs_list(http_req *r) {
         return http_error(r, 400, "invalid_request_error", "invalid_parameter", "status",
                           "Query parameter 'status' must be one of validating_files, queued, running, paused, "
                           "succeeded, failed, cancelled.");
-    sqlite3_stmt *st = store_stmt("SELECT id FROM jobs WHERE project_id=? AND seq<? AND (?3 IS NULL OR status=?3) "
-                                  "ORDER BY seq DESC LIMIT ?");
+    metadata_filter mf = {.pairs = json_array()};
+    MHD_get_connection_values(r->conn, MHD_GET_ARGUMENT_KIND, collect_metadata_arg, &mf);
+    if (mf.bad[0]) {
+        json_decref(mf.pairs);
+        return http_error(r, 400, "invalid_request_error", "invalid_parameter", mf.bad, mf.why, mf.bad);
+    }
+    /* ?5: every [key, value] pair is in the job's metadata; ?6: the job has no metadata. The cursor
+     * (seq < after's) pages the filtered list as it pages the whole one. */
+    sqlite3_stmt *st = store_stmt(
+        "SELECT id FROM jobs WHERE project_id=?1 AND seq<?2 AND (?3 IS NULL OR status=?3) AND (?5 IS NULL OR NOT "
+        "EXISTS (SELECT 1 FROM json_each(?5) f WHERE NOT EXISTS (SELECT 1 FROM json_each(jobs.spec, '$.metadata') m "
+        "WHERE json_type(jobs.spec, '$.metadata')='object' AND m.key=json_extract(f.value, '$[0]') AND "
+        "m.type='text' AND m.value=json_extract(f.value, '$[1]')))) AND (?6 IS NULL OR json_type(jobs.spec, "
+        "'$.metadata') IS NOT 'object' OR NOT EXISTS (SELECT 1 FROM json_each(jobs.spec, '$.metadata'))) "
+        "ORDER BY seq DESC LIMIT ?4");
     sqlite3_bind_text(st, 1, r->project_id, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 2, after_seq);
     if (status) sqlite3_bind_text(st, 3, status, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 4, limit + 1);
+    if (json_array_size(mf.pairs)) sqlite3_bind_text(st, 5, json_dumps(mf.pairs, JSON_COMPACT), -1, free);
+    if (mf.want_none) sqlite3_bind_int(st, 6, 1);
+    json_decref(mf.pairs);
     char (*ids)[40] = ln_xmalloc((size_t)(limit + 1) * 40);
     int n = 0;
     while (n <= limit && sqlite3_step(st) == SQLITE_ROW) snprintf(ids[n++], 40, "%s", store_col_text(st, 0));

@@ -34,6 +34,7 @@ typedef struct pool_worker {
     int free_devices;
     double last_poll;                 /* wall time of its latest lease call */
     double last_seen_written;         /* when workers.last_seen_f was last written for it */
+    int held;                         /* in this scheduling pass: kept for an older gang (strict FIFO) */
     int n_models;
     char models[MAX_MODELS][257];
 } pool_worker;
@@ -82,6 +83,14 @@ static pool_worker *pool_enter(const char *worker_id, int free_devices, double n
     snprintf(kind, sizeof kind, "%s", store_col_text(st, 0));
     int devices = sqlite3_column_int(st, 1);
     sqlite3_reset(st);
+    /* Devices that ranks of running jobs hold stay busy whatever the worker says: a rank of a gang
+     * that has finished its part belongs to the gang until rank 0 completes (or the lease ends). */
+    st = store_stmt("SELECT COUNT(*) FROM job_ranks r JOIN jobs j ON j.id=r.job_id WHERE r.worker_id=? "
+                    "AND j.status='running' AND r.lease_gen=j.lease_gen");
+    sqlite3_bind_text(st, 1, worker_id, -1, SQLITE_STATIC);
+    int busy = sqlite3_step(st) == SQLITE_ROW ? sqlite3_column_int(st, 0) : 0;
+    sqlite3_reset(st);
+    int avail = devices > busy ? devices - busy : 0;
     pool_worker *w = pool_find(worker_id);
     if (!w) {
         if (g_npool == POOL_MAX) return NULL;
@@ -90,7 +99,7 @@ static pool_worker *pool_enter(const char *worker_id, int free_devices, double n
         g_pool[g_npool++] = w;
     }
     snprintf(w->kind, sizeof w->kind, "%s", kind);
-    w->free_devices = free_devices < 0 || free_devices > devices ? devices : free_devices;
+    w->free_devices = free_devices < 0 || free_devices > avail ? avail : free_devices;
     w->last_poll = now;
     w->n_models = 0;
     st = store_stmt("SELECT model FROM worker_models WHERE worker_id=? LIMIT 64");
@@ -112,7 +121,7 @@ static pool_worker *pool_enter(const char *worker_id, int free_devices, double n
 }
 
 static int worker_fits(const pool_worker *w, const char *model, const char *device) {
-    if (w->free_devices <= 0) return 0;
+    if (w->free_devices <= 0 || w->held) return 0;
     if (strcmp(device, "any") != 0 && strcmp(device, w->kind) != 0) return 0;
     for (int i = 0; i < w->n_models; i++)
         if (strcmp(w->models[i], model) == 0) return 1;
@@ -127,7 +136,7 @@ static int grant(const char *job_id, int ranks, pool_worker **who, const int *ta
     if (store_begin() != 0) return -1;
     sqlite3_stmt *st = store_stmt(
         "UPDATE jobs SET status='running', attempts=attempts+1, lease_gen=lease_gen+1, lease_expires_f=?, "
-        "started_at=COALESCE(started_at, ?), lease_worker=? WHERE id=? AND status='queued'");
+        "started_at=COALESCE(started_at, ?), lease_worker=?, gang_wait=NULL WHERE id=? AND status='queued'");
     sqlite3_bind_double(st, 1, now + g_cfg.lease_ttl_s);
     sqlite3_bind_int64(st, 2, (sqlite3_int64)now);
     sqlite3_bind_text(st, 3, who[0]->id, -1, SQLITE_STATIC);
@@ -151,11 +160,13 @@ static int grant(const char *job_id, int ranks, pool_worker **who, const int *ta
     int rank = 0;
     for (int i = 0; i < nwho; i++) {
         for (int k = 0; k < take[i]; k++, rank++) {
-            st = store_stmt("INSERT INTO job_ranks(job_id,rank,worker_id,lease_gen,delivered) VALUES(?,?,?,?,0)");
+            st = store_stmt("INSERT INTO job_ranks(job_id,rank,worker_id,lease_gen,delivered,expires_f) "
+                            "VALUES(?,?,?,?,0,?)");
             sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
             sqlite3_bind_int(st, 2, rank);
             sqlite3_bind_text(st, 3, who[i]->id, -1, SQLITE_STATIC);
             sqlite3_bind_int64(st, 4, gen);
+            sqlite3_bind_double(st, 5, now + g_cfg.lease_ttl_s);
             sqlite3_step(st);
             sqlite3_reset(st);
         }
@@ -215,11 +226,70 @@ static int collect_candidates(double now, candidate *out) {
     return n;
 }
 
-/* One pass over the queue with the current pool. */
+/* Devices of the live workers (seen within worker_timeout_s) that could run a job of model on
+ * device ("any", "cpu", "cuda"), busy or not: what a gang may ever get without a new worker. */
+static int live_capacity(const char *model, const char *device, double now) {
+    sqlite3_stmt *st = store_stmt("SELECT COALESCE(SUM(w.devices), 0) FROM workers w JOIN worker_models m ON "
+                                  "m.worker_id=w.id WHERE m.model=?1 AND w.last_seen_f>=?2 AND "
+                                  "(?3='any' OR w.device_kind=?3)");
+    sqlite3_bind_text(st, 1, model, -1, SQLITE_STATIC);
+    sqlite3_bind_double(st, 2, now - g_cfg.worker_timeout_s);
+    sqlite3_bind_text(st, 3, device, -1, SQLITE_STATIC);
+    int cap = sqlite3_step(st) == SQLITE_ROW ? sqlite3_column_int(st, 0) : 0;
+    sqlite3_reset(st);
+    return cap;
+}
+
+/* Records (jobs.gang_wait) and tells the user (one event) why a queued job waits, when that changed. */
+static void note_wait(const char *job_id, const char *state, const char *msg) {
+    sqlite3_stmt *st = store_stmt("SELECT gang_wait FROM jobs WHERE id=?");
+    sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
+    int same = sqlite3_step(st) == SQLITE_ROW && store_col_text(st, 0) && strcmp(store_col_text(st, 0), state) == 0;
+    sqlite3_reset(st);
+    if (same || store_begin() != 0) return;
+    st = store_stmt("UPDATE jobs SET gang_wait=? WHERE id=? AND status='queued'");
+    sqlite3_bind_text(st, 1, state, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, job_id, -1, SQLITE_STATIC);
+    sqlite3_step(st);
+    sqlite3_reset(st);
+    jobs_event(job_id, "info", "message", NULL, "%s", msg);
+    if (store_commit() == 0) jobs_notify(job_id);
+}
+
+/* The oldest job of its pool does not fit in the free devices `fit` offer (`total` < its ranks).
+ * When the live workers could hold it at all, those devices are kept for it — no younger job may
+ * take them in this pass — so it is leased as soon as enough of them are free at once (strict FIFO
+ * per pool: its wait is bounded by the jobs already running there). When they could not (fewer
+ * live devices than ranks), nothing is kept: the pool is not blocked by a job that cannot run. */
+static void hold_for(const candidate *c, pool_worker **fit, int nfit, int total, double now) {
+    char msg[1024], names[300] = "";
+    int cap = live_capacity(c->model, c->device, now);
+    if (cap < c->ranks) {
+        snprintf(msg, sizeof msg,
+                 "Cannot be placed yet: the live workers with model %s (device %s) have %d device%s in all and the "
+                 "job needs %d; no devices are held for it and younger jobs run meanwhile",
+                 c->model, c->device, cap, cap == 1 ? "" : "s", c->ranks);
+        note_wait(c->id, "capacity", msg);
+        return;
+    }
+    for (int i = 0; i < nfit; i++) {
+        fit[i]->held = 1;
+        size_t l = strlen(names);
+        snprintf(names + l, sizeof names - l, "%s%s x%d", i ? ", " : "", fit[i]->id, fit[i]->free_devices);
+    }
+    snprintf(msg, sizeof msg,
+             "Waiting for %d devices at once (model %s, device %s): %d free now (%s); they are held for this job, "
+             "so younger jobs that could use them wait until it is leased (first in, first out)",
+             c->ranks, c->model, c->device, total, names);
+    note_wait(c->id, "holding", msg);
+}
+
+/* One pass over the queue with the current pool, oldest job first. */
 static void schedule(const char *asking, double now) {
     candidate *cand = ln_xmalloc(CAND_MAX * sizeof *cand);
     int n = collect_candidates(now, cand);
     int granted = 0;
+    for (int i = 0; i < g_npool; i++) g_pool[i]->held = 0;
     for (int j = 0; j < n; j++) {
         const char *model = cand[j].model, *dev = cand[j].device, *job_id = cand[j].id;
         int ranks = cand[j].ranks;
@@ -234,7 +304,10 @@ static void schedule(const char *asking, double now) {
             total += fit[i]->free_devices;
             if (single < 0 && fit[i]->free_devices >= ranks) single = i;
         }
-        if (total < ranks) continue;
+        if (total < ranks) {
+            if (total > 0) hold_for(&cand[j], fit, nfit, total, now);
+            continue;
+        }
         pool_worker *who[POOL_MAX];
         int take[POOL_MAX], nwho = 0;
         if (single >= 0) {
@@ -369,6 +442,89 @@ int sched_check_lease(const char *job_id, long long gen, int pause_grace, ln_err
     return 0;
 }
 
+int sched_gang_ranks(const char *job_id, long long gen, const char *worker_id, int *holds_rank0) {
+    sqlite3_stmt *st = store_stmt("SELECT COUNT(*), MIN(rank) FROM job_ranks WHERE job_id=? AND lease_gen=? AND worker_id=?");
+    sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, gen);
+    sqlite3_bind_text(st, 3, worker_id, -1, SQLITE_STATIC);
+    int n = 0;
+    *holds_rank0 = 0;
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        n = sqlite3_column_int(st, 0);
+        *holds_rank0 = n > 0 && sqlite3_column_int(st, 1) == 0;
+    }
+    sqlite3_reset(st);
+    return n;
+}
+
+int sched_gang_workers(const char *job_id, long long gen, char rank0_worker[40]) {
+    sqlite3_stmt *st = store_stmt("SELECT COUNT(DISTINCT worker_id), MAX(CASE WHEN rank=0 THEN worker_id END) "
+                                  "FROM job_ranks WHERE job_id=? AND lease_gen=?");
+    sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, gen);
+    int n = 0;
+    rank0_worker[0] = 0;
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        n = sqlite3_column_int(st, 0);
+        if (store_col_text(st, 1)) snprintf(rank0_worker, 40, "%s", store_col_text(st, 1));
+    }
+    sqlite3_reset(st);
+    return n;
+}
+
+double sched_heartbeat(const char *job_id, long long gen, const char *worker_id) {
+    double now = sched_wall_now(), exp = now + g_cfg.lease_ttl_s;
+    sqlite3_stmt *st = store_stmt("UPDATE job_ranks SET expires_f=?1 WHERE job_id=?2 AND lease_gen=?3 AND "
+                                  "(?4 IS NULL OR worker_id=?4)");
+    sqlite3_bind_double(st, 1, exp);
+    sqlite3_bind_text(st, 2, job_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, gen);
+    if (worker_id) sqlite3_bind_text(st, 4, worker_id, -1, SQLITE_STATIC);
+    sqlite3_step(st);
+    sqlite3_reset(st);
+    /* The lease lives while every worker of the gang does: it ends at the earliest of theirs. */
+    st = store_stmt("UPDATE jobs SET lease_expires_f=COALESCE((SELECT MIN(expires_f) FROM job_ranks WHERE "
+                    "job_id=?1 AND lease_gen=?2), ?3) WHERE id=?1");
+    sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, gen);
+    sqlite3_bind_double(st, 3, exp);
+    sqlite3_step(st);
+    sqlite3_reset(st);
+    if (worker_id) {
+        st = store_stmt("UPDATE workers SET last_seen_f=? WHERE id=?");
+        sqlite3_bind_double(st, 1, now);
+        sqlite3_bind_text(st, 2, worker_id, -1, SQLITE_STATIC);
+        sqlite3_step(st);
+        sqlite3_reset(st);
+    }
+    st = store_stmt("SELECT lease_expires_f FROM jobs WHERE id=?");
+    sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) == SQLITE_ROW) exp = sqlite3_column_double(st, 0);
+    sqlite3_reset(st);
+    return exp;
+}
+
+/* Why a lease expired: the worker whose heartbeats stopped first (rank 0's when no rank says), with
+ * its ranks when the gang is spread over several workers. */
+static void expiry_reason(const char *job_id, const char *worker, char *out, size_t cap) {
+    sqlite3_stmt *st = store_stmt(
+        "SELECT r.worker_id, GROUP_CONCAT(r.rank, ','), MIN(r.expires_f), j.ranks, "
+        "(SELECT COUNT(DISTINCT worker_id) FROM job_ranks WHERE job_id=?1 AND lease_gen=j.lease_gen) "
+        "FROM job_ranks r JOIN jobs j ON j.id=r.job_id WHERE r.job_id=?1 AND r.lease_gen=j.lease_gen "
+        "GROUP BY r.worker_id ORDER BY MIN(r.expires_f) LIMIT 1");
+    sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_int(st, 4) > 1) {
+        const char *ranks = store_col_text(st, 1);
+        snprintf(out, cap,
+                 "Lease expired: worker %s (rank%s %s of %d) sent no heartbeat for %.0f s; every rank of the gang "
+                 "(%d workers) is released", store_col_text(st, 0), strchr(ranks, ',') ? "s" : "", ranks,
+                 sqlite3_column_int(st, 3), g_cfg.lease_ttl_s, sqlite3_column_int(st, 4));
+    } else {
+        snprintf(out, cap, "Lease expired: worker %s sent no heartbeat for %.0f s", worker, g_cfg.lease_ttl_s);
+    }
+    sqlite3_reset(st);
+}
+
 /* Requeues one expired lease inside the caller's transaction (re-checked there: a heartbeat may
  * have just extended it); 1 when it did. */
 static int expire_one(const char *job_id, const char *worker, double now) {
@@ -378,11 +534,11 @@ static int expire_one(const char *job_id, const char *worker, double now) {
     int still = sqlite3_step(st) == SQLITE_ROW;
     sqlite3_reset(st);
     if (!still) return 0;
-    char reason[200];
-    snprintf(reason, sizeof reason, "Lease expired: worker %s sent no heartbeat for %.0f s", worker, g_cfg.lease_ttl_s);
+    char reason[400];
+    expiry_reason(job_id, worker, reason, sizeof reason);
     sched_requeue(job_id, "lease_expired", reason);
     atomic_fetch_add(&g_expired, 1);
-    ln_log(LN_LOG_WARN, "sched", "lease of %s expired (worker %s)", job_id, worker);
+    ln_log(LN_LOG_WARN, "sched", "lease of %s expired (%s)", job_id, reason);
     return 1;
 }
 

@@ -6,7 +6,14 @@
  * kind; a job of `ranks` ranks is granted only when they have `ranks` free devices in total —
  * all ranks are leased together, in one transaction, or none (gang scheduling). One worker with
  * enough devices takes every rank; otherwise ranks are spread, the asking worker first.
- * Every grant bumps the job's lease generation and its attempt count.
+ * Every grant bumps the job's lease generation and its attempt count. A worker's devices that ranks
+ * of running jobs hold are busy whatever free_devices it sends.
+ *
+ * Order. Strict first in, first out per pool: when the oldest job some waiting worker could run
+ * does not fit in the free devices that fit it, those devices are held for it (no younger job gets
+ * them), so a gang waits only for the jobs already running there, never for a stream of younger
+ * single-rank jobs. Nothing is held for a job the live workers could not hold even all idle. The
+ * job's events say which, once per change (jobs.gang_wait).
  *
  * Expiry. A lease lives lease_ttl_s past the last heartbeat. An expired job goes back to the queue
  * with a backoff of retry_backoff_s * 2^(attempts-1) (capped), and fails with the reason once it
@@ -36,6 +43,17 @@ int sched_check_lease(const char *job_id, long long gen, int pause_grace, ln_err
  * sweep has not run yet): the report is refused like a stale one, and the caller, inside its
  * transaction, requeues the job at once with sched_expire_lease. */
 #define SCHED_LEASE_EXPIRED (-2)
+/* Gangs. A heartbeat that names its worker keeps that worker's ranks alive; the lease lives while
+ * every worker of the gang heartbeats (it ends at the earliest of their expiries), so one silent
+ * worker requeues the whole gang. Inside the caller's transaction, after sched_check_lease. */
+/* Records a heartbeat of worker_id (NULL: for every rank, the protocol before gangs spread over
+ * workers) and returns the lease's new expiry (unix s). */
+double sched_heartbeat(const char *job_id, long long gen, const char *worker_id);
+/* How many ranks of job_id under gen worker_id holds (0: none); *holds_rank0 whether rank 0. */
+int sched_gang_ranks(const char *job_id, long long gen, const char *worker_id, int *holds_rank0);
+/* How many workers the gang of job_id under gen spans; rank0_worker gets rank 0's worker id. */
+int sched_gang_workers(const char *job_id, long long gen, char rank0_worker[40]);
+
 /* Requeues job_id if its lease is past expiry, inside the caller's transaction; 1 when it did. */
 int sched_expire_lease(const char *job_id);
 

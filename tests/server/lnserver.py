@@ -207,8 +207,14 @@ class TestWorker:
         assert r.status_code == 200, r.text
         return r.json()
 
-    def heartbeat(self, job_id, gen):
-        return self.post(f"/jobs/{job_id}/heartbeat", {"lease_generation": gen})
+    def _report(self, gen, as_me, **body):
+        """A job report's body; as_me adds this worker's id (which worker of a gang speaks)."""
+        if as_me:
+            body["worker_id"] = self.worker_id
+        return {"lease_generation": gen, **body}
+
+    def heartbeat(self, job_id, gen, as_me=False):
+        return self.post(f"/jobs/{job_id}/heartbeat", self._report(gen, as_me))
 
     def events(self, job_id, gen, events=(), metrics=()):
         return self.post(f"/jobs/{job_id}/events", {"lease_generation": gen, "events": list(events),
@@ -222,15 +228,15 @@ class TestWorker:
         return self.post(f"/jobs/{job_id}/checkpoints", {"lease_generation": gen, "step": step, "files": files,
                                                          "metrics": metrics or {}})
 
-    def complete(self, job_id, gen, trained_tokens=0):
-        return self.post(f"/jobs/{job_id}/complete", {"lease_generation": gen, "trained_tokens": trained_tokens})
+    def complete(self, job_id, gen, trained_tokens=0, as_me=False):
+        return self.post(f"/jobs/{job_id}/complete", self._report(gen, as_me, trained_tokens=trained_tokens))
 
-    def fail(self, job_id, gen, code, message, retryable=False):
-        return self.post(f"/jobs/{job_id}/fail", {"lease_generation": gen, "retryable": retryable,
-                                                  "error": {"code": code, "message": message}})
+    def fail(self, job_id, gen, code, message, retryable=False, as_me=False):
+        return self.post(f"/jobs/{job_id}/fail", self._report(gen, as_me, retryable=retryable,
+                                                              error={"code": code, "message": message}))
 
-    def release(self, job_id, gen, reason="shutting down"):
-        return self.post(f"/jobs/{job_id}/release", {"lease_generation": gen, "reason": reason})
+    def release(self, job_id, gen, reason="shutting down", as_me=False):
+        return self.post(f"/jobs/{job_id}/release", self._report(gen, as_me, reason=reason))
 
 
 def sse_events(resp, stop_after=None, timeout=10.0):
