@@ -5,7 +5,6 @@ succeeds on two workers again; cancel stops both ranks."""
 import re
 
 import numpy as np
-import pytest
 from e2e_helpers import Env, metrics, result_files, save_files, wait_for
 from test_control import finished as run_to_end, messages
 

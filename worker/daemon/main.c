@@ -1,7 +1,8 @@
 /* main.c — loranull-worker: runs fine-tuning jobs leased from a loranull-server (see wd_daemon.h).
  *
  *   loranull-worker --server URL --token-file F --models DIR --device cpu|cuda:N [--ranks N]
- *                   [--work-dir DIR] [--name NAME] [--grace-s S] [--lease-wait-s S] [--once] */
+ *                   [--work-dir DIR] [--name NAME] [--grace-s S] [--lease-wait-s S] [--once]
+ *                   [--advertise-host H] [--comm-ports LO-HI] [--rendezvous-timeout-s S] */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +30,12 @@ static void usage(FILE *f) {
             "  --lease-wait-s S      long-poll length for a lease, default 20\n"
             "  --heartbeat-s S       heartbeat at least every S seconds, default 2\n"
             "  --once                exit after one job\n"
+            "  --advertise-host H    where the other workers of a job split over workers reach this one (it\n"
+            "                        listens there when it holds rank 0); default $LORANULL_ADVERTISE_HOST or\n"
+            "                        127.0.0.1 — in Kubernetes the pod IP\n"
+            "  --comm-ports LO-HI    the ports that listener may use, default $LORANULL_COMM_PORTS or any free\n"
+            "                        port (0); a NetworkPolicy between worker pods must admit them\n"
+            "  --rendezvous-timeout-s S  the ranks of a split job must meet within S seconds, default 120\n"
             "  --log-level L         debug|info|warn|error, default info\n");
 }
 
@@ -49,6 +56,18 @@ static int read_token(const char *path, char **out, ln_err *e) {
     return 0;
 }
 
+/* "LO-HI", "P" (one port) or "0" (any free port). */
+static int parse_ports(const char *flag, const char *v, int *lo, int *hi, ln_err *e) {
+    char *end;
+    long a = strtol(v, &end, 10), b = a;
+    if (end != v && *end == '-') b = strtol(end + 1, &end, 10);
+    if (!*v || *end || a < 0 || b < a || b > 65535 || (a == 0 && b != 0))
+        return ln_errf(e, "%s '%s': expected LO-HI within 1-65535 (or 0 for any free port)", flag, v);
+    *lo = (int)a;
+    *hi = (int)b;
+    return 0;
+}
+
 static int parse_double(const char *flag, const char *v, double lo, double *out, ln_err *e) {
     char *end;
     double x = strtod(v, &end);
@@ -59,10 +78,17 @@ static int parse_double(const char *flag, const char *v, double lo, double *out,
 
 int main(int argc, char **argv) {
     wd_config c = {.device = NULL, .work_dir = "var/worker", .ranks = 1, .grace_s = 25, .lease_wait_s = 20,
-                   .heartbeat_max_s = 2, .flush_interval_s = 0.5};
+                   .heartbeat_max_s = 2, .flush_interval_s = 0.5, .advertise_host = "127.0.0.1",
+                   .rendezvous_timeout_s = 120};
     const char *token_file = NULL, *level = "info";
     ln_err e = {{0}};
     ln_log_set_plain(isatty(2));
+    const char *env_host = getenv("LORANULL_ADVERTISE_HOST"), *env_ports = getenv("LORANULL_COMM_PORTS");
+    if (env_host && *env_host) c.advertise_host = env_host;
+    if (env_ports && *env_ports && parse_ports("LORANULL_COMM_PORTS", env_ports, &c.comm_port_lo, &c.comm_port_hi, &e)) {
+        fprintf(stderr, "loranull-worker: %s\n", e.msg);
+        return 2;
+    }
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
@@ -87,6 +113,9 @@ int main(int argc, char **argv) {
         else if (strcmp(a, "--work-dir") == 0) c.work_dir = v;
         else if (strcmp(a, "--name") == 0) c.name = v;
         else if (strcmp(a, "--log-level") == 0) level = v;
+        else if (strcmp(a, "--advertise-host") == 0) c.advertise_host = v;
+        else if (strcmp(a, "--comm-ports") == 0) rc = parse_ports(a, v, &c.comm_port_lo, &c.comm_port_hi, &e);
+        else if (strcmp(a, "--rendezvous-timeout-s") == 0) rc = parse_double(a, v, 1, &c.rendezvous_timeout_s, &e);
         else if (strcmp(a, "--ranks") == 0) {
             rc = parse_double(a, v, 1, &x, &e);
             if (rc == 0 && (x != (int)x || x > 1024)) rc = ln_errf(&e, "--ranks '%s': expected an integer 1..1024", v);

@@ -13,7 +13,9 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "proto/jobspec.h"
+#include "worker/backend/comm/comm.h"
 #include "worker/backend/select.h"
+#include "worker/daemon/wd_gang.h"
 #include "worker/daemon/wd_http.h"
 #include "worker/daemon/wd_models.h"
 #include "worker/daemon/wd_outbox.h"
@@ -26,9 +28,11 @@
 #define MAX_DOWNLOADS 4
 #define OUTBOX_MAX_EVENTS 2000
 #define OUTBOX_MAX_POINTS 20000
+#define PEER_FAIL_GRACE_S 3.0   /* a run failed by a lost peer reports this much later (wd_daemon.h) */
 
-typedef enum { PHASE_DOWNLOADING, PHASE_RUNNING, PHASE_UPLOADING, PHASE_REPORTING } job_phase;
-typedef enum { FINAL_COMPLETE, FINAL_FAIL, FINAL_RELEASE } final_kind;
+typedef enum { PHASE_DOWNLOADING, PHASE_RENDEZVOUS, PHASE_RUNNING, PHASE_UPLOADING, PHASE_REPORTING } job_phase;
+/* FINAL_NONE: a rank ≠ 0 of a split gang; rank 0 reports for the job. */
+typedef enum { FINAL_COMPLETE, FINAL_FAIL, FINAL_RELEASE, FINAL_NONE } final_kind;
 
 typedef struct wd_daemon wd_daemon;
 
@@ -43,6 +47,9 @@ typedef struct wd_job {
     wd_outbox out;
     wd_run run;
     int run_started;
+    int split, rank;                       /* a gang spread over workers: this worker's one rank */
+    wd_gang *gang;                         /* the rendezvous in progress (PHASE_RENDEZVOUS) */
+    ln_comm *comm;                         /* the group, once joined; freed after the run thread */
     wd_stop lost;                          /* the lease is gone (cancel, pause, lost) */
     int pausing;                           /* paused: the run stops, its last checkpoint and the
                                             * reports before it still go up (the server's grace) */
@@ -151,6 +158,8 @@ static void job_end(wd_job *j, const char *how) {
     int keep = j->lost == WD_STOP_PAUSE || j->lost == WD_STOP_LEASE_LOST || j->final == FINAL_RELEASE;
     if (j->run_started) wd_run_finish(&j->run);
     else ln_jobspec_free(&j->run.spec);
+    wd_gang_cancel(j->gang);
+    comm_free(j->comm); /* after the run thread, its last user */
     ln_log(LN_LOG_INFO, "worker", "job %s: %s", j->id, how);
     if (!keep) {
         /* Done with for good: its files, checkpoints and export are on the server. */
@@ -168,7 +177,7 @@ static void job_end(wd_job *j, const char *how) {
 
 static void job_lost(wd_job *j, wd_stop why, const char *msg) {
     if (j->lost) return;
-    if (why == WD_STOP_PAUSE && !j->pausing && j->run_started && j->phase == PHASE_RUNNING) {
+    if (why == WD_STOP_PAUSE && !j->pausing && j->run_started && j->phase == PHASE_RUNNING && j->rank == 0) {
         /* The server still takes this generation's events, files and checkpoints for its pause
          * grace: stop within a step and upload the checkpoint the stop writes, so a resume (on any
          * worker) continues from the pause step. A second refusal (grace over) ends it for good. */
@@ -179,6 +188,11 @@ static void job_lost(wd_job *j, wd_stop why, const char *msg) {
     }
     j->lost = why;
     if (j->run_started) atomic_store(&j->run.stop, why);
+    wd_gang_cancel(j->gang);
+    j->gang = NULL;
+    /* A split gang: cancel or a lost lease ends the group now (the other ranks' collectives fail
+     * instead of waiting on this one); a pause is rank 0's to carry out in step, with a checkpoint. */
+    if (j->comm && why != WD_STOP_PAUSE) comm_abort(j->comm);
     wd_http_abort_ctx(j->d->http, j);
     j->hb_busy = j->flush_busy = j->ck_busy = j->res_busy = j->final_busy = j->dl_busy = 0;
     wd_outbox_clear(&j->out);
@@ -226,12 +240,20 @@ static void on_worker_heartbeat(const wd_resp *r, void *ctx) {
     if (r->status == 404) j->d->registered = 0;
 }
 
+/* A split gang's worker names itself in its job reports: its heartbeat keeps its own ranks alive
+ * (the server requeues the gang when one worker goes silent), and the server refuses complete
+ * from a worker without rank 0. Takes b over and returns it. */
+static json_t *as_gang_member(wd_job *j, json_t *b) {
+    if (j->split) json_object_set_new(b, "worker_id", json_string(j->d->worker_id));
+    return b;
+}
+
 static void send_heartbeats(wd_job *j, double now) {
     wd_daemon *d = j->d;
     if (!j->hb_busy && now >= j->next_hb) {
         char path[160];
         snprintf(path, sizeof path, "/internal/v1/jobs/%s/heartbeat", j->id);
-        json_t *b = json_pack("{s:I}", "lease_generation", (json_int_t)j->gen);
+        json_t *b = as_gang_member(j, json_pack("{s:I}", "lease_generation", (json_int_t)j->gen));
         if (wd_http_json(d->http, "POST", path, b, fmax(j->hb_interval, 2.0), on_job_heartbeat, j) == 0) j->hb_busy = 1;
         j->next_hb = now + j->hb_interval;
     }
@@ -384,7 +406,7 @@ static void on_ck_file(const wd_resp *r, void *ctx) {
 }
 
 static void upload_checkpoint(wd_job *j, double now) {
-    if (j->ck_busy) return;
+    if (j->ck_busy || j->rank != 0) return;
     if (!j->ck_have && j->run_started && wd_run_take_checkpoint(&j->run, &j->ck_step, &j->ck_loss, j->ck_dir)) {
         j->ck_have = 1;
         j->ck_mark = wd_outbox_appended(&j->out);
@@ -407,6 +429,7 @@ static void upload_checkpoint(wd_job *j, double now) {
 }
 
 static int checkpoints_idle(wd_job *j) {
+    if (j->rank != 0) return 1;
     if (!j->ck_busy && !j->ck_have && wd_run_take_checkpoint(&j->run, &j->ck_step, &j->ck_loss, j->ck_dir)) {
         j->ck_have = 1;
         j->ck_mark = wd_outbox_appended(&j->out);
@@ -468,6 +491,12 @@ static void on_final(const wd_resp *r, void *ctx) {
 
 static void send_final(wd_job *j, double now) {
     if (j->final_busy || now < j->final_next) return;
+    if (j->final == FINAL_NONE) {
+        char how[96];
+        snprintf(how, sizeof how, "rank %d's part ended (rank 0 reports for the job)", j->rank);
+        job_end(j, how);
+        return;
+    }
     char path[160];
     json_t *b;
     if (j->final == FINAL_COMPLETE) {
@@ -484,7 +513,7 @@ static void send_final(wd_job *j, double now) {
         b = json_pack("{s:I, s:b, s:{s:s, s:s}}", "lease_generation", (json_int_t)j->gen, "retryable",
                       j->run.retryable, "error", "code", j->run.err_code, "message", j->run.err_msg);
     }
-    if (wd_http_json(j->d->http, "POST", path, b, 30.0, on_final, j) == 0) j->final_busy = 1;
+    if (wd_http_json(j->d->http, "POST", path, as_gang_member(j, b), 30.0, on_final, j) == 0) j->final_busy = 1;
 }
 
 /* Collects the export directory's files as results (sorted, so uploads are in a stable order). */
@@ -547,6 +576,61 @@ static void start_run(wd_job *j) {
     j->phase = PHASE_RUNNING;
 }
 
+/* ---------------------------------------------------------------- a gang spread over workers */
+
+static void on_gang(void *ctx, wd_gang_result res, ln_comm *c, const wd_resp *r, const char *msg) {
+    wd_job *j = ctx;
+    j->gang = NULL;
+    if (res == WD_GANG_OK) {
+        j->comm = c;
+        j->run.comm = c;
+        j->run.rank = j->rank;
+        wd_outbox_event(&j->out, "info", NULL, "Rank %d of %d (worker %s) joined the gang over TCP", j->rank,
+                        j->run.world, j->d->worker_id);
+        start_run(j);
+    } else if (res == WD_GANG_REFUSED) {
+        job_refused(j, r);
+    } else {
+        snprintf(j->run.err_code, sizeof j->run.err_code, "rendezvous_failed");
+        snprintf(j->run.err_msg, sizeof j->run.err_msg, "The ranks of the job could not meet: %s", msg);
+        j->run.retryable = 1;
+        j->final = FINAL_FAIL;
+        j->phase = PHASE_REPORTING;
+    }
+    pump(j->d);
+}
+
+static void start_rendezvous(wd_job *j) {
+    const wd_config *cfg = &j->d->cfg;
+    wd_gang_opts o = {.job_id = j->id, .gen = j->gen, .rank = j->rank, .world = j->run.world,
+                      .host = cfg->advertise_host, .port_lo = cfg->comm_port_lo, .port_hi = cfg->comm_port_hi,
+                      .timeout_s = cfg->rendezvous_timeout_s > 0 ? cfg->rendezvous_timeout_s : 120};
+    j->phase = PHASE_RENDEZVOUS;
+    j->gang = wd_gang_start(j->d->loop, j->d->http, &o, on_gang, j);
+}
+
+/* The run of a split gang's rank ended: which report, if any, this worker owes. */
+static void gang_run_ended(wd_job *j, double now) {
+    wd_run *r = &j->run;
+    if (r->status != WD_RUN_OK) comm_abort(j->comm); /* the others stop waiting for this rank */
+    int peer = comm_tcp_lost_peer(j->comm);
+    if (r->status == WD_RUN_FAILED && peer >= 0 && !j->d->signals) {
+        /* Not this rank's fault: retryable, and late enough for the rank with the cause to report first. */
+        char msg[sizeof r->err_msg];
+        snprintf(msg, sizeof msg, "%s", r->err_msg);
+        snprintf(r->err_msg, sizeof r->err_msg, "Rank %d of the gang was lost (its worker stopped, failed or was "
+                 "killed); rank %d: %.1900s", peer, j->rank, msg);
+        snprintf(r->err_code, sizeof r->err_code, "rank_lost");
+        r->retryable = 1;
+        j->final_next = now + PEER_FAIL_GRACE_S;
+    }
+    if (r->status == WD_RUN_FAILED)
+        ln_log(LN_LOG_WARN, "worker", "job %s: rank %d of %d failed: %s", j->id, j->rank, r->world, r->err_msg);
+    if (j->rank == 0) return; /* rank 0 goes on as a whole job does */
+    j->final = j->d->signals ? FINAL_RELEASE : r->status == WD_RUN_FAILED ? FINAL_FAIL : FINAL_NONE;
+    j->phase = PHASE_REPORTING;
+}
+
 static void job_pump(wd_job *j, double now) {
     wd_daemon *d = j->d;
     if (j->lost) {
@@ -588,14 +672,29 @@ static void job_pump(wd_job *j, double now) {
             if (ln_mkdir_p(part, &e) == 0 &&
                 wd_http_download(d->http, j->dl_url[j->idl], j->dl_path[j->idl], 600.0, on_download, j) == 0)
                 j->dl_busy = 1;
+        } else if (j->split) {
+            start_rendezvous(j);
         } else {
             start_run(j);
+        }
+        break;
+    case PHASE_RENDEZVOUS:
+        flush(j, now);
+        if (d->signals) {
+            wd_gang_cancel(j->gang);
+            j->gang = NULL;
+            j->final = FINAL_RELEASE;
+            j->phase = PHASE_REPORTING;
         }
         break;
     case PHASE_RUNNING:
         flush(j, now);
         upload_checkpoint(j, now);
         if (!atomic_load(&j->run.done)) break;
+        if (j->split) {
+            gang_run_ended(j, now);
+            if (j->phase == PHASE_REPORTING) break;
+        }
         if (j->run.status == WD_RUN_OK) {
             collect_results(j);
             j->phase = PHASE_UPLOADING;
@@ -678,13 +777,15 @@ static void job_begin(wd_daemon *d, json_t *lease) {
         j->phase = PHASE_REPORTING;
         return;
     }
-    if (world > 1 && mine != world) {
-        /* A gang over several workers needs NCCL between them (the CUDA build). */
+    if (world > 1 && mine == 1) {
+        /* Split over workers, one rank here: the ranks meet after the downloads (wd_gang.h). */
+        j->split = 1;
+        j->rank = (int)json_integer_value(json_array_get(json_object_get(lease, "ranks"), 0));
+    } else if (world > 1 && mine != world) {
         snprintf(r->err_code, sizeof r->err_code, "unsupported_resources");
         snprintf(r->err_msg, sizeof r->err_msg,
-                 "resources.ranks=%d was split over several workers (%d rank(s) here); this CPU worker runs "
-                 "multi-rank jobs only when it holds every rank (start it with --ranks %d)",
-                 world, mine, world);
+                 "resources.ranks=%d was split over several workers with %d ranks on this one; a CPU worker runs "
+                 "either every rank of a job (threads) or exactly one (TCP between workers)", world, mine);
         j->final = FINAL_FAIL;
         j->phase = PHASE_REPORTING;
         return;
@@ -728,8 +829,12 @@ static void job_begin(wd_daemon *d, json_t *lease) {
     }
     char host[128] = "";
     gethostname(host, sizeof host - 1);
-    wd_outbox_event(&j->out, "info", NULL, "Worker %s (%s, %s) started attempt %d: downloading %d file(s)",
-                    d->cfg.name ? d->cfg.name : host, d->worker_id, d->cfg.device, j->attempt, j->ndl);
+    if (j->split)
+        wd_outbox_event(&j->out, "info", NULL, "Worker %s (%s, %s) started rank %d of %d, attempt %d: downloading %d file(s)",
+                        d->cfg.name ? d->cfg.name : host, d->worker_id, d->cfg.device, j->rank, world, j->attempt, j->ndl);
+    else
+        wd_outbox_event(&j->out, "info", NULL, "Worker %s (%s, %s) started attempt %d: downloading %d file(s)",
+                        d->cfg.name ? d->cfg.name : host, d->worker_id, d->cfg.device, j->attempt, j->ndl);
 }
 
 /* ---------------------------------------------------------------- register and lease */
@@ -842,6 +947,8 @@ static void on_signal(uv_signal_t *s, int signum) {
            d->job ? "stopping the job at the next step, checkpointing and releasing it" : "exiting");
     if (d->job) {
         if (d->job->run_started) atomic_store(&d->job->run.stop, WD_STOP_SHUTDOWN);
+        /* Only rank 0's trainer stops a gang in step; another rank leaves it (and releases the job). */
+        if (d->job->rank != 0) comm_abort(d->job->comm);
     } else if (d->http) {
         wd_http_abort_ctx(d->http, d); /* the lease long-poll */
         d->busy = 0;

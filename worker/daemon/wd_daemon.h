@@ -20,6 +20,15 @@
  *    jobs/{id}/release: the job is queued again without using an attempt and resumes from that
  *    checkpoint elsewhere) and the process exits 0 — or, past --grace-s, exits 1. A second signal
  *    exits at once.
+ *  - A gang split over workers (the lease lists one rank of world_size here, on a CPU worker):
+ *    after the downloads the ranks meet through the server's rendezvous (wd_gang.h) and join one
+ *    comm_tcp group; the run trains only this rank (wd_run.comm). Every rank heart-beats; only
+ *    rank 0 uploads checkpoints and results and completes — a rank ≠ 0 ends quietly when its run
+ *    does. A run that fails because a peer's connection ended reports after PEER_FAIL_GRACE_S
+ *    (so the rank with the real cause reports first; the later report is refused and ignored),
+ *    as retryable. Cancel or a lost lease on any rank aborts its comm, so the other ranks'
+ *    collectives fail at once; a pause leaves the stop to rank 0's trainer (it checkpoints in
+ *    step). SIGTERM on a rank ≠ 0 aborts the group and releases the job.
  *  - The worker id the server gave is kept in <work-dir>/worker_id: a restarted daemon registers
  *    again under the same id (one work dir per worker). */
 #ifndef WD_DAEMON_H
@@ -40,6 +49,9 @@ typedef struct wd_config {
     double heartbeat_max_s;    /* heartbeat at least this often (default 2 s) */
     double flush_interval_s;   /* event/metric batches at most this often (default 0.5 s) */
     int once;                  /* exit after one job (tests) */
+    const char *advertise_host; /* where the other ranks of a gang reach this worker (default 127.0.0.1) */
+    int comm_port_lo, comm_port_hi; /* rank 0's listener port range (0, 0 = any free port) */
+    double rendezvous_timeout_s;    /* a gang's ranks must find each other within this (default 120 s) */
 } wd_config;
 
 /* Runs the worker until a signal (or, with once, one job) ends it. Returns the exit code. */
