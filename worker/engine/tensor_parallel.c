@@ -425,7 +425,9 @@ int ln_tp_check_same(ln_comm *c, ln_model *full, ln_adapter *ad, const ln_datase
     float send[W], *all = ln_xmalloc((size_t)c->size * sizeof mine);
     memcpy(send, mine, sizeof mine); /* the bits travel as they are: allgather does no arithmetic */
     int rc = comm_allgather(c, send, all, W, e);
-    static const char *what[3] = {"training data", "training options", "initialised adapter (or weights)"};
+    static const char *what[3] = {"training data",
+                                  "training options (steps, batch, pack, optimizer, checkpoints, eval or resume)",
+                                  "initialised adapter (or weights)"};
     for (int k = 1; k < c->size && rc == 0; k++) {
         uint64_t theirs[3], first[3];
         memcpy(first, all, sizeof first);
