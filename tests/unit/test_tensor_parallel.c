@@ -849,6 +849,18 @@ static int proc_rank(ln_comm *c, void *p, ln_err *e)
     return ln_tp_train_rank(c, x->m, &x->ad, x->ds, &x->o, &x->res, e);
 }
 
+/* Every rank fails before training, the message naming the last rank and what differs. */
+static void expect_disagreement(proc_ctx *px, int R, void **ptrs, const char *what)
+{
+    ln_err e = {{0}};
+    assert_int_equal(comm_thread_run(R, proc_rank, ptrs, &e), -1);
+    printf("  a rank that disagrees: %s\n", e.msg);
+    char want[96];
+    snprintf(want, sizeof want, "rank %d's %s", R - 1, what);
+    assert_non_null(strstr(e.msg, want));
+    for (int r = 0; r < R; r++) assert_int_equal(px[r].rows, 0);
+}
+
 static void check_processes(tp_case k, int R)
 {
     ln_dataset *ds = make_dataset();
@@ -888,14 +900,17 @@ static void check_processes(tp_case k, int R)
         px[r] = (proc_ctx){.k = k, .ds = ds, .o = o, .nudge = r == R - 1 ? 1e-3f : 0.0f};
         build_full(k, &px[r].m, &px[r].ad);
     }
-    if (k != CASE_FULL) {
-        assert_int_equal(comm_thread_run(R, proc_rank, ptrs, &e), -1);
-        printf("  a rank that disagrees: %s\n", e.msg);
-        char want[64];
-        snprintf(want, sizeof want, "rank %d's initialised adapter", R - 1);
-        assert_non_null(strstr(e.msg, want));
-        assert_int_equal(px[0].rows, 0);
-    }
+    if (k != CASE_FULL) expect_disagreement(px, R, ptrs, "initialised adapter");
+    /* … whose options or data differ */
+    ln_dataset *other = make_dataset();
+    other->ex[5].input_ids[1] ^= 1;
+    for (int r = 0; r < R; r++) px[r].nudge = 0.0f;
+    px[R - 1].o.save_every = 2;
+    expect_disagreement(px, R, ptrs, "training options");
+    px[R - 1].o.save_every = 0;
+    px[R - 1].ds = other;
+    expect_disagreement(px, R, ptrs, "training data");
+    free_dataset(other);
     for (int r = 0; r < R; r++) free_case(px[r].m, &px[r].ad);
     free(px);
     free_case(mt, &at);
