@@ -80,7 +80,8 @@ def test_uninterrupted_two_rank_job_reports_as_one_rank(reference_2rank):
     assert sorted(m["eval/task_loss"]) == [0, LONG_STEPS]
 
 
-def test_two_rank_job_paused_and_resumed_ends_as_the_uninterrupted_run(env, reference_2rank):
+@pytest.mark.parametrize("where", ["same worker", "another worker"])
+def test_two_rank_job_paused_and_resumed_ends_as_the_uninterrupted_run(env, reference_2rank, where):
     w = env.worker("w1", extra=RANKS)
     job = long_job(env)
     running_past(env, job, w)
@@ -95,9 +96,15 @@ def test_two_rank_job_paused_and_resumed_ends_as_the_uninterrupted_run(env, refe
     losses = metrics(env.srv, env.key, job["id"], "loss")["loss"]
     assert last == max(losses), (last, max(losses), w.log())
     assert 0 < last < LONG_STEPS
+    if where == "another worker":
+        w.term()
+        env.worker("w2", extra=RANKS)
     assert api.post(env.srv.url(f"/v1/fine_tuning/jobs/{job['id']}/resume")).status_code == 200
     done = finished(env, job)
-    assert any("tensor-parallel" in m for m in messages(env, job))
+    msgs = messages(env, job)
+    assert any("tensor-parallel" in m for m in msgs)
+    if where == "another worker":
+        assert any(f"Resuming from the checkpoint at step {last}" in m for m in msgs), msgs
     assert result_files(env.srv, env.key, done)["adapter_model.safetensors"] == reference_2rank["adapter"]
 
 
