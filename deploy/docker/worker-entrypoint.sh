@@ -22,6 +22,9 @@
 #   LORANULL_WORKER_NAME    (unset)     --name shown by the server (default: the host name = the pod name)
 #   LORANULL_GRACE_S        (unset)     --grace-s: seconds from SIGTERM to checkpoint, report and release;
 #                                       keep it below the pod's terminationGracePeriodSeconds
+#   LORANULL_ADVERTISE_HOST (unset)     --advertise-host: where the other ranks of a job split over
+#                                       workers reach this one (k8s: the pod IP, downward API)
+#   LORANULL_COMM_PORTS     (unset)     --comm-ports LO-HI: the ports rank 0 listens on for them
 #   LORANULL_TOKEN_WAIT     30          seconds to wait for the token file to appear
 #   LORANULL_HEALTH_PID     1           the process `healthcheck` looks at
 set -eu
@@ -35,6 +38,8 @@ RANKS=${LORANULL_RANKS:-}
 WORK_DIR=${LORANULL_WORK_DIR:-}
 WORKER_NAME=${LORANULL_WORKER_NAME:-}
 GRACE_S=${LORANULL_GRACE_S:-}
+ADVERTISE_HOST=${LORANULL_ADVERTISE_HOST:-}
+COMM_PORTS=${LORANULL_COMM_PORTS:-}
 
 die() {
     echo "worker-entrypoint: $*" >&2
@@ -78,6 +83,10 @@ case $GRACE_S in
     '') ;;
     *[!0-9]*) die "LORANULL_GRACE_S='$GRACE_S' is not a whole number of seconds" ;;
 esac
+case $COMM_PORTS in
+    '') ;;
+    *[!0-9-]* | -* | *- | *-*-*) die "LORANULL_COMM_PORTS='$COMM_PORTS' is not a port range LO-HI" ;;
+esac
 [ -d "$MODELS_DIR" ] || die "models dir $MODELS_DIR does not exist (mount the models volume there)"
 
 # A Secret volume can appear a moment after the container starts; wait a little, then fail
@@ -96,5 +105,7 @@ set -- --server "$SERVER_URL" --token-file "$TOKEN_FILE" --models "$MODELS_DIR" 
 [ -z "$WORK_DIR" ] || set -- "$@" --work-dir "$WORK_DIR"
 [ -z "$WORKER_NAME" ] || set -- "$@" --name "$WORKER_NAME"
 [ -z "$GRACE_S" ] || set -- "$@" --grace-s "$GRACE_S"
+[ -z "$ADVERTISE_HOST" ] || set -- "$@" --advertise-host "$ADVERTISE_HOST"
+[ -z "$COMM_PORTS" ] || set -- "$@" --comm-ports "$COMM_PORTS"
 echo "worker-entrypoint: exec $WORKER_BIN $*" >&2
 exec "$WORKER_BIN" "$@"

@@ -108,7 +108,7 @@ static int phase_init(const char *out)
         if (lnb_cuda_cov_init(&cv, d, &e)) die("covariance", &e);
         lnb_cuda_sync(&e);
         double t0 = now();
-        if (lnb_cuda_cov_add_sample(&cv, X, tokens, &e)) die("covariance", &e);
+        if (lnb_cuda_cov_add_sample(&cv, X, tokens, &e) || lnb_cuda_sync(&e)) die("covariance", &e); /* queued: wait */
         t_cov[i] = now() - t0;
         Cs[i] = malloc((size_t)d * d * sizeof(double));
         Us[i] = malloc((size_t)d * r * sizeof(double));

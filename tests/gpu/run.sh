@@ -28,8 +28,8 @@
 # Time: every step runs under `timeout` with the limit below (LIMIT_<STEP>=seconds overrides,
 # e.g. LIMIT_BENCH_CALIB=200); the whole keeps to DEADLINE seconds (default 540: 9 minutes) — a step
 # gets at most the time left, and one that no longer fits is NOTRUN. Expected on an H200: build
-# ~1.5-2 min (nvcc, -j16), tests ~1 min, bench + peft ~2.5 min, cli ~0.5 min, calib ~1.5 min,
-# init ~1.5 min. BENCH_CALIB_SAMPLES (256) and BENCH_STEPS (3) trade accuracy for time.
+# ~1 min (-j16; each .cu file takes ~6 s of nvcc), tests ~1 min, bench + peft ~2.5 min, cli
+# ~0.5 min, calib ~1.5 min, init ~1.5 min. BENCH_CALIB_SAMPLES (256) and BENCH_STEPS (3) trade accuracy for time.
 # Needs: the CUDA toolkit (nvcc, cuBLAS, cuSOLVER, NCCL) and what `make` needs for engine+common
 # (OpenBLAS, LAPACKE, jansson); cli also the server's libraries. Optional: python3 with torch (CUDA),
 # transformers and peft (skipped, visibly, when missing). No network.

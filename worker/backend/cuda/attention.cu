@@ -3,7 +3,8 @@
  * recomputes the probabilities. Two implementations of the same contract, chosen per call
  * (lnb_cuda_attention_path):
  *
- * 1. FUSED (default for head dims 64 and 128 in bf16 math on sm_80+): flash-attention kernels on
+ * 1. FUSED (default for head dims 64 and 128 in bf16 math on sm_80+ with the shared memory: 64-112
+ *    KiB per block, so A100/H100/H200 at head dim 128, not sm_86/89's 99 KiB): flash-attention kernels on
  *    bf16 tensor cores (WMMA 16×16×16, fp32 accumulation), nothing but tiles in shared memory.
  *    Tiles: BR = 64 query rows per block (4 warps × 16 rows), BC = 64 keys per tile.
  *    forward  (block = query tile × head × batch): Q tile once; for each key tile j0 < min(q0+BR, T)
@@ -297,6 +298,11 @@ template <int HD> struct fa_smem {
     static constexpr size_t dkdv = 4 * tile + 2 * s32 + 2 * s16 + 2 * FA_BR * sizeof(float);
 };
 
+static_assert(FA_BR == 16 * FA_WARPS, "each warp owns 16 query rows");
+static_assert(FA_BR == FA_BC, "the dkdv kernel's causal start (j0 / FA_BR) * FA_BR assumes square tiles");
+static_assert(fa_smem<128>::fwd <= 163 * 1024 && fa_smem<128>::dq <= 163 * 1024 && fa_smem<128>::dkdv <= 163 * 1024,
+              "the fused kernels must fit sm_80's 163 KiB of shared memory per block");
+
 /* Forward: block (query tile, head h, batch b). Each warp owns 16 query rows; lane l handles row
  * l/2, columns 32·(l%2)..+31 of the warp's S tile (the two lanes of a row agree by shuffles). */
 template <int HD>
@@ -539,10 +545,19 @@ static void fused_backward(float *dq, float *dk, float *dv, const float *dout, c
 
 /* ================================================================ entry points */
 
+/* The most shared memory a fused kernel for head dim hd needs per block. */
+static size_t fused_smem(int hd)
+{
+    size_t a = hd == 64 ? fa_smem<64>::fwd : fa_smem<128>::fwd, b = hd == 64 ? fa_smem<64>::dq : fa_smem<128>::dq,
+           c = hd == 64 ? fa_smem<64>::dkdv : fa_smem<128>::dkdv;
+    return a > b ? (a > c ? a : c) : (b > c ? b : c);
+}
+
 extern "C" const char *lnb_cuda_attention_path(int hd)
 {
     const char *want = getenv("LORANULL_CUDA_ATTN");
-    if ((hd != 64 && hd != 128) || lnb_cuda_g.sm < 80) return "chunked";
+    /* sm_80+ for bf16 WMMA; and the opt-in shared memory (sm_86/89 parts allow 99 KiB, not 163) */
+    if ((hd != 64 && hd != 128) || lnb_cuda_g.sm < 80 || fused_smem(hd) > lnb_cuda_g.smem_optin) return "chunked";
     if (want && strcmp(want, "chunked") == 0) return "chunked";
     if (want && strcmp(want, "fused") == 0) return "fused";
     return lnb_cuda_g.math == LNB_CUDA_MATH_BF16 ? "fused" : "chunked";

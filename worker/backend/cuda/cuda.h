@@ -64,7 +64,8 @@ void lnb_cuda_fill_normal(float *x, int64_t n, uint64_t seed, float std);
 void lnb_cuda_fill_const(float *x, int64_t n, float v);
 
 /* The attention implementation a call with head dim hd takes now (attention.cu): "fused" (flash
- * kernels on bf16 tensor cores: head dims 64 and 128, sm_80+, the bf16 math mode) or "chunked"
+ * kernels on bf16 tensor cores: head dims 64 and 128, sm_80+ with the shared memory they need, the
+ * bf16 math mode) or "chunked"
  * (cuBLAS on query chunks: every other case). LORANULL_CUDA_ATTN=chunked forces the fallback;
  * LORANULL_CUDA_ATTN=fused takes the fused kernels in any math mode where they apply (tests). */
 const char *lnb_cuda_attention_path(int hd);

@@ -71,6 +71,7 @@ struct lnb_cuda_ctx {
     cusolverDnHandle_t solver;
     int math;
     int sm;                /* compute capability, major·10 + minor (80 = A100, 90 = H100/H200) */
+    size_t smem_optin;     /* shared memory a block may opt in to (bytes) */
     int sync;              /* wait after each call (see cuda.h) */
     char name[400];
 };

@@ -18,7 +18,7 @@ void lnb_cuda_attention_forward(float *out, float *lse, const float *q, const fl
 void lnb_cuda_attention_backward(float *dq, float *dk, float *dv, float *scratch, const float *dout, const float *lse,
                                  const float *q, const float *k, const float *v, int B, int T, int nh, int nkv, int hd);
 
-struct lnb_cuda_ctx lnb_cuda_g = {-1, 0, 0, 0, 0, 0, 1, ""};
+struct lnb_cuda_ctx lnb_cuda_g = {-1, 0, 0, 0, 0, 0, 0, 1, ""};
 static int g_open = 0;
 
 /* ================================================================ errors */
@@ -118,6 +118,7 @@ extern "C" int lnb_cuda_open(const lnb_cuda_opts *o, ln_err *e)
                        p.name);
     lnb_cuda_g.device = dev;
     lnb_cuda_g.sm = p.major * 10 + p.minor;
+    lnb_cuda_g.smem_optin = p.sharedMemPerBlockOptin;
     snprintf(lnb_cuda_g.name, sizeof lnb_cuda_g.name, "%.200s, %.1f GiB, sm_%d%d (device %d)", p.name,
              (double)p.totalGlobalMem / (1 << 30), p.major, p.minor, dev);
     CUDA_TRY(cudaStreamCreateWithFlags(&lnb_cuda_g.stream, cudaStreamNonBlocking), e);
