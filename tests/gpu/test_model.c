@@ -4,7 +4,9 @@
  *   3. backward of full fine-tuning: every weight's gradient (embedding, norms, lm_head included);
  *   4. LoRA-Null-v2 (covariances from the CPU model's calibration hook, init on each backend —
  *      the GPU's bases by cuSOLVER syevdx — A frozen, residual W0 − BA): the step-0 logits equal the base model's, and 10 AdamW steps
- *      give the CPU run's losses — in fp32 math tightly, in bf16 tensor-core math loosely. */
+ *      give the CPU run's losses — in fp32 math tightly, in bf16 tensor-core math loosely.
+ * Head dim 64 (2 query heads, 1 kv head): the fp32 runs take the chunked attention, the bf16 run
+ * the fused flash kernels (lnb_cuda_attention_path), so the whole engine trains through them. */
 #include <stdint.h>
 
 #include "tests/gpu/gpu_check.h"
@@ -16,7 +18,7 @@
 
 static const char *CONFIG =
     "{\"vocab_size\":1000,\"hidden_size\":128,\"intermediate_size\":352,\"num_hidden_layers\":3,"
-    "\"num_attention_heads\":8,\"num_key_value_heads\":2,\"head_dim\":16,\"max_position_embeddings\":256,"
+    "\"num_attention_heads\":2,\"num_key_value_heads\":1,\"head_dim\":64,\"max_position_embeddings\":256,"
     "\"rms_norm_eps\":1e-5,\"rope_theta\":500000.0,\"tie_word_embeddings\":false,"
     "\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8.0,\"low_freq_factor\":1.0,\"high_freq_factor\":4.0,"
     "\"original_max_position_embeddings\":64}}";
@@ -297,6 +299,8 @@ static void t_lora_null_v2(ln_batch *b)
             for (int t = 0; t < LN_NTARGET && reg == 0; t++)
                 reg = lnb_cuda_register_bf16(mg->layers[l].lin[t].w, mg->layers[l].lin[t].n, &e);
         check_true("register the frozen weights as bf16", reg == 0);
+        check_true("bf16 math: the engine's attention runs the fused kernels",
+                   strcmp(lnb_cuda_attention_path(cfg.head_dim), "fused") == 0);
         train(mg, &adg, b, lb);
         check_cuda("training (bf16 math)");
         worst = 0;
