@@ -5,15 +5,16 @@
 # per-step losses must agree within 2e-2 relative (the GPU runs bf16 tensor-core GEMMs), the GPU
 # run's calibration must have summed on the device (sums=cuda in its log), and both must have
 # written the adapter; and a model far too big for the GPU is refused at once by the
-# memory plan, naming needed vs free. Exit 77 (skip) when no GPU is usable.
+# memory plan, naming needed vs free. Head dim 64: the GPU run (bf16 math) takes the fused flash
+# attention kernels. Exit 77 (skip) when no GPU is usable.
 set -u
 DIR=${1:-tests/gpu/out/cli}
 BIN=$(pwd)/build/cuda/bin/loranull
 rm -rf "$DIR" && mkdir -p "$DIR" && cd "$DIR" || exit 1
 [ -x "$BIN" ] || { echo "FAIL $BIN is not built (make cuda-bin)"; exit 1; }
 cat > cfg.json <<'CFG'
-{"vocab_size":300,"hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,
- "num_key_value_heads":2,"head_dim":16,"max_position_embeddings":256,"rms_norm_eps":1e-5,"rope_theta":10000.0,
+{"vocab_size":300,"hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":1,
+ "num_key_value_heads":1,"head_dim":64,"max_position_embeddings":256,"rms_norm_eps":1e-5,"rope_theta":10000.0,
  "tie_word_embeddings":false}
 CFG
 "$BIN" model new --config cfg.json --out tiny --seed 3 --no-tokenizer || exit 1
