@@ -5,6 +5,7 @@ succeeds on two workers again; cancel stops both ranks."""
 import re
 
 import numpy as np
+import pytest
 from e2e_helpers import Env, metrics, result_files, save_files, wait_for
 from test_control import finished as run_to_end, messages
 
@@ -113,3 +114,59 @@ def test_cancel_stops_both_ranks(env):
     nxt = env.srv.create_job(env.key, **gang_spec(env, epochs=1))
     run_to_end(env, nxt)
     assert env.srv.get_job(env.key, job["id"])["status"] == "cancelled"
+
+
+def test_sigterm_on_rank_1_releases_the_job_without_an_attempt(env):
+    g1, g2 = env.worker("g1"), env.worker("g2")
+    job = env.srv.create_job(env.key, **gang_spec(env, epochs=60))
+    wait_for(lambda: len(metrics(env.srv, env.key, job["id"], "loss").get("loss", {})) >= 10, 180,
+             f"10 training steps ({g1.log()} {g2.log()})")
+    rank1, rank0 = (g1, g2) if rank_of(g1, job["id"]) == 1 else (g2, g1)
+    rc, _ = rank1.term(timeout=30)
+    assert rc == 0, rank1.log()
+    msgs = wait_for(lambda: [m for m in messages(env, job) if "released the job" in m], 30, "the release")
+    assert "requeued without using an attempt" in msgs[0], msgs
+    # rank 0's collective failed (rank 1 left the group); its report is refused and it ends quietly
+    ends = (f"job {job['id']}: ended without its lease", f"job {job['id']}: stopped: its lease is gone")
+    wait_for(lambda: any(e in rank0.log() for e in ends), 30, f"rank 0 to end ({rank0.log()})")
+    assert rank0.running()
+    env.worker("g3")
+    done = run_to_end(env, job, timeout=300)
+    assert done["attempts"] == 1, done
+
+
+def test_two_of_three_ranks_on_one_worker_is_refused_clearly(env):
+    """A split that puts more than one rank (but not all) on a CPU worker is not supported: the job
+    fails naming the split, and the worker with the single rank stops waiting for the gang."""
+    env.worker("two", extra=("--ranks", "2"))
+    one = env.worker("one")
+    job = env.srv.create_job(env.key, **dict(gang_spec(env, epochs=1), resources={"ranks": 3, "device": "cpu"}))
+    done = env.srv.wait_status(env.key, job["id"], {"succeeded", "failed"}, timeout=60)
+    assert done["status"] == "failed", done
+    assert done["error"]["code"] == "unsupported_resources", done["error"]
+    assert "resources.ranks=3 was split over several workers with 2 ranks on this one" in done["error"]["message"]
+    wait_for(lambda: f"job {job['id']}: stopped" in one.log() or f"job {job['id']}: ended" in one.log(), 30,
+             f"the single rank's worker to let go ({one.log()})")
+
+
+@pytest.mark.parametrize("args, env_ports, needle", [
+    (["--comm-ports", "5-2"], None, "--comm-ports '5-2': expected LO-HI within 1-65535"),
+    (["--comm-ports", "x"], None, "--comm-ports 'x'"),
+    (["--rendezvous-timeout-s", "0"], None, "--rendezvous-timeout-s '0'"),
+    ([], "70000", "LORANULL_COMM_PORTS '70000'"),
+])
+def test_gang_flag_errors_are_sentences(models, tmp_path, args, env_ports, needle):
+    import os
+    import subprocess
+
+    from e2e_helpers import WORKER_BIN
+    tok = tmp_path / "tok"
+    tok.write_text("wt-ln-x\n")
+    env = dict(os.environ)
+    if env_ports:
+        env["LORANULL_COMM_PORTS"] = env_ports
+    r = subprocess.run([str(WORKER_BIN), "--server", "http://127.0.0.1:9", "--token-file", str(tok), "--models",
+                        str(models), "--device", "cpu", "--work-dir", str(tmp_path / "w"), *args],
+                       capture_output=True, text=True, timeout=20, env=env)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr, r.stderr
