@@ -1,5 +1,7 @@
 """GET /v1/fine_tuning/jobs?metadata[key]=value (OpenAI's list filter) and metadata=null, with the same
 cursor pagination as the unfiltered list, over real HTTP."""
+import openai
+
 from lnserver import TRAIN_JSONL
 
 
@@ -83,3 +85,21 @@ def test_malformed_metadata_filters_are_400_naming_the_parameter(steady_server):
     # 16 pairs is the limit, not an error.
     ok = api.get(server.url("/v1/fine_tuning/jobs"), params={f"metadata[k{i}]": "v" for i in range(16)})
     assert ok.status_code == 200 and ok.json()["data"] == []
+
+
+def test_openai_sdk_lists_by_metadata_across_pages(steady_server):
+    """The OpenAI SDK's own metadata argument and auto-pagination (after = the last id of a page)."""
+    server = steady_server
+    key = server.create_key("sdk")
+    client = openai.OpenAI(api_key=key, base_url=server.url("/v1"), max_retries=0)
+    f = server.upload(key, TRAIN_JSONL)
+    tagged = []
+    for i in range(5):
+        meta = {"team": "nlp"} if i % 2 == 0 else {"team": "vision"}
+        job = client.fine_tuning.jobs.create(model="tiny-llama", training_file=f["id"], metadata=meta)
+        if i % 2 == 0:
+            tagged.append(job.id)
+    seen = [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "nlp"}, limit=1)]
+    assert seen == tagged[::-1]
+    first = client.fine_tuning.jobs.list(metadata={"team": "nlp"}, limit=2)
+    assert [j.id for j in first.data] == tagged[::-1][:2] and first.has_more
