@@ -135,6 +135,18 @@ def test_sigterm_on_rank_1_releases_the_job_without_an_attempt(env):
     assert done["attempts"] == 1, done
 
 
+def test_an_advertise_address_rank_0_cannot_listen_on_fails_retryable_naming_it(env):
+    # 192.0.2.1 (TEST-NET-1) is no address of this machine: rank 0 cannot listen there.
+    bad = ("--advertise-host", "192.0.2.1")
+    g1, g2 = env.worker("g1", extra=bad), env.worker("g2", extra=bad)
+    job = env.srv.create_job(env.key, **gang_spec(env, epochs=1))
+    msgs = wait_for(lambda: [m for m in messages(env, job) if "retryable failure (rendezvous_failed)" in m], 60,
+                    f"the rendezvous failure ({g1.log()} {g2.log()})")
+    assert "rank 0 cannot open the gang's listener (--advertise-host, --comm-ports)" in msgs[0], msgs
+    assert "192.0.2.1" in msgs[0], msgs
+    assert g1.running() and g2.running()
+
+
 def test_two_of_three_ranks_on_one_worker_is_refused_clearly(env):
     """A split that puts more than one rank (but not all) on a CPU worker is not supported: the job
     fails naming the split, and the worker with the single rank stops waiting for the gang."""

@@ -587,7 +587,7 @@ static void on_gang(void *ctx, wd_gang_result res, ln_comm *c, const wd_resp *r,
         j->run.rank = j->rank;
         wd_outbox_event(&j->out, "info", NULL, "Rank %d of %d (worker %s) joined the gang over TCP", j->rank,
                         j->run.world, j->d->worker_id);
-        start_run(j);
+        j->phase = PHASE_DOWNLOADING; /* then the run, on this comm */
     } else if (res == WD_GANG_REFUSED) {
         job_refused(j, r);
     } else {
@@ -605,7 +605,6 @@ static void start_rendezvous(wd_job *j) {
     wd_gang_opts o = {.job_id = j->id, .gen = j->gen, .rank = j->rank, .world = j->run.world,
                       .host = cfg->advertise_host, .port_lo = cfg->comm_port_lo, .port_hi = cfg->comm_port_hi,
                       .timeout_s = cfg->rendezvous_timeout_s > 0 ? cfg->rendezvous_timeout_s : 120};
-    j->phase = PHASE_RENDEZVOUS;
     j->gang = wd_gang_start(j->d->loop, j->d->http, &o, on_gang, j);
 }
 
@@ -672,19 +671,21 @@ static void job_pump(wd_job *j, double now) {
             if (ln_mkdir_p(part, &e) == 0 &&
                 wd_http_download(d->http, j->dl_url[j->idl], j->dl_path[j->idl], 600.0, on_download, j) == 0)
                 j->dl_busy = 1;
-        } else if (j->split) {
-            start_rendezvous(j);
         } else {
             start_run(j);
         }
         break;
     case PHASE_RENDEZVOUS:
+        /* Before the downloads: the ranks meet as soon as their leases arrive, so a slow download
+         * on one worker never runs out the others' rendezvous time (the first collective waits). */
         flush(j, now);
         if (d->signals) {
             wd_gang_cancel(j->gang);
             j->gang = NULL;
             j->final = FINAL_RELEASE;
             j->phase = PHASE_REPORTING;
+        } else if (!j->gang) {
+            start_rendezvous(j);
         }
         break;
     case PHASE_RUNNING:
@@ -778,7 +779,7 @@ static void job_begin(wd_daemon *d, json_t *lease) {
         return;
     }
     if (world > 1 && mine == 1) {
-        /* Split over workers, one rank here: the ranks meet after the downloads (wd_gang.h). */
+        /* Split over workers, one rank here: the ranks meet first, then download (wd_gang.h). */
         j->split = 1;
         j->rank = (int)json_integer_value(json_array_get(json_object_get(lease, "ranks"), 0));
     } else if (world > 1 && mine != world) {
@@ -829,10 +830,12 @@ static void job_begin(wd_daemon *d, json_t *lease) {
     }
     char host[128] = "";
     gethostname(host, sizeof host - 1);
-    if (j->split)
-        wd_outbox_event(&j->out, "info", NULL, "Worker %s (%s, %s) started rank %d of %d, attempt %d: downloading %d file(s)",
-                        d->cfg.name ? d->cfg.name : host, d->worker_id, d->cfg.device, j->rank, world, j->attempt, j->ndl);
-    else
+    if (j->split) {
+        j->phase = PHASE_RENDEZVOUS;
+        wd_outbox_event(&j->out, "info", NULL, "Worker %s (%s, %s) started rank %d of %d, attempt %d: meeting the "
+                        "other ranks, then downloading %d file(s)", d->cfg.name ? d->cfg.name : host, d->worker_id,
+                        d->cfg.device, j->rank, world, j->attempt, j->ndl);
+    } else
         wd_outbox_event(&j->out, "info", NULL, "Worker %s (%s, %s) started attempt %d: downloading %d file(s)",
                         d->cfg.name ? d->cfg.name : host, d->worker_id, d->cfg.device, j->attempt, j->ndl);
 }

@@ -21,8 +21,9 @@
  *    checkpoint elsewhere) and the process exits 0 — or, past --grace-s, exits 1. A second signal
  *    exits at once.
  *  - A gang split over workers (the lease lists one rank of world_size here, on a CPU worker):
- *    after the downloads the ranks meet through the server's rendezvous (wd_gang.h) and join one
- *    comm_tcp group; the run trains only this rank (wd_run.comm). Every rank heart-beats; only
+ *    the ranks first meet through the server's rendezvous (wd_gang.h) and join one comm_tcp
+ *    group — before the downloads, so one worker's slow download cannot run out the others'
+ *    rendezvous time —; the run trains only this rank (wd_run.comm). Every rank heart-beats; only
  *    rank 0 uploads checkpoints and results and completes — a rank ≠ 0 ends quietly when its run
  *    does. A run that fails because a peer's connection ended reports after PEER_FAIL_GRACE_S
  *    (so the rank with the real cause reports first; the later report is refused and ignored),

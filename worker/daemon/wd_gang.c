@@ -98,9 +98,13 @@ static void link_done(uv_work_t *w, int status)
         return;
     }
     if (status != 0 || g->link_rc != 0) {
-        char msg[1200];
-        snprintf(msg, sizeof msg, "rank %d of %d could not join the gang: %s", g->rank, g->world,
-                 status ? uv_strerror(status) : g->link_err.msg);
+        char msg[1400];
+        snprintf(msg, sizeof msg, "rank %d of %d could not join the gang: %s%s", g->rank, g->world,
+                 status ? uv_strerror(status) : g->link_err.msg,
+                 g->rank != 0 && strstr(g->link_err.msg, "cannot reach")
+                     ? " (rank 0's worker publishes its --advertise-host: it must be reachable from this worker, "
+                       "within its --comm-ports)"
+                     : "");
         finish(g, WD_GANG_FAILED, NULL, msg);
         return;
     }

@@ -14,6 +14,9 @@
  *  - allgather: every rank sends its n floats to the hub, which sends the whole N·n back.
  *  - broadcast: the root's buffer reaches the hub (unless the hub is the root), which sends it
  *    to every rank but the root.
+ * Data moves only after the header round, when every rank is inside the collective, so no rank
+ * sends into a peer that is still computing (whose full receive buffer would otherwise hold the
+ * sender in zero-window probes long enough for TCP_USER_TIMEOUT to call the link dead).
  * There is no timeout on a peer's data (ranks may compute for minutes between collectives): a
  * peer that dies closes its sockets (the kernel does so for a killed process), which ends the
  * read on the other side; a host that vanishes is found by TCP keepalive and TCP_USER_TIMEOUT.
