@@ -735,4 +735,16 @@ void sched_metrics_render(char **b, size_t *l, size_t *c) {
                     "# HELP loranull_lease_expirations_total Leases that expired without heartbeats.\n"
                     "# TYPE loranull_lease_expirations_total counter\nloranull_lease_expirations_total %lu\n",
                     atomic_load(&g_granted), atomic_load(&g_expired));
+    sqlite3_stmt *st = store_stmt("SELECT COUNT(*) FROM jobs WHERE status='queued' AND gang_wait=?");
+    http_buf_printf(b, l, c,
+                    "# HELP loranull_gang_waits Queued jobs the scheduler cannot place yet, by reason: holding (free "
+                    "devices are held for them, the oldest of their pool) or capacity (they need more devices than "
+                    "the live workers have; nothing is held).\n# TYPE loranull_gang_waits gauge\n");
+    static const char *const reasons[] = {"holding", "capacity"};
+    for (int i = 0; i < 2; i++) {
+        sqlite3_bind_text(st, 1, reasons[i], -1, SQLITE_STATIC);
+        long long n = sqlite3_step(st) == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
+        sqlite3_reset(st);
+        http_buf_printf(b, l, c, "loranull_gang_waits{reason=\"%s\"} %lld\n", reasons[i], n);
+    }
 }

@@ -11,6 +11,13 @@ def lease_seq(server, key, job_id):
     return min(s for s, m in events(server, key, job_id) if m.startswith("Job leased"))
 
 
+def gang_waits(server, key):
+    """loranull_gang_waits{reason=…} from /metrics."""
+    text = server.client(key).get(server.url("/metrics")).text
+    return {line.split('"')[1]: int(float(line.split()[-1])) for line in text.splitlines()
+            if line.startswith("loranull_gang_waits{")}
+
+
 def test_a_freed_device_is_held_for_the_older_gang_not_given_to_a_younger_job(steady_server):
     server = steady_server
     key, tok, f = setup(server)
@@ -26,9 +33,11 @@ def test_a_freed_device_is_held_for_the_older_gang_not_given_to_a_younger_job(st
     assert all(server.get_job(key, j)["status"] == "queued" for j in younger + [gang])
     held = [m for m in messages(server, key, gang) if m.startswith("Waiting for 2 devices")]
     assert len(held) == 1 and a.worker_id in held[0] and "younger jobs" in held[0], held
+    assert gang_waits(server, key) == {"holding": 1, "capacity": 0}
     # b's job ends: with a still polling, the two free devices form the gang at once.
     assert b.complete(lb["job_id"], lb["lease_generation"]).status_code == 200
     rank0, _, gen = form_gang(gang, a, b)
+    assert gang_waits(server, key) == {"holding": 0, "capacity": 0}
     # Then the younger jobs, in their order.
     assert rank0.complete(gang, gen, as_me=True).status_code == 200
     first = a.lease(wait_s=5)
@@ -87,6 +96,7 @@ def test_a_gang_the_live_workers_cannot_hold_blocks_nobody(steady_server):
     msgs = messages(server, key, big)
     assert any(m.startswith("Cannot be placed yet") and "2 devices in all" in m and "needs 3" in m for m in msgs), msgs
     assert server.get_job(key, big)["status"] == "queued"
+    assert gang_waits(server, key) == {"holding": 0, "capacity": 1}
     # A third worker makes it placeable: from then on free devices are held for it.
     a.complete(small, lease["lease_generation"])
     c = one_device_workers(server, tok, 1)[0]
