@@ -507,7 +507,10 @@ static void send_final(wd_job *j, double now) {
         /* Shutting down after the last checkpoint: release hands the job back without using an
          * attempt (an eviction is not the job's failure); the next worker resumes from it. */
         snprintf(path, sizeof path, "/internal/v1/jobs/%s/release", j->id);
-        b = json_pack("{s:I, s:s}", "lease_generation", (json_int_t)j->gen, "reason", "shutting down");
+        /* Rank 0 of a split gang stops without a signal of its own when another rank's worker shuts
+         * down (the trainer stops every rank after the same step): it releases with its checkpoint. */
+        b = json_pack("{s:I, s:s}", "lease_generation", (json_int_t)j->gen, "reason",
+                      j->split && !j->d->signals ? "another rank's worker is shutting down" : "shutting down");
     } else {
         snprintf(path, sizeof path, "/internal/v1/jobs/%s/fail", j->id);
         b = json_pack("{s:I, s:b, s:{s:s, s:s}}", "lease_generation", (json_int_t)j->gen, "retryable",
@@ -626,7 +629,10 @@ static void gang_run_ended(wd_job *j, double now) {
     if (r->status == WD_RUN_FAILED)
         ln_log(LN_LOG_WARN, "worker", "job %s: rank %d of %d failed: %s", j->id, j->rank, r->world, r->err_msg);
     if (j->rank == 0) return; /* rank 0 goes on as a whole job does */
-    j->final = j->d->signals ? FINAL_RELEASE : r->status == WD_RUN_FAILED ? FINAL_FAIL : FINAL_NONE;
+    /* Stopped (any rank's stop stops every rank after the same step): rank 0 checkpoints and
+     * releases or reports. Failed during a shutdown: release, so no attempt is used. */
+    if (r->status == WD_RUN_FAILED) j->final = j->d->signals ? FINAL_RELEASE : FINAL_FAIL;
+    else j->final = FINAL_NONE;
     j->phase = PHASE_REPORTING;
 }
 
@@ -950,8 +956,6 @@ static void on_signal(uv_signal_t *s, int signum) {
            d->job ? "stopping the job at the next step, checkpointing and releasing it" : "exiting");
     if (d->job) {
         if (d->job->run_started) atomic_store(&d->job->run.stop, WD_STOP_SHUTDOWN);
-        /* Only rank 0's trainer stops a gang in step; another rank leaves it (and releases the job). */
-        if (d->job->rank != 0) comm_abort(d->job->comm);
     } else if (d->http) {
         wd_http_abort_ctx(d->http, d); /* the lease long-poll */
         d->busy = 0;

@@ -29,7 +29,8 @@
  *    (so the rank with the real cause reports first; the later report is refused and ignored),
  *    as retryable. Cancel or a lost lease on any rank aborts its comm, so the other ranks'
  *    collectives fail at once; a pause leaves the stop to rank 0's trainer (it checkpoints in
- *    step). SIGTERM on a rank ≠ 0 aborts the group and releases the job.
+ *    step). SIGTERM on any rank stops every rank after the same step (the trainer agrees on a
+ *    stop seen by any rank); rank 0 uploads the stop's checkpoint and releases the job.
  *  - The worker id the server gave is kept in <work-dir>/worker_id: a restarted daemon registers
  *    again under the same id (one work dir per worker). */
 #ifndef WD_DAEMON_H
