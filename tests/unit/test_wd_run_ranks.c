@@ -1,0 +1,278 @@
+/* wd_run with r->comm: a 2-rank job whose ranks are two "processes" — two wd_runs, each with its
+ * own model, files, work dir and outbox, joined only by a thread comm standing in for the network
+ * (the daemon's TCP gang comm is another backend of the same interface). Each validates,
+ * calibrates (LoRA-Null) and initialises on its own; rank 0 reports and exports, rank 1 posts
+ * nothing and writes nothing (wd_run.h). Checked against the same job run with both ranks on
+ * threads in one wd_run (comm NULL): the exported adapter bytes are the same. A stop seen only by
+ * rank 1 stops both; rank 0's stop checkpoint, resumed by both, ends with the same bytes again. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include <sched.h>
+#include <unistd.h>
+
+#include "common/safetensors.h"
+#include "common/util.h"
+#include "worker/backend/backend.h"
+#include "worker/backend/comm/comm.h"
+#include "worker/engine/model.h"
+#include "worker/engine/rng.h"
+#include "worker/daemon/wd_run.h"
+
+static const char *CONFIG =
+    "{\"vocab_size\":48,\"hidden_size\":32,\"intermediate_size\":48,\"num_hidden_layers\":2,"
+    "\"num_attention_heads\":8,\"num_key_value_heads\":4,\"head_dim\":8,\"max_position_embeddings\":64,"
+    "\"rms_norm_eps\":1e-5,\"rope_theta\":10000.0,\"tie_word_embeddings\":false}";
+
+/* 300 steps of 2 examples: long enough to stop well before the end. */
+static const char *SPEC =
+    "{\"model\":\"tiny\",\"training_file\":\"file-train\",\"seed\":7,"
+    "\"hyperparameters\":{\"n_epochs\":25,\"batch_size\":2,\"learning_rate\":0.01,\"save_interval\":50},"
+    "\"adapter\":{\"type\":\"lora_null_v2\",\"rank\":4,\"calibration\":{\"samples\":8,\"max_length\":16}},"
+    "\"resources\":{\"ranks\":2,\"device\":\"cpu\"}}";
+
+static char g_root[64];
+
+/* The model and the training file, once for the whole file. */
+static int setup(void **state)
+{
+    (void)state;
+    snprintf(g_root, sizeof g_root, "/tmp/loranull-wdrun-XXXXXX");
+    if (!mkdtemp(g_root)) return -1;
+    ln_err e = {{0}};
+    ln_config cfg;
+    ln_model *m;
+    char p[256];
+    snprintf(p, sizeof p, "%s/model", g_root);
+    if (ln_config_parse(CONFIG, "wdrun-config", &cfg, &e) || ln_model_new_random(&cfg, lnb_cpu(), 3, &m, &e) ||
+        ln_model_save(m, p, ST_F32, &e)) {
+        fprintf(stderr, "setup: %s\n", e.msg);
+        return -1;
+    }
+    ln_model_free(m);
+    snprintf(p, sizeof p, "%s/train.jsonl", g_root);
+    FILE *f = fopen(p, "w");
+    ln_rng r;
+    ln_rng_seed(&r, 5);
+    for (int i = 0; i < 24; i++) {
+        fputs("{\"input_ids\": [", f);
+        for (int t = 0, len = 6 + i % 7; t < len; t++) fprintf(f, "%s%d", t ? ", " : "", (int)(ln_rng_u64(&r) % 48));
+        fputs("]}\n", f);
+    }
+    fclose(f);
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_root);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+typedef struct proc {
+    wd_run r;
+    wd_outbox out;
+} proc;
+
+/* One "process" holding `rank` of the job (comm NULL: every rank, on threads), in its own dir. */
+static void proc_init(proc *x, const char *name, ln_comm *comm, int rank, const char *resume)
+{
+    memset(x, 0, sizeof *x);
+    wd_outbox_init(&x->out, NULL, 100000, 100000);
+    wd_run *r = &x->r;
+    char param[LN_JOBSPEC_PARAM_MAX];
+    ln_err e = {{0}};
+    assert_int_equal(ln_jobspec_parse_text(SPEC, strlen(SPEC), &r->spec, param, &e), 0);
+    snprintf(r->job_id, sizeof r->job_id, "ftjob-test");
+    snprintf(r->model_name, sizeof r->model_name, "tiny");
+    snprintf(r->model_dir, sizeof r->model_dir, "%s/model", g_root);
+    snprintf(r->dir, sizeof r->dir, "%s/%s", g_root, name);
+    snprintf(r->files_dir, sizeof r->files_dir, "%s/files", g_root);
+    snprintf(r->train_path, sizeof r->train_path, "%s/train.jsonl", g_root);
+    snprintf(r->cache_dir, sizeof r->cache_dir, "%s/%s-cache", g_root, name);
+    snprintf(r->resume, sizeof r->resume, "%s", resume ? resume : "");
+    r->world = 2;
+    r->comm = comm;
+    r->rank = rank;
+    r->be = lnb_cpu();
+    r->out = &x->out;
+    wd_run_init(r);
+}
+
+static void wait_done(proc *x, int n)
+{
+    for (int i = 0; i < n; i++)
+        while (!atomic_load(&x[i].r.done)) sched_yield();
+}
+
+static void proc_free(proc *x)
+{
+    wd_run_finish(&x->r);
+    wd_outbox_destroy(&x->out);
+}
+
+static char *read_all(const char *dir, const char *name, size_t *n)
+{
+    char *p = ln_path_join(dir, name), *buf = NULL;
+    ln_err e = {{0}};
+    if (ln_read_file(p, &buf, n, &e)) fail_msg("%s", e.msg);
+    free(p);
+    return buf;
+}
+
+static void assert_same_file(const char *dir_a, const char *dir_b, const char *name)
+{
+    size_t na, nb;
+    char *a = read_all(dir_a, name, &na), *b = read_all(dir_b, name, &nb);
+    assert_int_equal(na, nb);
+    assert_memory_equal(a, b, na);
+    free(a);
+    free(b);
+}
+
+static int exists_under(const char *dir, const char *name)
+{
+    char *p = ln_path_join(dir, name);
+    int x = ln_file_exists(p);
+    free(p);
+    return x;
+}
+
+/* The same job on threads in one wd_run: what the gang must reproduce. */
+static void run_threads(proc *ref)
+{
+    proc_init(ref, "threads", NULL, 0, NULL);
+    assert_int_equal(wd_run_start(&ref->r), 0);
+    wait_done(ref, 1);
+    if (ref->r.status != WD_RUN_OK) fail_msg("threads: %s", ref->r.err_msg);
+}
+
+/* Starts both ranks of a gang over a fresh thread comm. */
+static void start_gang(proc *g, const char *tag, const char *resume)
+{
+    ln_comm *c[2];
+    ln_err e = {{0}};
+    assert_int_equal(comm_thread_group_new(2, c, &e), 0);
+    char n0[32], n1[32];
+    snprintf(n0, sizeof n0, "%s-rank0", tag);
+    snprintf(n1, sizeof n1, "%s-rank1", tag);
+    proc_init(&g[0], n0, c[0], 0, resume);
+    proc_init(&g[1], n1, c[1], 1, resume);
+    assert_int_equal(wd_run_start(&g[0].r), 0);
+    assert_int_equal(wd_run_start(&g[1].r), 0);
+}
+
+static void end_gang(proc *g)
+{
+    ln_comm *c0 = g[0].r.comm, *c1 = g[1].r.comm;
+    proc_free(&g[0]);
+    proc_free(&g[1]);
+    comm_free(c0);
+    comm_free(c1);
+}
+
+static void test_gang_of_two_processes_equals_threads(void **state)
+{
+    (void)state;
+    proc ref, g[2];
+    run_threads(&ref);
+    start_gang(g, "gang", NULL);
+    wait_done(g, 2);
+    if (g[0].r.status != WD_RUN_OK) fail_msg("rank 0: %s", g[0].r.err_msg);
+    if (g[1].r.status != WD_RUN_OK) fail_msg("rank 1: %s", g[1].r.err_msg);
+    /* rank 0 exported what the threads did, byte for byte */
+    assert_same_file(ref.r.export_dir, g[0].r.export_dir, "adapter_model.safetensors");
+    assert_int_equal(g[0].r.steps, 300);
+    assert_int_equal(g[1].r.steps, 300);
+    /* rank 0 reported like the one-process run; rank 1 posted nothing and wrote nothing */
+    size_t ev_ref, pt_ref, ev0, pt0, ev1, pt1;
+    wd_outbox_size(&ref.out, &ev_ref, &pt_ref);
+    wd_outbox_size(&g[0].out, &ev0, &pt0);
+    wd_outbox_size(&g[1].out, &ev1, &pt1);
+    printf("  rank 0: %zu events, %zu metric points (threads: %zu, %zu); rank 1: %zu, %zu\n", ev0, pt0, ev_ref, pt_ref,
+           ev1, pt1);
+    assert_int_equal(pt0, pt_ref);
+    assert_int_equal(ev0, ev_ref);
+    assert_true(pt0 > 300); /* every step, the evaluations before and after, drift at eval points */
+    assert_int_equal(ev1, 0);
+    assert_int_equal(pt1, 0);
+    assert_string_equal(g[1].r.export_dir, "");
+    assert_true(exists_under(g[0].r.dir, "out/checkpoints/step-000050/state.safetensors"));
+    assert_false(exists_under(g[1].r.dir, "out/checkpoints"));
+    assert_false(exists_under(g[1].r.dir, "out/metrics.jsonl"));
+    int64_t step;
+    double loss;
+    char dir[WD_PATH_MAX];
+    assert_false(wd_run_take_checkpoint(&g[1].r, &step, &loss, dir));
+    end_gang(g);
+    proc_free(&ref);
+}
+
+/* A stop (a pause) seen only by rank 1's worker stops both after the same step; rank 0 writes the
+ * stop checkpoint; both resume from it and end with the uninterrupted bytes. */
+static void test_stop_on_rank_1_then_resume(void **state)
+{
+    (void)state;
+    proc ref, g[2];
+    run_threads(&ref);
+    start_gang(g, "stop", NULL);
+    size_t ev, pt = 0;
+    while (pt < 20 && !atomic_load(&g[0].r.done)) { /* rank 0 has reported some steps */
+        wd_outbox_size(&g[0].out, &ev, &pt);
+        sched_yield();
+    }
+    atomic_store(&g[1].r.stop, WD_STOP_PAUSE);
+    wait_done(g, 2);
+    if (g[0].r.status == WD_RUN_FAILED) fail_msg("rank 0: %s", g[0].r.err_msg);
+    if (g[1].r.status == WD_RUN_FAILED) fail_msg("rank 1: %s", g[1].r.err_msg);
+    assert_int_equal(g[0].r.status, WD_RUN_STOPPED);
+    assert_int_equal(g[1].r.status, WD_RUN_STOPPED);
+    assert_int_equal(g[0].r.steps, g[1].r.steps);
+    int64_t step = 0, s;
+    double loss;
+    char ck[WD_PATH_MAX];
+    /* the newest checkpoint rank 0 noted is the stop's, at the step both stopped after */
+    while (wd_run_take_checkpoint(&g[0].r, &s, &loss, ck)) step = s;
+    printf("  rank 1's stop: both ranks stopped after step %lld of 300; rank 0's checkpoint %s\n",
+           (long long)g[0].r.steps, ck);
+    assert_int_equal(step, g[0].r.steps);
+    assert_true(step < 300);
+    char none[WD_PATH_MAX];
+    assert_false(wd_run_take_checkpoint(&g[1].r, &s, &loss, none)); /* rank 1 wrote none */
+    char resume[WD_PATH_MAX];
+    snprintf(resume, sizeof resume, "%s", ck);
+    end_gang(g);
+    start_gang(g, "resumed", resume);
+    wait_done(g, 2);
+    if (g[0].r.status != WD_RUN_OK) fail_msg("rank 0 resumed: %s", g[0].r.err_msg);
+    if (g[1].r.status != WD_RUN_OK) fail_msg("rank 1 resumed: %s", g[1].r.err_msg);
+    assert_same_file(ref.r.export_dir, g[0].r.export_dir, "adapter_model.safetensors");
+    end_gang(g);
+    proc_free(&ref);
+}
+
+int main(int argc, char **argv)
+{
+    (void)argc;
+    if (!getenv("LN_WDRUN_TEST_REEXEC")) {
+        setenv("LN_WDRUN_TEST_REEXEC", "1", 1);
+        setenv("OMP_NUM_THREADS", "1", 1);
+        setenv("OPENBLAS_NUM_THREADS", "1", 1);
+        execv("/proc/self/exe", argv);
+        perror("test_wd_run_ranks: re-executing with one thread");
+        return 1;
+    }
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_gang_of_two_processes_equals_threads),
+        cmocka_unit_test(test_stop_on_rank_1_then_resume),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
