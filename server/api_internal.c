@@ -107,6 +107,15 @@ static int gang_member(http_req *r, long long gen, const char *wid, int *rank0) 
     return -1;
 }
 
+/* lease_begin for a heartbeat, complete, fail or release, which may name its worker: on 0 the
+ * transaction is open, wid is the named worker ("" for none) and *rank0 says whether it holds rank 0
+ * (1 for none: such a report speaks for the whole gang); on -1 the reply is sent. */
+static int report_begin(http_req *r, json_t *b, long long gen, char wid[40], int *rank0) {
+    *rank0 = 1;
+    if (report_worker(r, b, wid) != 0 || lease_begin(r, gen, 0) != 0) return -1;
+    return wid[0] ? gang_member(r, gen, wid, rank0) : 0;
+}
+
 /* ---------------------------------------------------------------- workers */
 
 static enum MHD_Result workers_register(http_req *r) {
@@ -227,13 +236,12 @@ out:
 static enum MHD_Result job_heartbeat(http_req *r) {
     long long gen;
     char wid[40];
+    int rank0;
     json_t *b = body_with_gen(r, &gen);
     if (!b) return r->result;
-    int bad_wid = report_worker(r, b, wid);
+    int rc = report_begin(r, b, gen, wid, &rank0);
     json_decref(b);
-    if (bad_wid || lease_begin(r, gen, 0) != 0) return r->result;
-    int rank0;
-    if (wid[0] && gang_member(r, gen, wid, &rank0) != 0) return r->result;
+    if (rc != 0) return r->result;
     double exp = sched_heartbeat(r->params[0], gen, wid[0] ? wid : NULL);
     if (store_commit() != 0) return http_error(r, 503, "server_error", "busy", NULL, "The database is busy; retry.");
     return http_json(r, 200, json_pack("{s:s, s:s, s:I, s:f}", "object", "lease", "job_id", r->params[0],
@@ -419,12 +427,11 @@ static enum MHD_Result job_complete(http_req *r) {
     if (!b) return r->result;
     enum MHD_Result res;
     char wid[40];
-    if (json_object_get(b, "trained_tokens") && get_int_member(r, b, "trained_tokens", 0, INT64_MAX, &tokens) != 0) { res = r->result; goto out; }
-    if (report_worker(r, b, wid) != 0 || lease_begin(r, gen, 0) != 0) { res = r->result; goto out; }
-    const char *job = r->params[0];
     int rank0;
-    if (wid[0] && gang_member(r, gen, wid, &rank0) != 0) { res = r->result; goto out; }
-    if (wid[0] && !rank0) {
+    if (json_object_get(b, "trained_tokens") && get_int_member(r, b, "trained_tokens", 0, INT64_MAX, &tokens) != 0) { res = r->result; goto out; }
+    if (report_begin(r, b, gen, wid, &rank0) != 0) { res = r->result; goto out; }
+    const char *job = r->params[0];
+    if (!rank0) {
         /* Rank 0 holds the trained adapter and completes for the gang; the other ranks just end. */
         char owner[40];
         sched_gang_workers(job, gen, owner);
@@ -472,9 +479,8 @@ static enum MHD_Result job_fail(http_req *r) {
     if (retry && !json_is_boolean(retry)) { res = bad(r, "retryable", "must be a boolean"); goto out; }
     char wid[40];
     int rank0;
-    if (report_worker(r, b, wid) != 0 || lease_begin(r, gen, 0) != 0) { res = r->result; goto out; }
+    if (report_begin(r, b, gen, wid, &rank0) != 0) { res = r->result; goto out; }
     const char *job = r->params[0];
-    if (wid[0] && gang_member(r, gen, wid, &rank0) != 0) { res = r->result; goto out; }
     if (json_is_true(retry)) {
         char reason[4300];
         snprintf(reason, sizeof reason, "Worker%s%s reported a retryable failure (%s): %s", wid[0] ? " " : "", wid,
@@ -516,9 +522,8 @@ static enum MHD_Result job_release(http_req *r) {
                                                                                       : "shutting down";
     char wid[40];
     int rank0;
-    if (report_worker(r, b, wid) != 0 || lease_begin(r, gen, 0) != 0) { res = r->result; goto out; }
+    if (report_begin(r, b, gen, wid, &rank0) != 0) { res = r->result; goto out; }
     const char *job = r->params[0];
-    if (wid[0] && gang_member(r, gen, wid, &rank0) != 0) { res = r->result; goto out; }
     char worker[40] = "?";
     sqlite3_stmt *st = store_stmt("SELECT lease_worker FROM jobs WHERE id=?");
     sqlite3_bind_text(st, 1, job, -1, SQLITE_STATIC);
