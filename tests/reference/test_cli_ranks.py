@@ -33,6 +33,15 @@ CFG = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidd
 CALIB = ["--calibration-max-length", 48, "--calibration-samples", 32, "--no-calibration-cache"]
 METHODS = ["lora", "lora_fa", "pissa", "milora", "corda", "lora_null_v1", "lora_null_v2", "full"]
 NEEDS_COV = {"corda", "lora_null_v1", "lora_null_v2"}
+# AdamW's first step is lr·g/(|g| + 1e-8): a gradient element near 1e-8 moves its weight by a
+# fraction of lr that depends on its exact value. o_proj's B has such elements wherever A (corda's,
+# the LoRA-Null bases) reads input directions with almost no energy (this model's attention outputs
+# have eigenvalues ~1e-4): B's gradient there is ~4e-9, a cancellation whose value moves by several
+# % with any rounding — perturbing every base weight by ±1 ulp on one rank moves one such step from
+# 0.286·lr to 0.269·lr; 2 ranks' rank-order sums give 0.321·lr. So o_proj's B has its own, looser
+# bound, and for corda (whose o_proj B has the largest such elements) so do the factors that the
+# changed B feeds in the next steps.
+NOISY = "o_proj.lora_B"
 
 
 def worst(a_path, b_path, skip=()):
@@ -76,6 +85,17 @@ def train(work, out, ranks, method="lora", *extra):
     return r
 
 
+def assert_same_training(out, ref, method="lora", what=""):
+    """out's trained adapter (or model) and metrics rows equal ref's within 1e-5 relative, but for
+    o_proj's B: see NOISY."""
+    a, b = result_file(out, method), result_file(ref, method)
+    w, noisy = worst(a, b, skip=(NOISY,)), worst(a, b)
+    print(f"{what or method}: {w:.2e} ({noisy:.2e} with o_proj's B)")
+    assert w <= (3e-5 if method == "corda" else 1e-5), f"{what or method}: trained tensors differ by {w:.3g}"
+    assert noisy <= 3e-3, f"{what or method}: o_proj's B differs by {noisy:.3g} relative"
+    assert_rows_close(metrics(out), metrics(ref))
+
+
 def result_file(out, method):
     return out / ("model.safetensors" if method == "full" else "adapter.safetensors")
 
@@ -85,8 +105,11 @@ def metrics(out):
 
 
 def assert_rows_close(rows, ref, tol=1e-5):
-    assert [r["step"] for r in rows] == [r["step"] for r in ref]
-    for a, b in zip(rows, ref):
+    """Every row of rows against ref's row of the same step (a resumed run has the later ones)."""
+    by_step = {r["step"]: r for r in ref}
+    assert rows and all(r["step"] in by_step for r in rows), ([r["step"] for r in rows], list(by_step))
+    for a in rows:
+        b = by_step[a["step"]]
         for k in ("loss", "val_loss", "grad_norm"):
             if k in b:
                 assert abs(a[k] - b[k]) <= tol * abs(b[k]), (a["step"], k, a[k], b[k])
@@ -101,19 +124,7 @@ def test_train_ranks_equal_one_rank(work, method):
     train(work, d / "r1", 1, method)
     for ranks in (2, 4):
         train(work, d / f"r{ranks}", ranks, method)
-        # corda's A for o_proj spans input directions with almost no energy (the covariance's
-        # eigenvalues there are ~1e-4), so some of B's gradient elements are ~4e-9: rounding-level,
-        # and AdamW's first step g/(|g| + 1e-8) turns their rank-order differences into a few % of
-        # lr (measured: 0.286·lr on 1 rank, 0.321·lr on 2 at one element of layer 1's o_proj B);
-        # the factors downstream of it then move by up to ~1.2e-5.
-        skip = ("o_proj.lora_B",) if method == "corda" else ()
-        w = worst(result_file(d / f"r{ranks}", method), result_file(d / "r1", method), skip=skip)
-        print(f"{method}, {ranks} ranks vs 1: {w:.2e}")
-        assert w <= (5e-5 if skip else 1e-5), f"{method}, {ranks} ranks: trained tensors differ by {w:.3g} relative"
-        if skip:
-            w = worst(result_file(d / f"r{ranks}", method), result_file(d / "r1", method))
-            assert w <= 3e-3, f"{method}, {ranks} ranks: o_proj's B differs by {w:.3g} relative"
-        assert_rows_close(metrics(d / f"r{ranks}"), metrics(d / "r1"))
+        assert_same_training(d / f"r{ranks}", d / "r1", method, f"{method}, {ranks} ranks vs 1")
         if method in NEEDS_COV:  # the knowledge drift at the end, from the same covariances
             a = json.loads((d / f"r{ranks}" / "knowledge_drift.json").read_text())
             b = json.loads((d / "r1" / "knowledge_drift.json").read_text())
@@ -126,12 +137,8 @@ def test_train_ranks_with_validation_and_packing(work):
     extra = ["--val-data", work["val"], "--eval-every", 4, "--pack", 64]
     train(work, d / "r1", 1, "lora", *extra)
     train(work, d / "r2", 2, "lora", *extra)
-    rows = metrics(d / "r2")
-    assert sum("val_loss" in r for r in rows) >= 2
-    assert_rows_close(rows, metrics(d / "r1"))
-    w = worst(d / "r2" / "adapter.safetensors", d / "r1" / "adapter.safetensors")
-    print(f"validation + packing, 2 ranks vs 1: {w:.2e}")
-    assert w <= 1e-5
+    assert sum("val_loss" in r for r in metrics(d / "r2")) >= 2
+    assert_same_training(d / "r2", d / "r1", what="validation + packing, 2 ranks vs 1")
 
 
 def test_train_ranks_resume_across_rank_counts(work):
@@ -144,9 +151,7 @@ def test_train_ranks_resume_across_rank_counts(work):
     for ranks in (2, 4, 1):
         out = d / f"resumed_{ranks}"
         train(work, out, ranks, "lora_null_v2", "--save-every", 4, "--resume", ckpt)
-        w = worst(out / "adapter.safetensors", d / "whole" / "adapter.safetensors")
-        print(f"2-rank checkpoint resumed on {ranks} ranks vs uninterrupted 1 rank: {w:.2e}")
-        assert w <= 1e-5, f"resumed on {ranks} ranks: {w:.3g}"
+        assert_same_training(out, d / "whole", "lora_null_v2", f"2-rank checkpoint resumed on {ranks} ranks vs 1")
 
 
 # ---------------------------------------------------------------- covariance and init
