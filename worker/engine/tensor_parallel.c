@@ -464,7 +464,9 @@ int ln_tp_train_rank(ln_comm *c, ln_model *full, ln_adapter *full_ad, const ln_d
     if (rc == 0) rc = ln_train(shard, &sad, ds, &o, res, e);
     /* the trained shards, back into rank 0's whole adapter (or model) */
     if (rc == 0) rc = ln_tp_gather(shard, &sad, o.tp_full, o.tp_full_ad, e);
-    if (rc == 0 && root && opts->out_dir && !res->stopped) rc = ln_train_save_final(full, full_ad, opts->out_dir, e);
+    /* (one rank: ln_train saved it already — its shard is the whole model) */
+    if (rc == 0 && root && c->size > 1 && opts->out_dir && !res->stopped)
+        rc = ln_train_save_final(full, full_ad, opts->out_dir, e);
     if (!sad.full) ln_adapter_free(&sad);
     ln_model_free(shard);
     if (rc) {
