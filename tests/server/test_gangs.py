@@ -40,7 +40,7 @@ def test_any_rank_heartbeats_and_the_gang_lives_only_while_every_worker_does(ste
 
 
 def test_a_silent_worker_requeues_the_whole_gang_and_frees_every_device(server_factory):
-    server = server_factory("--lease-ttl-s", "2", "--retry-backoff-s", "0.2", "--max-attempts", "5")
+    server = server_factory("--lease-ttl-s", "3", "--retry-backoff-s", "0.2", "--max-attempts", "5")
     key, tok, f, job, a, b = gang_of_two(server)
     r0, r1, gen = form_gang(job, a, b)
     # Rank 0 keeps heartbeating; rank 1's worker has gone silent.
