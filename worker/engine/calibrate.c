@@ -362,8 +362,9 @@ static int calibrate_compute(ln_model *m, const window *win, int64_t count, unsi
             h.dev[i] = NULL;
         }
     }
-    ln_log(LN_LOG_INFO, "calibration", "samples=%" PRId64 " tokens=%" PRId64 " seconds=%.3f sums=%s", c->samples,
-           c->tokens, ln_now_s() - t0, h.acc ? h.acc->name : "host");
+    if (!tph.comm || tph.comm->rank == 0) /* shards: once, from the rank that holds the covariances */
+        ln_log(LN_LOG_INFO, "calibration", "samples=%" PRId64 " tokens=%" PRId64 " seconds=%.3f sums=%s", c->samples,
+               c->tokens, ln_now_s() - t0, h.acc ? h.acc->name : "host");
     rc = 0;
 out:
     for (int i = 0; i < L * LN_NINPUT; i++) {
