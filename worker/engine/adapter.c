@@ -32,7 +32,10 @@ static int factor_alloc(const lnb_backend *be, ln_param *p, const char *name, in
     p->decay = 1;
     p->owned = 1;
     p->w = be->alloc((size_t)p->n * sizeof(float));
-    if (!p->w) return ln_errf(e, "out of memory allocating %s", name);
+    char size[32];
+    if (!p->w)
+        return ln_errf(e, "out of memory allocating %s for %s", ln_fmt_bytes((double)p->n * sizeof(float), size, sizeof size),
+                       name);
     return ln_param_set_trainable(be, p, 1, e);
 }
 

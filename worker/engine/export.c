@@ -41,21 +41,21 @@ typedef struct {
     int r, d_out, d_in;
 } host_factors;
 
-static int fetch(const ln_model *m, const ln_lora *lo, int residual, host_factors *h, ln_err *e) {
+static int fetch(const ln_model *m, const ln_lora *lo, int residual, host_factors *h, const char *area, ln_err *e) {
     memset(h, 0, sizeof *h);
     h->r = lo->A.rows;
     h->d_in = lo->A.cols;
     h->d_out = lo->B.rows;
     size_t na = (size_t)lo->A.n * sizeof(float), nb = (size_t)lo->B.n * sizeof(float);
-    h->A = ln_try_allocf(na, 1, e, "export", "a host copy of %s", lo->A.name);
-    h->B = h->A ? ln_try_allocf(nb, 1, e, "export", "a host copy of %s", lo->B.name) : NULL;
+    h->A = ln_try_allocf(na, 1, e, area, "a host copy of %s", lo->A.name);
+    h->B = h->A ? ln_try_allocf(nb, 1, e, area, "a host copy of %s", lo->B.name) : NULL;
     if (!h->A || !h->B) return -1;
     m->be->download(h->A, lo->A.w, na);
     m->be->download(h->B, lo->B.w, nb);
     if (residual) {
-        if (!lo->A0 || !lo->B0) return ln_errf(e, "export: %s has a residual but no initial factors", lo->A.name);
-        h->A0 = ln_try_allocf(na, 1, e, "export", "a host copy of the initial factor of %s", lo->A.name);
-        h->B0 = h->A0 ? ln_try_allocf(nb, 1, e, "export", "a host copy of the initial factor of %s", lo->B.name) : NULL;
+        if (!lo->A0 || !lo->B0) return ln_errf(e, "%s: %s has a residual but no initial factors", area, lo->A.name);
+        h->A0 = ln_try_allocf(na, 1, e, area, "a host copy of the initial factor of %s", lo->A.name);
+        h->B0 = h->A0 ? ln_try_allocf(nb, 1, e, area, "a host copy of the initial factor of %s", lo->B.name) : NULL;
         if (!h->A0 || !h->B0) return -1;
         m->be->download(h->A0, lo->A0, na);
         m->be->download(h->B0, lo->B0, nb);
@@ -94,7 +94,7 @@ int ln_export_peft(const ln_model *m, const ln_adapter *ad, const char *base_mod
             const ln_lora *lo = &ad->lora[i];
             if (!lo->A.w) continue;
             host_factors h;
-            if (fetch(m, lo, ad->residual, &h, e) != 0) {
+            if (fetch(m, lo, ad->residual, &h, "export", e) != 0) {
                 release(&h);
                 goto out;
             }
@@ -143,6 +143,7 @@ int ln_export_peft(const ln_model *m, const ln_adapter *ad, const char *base_mod
         }
     char *path = ln_path_join(dir, "adapter_model.safetensors");
     rc = st_writer_write(w, path, e);
+    if (rc != 0) ln_err_prefix(e, "export");
     free(path);
     if (rc == 0) rc = ln_peft_write_config(ad, r2, alpha2, base_model, dir, e);
 out:
@@ -197,7 +198,7 @@ int ln_export_merged(ln_model *orig, const ln_model *trained, const ln_adapter *
                 return ln_errf(e, "merge: layer %d %s is %d x %d in the base but the adapter is %d x %d", l,
                                ln_target_module((ln_target)t), W->rows, W->cols, lo->B.rows, lo->A.cols);
             host_factors h;
-            if (fetch(trained, lo, ad->residual, &h, e) != 0) {
+            if (fetch(trained, lo, ad->residual, &h, "merge", e) != 0) {
                 release(&h);
                 return -1;
             }

@@ -102,7 +102,10 @@ static int param_train(const lnb_backend *be, ln_param *p, ln_err *e)
 {
     p->trainable = 1;
     if (!p->g) p->g = be->alloc((size_t)p->n * sizeof(float));
-    if (!p->g) return ln_errf(e, "out of memory allocating the gradient of %s", p->name);
+    char size[32];
+    if (!p->g)
+        return ln_errf(e, "out of memory allocating %s for the gradient of %s",
+                       ln_fmt_bytes((double)p->n * sizeof(float), size, sizeof size), p->name);
     return 0;
 }
 

@@ -1,0 +1,323 @@
+/* Out of memory in the engine fails the job instead of aborting the worker: export (PEFT and
+ * merged), the knowledge-drift tracker (full fine-tuning and a residual adapter) and the
+ * LoRA-Null init (null-space basis, factors, residual) each run in a child process (this binary
+ * run again, so nothing of OpenBLAS or OpenMP is inherited through fork) under a real
+ * address-space limit (RLIMIT_AS = what the child already maps + a slack). The slack doubles
+ * from 256 KiB until the path succeeds; at every step the child must come back normally with
+ * either success or one "… out of memory allocating <size> for <what>" sentence — an abort or a
+ * signal fails the test. ASan/UBSan builds skip it: ASan's shadow memory needs terabytes of
+ * address space, so RLIMIT_AS cannot stand for a memory limit there. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include <cblas.h>
+#include <jansson.h>
+#include <malloc.h>
+#include <math.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "common/safetensors.h"
+#include "common/util.h"
+#include "worker/backend/backend.h"
+#include "worker/engine/adapter.h"
+#include "worker/engine/drift.h"
+#include "worker/engine/export.h"
+#include "worker/engine/model.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#define UNDER_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define UNDER_ASAN 1
+#endif
+#endif
+#ifndef UNDER_ASAN
+#define UNDER_ASAN 0
+#endif
+
+static char g_dir[] = "/tmp/ln_oom_XXXXXX";
+
+/* One layer wide enough that every path's big buffers are megabytes: W_q 1 MiB, W_down 2 MiB,
+ * a 1024² fp64 covariance 8 MiB. */
+static const char *CFG_JSON =
+    "{\"vocab_size\": 64, \"hidden_size\": 512, \"intermediate_size\": 1024, \"num_hidden_layers\": 1,"
+    " \"num_attention_heads\": 8, \"num_key_value_heads\": 4, \"max_position_embeddings\": 64,"
+    " \"rms_norm_eps\": 1e-5, \"rope_theta\": 10000.0, \"tie_word_embeddings\": false}";
+
+/* ---------------------------------------------------------------- the paths */
+
+/* Synthetic covariances, PSD: C = diag(i+1)/d + 0.01·vvᵀ, one per input width. */
+typedef struct {
+    double *hidden, *inter;
+    int dh, di;
+} covs;
+
+static double *synthetic_cov(int d) {
+    double *C = malloc((size_t)d * d * sizeof *C);
+    for (int i = 0; i < d; i++)
+        for (int j = 0; j < d; j++) {
+            double vi = sin(0.1 * i), vj = sin(0.1 * j);
+            C[(size_t)i * d + j] = 0.01 * vi * vj + (i == j ? (i + 1.0) / d : 0.0);
+        }
+    return C;
+}
+
+static const double *cov_of(void *ctx, int layer, ln_input which) {
+    (void)layer;
+    covs *c = ctx;
+    return which == LN_IN_DOWN ? c->inter : c->hidden;
+}
+
+/* What the child prepares before the limit and then runs under it, once per slack. */
+typedef struct {
+    ln_model *m, *orig;
+    ln_adapter ad;
+    covs cv;
+    int runs;
+} world;
+
+typedef int (*path_fn)(world *w, ln_err *e);
+
+static ln_model *new_model(void) {
+    ln_config cfg;
+    ln_err e;
+    ln_model *m = NULL;
+    if (ln_config_parse(CFG_JSON, "oom test config", &cfg, &e) != 0 ||
+        ln_model_new_random(&cfg, lnb_cpu(), 3, &m, &e) != 0) {
+        fprintf(stderr, "setup: %s\n", e.msg);
+        _exit(3);
+    }
+    return m;
+}
+
+static void setup_adapter(world *w, const char *method) {
+    ln_err e;
+    ln_adapter_opts ao = {.method = method, .rank = 96, .alpha = 96, .seed = 1, .covariance = cov_of,
+                          .method_ctx = &w->cv};
+    if (ln_adapter_init(w->m, &w->ad, &ao, &e) != 0) {
+        fprintf(stderr, "setup %s: %s\n", method, e.msg);
+        _exit(3);
+    }
+}
+
+static char *next_dir(world *w, const char *what) {
+    char name[64];
+    snprintf(name, sizeof name, "%s_%d_%d", what, (int)getpid(), w->runs++);
+    return ln_path_join(g_dir, name);
+}
+
+static int run_export_peft(world *w, ln_err *e) {
+    char *dir = next_dir(w, "peft");
+    int rc = ln_export_peft(w->m, &w->ad, "base", dir, e);
+    free(dir);
+    return rc;
+}
+
+static int run_export_merged(world *w, ln_err *e) {
+    char *dir = next_dir(w, "merged");
+    int rc = ln_export_merged(w->orig, w->m, &w->ad, dir, ST_BF16, e);
+    free(dir);
+    return rc;
+}
+
+static int run_drift(world *w, ln_err *e) {
+    ln_drift_tracker *t = NULL;
+    if (ln_drift_tracker_new(w->m, &w->ad, cov_of, &w->cv, &t, e) != 0) return -1;
+    json_t *row = json_object();
+    int rc = row ? ln_drift_tracker_measure(t, w->m, &w->ad, row, e) : ln_errf(e, "json_object: out of memory");
+    json_decref(row);
+    ln_drift_tracker_free(t);
+    return rc;
+}
+
+static int run_init_lora_null(world *w, ln_err *e) {
+    ln_adapter ad;
+    ln_adapter_opts ao = {.method = "lora_null_v1", .rank = 64, .alpha = 64, .seed = 1, .covariance = cov_of,
+                          .method_ctx = &w->cv};
+    if (ln_adapter_init(w->m, &ad, &ao, e) != 0) return -1;
+    ln_adapter_free(&ad);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- the child */
+
+static size_t mapped_bytes(void) {
+    FILE *f = fopen("/proc/self/statm", "r");
+    unsigned long pages = 0;
+    if (!f || fscanf(f, "%lu", &pages) != 1) _exit(4);
+    fclose(f);
+    return (size_t)pages * (size_t)sysconf(_SC_PAGESIZE);
+}
+
+#define MAX_STEPS 12
+
+/* The paths by name, for the child's command line. */
+static const struct {
+    const char *name, *method;
+    int merged;
+    path_fn run;
+} PATHS[] = {
+    {"export_peft", "pissa", 0, run_export_peft},
+    {"export_merged", "pissa", 1, run_export_merged},
+    {"drift_full", "full", 0, run_drift},
+    {"drift_residual", "pissa", 0, run_drift},
+    {"init_lora_null", NULL, 0, run_init_lora_null},
+};
+
+/* The child (this binary run again with --oom-child NAME, a fresh process: no OpenBLAS or OpenMP
+ * state inherited through fork). Writes one line per slack to fd 3: "<slack> <rc> <message>". */
+static int child_main(const char *name, const char *dir) {
+    size_t k = 0;
+    while (k < sizeof PATHS / sizeof *PATHS && strcmp(PATHS[k].name, name) != 0) k++;
+    if (k == sizeof PATHS / sizeof *PATHS) return 2;
+    snprintf(g_dir, sizeof g_dir, "%s", dir);
+    /* a fixed threshold: every big buffer is its own mapping, returned at free, so what the
+     * process maps is what it holds (glibc would otherwise keep freed megabytes in its heap) */
+    mallopt(M_MMAP_THRESHOLD, 64 << 10);
+    world w = {0};
+    w.cv.dh = 512;
+    w.cv.di = 1024;
+    w.cv.hidden = synthetic_cov(w.cv.dh);
+    w.cv.inter = synthetic_cov(w.cv.di);
+    w.m = new_model();
+    if (PATHS[k].method) setup_adapter(&w, PATHS[k].method);
+    if (PATHS[k].merged) w.orig = new_model();
+    /* OpenBLAS maps its work buffer on the first level-3 call too big for its small-matrix kernels,
+     * and under a limit it waits for one forever instead of failing (see the report): map it now. */
+    enum { N = 256 };
+    double *a = calloc(N * N, sizeof *a), *c = calloc(N * N, sizeof *c);
+    for (int i = 0; i < N; i++) a[i * N + i] = 1.0;
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, N, N, 1.0, a, N, a, N, 0.0, c, N);
+    cblas_dtrmm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, N, N, 1.0, a, N, c, N);
+    free(a);
+    free(c);
+    size_t slack = 256 << 10;
+    for (int step = 0; step < MAX_STEPS; step++, slack *= 2) {
+        ln_err e = {{0}};
+        struct rlimit old, lim;
+        getrlimit(RLIMIT_AS, &old);
+        lim = old;
+        lim.rlim_cur = mapped_bytes() + slack;
+        if (setrlimit(RLIMIT_AS, &lim) != 0) return 5;
+        int rc = PATHS[k].run(&w, &e);
+        setrlimit(RLIMIT_AS, &old);
+        dprintf(3, "%zu %d %s\n", slack, rc, rc == 0 ? "ok" : e.msg);
+        if (rc == 0) break;
+    }
+    return 0;
+}
+
+/* Runs the path in a child over the slacks; checks every outcome and that the first one ran
+ * out of memory naming `area` and the last one succeeded. */
+static void check_path(const char *name, const char *area) {
+    if (UNDER_ASAN) {
+        printf("  %s: skipped under ASan (its shadow memory makes RLIMIT_AS meaningless)\n", name);
+        return;
+    }
+    int p[2];
+    assert_int_equal(pipe(p), 0);
+    fflush(NULL);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        close(p[0]);
+        dup2(p[1], 3); /* the child's lines; its stdout stays the test's (LAPACKE talks there) */
+        setenv("OPENBLAS_NUM_THREADS", "1", 1); /* no thread stacks or buffers to map under the limit */
+        setenv("OMP_NUM_THREADS", "1", 1);
+        execl("/proc/self/exe", "test_engine_oom", "--oom-child", name, g_dir, (char *)NULL);
+        _exit(7);
+    }
+    close(p[1]);
+    char buf[16384];
+    size_t len = 0;
+    ssize_t got;
+    while (len < sizeof buf - 1 && (got = read(p[0], buf + len, sizeof buf - 1 - len)) > 0) len += (size_t)got;
+    buf[len] = 0;
+    close(p[0]);
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    printf("  %s:\n%s", name, buf);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        fail_msg("%s: the child did not exit normally (%s %d) after:\n%s", name,
+                 WIFSIGNALED(status) ? "signal" : "exit status", WIFSIGNALED(status) ? WTERMSIG(status)
+                                                                                   : WEXITSTATUS(status), buf);
+    int lines = 0, first_rc = 0, last_rc = -1;
+    char first_msg[LN_ERR_MSG_MAX] = "";
+    for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n")) {
+        size_t slack;
+        int rc, off = 0;
+        assert_int_equal(sscanf(line, "%zu %d %n", &slack, &rc, &off), 2);
+        const char *msg = line + off;
+        if (rc != 0 && !strstr(msg, "out of memory"))
+            fail_msg("%s with %zu bytes of slack: failed without naming out of memory: %s", name, slack, msg);
+        if (lines == 0) {
+            first_rc = rc;
+            snprintf(first_msg, sizeof first_msg, "%s", msg);
+        }
+        last_rc = rc;
+        lines++;
+    }
+    assert_true(lines >= 2);
+    if (first_rc == 0) fail_msg("%s: succeeded even with the smallest slack", name);
+    if (!strstr(first_msg, area)) fail_msg("%s: the first failure does not name \"%s\": %s", name, area, first_msg);
+    if (last_rc != 0) fail_msg("%s: never succeeded, even with the largest slack", name);
+}
+
+/* ---------------------------------------------------------------- tests */
+
+static void test_export_peft_out_of_memory(void **state) {
+    (void)state;
+    check_path("export_peft", "export");
+}
+
+static void test_export_merged_out_of_memory(void **state) {
+    (void)state;
+    check_path("export_merged", "merge");
+}
+
+static void test_drift_tracker_full_out_of_memory(void **state) {
+    (void)state;
+    check_path("drift_full", "knowledge drift");
+}
+
+static void test_drift_tracker_residual_out_of_memory(void **state) {
+    (void)state;
+    check_path("drift_residual", "knowledge drift");
+}
+
+static void test_lora_null_init_out_of_memory(void **state) {
+    (void)state;
+    check_path("init_lora_null", "out of memory");
+}
+
+static int setup(void **state) {
+    (void)state;
+    return mkdtemp(g_dir) ? 0 : -1;
+}
+
+static int teardown(void **state) {
+    (void)state;
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+int main(int argc, char **argv) {
+    if (argc == 4 && strcmp(argv[1], "--oom-child") == 0) return child_main(argv[2], argv[3]);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_export_peft_out_of_memory),
+        cmocka_unit_test(test_export_merged_out_of_memory),
+        cmocka_unit_test(test_drift_tracker_full_out_of_memory),
+        cmocka_unit_test(test_drift_tracker_residual_out_of_memory),
+        cmocka_unit_test(test_lora_null_init_out_of_memory),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
