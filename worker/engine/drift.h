@@ -44,5 +44,7 @@ int ln_drift_tracker_new(ln_model *m, const ln_adapter *ad, ln_covariance_fn cov
  * "knowledge_drift_mean" and "knowledge_drift_max" (over the layers). */
 int ln_drift_tracker_measure(ln_drift_tracker *t, ln_model *m, const ln_adapter *ad, json_t *row, ln_err *e);
 void ln_drift_tracker_free(ln_drift_tracker *t);
+/* The denominator tr(W0 C W0ᵀ) the tracker holds for a layer's target; −1 when it tracks none. */
+int ln_drift_tracker_denominator(const ln_drift_tracker *t, int layer, ln_target target, double *den);
 
 #endif

@@ -27,6 +27,15 @@ void ln_drift_tracker_free(ln_drift_tracker *t) {
     free(t);
 }
 
+int ln_drift_tracker_denominator(const ln_drift_tracker *t, int layer, ln_target target, double *den) {
+    for (int i = 0; i < t->n; i++)
+        if (t->l[i].layer == layer && t->l[i].t == target) {
+            *den = t->l[i].den;
+            return 0;
+        }
+    return -1;
+}
+
 /* A host copy of a weight (the backend may hold it elsewhere). */
 static float *download_w(const ln_model *m, const ln_param *p, const char *what, int layer, ln_target t, ln_err *e) {
     float *h = ln_try_allocf((size_t)p->n, sizeof(float), e, "knowledge drift", "%s of layer %d %s", what, layer,
