@@ -245,6 +245,13 @@ def test_rank_count_errors(work):
         # k_proj is 32 × 64 (4 kv heads of 8): 8 rows per rank of 4
         one_line_error(run(*cmd, "--model", work["base"], "--rank", 10, "--ranks", 4, "--out", d / "o", check=False),
                        "--ranks 4", "LoRA rank 10", "8 × 64", "self_attn.k_proj (32 × 64)")
+    # covariances of q,k,v's input only: the 1-rank sentence, before any rank starts
+    run("covariance", "--model", work["base"], "--calibration", work["calib"], *CALIB, "--targets", "q",
+        "--out", d / "q.safetensors")
+    for n in (1, 2):
+        one_line_error(run("init", "--model", work["base"], "--method", "lora_null_v2", "--rank", 2, "--covariance",
+                           d / "q.safetensors", "--out", d / "o", "--ranks", n, check=False),
+                       "no covariance for layer 0 input of self_attn.o_proj")
     one_line_error(run("train", "--model", work["base"], "--data", work["train"], "--out", d / "o", "--recompute",
                        "--ranks", 2, check=False), "--recompute", "--ranks 1")
     one_line_error(run("covariance", "--bench", "--model", work["base"], "--calibration", work["calib"], "--ranks", 2,

@@ -115,12 +115,18 @@ int cli_adapter_init_ranks(ln_model *m, ln_adapter *ad, const ln_adapter_opts *o
     if (cli_ranks_check(ranks, m->be, &m->cfg, e)) return -1;
     if (!o->covariance)
         return ln_errf(e, "adapter method \"%s\" needs calibration covariances and none were given", method);
+    unsigned targets = o->targets ? o->targets : LN_TARGETS_ALL;
+    for (int l = 0; l < m->cfg.num_layers; l++) /* every covariance the owning ranks will read, as one rank says it */
+        for (int t = 0; t < LN_NTARGET; t++)
+            if ((targets & (1u << t)) && !o->covariance(o->method_ctx, l, ln_target_input((ln_target)t)))
+                return ln_errf(e, "adapter method \"%s\": no covariance for layer %d input of %s", method, l,
+                               ln_target_module((ln_target)t));
     int rank = o->rank > 0 ? o->rank : 8;
     /* ln_adapter_init's defaults for a residual method: rank 8, alpha = rank (scale 1) */
     ln_adapter_opts oo = *o;
     oo.rank = rank;
     tp_job j = {.full = m, .ao = &oo, .alpha = o->alpha > 0 ? o->alpha : (float)rank, .ad = ad, .solves = solves};
-    if (ln_adapter_alloc(m, ad, method, rank, j.alpha, o->targets ? o->targets : LN_TARGETS_ALL, e)) goto fail;
+    if (ln_adapter_alloc(m, ad, method, rank, j.alpha, targets, e)) goto fail;
     oo.targets = ad->targets;
     if (run_ranks(&j, ranks, e)) goto fail;
     /* as ln_adapter_init leaves a residual method: A frozen where the method does not train it,
