@@ -162,7 +162,9 @@ def test_covariance_on_shards_equals_one_rank(work):
         out = work["dir"] / f"cov_{ranks}.safetensors"
         run("covariance", "--model", work["base"], "--calibration", work["calib"], *CALIB, "--ranks", ranks,
            "--out", out)
-        assert worst(out, work["cov"]) <= 1e-6
+        w = worst(out, work["cov"])
+        print(f"covariance, {ranks} ranks vs 1: {w:.2e}")
+        assert w <= 1e-6
         # q,k,v of layer 0 read the replicated embedding norm: the very same bits
         a, b = load_file(str(out)), load_file(str(work["cov"]))
         k = "model.layers.0.self_attn.q_proj"
@@ -184,6 +186,7 @@ def test_init_on_shards_equals_one_rank(work, method):
         # 2 layers × 4 layer inputs, basis of input i of layer l on rank (4l + i) mod N
         assert info["ranks"] == ranks and info["eigensolves"] == [8 // ranks] * ranks
         w = worst(d / f"r{ranks}" / "init.safetensors", d / "r1" / "init.safetensors")
+        print(f"init {method}, {ranks} ranks vs 1 on the same covariances: {w:.2e}")
         assert w <= 1e-6, f"{ranks} ranks: {w:.3g}"
 
 
