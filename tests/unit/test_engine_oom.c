@@ -31,17 +31,7 @@
 #include "worker/engine/drift.h"
 #include "worker/engine/export.h"
 #include "worker/engine/model.h"
-
-#if defined(__SANITIZE_ADDRESS__)
-#define UNDER_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define UNDER_ASAN 1
-#endif
-#endif
-#ifndef UNDER_ASAN
-#define UNDER_ASAN 0
-#endif
+#include "tests/unit/sanitizer.h"
 
 static char g_dir[] = "/tmp/ln_oom_XXXXXX";
 
@@ -218,7 +208,7 @@ static int child_main(const char *name, const char *dir) {
 /* Runs the path in a child over the slacks; checks every outcome and that the first one ran
  * out of memory naming `area` and the last one succeeded. */
 static void check_path(const char *name, const char *area) {
-    if (UNDER_ASAN) {
+    if (LN_UNDER_ASAN) {
         printf("  %s: skipped under ASan (its shadow memory makes RLIMIT_AS meaningless)\n", name);
         return;
     }

@@ -1,0 +1,343 @@
+/* Unit tests for the CPU memory plan (worker/engine/memplan.c): its parts equal what the engine
+ * really allocates through the backend on a small model (weights, adapter + gradients for lora and
+ * a residual lora_fa, AdamW moments, a training forward/backward's activations with and without
+ * recomputation); what is available is read from MemAvailable, a cgroup v2 limit (and its
+ * ancestors'), a cgroup v1 limit and RLIMIT_AS; and a job too big fails with the numbers. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "common/util.h"
+#include "worker/backend/backend.h"
+#include "worker/engine/adapter.h"
+#include "worker/engine/memplan.h"
+#include "worker/engine/model.h"
+#include "worker/engine/optim.h"
+#include "tests/unit/sanitizer.h"
+
+/* ---------------------------------------------------------------- a counting CPU backend */
+
+/* The CPU backend with alloc/free that keep the bytes it holds (sizes by pointer). */
+#define MAX_LIVE 8192
+static struct {
+    void *p;
+    size_t n;
+} g_live[MAX_LIVE];
+static double g_bytes;
+static lnb_backend g_be;
+
+static void *count_alloc(size_t n) {
+    void *p = lnb_cpu()->alloc(n);
+    if (!p) return NULL;
+    for (int i = 0; i < MAX_LIVE; i++)
+        if (!g_live[i].p) {
+            g_live[i].p = p;
+            g_live[i].n = n;
+            g_bytes += (double)n;
+            return p;
+        }
+    fail_msg("counting backend: more than %d live buffers", MAX_LIVE);
+    return NULL;
+}
+
+static void count_free(void *p) {
+    if (!p) return;
+    for (int i = 0; i < MAX_LIVE; i++)
+        if (g_live[i].p == p) {
+            g_bytes -= (double)g_live[i].n;
+            g_live[i].p = NULL;
+            break;
+        }
+    lnb_cpu()->free(p);
+}
+
+static const lnb_backend *counting(void) {
+    g_be = *lnb_cpu();
+    g_be.alloc = count_alloc;
+    g_be.free = count_free;
+    return &g_be;
+}
+
+static const char *CFG_JSON =
+    "{\"vocab_size\": 96, \"hidden_size\": 48, \"intermediate_size\": 80, \"num_hidden_layers\": 2,"
+    " \"num_attention_heads\": 4, \"num_key_value_heads\": 2, \"max_position_embeddings\": 64,"
+    " \"rms_norm_eps\": 1e-5, \"rope_theta\": 10000.0, \"tie_word_embeddings\": false}";
+
+static void push(ln_param *p, void *ctx) {
+    ln_param ***list = ctx;
+    if (p->trainable) *(*list)++ = p;
+}
+
+/* Weights, adapter, AdamW and one training step's activations, counted, against the plan. */
+static void check_against_engine(const char *method, unsigned targets, int recompute) {
+    ln_config cfg;
+    ln_err e;
+    assert_int_equal(ln_config_parse(CFG_JSON, "memplan test", &cfg, &e), 0);
+    const lnb_backend *be = counting();
+    const int B = 2, T = 16, r = 4;
+    ln_memplan_req q = {.cfg = &cfg, .batch = B, .seq = T, .rank = r, .targets = targets,
+                        .train_a = strcmp(method, "lora_fa") != 0, .residual = 0, .method = method,
+                        .recompute = recompute};
+    double before = g_bytes;
+    ln_model *m = NULL;
+    assert_int_equal(ln_model_new_random(&cfg, be, 1, &m, &e), 0);
+    m->recompute = recompute;
+    ln_memplan p;
+    ln_memplan_estimate(&q, &p);
+    assert_true(g_bytes - before == p.weights);
+
+    before = g_bytes;
+    ln_adapter ad;
+    ln_adapter_opts ao = {.method = method, .rank = r, .alpha = 8, .targets = targets, .seed = 1};
+    assert_int_equal(ln_adapter_init(m, &ad, &ao, &e), 0);
+    assert_int_equal(ln_adapter_make_residual(m, &ad, &e), 0); /* + A0, B0 */
+    q.residual = 1;
+    ln_memplan_estimate(&q, &p);
+    if (g_bytes - before != p.adapter)
+        fail_msg("%s: adapter holds %.0f bytes, the plan says %.0f", method, g_bytes - before, p.adapter);
+
+    before = g_bytes;
+    ln_param *params[4 * LN_NTARGET], **end = params;
+    ln_adapter_for_each_param(&ad, push, &end);
+    ln_optim o;
+    ln_optim_cfg oc = ln_optim_defaults();
+    assert_int_equal(ln_optim_init(&o, be, params, (int)(end - params), &oc, &e), 0);
+    if (g_bytes - before != p.optimizer)
+        fail_msg("%s: AdamW holds %.0f bytes, the plan says %.0f", method, g_bytes - before, p.optimizer);
+
+    /* one training step's forward and backward (every row trained, lm_head in chunks) */
+    int32_t ids[2 * 16], tg[2 * 16];
+    for (int i = 0; i < B * T; i++) {
+        ids[i] = (i * 7) % cfg.vocab_size;
+        tg[i] = (i * 5 + 1) % cfg.vocab_size;
+    }
+    ln_batch b = {.B = B, .T = T, .ids = ids, .targets = tg, .n_targets = B * T};
+    before = g_bytes;
+    ln_acts *acts = ln_acts_new();
+    ln_fwd_opts fo = {.trained_rows_only = 1, .head_grad_scale = 1.0f / (B * T)};
+    double loss;
+    assert_int_equal(ln_model_forward(m, &ad, acts, &b, &fo, &loss, &e), 0);
+    if (ln_model_backward(m, &ad, acts, &b, fo.head_grad_scale, &e) != 0) fail_msg("backward: %s", e.msg);
+    double host_index = (double)B * T * (4 * 4 + 8); /* model.c's per-token index arrays (malloc) */
+    if (g_bytes - before != p.activations - host_index)
+        fail_msg("%s (recompute %d): a step's activations hold %.0f bytes, the plan says %.0f", method, recompute,
+                 g_bytes - before, p.activations - host_index);
+    printf("  %s, targets 0x%x, recompute %d: weights %.0f, adapter %.0f, AdamW %.0f, activations %.0f bytes "
+           "— as allocated\n", method, targets, recompute, p.weights, p.adapter, p.optimizer, p.activations);
+    ln_acts_free(m, acts);
+    ln_optim_free(&o);
+    ln_adapter_free(&ad);
+    ln_model_free(m);
+}
+
+static void test_plan_equals_engine_allocations(void **state) {
+    (void)state;
+    check_against_engine("lora", LN_TARGETS_ALL, 0);
+    check_against_engine("lora", (1u << LN_Q) | (1u << LN_V) | (1u << LN_DOWN), 1);
+    check_against_engine("lora_fa", LN_TARGETS_ALL, 0);
+}
+
+/* Full fine-tuning: gradients and moments for every weight; the drift tracker's W0 copies. */
+static void test_full_fine_tuning_parts(void **state) {
+    (void)state;
+    ln_config cfg;
+    ln_err e;
+    assert_int_equal(ln_config_parse(CFG_JSON, "memplan test", &cfg, &e), 0);
+    const lnb_backend *be = counting();
+    ln_model *m = NULL;
+    double before = g_bytes;
+    assert_int_equal(ln_model_new_random(&cfg, be, 1, &m, &e), 0);
+    double w = g_bytes - before;
+    assert_int_equal(ln_model_set_full_training(m, &e), 0);
+    ln_memplan p;
+    ln_memplan_req q = {.cfg = &cfg, .batch = 1, .seq = 8, .rank = 0, .calibrate = 1, .drift = 1};
+    ln_memplan_estimate(&q, &p);
+    assert_true(p.weights == w);
+    assert_true(g_bytes - before - w == p.adapter); /* the gradients */
+    assert_true(p.optimizer == 2 * p.weights);
+    int lin = 0;
+    for (int t = 0; t < LN_NTARGET; t++) {
+        int o, i;
+        ln_model_target_dims(&cfg, (ln_target)t, &o, &i);
+        lin += o * i;
+    }
+    assert_true(p.drift == 4.0 * cfg.num_layers * lin);
+    ln_model_free(m);
+}
+
+/* Calibration: 4 covariances per layer, twice at the end of calibration (sums + finished). */
+static void test_calibration_phase(void **state) {
+    (void)state;
+    ln_config cfg;
+    ln_err e;
+    assert_int_equal(ln_config_parse(CFG_JSON, "memplan test", &cfg, &e), 0);
+    ln_memplan_req q = {.cfg = &cfg, .batch = 1, .seq = 8, .rank = 4, .residual = 1, .method = "lora_null_v1",
+                        .calibrate = 1, .calib_max_length = 32, .threads = 3};
+    ln_memplan p;
+    ln_memplan_estimate(&q, &p);
+    const double C = 48, I = 80, qd = 48, L = 2;
+    assert_true(p.covariances == 8.0 * L * (C * C + qd * qd + C * C + I * I));
+    assert_true(p.bases == 8.0 * L * (C + qd + C + I) * 4);
+    assert_true(p.phase[LN_PHASE_CALIBRATION] == p.weights + 2 * p.covariances + p.calib_scratch);
+    /* only q targeted: one covariance per layer */
+    q.targets = 1u << LN_Q;
+    ln_memplan_estimate(&q, &p);
+    assert_true(p.covariances == 8.0 * L * C * C);
+    /* no calibration: no such phase */
+    q.calibrate = 0;
+    q.method = "lora";
+    q.residual = 0;
+    ln_memplan_estimate(&q, &p);
+    assert_true(p.covariances == 0 && p.phase[LN_PHASE_CALIBRATION] == 0);
+    assert_int_equal(p.peak_phase, LN_PHASE_TRAINING);
+}
+
+/* ---------------------------------------------------------------- what is available */
+
+static char g_root[] = "/tmp/ln_memplan_XXXXXX";
+
+static void put(const char *rel, const char *text) {
+    char path[512];
+    snprintf(path, sizeof path, "%s%s", g_root, rel);
+    char *dir = ln_xstrdup(path);
+    *strrchr(dir, '/') = 0;
+    ln_err e;
+    assert_int_equal(ln_mkdir_p(dir, &e), 0);
+    free(dir);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+static void test_available_from_meminfo_and_cgroups(void **state) {
+    (void)state;
+    ln_err e;
+    double b;
+    char from[96];
+    assert_non_null(mkdtemp(g_root));
+    /* nothing readable: a sentence, not a guess */
+    assert_int_equal(ln_memplan_available(g_root, &b, from, sizeof from, &e), -1);
+    assert_non_null(strstr(e.msg, "cannot tell the available memory"));
+
+    put("/proc/meminfo", "MemTotal:       64000000 kB\nMemFree:  100 kB\nMemAvailable:   32000000 kB\n");
+    assert_int_equal(ln_memplan_available(g_root, &b, from, sizeof from, &e), 0);
+    assert_true(b == 32000000.0 * 1024);
+    assert_string_equal(from, "MemAvailable");
+
+    /* cgroup v2: max − (current − inactive_file) */
+    put("/proc/self/cgroup", "0::/kubepods/pod1/job\n");
+    put("/sys/fs/cgroup/kubepods/pod1/job/memory.max", "8589934592\n");
+    put("/sys/fs/cgroup/kubepods/pod1/job/memory.current", "3221225472\n");
+    put("/sys/fs/cgroup/kubepods/pod1/job/memory.stat", "anon 1\nfile 5\ninactive_file 1073741824\nactive_file 2\n");
+    assert_int_equal(ln_memplan_available(g_root, &b, from, sizeof from, &e), 0);
+    assert_true(b == 8589934592.0 - (3221225472.0 - 1073741824.0)); /* 6 GiB */
+    assert_string_equal(from, "cgroup memory.max");
+    /* an ancestor's tighter limit wins; "max" means none */
+    put("/sys/fs/cgroup/kubepods/memory.max", "4294967296\n");
+    put("/sys/fs/cgroup/kubepods/memory.current", "1073741824\n");
+    put("/sys/fs/cgroup/kubepods/pod1/memory.max", "max\n");
+    assert_int_equal(ln_memplan_available(g_root, &b, from, sizeof from, &e), 0);
+    assert_true(b == 3221225472.0);
+
+    /* cgroup v1 */
+    put("/proc/self/cgroup", "12:cpu,cpuacct:/x\n11:memory:/docker/abc\n");
+    put("/sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes", "2147483648\n");
+    put("/sys/fs/cgroup/memory/docker/abc/memory.usage_in_bytes", "536870912\n");
+    assert_int_equal(ln_memplan_available(g_root, &b, from, sizeof from, &e), 0);
+    assert_true(b == 1610612736.0);
+    assert_string_equal(from, "cgroup memory.limit_in_bytes");
+    put("/sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes", "9223372036854771712\n"); /* unlimited */
+    assert_int_equal(ln_memplan_available(g_root, &b, from, sizeof from, &e), 0);
+    assert_string_equal(from, "MemAvailable");
+}
+
+/* RLIMIT_AS − what is mapped, in a child (the limit cannot be lifted again by the test process). */
+static void test_available_from_rlimit(void **state) {
+    (void)state;
+    if (LN_UNDER_ASAN) {
+        printf("  skipped under ASan (its shadow memory makes RLIMIT_AS meaningless)\n");
+        return;
+    }
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        FILE *f = fopen("/proc/self/statm", "r");
+        unsigned long pages;
+        if (!f || fscanf(f, "%lu", &pages) != 1) _exit(2);
+        fclose(f);
+        struct rlimit rl;
+        getrlimit(RLIMIT_AS, &rl);
+        rl.rlim_cur = pages * (unsigned long)sysconf(_SC_PAGESIZE) + (64ul << 20);
+        if (setrlimit(RLIMIT_AS, &rl) != 0) _exit(3);
+        double b;
+        char from[96];
+        ln_err e;
+        if (ln_memplan_available("", &b, from, sizeof from, &e) != 0) _exit(4);
+        if (strcmp(from, "RLIMIT_AS") != 0) _exit(5);
+        _exit(b > (48 << 20) && b <= (64 << 20) ? 0 : 6);
+    }
+    int st;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    assert_true(WIFEXITED(st));
+    assert_int_equal(WEXITSTATUS(st), 0);
+}
+
+/* A job whose peak does not fit fails with needed vs available and the peak phase's parts. */
+static void test_check_sentence(void **state) {
+    (void)state;
+    ln_config cfg;
+    ln_err e;
+    /* 8B-like: 32 layers, hidden 4096, intermediate 14336, vocab 128256 */
+    const char *big = "{\"vocab_size\": 128256, \"hidden_size\": 4096, \"intermediate_size\": 14336,"
+                      " \"num_hidden_layers\": 32, \"num_attention_heads\": 32, \"num_key_value_heads\": 8,"
+                      " \"max_position_embeddings\": 8192, \"rms_norm_eps\": 1e-5, \"rope_theta\": 500000.0,"
+                      " \"tie_word_embeddings\": false}";
+    assert_int_equal(ln_config_parse(big, "8B", &cfg, &e), 0);
+    put("/proc/self/cgroup", "0::/\n");
+    put("/proc/meminfo", "MemAvailable:   25165824 kB\n"); /* 24 GiB */
+    ln_memplan_req q = {.cfg = &cfg, .batch = 1, .seq = 2048, .rank = 16, .train_a = 1, .residual = 1,
+                        .method = "lora_null_v1", .calibrate = 1, .calib_max_length = 1024, .threads = 4};
+    ln_memplan p;
+    assert_int_equal(ln_memplan_check(&q, g_root, &p, &e), -1);
+    printf("  %s\n", e.msg);
+    assert_non_null(strstr(e.msg, "CPU memory plan: the job needs "));
+    assert_non_null(strstr(e.msg, "but only 24.00 GiB are available (MemAvailable)"));
+    assert_non_null(strstr(e.msg, "covariances 2 × "));
+    assert_int_equal(p.peak_phase, LN_PHASE_CALIBRATION);
+    /* 32 layers × (3 × 4096² + 14336²) fp64 = 61.0 GiB of covariances, twice at the end */
+    assert_true(p.covariances == 8.0 * 32 * (3.0 * 4096 * 4096 + 14336.0 * 14336));
+    /* enough memory: passes */
+    put("/proc/meminfo", "MemAvailable:   2147483648 kB\n"); /* 2 TiB */
+    assert_int_equal(ln_memplan_check(&q, g_root, &p, &e), 0);
+    assert_true(p.available == 2147483648.0 * 1024);
+}
+
+static int teardown(void **state) {
+    (void)state;
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", g_root);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_plan_equals_engine_allocations),
+        cmocka_unit_test(test_full_fine_tuning_parts),
+        cmocka_unit_test(test_calibration_phase),
+        cmocka_unit_test(test_available_from_meminfo_and_cgroups),
+        cmocka_unit_test(test_available_from_rlimit),
+        cmocka_unit_test(test_check_sentence),
+    };
+    return cmocka_run_group_tests(tests, NULL, teardown);
+}

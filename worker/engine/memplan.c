@@ -1,0 +1,268 @@
+/* memplan.c — the CPU job's memory plan (see memplan.h). */
+#include "worker/engine/memplan.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include "common/util.h"
+#include "worker/engine/model.h"
+
+#define F32 4.0
+#define F64 8.0
+
+const char *ln_memplan_phase_name(ln_memplan_phase p) {
+    static const char *names[LN_NPHASE] = {"calibration", "init", "training"};
+    return (unsigned)p < LN_NPHASE ? names[p] : "?";
+}
+
+/* ---------------------------------------------------------------- the estimate */
+
+/* One forward + backward's buffers for B rows of T tokens, as model.c's acts_ensure allocates them
+ * (logit_rows rows of logits; r = adapter rank, nt = targets with factors). */
+static double activations(const ln_config *c, double B, double T, int r, int nt, int recompute, int rows_only,
+                          double logit_rows) {
+    const double C = c->hidden_size, I = c->intermediate_size, L = c->num_layers;
+    const double qd = (double)c->num_heads * c->head_dim, kvd = (double)c->num_kv_heads * c->head_dim;
+    const double N = B * T, P = B * c->num_heads * T * (rows_only ? 1.0 : T);
+    /* h1 rstd1 q k v probs att xmid h2 rstd2 gate up act, then the residual stream (L + 1) */
+    double layer = N * C + N + N * qd + 2 * N * kvd + P + N * qd + 2 * N * C + N + 3 * N * I;
+    double kept = recompute ? 1 : L;
+    double lora = kept * nt * N * r;
+    double single = N * C + N + logit_rows * c->vocab_size + N * C /* xf rstdf logits xfc */
+                    + N * C + N * (qd > C ? qd : C) + 2 * N * qd + 2 * N * kvd + 3 * N * I + N * (r > 0 ? r : 1) +
+                    T * T; /* dres dh dq datt dk dv dgate dup dact dlh dS */
+    return F32 * (kept * layer + (L + 1) * N * C + lora + single) + N * (4.0 * 4 + 8); /* + index arrays */
+}
+
+/* Widths of the distinct layer inputs the targets read (0 when none reads it). */
+static void input_widths(const ln_config *c, unsigned tg, double d[LN_NINPUT]) {
+    for (int i = 0; i < LN_NINPUT; i++) d[i] = 0;
+    for (int t = 0; t < LN_NTARGET; t++) {
+        if (!(tg & (1u << t))) continue;
+        int dout, din;
+        ln_model_target_dims(c, (ln_target)t, &dout, &din);
+        d[ln_target_input((ln_target)t)] = din;
+    }
+}
+
+/* The largest one-layer scratch of a method's init (lora_init.c), bytes. */
+static double init_scratch(const ln_memplan_req *q, double din_max_sq, double d_max) {
+    const ln_config *c = q->cfg;
+    const char *me = q->method ? q->method : "lora";
+    const double r = q->rank;
+    double worst = 0;
+    for (int t = 0; t < LN_NTARGET; t++) {
+        if (!(q->targets & (1u << t))) continue;
+        int o, i;
+        ln_model_target_dims(c, (ln_target)t, &o, &i);
+        const double dout = o, din = i, k = o < i ? o : i, w = dout * din;
+        double s = 0;
+        if (!strcmp(me, "pissa") || !strcmp(me, "milora")) /* fp64 W, LAPACKE's copy, U, Vt (+ copies), work */
+            s = F64 * (2 * w + 2 * (dout * k + k * din) + 7 * k * k);
+        else if (!strcmp(me, "corda")) /* + C' fp64, three fp32 d² for the damped inverse, W C' */
+            s = F64 * (3 * w + 2 * (dout * k + k * din) + 7 * k * k + 2 * din * din) + F32 * 3 * din * din;
+        else if (!strncmp(me, "lora_null", 9)) /* factor: W0 U, P, U Q, a row block */
+            s = F64 * (2 * dout * r + din * r + 256 * din + r * r);
+        if (q->residual) s = s > F64 * (dout * r + r * din + 256 * din) ? s : F64 * (dout * r + r * din + 256 * din);
+        if (s > worst) worst = s;
+    }
+    if (!strncmp(me, "lora_null", 9)) { /* bases solved at once: a copy of C + LAPACKE's row-major copy each */
+        double solves = q->threads > 0 ? q->threads : 1;
+        double at_once = solves * (F64 * 2 * din_max_sq + F64 * 2 * d_max * r + F64 * 36 * d_max);
+        if (at_once > worst) worst = at_once;
+    }
+    return worst;
+}
+
+void ln_memplan_estimate(const ln_memplan_req *q0, ln_memplan *p) {
+    memset(p, 0, sizeof *p);
+    ln_memplan_req q = *q0;
+    if (!q.targets) q.targets = LN_TARGETS_ALL;
+    const ln_config *c = q.cfg;
+    const double C = c->hidden_size, L = c->num_layers, V = c->vocab_size;
+    const int full = q.rank <= 0;
+
+    /* weights: every linear, the two norms per layer, embedding (+ lm_head), final norm */
+    double lin = 0, fac = 0, fac_a = 0;
+    int nt = 0;
+    for (int t = 0; t < LN_NTARGET; t++) {
+        int o, i;
+        ln_model_target_dims(c, (ln_target)t, &o, &i);
+        lin += (double)o * i;
+        if (!(q.targets & (1u << t))) continue;
+        nt++;
+        fac += (double)q.rank * i + (double)o * q.rank;
+        fac_a += (double)q.rank * i;
+    }
+    const double params = L * (lin + 2 * C) + V * C * (c->tie_word_embeddings ? 1 : 2) + C;
+    p->weights = F32 * params;
+    p->data = 8.0 * (double)q.data_tokens;
+
+    /* calibration: the covariances of the distinct inputs, per layer */
+    double d[LN_NINPUT], dsq = 0, dmax = 0;
+    input_widths(c, q.targets, d);
+    for (int i = 0; i < LN_NINPUT; i++) {
+        dsq += d[i] * d[i];
+        if (d[i] > dmax) dmax = d[i];
+    }
+    const double T_cal = q.calib_max_length > 0 ? q.calib_max_length : 1024;
+    if (q.calibrate) {
+        p->covariances = F64 * L * dsq;
+        p->calib_scratch = (q.calib_fp64 ? 0 : F32 * dmax * dmax) + F64 * 256 * dmax +
+                           activations(c, 1, T_cal, 0, 0, 0, q.rows_only_attention, T_cal);
+    }
+
+    /* adapter: A, B and their gradients (a frozen A has none) + A0, B0; full fine-tuning: every
+     * weight's gradient */
+    const double trained = full ? params : L * (fac - (q.train_a ? 0 : fac_a));
+    p->adapter = full ? F32 * params : F32 * (L * fac * (q.residual ? 2 : 1) + trained);
+    p->optimizer = F32 * 2 * trained;
+    if (!full && q.method && !strncmp(q.method, "lora_null", 9) && q.calibrate)
+        p->bases = F64 * L * (d[0] + d[1] + d[2] + d[3]) * q.rank;
+    p->init_scratch = full ? 0 : init_scratch(&q, dmax * dmax, dmax);
+
+    /* training: one micro-batch, lm_head in chunks of LN_HEAD_CHUNK trained rows */
+    const double N = (double)q.batch * q.seq, chunk = N < LN_HEAD_CHUNK ? N : LN_HEAD_CHUNK;
+    double act = activations(c, q.batch, q.seq, full ? 0 : q.rank, full ? 0 : nt, q.recompute,
+                             q.rows_only_attention, chunk);
+    p->activations = act * (q.eval_during_training ? 2 : 1);
+    p->drift = q.drift && full && q.calibrate ? F32 * L * lin : 0;
+
+    const double held = p->weights + p->data;
+    p->phase[LN_PHASE_CALIBRATION] = q.calibrate ? held + 2 * p->covariances + p->calib_scratch : 0;
+    p->phase[LN_PHASE_INIT] = held + p->covariances + p->adapter + p->bases + p->init_scratch;
+    p->phase[LN_PHASE_TRAINING] =
+        held + p->covariances + p->bases + p->adapter + p->optimizer + p->activations + p->drift;
+    for (int i = 0; i < LN_NPHASE; i++)
+        if (p->phase[i] > p->peak) {
+            p->peak = p->phase[i];
+            p->peak_phase = (ln_memplan_phase)i;
+        }
+}
+
+/* ---------------------------------------------------------------- what is available */
+
+static int read_text(const char *root, const char *path, char *buf, size_t n) {
+    char full[1024];
+    snprintf(full, sizeof full, "%s%s", root, path);
+    FILE *f = fopen(full, "r");
+    if (!f) return -1;
+    size_t got = fread(buf, 1, n - 1, f);
+    fclose(f);
+    buf[got] = 0;
+    return 0;
+}
+
+/* The number after "key" at the start of a line of text (e.g. "MemAvailable:", "inactive_file "). */
+static int field(const char *text, const char *key, double *v) {
+    size_t kl = strlen(key);
+    for (const char *s = text; s && *s; s = strchr(s, '\n') ? strchr(s, '\n') + 1 : NULL)
+        if (strncmp(s, key, kl) == 0) return sscanf(s + kl, "%lf", v) == 1 ? 0 : -1;
+    return -1;
+}
+
+static void take(double v, const char *from, double *best, char *best_from, size_t n) {
+    if (v < 0) v = 0;
+    if (*best < 0 || v < *best) {
+        *best = v;
+        snprintf(best_from, n, "%s", from);
+    }
+}
+
+/* cgroup v2: memory.max − (memory.current − inactive_file) of the process's cgroup and of every
+ * ancestor; v1: limit_in_bytes − usage_in_bytes of its memory cgroup. */
+static void cgroup_limits(const char *root, double *best, char *from, size_t n) {
+    char self[4096], path[1024], buf[8192];
+    if (read_text(root, "/proc/self/cgroup", self, sizeof self) != 0) return;
+    for (char *line = strtok(self, "\n"); line; line = strtok(NULL, "\n")) {
+        char *rest = NULL;
+        if (strncmp(line, "0::", 3) == 0) {
+            /* v2: walk from the process's cgroup up to the root of the hierarchy */
+            snprintf(path, sizeof path, "%s", line + 3);
+            for (;;) {
+                char file[1100];
+                double max, cur, inactive = 0;
+                snprintf(file, sizeof file, "/sys/fs/cgroup%s/memory.max", strcmp(path, "/") ? path : "");
+                if (read_text(root, file, buf, sizeof buf) == 0 && strncmp(buf, "max", 3) != 0 &&
+                    sscanf(buf, "%lf", &max) == 1) {
+                    snprintf(file, sizeof file, "/sys/fs/cgroup%s/memory.current", strcmp(path, "/") ? path : "");
+                    if (read_text(root, file, buf, sizeof buf) == 0 && sscanf(buf, "%lf", &cur) == 1) {
+                        snprintf(file, sizeof file, "/sys/fs/cgroup%s/memory.stat", strcmp(path, "/") ? path : "");
+                        if (read_text(root, file, buf, sizeof buf) == 0) field(buf, "inactive_file ", &inactive);
+                        take(max - (cur - inactive), "cgroup memory.max", best, from, n);
+                    }
+                }
+                char *slash = strrchr(path, '/');
+                if (!slash || strcmp(path, "/") == 0) break;
+                if (slash == path) snprintf(path, sizeof path, "/");
+                else *slash = 0;
+            }
+        } else if ((rest = strstr(line, ":memory:")) != NULL) {
+            const char *p = rest + 8;
+            char file[1100];
+            double lim, use;
+            snprintf(file, sizeof file, "/sys/fs/cgroup/memory%s/memory.limit_in_bytes", strcmp(p, "/") ? p : "");
+            if (read_text(root, file, buf, sizeof buf) != 0 || sscanf(buf, "%lf", &lim) != 1 || lim >= 9e18) continue;
+            snprintf(file, sizeof file, "/sys/fs/cgroup/memory%s/memory.usage_in_bytes", strcmp(p, "/") ? p : "");
+            if (read_text(root, file, buf, sizeof buf) == 0 && sscanf(buf, "%lf", &use) == 1)
+                take(lim - use, "cgroup memory.limit_in_bytes", best, from, n);
+        }
+    }
+}
+
+int ln_memplan_available(const char *root, double *bytes, char *from, size_t from_len, ln_err *e) {
+    double best = -1, v;
+    char buf[8192];
+    from[0] = 0;
+    if (read_text(root, "/proc/meminfo", buf, sizeof buf) == 0 && field(buf, "MemAvailable:", &v) == 0)
+        take(v * 1024.0, "MemAvailable", &best, from, from_len);
+    cgroup_limits(root, &best, from, from_len);
+    struct rlimit rl;
+    unsigned long pages;
+    if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+        read_text(root, "/proc/self/statm", buf, sizeof buf) == 0 && sscanf(buf, "%lu", &pages) == 1)
+        take((double)rl.rlim_cur - (double)pages * (double)sysconf(_SC_PAGESIZE), "RLIMIT_AS", &best, from, from_len);
+    if (best < 0)
+        return ln_errf(e, "CPU memory plan: cannot tell the available memory (no %s/proc/meminfo, cgroup limit or "
+                          "RLIMIT_AS)", root);
+    *bytes = best;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- the check */
+
+int ln_memplan_check(const ln_memplan_req *q, const char *root, ln_memplan *out, ln_err *e) {
+    ln_memplan p;
+    ln_memplan_estimate(q, &p);
+    int rc = ln_memplan_available(root, &p.available, p.available_from, sizeof p.available_from, e);
+    if (out) *out = p;
+    if (rc != 0) return -1;
+    if (p.peak <= p.available) return 0;
+    /* the parts of the peak phase, largest first as they come */
+    const double G = 1024.0 * 1024.0 * 1024.0;
+    char parts[512];
+    int k = snprintf(parts, sizeof parts, "weights %.2f", p.weights / G);
+    struct {
+        const char *name;
+        double v;
+        int in[LN_NPHASE];
+    } rows[] = {
+        {"covariances", p.covariances, {1, 1, 1}},   {"calibration scratch", p.calib_scratch, {1, 0, 0}},
+        {"adapter and gradients", p.adapter, {0, 1, 1}}, {"bases", p.bases, {0, 1, 1}},
+        {"init scratch", p.init_scratch, {0, 1, 0}},  {"AdamW", p.optimizer, {0, 0, 1}},
+        {"activations", p.activations, {0, 0, 1}},   {"drift copies", p.drift, {0, 0, 1}},
+        {"data", p.data, {1, 1, 1}},
+    };
+    for (size_t i = 0; i < sizeof rows / sizeof *rows && k < (int)sizeof parts; i++) {
+        if (!rows[i].in[p.peak_phase] || rows[i].v <= 0) continue;
+        int twice = i == 0 && p.peak_phase == LN_PHASE_CALIBRATION; /* sums and finished matrices */
+        k += snprintf(parts + k, sizeof parts - (size_t)k, ", %s %s%.2f", rows[i].name, twice ? "2 × " : "",
+                      rows[i].v / G);
+    }
+    return ln_errf(e, "CPU memory plan: the job needs %.2f GiB at its peak (%s: %s GiB) but only %.2f GiB are "
+                      "available (%s)",
+                   p.peak / G, ln_memplan_phase_name(p.peak_phase), parts, p.available / G, p.available_from);
+}

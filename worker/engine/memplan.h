@@ -1,0 +1,80 @@
+/* memplan.h — the memory plan of a CPU job: what it will hold at its peak, phase by phase, from
+ * the model's config and the job's options alone, compared with the memory the process may still
+ * take — so that a job too big for the worker fails at once, with the numbers, instead of hours
+ * later (or as an abort of the worker). The GPU twin is lnb_cuda_plan_check (cuda.h).
+ *
+ * Phases and what each holds (bytes; fp32 = 4, fp64 = 8; as model.c, calibrate.c, lora_init.c,
+ * adapter.c, optim.c and drift_tracker.c allocate today):
+ *   calibration  weights + the covariance sums AND the finished covariances (calibrate.c keeps both
+ *                until the last one is finished: 2 × Σ d_in² fp64 per layer, one per distinct layer
+ *                input that a target reads: q,k,v | o | gate,up | down) + the fp32 product scratch
+ *                (d_max²) + one calibration window's forward activations
+ *   init         weights + covariances + adapter (A, B, their gradients, A0/B0 for residual methods)
+ *                + the method's scratch: lora_null_* solves `threads` bases at once (each a d² fp64
+ *                copy of C and LAPACKE's row-major copy of it) and keeps every basis (d × r fp64);
+ *                pissa/milora/corda an fp64 SVD of the largest target; full fine-tuning allocates
+ *                every weight's gradient
+ *   training     weights + covariances (kept for the drift tracker) + bases + adapter + AdamW (two
+ *                moments per trained value) + activations for batch × seq (model.c's acts_ensure:
+ *                per layer, or one layer's with recompute; attention probabilities B·heads·T² unless
+ *                the backend keeps rows only) + an evaluation's activations when one runs mid-training
+ *                + the drift tracker's copy of every original weight (full fine-tuning) + the data.
+ * The peak is the largest phase. */
+#ifndef LN_MEMPLAN_H
+#define LN_MEMPLAN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/err.h"
+#include "worker/engine/config.h"
+
+typedef struct ln_memplan_req {
+    const ln_config *cfg;
+    int batch, seq;            /* micro-batch: rows and tokens per row (max_seq_len, or the pack length) */
+    int rank;                  /* adapter rank; 0 = full fine-tuning */
+    unsigned targets;          /* LN_TARGET bit mask (model.h); 0 = all seven */
+    int train_a;               /* A trains (AdamW moments for it) */
+    int residual;              /* residual method (pissa, milora, corda, lora_null_*): A0, B0 kept */
+    const char *method;        /* for the init scratch: "lora", "lora_null_v1", "pissa", ... (NULL = lora) */
+    int calibrate;             /* covariances computed and kept (calibration methods, drift tracking) */
+    int calib_max_length;      /* tokens per calibration window (0 = 1024) */
+    int calib_fp64;            /* products in fp64 (no fp32 scratch) */
+    int threads;               /* bases solved at once by the lora_null init (0 = 1) */
+    int recompute;             /* activation recomputation (one layer's intermediates) */
+    int rows_only_attention;   /* the backend keeps attention rows only (not B·heads·T²) */
+    int eval_during_training;  /* an evaluation forward (its own activations) runs between steps */
+    int drift;                 /* knowledge-drift tracker (full fine-tuning: a copy of every W0) */
+    int64_t data_tokens;       /* tokens of the loaded datasets (ids + labels, int32), 0 = not counted */
+} ln_memplan_req;
+
+typedef enum { LN_PHASE_CALIBRATION, LN_PHASE_INIT, LN_PHASE_TRAINING, LN_NPHASE } ln_memplan_phase;
+
+typedef struct ln_memplan {
+    /* parts, bytes */
+    double weights, data, covariances, calib_scratch, init_scratch, bases, adapter, optimizer, activations, drift;
+    double phase[LN_NPHASE];   /* each phase's total */
+    ln_memplan_phase peak_phase;
+    double peak;
+    double available;          /* ln_memplan_check: what the process may still take */
+    char available_from[96];   /* which limit that is: "MemAvailable", "cgroup memory.max", "RLIMIT_AS" */
+} ln_memplan;
+
+const char *ln_memplan_phase_name(ln_memplan_phase p);
+
+/* Fills p's parts, phases and peak from q (available stays 0). */
+void ln_memplan_estimate(const ln_memplan_req *q, ln_memplan *p);
+
+/* The memory this process may still take: the least of MemAvailable (/proc/meminfo), the cgroup's
+ * memory.max − its working set (memory.current − inactive_file, v2; limit − usage, v1; every
+ * ancestor's too) and RLIMIT_AS − the address space already mapped. root prefixes /proc and /sys
+ * ("" on a real system; a directory of fake files in the tests). Fails only when none can be read. */
+int ln_memplan_available(const char *root, double *bytes, char *from, size_t from_len, ln_err *e);
+
+/* Estimates, reads what is available (root as above) and fails when the peak does not fit:
+ *   "CPU memory plan: the job needs 71.30 GiB at its peak (calibration: weights 15.00, covariances
+ *    2 × 28.10, calibration scratch 0.20 GiB) but only 24.00 GiB are available (cgroup memory.max)"
+ * out (may be NULL) receives the plan either way. */
+int ln_memplan_check(const ln_memplan_req *q, const char *root, ln_memplan *out, ln_err *e);
+
+#endif
