@@ -85,11 +85,6 @@ int cmd_train(int argc, char **argv)
     if (cli_parse(argc, argv, 1, opts, nopts, &e)) goto fail;
     if (!model || !data || !out) { ln_errf(&e, "train needs --model, --data and --out"); goto fail; }
     if (cal.file && cov_file) { ln_errf(&e, "train takes --calibration or --covariance, not both"); goto fail; }
-    if (recompute && ranks > 1) { /* ln_tp_shard_model does not carry ln_model.recompute to the shards */
-        ln_errf(&e, "option --recompute: tensor-parallel shards do not recompute activations yet (drop --recompute "
-                    "or use --ranks 1)");
-        goto fail;
-    }
     to.shuffle = !no_shuffle;
     to.out_dir = out;
     to.progress = isatty(2);

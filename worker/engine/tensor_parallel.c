@@ -90,6 +90,7 @@ int ln_tp_shard_model(const ln_model *full, ln_comm *c, ln_model **out, ln_err *
         }
     }
     m->comm = c;
+    m->recompute = full->recompute; /* activation recomputation is per layer: the same on a shard */
     *out = m;
     return 0;
 }
