@@ -122,6 +122,7 @@ extern "C" int lnb_cuda_cov_init(lnb_cuda_cov *c, int d, ln_err *e)
 extern "C" void lnb_cuda_cov_free(lnb_cuda_cov *c)
 {
     if (!c) return;
+    lnb_cuda_bind_thread();
     if (c->sum) cudaFree(c->sum);
     if (c->flags) cudaFree(c->flags);
     c->sum = NULL;
