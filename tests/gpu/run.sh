@@ -127,6 +127,20 @@ trap 'record KILLED run.sh $((SECONDS - START)) "a signal ended the script"; FAI
     nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.max.sm --format=csv 2>&1 ||
         echo "nvidia-smi: not available"
     nvcc --version 2>&1 | tail -n 1
+    # what the build needs (a missing header here explains a failed build at once)
+    for h in cblas.h lapacke.h jansson.h nccl.h cublas_v2.h cusolverDn.h microhttpd.h sqlite3.h uv.h curl/curl.h; do
+        if echo "#include <$h>" | cc -E -x c -I"${CUDA_HOME:-/usr/local/cuda}/include" - > /dev/null 2>&1; then
+            echo "header $h: found"
+        else
+            echo "header $h: MISSING"
+        fi
+    done
+    "$PY" -c 'import importlib
+for m in ("torch", "transformers", "peft"):
+    try:
+        print(f"python {m}:", importlib.import_module(m).__version__)
+    except Exception as e:
+        print(f"python {m}: missing ({e})")' 2>&1
 } > "$OUT/environment.txt"
 cat "$OUT/environment.txt"
 
