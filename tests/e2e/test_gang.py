@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from e2e_helpers import Env, checkpoints, metrics, result_files, save_files, wait_for
 from test_control import finished as run_to_end, messages
+from test_multirank import long_job, reference_2rank  # noqa: F401  (the uninterrupted 2-rank run, threads)
 
 SPEC = dict(model="tiny-llama", seed=7, hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate": 0.01},
             resources={"ranks": 2, "device": "cpu"})
@@ -36,7 +37,7 @@ def test_two_workers_train_one_job_to_the_threads_adapter(env, tmp_path):
     ranks = sorted(r for r in (rank_of(g1, job["id"]), rank_of(g2, job["id"])))
     assert ranks == [0, 1], (g1.log(), g2.log())
     msgs = messages(env, job)
-    assert sum("joined the gang over TCP" in m for m in msgs) == 2, msgs
+    assert any("All 2 ranks of the gang met over TCP" in m for m in msgs), msgs
     assert any("tensor-parallel" in m for m in msgs), msgs
     split = result_files(env.srv, env.key, done)
     assert "rank 1's part ended (rank 0 reports for the job)" in (g1.log() + g2.log())
@@ -62,21 +63,22 @@ def test_two_workers_train_one_job_to_the_threads_adapter(env, tmp_path):
                                rtol=1e-4, atol=1e-4)
 
 
-def test_killed_rank_fails_the_others_collective_and_the_job_is_requeued(server_factory, models, tmp_path):
+def test_killed_rank_fails_the_others_collective_and_the_job_is_requeued(server_factory, models, tmp_path,
+                                                                       reference_2rank):
     # A lease TTL longer than the workers' failure grace: the surviving rank's own report requeues the job
     # (with the e2e default of 2 s, the dead worker's silent heartbeat would requeue it first).
     env = Env(server_factory("--lease-ttl-s", "10", "--retry-backoff-s", "0.2", "--lease-wait-max-s", "5"), models,
               tmp_path)
     try:
-        killed_rank_case(env)
+        killed_rank_case(env, reference_2rank["adapter"])
     finally:
         for w in env.workers:
             w.stop()
 
 
-def killed_rank_case(env):
+def killed_rank_case(env, reference):
     g1, g2 = env.worker("g1"), env.worker("g2")
-    job = env.srv.create_job(env.key, **gang_spec(env, epochs=60))
+    job = long_job(env)
     wait_for(lambda: len(metrics(env.srv, env.key, job["id"], "loss").get("loss", {})) >= 20, 180,
              f"20 training steps ({g1.log()} {g2.log()})")
     r1 = rank_of(g1, job["id"])
@@ -89,15 +91,38 @@ def killed_rank_case(env):
     assert "connection to rank 1 was closed" in survivor.log()
     wait_for(lambda: env.srv.get_job(env.key, job["id"])["status"] == "queued", 30, "the job to be queued")
     assert survivor.running(), survivor.log()
-    # Two workers again: the job runs to the end on attempt 2.
+    # Two workers again: the job resumes from its last checkpoint on attempt 2 and ends with the
+    # uninterrupted run's adapter bytes.
     env.worker("g3")
     done = run_to_end(env, job, timeout=300)
     assert done["attempts"] == 2, done
+    assert result_files(env.srv, env.key, done)["adapter_model.safetensors"] == reference
     msgs = messages(env, job)
     for rank in (0, 1):
         assert any(f"started rank {rank} of 2, attempt 2" in m for m in msgs), "\n".join(msgs)
-    # (the killed rank may not have sent its own "joined" event of attempt 1 before it died)
-    assert sum("joined the gang over TCP" in m for m in msgs) >= 3, "\n".join(msgs)
+    assert sum("All 2 ranks of the gang met over TCP" in m for m in msgs) == 2, "\n".join(msgs)
+
+
+def test_paused_split_job_resumes_to_the_uninterrupted_adapter(env, reference_2rank):
+    g1, g2 = env.worker("g1"), env.worker("g2")
+    job = long_job(env)
+    wait_for(lambda: any(c["step_number"] >= 40 for c in checkpoints(env.srv, env.key, job["id"])), 120,
+             f"a checkpoint at step >= 40 ({g1.log()} {g2.log()})")
+    r = env.srv.client(env.key).post(env.srv.url(f"/v1/fine_tuning/jobs/{job['id']}/pause"))
+    assert r.status_code == 200 and r.json()["status"] == "paused"
+    # Whichever rank sees the pause first, every rank stops after the same step and rank 0 uploads
+    # that step's checkpoint (its own report may then be refused: the job is paused).
+    ends = (f"job {job['id']}: stopped", f"job {job['id']}: ended without its lease")
+    for w in (g1, g2):
+        wait_for(lambda: any(e in w.log() for e in ends), 30, f"{w.name} to stop ({w.log()})")
+    last = max(c["step_number"] for c in checkpoints(env.srv, env.key, job["id"]))
+    assert last == max(metrics(env.srv, env.key, job["id"], "loss")["loss"]), "the stop's checkpoint is missing"
+    r = env.srv.client(env.key).post(env.srv.url(f"/v1/fine_tuning/jobs/{job['id']}/resume"))
+    assert r.status_code == 200, r.text
+    done = run_to_end(env, job)
+    assert result_files(env.srv, env.key, done)["adapter_model.safetensors"] == reference_2rank["adapter"]
+    msgs = messages(env, job)
+    assert any(m.startswith("Resuming from") and f"step {last}" in m for m in msgs), "\n".join(msgs)
 
 
 def test_cancel_stops_both_ranks(env):

@@ -492,8 +492,11 @@ static void on_final(const wd_resp *r, void *ctx) {
 static void send_final(wd_job *j, double now) {
     if (j->final_busy || now < j->final_next) return;
     if (j->final == FINAL_NONE) {
-        char how[96];
-        snprintf(how, sizeof how, "rank %d's part ended (rank 0 reports for the job)", j->rank);
+        char how[128];
+        if (j->run_started && j->run.status == WD_RUN_STOPPED)
+            snprintf(how, sizeof how, "stopped with the gang at the same step (rank 0 checkpoints and reports)");
+        else
+            snprintf(how, sizeof how, "rank %d's part ended (rank 0 reports for the job)", j->rank);
         job_end(j, how);
         return;
     }
@@ -588,8 +591,15 @@ static void on_gang(void *ctx, wd_gang_result res, ln_comm *c, const wd_resp *r,
         j->comm = c;
         j->run.comm = c;
         j->run.rank = j->rank;
-        wd_outbox_event(&j->out, "info", NULL, "Rank %d of %d (worker %s) joined the gang over TCP", j->rank,
-                        j->run.world, j->d->worker_id);
+        /* Rank 0's event says the whole gang met (the others' may be refused once rank 0 has
+         * completed a short job: the server ends their reports with the job). */
+        if (j->rank == 0)
+            wd_outbox_event(&j->out, "info", NULL, "All %d ranks of the gang met over TCP (rank 0, worker %s, listens "
+                            "at the address it published)", j->run.world, j->d->worker_id);
+        else
+            wd_outbox_event(&j->out, "info", NULL, "Rank %d of %d (worker %s) joined the gang over TCP", j->rank,
+                            j->run.world, j->d->worker_id);
+        j->next_flush = 0;
         j->phase = PHASE_DOWNLOADING; /* then the run, on this comm */
     } else if (res == WD_GANG_REFUSED) {
         job_refused(j, r);
