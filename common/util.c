@@ -80,8 +80,18 @@ int ln_read_file(const char *path, char **out, size_t *len, ln_err *e) {
     size_t cap = 0, n = 0;
     for (;;) {
         if (n + 65536 + 1 > cap) {
-            cap = cap ? cap * 2 : 65536 * 2;
-            buf = ln_xrealloc(buf, cap);
+            /* data files can be gigabytes: running out of memory is this file's error, not an abort */
+            size_t ncap = cap ? cap * 2 : 65536 * 2;
+            char *grown = realloc(buf, ncap);
+            if (!grown) {
+                char size[32];
+                free(buf);
+                fclose(f);
+                return ln_errf(e, "%s: out of memory allocating %s to read it", path,
+                               ln_fmt_bytes((double)ncap, size, sizeof size));
+            }
+            buf = grown;
+            cap = ncap;
         }
         size_t got = fread(buf + n, 1, cap - n - 1, f);
         n += got;

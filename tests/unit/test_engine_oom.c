@@ -1,6 +1,7 @@
 /* Out of memory in the engine fails the job instead of aborting the worker: export (PEFT and
- * merged), the knowledge-drift tracker (full fine-tuning and a residual adapter) and the
- * LoRA-Null init (null-space basis, factors, residual) each run in a child process (this binary
+ * merged), the knowledge-drift tracker (full fine-tuning and a residual adapter), the LoRA-Null
+ * init (null-space basis, factors, residual) and loading a data file (reading it, parsing its
+ * lines — not "bad JSON") each run in a child process (this binary
  * run again, so nothing of OpenBLAS or OpenMP is inherited through fork) under a real
  * address-space limit (RLIMIT_AS = what the child already maps + a slack). The slack doubles
  * from 256 KiB until the path succeeds; at every step the child must come back normally with
@@ -28,6 +29,7 @@
 #include "common/util.h"
 #include "worker/backend/backend.h"
 #include "worker/engine/adapter.h"
+#include "worker/engine/data.h"
 #include "worker/engine/drift.h"
 #include "worker/engine/export.h"
 #include "worker/engine/model.h"
@@ -137,6 +139,26 @@ static int run_init_lora_null(world *w, ln_err *e) {
     return 0;
 }
 
+/* A 4 MiB JSONL file of pre-tokenized lines, read and validated whole. */
+static int run_data_load(world *w, ln_err *e) {
+    char *path = ln_path_join(g_dir, "data.jsonl");
+    if (w->runs++ == 0) {
+        FILE *f = fopen(path, "w");
+        for (int i = 0; f && i < 2000; i++) {
+            fputs("{\"input_ids\": [", f);
+            for (int k = 0; k < 400; k++) fprintf(f, "%s%d", k ? ", " : "", (i + k) % 64);
+            fputs("]}\n", f);
+        }
+        if (!f || fclose(f) != 0) _exit(8);
+    }
+    ln_dataset *ds = NULL;
+    ln_data_opts o = {.max_seq_len = 0};
+    int rc = ln_dataset_load(path, NULL, &o, &ds, e);
+    ln_dataset_free(ds);
+    free(path);
+    return rc;
+}
+
 /* ---------------------------------------------------------------- the child */
 
 static size_t mapped_bytes(void) {
@@ -160,6 +182,7 @@ static const struct {
     {"drift_full", "full", 0, run_drift},
     {"drift_residual", "pissa", 0, run_drift},
     {"init_lora_null", NULL, 0, run_init_lora_null},
+    {"data_load", NULL, 0, run_data_load},
 };
 
 /* The child (this binary run again with --oom-child NAME, a fresh process: no OpenBLAS or OpenMP
@@ -288,6 +311,11 @@ static void test_lora_null_init_out_of_memory(void **state) {
     check_path("init_lora_null", "out of memory");
 }
 
+static void test_data_load_out_of_memory(void **state) {
+    (void)state;
+    check_path("data_load", "out of memory");
+}
+
 static int setup(void **state) {
     (void)state;
     return mkdtemp(g_dir) ? 0 : -1;
@@ -308,6 +336,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_drift_tracker_full_out_of_memory),
         cmocka_unit_test(test_drift_tracker_residual_out_of_memory),
         cmocka_unit_test(test_lora_null_init_out_of_memory),
+        cmocka_unit_test(test_data_load_out_of_memory),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

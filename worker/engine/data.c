@@ -104,6 +104,9 @@ static int load_line(const char *line, size_t len, const ln_tokenizer *tok, cons
                      ln_example *ex, int *truncated, ln_err *e) {
     json_error_t je;
     json_t *obj = json_loadb(line, len, JSON_REJECT_DUPLICATES, &je);
+    /* jansson says why a line is bad; when it could not allocate it leaves the text empty */
+    if (!obj && (json_error_code(&je) == json_error_out_of_memory || !je.text[0]))
+        return ln_errf(e, "out of memory parsing the JSON of a %zu-byte line", len);
     if (!obj) return ln_errf(e, "bad JSON at column %d: %s", je.column, je.text);
     int rc = -1;
     ln_chat_format fmt = LN_CHAT_PRETOKENIZED;
@@ -187,6 +190,11 @@ int ln_dataset_load(const char *path, const ln_tokenizer *tok, const ln_data_opt
         ln_err le;
         if (load_line(line, len, tok, opts, &ex, &truncated, &le)) {
             example_free(&ex);
+            if (strstr(le.msg, "out of memory")) { /* the worker's trouble, not the file's: stop here */
+                free(buf);
+                ln_dataset_free(d);
+                return ln_errf(e, "%s line %d: %s", path, lineno, le.msg);
+            }
             /* the first three bad lines are spelled out; the rest are counted */
             if (bad == 0) ln_errf(&first, "%s line %d: %s", path, lineno, le.msg);
             else if (bad < 3) {
