@@ -788,8 +788,8 @@ static void job_begin(wd_daemon *d, json_t *lease) {
     if (world > 1 && strcmp(d->device_kind, "cpu") != 0) {
         snprintf(r->err_code, sizeof r->err_code, "unsupported_resources");
         snprintf(r->err_msg, sizeof r->err_msg,
-                 "resources.ranks=%d: multi-rank jobs run on CPU workers only for now (threads); submit with "
-                 "resources.ranks=1 for a GPU worker", world);
+                 "resources.ranks=%d: multi-rank jobs run on CPU workers only for now (threads on one worker, or TCP "
+                 "between workers); submit with resources.ranks=1 for a GPU worker", world);
         j->final = FINAL_FAIL;
         j->phase = PHASE_REPORTING;
         return;
