@@ -41,39 +41,33 @@ def main():
     lines, rep = [], {}
     dev = next((j["device"] for j in (train, peak, calib, init) if j and "device" in j), "unknown device")
     lines.append(f"GPU benchmark on {dev}")
-    if peak:
-        rep["peak_tflops"] = peak["peak_tflops"]
-        lines.append(f"bf16 GEMM peak (measured, cuBLAS): {peak['peak_tflops']:.1f} TFLOP/s")
-    else:
-        lines.append("bf16 GEMM peak: " + missing("bench_peak"))
-    if train:
-        rep.update(tokens_per_s=train["tokens_per_s"], mfu=train["mfu"], step_s=train["step_s"])
-        lines.append(f"loranull LoRA-Null-v2 r={train['rank']} seq {train['seq']}: {train['tokens_per_s']:.0f} tokens/s, "
-                     f"{train['step_s']:.3f} s/step, MFU {100 * train['mfu']:.1f}% of {train['peak_tflops']:.1f} TFLOP/s")
-    else:
-        lines.append("loranull training step: " + missing("bench_train"))
-    if peft:
-        rep["peft_tokens_per_s"] = peft["tokens_per_s"]
-        lines.append(f"transformers {peft.get('transformers', '?')} + peft {peft.get('peft', '?')}, same step: "
-                     f"{peft['tokens_per_s']:.0f} tokens/s")
-    else:
-        lines.append("transformers + PEFT step: " + missing("bench_peft"))
+
+    def add(label, step, data, fields, text):
+        """One line per number: from its step's JSON (fields copied into the report), or missing."""
+        if data:
+            rep.update({k: data[src] for k, src in fields.items()})
+            lines.append(text(data))
+        else:
+            lines.append(f"{label}: " + missing(step))
+
+    add("bf16 GEMM peak", "bench_peak", peak, {"peak_tflops": "peak_tflops"},
+        lambda j: f"bf16 GEMM peak (measured, cuBLAS): {j['peak_tflops']:.1f} TFLOP/s")
+    add("loranull training step", "bench_train", train,
+        {"tokens_per_s": "tokens_per_s", "mfu": "mfu", "step_s": "step_s"},
+        lambda j: f"loranull LoRA-Null-v2 r={j['rank']} seq {j['seq']}: {j['tokens_per_s']:.0f} tokens/s, "
+                  f"{j['step_s']:.3f} s/step, MFU {100 * j['mfu']:.1f}% of {j['peak_tflops']:.1f} TFLOP/s")
+    add("transformers + PEFT step", "bench_peft", peft, {"peft_tokens_per_s": "tokens_per_s"},
+        lambda j: f"transformers {j.get('transformers', '?')} + peft {j.get('peft', '?')}, same step: "
+                  f"{j['tokens_per_s']:.0f} tokens/s")
     if train and peft:
         rep["ratio_vs_peft"] = train["tokens_per_s"] / peft["tokens_per_s"]
         lines.append(f"ratio loranull / PEFT (tokens/s): {rep['ratio_vs_peft']:.2f}x")
-    if calib:
-        rep["calib_256x1024_s"] = calib["calib_256x1024_s"]
-        how = (f"extrapolated from {calib['samples']} samples" if calib.get("extrapolated")
-               else "measured")
-        lines.append(f"whole-model calibration 256 x 1024 tokens (device covariances): {calib['calib_256x1024_s']:.1f} s "
-                     f"({how}; {calib['tokens_per_s']:.0f} tokens/s)")
-    else:
-        lines.append("whole-model calibration: " + missing("bench_calib"))
-    if init:
-        rep["init_model_s_est"] = init["model_init_s_est"]
-        lines.append(f"loranull init, one layer x32: {init['model_init_s_est']:.1f} s (syevdx r={init['rank']} + factors)")
-    else:
-        lines.append("loranull init: " + missing("bench_init"))
+    add("whole-model calibration", "bench_calib", calib, {"calib_256x1024_s": "calib_256x1024_s"},
+        lambda j: f"whole-model calibration 256 x 1024 tokens (device covariances): {j['calib_256x1024_s']:.1f} s "
+                  f"({'extrapolated from %d samples' % j['samples'] if j.get('extrapolated') else 'measured'}; "
+                  f"{j['tokens_per_s']:.0f} tokens/s)")
+    add("loranull init", "bench_init", init, {"init_model_s_est": "model_init_s_est"},
+        lambda j: f"loranull init, one layer x32: {j['model_init_s_est']:.1f} s (syevdx r={j['rank']} + factors)")
     if tinit and tinit.get("complete"):
         rep["torch_init_model_s_est"] = tinit["model_init_s_est"]
         lines.append(f"torch recipe init, one layer x32: {tinit['model_init_s_est']:.1f} s (full SVDs, fp32)")
