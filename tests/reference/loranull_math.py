@@ -37,10 +37,10 @@ class Math:
     def __init__(self, so_path):
         self.lib = ctypes.CDLL(str(so_path))
         L = self.lib
-        L.ln_drift_quad_dense.restype = ctypes.c_double
-        L.ln_drift_quad_lowrank.restype = ctypes.c_double
+        L.ln_drift_quad_dense.argtypes = [f32p, ctypes.c_int, ctypes.c_int, f64p, f64p, ctypes.c_void_p]
         L.ln_drift_quad_lowrank.argtypes = [f32p, f32p, ctypes.c_int, f32p, f32p, ctypes.c_int,
-                                            ctypes.c_int, ctypes.c_int, ctypes.c_double, f64p]
+                                            ctypes.c_int, ctypes.c_int, ctypes.c_double, f64p, f64p,
+                                            ctypes.c_void_p]
 
     def _check(self, rc, err):
         if rc != 0:
@@ -95,15 +95,21 @@ class Math:
         if B0 is not None:
             B0, A0 = (np.ascontiguousarray(a, dtype=np.float32) for a in (B0, A0))
         C = np.ascontiguousarray(C, dtype=np.float64)
-        return self.lib.ln_drift_quad_lowrank(_p(B1, f32p), _p(A1, f32p), B1.shape[1],
-                                              _p(B0, f32p) if B0 is not None else None,
-                                              _p(A0, f32p) if A0 is not None else None, r0,
-                                              B1.shape[0], A1.shape[1], scale, _p(C, f64p))
+        out, err = ctypes.c_double(), LnErr()
+        self._check(self.lib.ln_drift_quad_lowrank(_p(B1, f32p), _p(A1, f32p), B1.shape[1],
+                                                   _p(B0, f32p) if B0 is not None else None,
+                                                   _p(A0, f32p) if A0 is not None else None, r0,
+                                                   B1.shape[0], A1.shape[1], scale, _p(C, f64p),
+                                                   ctypes.byref(out), ctypes.byref(err)), err)
+        return out.value
 
     def drift_dense(self, W, C):
         W = np.ascontiguousarray(W, dtype=np.float32)
         C = np.ascontiguousarray(C, dtype=np.float64)
-        return self.lib.ln_drift_quad_dense(_p(W, f32p), W.shape[0], W.shape[1], _p(C, f64p))
+        out, err = ctypes.c_double(), LnErr()
+        self._check(self.lib.ln_drift_quad_dense(_p(W, f32p), W.shape[0], W.shape[1], _p(C, f64p),
+                                                 ctypes.byref(out), ctypes.byref(err)), err)
+        return out.value
 
 
 def build(outdir):

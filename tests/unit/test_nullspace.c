@@ -225,6 +225,46 @@ static void test_basis_known_spectrum(void **state) {
     free(U);
 }
 
+/* The basis is bit for bit what LAPACKE's row-major dsyevr (which copies C's upper triangle into a
+ * column-major matrix) gives — for a C whose two halves differ in the last bits, too — with one
+ * d² copy less: sizes that are one block, several, and the null space of a rank-deficient C. */
+static void test_basis_bits_equal_row_major_lapacke(void **state) {
+    (void)state;
+    rng_state = 12;
+    const int sizes[][2] = {{24, 5}, {130, 9}, {301, 17}};
+    ln_err e;
+    for (size_t c = 0; c < sizeof sizes / sizeof *sizes; c++) {
+        const int d = sizes[c][0], r = sizes[c][1], tokens = d - r / 2;
+        float *X = rand_f32((size_t)tokens * d, 1.0);
+        double *C = calloc((size_t)d * d, sizeof *C);
+        for (int i = 0; i < d; i++)
+            for (int j = 0; j < d; j++) {
+                double acc = 0;
+                for (int k = 0; k < tokens; k++) acc += (double)X[(size_t)k * d + i] * X[(size_t)k * d + j];
+                C[(size_t)i * d + j] = acc / tokens;
+            }
+        C[(size_t)(d - 1) * d + 0] *= 1.0 + 1e-15; /* the lower half must not matter */
+        double *U = malloc((size_t)d * r * sizeof *U), *Uref = malloc((size_t)d * r * sizeof *Uref);
+        double *a = malloc((size_t)d * d * sizeof *a), *w = malloc((size_t)d * sizeof *w), ev[17];
+        lapack_int *isuppz = malloc((size_t)2 * r * sizeof *isuppz), m = 0;
+        memcpy(a, C, (size_t)d * d * sizeof *a);
+        ln_blas_threads_end(); /* one BLAS thread on both sides: the bits of a threaded BLAS vary */
+        assert_int_equal(LAPACKE_dsyevr(LAPACK_ROW_MAJOR, 'V', 'I', 'U', d, a, d, 0.0, 0.0, 1, r, 0.0, &m, w, Uref, r,
+                                        isuppz), 0);
+        assert_int_equal(m, r);
+        assert_int_equal(ln_nullspace_basis_1t(C, d, r, U, ev, &e), 0);
+        assert_memory_equal(U, Uref, (size_t)d * r * sizeof *U);
+        assert_memory_equal(ev, w, (size_t)r * sizeof *ev);
+        free(X);
+        free(C);
+        free(U);
+        free(Uref);
+        free(a);
+        free(w);
+        free(isuppz);
+    }
+}
+
 /* W0 U Uᵀ = scale·B A, rows of A span exactly the basis, residual restores W0, and for any B'
  * the update B' A leaves exact-null-space activations unchanged (v2's guarantee). */
 static void test_factor_properties(void **state) {
@@ -610,6 +650,7 @@ int main(void) {
         cmocka_unit_test(test_cov_f32_split_matches_f64),
         cmocka_unit_test(test_cov_rejects_bad_samples),
         cmocka_unit_test(test_basis_known_spectrum),
+        cmocka_unit_test(test_basis_bits_equal_row_major_lapacke),
         cmocka_unit_test(test_factor_properties),
         cmocka_unit_test(test_method_names),
         cmocka_unit_test(test_every_method_init),

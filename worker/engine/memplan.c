@@ -69,9 +69,9 @@ static double init_scratch(const ln_memplan_req *q, double din_max_sq, double d_
         if (q->residual) s = s > F64 * (dout * r + r * din + 256 * din) ? s : F64 * (dout * r + r * din + 256 * din);
         if (s > worst) worst = s;
     }
-    if (!strncmp(me, "lora_null", 9)) { /* bases solved at once: a copy of C + LAPACKE's row-major copy each */
+    if (!strncmp(me, "lora_null", 9)) { /* bases solved at once: a copy of C, Z and U, dsyevr's work each */
         double solves = q->threads > 0 ? q->threads : 1;
-        double at_once = solves * (F64 * 2 * din_max_sq + F64 * 2 * d_max * r + F64 * 36 * d_max);
+        double at_once = solves * (F64 * din_max_sq + F64 * 2 * d_max * r + F64 * 36 * d_max);
         if (at_once > worst) worst = at_once;
     }
     return worst;

@@ -11,7 +11,7 @@
  *                (d_max²) + one calibration window's forward activations
  *   init         weights + covariances + adapter (A, B, their gradients, A0/B0 for residual methods)
  *                + the method's scratch: lora_null_* solves `threads` bases at once (each a d² fp64
- *                copy of C and LAPACKE's row-major copy of it) and keeps every basis (d × r fp64);
+ *                copy of C) and keeps every basis (d × r fp64);
  *                pissa/milora/corda an fp64 SVD of the largest target; full fine-tuning allocates
  *                every weight's gradient
  *   training     weights + covariances (kept for the drift tracker) + bases + adapter + AdamW (two

@@ -167,19 +167,30 @@ void ln_nullspace_set_basis_solver(ln_basis_solver fn) { basis_solver = fn; }
 static int basis_impl(const double *C, int d, int r, double *U, double *evals, int all_threads, ln_err *e) {
     if (r <= 0 || r > d) return ln_errf(e, "null space: rank %d must be in 1..%d (d_in)", r, d);
     if (basis_solver) return basis_solver(C, d, r, U, evals, e);
+    /* LAPACK works in column-major order. Called with LAPACK_ROW_MAJOR, LAPACKE would copy C's
+     * upper triangle into a column-major d × d matrix and Z back — a second d² fp64 copy per solve,
+     * and bases are solved several at once (lora_init.c). Instead `a` is that column-major matrix
+     * already: row-major C's upper triangle mirrored into both halves (so LAPACK reads exactly
+     * what LAPACKE's copy held, whatever C's lower half says), and z (d × r, column-major) is
+     * transposed into U here: the same call, the same bits, one copy less. */
     double *a = ln_try_alloc((size_t)d * d * sizeof(double), "null space: copy of C", e);
     double *w = ln_try_alloc((size_t)d * sizeof(double), "null space: eigenvalues", e);
+    double *z = ln_try_alloc((size_t)d * r * sizeof(double), "null space: eigenvectors", e);
     lapack_int *isuppz = ln_try_alloc((size_t)2 * r * sizeof(lapack_int), "null space: support", e);
     int rc = -1;
-    if (!a || !w || !isuppz) goto out;
-    memcpy(a, C, (size_t)d * d * sizeof(double));
+    if (!a || !w || !z || !isuppz) goto out;
+    for (int i = 0; i < d; i++)
+        for (int j = i; j < d; j++) a[(size_t)i * d + j] = a[(size_t)j * d + i] = C[(size_t)i * d + j];
     lapack_int m = 0;
     if (all_threads) ln_blas_threads_begin();
     /* Range 'I', il=1..iu=r: LAPACK returns the r smallest eigenpairs, ascending. abstol 0 lets
      * dsyevr pick its default (accurate) tolerance. */
-    lapack_int info = LAPACKE_dsyevr(LAPACK_ROW_MAJOR, 'V', 'I', 'U', d, a, d, 0.0, 0.0, 1, r, 0.0,
-                                     &m, w, U, r, isuppz);
+    lapack_int info = LAPACKE_dsyevr(LAPACK_COL_MAJOR, 'V', 'I', 'U', d, a, d, 0.0, 0.0, 1, r, 0.0,
+                                     &m, w, z, d, isuppz);
     if (all_threads) ln_blas_threads_end();
+    if (info == 0 && m == r)
+        for (int i = 0; i < d; i++)
+            for (int j = 0; j < r; j++) U[(size_t)i * r + j] = z[(size_t)j * d + i];
     if (info != 0) {
         ln_lapack_fail(e, (int)info, "null space: dsyevr on a %d x %d covariance", d, d);
         goto out;
@@ -193,6 +204,7 @@ static int basis_impl(const double *C, int d, int r, double *U, double *evals, i
 out:
     free(a);
     free(w);
+    free(z);
     free(isuppz);
     return rc;
 }
