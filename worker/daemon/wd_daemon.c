@@ -156,6 +156,7 @@ static void job_end(wd_job *j, const char *how) {
     wd_daemon *d = j->d;
     if (d->http) wd_http_abort_ctx(d->http, j);
     int keep = j->lost == WD_STOP_PAUSE || j->lost == WD_STOP_LEASE_LOST || j->final == FINAL_RELEASE;
+    if (j->final == FINAL_NONE && j->run_started && j->run.status == WD_RUN_OK) keep = 0; /* rank 0 has it all */
     if (j->run_started) wd_run_finish(&j->run);
     else ln_jobspec_free(&j->run.spec);
     wd_gang_cancel(j->gang);
@@ -197,7 +198,10 @@ static void job_lost(wd_job *j, wd_stop why, const char *msg) {
     j->hb_busy = j->flush_busy = j->ck_busy = j->res_busy = j->final_busy = j->dl_busy = 0;
     wd_outbox_clear(&j->out);
     const char *what = why == WD_STOP_CANCEL ? "cancelled" : why == WD_STOP_PAUSE ? "paused" : "lost its lease";
-    ln_log(LN_LOG_WARN, "worker", "job %s %s: %s; stopping", j->id, what, msg);
+    if (j->final == FINAL_NONE && j->phase == PHASE_REPORTING) /* the expected end of a rank ≠ 0 */
+        ln_log(LN_LOG_INFO, "worker", "job %s: rank 0's report ended the lease (%s)", j->id, msg);
+    else
+        ln_log(LN_LOG_WARN, "worker", "job %s %s: %s; stopping", j->id, what, msg);
 }
 
 /* A 409/404 on a report: which way the lease went. */
@@ -491,15 +495,9 @@ static void on_final(const wd_resp *r, void *ctx) {
 
 static void send_final(wd_job *j, double now) {
     if (j->final_busy || now < j->final_next) return;
-    if (j->final == FINAL_NONE) {
-        char how[128];
-        if (j->run_started && j->run.status == WD_RUN_STOPPED)
-            snprintf(how, sizeof how, "stopped with the gang at the same step (rank 0 checkpoints and reports)");
-        else
-            snprintf(how, sizeof how, "rank %d's part ended (rank 0 reports for the job)", j->rank);
-        job_end(j, how);
-        return;
-    }
+    /* A rank ≠ 0 sends no report: it goes on heart-beating (the server requeues a gang one of whose
+     * workers falls silent) until rank 0's complete, fail or release ends the lease (job_lost). */
+    if (j->final == FINAL_NONE) return;
     char path[160];
     json_t *b;
     if (j->final == FINAL_COMPLETE) {
@@ -648,6 +646,15 @@ static void gang_run_ended(wd_job *j, double now) {
 
 static void job_pump(wd_job *j, double now) {
     wd_daemon *d = j->d;
+    if (j->lost && j->final == FINAL_NONE && j->phase == PHASE_REPORTING) {
+        char how[128];
+        if (j->run.status == WD_RUN_STOPPED)
+            snprintf(how, sizeof how, "stopped with the gang at the same step (rank 0 checkpoints and reports)");
+        else
+            snprintf(how, sizeof how, "rank %d's part ended (rank 0 reports for the job)", j->rank);
+        job_end(j, how);
+        return;
+    }
     if (j->lost) {
         if (!j->run_started || atomic_load(&j->run.done)) job_end(j, "stopped: its lease is gone");
         return;

@@ -22,15 +22,17 @@
  *    exits at once.
  *  - A gang split over workers (the lease lists one rank of world_size here, on a CPU worker):
  *    the ranks first meet through the server's rendezvous (wd_gang.h) and join one comm_tcp
- *    group — before the downloads, so one worker's slow download cannot run out the others'
- *    rendezvous time —; the run trains only this rank (wd_run.comm). Every rank heart-beats; only
- *    rank 0 uploads checkpoints and results and completes — a rank ≠ 0 ends quietly when its run
- *    does. A run that fails because a peer's connection ended reports after PEER_FAIL_GRACE_S
- *    (so the rank with the real cause reports first; the later report is refused and ignored),
- *    as retryable. Cancel or a lost lease on any rank aborts its comm, so the other ranks'
- *    collectives fail at once; a pause leaves the stop to rank 0's trainer (it checkpoints in
- *    step). SIGTERM on any rank stops every rank after the same step (the trainer agrees on a
- *    stop seen by any rank); rank 0 uploads the stop's checkpoint and releases the job.
+ *    group — before the downloads, so a slow download on one worker cannot run out the others'
+ *    rendezvous time — and the run trains only this rank (wd_run.comm). Every rank heart-beats
+ *    with its worker_id; only rank 0 uploads checkpoints and results and completes. A rank ≠ 0
+ *    whose run is over goes on heart-beating (the server requeues a gang whose worker falls
+ *    silent, e.g. during rank 0's upload) until rank 0's report ends the lease, and ends without
+ *    a report of its own. A run that fails because a peer's connection ended reports, retryable
+ *    (rank_lost), PEER_FAIL_GRACE_S later, so the rank with the real cause reports first (the
+ *    later report is refused and ignored). Cancel or a lost lease on any rank aborts its comm,
+ *    so the others' collectives fail at once. A pause or SIGTERM on any rank stops every rank
+ *    after the same step (the trainer agrees on a stop any rank sees); rank 0 uploads that
+ *    step's checkpoint and, for SIGTERM, releases the job.
  *  - The worker id the server gave is kept in <work-dir>/worker_id: a restarted daemon registers
  *    again under the same id (one work dir per worker). */
 #ifndef WD_DAEMON_H
