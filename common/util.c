@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -188,4 +189,92 @@ double ln_now_s(void) {
 
 int64_t ln_unix_time(void) {
     return (int64_t)time(NULL);
+}
+
+/* ---------------------------------------------------------------- memory available */
+
+static int read_small_file(const char *root, const char *path, char *buf, size_t n) {
+    char full[1024];
+    snprintf(full, sizeof full, "%s%s", root, path);
+    FILE *f = fopen(full, "r");
+    if (!f) return -1;
+    size_t got = fread(buf, 1, n - 1, f);
+    fclose(f);
+    buf[got] = 0;
+    return 0;
+}
+
+/* The number after "key" at the start of a line of text (e.g. "MemAvailable:", "inactive_file "). */
+static int line_number(const char *text, const char *key, double *v) {
+    size_t kl = strlen(key);
+    for (const char *s = text; s && *s; s = strchr(s, '\n') ? strchr(s, '\n') + 1 : NULL)
+        if (strncmp(s, key, kl) == 0) return sscanf(s + kl, "%lf", v) == 1 ? 0 : -1;
+    return -1;
+}
+
+static void take_least(double v, const char *from, double *best, char *best_from, size_t n) {
+    if (v < 0) v = 0;
+    if (*best < 0 || v < *best) {
+        *best = v;
+        snprintf(best_from, n, "%s", from);
+    }
+}
+
+/* cgroup v2: memory.max − (memory.current − inactive_file) of the process's cgroup and of every
+ * ancestor; v1: limit_in_bytes − usage_in_bytes of its memory cgroup. */
+static void cgroup_limits(const char *root, double *best, char *from, size_t n) {
+    char self[4096], path[1024], buf[8192];
+    if (read_small_file(root, "/proc/self/cgroup", self, sizeof self) != 0) return;
+    for (char *line = strtok(self, "\n"); line; line = strtok(NULL, "\n")) {
+        char *rest = NULL;
+        if (strncmp(line, "0::", 3) == 0) {
+            /* v2: walk from the process's cgroup up to the root of the hierarchy */
+            snprintf(path, sizeof path, "%s", line + 3);
+            for (;;) {
+                char file[1100];
+                double max, cur, inactive = 0;
+                snprintf(file, sizeof file, "/sys/fs/cgroup%s/memory.max", strcmp(path, "/") ? path : "");
+                if (read_small_file(root, file, buf, sizeof buf) == 0 && strncmp(buf, "max", 3) != 0 &&
+                    sscanf(buf, "%lf", &max) == 1) {
+                    snprintf(file, sizeof file, "/sys/fs/cgroup%s/memory.current", strcmp(path, "/") ? path : "");
+                    if (read_small_file(root, file, buf, sizeof buf) == 0 && sscanf(buf, "%lf", &cur) == 1) {
+                        snprintf(file, sizeof file, "/sys/fs/cgroup%s/memory.stat", strcmp(path, "/") ? path : "");
+                        if (read_small_file(root, file, buf, sizeof buf) == 0) line_number(buf, "inactive_file ", &inactive);
+                        take_least(max - (cur - inactive), "cgroup memory.max", best, from, n);
+                    }
+                }
+                char *slash = strrchr(path, '/');
+                if (!slash || strcmp(path, "/") == 0) break;
+                if (slash == path) snprintf(path, sizeof path, "/");
+                else *slash = 0;
+            }
+        } else if ((rest = strstr(line, ":memory:")) != NULL) {
+            const char *p = rest + 8;
+            char file[1100];
+            double lim, use;
+            snprintf(file, sizeof file, "/sys/fs/cgroup/memory%s/memory.limit_in_bytes", strcmp(p, "/") ? p : "");
+            if (read_small_file(root, file, buf, sizeof buf) != 0 || sscanf(buf, "%lf", &lim) != 1 || lim >= 9e18) continue;
+            snprintf(file, sizeof file, "/sys/fs/cgroup/memory%s/memory.usage_in_bytes", strcmp(p, "/") ? p : "");
+            if (read_small_file(root, file, buf, sizeof buf) == 0 && sscanf(buf, "%lf", &use) == 1)
+                take_least(lim - use, "cgroup memory.limit_in_bytes", best, from, n);
+        }
+    }
+}
+
+int ln_mem_available(const char *root, double *bytes, char *from, size_t from_len, ln_err *e) {
+    double best = -1, v;
+    char buf[8192];
+    from[0] = 0;
+    if (read_small_file(root, "/proc/meminfo", buf, sizeof buf) == 0 && line_number(buf, "MemAvailable:", &v) == 0)
+        take_least(v * 1024.0, "MemAvailable", &best, from, from_len);
+    cgroup_limits(root, &best, from, from_len);
+    struct rlimit rl;
+    unsigned long pages;
+    if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+        read_small_file(root, "/proc/self/statm", buf, sizeof buf) == 0 && sscanf(buf, "%lu", &pages) == 1)
+        take_least((double)rl.rlim_cur - (double)pages * (double)sysconf(_SC_PAGESIZE), "RLIMIT_AS", &best, from, from_len);
+    if (best < 0)
+        return ln_errf(e, "cannot tell the available memory (no %s/proc/meminfo, cgroup limit or RLIMIT_AS)", root);
+    *bytes = best;
+    return 0;
 }

@@ -35,6 +35,14 @@ int ln_file_exists(const char *path);
 /* Joins a directory and a name into a new string owned by the caller. */
 char *ln_path_join(const char *dir, const char *name);
 
+/* The memory this process may still take, bytes: the least of MemAvailable (/proc/meminfo), its
+ * cgroup's memory.max − working set (memory.current − inactive_file, v2, every ancestor's too;
+ * limit_in_bytes − usage_in_bytes, v1) and RLIMIT_AS − the address space already mapped. from
+ * names the limit that was least ("MemAvailable", "cgroup memory.max", "RLIMIT_AS", ...). root
+ * prefixes /proc and /sys: "" on a real system, a directory of such files in tests. Fails only
+ * when none can be read. */
+int ln_mem_available(const char *root, double *bytes, char *from, size_t from_len, ln_err *e);
+
 /* Monotonic and wall clocks. */
 double ln_now_s(void);      /* monotonic seconds */
 int64_t ln_unix_time(void); /* wall clock seconds since epoch */

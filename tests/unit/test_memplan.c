@@ -182,7 +182,7 @@ static void test_calibration_phase(void **state) {
     ln_err e;
     assert_int_equal(ln_config_parse(CFG_JSON, "memplan test", &cfg, &e), 0);
     ln_memplan_req q = {.cfg = &cfg, .batch = 1, .seq = 8, .rank = 4, .residual = 1, .method = "lora_null_v1",
-                        .calibrate = 1, .calib_max_length = 32, .threads = 3};
+                        .calibrate = 1, .calib_max_length = 32};
     ln_memplan p;
     ln_memplan_estimate(&q, &p);
     const double C = 48, I = 80, qd = 48, L = 2;
@@ -227,11 +227,11 @@ static void test_available_from_meminfo_and_cgroups(void **state) {
     char from[96];
     assert_non_null(mkdtemp(g_root));
     /* nothing readable: a sentence, not a guess */
-    assert_int_equal(ln_memplan_available(g_root, &b, from, sizeof from, &e), -1);
+    assert_int_equal(ln_mem_available(g_root, &b, from, sizeof from, &e), -1);
     assert_non_null(strstr(e.msg, "cannot tell the available memory"));
 
     put("/proc/meminfo", "MemTotal:       64000000 kB\nMemFree:  100 kB\nMemAvailable:   32000000 kB\n");
-    assert_int_equal(ln_memplan_available(g_root, &b, from, sizeof from, &e), 0);
+    assert_int_equal(ln_mem_available(g_root, &b, from, sizeof from, &e), 0);
     assert_true(b == 32000000.0 * 1024);
     assert_string_equal(from, "MemAvailable");
 
@@ -240,25 +240,25 @@ static void test_available_from_meminfo_and_cgroups(void **state) {
     put("/sys/fs/cgroup/kubepods/pod1/job/memory.max", "8589934592\n");
     put("/sys/fs/cgroup/kubepods/pod1/job/memory.current", "3221225472\n");
     put("/sys/fs/cgroup/kubepods/pod1/job/memory.stat", "anon 1\nfile 5\ninactive_file 1073741824\nactive_file 2\n");
-    assert_int_equal(ln_memplan_available(g_root, &b, from, sizeof from, &e), 0);
+    assert_int_equal(ln_mem_available(g_root, &b, from, sizeof from, &e), 0);
     assert_true(b == 8589934592.0 - (3221225472.0 - 1073741824.0)); /* 6 GiB */
     assert_string_equal(from, "cgroup memory.max");
     /* an ancestor's tighter limit wins; "max" means none */
     put("/sys/fs/cgroup/kubepods/memory.max", "4294967296\n");
     put("/sys/fs/cgroup/kubepods/memory.current", "1073741824\n");
     put("/sys/fs/cgroup/kubepods/pod1/memory.max", "max\n");
-    assert_int_equal(ln_memplan_available(g_root, &b, from, sizeof from, &e), 0);
+    assert_int_equal(ln_mem_available(g_root, &b, from, sizeof from, &e), 0);
     assert_true(b == 3221225472.0);
 
     /* cgroup v1 */
     put("/proc/self/cgroup", "12:cpu,cpuacct:/x\n11:memory:/docker/abc\n");
     put("/sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes", "2147483648\n");
     put("/sys/fs/cgroup/memory/docker/abc/memory.usage_in_bytes", "536870912\n");
-    assert_int_equal(ln_memplan_available(g_root, &b, from, sizeof from, &e), 0);
+    assert_int_equal(ln_mem_available(g_root, &b, from, sizeof from, &e), 0);
     assert_true(b == 1610612736.0);
     assert_string_equal(from, "cgroup memory.limit_in_bytes");
     put("/sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes", "9223372036854771712\n"); /* unlimited */
-    assert_int_equal(ln_memplan_available(g_root, &b, from, sizeof from, &e), 0);
+    assert_int_equal(ln_mem_available(g_root, &b, from, sizeof from, &e), 0);
     assert_string_equal(from, "MemAvailable");
 }
 
@@ -283,7 +283,7 @@ static void test_available_from_rlimit(void **state) {
         double b;
         char from[96];
         ln_err e;
-        if (ln_memplan_available("", &b, from, sizeof from, &e) != 0) _exit(4);
+        if (ln_mem_available("", &b, from, sizeof from, &e) != 0) _exit(4);
         if (strcmp(from, "RLIMIT_AS") != 0) _exit(5);
         _exit(b > (48 << 20) && b <= (64 << 20) ? 0 : 6);
     }
@@ -307,7 +307,7 @@ static void test_check_sentence(void **state) {
     put("/proc/self/cgroup", "0::/\n");
     put("/proc/meminfo", "MemAvailable:   25165824 kB\n"); /* 24 GiB */
     ln_memplan_req q = {.cfg = &cfg, .batch = 1, .seq = 2048, .rank = 16, .train_a = 1, .residual = 1,
-                        .method = "lora_null_v1", .calibrate = 1, .calib_max_length = 1024, .threads = 4};
+                        .method = "lora_null_v1", .calibrate = 1, .calib_max_length = 1024};
     ln_memplan p;
     assert_int_equal(ln_memplan_check(&q, g_root, &p, &e), -1);
     printf("  %s\n", e.msg);

@@ -13,6 +13,7 @@
 #include <cblas.h>
 #include <lapacke.h>
 #include <math.h>
+#include <omp.h>
 
 #include "common/err.h"
 #include "worker/engine/drift.h"
@@ -532,6 +533,48 @@ static void test_basis_shared_between_layers(void **state) {
     free(W0);
 }
 
+/* The shared bases are solved as many at once as their scratch fits in 3/4 of the memory
+ * available, at least one; with every count of solves at once the bases are the same bits. */
+static void test_concurrent_solves_fit_memory(void **state) {
+    (void)state;
+    assert_int_equal(ln_init_concurrent_solves(16, 128, 1.5e9, -1), 16);   /* unknown: the threads */
+    assert_int_equal(ln_init_concurrent_solves(16, 3, 1.5e9, -1), 3);      /* no more than the jobs */
+    assert_int_equal(ln_init_concurrent_solves(16, 128, 1.5e9, 24e9), 12); /* 0.75 · 24 / 1.5 */
+    assert_int_equal(ln_init_concurrent_solves(16, 128, 1.5e9, 1e9), 1);   /* at least one */
+    assert_int_equal(ln_init_concurrent_solves(16, 0, 1.5e9, 1e9), 1);
+    /* d = 120: scratch about d² fp64 */
+    assert_true(ln_nullspace_basis_scratch(120, 4) >= 8.0 * 120 * 120);
+
+    rng_state = 13;
+    const int d = 90, r = 5, n = 6;
+    double *C[6];
+    ln_err e;
+    const int threads = omp_get_max_threads();
+    for (int i = 0; i < n; i++) {
+        double *Q = rand_orthogonal(d), lam[90];
+        for (int k = 0; k < d; k++) lam[k] = 0.1 + k + i;
+        C[i] = spd_with_spectrum(Q, lam, d);
+        free(Q);
+    }
+    /* the first time with every thread, then again one at a time (OMP_NUM_THREADS 1) */
+    float W0[7 * 90], W[7 * 90], A[5 * 90], B[7 * 5], A1[6][5 * 90];
+    for (int k = 0; k < 7 * d; k++) W0[k] = (float)(0.01 * ((k * 37) % 101 - 50));
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1) omp_set_num_threads(1);
+        for (int i = 0; i < n; i++) ln_init_share_basis(C[i], d);
+        for (int i = 0; i < n; i++) {
+            ln_layer_init li = {.d_out = 7, .d_in = d, .r = r, .scale = 1.0, .C = C[i]};
+            memcpy(W, W0, sizeof W);
+            assert_int_equal(ln_init_layer(LN_METHOD_LORA_NULL_V2, &li, W, A, B, &e), 0);
+            if (pass == 0) memcpy(A1[i], A, sizeof A);
+            else assert_memory_equal(A1[i], A, sizeof A);
+        }
+        for (int i = 0; i < n; i++) ln_init_forget_basis(C[i]);
+    }
+    omp_set_num_threads(threads);
+    for (int i = 0; i < n; i++) free(C[i]);
+}
+
 /* ---------------------------------------------------------------- drift */
 
 /* Drift from C equals ‖X ΔWᵀ‖²/‖X W0ᵀ‖² measured on the scaled activations; low-rank == dense. */
@@ -656,6 +699,7 @@ int main(void) {
         cmocka_unit_test(test_every_method_init),
         cmocka_unit_test(test_corda_damp_doubles_on_singular),
         cmocka_unit_test(test_basis_shared_between_layers),
+        cmocka_unit_test(test_concurrent_solves_fit_memory),
         cmocka_unit_test(test_drift_from_cov_equals_direct),
         cmocka_unit_test(test_drift_dense_triangular_equals_symm),
     };

@@ -258,6 +258,15 @@ static int compute_basis(const double *C, int d, int r, double **out, ln_err *e)
     return 0;
 }
 
+int ln_init_concurrent_solves(int threads, int jobs, double per_solve, double available) {
+    int n = threads < jobs ? threads : jobs;
+    if (available >= 0 && per_solve > 0) {
+        double fit = 0.75 * available / per_solve;
+        if (fit < n) n = (int)fit;
+    }
+    return n > 1 ? n : 1;
+}
+
 /* Solves every registered covariance that has no rank-r basis yet, several at once (one OpenBLAS
  * thread each, spread over OpenMP threads): a layer's q,k,v / o / gate,up / down inputs, and every
  * layer's, are independent, and one tridiagonal reduction uses threads poorly. Called with the lock
@@ -279,8 +288,18 @@ static int prefetch_bases(int r, ln_err *e) {
     double **U = ln_xcalloc((size_t)k + 1, sizeof *U);
     int failed = 0;
     ln_err first = {{0}};
+    /* as many at once as their scratch fits in the memory available now (a 14336² input is
+     * 1.5 GiB per solve: 16 threads at once would want 25 GiB) */
+    int dmax = 0;
+    for (int j = 0; j < k; j++)
+        if (todo[j]->d > dmax) dmax = todo[j]->d;
+    double avail = -1;
+    char from[96];
+    if (ln_mem_available("", &avail, from, sizeof from, NULL) != 0) avail = -1;
+    int nt = ln_init_concurrent_solves(omp_get_max_threads(), k,
+                                       ln_nullspace_basis_scratch(dmax, r) + 8.0 * dmax * r, avail);
     ln_blas_threads_end();
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int j = 0; j < k; j++) {
         ln_err le;
         double *u = ln_try_allocf((size_t)todo[j]->d * r, sizeof(double), &le, "LoRA-Null",

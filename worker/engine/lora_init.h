@@ -70,6 +70,10 @@ void ln_init_share_basis(const double *C, int d);
 void ln_init_forget_basis(const double *C);
 /* How many eigensolves ln_init_layer has run in this process (the tests check the sharing). */
 long ln_init_eigensolves(void);
+/* How many of `jobs` basis solves run at once: `threads`, fewer when their scratch (per_solve bytes
+ * each) would not fit in 3/4 of `available` bytes (< 0: unknown), at least one. The bits do not
+ * depend on it (each solve is single-threaded). */
+int ln_init_concurrent_solves(int threads, int jobs, double per_solve, double available);
 
 /* CorDA's damping search alone (exposed for tests): returns the damp factor that PEFT's loop
  * settles on for C, or a negative value with e filled if none below 2^20 · 0.01 works. */

@@ -4,11 +4,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
-#include <unistd.h>
 
 #include "common/util.h"
 #include "worker/engine/model.h"
+#include "worker/engine/nullspace.h"
 
 #define F32 4.0
 #define F64 8.0
@@ -49,7 +48,7 @@ static void input_widths(const ln_config *c, unsigned tg, double d[LN_NINPUT]) {
 }
 
 /* The largest one-layer scratch of a method's init (lora_init.c), bytes. */
-static double init_scratch(const ln_memplan_req *q, double din_max_sq, double d_max) {
+static double init_scratch(const ln_memplan_req *q, double d_max) {
     const ln_config *c = q->cfg;
     const char *me = q->method ? q->method : "lora";
     const double r = q->rank;
@@ -69,10 +68,9 @@ static double init_scratch(const ln_memplan_req *q, double din_max_sq, double d_
         if (q->residual) s = s > F64 * (dout * r + r * din + 256 * din) ? s : F64 * (dout * r + r * din + 256 * din);
         if (s > worst) worst = s;
     }
-    if (!strncmp(me, "lora_null", 9)) { /* bases solved at once: a copy of C, Z and U, dsyevr's work each */
-        double solves = q->threads > 0 ? q->threads : 1;
-        double at_once = solves * (F64 * din_max_sq + F64 * 2 * d_max * r + F64 * 36 * d_max);
-        if (at_once > worst) worst = at_once;
+    if (!strncmp(me, "lora_null", 9)) { /* one basis solve: the init runs more at once only when they fit */
+        double solve = ln_nullspace_basis_scratch((int)d_max, q->rank) + F64 * d_max * r;
+        if (solve > worst) worst = solve;
     }
     return worst;
 }
@@ -122,7 +120,7 @@ void ln_memplan_estimate(const ln_memplan_req *q0, ln_memplan *p) {
     p->optimizer = F32 * 2 * trained;
     if (!full && q.method && !strncmp(q.method, "lora_null", 9) && q.calibrate)
         p->bases = F64 * L * (d[0] + d[1] + d[2] + d[3]) * q.rank;
-    p->init_scratch = full ? 0 : init_scratch(&q, dmax * dmax, dmax);
+    p->init_scratch = full ? 0 : init_scratch(&q, dmax);
 
     /* training: one micro-batch, lm_head in chunks of LN_HEAD_CHUNK trained rows */
     const double N = (double)q.batch * q.seq, chunk = N < LN_HEAD_CHUNK ? N : LN_HEAD_CHUNK;
@@ -143,101 +141,12 @@ void ln_memplan_estimate(const ln_memplan_req *q0, ln_memplan *p) {
         }
 }
 
-/* ---------------------------------------------------------------- what is available */
-
-static int read_text(const char *root, const char *path, char *buf, size_t n) {
-    char full[1024];
-    snprintf(full, sizeof full, "%s%s", root, path);
-    FILE *f = fopen(full, "r");
-    if (!f) return -1;
-    size_t got = fread(buf, 1, n - 1, f);
-    fclose(f);
-    buf[got] = 0;
-    return 0;
-}
-
-/* The number after "key" at the start of a line of text (e.g. "MemAvailable:", "inactive_file "). */
-static int field(const char *text, const char *key, double *v) {
-    size_t kl = strlen(key);
-    for (const char *s = text; s && *s; s = strchr(s, '\n') ? strchr(s, '\n') + 1 : NULL)
-        if (strncmp(s, key, kl) == 0) return sscanf(s + kl, "%lf", v) == 1 ? 0 : -1;
-    return -1;
-}
-
-static void take(double v, const char *from, double *best, char *best_from, size_t n) {
-    if (v < 0) v = 0;
-    if (*best < 0 || v < *best) {
-        *best = v;
-        snprintf(best_from, n, "%s", from);
-    }
-}
-
-/* cgroup v2: memory.max − (memory.current − inactive_file) of the process's cgroup and of every
- * ancestor; v1: limit_in_bytes − usage_in_bytes of its memory cgroup. */
-static void cgroup_limits(const char *root, double *best, char *from, size_t n) {
-    char self[4096], path[1024], buf[8192];
-    if (read_text(root, "/proc/self/cgroup", self, sizeof self) != 0) return;
-    for (char *line = strtok(self, "\n"); line; line = strtok(NULL, "\n")) {
-        char *rest = NULL;
-        if (strncmp(line, "0::", 3) == 0) {
-            /* v2: walk from the process's cgroup up to the root of the hierarchy */
-            snprintf(path, sizeof path, "%s", line + 3);
-            for (;;) {
-                char file[1100];
-                double max, cur, inactive = 0;
-                snprintf(file, sizeof file, "/sys/fs/cgroup%s/memory.max", strcmp(path, "/") ? path : "");
-                if (read_text(root, file, buf, sizeof buf) == 0 && strncmp(buf, "max", 3) != 0 &&
-                    sscanf(buf, "%lf", &max) == 1) {
-                    snprintf(file, sizeof file, "/sys/fs/cgroup%s/memory.current", strcmp(path, "/") ? path : "");
-                    if (read_text(root, file, buf, sizeof buf) == 0 && sscanf(buf, "%lf", &cur) == 1) {
-                        snprintf(file, sizeof file, "/sys/fs/cgroup%s/memory.stat", strcmp(path, "/") ? path : "");
-                        if (read_text(root, file, buf, sizeof buf) == 0) field(buf, "inactive_file ", &inactive);
-                        take(max - (cur - inactive), "cgroup memory.max", best, from, n);
-                    }
-                }
-                char *slash = strrchr(path, '/');
-                if (!slash || strcmp(path, "/") == 0) break;
-                if (slash == path) snprintf(path, sizeof path, "/");
-                else *slash = 0;
-            }
-        } else if ((rest = strstr(line, ":memory:")) != NULL) {
-            const char *p = rest + 8;
-            char file[1100];
-            double lim, use;
-            snprintf(file, sizeof file, "/sys/fs/cgroup/memory%s/memory.limit_in_bytes", strcmp(p, "/") ? p : "");
-            if (read_text(root, file, buf, sizeof buf) != 0 || sscanf(buf, "%lf", &lim) != 1 || lim >= 9e18) continue;
-            snprintf(file, sizeof file, "/sys/fs/cgroup/memory%s/memory.usage_in_bytes", strcmp(p, "/") ? p : "");
-            if (read_text(root, file, buf, sizeof buf) == 0 && sscanf(buf, "%lf", &use) == 1)
-                take(lim - use, "cgroup memory.limit_in_bytes", best, from, n);
-        }
-    }
-}
-
-int ln_memplan_available(const char *root, double *bytes, char *from, size_t from_len, ln_err *e) {
-    double best = -1, v;
-    char buf[8192];
-    from[0] = 0;
-    if (read_text(root, "/proc/meminfo", buf, sizeof buf) == 0 && field(buf, "MemAvailable:", &v) == 0)
-        take(v * 1024.0, "MemAvailable", &best, from, from_len);
-    cgroup_limits(root, &best, from, from_len);
-    struct rlimit rl;
-    unsigned long pages;
-    if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
-        read_text(root, "/proc/self/statm", buf, sizeof buf) == 0 && sscanf(buf, "%lu", &pages) == 1)
-        take((double)rl.rlim_cur - (double)pages * (double)sysconf(_SC_PAGESIZE), "RLIMIT_AS", &best, from, from_len);
-    if (best < 0)
-        return ln_errf(e, "CPU memory plan: cannot tell the available memory (no %s/proc/meminfo, cgroup limit or "
-                          "RLIMIT_AS)", root);
-    *bytes = best;
-    return 0;
-}
-
 /* ---------------------------------------------------------------- the check */
 
 int ln_memplan_check(const ln_memplan_req *q, const char *root, ln_memplan *out, ln_err *e) {
     ln_memplan p;
     ln_memplan_estimate(q, &p);
-    int rc = ln_memplan_available(root, &p.available, p.available_from, sizeof p.available_from, e);
+    int rc = ln_mem_available(root, &p.available, p.available_from, sizeof p.available_from, e);
     if (out) *out = p;
     if (rc != 0) return -1;
     if (p.peak <= p.available) return 0;

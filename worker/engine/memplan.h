@@ -10,8 +10,9 @@
  *                input that a target reads: q,k,v | o | gate,up | down) + the fp32 product scratch
  *                (d_max²) + one calibration window's forward activations
  *   init         weights + covariances + adapter (A, B, their gradients, A0/B0 for residual methods)
- *                + the method's scratch: lora_null_* solves `threads` bases at once (each a d² fp64
- *                copy of C) and keeps every basis (d × r fp64);
+ *                + the method's scratch: lora_null_* solves one basis at a time at least (a d² fp64
+ *                copy of C; more at once only as memory allows, lora_init.c) and keeps every basis
+ *                (d × r fp64);
  *                pissa/milora/corda an fp64 SVD of the largest target; full fine-tuning allocates
  *                every weight's gradient
  *   training     weights + covariances (kept for the drift tracker) + bases + adapter + AdamW (two
@@ -40,7 +41,6 @@ typedef struct ln_memplan_req {
     int calibrate;             /* covariances computed and kept (calibration methods, drift tracking) */
     int calib_max_length;      /* tokens per calibration window (0 = 1024) */
     int calib_fp64;            /* products in fp64 (no fp32 scratch) */
-    int threads;               /* bases solved at once by the lora_null init (0 = 1) */
     int recompute;             /* activation recomputation (one layer's intermediates) */
     int rows_only_attention;   /* the backend keeps attention rows only (not B·heads·T²) */
     int eval_during_training;  /* an evaluation forward (its own activations) runs between steps */
@@ -65,13 +65,8 @@ const char *ln_memplan_phase_name(ln_memplan_phase p);
 /* Fills p's parts, phases and peak from q (available stays 0). */
 void ln_memplan_estimate(const ln_memplan_req *q, ln_memplan *p);
 
-/* The memory this process may still take: the least of MemAvailable (/proc/meminfo), the cgroup's
- * memory.max − its working set (memory.current − inactive_file, v2; limit − usage, v1; every
- * ancestor's too) and RLIMIT_AS − the address space already mapped. root prefixes /proc and /sys
- * ("" on a real system; a directory of fake files in the tests). Fails only when none can be read. */
-int ln_memplan_available(const char *root, double *bytes, char *from, size_t from_len, ln_err *e);
-
-/* Estimates, reads what is available (root as above) and fails when the peak does not fit:
+/* Estimates, reads what is available (common/util.h: ln_mem_available, with root) and fails
+ * when the peak does not fit:
  *   "CPU memory plan: the job needs 71.30 GiB at its peak (calibration: weights 15.00, covariances
  *    2 × 28.10, calibration scratch 0.20 GiB) but only 24.00 GiB are available (cgroup memory.max)"
  * out (may be NULL) receives the plan either way. */

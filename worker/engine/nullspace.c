@@ -209,6 +209,12 @@ out:
     return rc;
 }
 
+double ln_nullspace_basis_scratch(int d, int r) {
+    if (basis_solver) return 0.0;
+    /* a, w, z, isuppz as basis_impl allocates them + dsyevr's work (26 d doubles, 10 d ints) */
+    return 8.0 * ((double)d * d + d + (double)d * r + 26.0 * d) + 4.0 * (2.0 * r + 10.0 * d);
+}
+
 int ln_nullspace_basis(const double *C, int d, int r, double *U, double *evals, ln_err *e) {
     return basis_impl(C, d, r, U, evals, 1, e);
 }

@@ -53,6 +53,9 @@ int ln_cov_finish(const ln_cov *c, double *C, ln_err *e);
  * eigenvectors are computed — never a full SVD of C. U (d × r) gets the vectors in ascending
  * eigenvalue order; evals (r, may be NULL) the eigenvalues. C is not modified. */
 int ln_nullspace_basis(const double *C, int d, int r, double *U, double *evals, ln_err *e);
+/* Host bytes one basis solve allocates besides U (a copy of C, the eigenvectors, dsyevr's work
+ * space), or 0 when an accelerator's solver is installed (its memory is the device's). */
+double ln_nullspace_basis_scratch(int d, int r);
 /* The same on the caller's thread with OpenBLAS left as it is (one thread in the engine): for
  * solving several covariances at once from an OpenMP loop. Its bits do not depend on the thread
  * count. */
