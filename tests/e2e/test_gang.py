@@ -68,32 +68,33 @@ def test_two_workers_train_one_job_to_the_threads_adapter(env, tmp_path):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("victim", [1, 0])
 def test_killed_rank_fails_the_others_collective_and_the_job_is_requeued(server_factory, models, tmp_path,
-                                                                       reference_2rank):
+                                                                       reference_2rank, victim):
     # A lease TTL longer than the workers' failure grace: the surviving rank's own report requeues the job
     # (with the e2e default of 2 s, the dead worker's silent heartbeat would requeue it first).
     env = Env(server_factory("--lease-ttl-s", "10", "--retry-backoff-s", "0.2", "--lease-wait-max-s", "5"), models,
               tmp_path)
     try:
-        killed_rank_case(env, reference_2rank["adapter"])
+        killed_rank_case(env, reference_2rank["adapter"], victim)
     finally:
         for w in env.workers:
             w.stop()
 
 
-def killed_rank_case(env, reference):
+def killed_rank_case(env, reference, victim_rank):
     g1, g2 = env.worker("g1"), env.worker("g2")
     job = long_job(env)
     wait_for(lambda: len(metrics(env.srv, env.key, job["id"], "loss").get("loss", {})) >= 20, 180,
              f"20 training steps ({g1.log()} {g2.log()})")
-    r1 = rank_of(g1, job["id"])
-    victim, survivor = (g1, g2) if r1 == 1 else (g2, g1)
+    victim, survivor = (g1, g2) if rank_of(g1, job["id"]) == victim_rank else (g2, g1)
     victim.kill9()
-    # Rank 0's collective fails at once naming rank 1; it reports a retryable failure; the job is queued.
+    # The other rank's collective fails at once naming the dead one; it reports a retryable failure.
     lost = wait_for(lambda: [m for m in messages(env, job) if "retryable failure (rank_lost)" in m], 60,
                     f"the retryable failure ({survivor.log()})")
-    assert "Rank 1 of the gang was lost" in lost[0] and "connection to rank 1 was closed" in lost[0], lost
-    assert "connection to rank 1 was closed" in survivor.log()
+    dead = f"connection to rank {victim_rank} was closed"
+    assert f"Rank {victim_rank} of the gang was lost" in lost[0] and dead in lost[0], lost
+    assert dead in survivor.log()
     wait_for(lambda: env.srv.get_job(env.key, job["id"])["status"] == "queued", 30, "the job to be queued")
     assert survivor.running(), survivor.log()
     # Two workers again: the job resumes from its last checkpoint on attempt 2 and ends with the
