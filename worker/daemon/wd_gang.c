@@ -41,8 +41,7 @@ struct wd_gang {
 
 static void on_timer(uv_timer_t *t);
 
-static void on_closed(uv_handle_t *h)
-{
+static void on_closed(uv_handle_t *h) {
     wd_gang *g = h->data;
     comm_tcp_listener_free(g->l);
     comm_free(g->comm); /* only when cancelled: otherwise handed over (NULL here) */
@@ -50,8 +49,7 @@ static void on_closed(uv_handle_t *h)
 }
 
 /* Frees the gang once no work item and no request refers to it any more. */
-static void gang_close(wd_gang *g)
-{
+static void gang_close(wd_gang *g) {
     if (g->closing || g->work_busy) return;
     g->closing = 1;
     if (g->http_busy && g->http) wd_http_abort_ctx(g->http, g);
@@ -59,8 +57,7 @@ static void gang_close(wd_gang *g)
     uv_close((uv_handle_t *)&g->timer, on_closed);
 }
 
-static void finish(wd_gang *g, wd_gang_result res, const wd_resp *r, const char *msg)
-{
+static void finish(wd_gang *g, wd_gang_result res, const wd_resp *r, const char *msg) {
     ln_comm *c = g->comm;
     g->comm = NULL;
     if (res != WD_GANG_OK) {
@@ -71,16 +68,15 @@ static void finish(wd_gang *g, wd_gang_result res, const wd_resp *r, const char 
     gang_close(g);
 }
 
-static void fail_later(wd_gang *g, const char *fmt, const char *detail)
-{
-    snprintf(g->fail_msg, sizeof g->fail_msg, fmt, detail);
+/* Fails from the loop, later (the contract: never from wd_gang_start itself). */
+static void fail_later(wd_gang *g, const char *msg) {
+    snprintf(g->fail_msg, sizeof g->fail_msg, "%s", msg);
     uv_timer_start(&g->timer, on_timer, 0, 0);
 }
 
 /* ---------------------------------------------------------------- the link (work item) */
 
-static void link_work(uv_work_t *w)
-{
+static void link_work(uv_work_t *w) {
     wd_gang *g = w->data;
     double left = g->deadline - ln_now_s();
     if (left < LINK_MIN_S) left = LINK_MIN_S;
@@ -89,8 +85,7 @@ static void link_work(uv_work_t *w)
                      : comm_tcp_connect(g->addr, g->rank, g->world, g->token, left, &g->stop, &g->comm, &g->link_err);
 }
 
-static void link_done(uv_work_t *w, int status)
-{
+static void link_done(uv_work_t *w, int status) {
     wd_gang *g = w->data;
     g->work_busy = 0;
     if (g->cancelled) {
@@ -113,11 +108,10 @@ static void link_done(uv_work_t *w, int status)
     finish(g, WD_GANG_OK, NULL, NULL);
 }
 
-static void start_link(wd_gang *g)
-{
+static void start_link(wd_gang *g) {
     g->work.data = g;
     if (uv_queue_work(g->loop, &g->work, link_work, link_done) != 0) {
-        fail_later(g, "%s", "the worker could not start the gang's connection thread");
+        fail_later(g, "the worker could not start the gang's connection thread");
         return;
     }
     g->work_busy = 1;
@@ -128,8 +122,7 @@ static void start_link(wd_gang *g)
 static void send_call(wd_gang *g);
 
 /* A response that is not the answer: the lease is gone (409, 404 but not_ready), or retry. */
-static int handle_other(wd_gang *g, const wd_resp *r, const char *what)
-{
+static int handle_other(wd_gang *g, const wd_resp *r, const char *what) {
     char msg[1024];
     wd_resp_message(r, msg, sizeof msg);
     if (r->status == 409 || r->status == 404) {
@@ -144,7 +137,7 @@ static int handle_other(wd_gang *g, const wd_resp *r, const char *what)
     }
     if (ln_now_s() >= g->deadline) {
         char m[1200];
-        snprintf(m, sizeof m, "the rendezvous %s failed until the %.0f s limit: %s", what, g->timeout_s, msg);
+        snprintf(m, sizeof m, "the rendezvous %s kept failing until the %.0f s limit: %s", what, g->timeout_s, msg);
         finish(g, WD_GANG_FAILED, NULL, m);
         return 1;
     }
@@ -153,16 +146,14 @@ static int handle_other(wd_gang *g, const wd_resp *r, const char *what)
     return 0;
 }
 
-static void on_put(const wd_resp *r, void *ctx)
-{
+static void on_put(const wd_resp *r, void *ctx) {
     wd_gang *g = ctx;
     g->http_busy = 0;
     if (r->status == 200) start_link(g);
     else handle_other(g, r, "publish");
 }
 
-static void on_get(const wd_resp *r, void *ctx)
-{
+static void on_get(const wd_resp *r, void *ctx) {
     wd_gang *g = ctx;
     g->http_busy = 0;
     if (r->status == 200) {
@@ -198,8 +189,7 @@ static void on_get(const wd_resp *r, void *ctx)
     handle_other(g, r, "lookup");
 }
 
-static void send_call(wd_gang *g)
-{
+static void send_call(wd_gang *g) {
     char path[256];
     int rc;
     if (g->rank == 0) {
@@ -218,11 +208,10 @@ static void send_call(wd_gang *g)
         rc = wd_http_json(g->http, "GET", path, NULL, wait + 15.0, on_get, g);
     }
     if (rc == 0) g->http_busy = 1;
-    else fail_later(g, "%s", "the worker could not send the rendezvous request");
+    else fail_later(g, "the worker could not send the rendezvous request");
 }
 
-static void on_timer(uv_timer_t *t)
-{
+static void on_timer(uv_timer_t *t) {
     wd_gang *g = t->data;
     if (g->fail_msg[0]) finish(g, WD_GANG_FAILED, NULL, g->fail_msg);
     else send_call(g);
@@ -230,8 +219,7 @@ static void on_timer(uv_timer_t *t)
 
 /* ---------------------------------------------------------------- API */
 
-wd_gang *wd_gang_start(uv_loop_t *loop, wd_http *http, const wd_gang_opts *o, wd_gang_cb cb, void *ctx)
-{
+wd_gang *wd_gang_start(uv_loop_t *loop, wd_http *http, const wd_gang_opts *o, wd_gang_cb cb, void *ctx) {
     wd_gang *g = ln_xcalloc(1, sizeof *g);
     g->loop = loop;
     g->http = http;
@@ -252,7 +240,9 @@ wd_gang *wd_gang_start(uv_loop_t *loop, wd_http *http, const wd_gang_opts *o, wd
     if (g->rank == 0) {
         ln_err e = {{0}};
         if (comm_tcp_listen(g->host, g->port_lo, g->port_hi, &g->l, &e) != 0 || comm_tcp_token_new(g->token, &e) != 0) {
-            fail_later(g, "rank 0 cannot open the gang's listener (--advertise-host, --comm-ports): %s", e.msg);
+            char msg[sizeof g->fail_msg];
+            snprintf(msg, sizeof msg, "rank 0 cannot open the gang's listener (--advertise-host, --comm-ports): %s", e.msg);
+            fail_later(g, msg);
             return g;
         }
         /* Published as the advertise host (what the others can reach), with the port bound. */
@@ -264,8 +254,7 @@ wd_gang *wd_gang_start(uv_loop_t *loop, wd_http *http, const wd_gang_opts *o, wd
     return g;
 }
 
-void wd_gang_cancel(wd_gang *g)
-{
+void wd_gang_cancel(wd_gang *g) {
     if (!g) return;
     g->cancelled = 1;
     atomic_store(&g->stop, 1);
