@@ -109,6 +109,33 @@ def killed_rank_case(env, reference, victim_rank):
     assert sum("All 2 ranks of the gang met over TCP" in m for m in msgs) == 2, "\n".join(msgs)
 
 
+def test_a_frozen_rank_loses_the_gang_its_lease_and_rank_0_lets_go(env, reference_2rank):
+    """SIGSTOP on rank 1's worker: its sockets stay open, so rank 0 would wait in its collective for ever;
+    the server requeues the gang when rank 1's heartbeats stop, rank 0's next report is refused and it
+    aborts its comm, ending the blocked collective. The job finishes on two other workers; rank 1, woken
+    up, finds its lease gone and lets go too."""
+    import os
+    import signal
+
+    g1, g2 = env.worker("g1"), env.worker("g2")
+    job = long_job(env)
+    wait_for(lambda: len(metrics(env.srv, env.key, job["id"], "loss").get("loss", {})) >= 20, 180,
+             f"20 training steps ({g1.log()} {g2.log()})")
+    frozen, rank0 = (g1, g2) if rank_of(g1, job["id"]) == 1 else (g2, g1)
+    os.kill(frozen.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: f"job {job['id']}: stopped: its lease is gone" in rank0.log(), 60,
+                 f"rank 0 to let go of the requeued gang ({rank0.log()})")
+        assert rank0.running(), rank0.log()
+        env.worker("g3")
+        done = run_to_end(env, job, timeout=300)
+    finally:
+        os.kill(frozen.proc.pid, signal.SIGCONT)
+    assert result_files(env.srv, env.key, done)["adapter_model.safetensors"] == reference_2rank["adapter"]
+    wait_for(lambda: f"job {job['id']}: stopped" in frozen.log(), 30, f"rank 1 to let go ({frozen.log()})")
+    assert frozen.running(), frozen.log()
+
+
 def test_paused_split_job_resumes_to_the_uninterrupted_adapter(env, reference_2rank):
     g1, g2 = env.worker("g1"), env.worker("g2")
     job = long_job(env)
