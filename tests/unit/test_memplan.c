@@ -312,7 +312,7 @@ static void test_check_sentence(void **state) {
     assert_int_equal(ln_memplan_check(&q, g_root, &p, &e), -1);
     printf("  %s\n", e.msg);
     assert_non_null(strstr(e.msg, "CPU memory plan: the job needs "));
-    assert_non_null(strstr(e.msg, "but only 24.00 GiB are available (MemAvailable)"));
+    assert_non_null(strstr(e.msg, "but only 24.00 GiB are available (MemAvailable), so it would run out of memory"));
     assert_non_null(strstr(e.msg, "covariances 2 × "));
     assert_int_equal(p.peak_phase, LN_PHASE_CALIBRATION);
     /* 32 layers × (3 × 4096² + 14336²) fp64 = 61.0 GiB of covariances, twice at the end */

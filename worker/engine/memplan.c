@@ -172,6 +172,6 @@ int ln_memplan_check(const ln_memplan_req *q, const char *root, ln_memplan *out,
                       rows[i].v / G);
     }
     return ln_errf(e, "CPU memory plan: the job needs %.2f GiB at its peak (%s: %s GiB) but only %.2f GiB are "
-                      "available (%s)",
+                      "available (%s), so it would run out of memory",
                    p.peak / G, ln_memplan_phase_name(p.peak_phase), parts, p.available / G, p.available_from);
 }
