@@ -150,10 +150,9 @@ int ln_memplan_check(const ln_memplan_req *q, const char *root, ln_memplan *out,
     if (out) *out = p;
     if (rc != 0) return -1;
     if (p.peak <= p.available) return 0;
-    /* the parts of the peak phase, largest first as they come */
-    const double G = 1024.0 * 1024.0 * 1024.0;
-    char parts[512];
-    int k = snprintf(parts, sizeof parts, "weights %.2f", p.weights / G);
+    /* the parts of the peak phase */
+    char parts[640], a[32], b[32];
+    int k = snprintf(parts, sizeof parts, "weights %s", ln_fmt_bytes(p.weights, a, sizeof a));
     struct {
         const char *name;
         double v;
@@ -168,10 +167,12 @@ int ln_memplan_check(const ln_memplan_req *q, const char *root, ln_memplan *out,
     for (size_t i = 0; i < sizeof rows / sizeof *rows && k < (int)sizeof parts; i++) {
         if (!rows[i].in[p.peak_phase] || rows[i].v <= 0) continue;
         int twice = i == 0 && p.peak_phase == LN_PHASE_CALIBRATION; /* sums and finished matrices */
-        k += snprintf(parts + k, sizeof parts - (size_t)k, ", %s %s%.2f", rows[i].name, twice ? "2 × " : "",
-                      rows[i].v / G);
+        k += snprintf(parts + k, sizeof parts - (size_t)k, ", %s %s%s", rows[i].name, twice ? "2 × " : "",
+                      ln_fmt_bytes(rows[i].v, a, sizeof a));
     }
-    return ln_errf(e, "CPU memory plan: the job needs %.2f GiB at its peak (%s: %s GiB) but only %.2f GiB are "
-                      "available (%s), so it would run out of memory",
-                   p.peak / G, ln_memplan_phase_name(p.peak_phase), parts, p.available / G, p.available_from);
+    char need[32];
+    return ln_errf(e, "CPU memory plan: the job needs %s at its peak (%s: %s) but only %s are available (%s), so it "
+                      "would run out of memory",
+                   ln_fmt_bytes(p.peak, need, sizeof need), ln_memplan_phase_name(p.peak_phase), parts,
+                   ln_fmt_bytes(p.available, b, sizeof b), p.available_from);
 }

@@ -67,9 +67,9 @@ void ln_memplan_estimate(const ln_memplan_req *q, ln_memplan *p);
 
 /* Estimates, reads what is available (common/util.h: ln_mem_available, with root) and fails
  * when the peak does not fit:
- *   "CPU memory plan: the job needs 71.30 GiB at its peak (calibration: weights 15.00, covariances
- *    2 × 28.10, calibration scratch 0.20 GiB) but only 24.00 GiB are available (cgroup memory.max),
- *    so it would run out of memory"
+ *   "CPU memory plan: the job needs 71.30 GiB at its peak (calibration: weights 15.00 GiB,
+ *    covariances 2 × 28.10 GiB, calibration scratch 210.0 MiB) but only 24.00 GiB are available
+ *    (cgroup memory.max), so it would run out of memory"
  * ("out of memory" in it: the worker's fail() classifies and hints on that).
  * out (may be NULL) receives the plan either way. */
 int ln_memplan_check(const ln_memplan_req *q, const char *root, ln_memplan *out, ln_err *e);
