@@ -33,7 +33,10 @@ double ln_drift_ratio(double num, double den);
  * A tracker holds, for every targeted layer (every layer for full fine-tuning), its covariance
  * (borrowed from the calibration) and the denominator tr(W0 C W0ᵀ) of the ORIGINAL W0 (for a
  * residual adapter W0 = W0' + s·B0 A0, rebuilt in fp64; for full fine-tuning it keeps a copy of
- * W0). Implemented in drift_tracker.c. Measuring costs O(k·d_in²) per adapter layer (low-rank form), O(d_out·d_in²) for full. */
+ * W0). Implemented in drift_tracker.c. Start-up costs one W0·triu(C) per layer (d_out·d_in²/2
+ * multiply-adds, the least an exact tr(W0 C W0ᵀ) from C needs); measuring O(k·d_in²) per adapter
+ * layer (low-rank form), d_out·d_in²/2 for full. Every buffer is fallible: out of memory is an
+ * error naming the layer and the size, never an abort. */
 typedef struct ln_drift_tracker ln_drift_tracker;
 
 /* cov(cov_ctx, layer, input) gives each layer input's C (calibrate.h: ln_calibration_covariance).
