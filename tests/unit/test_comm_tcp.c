@@ -2,8 +2,8 @@
  * process, each with its own sockets) every collective gives bitwise the thread backend's result
  * for random buffers of 0, 1, 1003 and 1.6 M floats (6.4 MB, several allreduce chunks); a count
  * mismatch fails every rank naming both counts and leaves the group usable; a wrong token, a
- * wrong group size and a taken rank are refused while the accept keeps waiting for the right
- * peer; a killed peer process (fork + SIGKILL) fails rank 0's collective naming it, and the other
+ * wrong group size, a taken rank and a stray that sends garbage are refused while the accept
+ * keeps waiting for the right peer; a killed peer process (fork + SIGKILL) fails rank 0's collective naming it, and the other
  * processes' too; comm_abort fails the peer's pending collective and this rank's next one;
  * connect and accept give up after their timeouts naming what is missing. */
 #include <setjmp.h>
@@ -15,6 +15,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <cmocka.h>
@@ -254,6 +257,15 @@ static void test_wrong_token_refused(void **state)
     assert_non_null(strstr(bad[1].err.msg, "the group size differs"));
     assert_int_equal(bad[2].rc, -1);
     assert_non_null(strstr(bad[2].err.msg, "token must be 1..64"));
+    /* A stray (an HTTP probe) that sends a few bytes and hangs up: dropped, the accept goes on. */
+    int port = comm_tcp_listener_port(l);
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+    assert_int_equal(connect(s, (struct sockaddr *)&sa, sizeof sa), 0);
+    const char probe[] = "GET / HTTP/1.0\r\n\r\n";
+    assert_int_equal(write(s, probe, sizeof probe - 1), (ssize_t)(sizeof probe - 1));
+    close(s);
     ln_comm *c2 = NULL, *c1 = NULL;
     assert_int_equal(comm_tcp_connect(addr, 2, 3, TOKEN, 10, NULL, &c2, &e), 0);
     tcp_rank dup = {.rank = 2, .size = 3, .addr = addr, .token = TOKEN};
