@@ -235,6 +235,9 @@ def test_out_of_memory_fails_with_what_to_change(env):
     err = done["error"]
     assert err["code"] == "out_of_memory", err
     assert "out of memory" in err["message"] and "batch_size" in err["message"], err
+    # refused by the memory plan before anything big is allocated, with the numbers
+    assert "CPU memory plan: the job needs" in err["message"] and "RLIMIT_AS" in err["message"], err
+    assert not any(e["message"].startswith("Calibrating") for e in events(env.srv, env.key, job["id"]))
     assert w.running(), "the worker itself must survive a job's out-of-memory"
 
 

@@ -21,6 +21,7 @@
 #include "worker/engine/drift.h"
 #include "worker/engine/export.h"
 #include "worker/engine/lora_init.h"
+#include "worker/engine/memplan.h"
 #include "worker/engine/model.h"
 #include "worker/engine/tensor_parallel.h"
 #include "worker/engine/tokenizer.h"
@@ -75,6 +76,8 @@ static void strip_paths(char *msg, const char *files_dir) {
 }
 
 static int fail(wd_run *r, const char *code, int retryable, const ln_err *e) {
+    /* Whatever stage ran out (loading data, init, drift tracking), the user's remedy is the same. */
+    if (strstr(e->msg, "out of memory")) code = "out_of_memory";
     r->status = WD_RUN_FAILED;
     snprintf(r->err_code, sizeof r->err_code, "%s", code);
     /* What the user can change, after what happened. */
@@ -257,6 +260,18 @@ static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets)
                                 .seq = s->data.pack > s->hp.max_seq_len ? s->data.pack : s->hp.max_seq_len, .rank = ty == LN_ADAPTER_FULL ? 0 : s->adapter.rank,
                                 .targets = nt, .train_a = ty != LN_ADAPTER_LORA_FA && ty != LN_ADAPTER_LORA_NULL_V2};
         if (lnb_select_plan_check(r->be, &pq, &e) != 0) return fail(r, "out_of_memory", 0, &e);
+        if (strcmp(r->be->name, "cpu") == 0) { /* the same question for host memory (memplan.h) */
+            const char *mname = ln_adapter_type_name(ty);
+            ln_method mm = LN_METHOD_LORA;
+            if (ln_method_parse(mname, &mm, &e) != 0) return fail(r, "invalid_method", 0, &e);
+            int calib = ln_method_needs_calibration(mm) || r->calib_path[0];
+            ln_memplan_req mq = {.cfg = &mc, .batch = pq.batch, .seq = pq.seq, .rank = pq.rank, .targets = targets,
+                                 .train_a = pq.train_a, .residual = ln_method_has_residual(mm), .method = mname,
+                                 .calibrate = calib, .calib_max_length = s->adapter.calibration_max_length,
+                                 .eval_during_training = 1, .drift = calib,
+                                 .data_tokens = p->ds->stats.tokens + (p->vds ? p->vds->stats.tokens : 0)};
+            if (ln_memplan_check(&mq, "", NULL, &e) != 0) return fail(r, "out_of_memory", 0, &e);
+        }
     }
     if (ln_model_load(r->model_dir, r->be, &p->m, &e) != 0) {
         ln_err_prefix(&e, "model %s", r->model_name);
