@@ -198,10 +198,43 @@ static int own_job(http_req *r, char status[32]) {
     return found;
 }
 
+/* Where a running job runs: {"world_size", "lease_generation", "ranks": [{"rank", "worker_id",
+ * "worker_name"}]} from its ranks under the current lease generation; null when it is not running
+ * (a queued job's reason to wait is in its events). */
+static json_t *job_placement(const char *job_id) {
+    sqlite3_stmt *st = store_stmt("SELECT r.rank, r.worker_id, w.name, j.ranks, j.lease_gen FROM jobs j "
+                                  "JOIN job_ranks r ON r.job_id=j.id AND r.lease_gen=j.lease_gen "
+                                  "LEFT JOIN workers w ON w.id=r.worker_id "
+                                  "WHERE j.id=? AND j.status='running' ORDER BY r.rank");
+    sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
+    json_t *p = NULL, *ranks = NULL;
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        if (!p) {
+            ranks = json_array();
+            p = json_pack("{s:I, s:I, s:o}", "world_size", (json_int_t)sqlite3_column_int64(st, 3),
+                          "lease_generation", (json_int_t)sqlite3_column_int64(st, 4), "ranks", ranks);
+        }
+        json_array_append_new(ranks, json_pack("{s:I, s:s, s:s?}", "rank", (json_int_t)sqlite3_column_int64(st, 0),
+                                               "worker_id", store_col_text(st, 1), "worker_name",
+                                               sqlite3_column_type(st, 2) == SQLITE_NULL ? NULL : store_col_text(st, 2)));
+    }
+    sqlite3_reset(st);
+    return p ? p : json_null();
+}
+
 static enum MHD_Result jobs_get(http_req *r) {
     if (!api_valid_id(r->params[0], "ftjob-")) return http_not_found(r, "fine-tuning job", r->params[0]);
-    char *text = jobs_render(r->params[0], r->project_id);
-    if (!text) return http_not_found(r, "fine-tuning job", r->params[0]);
+    char *job = jobs_render(r->params[0], r->project_id);
+    if (!job) return http_not_found(r, "fine-tuning job", r->params[0]);
+    /* The rendered object ends in '}': the placement is spliced in before it. */
+    json_t *placement = job_placement(r->params[0]);
+    char *ptext = json_dumps(placement, JSON_COMPACT | JSON_ENCODE_ANY);
+    json_decref(placement);
+    size_t n = strlen(job);
+    char *text = ln_xmalloc(n + strlen(ptext) + 16);
+    snprintf(text, n + strlen(ptext) + 16, "%.*s,\"placement\":%s}", (int)(n - 1), job, ptext);
+    free(job);
+    free(ptext);
     struct MHD_Response *resp = MHD_create_response_from_buffer(strlen(text), text, MHD_RESPMEM_MUST_FREE);
     MHD_add_response_header(resp, "Content-Type", "application/json");
     return http_queue(r, 200, resp);

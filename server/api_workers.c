@@ -5,7 +5,8 @@
  *
  *   {"object": "list", "data": [{"object": "worker", "id", "name", "device_kind", "devices",
  *     "memory_bytes", "models": [...], "registered_at", "last_heartbeat_at" (unix seconds, fractional),
- *     "status": "alive" | "lost", "busy": bool, "current_jobs": ["ftjob-…"]}], "has_more": false}
+ *     "status": "alive" | "lost", "busy": bool, "current_jobs": ["ftjob-…"],
+ *     "ranks": [{"job_id": "ftjob-…", "world_size": 2, "ranks": [0, 1]}]}], "has_more": false}
  *
  * alive = seen (registered, heartbeat or lease poll) within worker_timeout_s. Alive workers first,
  * then by name; at most WORKERS_MAX of them. */
@@ -18,21 +19,32 @@
 
 #define WORKERS_MAX 1000 /* one page; has_more says when a fleet is larger */
 
-/* Running jobs a worker holds a rank of under the job's current lease generation. */
+/* Running jobs a worker holds a rank of under the job's current lease generation: "current_jobs"
+ * (their ids) and "ranks" (per job, which of its ranks this worker runs), both only for the
+ * caller's project. */
 static void current_jobs(const char *worker_id, const char *project_id, json_t *w) {
-    sqlite3_stmt *st = store_stmt("SELECT j.id, j.project_id FROM job_ranks r JOIN jobs j ON j.id=r.job_id "
-                                  "WHERE r.worker_id=? AND r.lease_gen=j.lease_gen AND j.status='running' "
-                                  "ORDER BY j.seq");
+    sqlite3_stmt *st = store_stmt("SELECT j.id, j.project_id, r.rank, j.ranks FROM job_ranks r "
+                                  "JOIN jobs j ON j.id=r.job_id WHERE r.worker_id=? AND r.lease_gen=j.lease_gen AND j.status='running' "
+                                  "ORDER BY j.seq, r.rank");
     sqlite3_bind_text(st, 1, worker_id, -1, SQLITE_STATIC);
-    json_t *mine = json_array();
+    json_t *mine = json_array(), *ranks = json_array(), *cur = NULL;
     int busy = 0;
     while (sqlite3_step(st) == SQLITE_ROW) {
         busy = 1;
-        if (strcmp(store_col_text(st, 1), project_id) == 0) json_array_append_new(mine, json_string(store_col_text(st, 0)));
+        const char *job = store_col_text(st, 0);
+        if (strcmp(store_col_text(st, 1), project_id) != 0) continue;
+        if (!cur || strcmp(json_string_value(json_object_get(cur, "job_id")), job) != 0) {
+            json_array_append_new(mine, json_string(job));
+            cur = json_pack("{s:s, s:I, s:[]}", "job_id", job, "world_size", (json_int_t)sqlite3_column_int64(st, 3),
+                            "ranks");
+            json_array_append_new(ranks, cur);
+        }
+        json_array_append_new(json_object_get(cur, "ranks"), json_integer(sqlite3_column_int64(st, 2)));
     }
     sqlite3_reset(st);
     json_object_set_new(w, "busy", json_boolean(busy));
     json_object_set_new(w, "current_jobs", mine);
+    json_object_set_new(w, "ranks", ranks);
 }
 
 static void models_of(const char *worker_id, json_t *w) {
