@@ -201,13 +201,31 @@ void ln_model_free(ln_model *m)
 
 /* ================================================================ load / new / save */
 
-/* Copies tensor `name` of set s into p->w (converting to fp32), checking its shape. */
-static int load_tensor(st_set *s, const lnb_backend *be, ln_param *p, const char *dir, ln_err *e)
+/* Which part of each tensor a load reads: all of it, or one tensor-parallel rank's block
+ * (model.h's ln_model_load_part). */
+typedef struct load_part {
+    int rank, ranks;
+} load_part;
+
+/* The block of a whole (rows × cols) tensor that p holds: its first row and column. A q, k, v,
+ * gate or up weight splits by rows, an o or down weight by columns; the rest is whole. */
+static void part_origin(const ln_param *p, int whole_rows, int whole_cols, const load_part *pt, int64_t *r0,
+                        int64_t *c0)
+{
+    *r0 = p->rows < whole_rows ? (int64_t)pt->rank * p->rows : 0;
+    *c0 = p->cols < whole_cols ? (int64_t)pt->rank * p->cols : 0;
+}
+
+/* Copies tensor `name` of set s into p->w (converting to fp32), checking its shape: the whole
+ * tensor is whole_rows × whole_cols and p gets its block (pt; the whole one when pt->ranks is 1).
+ * Only the block's bytes of the mapping are read. */
+static int load_tensor_part(st_set *s, const lnb_backend *be, ln_param *p, int whole_rows, int whole_cols,
+                            const load_part *pt, const char *dir, ln_err *e)
 {
     const st_tensor *t = st_find(s, p->name);
     if (!t) return ln_errf(e, "model %s: tensor %s is missing", dir, p->name);
-    int ok = p->ndim == 1 ? (t->ndim == 1 && t->shape[0] == p->rows)
-                          : (t->ndim == 2 && t->shape[0] == p->rows && t->shape[1] == p->cols);
+    int ok = p->ndim == 1 ? (t->ndim == 1 && t->shape[0] == whole_rows)
+                          : (t->ndim == 2 && t->shape[0] == whole_rows && t->shape[1] == whole_cols);
     if (!ok) {
         char got[96] = "";
         size_t off = 0;
@@ -215,45 +233,90 @@ static int load_tensor(st_set *s, const lnb_backend *be, ln_param *p, const char
             off += (size_t)snprintf(got + off, sizeof got - off, "%s%lld", i ? ", " : "", (long long)t->shape[i]);
         if (p->ndim == 1)
             return ln_errf(e, "model %s: tensor %s in %s has shape [%s] but config.json implies [%d]", dir, p->name,
-                           t->file, got, p->rows);
+                           t->file, got, whole_rows);
         return ln_errf(e, "model %s: tensor %s in %s has shape [%s] but config.json implies [%d, %d]", dir, p->name,
-                       t->file, got, p->rows, p->cols);
+                       t->file, got, whole_rows, whole_cols);
     }
     if (t->dtype != ST_F32 && t->dtype != ST_F16 && t->dtype != ST_BF16)
         return ln_errf(e, "model %s: tensor %s has dtype %s (F32, F16 or BF16 expected)", dir, p->name,
                        st_dtype_name(t->dtype));
     float *host = ln_try_alloc((size_t)p->n * sizeof(float), p->name, e);
     if (!host) return -1;
-    int rc = st_to_f32(t, host, p->n, e);
+    int64_t r0, c0;
+    part_origin(p, whole_rows, whole_cols, pt, &r0, &c0);
+    size_t es = st_dtype_size(t->dtype);
+    int rc = 0;
+    if (p->cols == whole_cols) { /* whole rows: one contiguous run */
+        st_tensor v = *t;
+        v.data = (const unsigned char *)t->data + (size_t)(r0 * whole_cols) * es;
+        v.numel = p->n;
+        v.nbytes = (size_t)p->n * es;
+        rc = st_to_f32(&v, host, p->n, e);
+    } else { /* a column block: one run per row */
+        for (int i = 0; i < p->rows && rc == 0; i++) {
+            st_tensor v = *t;
+            v.data = (const unsigned char *)t->data + (size_t)((r0 + i) * whole_cols + c0) * es;
+            v.numel = p->cols;
+            v.nbytes = (size_t)p->cols * es;
+            rc = st_to_f32(&v, host + (size_t)i * p->cols, p->cols, e);
+        }
+    }
     /* A NaN or inf weight would only show up steps later as a loss of NaN (or, through RMSNorm,
      * as a flat ln(V) with no gradient): refuse the model now, naming the tensor. */
     for (int64_t i = 0; rc == 0 && i < p->n; i++)
-        if (!isfinite(host[i]))
+        if (!isfinite(host[i])) {
+            int64_t row = r0 + i / p->cols, col = c0 + i % p->cols;
             rc = ln_errf(e, "model %s: tensor %s in %s is not finite (%g at index %lld)", dir, p->name, t->file,
-                         (double)host[i], (long long)i);
+                         (double)host[i], (long long)(row * whole_cols + col));
+        }
     if (rc == 0) be->upload(p->w, host, (size_t)p->n * sizeof(float));
     free(host);
     return rc;
 }
 
-int ln_model_load(const char *dir, const lnb_backend *be, ln_model **out, ln_err *e)
+/* Loads every tensor of the model in dir, or one rank's blocks of them (pt). */
+static int model_load(const char *dir, const lnb_backend *be, const load_part *pt, ln_model **out, ln_err *e)
 {
     *out = NULL;
     ln_model *m = ln_xcalloc(1, sizeof *m);
     m->be = be;
     st_set *s = NULL;
-    if (ln_config_load(dir, &m->cfg, e)) goto fail;
+    ln_config whole;
+    if (ln_config_load(dir, &whole, e)) goto fail;
+    m->cfg = whole;
+    if (pt->ranks > 1) {
+        const char *bad = whole.num_heads % pt->ranks           ? "num_attention_heads"
+                          : whole.num_kv_heads % pt->ranks      ? "num_key_value_heads"
+                          : whole.intermediate_size % pt->ranks ? "intermediate_size"
+                                                                : NULL;
+        if (bad) {
+            ln_errf(e, "model %s: %s does not divide by %d tensor-parallel ranks", dir, bad, pt->ranks);
+            goto fail;
+        }
+        m->cfg.num_heads /= pt->ranks;
+        m->cfg.num_kv_heads /= pt->ranks;
+        m->cfg.intermediate_size /= pt->ranks;
+    }
     if (st_open(dir, &s, e)) goto fail;
     /* Tied when the config says so, or when the checkpoint simply has no lm_head. */
     m->tied = m->cfg.tie_word_embeddings || !st_find(s, "lm_head.weight");
+    if (pt->ranks > 1) m->cfg.tie_word_embeddings = m->tied; /* a shard's config says what it holds */
     if (model_alloc(m, e)) goto fail;
-    if (load_tensor(s, be, &m->embed, dir, e) || load_tensor(s, be, &m->norm, dir, e)) goto fail;
-    if (!m->tied && load_tensor(s, be, &m->lm_head, dir, e)) goto fail;
+    const ln_config *c = &whole;
+    if (load_tensor_part(s, be, &m->embed, c->vocab_size, c->hidden_size, pt, dir, e) ||
+        load_tensor_part(s, be, &m->norm, c->hidden_size, 1, pt, dir, e))
+        goto fail;
+    if (!m->tied && load_tensor_part(s, be, &m->lm_head, c->vocab_size, c->hidden_size, pt, dir, e)) goto fail;
     for (int l = 0; l < m->cfg.num_layers; l++) {
         ln_layer *L = &m->layers[l];
-        if (load_tensor(s, be, &L->attn_norm, dir, e) || load_tensor(s, be, &L->mlp_norm, dir, e)) goto fail;
-        for (int t = 0; t < LN_NTARGET; t++)
-            if (load_tensor(s, be, &L->lin[t], dir, e)) goto fail;
+        if (load_tensor_part(s, be, &L->attn_norm, c->hidden_size, 1, pt, dir, e) ||
+            load_tensor_part(s, be, &L->mlp_norm, c->hidden_size, 1, pt, dir, e))
+            goto fail;
+        for (int t = 0; t < LN_NTARGET; t++) {
+            int d_out, d_in;
+            ln_model_target_dims(c, (ln_target)t, &d_out, &d_in);
+            if (load_tensor_part(s, be, &L->lin[t], d_out, d_in, pt, dir, e)) goto fail;
+        }
     }
     /* A layer beyond num_hidden_layers means config and weights disagree. */
     char extra[96];
@@ -270,6 +333,21 @@ fail:
     if (s) st_close(s);
     ln_model_free(m);
     return -1;
+}
+
+int ln_model_load(const char *dir, const lnb_backend *be, ln_model **out, ln_err *e)
+{
+    load_part whole = {0, 1};
+    return model_load(dir, be, &whole, out, e);
+}
+
+int ln_model_load_part(const char *dir, const lnb_backend *be, int rank, int ranks, ln_model **out, ln_err *e)
+{
+    *out = NULL;
+    if (ranks < 1 || rank < 0 || rank >= ranks)
+        return ln_errf(e, "model %s: rank %d of %d tensor-parallel ranks does not exist", dir, rank, ranks);
+    load_part pt = {rank, ranks};
+    return model_load(dir, be, &pt, out, e);
 }
 
 /* p ← std·N(0,1) draws (std > 0), or all ones (std = 0), through a host buffer. */

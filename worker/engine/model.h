@@ -84,6 +84,14 @@ void ln_model_target_dims(const ln_config *c, ln_target t, int *d_out, int *d_in
  * Every tensor is checked against the config; a mismatch names the tensor, its shape and
  * the config fields. */
 int ln_model_load(const char *dir, const lnb_backend *be, ln_model **out, ln_err *e);
+/* Rank `rank` of `ranks` tensor-parallel ranks' shard of the model in dir (tensor_parallel.h's
+ * split: q, k, v, gate, up by output rows; o, down by input columns; embeddings, norms and lm_head
+ * whole), read block by block from the mapped safetensors: the whole model is never in memory.
+ * The shard's config has num_heads, num_kv_heads and intermediate_size divided by ranks (an error
+ * names the one that does not divide) and tie_word_embeddings as loaded. Bitwise the block
+ * ln_tp_shard_model cuts from ln_model_load's model; m->comm is left NULL (ln_tp_load_shard sets it).
+ * ranks 1 is ln_model_load. */
+int ln_model_load_part(const char *dir, const lnb_backend *be, int rank, int ranks, ln_model **out, ln_err *e);
 /* A model with random weights (normal(0, 0.02) matrices, unit norms), seeded. */
 int ln_model_new_random(const ln_config *c, const lnb_backend *be, uint64_t seed, ln_model **out, ln_err *e);
 /* Writes config.json + model.safetensors (dtype F32/BF16/F16) into dir. */

@@ -95,6 +95,14 @@ int ln_tp_shard_model(const ln_model *full, ln_comm *c, ln_model **out, ln_err *
     return 0;
 }
 
+int ln_tp_load_shard(const char *dir, const lnb_backend *be, ln_comm *c, ln_model **out, ln_err *e)
+{
+    *out = NULL;
+    if (ln_model_load_part(dir, be, c->rank, c->size, out, e)) return -1;
+    (*out)->comm = c;
+    return 0;
+}
+
 /* Copies one factor's block: the block of full factor src (rows × cols) that matches dst's shape
  * at (r0, c0). */
 static int factor_block(const lnb_backend *be, float *dst, const ln_param *dp, const float *src, const ln_param *sp,

@@ -38,6 +38,11 @@ int ln_tp_column_parallel(ln_target t);
 /* Rank comm_rank(c)'s shard of the whole model `full` (same backend), with out->comm = c. */
 int ln_tp_shard_model(const ln_model *full, ln_comm *c, ln_model **out, ln_err *e);
 
+/* Rank comm_rank(c)'s shard of the model in dir, read from its safetensors block by block
+ * (ln_model_load_part): the whole model is never in memory. Bitwise ln_tp_shard_model of
+ * ln_model_load's model; out->comm = c. Not collective. */
+int ln_tp_load_shard(const char *dir, const lnb_backend *be, ln_comm *c, ln_model **out, ln_err *e);
+
 /* The same rank's shard of adapter `ad` of `full`, on `shard`: factors split as above, the
  * trainable flags, A0/B0 and residual flag carried over. */
 int ln_tp_shard_adapter(const ln_model *full, const ln_adapter *ad, ln_model *shard, ln_adapter *out, ln_err *e);
