@@ -174,6 +174,92 @@ static void test_calibration_file_round_trip_and_errors(void **state) {
     free(bad);
 }
 
+/* ---------------------------------------------------------------- forward-only layouts */
+
+/* Every hook call's X, one after another. */
+typedef struct {
+    float *x;
+    size_t n, cap;
+} hook_rec;
+
+static void record_hook(int layer, ln_input which, const float *X, int tokens, int d_in, void *ctx) {
+    (void)layer;
+    (void)which;
+    hook_rec *r = ctx;
+    size_t k = (size_t)tokens * d_in;
+    if (r->n + k > r->cap) {
+        r->cap = (r->n + k) * 2;
+        r->x = realloc(r->x, r->cap * sizeof(float));
+        assert_non_null(r->x);
+    }
+    memcpy(r->x + r->n, X, k * sizeof(float));
+    r->n += k;
+}
+
+/* A calibration forward (no_logits) and an evaluation forward (trained_rows_only, no head
+ * gradient) keep one layer's activations and no backward scratch, yet compute bitwise what the
+ * training layout does: the same layer inputs reach the hook and the same loss comes out, also
+ * when one ln_acts switches between the layouts; a backward after them is refused. */
+static void test_forward_only_layouts_are_bitwise(void **state) {
+    (void)state;
+    ln_model *m = new_model();
+    ln_adapter ad;
+    ln_err e;
+    ln_adapter_opts ao = {.method = "lora", .rank = 4, .alpha = 8, .targets = LN_TARGETS_ALL, .seed = 3};
+    assert_int_equal(ln_adapter_init(m, &ad, &ao, &e), 0);
+    enum { B = 2, T = 12 };
+    int32_t ids[B * T], tg[B * T];
+    int64_t nt = 0;
+    for (int i = 0; i < B * T; i++) {
+        ids[i] = (i * 13 + 5) % 64;
+        tg[i] = i % 3 ? (i * 7 + 1) % 64 : -100;
+        nt += tg[i] >= 0;
+    }
+    ln_batch b = {.B = B, .T = T, .ids = ids, .targets = tg, .n_targets = nt};
+    hook_rec train = {0}, eval = {0}, calib = {0}, again = {0};
+    double l_train = 0, l_eval = 0, l_again = 0;
+    ln_acts *a = ln_acts_new(), *fresh = ln_acts_new();
+    ln_fwd_opts fo = {.hook = record_hook, .hook_ctx = &train, .trained_rows_only = 1,
+                      .head_grad_scale = 1.0f / (float)nt};
+    assert_int_equal(ln_model_forward(m, &ad, a, &b, &fo, &l_train, &e), 0);
+    assert_int_equal(ln_model_backward(m, &ad, a, &b, fo.head_grad_scale, &e), 0);
+    /* evaluation on the same ln_acts (it changes layout) and on a fresh one */
+    ln_fwd_opts fe = {.hook = record_hook, .hook_ctx = &eval, .trained_rows_only = 1};
+    assert_int_equal(ln_model_forward(m, &ad, a, &b, &fe, &l_eval, &e), 0);
+    assert_int_equal(ln_model_backward(m, &ad, a, &b, 1.0f, &e), -1);
+    assert_non_null(strstr(e.msg, "kept nothing for a backward"));
+    fe.hook_ctx = &again;
+    assert_int_equal(ln_model_forward(m, &ad, fresh, &b, &fe, &l_again, &e), 0);
+    /* calibration: no logits at all */
+    ln_fwd_opts fc = {.hook = record_hook, .hook_ctx = &calib, .no_logits = 1};
+    assert_int_equal(ln_model_forward(m, &ad, fresh, &b, &fc, NULL, &e), 0);
+    assert_null(ln_acts_logits(fresh));
+    assert_int_equal(ln_model_backward(m, &ad, fresh, &b, 1.0f, &e), -1);
+    assert_true(l_train > 0 && l_eval == l_train && l_again == l_train);
+    /* 2 layers × (q,k,v | o | gate,up | down) inputs of 24 rows */
+    assert_int_equal(train.n, (size_t)2 * B * T * (32 + 32 + 32 + 48));
+    assert_int_equal(eval.n, train.n);
+    assert_int_equal(again.n, train.n);
+    assert_int_equal(calib.n, train.n);
+    assert_memory_equal(eval.x, train.x, train.n * sizeof(float));
+    assert_memory_equal(again.x, train.x, train.n * sizeof(float));
+    assert_memory_equal(calib.x, train.x, train.n * sizeof(float));
+    /* and back to training on the ln_acts that served the forward-only passes */
+    double l_back = 0;
+    fo.hook = NULL;
+    assert_int_equal(ln_model_forward(m, &ad, fresh, &b, &fo, &l_back, &e), 0);
+    assert_int_equal(ln_model_backward(m, &ad, fresh, &b, fo.head_grad_scale, &e), 0);
+    assert_true(l_back == l_train);
+    free(train.x);
+    free(eval.x);
+    free(calib.x);
+    free(again.x);
+    ln_acts_free(m, a);
+    ln_acts_free(m, fresh);
+    ln_adapter_free(&ad);
+    ln_model_free(m);
+}
+
 /* ---------------------------------------------------------------- init on a model */
 
 static void logits_of(ln_model *m, const ln_adapter *ad, float *out, int T) {
@@ -354,6 +440,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_calibration_counts_windows_and_cache),
         cmocka_unit_test(test_calibration_file_round_trip_and_errors),
+        cmocka_unit_test(test_forward_only_layouts_are_bitwise),
         cmocka_unit_test(test_methods_on_model),
         cmocka_unit_test(test_export_shapes_and_merge),
     };

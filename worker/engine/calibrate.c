@@ -349,12 +349,23 @@ static int calibrate_compute(ln_model *m, const window *win, int64_t count, unsi
         void *dev = h.dev ? h.dev[i] : NULL;
         if (!h.covs[i].sum && !dev) continue;
         int d = h.covs[i].d;
-        c->C[i] = ln_try_alloc((size_t)d * d * sizeof(double), "calibration covariance", e);
-        if (!c->C[i]) goto out;
-        if (dev ? h.acc->finish(dev, c->C[i], e) : ln_cov_finish(&h.covs[i], c->C[i], e)) {
+        /* a host sum becomes its covariance in place (ln_cov_finish reads the upper triangle and
+         * writes only it and the lower one below it), so the sums and the finished covariances are
+         * never held together: the peak is one set */
+        if (dev) {
+            c->C[i] = ln_try_allocf((size_t)d * d, sizeof(double), e, "calibration",
+                                    "the covariance of layer %d %s input (%d x %d fp64)", i / LN_NINPUT,
+                                    ln_target_module(INPUT_NAMER[i % LN_NINPUT]), d, d);
+            if (!c->C[i]) goto out;
+        }
+        if (dev ? h.acc->finish(dev, c->C[i], e) : ln_cov_finish(&h.covs[i], h.covs[i].sum, e)) {
             ln_err_prefix(e, "calibration: layer %d %s input", i / LN_NINPUT,
                           ln_target_module(INPUT_NAMER[i % LN_NINPUT]));
             goto out;
+        }
+        if (!dev) { /* the sum's buffer is the covariance now */
+            c->C[i] = h.covs[i].sum;
+            h.covs[i].sum = NULL;
         }
         ln_init_share_basis(c->C[i], d);
         if (dev) { /* the device sum is no longer needed: free it as soon as it is fetched */

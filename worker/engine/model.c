@@ -470,6 +470,7 @@ struct ln_acts {
     int cap_r, L;         /* LoRA rank and layers allocated for */
     unsigned cap_targets; /* LoRA targets allocated for */
     int recompute;        /* one set of intermediates shared by every layer (model.h) */
+    int fwd_only;         /* ACTS_FWD_HEAD / ACTS_FWD_BARE: a forward no backward follows (below) */
     /* saved by the forward pass, per layer l (res has L+1 entries: res[l] is layer l's input) */
     float **res, **h1, **rstd1, **q, **k, **v, **probs, **att, **xmid, **h2, **rstd2, **gate, **up, **act;
     float **lh;           /* L × LN_NTARGET LoRA intermediates x Aᵀ (N × r), NULL when untargeted */
@@ -491,6 +492,13 @@ struct ln_acts {
     float *dres, *dh, *dq, *dk, *dv, *datt, *dgate, *dup, *dact, *dlh, *dS;
 };
 
+/* The layouts of acts_ensure. A forward that no backward can follow — no_logits (calibration),
+ * or trained_rows_only without head_grad_scale (an evaluation's loss) — keeps nothing for one:
+ * one set of intermediates serves every layer (as with recompute), the residual stream is two
+ * buffers used in turn (res[l] = res[l mod 2]), no backward scratch, and without logits no final
+ * norm, lm_head or compacted rows either. Same arithmetic on the same values: same results. */
+enum { ACTS_TRAIN, ACTS_FWD_HEAD, ACTS_FWD_BARE };
+
 ln_acts *ln_acts_new(void) { return ln_xcalloc(1, sizeof(ln_acts)); }
 const float *ln_acts_logits(const ln_acts *a) { return a->logits; }
 
@@ -508,12 +516,13 @@ static void acts_release(const lnb_backend *be, ln_acts *a)
     if (a->res) {
         float **lists[ACT_PER_LAYER];
         per_layer_lists(a, lists);
-        for (int i = 0; i < ACT_PER_LAYER; i++) {
-            int n = i == 13 ? a->L + 1 : a->recompute ? 1 : a->L; /* shared buffers are freed once */
+        int shared = a->recompute || a->fwd_only;
+        for (int i = 0; i < ACT_PER_LAYER; i++) { /* shared buffers are freed once */
+            int n = i == 13 ? (a->fwd_only ? 2 : a->L + 1) : shared ? 1 : a->L;
             for (int l = 0; l < n; l++) be->free(lists[i][l]);
             free(lists[i]);
         }
-        for (int i = 0; i < (a->recompute ? 1 : a->L) * LN_NTARGET; i++) be->free(a->lh[i]);
+        for (int i = 0; i < (shared ? 1 : a->L) * LN_NTARGET; i++) be->free(a->lh[i]);
         free(a->lh);
     }
     float *single[] = {a->xf, a->rstdf, a->logits, a->dres, a->dh, a->dq, a->dk, a->dv,
@@ -534,22 +543,25 @@ void ln_acts_free(const ln_model *m, ln_acts *a)
     free(a);
 }
 
-/* Makes sure a holds buffers for batch (B, T) with adapter ad, and logit_rows rows of logits. */
+/* Makes sure a holds buffers for batch (B, T) with adapter ad, and logit_rows rows of logits, in
+ * layout mode (ACTS_*). */
 static int acts_ensure(const ln_model *m, const struct ln_adapter *ad, ln_acts *a, int B, int T, int64_t logit_rows,
-                       ln_err *e)
+                       int mode, ln_err *e)
 {
     const ln_config *c = &m->cfg;
     int64_t N = (int64_t)B * T, P = (int64_t)B * c->num_heads * T * (m->be->attention_rows_only ? 1 : T);
     int r = ad && !ad->full ? ad->rank : 0;
     unsigned tg = r > 0 ? ad->targets : 0;
     if (a->res && N <= a->capN && P <= a->capP && r == a->cap_r && tg == a->cap_targets && a->L == c->num_layers &&
-        a->recompute == m->recompute && logit_rows <= a->cap_logit_rows)
+        a->recompute == m->recompute && logit_rows <= a->cap_logit_rows && a->fwd_only == mode)
         return 0;
     const lnb_backend *be = m->be;
     acts_release(be, a);
     int L = c->num_layers, C = c->hidden_size, I = c->intermediate_size;
     int64_t qd = (int64_t)c->num_heads * c->head_dim, kvd = (int64_t)c->num_kv_heads * c->head_dim;
     a->capN = N; a->capP = P; a->cap_r = r; a->L = L; a->cap_targets = tg; a->recompute = m->recompute;
+    a->fwd_only = mode;
+    const int shared = a->recompute || mode != ACTS_TRAIN, head = mode != ACTS_FWD_BARE, bwd = mode == ACTS_TRAIN;
     a->h1 = ln_xcalloc((size_t)L, sizeof(float *)); a->rstd1 = ln_xcalloc((size_t)L, sizeof(float *));
     a->q = ln_xcalloc((size_t)L, sizeof(float *)); a->k = ln_xcalloc((size_t)L, sizeof(float *));
     a->v = ln_xcalloc((size_t)L, sizeof(float *)); a->probs = ln_xcalloc((size_t)L, sizeof(float *));
@@ -566,7 +578,8 @@ static int acts_ensure(const ln_model *m, const struct ln_adapter *ad, ln_acts *
     for (int i = 0; i < ACT_PER_LAYER; i++) {
         int n = i == 13 ? L + 1 : L;
         for (int l = 0; l < n; l++) {
-            if (a->recompute && i != 13 && l > 0) lists[i][l] = lists[i][0];
+            if (i != 13 && shared && l > 0) lists[i][l] = lists[i][0];
+            else if (i == 13 && mode != ACTS_TRAIN && l > 1) lists[i][l] = lists[i][l % 2]; /* two in turn */
             else fail |= !(lists[i][l] = be->alloc((size_t)sizes[i] * sizeof(float)));
         }
     }
@@ -574,16 +587,18 @@ static int acts_ensure(const ln_model *m, const struct ln_adapter *ad, ln_acts *
         for (int l = 0; l < L; l++)
             for (int t = 0; t < LN_NTARGET; t++)
                 if (ad->lora[l * LN_NTARGET + t].A.w) {
-                    if (a->recompute && l > 0) a->lh[l * LN_NTARGET + t] = a->lh[t];
+                    if (shared && l > 0) a->lh[l * LN_NTARGET + t] = a->lh[t];
                     else fail |= !(a->lh[l * LN_NTARGET + t] = be->alloc((size_t)(N * r) * sizeof(float)));
                 }
     int64_t wide = qd > C ? qd : C;
-    fail |= !(a->xf = be->alloc((size_t)(N * C) * sizeof(float)));
-    fail |= !(a->rstdf = be->alloc((size_t)N * sizeof(float)));
-    /* all N rows of logits for a plain forward; training (trained_rows_only) needs one chunk */
-    a->cap_logit_rows = logit_rows;
-    fail |= !(a->logits = be->alloc((size_t)(logit_rows * c->vocab_size) * sizeof(float)));
-    fail |= !(a->xfc = be->alloc((size_t)(N * C) * sizeof(float)));
+    if (head) {
+        fail |= !(a->xf = be->alloc((size_t)(N * C) * sizeof(float)));
+        fail |= !(a->rstdf = be->alloc((size_t)N * sizeof(float)));
+        /* all N rows of logits for a plain forward; training (trained_rows_only) needs one chunk */
+        a->cap_logit_rows = logit_rows;
+        fail |= !(a->logits = be->alloc((size_t)(logit_rows * c->vocab_size) * sizeof(float)));
+        fail |= !(a->xfc = be->alloc((size_t)(N * C) * sizeof(float)));
+    }
     /* per-token index arrays grow with the batch: a failure is the batch's out of memory, not an abort */
     fail |= !(a->rows = malloc((size_t)N * sizeof(int32_t)));
     fail |= !(a->seg_row0 = malloc((size_t)N * sizeof(int32_t)));
@@ -591,17 +606,19 @@ static int acts_ensure(const ln_model *m, const struct ln_adapter *ad, ln_acts *
     fail |= !(a->seg_poff = malloc((size_t)N * sizeof(int64_t)));
     fail |= !(a->tc = malloc((size_t)N * sizeof(int32_t)));
     a->M = -1;
-    fail |= !(a->dres = be->alloc((size_t)(N * C) * sizeof(float)));
-    fail |= !(a->dh = be->alloc((size_t)(N * wide) * sizeof(float)));
-    fail |= !(a->dq = be->alloc((size_t)(N * qd) * sizeof(float)));
-    fail |= !(a->dk = be->alloc((size_t)(N * kvd) * sizeof(float)));
-    fail |= !(a->dv = be->alloc((size_t)(N * kvd) * sizeof(float)));
-    fail |= !(a->datt = be->alloc((size_t)(N * qd) * sizeof(float)));
-    fail |= !(a->dgate = be->alloc((size_t)(N * I) * sizeof(float)));
-    fail |= !(a->dup = be->alloc((size_t)(N * I) * sizeof(float)));
-    fail |= !(a->dact = be->alloc((size_t)(N * I) * sizeof(float)));
-    fail |= !(a->dlh = be->alloc((size_t)(N * (r > 0 ? r : 1)) * sizeof(float)));
-    fail |= !(a->dS = be->alloc((size_t)T * T * sizeof(float)));
+    if (bwd) {
+        fail |= !(a->dres = be->alloc((size_t)(N * C) * sizeof(float)));
+        fail |= !(a->dh = be->alloc((size_t)(N * wide) * sizeof(float)));
+        fail |= !(a->dq = be->alloc((size_t)(N * qd) * sizeof(float)));
+        fail |= !(a->dk = be->alloc((size_t)(N * kvd) * sizeof(float)));
+        fail |= !(a->dv = be->alloc((size_t)(N * kvd) * sizeof(float)));
+        fail |= !(a->datt = be->alloc((size_t)(N * qd) * sizeof(float)));
+        fail |= !(a->dgate = be->alloc((size_t)(N * I) * sizeof(float)));
+        fail |= !(a->dup = be->alloc((size_t)(N * I) * sizeof(float)));
+        fail |= !(a->dact = be->alloc((size_t)(N * I) * sizeof(float)));
+        fail |= !(a->dlh = be->alloc((size_t)(N * (r > 0 ? r : 1)) * sizeof(float)));
+        fail |= !(a->dS = be->alloc((size_t)T * T * sizeof(float)));
+    }
     if (fail) {
         acts_release(be, a);
         return ln_errf(e, "out of memory allocating activations for a batch of %d × %d tokens", B, T);
@@ -828,7 +845,10 @@ int ln_model_forward(ln_model *m, const struct ln_adapter *ad, ln_acts *a, const
     }
     int chunked = o && o->trained_rows_only && b->targets;
     int64_t logit_rows = chunked ? (N < LN_HEAD_CHUNK ? N : LN_HEAD_CHUNK) : N;
-    if (acts_ensure(m, ad, a, B, T, logit_rows, e)) return -1;
+    /* a forward that no backward can follow keeps one layer's activations (ACTS_FWD_*) */
+    int mode = o && o->no_logits ? ACTS_FWD_BARE : chunked && o->head_grad_scale == 0.0f ? ACTS_FWD_HEAD : ACTS_TRAIN;
+    if (mode == ACTS_FWD_BARE) logit_rows = 0;
+    if (acts_ensure(m, ad, a, B, T, logit_rows, mode, e)) return -1;
     /* packed rows: a segment starts wherever segment[] changes along a sequence (the padding tail,
      * segment −1, is one more); segment s's probabilities take nh·len·len floats (nh·len when the
      * backend keeps rows only) at seg_poff[s] — at most what the whole batch would */
@@ -936,6 +956,9 @@ int ln_model_backward(ln_model *m, struct ln_adapter *ad, ln_acts *a, const ln_b
     int B = b->B, T = b->T, N = B * T, V = c->vocab_size, C = c->hidden_size, L = c->num_layers;
     if (!b->targets) return ln_errf(e, "backward: the batch has no labels");
     if (!a->res || N > a->capN) return ln_errf(e, "backward: called without a matching forward pass");
+    if (a->fwd_only)
+        return ln_errf(e, "backward: the last forward kept nothing for a backward (no_logits, or trained_rows_only "
+                          "without head_grad_scale)");
     if (a->head_done) {
         /* fused head (trained_rows_only + head_grad_scale): dh already holds ∂loss/∂xf */
         if (loss_scale != a->head_scale)

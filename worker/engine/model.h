@@ -13,7 +13,11 @@
  *      X is (B·T × d_in) row-major, rows of padding included (call with B=1 and no padding to get
  *      exactly one sample's X_s). X lives only for the call. Set no_logits to stop after the
  *      last layer (calibration needs no lm_head).
- * Memory: activations for one batch live in an ln_acts the caller owns (sized on demand).
+ * Memory: activations for one batch live in an ln_acts the caller owns (sized on demand). A forward
+ *      that no backward can follow — no_logits (calibration) or trained_rows_only without
+ *      head_grad_scale (an evaluation's loss) — keeps one layer's intermediates (reused by every
+ *      layer), two residual-stream buffers and no backward scratch (and, with no_logits, no final
+ *      norm or logits): bitwise the same results; ln_model_backward after it fails.
  * Ownership: the model owns every weight and gradient buffer; ln_model_free releases them. */
 #ifndef LN_MODEL_H
 #define LN_MODEL_H
