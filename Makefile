@@ -139,7 +139,7 @@ build/cuda/tests/%: tests/gpu/%.c $(GPU_TEST_HELPERS) tests/gpu/gpu_check.h buil
 # library the CPU programs need.
 CUDA_PROG_LIBS := $(patsubst build/$(V)/%,build/release/%,$(LIBS))
 CUDA_PULL := -Wl,-u,lnb_cuda_open -Wl,-u,lnb_cuda -Wl,-u,lnb_cuda_plan_check -Wl,-u,lnb_cuda_nullspace_basis \
-             -Wl,-u,lnb_cuda_cov_init
+             -Wl,-u,lnb_cuda_cov_init -Wl,-u,comm_nccl_join
 cuda-bin: build/cuda/bin/loranull build/cuda/bin/loranull-worker
 build/cuda/bin/loranull: build/release/obj/worker/cli/main.o build/cuda/libloranull_cuda.a $(CUDA_PROG_LIBS)
 	@mkdir -p $(dir $@)

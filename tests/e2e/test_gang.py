@@ -227,6 +227,7 @@ def test_two_of_three_ranks_on_one_worker_is_refused_clearly(env):
     (["--comm-ports", "x"], None, "--comm-ports 'x'"),
     (["--rendezvous-timeout-s", "0"], None, "--rendezvous-timeout-s '0'"),
     ([], "70000", "LORANULL_COMM_PORTS '70000'"),
+    (["--device", "cuda:0", "--ranks", "2"], None, "run one worker per GPU (--device cuda:0, --device cuda:1"),
 ])
 def test_gang_flag_errors_are_sentences(models, tmp_path, args, env_ports, needle):
     import os

@@ -28,6 +28,9 @@
 #define MAX_DOWNLOADS 4
 #define OUTBOX_MAX_EVENTS 2000
 #define OUTBOX_MAX_POINTS 20000
+/* The index of the GPU in use (the CUDA build; NULL in the CPU build, where no GPU worker starts). */
+#pragma weak lnb_cuda_device
+
 #define PEER_FAIL_GRACE_S 3.0   /* a run failed by a lost peer reports this much later (wd_daemon.h) */
 
 typedef enum { PHASE_DOWNLOADING, PHASE_RENDEZVOUS, PHASE_RUNNING, PHASE_UPLOADING, PHASE_REPORTING } job_phase;
@@ -591,16 +594,22 @@ static void on_gang(void *ctx, wd_gang_result res, ln_comm *c, const wd_resp *r,
         j->run.rank = j->rank;
         /* Rank 0's event says the whole gang met (the others' may be refused once rank 0 has
          * completed a short job: the server ends their reports with the job). */
+        const char *how = strcmp(comm_backend_name(c), "nccl") == 0 ? "NCCL (one GPU per worker)" : "TCP";
         if (j->rank == 0)
-            wd_outbox_event(&j->out, "info", NULL, "All %d ranks of the gang met over TCP (rank 0, worker %s, listens "
-                            "at the address it published)", j->run.world, j->d->worker_id);
+            wd_outbox_event(&j->out, "info", NULL, "All %d ranks of the gang met over %s (rank 0: worker %s)",
+                            j->run.world, how, j->d->worker_id);
         else
-            wd_outbox_event(&j->out, "info", NULL, "Rank %d of %d (worker %s) joined the gang over TCP", j->rank,
-                            j->run.world, j->d->worker_id);
+            wd_outbox_event(&j->out, "info", NULL, "Rank %d of %d (worker %s) joined the gang over %s", j->rank,
+                            j->run.world, j->d->worker_id, how);
         j->next_flush = 0;
         j->phase = PHASE_DOWNLOADING; /* then the run, on this comm */
     } else if (res == WD_GANG_REFUSED) {
         job_refused(j, r);
+    } else if (res == WD_GANG_UNSUPPORTED) {
+        snprintf(j->run.err_code, sizeof j->run.err_code, "unsupported_resources");
+        snprintf(j->run.err_msg, sizeof j->run.err_msg, "resources.ranks=%d: %s", j->run.world, msg);
+        j->final = FINAL_FAIL;
+        j->phase = PHASE_REPORTING;
     } else {
         snprintf(j->run.err_code, sizeof j->run.err_code, "rendezvous_failed");
         snprintf(j->run.err_msg, sizeof j->run.err_msg, "The ranks of the job could not meet: %s", msg);
@@ -615,7 +624,9 @@ static void start_rendezvous(wd_job *j) {
     const wd_config *cfg = &j->d->cfg;
     wd_gang_opts o = {.job_id = j->id, .gen = j->gen, .rank = j->rank, .world = j->run.world,
                       .host = cfg->advertise_host, .port_lo = cfg->comm_port_lo, .port_hi = cfg->comm_port_hi,
-                      .timeout_s = cfg->rendezvous_timeout_s > 0 ? cfg->rendezvous_timeout_s : 120};
+                      .timeout_s = cfg->rendezvous_timeout_s > 0 ? cfg->rendezvous_timeout_s : 120,
+                      .nccl_device = -1};
+    if (strcmp(j->d->device_kind, "cuda") == 0) o.nccl_device = lnb_cuda_device ? lnb_cuda_device() : 0;
     j->gang = wd_gang_start(j->d->loop, j->d->http, &o, on_gang, j);
 }
 
@@ -624,12 +635,16 @@ static void gang_run_ended(wd_job *j, double now) {
     wd_run *r = &j->run;
     if (r->status != WD_RUN_OK) comm_abort(j->comm); /* the others stop waiting for this rank */
     int peer = comm_tcp_lost_peer(j->comm);
-    if (r->status == WD_RUN_FAILED && peer >= 0 && !j->d->signals) {
+    /* NCCL does not say which rank: its remote error ("remote process exited…") names the cause. */
+    int nccl_lost = peer < 0 && strcmp(comm_backend_name(j->comm), "nccl") == 0 &&
+                    (strstr(r->err_msg, "remote process") || strstr(r->err_msg, "a peer rank may have failed"));
+    if (r->status == WD_RUN_FAILED && (peer >= 0 || nccl_lost) && !j->d->signals) {
         /* Not this rank's fault: retryable, and late enough for the rank with the cause to report first. */
-        char msg[sizeof r->err_msg];
+        char msg[sizeof r->err_msg], who[32] = "A rank";
         snprintf(msg, sizeof msg, "%s", r->err_msg);
-        snprintf(r->err_msg, sizeof r->err_msg, "Rank %d of the gang was lost (its worker stopped, failed or was "
-                 "killed); rank %d: %.1900s", peer, j->rank, msg);
+        if (peer >= 0) snprintf(who, sizeof who, "Rank %d", peer);
+        snprintf(r->err_msg, sizeof r->err_msg, "%s of the gang was lost (its worker stopped, failed or was "
+                 "killed); rank %d: %.1900s", who, j->rank, msg);
         snprintf(r->err_code, sizeof r->err_code, "rank_lost");
         r->retryable = 1;
         j->final_next = now + PEER_FAIL_GRACE_S;
@@ -792,11 +807,12 @@ static void job_begin(wd_daemon *d, json_t *lease) {
     int mine = (int)json_array_size(json_object_get(lease, "ranks"));
     r->world = world > 1 ? world : 1;
     r->be = d->be;
-    if (world > 1 && strcmp(d->device_kind, "cpu") != 0) {
+    if (world > 1 && mine != 1 && strcmp(d->device_kind, "cpu") != 0) {
         snprintf(r->err_code, sizeof r->err_code, "unsupported_resources");
         snprintf(r->err_msg, sizeof r->err_msg,
-                 "resources.ranks=%d: multi-rank jobs run on CPU workers only for now (threads on one worker, or TCP "
-                 "between workers); submit with resources.ranks=1 for a GPU worker", world);
+                 "resources.ranks=%d with %d ranks on this GPU worker: a GPU worker runs one rank (one GPU); the "
+                 "ranks of a GPU job are spread over workers started one per GPU (--device cuda:0, cuda:1, …)",
+                 world, mine);
         j->final = FINAL_FAIL;
         j->phase = PHASE_REPORTING;
         return;
@@ -983,6 +999,10 @@ static void on_signal(uv_signal_t *s, int signum) {
 /* ---------------------------------------------------------------- entry */
 
 int wd_daemon_run(const wd_config *cfg, ln_err *e) {
+    if (cfg->device && strncmp(cfg->device, "cuda", 4) == 0 && cfg->ranks > 1)
+        return ln_errf(e, "--ranks %d with --device %s: a GPU worker offers one GPU (one rank); run one worker per "
+                          "GPU (--device cuda:0, --device cuda:1, …) and the server spreads a multi-rank job over "
+                          "them (NCCL between the workers)", cfg->ranks, cfg->device);
     wd_daemon *d = ln_xcalloc(1, sizeof *d);
     d->cfg = *cfg;
     d->be = lnb_select(cfg->device, e);

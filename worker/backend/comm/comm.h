@@ -7,9 +7,9 @@
  *    the partial sums themselves. This is what CI tests the sharded math with.
  *  - tcp: one rank per process or host (comm_tcp.c), the same sums as thread, over sockets: a
  *    CPU gang the server spreads over several workers.
- *  - nccl: one rank per GPU (one process or thread per rank), buffers in device (or managed)
- *    memory; compiled into the CUDA build only (comm_nccl.c, LN_WITH_NCCL). Ranks of a multi-node
- *    job exchange the 128-byte ncclUniqueId through the server's rendezvous.
+ *  - nccl: one rank per GPU (one process or thread per rank), buffers in device, managed or
+ *    (staged) host memory; compiled into the CUDA build only (comm_nccl.c, LN_WITH_NCCL). Ranks
+ *    split over workers exchange the 128-byte ncclUniqueId through the server's rendezvous.
  *
  * Contract for every collective: every rank of the group calls it, in the same order, with the
  * same n (element count per rank). The call returns when this rank's result is complete
@@ -109,12 +109,22 @@ int comm_tcp_connect(const char *addr, int rank, int size, const char *token, do
  * for a handle of another backend. Lets a caller tell "a peer died" from its own failure. */
 int comm_tcp_lost_peer(const ln_comm *c);
 
-/* ---- NCCL backend (CUDA build only: comm_nccl.c with LN_WITH_NCCL) ---- */
+/* ---- NCCL backend (CUDA build only: comm_nccl.c with LN_WITH_NCCL) ----
+ *
+ * One rank per GPU. Buffers may be device, managed or host memory: host pointers (malloc, the
+ * stack) are staged through a device buffer of the rank, so the engine's host scratch works too.
+ * Each collective first waits for the device's earlier work, and returns when complete. comm_abort
+ * from any thread ends a pending collective of the rank (ncclCommAbort). A program that must link
+ * without NCCL (the CPU build of loranull-worker) reaches these through weak references. */
 
 #define COMM_NCCL_ID_BYTES 128
 /* Rank 0 makes the id and shares it with the others (the server's rendezvous, or memory). */
 int comm_nccl_unique_id(unsigned char id[COMM_NCCL_ID_BYTES], ln_err *e);
-/* Joins the group as `rank` of `size` on CUDA device `device` (cudaSetDevice is called). */
+/* Joins the group as `rank` of `size` on CUDA device `device` (cudaSetDevice is called), waiting
+ * at most timeout_s (0 = no limit) for the other ranks; `stop` (may be NULL), polled, gives up. */
+int comm_nccl_join(int rank, int size, const unsigned char id[COMM_NCCL_ID_BYTES], int device, double timeout_s,
+                   const atomic_int *stop, ln_comm **out, ln_err *e);
+/* comm_nccl_join with no time limit. */
 int comm_nccl_new(int rank, int size, const unsigned char id[COMM_NCCL_ID_BYTES], int device, ln_comm **out,
                   ln_err *e);
 

@@ -47,6 +47,8 @@ typedef struct lnb_cuda_opts {
 int lnb_cuda_device_count(void);
 /* One line describing the device in use ("NVIDIA H200, 139.8 GiB, sm_90"). */
 const char *lnb_cuda_device_name(void);
+/* The index of the device in use (what the NCCL comm of a GPU worker joins on); −1 before open. */
+int lnb_cuda_device(void);
 
 /* Selects the device, creates the cuBLAS/cuSOLVER handles. Errors name the device and the call. */
 int lnb_cuda_open(const lnb_cuda_opts *o, ln_err *e);

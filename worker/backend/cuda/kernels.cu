@@ -87,6 +87,7 @@ extern "C" int lnb_cuda_device_count(void)
 }
 
 extern "C" const char *lnb_cuda_device_name(void) { return lnb_cuda_g.name; }
+extern "C" int lnb_cuda_device(void) { return g_open ? lnb_cuda_g.device : -1; }
 
 extern "C" int lnb_cuda_open(const lnb_cuda_opts *o, ln_err *e)
 {
