@@ -51,6 +51,18 @@ def server_factory(tmp_path):
         s.stop()
 
 
+@pytest.fixture
+def real_worker_server(server_factory):
+    """A server of its own for a real loranull-worker (tests/e2e's Worker), with a short lease TTL and
+    long-poll so the worker's leases come quickly; skips when the worker is not built."""
+    sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+    from e2e_helpers import WORKER_BIN
+
+    if not WORKER_BIN.exists():
+        pytest.skip(f"{WORKER_BIN} is not built (run make)")
+    return server_factory("--lease-ttl-s", "5", "--lease-wait-max-s", "2")
+
+
 @pytest.fixture(scope="session")
 def browser():
     from playwright.sync_api import sync_playwright
@@ -140,7 +152,7 @@ def dash(dash_factory):
 @pytest.fixture
 def project(srv, request):
     """A fresh project (named after the test) and its API key."""
-    name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:60] + f"-{time.monotonic_ns() % 100000}"
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:56] + f"-{time.monotonic_ns() % 100000}"
     return srv.create_key(name)
 
 

@@ -5,19 +5,15 @@ for every adapted layer, and the exported adapter as a download."""
 import pathlib
 import sys
 
-import pytest
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "e2e"))
 
-from e2e_helpers import WORKER_BIN, Worker, facts_jsonl, make_tiny_model, task_jsonl  # noqa: E402
+from e2e_helpers import Worker, facts_jsonl, make_tiny_model, task_jsonl  # noqa: E402
 
 STAGES = ["validating", "calibrating", "initialising", "training", "evaluating", "exporting"]
 
 
-def test_a_real_worker_job_end_to_end(dash_factory, server_factory, tmp_path):
-    if not WORKER_BIN.exists():
-        pytest.skip(f"{WORKER_BIN} is not built (run make)")
-    srv = server_factory("--lease-ttl-s", "3", "--lease-wait-max-s", "2")
+def test_a_real_worker_job_end_to_end(dash_factory, real_worker_server, tmp_path):
+    srv = real_worker_server
     dash = dash_factory(server=srv)
     key = srv.create_key("real-worker")
     facts = srv.upload(key, facts_jsonl(), "facts.jsonl")["id"]

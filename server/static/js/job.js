@@ -64,6 +64,7 @@ export function render(main, [jobId]) {
   const overview = el("table.kv", { id: "job-overview" });
   const specTable = el("table.kv", { id: "job-spec" });
   const timeline = el("ol.timeline", { id: "timeline" });
+  const placement = el("div", { id: "placement" });
   const lossChart = new LineChart("Loss", [{ label: "train", color: "--c1" }, { label: "validation", color: "--c2" }],
                                   { id: "chart-loss" });
   const lrChart = new LineChart("Learning rate", [{ label: "learning rate", color: "--c3" }], { id: "chart-lr" });
@@ -83,6 +84,7 @@ export function render(main, [jobId]) {
     el("div.toolbar", title, statusSlot, el("span.spacer"), actions.pause, actions.resume, actions.cancel),
     actionError,
     el("div.panel", el("h2", "Stages"), timeline),
+    el("div.panel", el("h2", "Placement"), placement),
     el("div.grid2",
       el("div.panel", el("h2", "Overview"), overview),
       el("div.panel", el("h2", "Spec and hyperparameters"), specTable)),
@@ -223,6 +225,7 @@ export function render(main, [jobId]) {
         `${j.error.code ? `${j.error.code}: ` : ""}${j.error.message || ""}`)],
     ]);
     renderSpec(j);
+    renderPlacement(j);
     renderTimeline();
     loadArtifacts().catch(() => {});
   }
@@ -243,9 +246,53 @@ export function render(main, [jobId]) {
       ...Object.entries(hp).map(([k, v]) => [k, typeof v === "number" ? fmtNum(v, 6) : String(v)]),
       ["Seed", j.seed ?? "—"],
       ["Suffix", j.user_provided_suffix || "—"],
+      ["Metadata", j.metadata && Object.keys(j.metadata).length
+        ? el("span.wrap", Object.entries(j.metadata).map(([k, v], i) => [i ? ", " : "", el("code", `${k}=${v}`)])) : "—"],
       ["Resources", `${r.ranks ?? 1} rank${(r.ranks ?? 1) > 1 ? "s" : ""}, device ${r.device ?? "any"}`],
     ];
     kv(specTable, rows);
+  }
+
+  // Where the job runs (GET job's placement: rank → worker) while it runs; while it is queued, why
+  // it waits: the scheduler's newest reservation event since the last lease ("Waiting for N devices
+  // at once …" when free devices are held for it, "Cannot be placed yet …" when the live workers
+  // are too few for its ranks).
+  function renderPlacement(j) {
+    clear(placement);
+    const p = j.placement;
+    const ranks = (j.resources && j.resources.ranks) || 1;
+    if (j.status === "running" && p && p.ranks) {
+      const workers = new Set(p.ranks.map((r) => r.worker_id));
+      placement.appendChild(el("p.muted", { id: "placement-summary" },
+        `${p.world_size} rank${p.world_size > 1 ? "s" : ""} on ${workers.size} worker${workers.size > 1 ? "s" : ""}`,
+        ` · lease generation ${p.lease_generation}`));
+      placement.appendChild(el("table", { id: "placement-table" },
+        el("thead", el("tr", el("th", "Rank"), el("th", "Worker"))),
+        el("tbody", p.ranks.map((r) => el("tr", { "data-rank": r.rank, "data-worker-id": r.worker_id },
+          el("td", r.rank),
+          el("td", el("a", { href: "#/workers" }, el("strong", r.worker_name || r.worker_id)), " ",
+             el("span.muted.mono", r.worker_id)))))));
+      return;
+    }
+    if (j.status === "queued") {
+      const wait = waitReason();
+      placement.appendChild(el("div.notice", { id: "wait-reason", "data-reason": wait ? wait.kind : "none", role: "status" },
+        wait ? wait.message : `Queued for ${ranks} device${ranks > 1 ? "s" : ""} of a live worker with model ${j.model}.`));
+      return;
+    }
+    placement.appendChild(el("p.muted", { id: "placement-none" },
+      TERMINAL.has(j.status) ? "The job no longer runs on any worker." : `Not running (${j.status.replace("_", " ")}).`,
+      ` ${ranks} rank${ranks > 1 ? "s" : ""} requested.`));
+  }
+
+  function waitReason() {
+    for (let i = st.events.length - 1; i >= 0; i--) {
+      const m = st.events[i].message || "";
+      if (/^Job leased /.test(m)) return null;
+      if (/^Waiting for \d+ devices at once/.test(m)) return { kind: "holding", message: m };
+      if (/^Cannot be placed yet/.test(m)) return { kind: "capacity", message: m };
+    }
+    return null;
   }
 
   function renderTimeline() {

@@ -1,10 +1,11 @@
 // workers.js — the Workers page: every registered worker with its devices, memory, models, last
-// heartbeat, current job and whether it is alive or lost (no heartbeat within the server's
-// worker timeout). Reads GET /v1/workers; refreshed every 3 s.
+// heartbeat, current jobs with the ranks of each that it runs (a gang's ranks may be spread over
+// several workers), and whether it is alive or lost (no heartbeat within the server's worker
+// timeout). Reads GET /v1/workers; refreshed every 3 s.
 import { call, ApiError } from "./api.js";
 import { el, clear, badge, fmtAgo, fmtBytes, every } from "./util.js";
 
-const COLUMNS = ["Worker", "Status", "Devices", "Memory", "Models", "Last heartbeat", "Current job"];
+const COLUMNS = ["Worker", "Status", "Devices", "Memory", "Models", "Last heartbeat", "Current jobs and ranks"];
 
 export function render(main) {
   const abort = new AbortController();
@@ -45,7 +46,8 @@ export function render(main) {
       return;
     }
     for (const w of workers) {
-      const jobs = w.current_jobs || [];
+      // ranks: [{job_id, world_size, ranks}] (servers before it: current_jobs only).
+      const jobs = w.ranks || (w.current_jobs || []).map((id) => ({ job_id: id }));
       const cells = [
         el("span", el("strong", w.name), el("div.muted.mono", w.id)),
         badge(w.status || "alive"),
@@ -54,8 +56,11 @@ export function render(main) {
         (w.models || []).join(", ") || "—",
         el("span", { title: w.last_heartbeat_at ? new Date(w.last_heartbeat_at * 1000).toISOString() : "" },
            fmtAgo(w.last_heartbeat_at)),
-        jobs.length ? el("span", jobs.map((id, i) => [i ? ", " : "", el("a.mono", { href: `#/jobs/${id}` }, id)]))
-                    : w.busy ? "busy (another project)" : el("span.muted", "idle"),
+        jobs.length ? el("div.worker-jobs", jobs.map((j) => el("div", { "data-job-id": j.job_id },
+          el("a.mono", { href: `#/jobs/${j.job_id}` }, j.job_id),
+          j.ranks && el("span.ranks", { "data-ranks": j.ranks.join(",") },
+            ` · rank${j.ranks.length > 1 ? "s" : ""} ${j.ranks.join(", ")} of ${j.world_size}`))))
+          : w.busy ? "busy (another project)" : el("span.muted", "idle"),
       ];
       tbody.appendChild(el("tr", { "data-worker-id": w.id },
         cells.map((c, i) => el(i === 4 ? "td.wrap" : "td", { "data-label": COLUMNS[i] }, c))));
