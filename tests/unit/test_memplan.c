@@ -134,6 +134,38 @@ static void check_against_engine(const char *method, unsigned targets, int recom
                  g_bytes - before, p.activations - host_index);
     printf("  %s, targets 0x%x, recompute %d: weights %.0f, adapter %.0f, AdamW %.0f, activations %.0f bytes "
            "— as allocated\n", method, targets, recompute, p.weights, p.adapter, p.optimizer, p.activations);
+
+    /* an evaluation's loss (its own ln_acts, forward-only) beside the training one */
+    q.eval_during_training = 1;
+    ln_memplan_estimate(&q, &p);
+    before = g_bytes;
+    ln_acts *ev = ln_acts_new();
+    ln_fwd_opts fe = {.trained_rows_only = 1};
+    assert_int_equal(ln_model_forward(m, &ad, ev, &b, &fe, &loss, &e), 0);
+    if (g_bytes - before != p.eval_activations - host_index)
+        fail_msg("%s: an evaluation's activations hold %.0f bytes, the plan says %.0f", method, g_bytes - before,
+                 p.eval_activations - host_index);
+    assert_true(p.eval_activations < p.activations);
+    ln_acts_free(m, ev);
+
+    /* a calibration window's forward (no logits, no adapter), forward-only too */
+    const int Tc = 24;
+    q.calibrate = 1;
+    q.calib_max_length = Tc;
+    ln_memplan_estimate(&q, &p);
+    int32_t cids[24];
+    for (int i = 0; i < Tc; i++) cids[i] = (i * 3 + 2) % cfg.vocab_size;
+    ln_batch cb = {.B = 1, .T = Tc, .ids = cids};
+    before = g_bytes;
+    ln_acts *ca = ln_acts_new();
+    ln_fwd_opts fc = {.no_logits = 1};
+    assert_int_equal(ln_model_forward(m, NULL, ca, &cb, &fc, NULL, &e), 0);
+    if (g_bytes - before != p.calib_activations - (double)Tc * (4 * 4 + 8))
+        fail_msg("a calibration forward's activations hold %.0f bytes, the plan says %.0f", g_bytes - before,
+                 p.calib_activations - (double)Tc * (4 * 4 + 8));
+    printf("  evaluation %.0f, calibration window %.0f bytes — as allocated\n", p.eval_activations,
+           p.calib_activations);
+    ln_acts_free(m, ca);
     ln_acts_free(m, acts);
     ln_optim_free(&o);
     ln_adapter_free(&ad);
@@ -175,7 +207,7 @@ static void test_full_fine_tuning_parts(void **state) {
     ln_model_free(m);
 }
 
-/* Calibration: 4 covariances per layer, twice at the end of calibration (sums + finished). */
+/* Calibration: 4 covariances per layer, once (each sum is finished in place). */
 static void test_calibration_phase(void **state) {
     (void)state;
     ln_config cfg;
@@ -188,7 +220,8 @@ static void test_calibration_phase(void **state) {
     const double C = 48, I = 80, qd = 48, L = 2;
     assert_true(p.covariances == 8.0 * L * (C * C + qd * qd + C * C + I * I));
     assert_true(p.bases == 8.0 * L * (C + qd + C + I) * 4);
-    assert_true(p.phase[LN_PHASE_CALIBRATION] == p.weights + 2 * p.covariances + p.calib_scratch);
+    assert_true(p.phase[LN_PHASE_CALIBRATION] == p.weights + p.covariances + p.calib_scratch + p.calib_activations);
+    assert_true(p.calib_activations > 0);
     /* only q targeted: one covariance per layer */
     q.targets = 1u << LN_Q;
     ln_memplan_estimate(&q, &p);
@@ -307,16 +340,31 @@ static void test_check_sentence(void **state) {
     put("/proc/self/cgroup", "0::/\n");
     put("/proc/meminfo", "MemAvailable:   25165824 kB\n"); /* 24 GiB */
     ln_memplan_req q = {.cfg = &cfg, .batch = 1, .seq = 2048, .rank = 16, .train_a = 1, .residual = 1,
-                        .method = "lora_null_v1", .calibrate = 1, .calib_max_length = 1024};
+                        .method = "lora_null_v1", .calibrate = 1, .calib_max_length = 1024,
+                        .eval_during_training = 1};
     ln_memplan p;
     assert_int_equal(ln_memplan_check(&q, g_root, &p, &e), -1);
     printf("  %s\n", e.msg);
     assert_non_null(strstr(e.msg, "CPU memory plan: the job needs "));
     assert_non_null(strstr(e.msg, "but only 24.00 GiB are available (MemAvailable), so it would run out of memory"));
-    assert_non_null(strstr(e.msg, "covariances 2 × "));
-    assert_int_equal(p.peak_phase, LN_PHASE_CALIBRATION);
-    /* 32 layers × (3 × 4096² + 14336²) fp64 = 61.0 GiB of covariances, twice at the end */
+    /* the peak is a training step of 2048 tokens (its activations), with an evaluation's beside it */
+    assert_int_equal(p.peak_phase, LN_PHASE_TRAINING);
+    assert_non_null(strstr(e.msg, "(training: weights 29.92 GiB, covariances 61.00 GiB, "));
+    assert_non_null(strstr(e.msg, ", evaluation activations "));
+    assert_null(strstr(e.msg, "2 × "));
+    /* 32 layers × (3 × 4096² + 14336²) fp64 = 61.0 GiB of covariances, held once: each sum is
+     * finished in place */
     assert_true(p.covariances == 8.0 * 32 * (3.0 * 4096 * 4096 + 14336.0 * 14336));
+    assert_true(p.phase[LN_PHASE_CALIBRATION] == p.weights + p.covariances + p.calib_scratch + p.calib_activations);
+    /* a 1024-token calibration window keeps one layer's activations and no logits: 0.41 GiB (the
+     * training layout with every layer and 1024 × 128256 logits took 13.3 GiB) */
+    assert_true(p.calib_activations > 0.40 * (1 << 30) && p.calib_activations < 0.42 * (1 << 30));
+    /* the evaluation: one layer's activations and one chunk of logits, far below the training step's */
+    assert_true(p.eval_activations < p.activations / 10);
+    char a[32], b[32], c[32];
+    printf("  8B: calibration phase %s (window activations %s); evaluation activations %s\n",
+           ln_fmt_bytes(p.phase[LN_PHASE_CALIBRATION], a, sizeof a), ln_fmt_bytes(p.calib_activations, b, sizeof b),
+           ln_fmt_bytes(p.eval_activations, c, sizeof c));
     /* enough memory: passes */
     put("/proc/meminfo", "MemAvailable:   2147483648 kB\n"); /* 2 TiB */
     assert_int_equal(ln_memplan_check(&q, g_root, &p, &e), 0);

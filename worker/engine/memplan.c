@@ -19,21 +19,27 @@ const char *ln_memplan_phase_name(ln_memplan_phase p) {
 
 /* ---------------------------------------------------------------- the estimate */
 
-/* One forward + backward's buffers for B rows of T tokens, as model.c's acts_ensure allocates them
- * (logit_rows rows of logits; r = adapter rank, nt = targets with factors). */
+/* What a forward keeps (model.c's acts_ensure): everything a backward needs (ACT_TRAIN), or — for a
+ * forward no backward follows — one layer's intermediates and two residual buffers, with the final
+ * norm and one chunk of logits (ACT_EVAL: an evaluation's loss) or without (ACT_CALIB). */
+enum { ACT_TRAIN, ACT_EVAL, ACT_CALIB };
+
+/* One forward's (+ backward's) buffers for B rows of T tokens in layout mode, as model.c's
+ * acts_ensure allocates them (logit_rows rows of logits; r = adapter rank, nt = targets with factors). */
 static double activations(const ln_config *c, double B, double T, int r, int nt, int recompute, int rows_only,
-                          double logit_rows) {
+                          double logit_rows, int mode) {
     const double C = c->hidden_size, I = c->intermediate_size, L = c->num_layers;
     const double qd = (double)c->num_heads * c->head_dim, kvd = (double)c->num_kv_heads * c->head_dim;
     const double N = B * T, P = B * c->num_heads * T * (rows_only ? 1.0 : T);
-    /* h1 rstd1 q k v probs att xmid h2 rstd2 gate up act, then the residual stream (L + 1) */
+    /* h1 rstd1 q k v probs att xmid h2 rstd2 gate up act, then the residual stream (L + 1, or 2) */
     double layer = N * C + N + N * qd + 2 * N * kvd + P + N * qd + 2 * N * C + N + 3 * N * I;
-    double kept = recompute ? 1 : L;
+    double kept = recompute || mode != ACT_TRAIN ? 1 : L, res = mode != ACT_TRAIN ? 2 : L + 1;
     double lora = kept * nt * N * r;
-    double single = N * C + N + logit_rows * c->vocab_size + N * C /* xf rstdf logits xfc */
-                    + N * C + N * (qd > C ? qd : C) + 2 * N * qd + 2 * N * kvd + 3 * N * I + N * (r > 0 ? r : 1) +
-                    T * T; /* dres dh dq datt dk dv dgate dup dact dlh dS */
-    return F32 * (kept * layer + (L + 1) * N * C + lora + single) + N * (4.0 * 4 + 8); /* + index arrays */
+    double head = mode == ACT_CALIB ? 0 : N * C + N + logit_rows * c->vocab_size + N * C; /* xf rstdf logits xfc */
+    double bwd = mode != ACT_TRAIN ? 0
+                                   : N * C + N * (qd > C ? qd : C) + 2 * N * qd + 2 * N * kvd + 3 * N * I +
+                                         N * (r > 0 ? r : 1) + T * T; /* dres dh dq datt dk dv dgate dup dact dlh dS */
+    return F32 * (kept * layer + res * N * C + lora + head + bwd) + N * (4.0 * 4 + 8); /* + index arrays */
 }
 
 /* Widths of the distinct layer inputs the targets read (0 when none reads it). */
@@ -109,8 +115,8 @@ void ln_memplan_estimate(const ln_memplan_req *q0, ln_memplan *p) {
     const double T_cal = q.calib_max_length > 0 ? q.calib_max_length : 1024;
     if (q.calibrate) {
         p->covariances = F64 * L * dsq;
-        p->calib_scratch = (q.calib_fp64 ? 0 : F32 * dmax * dmax) + F64 * 256 * dmax +
-                           activations(c, 1, T_cal, 0, 0, 0, q.rows_only_attention, T_cal);
+        p->calib_scratch = (q.calib_fp64 ? 0 : F32 * dmax * dmax) + F64 * 256 * dmax;
+        p->calib_activations = activations(c, 1, T_cal, 0, 0, 0, q.rows_only_attention, 0, ACT_CALIB);
     }
 
     /* adapter: A, B and their gradients (a frozen A has none) + A0, B0; full fine-tuning: every
@@ -124,16 +130,19 @@ void ln_memplan_estimate(const ln_memplan_req *q0, ln_memplan *p) {
 
     /* training: one micro-batch, lm_head in chunks of LN_HEAD_CHUNK trained rows */
     const double N = (double)q.batch * q.seq, chunk = N < LN_HEAD_CHUNK ? N : LN_HEAD_CHUNK;
-    double act = activations(c, q.batch, q.seq, full ? 0 : q.rank, full ? 0 : nt, q.recompute,
-                             q.rows_only_attention, chunk);
-    p->activations = act * (q.eval_during_training ? 2 : 1);
+    p->activations = activations(c, q.batch, q.seq, full ? 0 : q.rank, full ? 0 : nt, q.recompute,
+                                 q.rows_only_attention, chunk, ACT_TRAIN);
+    if (q.eval_during_training) /* its own ln_acts, forward-only, alive beside the training one */
+        p->eval_activations = activations(c, q.batch, q.seq, full ? 0 : q.rank, full ? 0 : nt, 0,
+                                          q.rows_only_attention, chunk, ACT_EVAL);
     p->drift = q.drift && full && q.calibrate ? F32 * L * lin : 0;
 
     const double held = p->weights + p->data;
-    p->phase[LN_PHASE_CALIBRATION] = q.calibrate ? held + 2 * p->covariances + p->calib_scratch : 0;
+    /* calibration: each sum becomes its covariance in place (calibrate.c), so one set */
+    p->phase[LN_PHASE_CALIBRATION] = q.calibrate ? held + p->covariances + p->calib_scratch + p->calib_activations : 0;
     p->phase[LN_PHASE_INIT] = held + p->covariances + p->adapter + p->bases + p->init_scratch;
     p->phase[LN_PHASE_TRAINING] =
-        held + p->covariances + p->bases + p->adapter + p->optimizer + p->activations + p->drift;
+        held + p->covariances + p->bases + p->adapter + p->optimizer + p->activations + p->eval_activations + p->drift;
     for (int i = 0; i < LN_NPHASE; i++)
         if (p->phase[i] > p->peak) {
             p->peak = p->phase[i];
@@ -159,15 +168,16 @@ int ln_memplan_check(const ln_memplan_req *q, const char *root, ln_memplan *out,
         int in[LN_NPHASE];
     } rows[] = {
         {"covariances", p.covariances, {1, 1, 1}},   {"calibration scratch", p.calib_scratch, {1, 0, 0}},
+        {"calibration activations", p.calib_activations, {1, 0, 0}},
         {"adapter and gradients", p.adapter, {0, 1, 1}}, {"bases", p.bases, {0, 1, 1}},
         {"init scratch", p.init_scratch, {0, 1, 0}},  {"AdamW", p.optimizer, {0, 0, 1}},
-        {"activations", p.activations, {0, 0, 1}},   {"drift copies", p.drift, {0, 0, 1}},
+        {"activations", p.activations, {0, 0, 1}},
+        {"evaluation activations", p.eval_activations, {0, 0, 1}},   {"drift copies", p.drift, {0, 0, 1}},
         {"data", p.data, {1, 1, 1}},
     };
     for (size_t i = 0; i < sizeof rows / sizeof *rows && k < (int)sizeof parts; i++) {
         if (!rows[i].in[p.peak_phase] || rows[i].v <= 0) continue;
-        int twice = i == 0 && p.peak_phase == LN_PHASE_CALIBRATION; /* sums and finished matrices */
-        k += snprintf(parts + k, sizeof parts - (size_t)k, ", %s %s%s", rows[i].name, twice ? "2 × " : "",
+        k += snprintf(parts + k, sizeof parts - (size_t)k, ", %s %s", rows[i].name,
                       ln_fmt_bytes(rows[i].v, a, sizeof a));
     }
     char need[32];

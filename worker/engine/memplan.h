@@ -5,10 +5,11 @@
  *
  * Phases and what each holds (bytes; fp32 = 4, fp64 = 8; as model.c, calibrate.c, lora_init.c,
  * adapter.c, optim.c and drift_tracker.c allocate today):
- *   calibration  weights + the covariance sums AND the finished covariances (calibrate.c keeps both
- *                until the last one is finished: 2 × Σ d_in² fp64 per layer, one per distinct layer
- *                input that a target reads: q,k,v | o | gate,up | down) + the fp32 product scratch
- *                (d_max²) + one calibration window's forward activations
+ *   calibration  weights + the covariances (Σ d_in² fp64 per layer, one per distinct layer input that
+ *                a target reads: q,k,v | o | gate,up | down; each sum becomes its covariance in place,
+ *                so one set) + the fp32 product scratch (d_max²) + one calibration window's
+ *                forward-only activations (model.c: one layer's intermediates, two residual buffers,
+ *                no logits)
  *   init         weights + covariances + adapter (A, B, their gradients, A0/B0 for residual methods)
  *                + the method's scratch: lora_null_* solves one basis at a time at least (a d² fp64
  *                copy of C; more at once only as memory allows, lora_init.c) and keeps every basis
@@ -18,7 +19,8 @@
  *   training     weights + covariances (kept for the drift tracker) + bases + adapter + AdamW (two
  *                moments per trained value) + activations for batch × seq (model.c's acts_ensure:
  *                per layer, or one layer's with recompute; attention probabilities B·heads·T² unless
- *                the backend keeps rows only) + an evaluation's activations when one runs mid-training
+ *                the backend keeps rows only) + an evaluation's forward-only activations (one layer's
+ *                intermediates, one chunk of logits) when one runs mid-training
  *                + the drift tracker's copy of every original weight (full fine-tuning) + the data.
  * The peak is the largest phase. */
 #ifndef LN_MEMPLAN_H
@@ -53,6 +55,8 @@ typedef enum { LN_PHASE_CALIBRATION, LN_PHASE_INIT, LN_PHASE_TRAINING, LN_NPHASE
 typedef struct ln_memplan {
     /* parts, bytes */
     double weights, data, covariances, calib_scratch, init_scratch, bases, adapter, optimizer, activations, drift;
+    double calib_activations;  /* one calibration window's forward-only activations */
+    double eval_activations;   /* an evaluation's forward-only activations (eval_during_training) */
     double phase[LN_NPHASE];   /* each phase's total */
     ln_memplan_phase peak_phase;
     double peak;
@@ -67,9 +71,9 @@ void ln_memplan_estimate(const ln_memplan_req *q, ln_memplan *p);
 
 /* Estimates, reads what is available (common/util.h: ln_mem_available, with root) and fails
  * when the peak does not fit:
- *   "CPU memory plan: the job needs 71.30 GiB at its peak (calibration: weights 15.00 GiB,
- *    covariances 2 × 28.10 GiB, calibration scratch 210.0 MiB) but only 24.00 GiB are available
- *    (cgroup memory.max), so it would run out of memory"
+ *   "CPU memory plan: the job needs 43.30 GiB at its peak (calibration: weights 15.00 GiB,
+ *    covariances 28.10 GiB, calibration scratch 210.0 MiB, calibration activations 220.3 MiB) but
+ *    only 24.00 GiB are available (cgroup memory.max), so it would run out of memory"
  * ("out of memory" in it: the worker's fail() classifies and hints on that).
  * out (may be NULL) receives the plan either way. */
 int ln_memplan_check(const ln_memplan_req *q, const char *root, ln_memplan *out, ln_err *e);
