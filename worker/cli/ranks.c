@@ -50,7 +50,6 @@ typedef struct tp_job {
     ln_calibration *calib;
     /* LoRA-Null init (ao != NULL): rank 0 gathers the factors into ad (allocated on full) */
     const ln_adapter_opts *ao;
-    float alpha;
     ln_adapter *ad;
     int *solves;
 } tp_job;
@@ -70,12 +69,11 @@ static int tp_rank(ln_comm *c, void *ctx, ln_err *e) {
         }
     }
     if (rc == 0 && j->ao) {
-        const ln_adapter_opts *o = j->ao;
-        rc = ln_adapter_alloc(shard, &sad, o->method, o->rank, j->alpha, o->targets, e);
-        if (rc == 0)
-            rc = ln_tp_init_lora_null(shard, &sad, o->covariance, o->method_ctx, j->solves ? &j->solves[c->rank] : NULL,
-                                      e);
-        if (rc == 0) rc = ln_tp_gather(shard, &sad, c->rank == 0 ? j->full : NULL, c->rank == 0 ? j->ad : NULL, e);
+        /* the engine's shard init (as the worker's ranks run it); the threads share the covariances */
+        ln_model *shape = ln_tp_whole_shape(shard);
+        rc = ln_tp_adapter_init(shard, shape, j->ao, 1, &sad, c->rank == 0 ? j->ad : NULL,
+                                j->solves ? &j->solves[c->rank] : NULL, e);
+        ln_model_free(shape); /* owns no weights: the whole adapter's memory is the backend's */
     }
     ln_calibration_free(calib);
     ln_adapter_free(&sad);
@@ -121,19 +119,17 @@ int cli_adapter_init_ranks(ln_model *m, ln_adapter *ad, const ln_adapter_opts *o
             if ((targets & (1u << t)) && !o->covariance(o->method_ctx, l, ln_target_input((ln_target)t)))
                 return ln_errf(e, "adapter method \"%s\": no covariance for layer %d input of %s", method, l,
                                ln_target_module((ln_target)t));
-    int rank = o->rank > 0 ? o->rank : 8;
-    /* ln_adapter_init's defaults for a residual method: rank 8, alpha = rank (scale 1) */
-    ln_adapter_opts oo = *o;
-    oo.rank = rank;
-    tp_job j = {.full = m, .ao = &oo, .alpha = o->alpha > 0 ? o->alpha : (float)rank, .ad = ad, .solves = solves};
-    if (ln_adapter_alloc(m, ad, method, rank, j.alpha, targets, e)) goto fail;
-    oo.targets = ad->targets;
+    tp_job j = {.full = m, .ao = o, .ad = ad, .solves = solves};
+    memset(ad, 0, sizeof *ad);
     if (run_ranks(&j, ranks, e)) goto fail;
-    /* as ln_adapter_init leaves a residual method: A frozen where the method does not train it,
-     * A0/B0 kept and W0 − scale·B0 A0 in m (the same fp64 subtraction the shards made) */
-    for (int i = 0; i < ad->num_layers * LN_NTARGET; i++)
-        if (ad->lora[i].A.w && !ln_method_trains_a(me) && ln_param_set_trainable(m->be, &ad->lora[i].A, 0, e))
-            goto fail;
+    /* as ln_adapter_init leaves a residual method: W0 − scale·B0 A0 in m (the same fp64 subtraction
+     * the shards made), A0/B0 kept */
+    for (int i = 0; i < ad->num_layers * LN_NTARGET; i++) {
+        ad->be->free(ad->lora[i].A0);
+        ad->be->free(ad->lora[i].B0);
+        ad->lora[i].A0 = ad->lora[i].B0 = NULL;
+    }
+    ad->residual = 0;
     if (ln_adapter_make_residual(m, ad, e)) goto fail;
     return 0;
 fail:

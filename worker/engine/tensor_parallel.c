@@ -412,8 +412,10 @@ int ln_tp_check_same(ln_comm *c, ln_model *full, ln_adapter *ad, const ln_datase
     ho = fnv(ho, &o->optim, sizeof o->optim);
     ho = fnv(ho, &o->warmup_ratio, sizeof o->warmup_ratio);
     /* the initialised (or restored) adapter, or every weight for full fine-tuning */
-    hash_ctx hx = {full->be, basis, NULL, 0, 0, e};
-    if (ad->full) {
+    hash_ctx hx = {full ? full->be : NULL, basis, NULL, 0, 0, e};
+    if (!ad) {
+        /* shards initialised collectively (ln_tp_adapter_init): nothing to compare */
+    } else if (ad->full) {
         ln_model_for_each_param(full, hash_param, &hx);
     } else {
         hx.h = fnv(hx.h, ad->method, strlen(ad->method));
@@ -452,6 +454,33 @@ int ln_tp_check_same(ln_comm *c, ln_model *full, ln_adapter *ad, const ln_datase
 
 /* ---- training */
 
+int ln_tp_train_shard(ln_model *shard, ln_adapter *sad, ln_model *full, ln_adapter *full_ad, const ln_dataset *ds,
+                      const ln_train_opts *opts, ln_train_result *res, ln_err *e)
+{
+    memset(res, 0, sizeof *res);
+    ln_comm *c = shard->comm;
+    int root = c->rank == 0, rc = 0;
+    if (root && (!full || !full_ad)) {
+        comm_abort(c);
+        rc = ln_errf(e, "tensor-parallel training: rank 0 has no whole model (or shape) and adapter to gather into");
+    }
+    ln_train_opts o = *opts;
+    o.tp_full = root ? full : NULL;
+    o.tp_full_ad = root ? full_ad : NULL;
+    if (!root) o.progress = 0; /* on_row: called on every rank that passes one */
+    if (rc == 0) rc = ln_train(shard, sad, ds, &o, res, e);
+    /* the trained shards, back into rank 0's whole adapter (or model) */
+    if (rc == 0) rc = ln_tp_gather(shard, sad, o.tp_full, o.tp_full_ad, e);
+    /* (one rank: ln_train saved it already — its shard is the whole model) */
+    if (rc == 0 && root && c->size > 1 && opts->out_dir && !res->stopped)
+        rc = ln_train_save_final(full, full_ad, opts->out_dir, e);
+    if (rc) {
+        comm_abort(c); /* no rank waits for this one any more */
+        ln_err_prefix(e, "rank %d of %d", c->rank, c->size);
+    }
+    return rc;
+}
+
 int ln_tp_train_rank(ln_comm *c, ln_model *full, ln_adapter *full_ad, const ln_dataset *ds, const ln_train_opts *opts,
                      ln_train_result *res, ln_err *e)
 {
@@ -464,24 +493,15 @@ int ln_tp_train_rank(ln_comm *c, ln_model *full, ln_adapter *full_ad, const ln_d
     if (rc == 0) rc = ln_tp_shard_model(full, c, &shard, e);
     if (rc == 0) rc = ln_tp_shard_adapter(full, full_ad, shard, &sad, e);
     ln_train_opts o = *opts;
-    o.tp_full = root ? full : NULL;
-    o.tp_full_ad = root ? full_ad : NULL;
-    if (!root) { /* rank 0 reports; a stop seen by any rank's should_stop stops every rank (ln_tp_agree) */
-        o.on_row = NULL;
-        o.progress = 0;
-    }
-    if (rc == 0) rc = ln_train(shard, &sad, ds, &o, res, e);
-    /* the trained shards, back into rank 0's whole adapter (or model) */
-    if (rc == 0) rc = ln_tp_gather(shard, &sad, o.tp_full, o.tp_full_ad, e);
-    /* (one rank: ln_train saved it already — its shard is the whole model) */
-    if (rc == 0 && root && c->size > 1 && opts->out_dir && !res->stopped)
-        rc = ln_train_save_final(full, full_ad, opts->out_dir, e);
-    if (!sad.full) ln_adapter_free(&sad);
-    ln_model_free(shard);
-    if (rc) {
-        comm_abort(c); /* no rank waits for this one any more */
+    if (!root) o.on_row = NULL; /* rank 0 reports; a stop seen by any rank stops every rank (ln_tp_agree) */
+    if (rc == 0) {
+        rc = ln_tp_train_shard(shard, &sad, root ? full : NULL, root ? full_ad : NULL, ds, &o, res, e);
+    } else {
+        comm_abort(c);
         ln_err_prefix(e, "rank %d of %d", c->rank, c->size);
     }
+    if (!sad.full) ln_adapter_free(&sad);
+    ln_model_free(shard);
     return rc;
 }
 
@@ -670,7 +690,10 @@ out:
     return rc;
 }
 
-int ln_tp_init_lora_null(ln_model *m, ln_adapter *ad, ln_covariance_fn cov, void *ctx, int *eigensolves, ln_err *e)
+/* spread: the solve of layer l's input i on rank (4l + i) mod R (every rank can read the
+ * covariances); else every solve on rank 0 (only rank 0 holds them). */
+static int init_lora_null(ln_model *m, ln_adapter *ad, ln_covariance_fn cov, void *ctx, int spread, int *eigensolves,
+                          ln_err *e)
 {
     ln_comm *c = m->comm;
     if (!c) return ln_errf(e, "tensor-parallel init: the model is not a shard (no comm)");
@@ -689,7 +712,7 @@ int ln_tp_init_lora_null(ln_model *m, ln_adapter *ad, ln_covariance_fn cov, void
             for (int t = 0; t < LN_NTARGET; t++)
                 used |= ad->lora[l * LN_NTARGET + t].A.w && ln_target_input((ln_target)t) == (ln_input)in;
             if (!used) continue;
-            int d = d_full[in], owner = (4 * l + in) % R;
+            int d = d_full[in], owner = spread ? (4 * l + in) % R : 0;
             if (r > d) return ln_errf(e, "tensor-parallel init: rank %d exceeds d_in %d", r, d);
             double *U = ln_try_alloc((size_t)d * r * sizeof(double), "tensor-parallel init: a null-space basis", e);
             if (!U) {
@@ -719,4 +742,158 @@ int ln_tp_init_lora_null(ln_model *m, ln_adapter *ad, ln_covariance_fn cov, void
     ad->residual = 1;
     if (eigensolves) *eigensolves = solved;
     return 0;
+}
+
+int ln_tp_init_lora_null(ln_model *m, ln_adapter *ad, ln_covariance_fn cov, void *ctx, int *eigensolves, ln_err *e)
+{
+    return init_lora_null(m, ad, cov, ctx, 1, eigensolves, e);
+}
+
+/* ---------------------------------------------------------------- a rank that holds only its shard */
+
+ln_model *ln_tp_whole_shape(const ln_model *shard)
+{
+    int R = shard->comm ? shard->comm->size : 1;
+    ln_model *m = ln_xcalloc(1, sizeof *m);
+    m->be = shard->be;
+    m->cfg = shard->cfg;
+    m->cfg.num_heads *= R;
+    m->cfg.num_kv_heads *= R;
+    m->cfg.intermediate_size *= R;
+    m->tied = shard->tied;
+    m->layers = ln_xcalloc((size_t)m->cfg.num_layers, sizeof(ln_layer));
+    for (int l = 0; l < m->cfg.num_layers; l++)
+        for (int t = 0; t < LN_NTARGET; t++) {
+            ln_param *p = &m->layers[l].lin[t];
+            ln_model_target_dims(&m->cfg, (ln_target)t, &p->rows, &p->cols);
+            p->n = (int64_t)p->rows * p->cols;
+            p->ndim = 2;
+            snprintf(p->name, sizeof p->name, "model.layers.%d.%s.weight", l, ln_target_module((ln_target)t));
+        }
+    return m;
+}
+
+/* W0 − scale·B0 A0 on each of this shard's targeted blocks, from the shard's own A0/B0 blocks
+ * (column-parallel: B0's rows × the whole A0; row-parallel: the whole B0 × A0's columns). */
+static int shard_residual(ln_model *m, ln_adapter *ad, ln_err *e)
+{
+    for (int l = 0; l < ad->num_layers; l++)
+        for (int t = 0; t < LN_NTARGET; t++) {
+            ln_lora *lo = &ad->lora[l * LN_NTARGET + t];
+            if (!lo->A.w) continue;
+            ln_param *W = &m->layers[l].lin[t];
+            if (!lo->A0 || !lo->B0)
+                return ln_errf(e, "tensor parallel: residual adapter %s has no initial factors", lo->A.name);
+            if (ln_residual_apply(W->w, W->rows, W->cols, lo->B0, lo->A0, lo->A.rows, (double)ad->scale, e))
+                return ln_err_prefix(e, "tensor parallel: layer %d %s", l, ln_target_module((ln_target)t));
+        }
+    return 0;
+}
+
+/* The whole adapter ad (on `shape`) cut into this rank's sad; ad kept on rank 0 (into whole_ad)
+ * and freed on the others. */
+static int keep_or_shard(ln_model *shard, ln_model *shape, ln_adapter *ad, ln_adapter *sad, ln_adapter *whole_ad,
+                         ln_err *e)
+{
+    int rc = ln_tp_shard_adapter(shape, ad, shard, sad, e);
+    if (rc == 0 && whole_ad) *whole_ad = *ad;
+    else ln_adapter_free(ad);
+    return rc;
+}
+
+/* After a failure: neither adapter is kept. */
+static void drop_adapters(ln_adapter *sad, ln_adapter *whole_ad)
+{
+    ln_adapter_free(sad);
+    memset(sad, 0, sizeof *sad);
+    if (whole_ad) {
+        ln_adapter_free(whole_ad);
+        memset(whole_ad, 0, sizeof *whole_ad);
+    }
+}
+
+int ln_tp_adapter_init(ln_model *shard, ln_model *shape, const ln_adapter_opts *o, int cov_everywhere,
+                       ln_adapter *sad, ln_adapter *whole_ad, int *eigensolves, ln_err *e)
+{
+    ln_comm *c = shard->comm;
+    memset(sad, 0, sizeof *sad);
+    if (whole_ad) memset(whole_ad, 0, sizeof *whole_ad);
+    if (eigensolves) *eigensolves = 0;
+    const char *method = o->method ? o->method : "lora";
+    ln_method me;
+    if (ln_method_parse(method, &me, e)) return -1;
+    int rc;
+    if (me == LN_METHOD_LORA || me == LN_METHOD_LORA_FA) {
+        /* seeded from the options alone: every rank draws the same whole factors and keeps its block */
+        ln_adapter ad;
+        rc = ln_adapter_init(shape, &ad, o, e);
+        if (rc == 0) rc = keep_or_shard(shard, shape, &ad, sad, c->rank == 0 ? whole_ad : NULL, e);
+    } else if (me == LN_METHOD_LORA_NULL_V1 || me == LN_METHOD_LORA_NULL_V2) {
+        if (!o->covariance)
+            return ln_errf(e, "adapter method \"%s\" needs calibration covariances and none were given", method);
+        int rank = o->rank > 0 ? o->rank : 8; /* ln_adapter_init's defaults for a residual method */
+        float alpha = o->alpha > 0 ? o->alpha : (float)rank;
+        unsigned targets = o->targets ? o->targets : LN_TARGETS_ALL;
+        rc = ln_adapter_alloc(shard, sad, method, rank, alpha, targets, e);
+        if (rc == 0) rc = init_lora_null(shard, sad, o->covariance, o->method_ctx, cov_everywhere, eigensolves, e);
+        ln_adapter *w = c->rank == 0 ? whole_ad : NULL;
+        if (rc == 0 && w) rc = ln_adapter_alloc(shape, w, method, rank, alpha, targets, e);
+        if (rc) comm_abort(c); /* the others are about to gather */
+        if (rc == 0) rc = ln_tp_gather(shard, sad, NULL, w, e);
+        /* as ln_adapter_init leaves it: A frozen where the method does not train it, A0/B0 kept */
+        for (int i = 0; rc == 0 && w && i < w->num_layers * LN_NTARGET; i++) {
+            ln_lora *lo = &w->lora[i];
+            if (!lo->A.w) continue;
+            if (!ln_method_trains_a(me)) rc = ln_param_set_trainable(shape->be, &lo->A, 0, e);
+            lo->A0 = shape->be->alloc((size_t)lo->A.n * sizeof(float));
+            lo->B0 = shape->be->alloc((size_t)lo->B.n * sizeof(float));
+            if (!lo->A0 || !lo->B0) {
+                rc = ln_errf(e, "tensor parallel: out of memory copying the initial factors of %s", lo->A.name);
+                break;
+            }
+            shape->be->copy(lo->A0, lo->A.w, lo->A.n);
+            shape->be->copy(lo->B0, lo->B.w, lo->B.n);
+        }
+        if (rc == 0 && w) w->residual = 1;
+    } else {
+        return ln_errf(e, "adapter method \"%s\" initialises from an SVD of every whole weight, which a rank holding "
+                          "1/%d of each weight cannot take; train it with 1 rank (resources.ranks 1)",
+                       method, c->size);
+    }
+    if (rc) drop_adapters(sad, whole_ad);
+    return rc;
+}
+
+int ln_tp_load_checkpoint(ln_model *shard, ln_model *shape, const char *path, ln_adapter *sad, ln_adapter *whole_ad,
+                          ln_err *e)
+{
+    memset(sad, 0, sizeof *sad);
+    if (whole_ad) memset(whole_ad, 0, sizeof *whole_ad);
+    /* ln_train_load_checkpoint re-applies a residual adapter to the model it is given: here the
+     * weight-less shape, every one of whose weights points at one scratch of the largest weight's
+     * size (written, never read) — the shard gets its residual from its own blocks below. */
+    int64_t most = 0;
+    for (int l = 0; l < shape->cfg.num_layers; l++)
+        for (int t = 0; t < LN_NTARGET; t++)
+            if (shape->layers[l].lin[t].n > most) most = shape->layers[l].lin[t].n;
+    float *scratch = ln_try_alloc((size_t)most * sizeof(float), "tensor parallel resume: one weight's scratch", e);
+    if (!scratch) return ln_err_prefix(e, "checkpoint %s", path);
+    memset(scratch, 0, (size_t)most * sizeof(float));
+    for (int l = 0; l < shape->cfg.num_layers; l++)
+        for (int t = 0; t < LN_NTARGET; t++) shape->layers[l].lin[t].w = scratch;
+    ln_adapter ad;
+    memset(&ad, 0, sizeof ad);
+    int rc = ln_train_load_checkpoint(shape, path, &ad, e);
+    for (int l = 0; l < shape->cfg.num_layers; l++)
+        for (int t = 0; t < LN_NTARGET; t++) shape->layers[l].lin[t].w = NULL;
+    free(scratch);
+    if (rc) return -1;
+    if (ad.full) {
+        ln_adapter_free(&ad);
+        return ln_errf(e, "checkpoint %s: a full fine-tune's checkpoint does not restore onto shards", path);
+    }
+    rc = keep_or_shard(shard, shape, &ad, sad, shard->comm->rank == 0 ? whole_ad : NULL, e);
+    if (rc == 0 && sad->residual) rc = shard_residual(shard, sad, e);
+    if (rc) drop_adapters(sad, whole_ad);
+    return rc;
 }

@@ -142,6 +142,51 @@ int ln_tp_check_same(ln_comm *c, ln_model *full, ln_adapter *ad, const ln_datase
 int ln_tp_train_rank(ln_comm *c, ln_model *full, ln_adapter *full_ad, const ln_dataset *ds, const ln_train_opts *opts,
                      ln_train_result *res, ln_err *e);
 
+/* ---- a rank that holds only its shard (the worker's multi-rank path; no rank holds the whole
+ * model: ln_tp_load_shard, ln_calibrate on the shard, then these) ---- */
+
+/* The whole model's shape without its weights (new, owned by the caller; ln_model_free): config,
+ * tied flag, backend and every q…down param's name and dims, with w = NULL. Enough for what rank 0
+ * does with "the whole model" of an adapter: allocate and gather the whole adapter, write
+ * checkpoints, the final adapter and the PEFT export (none of which read a base weight). */
+ln_model *ln_tp_whole_shape(const ln_model *shard);
+
+/* Collective: initialises this rank's adapter shard sad for o->method, and on rank 0 the whole
+ * adapter whole_ad (on `shape`, ln_tp_whole_shape; NULL on the other ranks) — the same factors
+ * ln_adapter_init gives on the whole model, cut as ln_tp_shard_adapter cuts them:
+ *  - lora, lora_fa: every rank draws the same seeded whole factors (small) and keeps its block;
+ *    bitwise ln_adapter_init + ln_tp_shard_adapter.
+ *  - lora_null_v1, lora_null_v2: ln_tp_init_lora_null on the shards (residual subtracted from
+ *    each rank's own W0 block), gathered into rank 0's whole_ad with A0 = A, B0 = B, residual set.
+ *    cov_everywhere: every rank can read o->covariance (thread ranks sharing rank 0's calibration:
+ *    the eigensolves are spread over the ranks); else only rank 0 holds them (one process per
+ *    rank) and rank 0 runs every solve. Equal to the whole-model init block by block (≤ 2.1e-8).
+ *  - pissa, milora, corda (an SVD of each whole weight) and full: refused with a sentence (full
+ *    fine-tuning on ranks goes through ln_tp_train_rank).
+ * *eigensolves (may be NULL): this rank's count. On failure the group is aborted. */
+int ln_tp_adapter_init(ln_model *shard, ln_model *shape, const ln_adapter_opts *o, int cov_everywhere,
+                       ln_adapter *sad, ln_adapter *whole_ad, int *eigensolves, ln_err *e);
+
+/* Restores an adapter checkpoint (ln_train's state.safetensors, or its directory) onto shards:
+ * every rank reads the (small) whole adapter, keeps its block in sad and, for a residual method,
+ * subtracts scale·B0 A0's block from its own W0 block; rank 0 keeps the whole adapter in whole_ad
+ * (NULL on the others). Transient memory: one weight of the whole model's largest shape (the
+ * residual ln_train_load_checkpoint applies to `shape` lands there, unread). A full fine-tune's
+ * checkpoint is refused. Not collective. */
+int ln_tp_load_checkpoint(ln_model *shard, ln_model *shape, const char *path, ln_adapter *sad, ln_adapter *whole_ad,
+                          ln_err *e);
+
+/* ln_tp_train_rank for a rank that already holds its shard and adapter shard (from
+ * ln_tp_load_shard and ln_tp_adapter_init / ln_tp_load_checkpoint), collective. full/full_ad:
+ * on rank 0, what checkpoints, eval points and the end gather into (an adapter: ln_tp_whole_shape
+ * and the whole adapter suffice; full fine-tuning: the whole model); NULL on the other ranks.
+ * on_row is called on every rank that passes one (ln_tp_train_rank passes rank 0's only), after
+ * opts->eval (rank 0) and before the step's checkpoint — an on_row on every rank may run
+ * collectives (an eval on the shards), the same ones on every rank. Rank 0 writes out_dir's final
+ * adapter. On any failure the group is aborted. */
+int ln_tp_train_shard(ln_model *shard, ln_adapter *sad, ln_model *full, ln_adapter *full_ad, const ln_dataset *ds,
+                      const ln_train_opts *opts, ln_train_result *res, ln_err *e);
+
 /* ln_tp_train_rank on `ranks` threads (the thread backend), each rank a thread of this process
  * sharing full/full_ad. on_row and should_stop are rank 0's; res gets rank 0's result. */
 int ln_tp_train(ln_model *full, ln_adapter *full_ad, const ln_dataset *ds, const ln_train_opts *opts, int ranks,
