@@ -8,7 +8,9 @@
 #   build   make -j$(nproc) cuda: the backend, the GPU tests and the benchmark (needs only the
 #           engine's and common/'s libraries)
 #   tests   test_attention (fused flash kernels vs chunked vs CPU), test_kernels, test_solver,
-#           test_calibrate (device covariances), test_model (whole engine), test_nccl
+#           test_calibrate (device covariances), test_model (whole engine), test_nccl (every
+#           collective, device/managed/host buffers), test_nccl_procs (2 processes: skips under 2
+#           GPUs), test_tp_nccl (ln_tp_train_rank on a 1-rank NCCL group vs ln_train)
 #   bench   bench_gpu peak (bf16 GEMM peak) and train (LLaMA-3-8B shapes, seq 2048, LoRA-Null-v2
 #           r=128 on all seven targets: tokens/s, MFU against that peak)
 #   peft    the same step in transformers + PEFT on the same GPU (bench_peft.py; the ratio)
@@ -28,7 +30,7 @@
 # Time: every step runs under `timeout` with the limit below (LIMIT_<STEP>=seconds overrides,
 # e.g. LIMIT_BENCH_CALIB=200); the whole keeps to DEADLINE seconds (default 540: 9 minutes) — a step
 # gets at most the time left, and one that no longer fits is NOTRUN. Expected on an H200: build
-# ~1 min (-j16; each .cu file takes ~6 s of nvcc), tests ~1 min, bench + peft ~2.5 min, cli
+# ~1 min (-j16; each .cu file takes ~6 s of nvcc), tests ~1.5 min (the NCCL ones ~20 s), bench + peft ~2.5 min, cli
 # ~0.5 min, calib ~1.5 min, init ~1.5 min. BENCH_CALIB_SAMPLES (256; 64 when under 150 s are
 # left) and BENCH_STEPS (3) trade accuracy for time.
 # Needs: the CUDA toolkit (nvcc, cuBLAS, cuSOLVER, NCCL) and what `make` needs for engine+common
@@ -161,6 +163,8 @@ if want tests; then
     run_step gpu test_calibrate 45 "$BIN/test_calibrate"
     run_step gpu test_model 90 "$BIN/test_model"
     run_step gpu test_nccl 45 "$BIN/test_nccl"
+    run_step gpu test_nccl_procs 45 "$BIN/test_nccl" procs
+    run_step gpu test_tp_nccl 45 "$BIN/test_tp_nccl"
 fi
 
 if want bench; then
