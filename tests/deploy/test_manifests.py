@@ -209,6 +209,11 @@ def test_worker_statefulset(name, rendered):
     if name == "gpu":
         assert env["LORANULL_DEVICE"].startswith("cuda:")
         assert int(gpus) == int(env["LORANULL_RANKS"]), "one rank per GPU of the pod"
+        # a GPU worker drives one GPU (it refuses --ranks > 1): a GPU gang spreads over pods, NCCL
+        # between them over the pod network, rank 0's address in the id, not the advertise host
+        assert int(gpus) == 1 and env["LORANULL_DEVICE"] == "cuda:0"
+        assert env.get("NCCL_SOCKET_IFNAME") and "valueFrom" in next(
+            e for e in c["env"] if e["name"] == "LORANULL_ADVERTISE_HOST")
         assert c["resources"]["requests"]["nvidia.com/gpu"] == gpus
         assert spec["terminationGracePeriodSeconds"] >= 600
         assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
