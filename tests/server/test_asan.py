@@ -20,7 +20,8 @@ def test_server_suites_under_asan():
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
     suites = [str(ROOT / "tests" / "server" / name) for name in
               ("test_lifecycle.py", "test_tenancy_and_errors.py", "test_ops.py", "test_openai_sdk.py",
-                           "test_concurrency.py", "test_gangs.py", "test_gang_reservation.py", "test_list_metadata.py")]
+                           "test_concurrency.py", "test_gangs.py", "test_gang_reservation.py", "test_list_metadata.py",
+                           "test_placement.py")]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *suites],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-2000:]
