@@ -29,6 +29,10 @@
 #error "comm_nccl.c needs NCCL 2.14 or newer (non-blocking communicators)"
 #endif
 
+/* A staging buffer above this many floats (64 MiB) is freed after its collective: a large host
+ * gather (tensor_parallel.c's whole-tensor gathers) must not keep that much device memory. */
+#define STAGE_KEEP_FLOATS ((size_t)16 << 20)
+
 typedef struct nccl_state {
     ncclComm_t comm;         /* NULL once aborted or freed */
     cudaStream_t stream;
@@ -107,6 +111,13 @@ static void leave(ln_comm *c)
     s->busy = 0;
     if (atomic_load(&s->aborted) || s->failed) abort_locked(s); /* a peer must not wait for a dead rank */
     pthread_mutex_unlock(&s->mu);
+    if (s->stage_n > STAGE_KEEP_FLOATS) {
+        /* After the abort above, if any: cudaFree waits for the device, and a hung collective
+         * would never end. */
+        cudaFree(s->stage);
+        s->stage = NULL;
+        s->stage_n = 0;
+    }
 }
 
 /* Waits for what this rank enqueued: polls the comm's asynchronous error, the stream and the abort
