@@ -20,14 +20,16 @@
  *    jobs/{id}/release: the job is queued again without using an attempt and resumes from that
  *    checkpoint elsewhere) and the process exits 0 — or, past --grace-s, exits 1. A second signal
  *    exits at once.
- *  - A gang split over workers (the lease lists one rank of world_size here, on a CPU worker):
- *    the ranks first meet through the server's rendezvous (wd_gang.h) and join one comm_tcp
- *    group — before the downloads, so a slow download on one worker cannot run out the others'
+ *  - A gang split over workers (the lease lists one rank of world_size here): the ranks first
+ *    meet through the server's rendezvous (wd_gang.h) and join one group — comm_tcp between CPU
+ *    workers, NCCL between GPU workers (one GPU each: a GPU worker refuses --ranks > 1 at start;
+ *    a build without NCCL fails such a lease with unsupported_resources) — before the downloads, so a slow download on one worker cannot run out the others'
  *    rendezvous time — and the run trains only this rank (wd_run.comm). Every rank heart-beats
  *    with its worker_id; only rank 0 uploads checkpoints and results and completes. A rank ≠ 0
  *    whose run is over goes on heart-beating (the server requeues a gang whose worker falls
  *    silent, e.g. during rank 0's upload) until rank 0's report ends the lease, and ends without
- *    a report of its own. A run that fails because a peer's connection ended reports, retryable
+ *    a report of its own. A run that fails because a peer's connection ended (TCP: the peer named;
+ *    NCCL: its remote error, no rank named) reports, retryable
  *    (rank_lost), PEER_FAIL_GRACE_S later, so the rank with the real cause reports first (the
  *    later report is refused and ignored). Cancel or a lost lease on any rank aborts its comm,
  *    so the others' collectives fail at once. A pause or SIGTERM on any rank stops every rank
