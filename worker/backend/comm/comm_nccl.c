@@ -85,15 +85,13 @@ static int enter(ln_comm *c, ln_err *e)
 {
     nccl_state *s = st(c);
     pthread_mutex_lock(&s->mu);
-    int dead = atomic_load(&s->aborted) || !s->comm;
+    int dead = atomic_load(&s->aborted) || !s->comm || s->failed;
     if (!dead) s->busy = 1;
     pthread_mutex_unlock(&s->mu);
-    if (dead) return ln_errf(e, "NCCL comm: rank %d of %d: the group was aborted", c->rank, c->size);
-    if (s->failed) {
-        leave(c);
+    if (dead && s->failed)
         return ln_errf(e, "NCCL comm: rank %d of %d: an earlier collective failed, so the group is unusable", c->rank,
                        c->size);
-    }
+    if (dead) return ln_errf(e, "NCCL comm: rank %d of %d: the group was aborted", c->rank, c->size);
     cudaError_t ce = cudaSetDevice(s->device);
     /* The device's earlier work (the backend's stream may still write a managed buffer). */
     if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
@@ -176,6 +174,7 @@ static int stage_buf(ln_comm *c, size_t n, ln_err *e)
     if (ce != cudaSuccess) {
         cudaGetLastError();
         s->stage = NULL;
+        s->failed = 1; /* the others have launched theirs: the group is aborted (leave) */
         return ln_errf(e, "NCCL comm: rank %d of %d could not allocate %.1f MiB on device %d to stage a host buffer "
                           "for a collective: %s", c->rank, c->size, (double)n * sizeof(float) / (1 << 20), s->device,
                        cudaGetErrorString(ce));
