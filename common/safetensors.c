@@ -365,6 +365,8 @@ struct st_writer {
     w_entry *e;
     size_t n;
     json_t *meta;
+    int failed;         /* a copy could not be made: st_writer_write reports err */
+    ln_err err;
 };
 
 st_writer *st_writer_new(void) {
@@ -405,18 +407,23 @@ void st_writer_add(st_writer *w, const char *name, st_dtype dt, int ndim, const 
 void st_writer_add_f32(st_writer *w, const char *name, st_dtype dt, int ndim, const int64_t *shape, const float *data) {
     w_entry *x = add_entry(w, name, dt, ndim, shape);
     size_t n = x->nbytes / st_dtype_size(dt);
+    if (w->failed) return;
     if (dt == ST_F32) {
-        x->owned = ln_xmalloc(x->nbytes);
-        memcpy(x->owned, data, x->nbytes);
+        x->owned = ln_try_allocf(x->nbytes ? x->nbytes : 1, 1, &w->err, "safetensors writer", "a copy of tensor %s",
+                                 name);
+        if (x->owned) memcpy(x->owned, data, x->nbytes);
     } else {
-        uint16_t *h = ln_xmalloc(n * 2 + 1);
-        for (size_t i = 0; i < n; i++) h[i] = dt == ST_BF16 ? st_f32_to_bf16(data[i]) : st_f32_to_f16(data[i]);
+        uint16_t *h = ln_try_allocf(n * 2 + 1, 1, &w->err, "safetensors writer", "a copy of tensor %s", name);
+        for (size_t i = 0; h && i < n; i++)
+            h[i] = dt == ST_BF16 ? st_f32_to_bf16(data[i]) : st_f32_to_f16(data[i]);
         x->owned = h;
     }
+    w->failed = !x->owned;
     x->data = x->owned;
 }
 
 int st_writer_write(st_writer *w, const char *path, ln_err *e) {
+    if (w->failed) return ln_errf(e, "%s: %s", path, w->err.msg);
     json_t *h = json_object();
     if (json_object_size(w->meta) > 0) json_object_set(h, "__metadata__", w->meta);
     size_t off = 0;

@@ -71,7 +71,9 @@ st_writer *st_writer_new(void);
 void st_writer_free(st_writer *w);
 void st_writer_meta(st_writer *w, const char *key, const char *value);
 void st_writer_add(st_writer *w, const char *name, st_dtype dt, int ndim, const int64_t *shape, const void *data);
-/* Adds fp32 data stored as dt (F32, F16 or BF16). */
+/* Adds fp32 data stored as dt (F32, F16 or BF16), as a copy the writer owns. Out of memory for
+ * the copy is kept and returned by st_writer_write ("safetensors writer: out of memory allocating
+ * <size> for a copy of tensor <name>"); later adds are then ignored. */
 void st_writer_add_f32(st_writer *w, const char *name, st_dtype dt, int ndim, const int64_t *shape, const float *data);
 /* Writes atomically (tmp + fsync + rename). */
 int st_writer_write(st_writer *w, const char *path, ln_err *e);

@@ -88,8 +88,9 @@ int cmd_debug_grads(int argc, char **argv)
     else ln_adapter_for_each_param(&ad, dump, &d);
     const ln_example **ex = ln_xmalloc((size_t)ds->n * sizeof *ex);
     for (int64_t i = 0; i < ds->n; i++) ex[i] = &ds->ex[i];
-    ln_batch_build(&b, ex, (int)ds->n);
+    int brc = ln_batch_build(&b, ex, (int)ds->n, &e);
     free(ex);
+    if (brc) goto fail;
     acts = ln_acts_new();
     double loss_sum = 0;
     if (ln_model_forward(m, &ad, acts, &b, NULL, &loss_sum, &e)) goto fail;

@@ -86,31 +86,54 @@ const double *ln_calibration_cov(const ln_calibration *c, int layer, ln_target t
 
 typedef struct {
     ln_param **p;
-    int n, cap;
+    int n, cap, failed;
 } param_list;
 
 static void collect_param(ln_param *p, void *ctx) {
     param_list *l = ctx;
+    if (l->failed) return;
     if (l->n == l->cap) {
-        l->cap = l->cap ? 2 * l->cap : 64;
-        l->p = ln_xrealloc(l->p, (size_t)l->cap * sizeof *l->p);
+        int cap = l->cap ? 2 * l->cap : 64;
+        ln_param **np = realloc(l->p, (size_t)cap * sizeof *l->p);
+        if (!np) {
+            l->failed = 1;
+            return;
+        }
+        l->p = np;
+        l->cap = cap;
     }
     l->p[l->n++] = p;
 }
 
 /* sha256 over (name, sha256(values)) of every parameter in the model's order; the per-parameter
  * digests run in parallel (hashing an 8B model's 32 GB of fp32 is the slow part of a cache hit). */
-void ln_calibration_model_hash(ln_model *m, char out[65]) {
+int ln_calibration_model_hash(ln_model *m, char out[65], ln_err *e) {
     param_list l = {0};
     ln_model_for_each_param(m, collect_param, &l);
-    uint8_t(*dig)[32] = ln_xcalloc((size_t)(l.n ? l.n : 1), sizeof *dig);
+    uint8_t(*dig)[32] = l.failed ? NULL
+                                 : ln_try_allocf((size_t)(l.n ? l.n : 1), sizeof *dig, e, "calibration",
+                                                 "the digests of the model's %d tensors", l.n);
+    if (!dig) {
+        free(l.p);
+        return l.failed ? ln_errf(e, "calibration: out of memory listing the model's tensors to hash") : -1;
+    }
+    int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int i = 0; i < l.n; i++) {
         sha256_ctx c;
         sha256_init(&c);
         /* through the backend (weights may live off the host), 4 MiB at a time */
         const size_t chunk = (size_t)1 << 20;
-        float *h = ln_xmalloc(chunk * sizeof(float));
+        ln_err he;
+        float *h = ln_try_allocf(chunk, sizeof(float), &he, "calibration", "hashing %s", l.p[i]->name);
+        if (!h) {
+#pragma omp critical(ln_calib_hash_err)
+            if (!failed) {
+                failed = 1;
+                *e = he;
+            }
+            continue;
+        }
         for (int64_t k = 0; k < l.p[i]->n; k += (int64_t)chunk) {
             size_t len = (size_t)(l.p[i]->n - k) < chunk ? (size_t)(l.p[i]->n - k) : chunk;
             m->be->download(h, l.p[i]->w + k, len * sizeof(float));
@@ -130,6 +153,7 @@ void ln_calibration_model_hash(ln_model *m, char out[65]) {
     sha256_to_hex(d, out);
     free(dig);
     free(l.p);
+    return failed ? -1 : 0;
 }
 
 static int file_hash(const char *path, char out[65], ln_err *e) {
@@ -189,12 +213,20 @@ static int choose_windows(const ln_dataset *ds, int samples, int max_length, uin
     uint64_t st = seed ^ 0x63616C6962726174ull;
     if (ss->total <= max_length) {
         ss->count = 1;
-        ss->win = ln_xcalloc(1, sizeof *ss->win);
+        ss->win = ln_try_allocf(1, sizeof *ss->win, e, "calibration", "one sample window");
+        if (!ss->win) {
+            sample_set_free(ss);
+            return -1;
+        }
         ss->win[0] = (window){ss->stream, (int)ss->total};
         return 0;
     }
     ss->count = samples;
-    ss->win = ln_xcalloc((size_t)samples, sizeof *ss->win);
+    ss->win = ln_try_allocf((size_t)samples, sizeof *ss->win, e, "calibration", "%d sample windows", samples);
+    if (!ss->win) {
+        sample_set_free(ss);
+        return -1;
+    }
     for (int i = 0; i < samples; i++) {
         int64_t off = (int64_t)below(&st, (uint64_t)(ss->total - max_length) + 1);
         ss->win[i] = (window){ss->stream + off, max_length};
@@ -236,7 +268,7 @@ static void tp_whole_config(const ln_model *m, ln_config *whole) {
 }
 
 static int tp_model_hash(ln_model *m, char out[65], ln_err *e) {
-    ln_calibration_model_hash(m, out);
+    if (ln_calibration_model_hash(m, out, e) != 0) return -1;
     ln_comm *c = tp_comm(m);
     if (!c) return 0;
     float mine[16];
@@ -298,15 +330,11 @@ static void calib_hook(int layer, ln_input which, const float *X, int tokens, in
     }
 }
 
+/* One window's forward-only pass (no labels: no_logits stops after the last layer). */
 static int run_forward(ln_model *m, ln_acts *acts, const window *w, ln_input_hook hook, void *ctx, ln_err *e) {
-    int32_t *targets = ln_xmalloc((size_t)w->len * sizeof *targets);
-    for (int i = 0; i < w->len; i++) targets[i] = LN_IGNORE_INDEX;
-    ln_batch b = {.B = 1, .T = w->len, .ids = (int32_t *)w->ids, .targets = targets, .n_targets = 0};
+    ln_batch b = {.B = 1, .T = w->len, .ids = (int32_t *)w->ids};
     ln_fwd_opts fo = {.hook = hook, .hook_ctx = ctx, .no_logits = 1};
-    double loss = 0;
-    int rc = ln_model_forward(m, NULL, acts, &b, &fo, &loss, e);
-    free(targets);
-    return rc;
+    return ln_model_forward(m, NULL, acts, &b, &fo, NULL, e);
 }
 
 static int calibrate_compute(ln_model *m, const window *win, int64_t count, unsigned need, int fp64,

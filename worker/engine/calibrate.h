@@ -104,7 +104,7 @@ int ln_calibration_load(const char *path, const ln_config *cfg, ln_calibration *
 
 /* SHA-256 of a model's weights as loaded (names and fp32 values, in the model's fixed order):
  * the same for a single-file and a sharded copy of one checkpoint. */
-void ln_calibration_model_hash(ln_model *m, char out[65]);
+int ln_calibration_model_hash(ln_model *m, char out[65], ln_err *e);
 
 /* The calibration forward's throughput helper for the bench: tokens/s of calibration and of a
  * plain forward over the same windows (no cache). Either pointer may be NULL. */

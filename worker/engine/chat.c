@@ -12,11 +12,18 @@
  * Rendering helpers
  * ------------------------------------------------------------------------------------------- */
 
+/* Appends s; out of memory is kept in r->oom (the bytes wanted) and reported by ln_chat_render. */
 static void put(ln_chat_rendered *r, const char *s, size_t n) {
+    if (r->oom) return;
     if (r->len + n + 1 > r->cap) {
         size_t cap = r->cap ? r->cap : 256;
         while (cap < r->len + n + 1) cap *= 2;
-        r->text = ln_xrealloc(r->text, cap);
+        char *t = realloc(r->text, cap);
+        if (!t) {
+            r->oom = cap;
+            return;
+        }
+        r->text = t;
         r->cap = cap;
     }
     memcpy(r->text + r->len, s, n);
@@ -27,15 +34,24 @@ static void put(ln_chat_rendered *r, const char *s, size_t n) {
 static void puts_(ln_chat_rendered *r, const char *s) { put(r, s, strlen(s)); }
 
 static void span_open(ln_chat_rendered *r) {
+    if (r->oom) return;
     if (r->n_spans == r->cap_spans) {
-        r->cap_spans = r->cap_spans ? r->cap_spans * 2 : 8;
-        r->spans = ln_xrealloc(r->spans, (size_t)r->cap_spans * sizeof *r->spans);
+        int cap = r->cap_spans ? r->cap_spans * 2 : 8;
+        size_t (*sp)[2] = realloc(r->spans, (size_t)cap * sizeof *r->spans);
+        if (!sp) {
+            r->oom = (size_t)cap * sizeof *r->spans;
+            return;
+        }
+        r->spans = sp;
+        r->cap_spans = cap;
     }
     r->spans[r->n_spans][0] = r->spans[r->n_spans][1] = r->len;
     r->n_spans++;
 }
 
-static void span_close(ln_chat_rendered *r) { r->spans[r->n_spans - 1][1] = r->len; }
+static void span_close(ln_chat_rendered *r) {
+    if (!r->oom) r->spans[r->n_spans - 1][1] = r->len;
+}
 
 void ln_chat_rendered_free(ln_chat_rendered *r) {
     free(r->text);
@@ -97,7 +113,9 @@ static int read_messages(json_t *arr, msg **out, int *n_out, ln_err *e) {
     if (!json_is_array(arr)) return ln_errf(e, "field \"messages\" must be an array of {\"role\", \"content\"}");
     size_t n = json_array_size(arr);
     if (n == 0) return ln_errf(e, "field \"messages\" is empty");
-    msg *m = ln_xcalloc(n, sizeof *m);
+    msg *m = ln_try_allocf(n, sizeof *m, e, "chat template", "%zu messages", n);
+    if (!m) return -1;
+    memset(m, 0, n * sizeof *m);
     size_t i;
     json_t *x;
     json_array_foreach(arr, i, x) {
@@ -187,7 +205,8 @@ static int render_llama2(const ln_tokenizer *tok, const msg *m, int n, ln_chat_r
                 put(&tmp, sys->content, sys->len);
                 puts_(&tmp, "\n<</SYS>>\n\n");
                 put(&tmp, m[i].content, m[i].len);
-                put_stripped(r, tmp.text, tmp.len);
+                if (tmp.oom) r->oom = tmp.oom;
+                else put_stripped(r, tmp.text, tmp.len);
                 ln_chat_rendered_free(&tmp);
             } else {
                 put_stripped(r, m[i].content, m[i].len);
@@ -230,9 +249,17 @@ static int string_field(json_t *obj, const char *name, const char **s, size_t *n
     return 0;
 }
 
-int ln_chat_render(const ln_tokenizer *tok, ln_chat_template tpl, ln_chat_format fmt, json_t *obj,
-                   ln_chat_rendered *r, ln_err *e) {
-    memset(r, 0, sizeof *r);
+/* The sentence for a render that ran out of memory (r->oom); frees r. */
+static int render_oom(ln_chat_rendered *r, ln_err *e) {
+    char size[32];
+    ln_errf(e, "chat template: out of memory allocating %s for the rendered example",
+            ln_fmt_bytes((double)r->oom, size, sizeof size));
+    ln_chat_rendered_free(r);
+    return -1;
+}
+
+static int render(const ln_tokenizer *tok, ln_chat_template tpl, ln_chat_format fmt, json_t *obj, ln_chat_rendered *r,
+                  ln_err *e) {
     const char *a = NULL, *b = NULL;
     size_t na = 0, nb = 0;
     switch (fmt) {
@@ -264,6 +291,13 @@ int ln_chat_render(const ln_tokenizer *tok, ln_chat_template tpl, ln_chat_format
     default:
         return ln_errf(e, "pre-tokenized lines are not rendered");
     }
+}
+
+int ln_chat_render(const ln_tokenizer *tok, ln_chat_template tpl, ln_chat_format fmt, json_t *obj,
+                   ln_chat_rendered *r, ln_err *e) {
+    memset(r, 0, sizeof *r);
+    if (render(tok, tpl, fmt, obj, r, e) != 0) return -1;
+    return r->oom ? render_oom(r, e) : 0;
 }
 
 /* First token whose [start, end) holds byte c (transformers' char_to_token), or -1. Searching
@@ -299,7 +333,14 @@ int ln_chat_encode_json(const ln_tokenizer *tok, const char *template_name, ln_c
         }
         ln_ids_push(&ids, eos);
     }
-    int32_t *labels = ln_xmalloc((size_t)(ids.n ? ids.n : 1) * sizeof *labels);
+    int32_t *labels = ln_try_allocf((size_t)(ids.n ? ids.n : 1), sizeof *labels, e, "chat template",
+                                    "the labels of %d tokens", ids.n);
+    if (!labels) {
+        ln_chat_rendered_free(&r);
+        ln_ids_free(&ids);
+        ln_ids_free(&off);
+        return -1;
+    }
     for (int i = 0; i < ids.n; i++) labels[i] = r.all_trained ? ids.ids[i] : LN_IGNORE_INDEX;
     /* transformers' assistant mask: for each span, tokens from the one holding its first char to the
      * one holding its last (to the end when that is token 0 — a quirk kept for equality). */

@@ -48,6 +48,7 @@ typedef struct ln_chat_rendered {
     int n_spans, cap_spans;
     int add_special;     /* encode with the post-processor's ids (text format) */
     int all_trained;     /* every token trains (text format) */
+    size_t oom;          /* while rendering: the bytes an allocation could not get (0 = none) */
 } ln_chat_rendered;
 void ln_chat_rendered_free(ln_chat_rendered *r);
 

@@ -27,15 +27,31 @@ ln_train_opts ln_train_defaults(void)
 
 /* ================================================================ batches and params */
 
-void ln_batch_build(ln_batch *b, const ln_example *const *ex, int n)
+/* b's ids and targets (and *seg when seg is not NULL) for n rows of T tokens; on failure nothing
+ * is left allocated. */
+static int batch_alloc(ln_batch *b, int n, int T, int32_t **seg, ln_err *e)
+{
+    memset(b, 0, sizeof *b);
+    b->B = n;
+    b->T = T;
+    const char *what = seg ? "packed batch" : "batch";
+    b->ids = ln_try_allocf((size_t)n * T, sizeof(int32_t), e, what, "the token ids of %d rows of %d tokens", n, T);
+    b->targets = b->ids ? ln_try_allocf((size_t)n * T, sizeof(int32_t), e, what, "the targets of %d rows of %d tokens",
+                                        n, T)
+                        : NULL;
+    if (seg) *seg = b->targets ? ln_try_allocf((size_t)n * T, sizeof(int32_t), e, what,
+                                               "the segments of %d rows of %d tokens", n, T)
+                               : NULL;
+    if (b->targets && (!seg || *seg)) return 0;
+    ln_batch_free(b);
+    return -1;
+}
+
+int ln_batch_build(ln_batch *b, const ln_example *const *ex, int n, ln_err *e)
 {
     int T = 1;
     for (int i = 0; i < n; i++) T = ex[i]->len > T ? ex[i]->len : T;
-    b->B = n;
-    b->T = T;
-    b->ids = ln_xcalloc((size_t)n * T, sizeof(int32_t));
-    b->targets = ln_xmalloc((size_t)n * T * sizeof(int32_t));
-    b->n_targets = 0;
+    if (batch_alloc(b, n, T, NULL, e)) return -1;
     for (int i = 0; i < n; i++) {
         const ln_example *x = ex[i];
         for (int t = 0; t < T; t++) {
@@ -47,18 +63,16 @@ void ln_batch_build(ln_batch *b, const ln_example *const *ex, int n)
             b->n_targets += y >= 0;
         }
     }
+    return 0;
 }
 
-void ln_batch_build_packed(ln_batch *b, int32_t **segment, const ln_packed_row *rows, int n)
+int ln_batch_build_packed(ln_batch *b, int32_t **segment, const ln_packed_row *rows, int n, ln_err *e)
 {
     int T = 1;
     for (int i = 0; i < n; i++) T = rows[i].len > T ? rows[i].len : T;
-    b->B = n;
-    b->T = T;
-    b->ids = ln_xcalloc((size_t)n * T, sizeof(int32_t));
-    b->targets = ln_xmalloc((size_t)n * T * sizeof(int32_t));
-    int32_t *seg = ln_xmalloc((size_t)n * T * sizeof(int32_t));
-    b->n_targets = 0;
+    int32_t *seg = NULL;
+    *segment = NULL;
+    if (batch_alloc(b, n, T, &seg, e)) return -1;
     for (int i = 0; i < n; i++) {
         const ln_packed_row *r = &rows[i];
         for (int t = 0; t < T; t++) {
@@ -72,6 +86,7 @@ void ln_batch_build_packed(ln_batch *b, int32_t **segment, const ln_packed_row *
         }
     }
     *segment = seg;
+    return 0;
 }
 
 void ln_batch_free(ln_batch *b)
@@ -110,12 +125,17 @@ int ln_eval_loss(ln_model *m, const ln_adapter *ad, const ln_dataset *ds, int ba
     double sum = 0.0;
     int64_t count = 0;
     int rc = 0;
-    const ln_example **ex = ln_xmalloc((size_t)batch_size * sizeof *ex);
+    const ln_example **ex = ln_try_allocf((size_t)batch_size, sizeof *ex, e, "evaluation",
+                                          "a batch of %d examples", batch_size);
+    if (!ex) {
+        ln_acts_free(m, acts);
+        return -1;
+    }
     for (int64_t i = 0; i < ds->n && rc == 0; i += batch_size) {
         int n = 0;
         for (int64_t j = i; j < ds->n && n < batch_size; j++) ex[n++] = &ds->ex[j];
         ln_batch b;
-        ln_batch_build(&b, ex, n);
+        if ((rc = ln_batch_build(&b, ex, n, e)) != 0) break;
         double ls = 0.0;
         ln_fwd_opts fwd = {.trained_rows_only = 1};
         rc = ln_model_forward(m, ad, acts, &b, &fwd, &ls, e);
@@ -531,17 +551,18 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
         double t0 = ln_now_s();
         /* the step's examples, then its micro-batches; the loss is averaged over all their targets */
         int64_t trained = 0, tokens = 0;
+        int brc = 0; /* a micro-batch that could not be built (out of memory) */
         if (o->pack > 0) {
             for (int i = 0; i < per_step; i++) ln_loader_next_packed(&ld, &packed[i]);
-            for (int a = 0; a < o->grad_accum; a++) {
-                ln_batch_build_packed(&mb[a], &mseg[a], packed + (size_t)a * o->batch_size, o->batch_size);
+            for (int a = 0; a < o->grad_accum && brc == 0; a++) {
+                brc = ln_batch_build_packed(&mb[a], &mseg[a], packed + (size_t)a * o->batch_size, o->batch_size, e);
                 trained += mb[a].n_targets;
                 for (int i = 0; i < o->batch_size; i++) tokens += packed[a * o->batch_size + i].len;
             }
         } else {
             for (int i = 0; i < per_step; i++) ex[i] = ln_loader_next(&ld);
-            for (int a = 0; a < o->grad_accum; a++) {
-                ln_batch_build(&mb[a], ex + (size_t)a * o->batch_size, o->batch_size);
+            for (int a = 0; a < o->grad_accum && brc == 0; a++) {
+                brc = ln_batch_build(&mb[a], ex + (size_t)a * o->batch_size, o->batch_size, e);
                 trained += mb[a].n_targets;
                 for (int i = 0; i < o->batch_size; i++) tokens += ex[a * o->batch_size + i]->len;
             }
@@ -551,7 +572,13 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
         ln_fwd_opts fwd = {.trained_rows_only = 1, .head_grad_scale = trained > 0 ? 1.0f / (float)trained : 0.0f};
         double loss_sum = 0.0;
         float scale = fwd.head_grad_scale;
-        int frc = 0;
+        int frc = brc;
+        if (m->comm) { /* a shard's failed build stops every rank before the collectives of the pass */
+            int bad = brc != 0;
+            ln_err ae;
+            if (ln_tp_agree(m, &bad, brc ? &ae : e)) frc = -1;
+            else if (bad && !brc) frc = ln_errf(e, "another rank could not build its micro-batch");
+        }
         for (int a = 0; a < o->grad_accum && frc == 0; a++) {
             double ls = 0.0;
             fwd.segment = mseg[a]; /* NULL unless packed */

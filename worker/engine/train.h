@@ -93,10 +93,11 @@ int ln_train_load_checkpoint(ln_model *m, const char *ckpt, ln_adapter *ad, ln_e
 
 /* ---- helpers the other engine parts use ---- */
 
-/* Right-pads n examples into a batch (pad id 0, targets shifted, −100 on padding). Owns ids/targets. */
-void ln_batch_build(ln_batch *b, const ln_example *const *ex, int n);
+/* Right-pads n examples into a batch (pad id 0, targets shifted, −100 on padding). Owns ids/targets.
+ * Fails (out of memory, naming the batch's size) with nothing allocated. */
+int ln_batch_build(ln_batch *b, const ln_example *const *ex, int n, ln_err *e);
 /* The same for n packed rows; *segment (B·T, for ln_fwd_opts.segment) is the caller's to free. */
-void ln_batch_build_packed(ln_batch *b, int32_t **segment, const ln_packed_row *rows, int n);
+int ln_batch_build_packed(ln_batch *b, int32_t **segment, const ln_packed_row *rows, int n, ln_err *e);
 void ln_batch_free(ln_batch *b);
 /* Every trainable parameter of m and ad in a fixed order (caller frees the array). */
 int ln_trainable_params(ln_model *m, ln_adapter *ad, ln_param ***out);

@@ -132,22 +132,27 @@ static void cpu_scale(int64_t n, float a, float *x)
     for (int64_t i = 0; i < n; i++) x[i] *= a;
 }
 
-/* Summed in fixed-size blocks so the result does not depend on the thread count. */
+/* Partial sums on the stack, this many at a time (no allocation: a kernel cannot fail). */
+#define CPU_PARTS 1024
+
+/* Summed in fixed-size blocks so the result does not depend on the thread count: the blocks' sums
+ * go into the total in block order, CPU_PARTS blocks at a time. */
 static double cpu_sumsq(const float *x, int64_t n)
 {
     const int64_t blk = 4096;
     int64_t nb = (n + blk - 1) / blk;
-    double total = 0.0;
-    double *part = ln_xmalloc((size_t)(nb ? nb : 1) * sizeof(double));
-#pragma omp parallel for schedule(static) if (nb > 16)
-    for (int64_t b = 0; b < nb; b++) {
-        double s = 0.0;
-        int64_t e = (b + 1) * blk < n ? (b + 1) * blk : n;
-        for (int64_t i = b * blk; i < e; i++) s += (double)x[i] * x[i];
-        part[b] = s;
+    double total = 0.0, part[CPU_PARTS];
+    for (int64_t b0 = 0; b0 < nb; b0 += CPU_PARTS) {
+        int64_t np = nb - b0 < CPU_PARTS ? nb - b0 : CPU_PARTS;
+#pragma omp parallel for schedule(static) if (np > 16)
+        for (int64_t j = 0; j < np; j++) {
+            double s = 0.0;
+            int64_t b = b0 + j, e = (b + 1) * blk < n ? (b + 1) * blk : n;
+            for (int64_t i = b * blk; i < e; i++) s += (double)x[i] * x[i];
+            part[j] = s;
+        }
+        for (int64_t j = 0; j < np; j++) total += part[j];
     }
-    for (int64_t b = 0; b < nb; b++) total += part[b];
-    free(part);
     return total;
 }
 
@@ -293,44 +298,58 @@ static void cpu_attention_forward(float *out, float *probs, const float *q, cons
  * (by query blocks as the forward). One (batch, kv head) per OpenMP iteration: the query heads of
  * a group add into the same dK, dV, so they run in order inside one iteration (no races, a fixed
  * summation order). */
+/* One (batch b, kv head g) of the backward: its query heads in order, dS a (qb, T) block. */
+static void att_bwd_group(float *dq, float *dk, float *dv, float *dS, const float *dout, const float *probs,
+                          const float *q, const float *k, const float *v, int b, int g, int T, int nh, int nkv, int hd)
+{
+    int grp = nh / nkv, qs = nh * hd, ks = nkv * hd;
+    float sc = 1.0f / sqrtf((float)hd);
+    int64_t ko = (int64_t)b * T * ks + g * hd;
+    for (int i = 0; i < T; i++) {
+        memset(dk + ko + (int64_t)i * ks, 0, (size_t)hd * sizeof(float));
+        memset(dv + ko + (int64_t)i * ks, 0, (size_t)hd * sizeof(float));
+    }
+    for (int h = g * grp; h < (g + 1) * grp; h++) {
+        int64_t qo = (int64_t)b * T * qs + h * hd;
+        const float *P = probs + ((int64_t)b * nh + h) * T * T;
+        for (int q0 = 0; q0 < T; q0 += ATT_QB) {
+            int nq = T - q0 < ATT_QB ? T - q0 : ATT_QB, kend = q0 + nq;
+            const float *Pb = P + (int64_t)q0 * T, *dOb = dout + qo + (int64_t)q0 * qs;
+            sgemm1(1, 0, kend, hd, nq, 1.0f, Pb, T, dOb, qs, 1.0f, dv + ko, ks);
+            sgemm1(0, 1, nq, kend, hd, 1.0f, dOb, qs, v + ko, ks, 0.0f, dS, T);
+            for (int t = q0; t < kend; t++) {
+                const float *p = P + (int64_t)t * T;
+                float *d = dS + (int64_t)(t - q0) * T;
+                float dot = 0.0f;
+                for (int j = 0; j <= t; j++) dot += d[j] * p[j];
+                for (int j = 0; j <= t; j++) d[j] = p[j] * (d[j] - dot);
+                for (int j = t + 1; j < kend; j++) d[j] = 0.0f;
+            }
+            sgemm1(0, 0, nq, hd, kend, sc, dS, T, k + ko, ks, 0.0f, dq + qo + (int64_t)q0 * qs, qs);
+            sgemm1(1, 0, kend, hd, nq, sc, dS, T, q + qo + (int64_t)q0 * qs, qs, 1.0f, dk + ko, ks);
+        }
+    }
+}
+
 static void cpu_attention_backward(float *dq, float *dk, float *dv, float *scratch, const float *dout,
                                    const float *probs, const float *q, const float *k, const float *v, int B, int T,
                                    int nh, int nkv, int hd)
 {
     blas_single_threaded();
-    int grp = nh / nkv, qs = nh * hd, ks = nkv * hd;
-    float sc = 1.0f / sqrtf((float)hd);
     int qb = T < ATT_QB ? T : ATT_QB;
 #pragma omp parallel
     {
-        float *dS = ln_xmalloc((size_t)qb * T * sizeof(float)); /* (nq, kend) block, row stride T */
+        /* each thread's (nq, kend) block, row stride T; a thread that cannot get one (out of
+         * memory) works in the caller's (T, T) scratch instead, one such thread at a time — the
+         * same arithmetic, so the same bits, and the kernel cannot fail */
+        float *dS = malloc((size_t)qb * T * sizeof(float));
 #pragma omp for schedule(static)
         for (int bg = 0; bg < B * nkv; bg++) {
-            int b = bg / nkv, g = bg % nkv;
-            int64_t ko = (int64_t)b * T * ks + g * hd;
-            for (int i = 0; i < T; i++) {
-                memset(dk + ko + (int64_t)i * ks, 0, (size_t)hd * sizeof(float));
-                memset(dv + ko + (int64_t)i * ks, 0, (size_t)hd * sizeof(float));
-            }
-            for (int h = g * grp; h < (g + 1) * grp; h++) {
-                int64_t qo = (int64_t)b * T * qs + h * hd;
-                const float *P = probs + ((int64_t)b * nh + h) * T * T;
-                for (int q0 = 0; q0 < T; q0 += ATT_QB) {
-                    int nq = T - q0 < ATT_QB ? T - q0 : ATT_QB, kend = q0 + nq;
-                    const float *Pb = P + (int64_t)q0 * T, *dOb = dout + qo + (int64_t)q0 * qs;
-                    sgemm1(1, 0, kend, hd, nq, 1.0f, Pb, T, dOb, qs, 1.0f, dv + ko, ks);
-                    sgemm1(0, 1, nq, kend, hd, 1.0f, dOb, qs, v + ko, ks, 0.0f, dS, T);
-                    for (int t = q0; t < kend; t++) {
-                        const float *p = P + (int64_t)t * T;
-                        float *d = dS + (int64_t)(t - q0) * T;
-                        float dot = 0.0f;
-                        for (int j = 0; j <= t; j++) dot += d[j] * p[j];
-                        for (int j = 0; j <= t; j++) d[j] = p[j] * (d[j] - dot);
-                        for (int j = t + 1; j < kend; j++) d[j] = 0.0f;
-                    }
-                    sgemm1(0, 0, nq, hd, kend, sc, dS, T, k + ko, ks, 0.0f, dq + qo + (int64_t)q0 * qs, qs);
-                    sgemm1(1, 0, kend, hd, nq, sc, dS, T, q + qo + (int64_t)q0 * qs, qs, 1.0f, dk + ko, ks);
-                }
+            if (dS) {
+                att_bwd_group(dq, dk, dv, dS, dout, probs, q, k, v, bg / nkv, bg % nkv, T, nh, nkv, hd);
+            } else {
+#pragma omp critical(cpu_attention_scratch)
+                att_bwd_group(dq, dk, dv, scratch, dout, probs, q, k, v, bg / nkv, bg % nkv, T, nh, nkv, hd);
             }
         }
         free(dS);
@@ -363,41 +382,44 @@ static void cpu_swiglu_backward(float *dgate, float *dup, const float *dout, con
 /* ---------------------------------------------------------------- loss */
 
 /* loss_n = logsumexp(z_n) − z_n[y_n] ; dz_n = dscale · (softmax(z_n) − onehot(y_n)) */
+/* One row's loss (0 where masked); d (may alias z, or NULL) receives its gradient. */
+static double ce_row(const float *z, float *d, int y, int V, float dscale)
+{
+    if (y < 0) {
+        if (d) memset(d, 0, (size_t)V * sizeof(float));
+        return 0.0;
+    }
+    float mx = z[0];
+#pragma omp simd reduction(max : mx)
+    for (int j = 1; j < V; j++) mx = z[j] > mx ? z[j] : mx;
+    double zy = (double)z[y] - mx;
+    double sum = 0.0; /* double: vocabularies of 128k terms keep full fp32 accuracy */
+    if (d) { /* one exp pass: keep e^(z−max) in d, then scale it (d may alias z; zy is saved) */
+#pragma omp simd reduction(+ : sum)
+        for (int j = 0; j < V; j++) { d[j] = cpu_expf(z[j] - mx); sum += d[j]; }
+        float k = (float)(dscale / sum);
+#pragma omp simd
+        for (int j = 0; j < V; j++) d[j] *= k;
+        d[y] -= dscale;
+    } else {
+#pragma omp simd reduction(+ : sum)
+        for (int j = 0; j < V; j++) sum += cpu_expf(z[j] - mx);
+    }
+    return log(sum) - zy;
+}
+
 static double cpu_cross_entropy(const float *logits, float *dlogits, const int32_t *targets, int N, int V,
                                 float dscale)
 {
-    double *rowloss = ln_xmalloc((size_t)(N ? N : 1) * sizeof(double)); /* small; aborts on OOM */
-    double total = 0.0;
+    double total = 0.0, rowloss[CPU_PARTS]; /* CPU_PARTS rows at a time, on the stack */
+    for (int n0 = 0; n0 < N; n0 += CPU_PARTS) {
+        int nr = N - n0 < CPU_PARTS ? N - n0 : CPU_PARTS;
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float *z = logits + (int64_t)n * V;
-        float *d = dlogits ? dlogits + (int64_t)n * V : NULL;
-        int y = targets[n];
-        if (y < 0) {
-            if (d) memset(d, 0, (size_t)V * sizeof(float));
-            rowloss[n] = 0.0;
-            continue;
-        }
-        float mx = z[0];
-#pragma omp simd reduction(max : mx)
-        for (int j = 1; j < V; j++) mx = z[j] > mx ? z[j] : mx;
-        double zy = (double)z[y] - mx;
-        double sum = 0.0; /* double: vocabularies of 128k terms keep full fp32 accuracy */
-        if (d) { /* one exp pass: keep e^(z−max) in d, then scale it (d may alias z; zy is saved) */
-#pragma omp simd reduction(+ : sum)
-            for (int j = 0; j < V; j++) { d[j] = cpu_expf(z[j] - mx); sum += d[j]; }
-            float k = (float)(dscale / sum);
-#pragma omp simd
-            for (int j = 0; j < V; j++) d[j] *= k;
-            d[y] -= dscale;
-        } else {
-#pragma omp simd reduction(+ : sum)
-            for (int j = 0; j < V; j++) sum += cpu_expf(z[j] - mx);
-        }
-        rowloss[n] = log(sum) - zy;
+        for (int n = n0; n < n0 + nr; n++)
+            rowloss[n - n0] = ce_row(logits + (int64_t)n * V, dlogits ? dlogits + (int64_t)n * V : NULL, targets[n], V,
+                                     dscale);
+        for (int j = 0; j < nr; j++) total += rowloss[j]; /* in row order: deterministic */
     }
-    for (int n = 0; n < N; n++) total += rowloss[n]; /* in row order: deterministic */
-    free(rowloss);
     return total;
 }
 
