@@ -53,6 +53,10 @@ static wd_outbox *report_to(wd_run *r) { return ((run_priv *)r->priv)->out; }
 /* Does this process hold rank 0 (or the whole job)? */
 static int reporting(const wd_run *r) { return !r->comm || r->rank == 0; }
 
+/* Does the job run on shards, every rank holding 1/world of each layer and never the whole model
+ * (see wd_run.h)? Multi-rank adapter jobs do; full fine-tuning keeps a whole model per rank. */
+static int sharded(const wd_run *r) { return r->world > 1 && r->spec.adapter.type != LN_ADAPTER_FULL; }
+
 /* "training file file-X: …" — unless the message already names the file (the loader's
  * "<path> line N: …", the path becoming the id once stripped): then "training file file-X line
  * N: …", the id said once. */
@@ -238,6 +242,59 @@ static int stage_data(wd_run *r, run_priv *p) {
     return 0;
 }
 
+/* Does the job calibrate (its method needs covariances, or a calibration file was given)? */
+static int calibrated(const wd_run *r) {
+    ln_method me;
+    ln_err e = {{0}};
+    if (ln_method_parse(ln_adapter_type_name(r->spec.adapter.type), &me, &e) != 0) return 0;
+    return ln_method_needs_calibration(me) || r->calib_path[0];
+}
+
+/* The calibration file (the training file when none was given) and its id. */
+static const char *calib_file(const wd_run *r, const char **id) {
+    if (id) *id = r->calib_path[0] ? r->spec.adapter.calibration_file : r->spec.training_file;
+    return r->calib_path[0] ? r->calib_path : r->train_path;
+}
+
+static ln_calib_opts calib_opts(const wd_run *r, unsigned targets) {
+    const ln_jobspec *s = &r->spec;
+    ln_calib_opts co = {.path = calib_file(r, NULL), .samples = s->adapter.calibration_samples,
+                        .max_length = s->adapter.calibration_max_length, .seed = 0, .targets = targets,
+                        .cache_dir = r->cache_dir, .chat_template = data_chat_template(s)};
+    return co;
+}
+
+static void calibrating_event(wd_run *r) {
+    const char *cid;
+    calib_file(r, &cid);
+    wd_outbox_stage_event(report_to(r), "calibrating", NULL, "Calibrating on up to %d samples of %s (max_length %d)",
+                          r->spec.adapter.calibration_samples, cid, r->spec.adapter.calibration_max_length);
+}
+
+static void calibrated_event(wd_run *r, const ln_calibration *c, unsigned targets, double t0) {
+    wd_outbox_stage_event(report_to(r), "calibrating", NULL,
+                    "Calibrated%s: %lld samples, %lld tokens, %d covariance(s) per layer in %.1f s",
+                    c->from_cache ? " (from the cache)" : "", (long long)c->samples,
+                    (long long)c->tokens, (targets & 0x7 ? 1 : 0) + (targets & 0x8 ? 1 : 0) +
+                    (targets & 0x30 ? 1 : 0) + (targets & 0x40 ? 1 : 0), ln_now_s() - t0);
+}
+
+static int calib_failed(wd_run *r, ln_err *e) {
+    const char *cid, *cpath = calib_file(r, &cid);
+    prefix_file(e, "calibration file", cpath, cid);
+    return fail(r, "invalid_calibration_file", 0, e);
+}
+
+/* The knowledge set: the calibration file, scored before and after training. */
+static int load_knowledge(wd_run *r, run_priv *p) {
+    ln_err e = {{0}};
+    const ln_jobspec *s = &r->spec;
+    ln_data_opts dopts = {.max_seq_len = s->adapter.calibration_max_length, .overlong = LN_OVERLONG_TRUNCATE,
+                          .chat_template = data_chat_template(s)};
+    if (ln_dataset_load(calib_file(r, NULL), p->tok, &dopts, &p->kds, &e) != 0) return calib_failed(r, &e);
+    return 0;
+}
+
 static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets) {
     ln_err e = {{0}};
     const ln_jobspec *s = &r->spec;
@@ -250,6 +307,12 @@ static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets)
         if (rc != 0) {
             ln_err_prefix(&e, "model %s", r->model_name);
             return fail(r, "model_unavailable", 1, &e);
+        }
+        /* one rank per process holds only its shard (the plan of a thread gang is the whole model's) */
+        ln_config whole = mc;
+        if (sharded(r) && r->comm && ln_tp_shard_config(&whole, r->world, &mc, &e) != 0) {
+            ln_err_prefix(&e, "model %s", r->model_name);
+            return fail(r, "invalid_method", 0, &e);
         }
         int nt = 0;
         for (int t = 0; t < LN_NTARGET; t++) nt += (targets >> t) & 1;
@@ -273,39 +336,29 @@ static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets)
             if (ln_memplan_check(&mq, "", NULL, &e) != 0) return fail(r, "out_of_memory", 0, &e);
         }
     }
+    if (sharded(r)) { /* each rank loads its shard and calibrates on it (tp_rank_main) */
+        ln_method sm;
+        if (ln_method_parse(ln_adapter_type_name(s->adapter.type), &sm, &e) != 0) return fail(r, "invalid_method", 0, &e);
+        if (sm == LN_METHOD_PISSA || sm == LN_METHOD_MILORA || sm == LN_METHOD_CORDA) {
+            ln_errf(&e, "adapter type %s initialises from an SVD of each whole weight, which a rank holding 1/%d of "
+                        "every layer cannot take: train it with resources.ranks 1", ln_method_name(sm), r->world);
+            return fail(r, "invalid_method", 0, &e);
+        }
+        return calibrated(r) ? load_knowledge(r, p) : 0;
+    }
     if (ln_model_load(r->model_dir, r->be, &p->m, &e) != 0) {
         ln_err_prefix(&e, "model %s", r->model_name);
         return fail(r, "model_unavailable", 1, &e);
     }
     ln_method me;
     if (ln_method_parse(ln_adapter_type_name(s->adapter.type), &me, &e) != 0) return fail(r, "invalid_method", 0, &e);
-    int needs = ln_method_needs_calibration(me);
-    if (!needs && !r->calib_path[0]) return 0;
-    const char *cpath = r->calib_path[0] ? r->calib_path : r->train_path;
-    const char *cid = r->calib_path[0] ? s->adapter.calibration_file : s->training_file;
-    wd_outbox_stage_event(report_to(r), "calibrating", NULL, "Calibrating on up to %d samples of %s (max_length %d)",
-                    s->adapter.calibration_samples, cid, s->adapter.calibration_max_length);
+    if (!calibrated(r)) return 0;
+    calibrating_event(r);
     double t0 = ln_now_s();
-    ln_calib_opts co = {.path = cpath, .samples = s->adapter.calibration_samples,
-                        .max_length = s->adapter.calibration_max_length, .seed = 0, .targets = targets,
-                        .cache_dir = r->cache_dir, .chat_template = data_chat_template(s)};
-    if (ln_calibrate(p->m, p->tok, &co, &p->calib, &e) != 0) {
-        prefix_file(&e, "calibration file", cpath, cid);
-        return fail(r, "invalid_calibration_file", 0, &e);
-    }
-    wd_outbox_stage_event(report_to(r), "calibrating", NULL,
-                    "Calibrated%s: %lld samples, %lld tokens, %d covariance(s) per layer in %.1f s",
-                    p->calib->from_cache ? " (from the cache)" : "", (long long)p->calib->samples,
-                    (long long)p->calib->tokens, (targets & 0x7 ? 1 : 0) + (targets & 0x8 ? 1 : 0) +
-                    (targets & 0x30 ? 1 : 0) + (targets & 0x40 ? 1 : 0), ln_now_s() - t0);
-    /* The knowledge set: the same file, scored before and after training. */
-    ln_data_opts dopts = {.max_seq_len = s->adapter.calibration_max_length, .overlong = LN_OVERLONG_TRUNCATE,
-                          .chat_template = data_chat_template(s)};
-    if (ln_dataset_load(cpath, p->tok, &dopts, &p->kds, &e) != 0) {
-        prefix_file(&e, "calibration file", cpath, cid);
-        return fail(r, "invalid_calibration_file", 0, &e);
-    }
-    return 0;
+    ln_calib_opts co = calib_opts(r, targets);
+    if (ln_calibrate(p->m, p->tok, &co, &p->calib, &e) != 0) return calib_failed(r, &e);
+    calibrated_event(r, p->calib, targets, t0);
+    return load_knowledge(r, p);
 }
 
 static int stage_adapter(wd_run *r, run_priv *p, unsigned targets) {
@@ -371,8 +424,8 @@ static int write_summary(wd_run *r, run_priv *p, json_t *before, double task, do
     return rc;
 }
 
-static int stage_train_and_export(wd_run *r, run_priv *p) {
-    ln_err e = {{0}};
+/* The step counts and intervals of the run (r->total_steps, save_every, drift_every, …). */
+static void plan_steps(wd_run *r, const run_priv *p) {
     const ln_jobspec *s = &r->spec;
     const ln_hparams *hp = &s->hp;
     int per_step = hp->batch_size * hp->grad_accum;
@@ -388,7 +441,93 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
     if (r->drift_every < 1) r->drift_every = 1;
     if (r->progress_every < 1) r->progress_every = 1;
     r->trained_tokens = p->ds->stats.trained_tokens * hp->n_epochs;
+}
 
+/* The training options of the job (the same on every rank); returns the out dir to free. */
+static char *train_opts(wd_run *r, ln_train_opts *to) {
+    const ln_jobspec *s = &r->spec;
+    const ln_hparams *hp = &s->hp;
+    char *out = ln_path_join(r->dir, "out");
+    *to = ln_train_defaults();
+    to->epochs = hp->n_epochs;
+    to->batch_size = hp->batch_size;
+    to->grad_accum = hp->grad_accum;
+    to->optim.lr = (float)hp->learning_rate;
+    to->optim.weight_decay = (float)hp->weight_decay;
+    to->optim.max_grad_norm = (float)hp->max_grad_norm;
+    to->warmup_ratio = hp->warmup_ratio;
+    to->seed = (uint64_t)s->seed;
+    to->shuffle = 1;
+    to->save_every = r->save_every;
+    to->out_dir = out;
+    to->resume = r->resume[0] ? r->resume : NULL;
+    to->pack = s->data.pack;
+    to->eval_every = 1;
+    to->eval = on_eval;
+    to->eval_ctx = r;
+    to->on_row = on_row;
+    to->should_stop = should_stop;
+    to->cb_ctx = r;
+    return out;
+}
+
+static void training_event(wd_run *r) {
+    const ln_jobspec *s = &r->spec;
+    const ln_hparams *hp = &s->hp;
+    int per_step = hp->batch_size * hp->grad_accum;
+    char unit[96];
+    if (s->data.pack > 0) snprintf(unit, sizeof unit, "%d packed rows of %d tokens", per_step, s->data.pack);
+    else snprintf(unit, sizeof unit, "%d examples", per_step);
+    wd_outbox_stage_event(report_to(r), "training", NULL, "Training: %lld steps of %s (%d epoch%s, learning rate %g)%s",
+                    (long long)r->total_steps, unit, hp->n_epochs, hp->n_epochs == 1 ? "" : "s",
+                    hp->learning_rate, r->world > 1 ? ", tensor-parallel" : "");
+}
+
+static const char *train_code(const ln_err *e) {
+    return strstr(e->msg, "out of memory") ? "out_of_memory"
+           : strstr(e->msg, "not finite")  ? "training_diverged"
+                                           : "training_failed";
+}
+
+/* The reporting rank after training: the after-evaluation's metrics and event, the export (PEFT
+ * adapter, or the merged model for full fine-tuning) and the summary. On failure *code says why. */
+static int finish(wd_run *r, run_priv *p, ln_model *m, ln_adapter *ad, json_t *before, int64_t steps, double task,
+                  double know, const char **code, ln_err *e) {
+    wd_outbox_metrics(report_to(r), steps, eval_values(task, know));
+    json_t *after = json_pack("{s:f, s:o}", "task_loss", task, "knowledge_loss", isfinite(know) ? json_real(know) : json_null());
+    if (p->have_drift) json_object_set_new(after, "knowledge_drift_mean", json_real(p->drift_mean));
+    wd_outbox_stage_event(report_to(r), "evaluating", after, "After training: task loss %.4f%s", task,
+                    p->have_drift ? ", knowledge drift measured" : "");
+
+    char *ex = ln_path_join(r->dir, "export");
+    snprintf(r->export_dir, sizeof r->export_dir, "%s", ex);
+    free(ex);
+    int rc = ln_mkdir_p(r->export_dir, e);
+    if (rc == 0) {
+        if (ad->full) rc = ln_export_merged(m, m, ad, r->export_dir, -1, e);
+        else rc = ln_export_peft(m, ad, r->model_name, r->export_dir, e);
+    }
+    if (rc == 0) rc = write_summary(r, p, before, task, know, e);
+    if (rc != 0) {
+        *code = "export_failed";
+        return -1;
+    }
+    if (!ad->full) {
+        int pr;
+        float pa;
+        ln_export_peft_shape(ad, &pr, &pa);
+        wd_outbox_stage_event(report_to(r), "exporting", NULL, "Exported a PEFT adapter (rank %d, lora_alpha %g) for the original %s",
+                        pr, (double)pa, r->model_name);
+    } else {
+        wd_outbox_stage_event(report_to(r), "exporting", NULL, "Exported the fine-tuned model (full weights)");
+    }
+    r->status = WD_RUN_OK;
+    return 0;
+}
+
+static int stage_train_and_export(wd_run *r, run_priv *p) {
+    ln_err e = {{0}};
+    plan_steps(r, p);
     json_t *before = NULL;
     if (!r->resume[0] && reporting(r)) {
         double task, know;
@@ -398,38 +537,15 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
         wd_outbox_stage_event(report_to(r), "training", json_deep_copy(before), "Before training: task loss %.4f%s", task,
                         isfinite(know) ? "" : " (no knowledge file)");
     }
-    char *out = ln_path_join(r->dir, "out");
-    ln_train_opts to = ln_train_defaults();
-    to.epochs = hp->n_epochs;
-    to.batch_size = hp->batch_size;
-    to.grad_accum = hp->grad_accum;
-    to.optim.lr = (float)hp->learning_rate;
-    to.optim.weight_decay = (float)hp->weight_decay;
-    to.optim.max_grad_norm = (float)hp->max_grad_norm;
-    to.warmup_ratio = hp->warmup_ratio;
-    to.seed = (uint64_t)s->seed;
-    to.shuffle = 1;
-    to.save_every = r->save_every;
-    to.out_dir = out;
-    to.resume = r->resume[0] ? r->resume : NULL;
-    to.pack = s->data.pack;
-    to.eval_every = 1;
-    to.eval = on_eval;
-    to.eval_ctx = r;
-    to.on_row = on_row;
-    to.should_stop = should_stop;
-    to.cb_ctx = r;
-    char unit[96];
-    if (s->data.pack > 0) snprintf(unit, sizeof unit, "%d packed rows of %d tokens", per_step, s->data.pack);
-    else snprintf(unit, sizeof unit, "%d examples", per_step);
-    wd_outbox_stage_event(report_to(r), "training", NULL, "Training: %lld steps of %s (%d epoch%s, learning rate %g)%s",
-                    (long long)r->total_steps, unit, hp->n_epochs, hp->n_epochs == 1 ? "" : "s",
-                    hp->learning_rate, r->world > 1 ? ", tensor-parallel" : "");
+    ln_train_opts to;
+    char *out = train_opts(r, &to);
+    training_event(r);
     ln_train_result res;
     int rc;
-    /* Tensor parallel: the same options on every rank (checkpoints, eval points and stops are
-     * collective); rank 0 calls on_row and on_eval with the gathered adapter and writes the
-     * checkpoints; a stop on any rank stops the gang after the same step. */
+    /* Full fine-tuning on ranks (sharded() is false): every rank holds the whole model; the same
+     * options on every rank (checkpoints, eval points and stops are collective); rank 0 calls on_row
+     * and on_eval with the gathered weights and writes the checkpoints; a stop on any rank stops the
+     * gang after the same step. */
     if (r->comm) {
         rc = ln_tp_train_rank(r->comm, p->m, &p->ad, p->ds, &to, &res, &e);
     } else if (r->world > 1) {
@@ -440,10 +556,7 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
     free(out);
     if (rc != 0) {
         json_decref(before);
-        const char *code = strstr(e.msg, "out of memory") ? "out_of_memory"
-                           : strstr(e.msg, "not finite")  ? "training_diverged"
-                                                          : "training_failed";
-        return fail(r, code, 0, &e);
+        return fail(r, train_code(&e), 0, &e);
     }
     r->steps = res.steps;
     if (res.stopped) {
@@ -465,34 +578,272 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
         json_decref(before);
         return fail(r, "evaluation_failed", 0, &e);
     }
-    wd_outbox_metrics(report_to(r), res.steps, eval_values(task, know));
-    json_t *after = json_pack("{s:f, s:o}", "task_loss", task, "knowledge_loss", isfinite(know) ? json_real(know) : json_null());
-    if (p->have_drift) json_object_set_new(after, "knowledge_drift_mean", json_real(p->drift_mean));
-    wd_outbox_stage_event(report_to(r), "evaluating", after, "After training: task loss %.4f%s", task,
-                    p->have_drift ? ", knowledge drift measured" : "");
-
-    char *ex = ln_path_join(r->dir, "export");
-    snprintf(r->export_dir, sizeof r->export_dir, "%s", ex);
-    free(ex);
-    rc = ln_mkdir_p(r->export_dir, &e);
-    if (rc == 0) {
-        if (p->ad.full) rc = ln_export_merged(p->m, p->m, &p->ad, r->export_dir, -1, &e);
-        else rc = ln_export_peft(p->m, &p->ad, r->model_name, r->export_dir, &e);
-    }
-    if (rc == 0) rc = write_summary(r, p, before, task, know, &e);
+    const char *code = NULL;
+    rc = finish(r, p, p->m, &p->ad, before, res.steps, task, know, &code, &e);
     json_decref(before);
-    if (rc != 0) return fail(r, "export_failed", 1, &e);
-    if (!p->ad.full) {
-        int pr;
-        float pa;
-        ln_export_peft_shape(&p->ad, &pr, &pa);
-        wd_outbox_stage_event(report_to(r), "exporting", NULL, "Exported a PEFT adapter (rank %d, lora_alpha %g) for the original %s",
-                        pr, (double)pa, r->model_name);
-    } else {
-        wd_outbox_stage_event(report_to(r), "exporting", NULL, "Exported the fine-tuned model (full weights)");
+    return rc != 0 ? fail(r, code, 1, &e) : 0;
+}
+
+/* ---------------------------------------------------------------- ranks on shards */
+
+/* One rank of a sharded job (sharded(r)): a thread of this process (r->comm NULL: every rank of
+ * the job here, rank 0 reporting through r) or this process's rank (r->comm). It holds only its
+ * shard: loads it (ln_tp_load_shard), calibrates on it (collective; rank 0 gets the covariances),
+ * initialises or restores the adapter on it, evaluates with collective forwards and trains it.
+ * Rank 0 also holds the whole model's shape (no weights) and the whole adapter, gathered from the
+ * shards, for checkpoints, the drift tracker and the export. */
+typedef struct tp_rank {
+    wd_run *r;
+    ln_comm *c;
+    unsigned targets;
+    int threads;                  /* every rank a thread of this process: they share the covariances */
+    ln_calibration **shared_calib; /* threads: rank 0's calibration, read by every rank for the init */
+    ln_model *shard, *shape;
+    ln_adapter sad, whole;
+    ln_calibration *calib;        /* rank 0's */
+    ln_tp_drift *drift;
+    int eval_failed;              /* an eval at a step failed: the error is in eval_err */
+    ln_err eval_err;
+    const char *code;             /* what failed, as fail()'s code */
+    int retryable;
+    ln_err err;
+} tp_rank;
+
+static int rank_fail(tp_rank *k, const char *code, int retryable, ln_err *e) {
+    k->code = code;
+    k->retryable = retryable;
+    k->err = *e;
+    comm_abort(k->c); /* the other ranks fail instead of waiting for this one */
+    return -1;
+}
+
+static int root_of(const tp_rank *k) { return k->c->rank == 0; }
+
+/* Collective: mean loss of ds (its first n examples) on the shards; the same on every rank. */
+static int shard_loss(tp_rank *k, const ln_dataset *ds, int64_t n, double *loss, ln_err *e) {
+    ln_dataset v = head_view(ds, n);
+    return ln_eval_loss(k->shard, &k->sad, &v, k->r->spec.hp.batch_size, loss, e);
+}
+
+/* evaluate() on the shards: every rank, collectively. */
+static int shard_evaluate(tp_rank *k, double *task, double *know, ln_err *e) {
+    run_priv *p = k->r->priv;
+    if (shard_loss(k, p->vds ? p->vds : p->ds, EVAL_MAX_EXAMPLES, task, e) != 0) return -1;
+    *know = NAN;
+    return p->kds ? shard_loss(k, p->kds, EVAL_MAX_EXAMPLES, know, e) : 0;
+}
+
+/* Every rank's on_row: at the eval points on_eval would measure, the validation loss (collective
+ * forwards on the shards) and the knowledge drift (the shards gathered into rank 0's whole adapter,
+ * measured there); then rank 0 reports the row. A failure aborts the group, so the training fails
+ * on every rank, with this message kept for the job. */
+static void tp_on_row(json_t *row, void *ctx) {
+    tp_rank *k = ctx;
+    wd_run *r = k->r;
+    run_priv *p = r->priv;
+    ln_err e = {{0}};
+    int64_t step = json_integer_value(json_object_get(row, "step"));
+    int last = step == r->total_steps, ei = r->spec.hp.eval_interval, rc = 0;
+    if (k->eval_failed) return;
+    if (p->vds && (last || (ei > 0 && step % ei == 0))) {
+        double loss;
+        rc = shard_loss(k, p->vds, p->vds->n, &loss, &e);
+        if (rc == 0 && root_of(k)) json_object_set_new(row, "val_loss", json_real(loss));
     }
-    r->status = WD_RUN_OK;
+    if (rc == 0 && k->drift && (last || step % r->drift_every == 0)) {
+        rc = ln_tp_gather(k->shard, &k->sad, NULL, root_of(k) ? &k->whole : NULL, &e);
+        if (rc == 0 && root_of(k)) {
+            rc = ln_tp_drift_measure(k->drift, k->shape, &k->whole, row, &e);
+            if (rc == 0) {
+                p->drift_mean = json_number_value(json_object_get(row, "knowledge_drift_mean"));
+                p->drift_max = json_number_value(json_object_get(row, "knowledge_drift_max"));
+                p->have_drift = 1;
+            }
+        }
+    }
+    if (rc != 0) {
+        k->eval_failed = 1;
+        k->eval_err = e;
+        ln_err_prefix(&k->eval_err, "train step %lld: evaluation", (long long)step);
+        comm_abort(k->c);
+        return;
+    }
+    if (root_of(k)) on_row(row, r);
+}
+
+/* should_stop on the ranks that poll it: rank 0's thread, or every process rank. */
+static int tp_should_stop(void *ctx) {
+    tp_rank *k = ctx;
+    return should_stop(k->r);
+}
+
+static int tp_load_and_init(tp_rank *k) {
+    wd_run *r = k->r;
+    run_priv *p = r->priv;
+    const ln_jobspec *s = &r->spec;
+    ln_err e = {{0}};
+    int root = root_of(k);
+    if (ln_tp_load_shard(r->model_dir, r->be, k->c, &k->shard, &e) != 0) {
+        ln_err_prefix(&e, "model %s", r->model_name);
+        return rank_fail(k, "model_unavailable", 1, &e);
+    }
+    k->shape = ln_tp_whole_shape(k->shard);
+    if (calibrated(r)) {
+        if (root) calibrating_event(r);
+        double t0 = ln_now_s();
+        ln_calib_opts co = calib_opts(r, k->targets);
+        if (ln_calibrate(k->shard, p->tok, &co, &k->calib, &e) != 0) {
+            const char *cid, *cpath = calib_file(r, &cid);
+            prefix_file(&e, "calibration file", cpath, cid);
+            return rank_fail(k, "invalid_calibration_file", 0, &e);
+        }
+        if (root) calibrated_event(r, k->calib, k->targets, t0);
+        if (k->threads) { /* the init's eigensolves spread over the threads, which read rank 0's covariances */
+            if (root) *k->shared_calib = k->calib;
+            if (comm_barrier(k->c, &e) != 0) return rank_fail(k, "initialization_failed", 0, &e);
+        }
+    }
+    const ln_calibration *cal = k->threads && *k->shared_calib ? *k->shared_calib : k->calib;
+    const char *method = ln_adapter_type_name(s->adapter.type);
+    double t0 = ln_now_s();
+    if (r->resume[0]) {
+        if (ln_tp_load_checkpoint(k->shard, k->shape, r->resume, &k->sad, root ? &k->whole : NULL, &e) != 0)
+            return rank_fail(k, "checkpoint_unusable", 1, &e);
+        if (root)
+            wd_outbox_stage_event(report_to(r), "initialising", NULL, "Restored the %s adapter from checkpoint %s",
+                                  method, basename_of(r->resume));
+    } else {
+        ln_adapter_opts ao = {.method = method, .rank = s->adapter.rank, .alpha = (float)s->adapter.alpha,
+                              .targets = k->targets, .seed = (uint64_t)s->seed,
+                              .covariance = calibrated(r) ? ln_calibration_covariance : NULL,
+                              .method_ctx = (void *)cal};
+        if (ln_tp_adapter_init(k->shard, k->shape, &ao, k->threads, &k->sad, root ? &k->whole : NULL, NULL, &e) != 0)
+            return rank_fail(k, "initialization_failed", 0, &e);
+        if (root)
+            wd_outbox_stage_event(report_to(r), "initialising", NULL,
+                                  "Initialised the %s adapter (rank %d, alpha %g) in %.2f s",
+                                  method, k->sad.rank, (double)k->sad.alpha, ln_now_s() - t0);
+    }
+    if (calibrated(r) &&
+        ln_tp_drift_new(k->shard, &k->sad, k->shape, root ? &k->whole : NULL, ln_calibration_covariance,
+                        root ? (void *)k->calib : NULL, &k->drift, &e) != 0)
+        return rank_fail(k, "initialization_failed", 0, &e);
     return 0;
+}
+
+static int tp_train_and_export(tp_rank *k) {
+    wd_run *r = k->r;
+    run_priv *p = r->priv;
+    ln_err e = {{0}};
+    int root = root_of(k);
+    json_t *before = NULL;
+    if (!r->resume[0]) {
+        double task, know;
+        if (shard_evaluate(k, &task, &know, &e) != 0) return rank_fail(k, "evaluation_failed", 0, &e);
+        if (root) {
+            wd_outbox_metrics(report_to(r), 0, eval_values(task, know));
+            before = json_pack("{s:f, s:o}", "task_loss", task, "knowledge_loss",
+                               isfinite(know) ? json_real(know) : json_null());
+            wd_outbox_stage_event(report_to(r), "training", json_deep_copy(before), "Before training: task loss %.4f%s",
+                                  task, isfinite(know) ? "" : " (no knowledge file)");
+        }
+    }
+    if (root) training_event(r);
+    ln_train_opts to;
+    char *out = train_opts(r, &to);
+    to.eval = NULL; /* the eval points run in tp_on_row, collectively */
+    to.on_row = tp_on_row;
+    to.should_stop = k->threads && !root ? NULL : tp_should_stop;
+    to.cb_ctx = k;
+    ln_train_result res;
+    /* the ranks of a gang over workers validated the data on their own: they must agree */
+    if (ln_tp_check_same(k->c, NULL, NULL, p->ds, &to, &e) != 0) {
+        free(out);
+        json_decref(before);
+        return rank_fail(k, "training_failed", 0, &e);
+    }
+    int rc = ln_tp_train_shard(k->shard, &k->sad, root ? k->shape : NULL, root ? &k->whole : NULL, p->ds, &to, &res,
+                               &e);
+    free(out);
+    if (rc != 0 && k->eval_failed) {
+        json_decref(before);
+        return rank_fail(k, strstr(k->eval_err.msg, "out of memory") ? "out_of_memory" : "evaluation_failed", 0,
+                         &k->eval_err);
+    }
+    if (rc != 0) {
+        json_decref(before);
+        return rank_fail(k, train_code(&e), 0, &e);
+    }
+    if (root || !k->threads) r->steps = res.steps;
+    if (res.stopped) {
+        json_decref(before);
+        if (root && res.last_checkpoint[0]) note_checkpoint(r, res.steps, res.last_checkpoint);
+        if (root || !k->threads) r->status = WD_RUN_STOPPED;
+        return 0;
+    }
+    if (root)
+        wd_outbox_stage_event(report_to(r), "evaluating", NULL, "Training finished: %lld steps, last loss %.4f",
+                              (long long)res.steps, res.last_loss);
+    double task, know;
+    if (shard_evaluate(k, &task, &know, &e) != 0) {
+        json_decref(before);
+        return rank_fail(k, "evaluation_failed", 0, &e);
+    }
+    if (!root) { /* rank 0 exports and summarises */
+        if (!k->threads) r->status = WD_RUN_OK;
+        return 0;
+    }
+    const char *code = NULL;
+    rc = finish(r, p, k->shape, &k->whole, before, res.steps, task, know, &code, &e);
+    json_decref(before);
+    return rc != 0 ? rank_fail(k, code, 1, &e) : 0;
+}
+
+static int tp_rank_main(ln_comm *c, void *ctx, ln_err *e) {
+    tp_rank *k = ctx;
+    k->c = c;
+    int rc = tp_load_and_init(k);
+    if (rc == 0) rc = tp_train_and_export(k);
+    if (rc != 0) *e = k->err;
+    ln_tp_drift_free(k->drift);
+    ln_adapter_free(&k->sad);
+    if (root_of(k)) ln_adapter_free(&k->whole);
+    ln_model_free(k->shape);
+    ln_model_free(k->shard);
+    if (k->threads && root_of(k)) *k->shared_calib = NULL;
+    return rc;
+}
+
+/* Runs the sharded job: this process's rank (r->comm), or every rank on a thread. The job's
+ * failure is the first rank's own (not one that only saw the group aborted). */
+static void run_sharded(wd_run *r, unsigned targets) {
+    int n = r->comm ? 1 : r->world;
+    tp_rank *k = ln_xcalloc((size_t)n, sizeof *k);
+    void **ctxs = ln_xcalloc((size_t)n, sizeof *ctxs);
+    ln_calibration *shared = NULL;
+    for (int i = 0; i < n; i++) {
+        k[i] = (tp_rank){.r = r, .targets = targets, .threads = !r->comm, .shared_calib = &shared};
+        ctxs[i] = &k[i];
+    }
+    ln_err e = {{0}};
+    plan_steps(r, r->priv);
+    int rc = r->comm ? tp_rank_main(r->comm, &k[0], &e) : comm_thread_run(n, tp_rank_main, ctxs, &e);
+    if (rc != 0) {
+        const tp_rank *w = NULL;
+        for (int i = 0; i < n && !w; i++)
+            if (k[i].code && !strstr(k[i].err.msg, "aborted")) w = &k[i];
+        for (int i = 0; i < n && !w; i++)
+            if (k[i].code) w = &k[i];
+        if (w) {
+            ln_err we = w->err;
+            fail(r, w->code, w->retryable, &we);
+        } else {
+            fail(r, "training_failed", 0, &e);
+        }
+    }
+    for (int i = 0; i < n; i++) ln_calibration_free(k[i].calib);
+    free(ctxs);
+    free(k);
 }
 
 /* ---------------------------------------------------------------- thread */
@@ -515,9 +866,10 @@ static void run_main(void *arg) {
         snprintf(list + l, sizeof list - l, "%s%s", i ? "," : "", r->spec.adapter.targets[i]);
     }
     if (list[0] && ln_targets_parse(list, &targets, &e) != 0) fail(r, "invalid_target_modules", 0, &e);
-    else if (stage_data(r, &p) == 0 && stage_model_and_calibration(r, &p, targets) == 0 &&
-             stage_adapter(r, &p, targets) == 0)
-        stage_train_and_export(r, &p);
+    else if (stage_data(r, &p) == 0 && stage_model_and_calibration(r, &p, targets) == 0) {
+        if (sharded(r)) run_sharded(r, targets);
+        else if (stage_adapter(r, &p, targets) == 0) stage_train_and_export(r, &p);
+    }
     if (p.have_ad) ln_adapter_free(&p.ad);
     ln_drift_tracker_free(p.drift);
     ln_calibration_free(p.calib);

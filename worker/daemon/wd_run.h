@@ -45,12 +45,21 @@ typedef struct wd_run {
     int world;                         /* tensor-parallel ranks of the job; 1 = plain */
     /* A gang spread over workers: the daemon sets comm to this process's rank of the group
      * (comm_rank(comm) = rank, comm_size(comm) = world), made through the server's rendezvous,
-     * and the run trains only that rank (ln_tp_train_rank). NULL: every rank of the job runs
-     * here, on threads (ln_tp_train), and this process reports as for one rank.
-     * Every rank validates the data, calibrates and initialises (or restores resume, which every
-     * rank must hold) on its own; these are deterministic, and the ranks check that they agree
-     * (data, options, initialised adapter) before the first step, failing all with a message
-     * naming the rank that differs. Then:
+     * and the run holds only that rank. NULL: every rank of the job runs here, each on a thread,
+     * and this process reports as for one rank.
+     * An adapter job on ranks never holds the whole model (wd_run.c's tp_rank_main, engine calls
+     * in tensor_parallel.h): each rank reads only its blocks of the safetensors
+     * (ln_tp_load_shard), calibrates on its shard (collective; rank 0 accumulates the covariances),
+     * initialises on its shard (ln_tp_adapter_init; lora_null's eigensolves spread over thread
+     * ranks, all on rank 0 across processes) or restores resume, which every rank must hold
+     * (ln_tp_load_checkpoint), and evaluates with collective forwards on the shards (validation,
+     * task and knowledge losses). Rank 0 also holds the whole model's shape (no weights) and the
+     * whole adapter gathered from the shards, for checkpoints, the drift tracker (its denominators
+     * from W0 gathered one layer at a time) and the PEFT export. pissa, milora and corda (an SVD of
+     * each whole weight) fail on ranks with code invalid_method. Full fine-tuning on ranks keeps a
+     * whole model on every rank (rank 0's checkpoints and merged export gather every weight into
+     * it; ln_tp_train_rank, which first checks that the ranks agree on data, options and weights).
+     * Then:
      *  - rank 0 reports for the job: every event and metric point, the before/after evaluation,
      *    drift and validation at eval points, the checkpoints (wd_run_take_checkpoint), the
      *    export and the summary — exactly what a one-rank job reports;

@@ -9,6 +9,7 @@
 
 #include "common/safetensors.h"
 #include "common/util.h"
+#include "worker/engine/drift.h"
 #include "worker/engine/lora_init.h"
 #include "worker/engine/nullspace.h"
 #include "worker/engine/tensor_parallel.h"
@@ -896,4 +897,133 @@ int ln_tp_load_checkpoint(ln_model *shard, ln_model *shape, const char *path, ln
     if (rc == 0 && sad->residual) rc = shard_residual(shard, sad, e);
     if (rc) drop_adapters(sad, whole_ad);
     return rc;
+}
+
+/* ---------------------------------------------------------------- knowledge drift on shards */
+
+struct ln_tp_drift {
+    int layers;
+    ln_drift_tracker **per; /* rank 0: one tracker per layer (NULL where nothing is tracked) */
+};
+
+/* Layer `l` alone, as a one-layer model and adapter, so that a tracker of it holds that layer's
+ * denominators while only that layer's whole W0 is in memory. */
+typedef struct { ln_covariance_fn cov; void *ctx; int layer; } layer_cov;
+
+static const double *cov_of_layer(void *ctx, int layer, ln_input which)
+{
+    layer_cov *x = ctx;
+    return x->cov(x->ctx, x->layer + layer, which);
+}
+
+static void layer_view(ln_model *shape, const ln_adapter *ad, int l, ln_model *vm, ln_adapter *va)
+{
+    *vm = *shape;
+    vm->cfg.num_layers = 1;
+    vm->layers = &shape->layers[l];
+    *va = *ad;
+    va->num_layers = 1;
+    va->lora = &ad->lora[l * LN_NTARGET];
+}
+
+int ln_tp_drift_new(ln_model *shard, const ln_adapter *sad, ln_model *shape, const ln_adapter *whole_ad,
+                    ln_covariance_fn cov, void *cov_ctx, ln_tp_drift **out, ln_err *e)
+{
+    ln_comm *c = shard->comm;
+    int root = c->rank == 0, L = shard->cfg.num_layers, rc = 0;
+    *out = NULL;
+    if (root && !whole_ad) {
+        comm_abort(c);
+        return ln_errf(e, "tensor-parallel drift: rank 0 has no whole adapter");
+    }
+    ln_tp_drift *d = ln_xcalloc(1, sizeof *d);
+    d->layers = L;
+    d->per = ln_xcalloc((size_t)L, sizeof *d->per);
+    float *w[LN_NTARGET] = {0};
+    for (int l = 0; l < L && rc == 0; l++) {
+        /* this layer's W0 (for a residual adapter W0'), whole on rank 0, one target at a time */
+        int any = 0;
+        for (int t = 0; t < LN_NTARGET && rc == 0; t++) {
+            ln_param *W = &shard->layers[l].lin[t];
+            if (!sad->lora[l * LN_NTARGET + t].A.w) continue;
+            any = 1;
+            ln_tp_split sp = ln_tp_param_split(shard, NULL, W);
+            if (root && !(w[t] = ln_try_allocf((size_t)ln_tp_whole_numel(W, sp, c->size), sizeof(float), e,
+                                               "knowledge drift", "the whole original weight %s", W->name))) {
+                comm_abort(c);
+                rc = -1;
+                break;
+            }
+            rc = ln_tp_gather_tensor(c, shard->be, W, sp, W->w, w[t], e);
+        }
+        if (rc == 0 && root && any) {
+            ln_model vm;
+            ln_adapter va;
+            ln_layer lay = shape->layers[l];
+            for (int t = 0; t < LN_NTARGET; t++) lay.lin[t].w = w[t];
+            layer_view(shape, whole_ad, l, &vm, &va);
+            vm.layers = &lay;
+            layer_cov lc = {cov, cov_ctx, l};
+            rc = ln_drift_tracker_new(&vm, &va, cov_of_layer, &lc, &d->per[l], e);
+            if (rc) {
+                comm_abort(c); /* the others are about to gather the next layer */
+                ln_err_prefix(e, "layer %d", l);
+            }
+        }
+        for (int t = 0; t < LN_NTARGET; t++) {
+            free(w[t]);
+            w[t] = NULL;
+        }
+    }
+    if (rc) {
+        ln_tp_drift_free(d);
+        return -1;
+    }
+    *out = d;
+    return 0;
+}
+
+int ln_tp_drift_measure(ln_tp_drift *d, ln_model *shape, const ln_adapter *whole_ad, json_t *row, ln_err *e)
+{
+    json_t *per = json_object();
+    double sum = 0, mx = 0;
+    int64_t n = 0;
+    for (int l = 0; l < d->layers; l++) {
+        if (!d->per[l]) continue;
+        ln_model vm;
+        ln_adapter va;
+        layer_view(shape, whole_ad, l, &vm, &va);
+        json_t *one = json_object();
+        if (ln_drift_tracker_measure(d->per[l], &vm, &va, one, e)) {
+            json_decref(one);
+            json_decref(per);
+            return ln_err_prefix(e, "layer %d", l);
+        }
+        /* the view's "model.layers.0.<module>" is layer l's */
+        const char *k;
+        json_t *v;
+        json_object_foreach(json_object_get(one, "knowledge_drift"), k, v) {
+            const char *module = strchr(k + strlen("model.layers."), '.');
+            char name[160];
+            snprintf(name, sizeof name, "model.layers.%d%s", l, module ? module : "");
+            double x = json_number_value(v);
+            json_object_set_new(per, name, json_real(x));
+            sum += x;
+            if (x > mx) mx = x;
+            n++;
+        }
+        json_decref(one);
+    }
+    json_object_set_new(row, "knowledge_drift", per);
+    json_object_set_new(row, "knowledge_drift_mean", json_real(n ? sum / (double)n : 0.0));
+    json_object_set_new(row, "knowledge_drift_max", json_real(mx));
+    return 0;
+}
+
+void ln_tp_drift_free(ln_tp_drift *d)
+{
+    if (!d) return;
+    for (int l = 0; l < d->layers; l++) ln_drift_tracker_free(d->per[l]);
+    free(d->per);
+    free(d);
 }

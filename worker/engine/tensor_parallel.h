@@ -117,7 +117,8 @@ int ln_tp_agree(ln_model *shard, int *flag, ln_err *e);
  * per-step collectives (steps, batch, pack, save_every, eval, out_dir, resume, optimizer…) and the
  * same initialised (or restored) adapter — every weight for full fine-tuning. Ranks in separate
  * processes validate, calibrate and initialise on their own: this is where a difference shows,
- * instead of as a hang or silently different shards. */
+ * instead of as a hang or silently different shards. ad NULL (full then unused, may be NULL):
+ * the data and options only — shards initialised collectively have nothing else to compare. */
 int ln_tp_check_same(ln_comm *c, ln_model *full, ln_adapter *ad, const ln_dataset *ds, const ln_train_opts *o,
                      ln_err *e);
 
@@ -186,6 +187,21 @@ int ln_tp_load_checkpoint(ln_model *shard, ln_model *shape, const char *path, ln
  * adapter. On any failure the group is aborted. */
 int ln_tp_train_shard(ln_model *shard, ln_adapter *sad, ln_model *full, ln_adapter *full_ad, const ln_dataset *ds,
                       const ln_train_opts *opts, ln_train_result *res, ln_err *e);
+
+/* Knowledge drift of a sharded adapter (drift.h's tracker, on rank 0): ln_tp_drift_new is
+ * collective — every targeted weight's W0 block (for a residual adapter W0' = W0 − s·B0 A0, which
+ * the tracker turns back into W0 with the whole adapter's A0/B0) is gathered onto rank 0 one layer
+ * at a time, so rank 0's transient memory is one layer's weights, and the layer's denominators
+ * tr(W0 C W0ᵀ) are taken from rank 0's covariances cov(cov_ctx, layer, input). sad: this rank's
+ * adapter shard (which targets are tracked); whole_ad and shape: rank 0's (NULL elsewhere).
+ * *out on every rank (the others' is empty). ln_tp_drift_measure, on rank 0 only, adds to row what
+ * ln_drift_tracker_measure adds ("knowledge_drift" per module, its mean and max) for whole_ad —
+ * gather the trained shards into it first (ln_tp_gather). Full fine-tuning is not tracked here. */
+typedef struct ln_tp_drift ln_tp_drift;
+int ln_tp_drift_new(ln_model *shard, const ln_adapter *sad, ln_model *shape, const ln_adapter *whole_ad,
+                    ln_covariance_fn cov, void *cov_ctx, ln_tp_drift **out, ln_err *e);
+int ln_tp_drift_measure(ln_tp_drift *d, ln_model *shape, const ln_adapter *whole_ad, json_t *row, ln_err *e);
+void ln_tp_drift_free(ln_tp_drift *d);
 
 /* ln_tp_train_rank on `ranks` threads (the thread backend), each rank a thread of this process
  * sharing full/full_ad. on_row and should_stop are rank 0's; res gets rank 0's result. */
