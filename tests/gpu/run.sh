@@ -11,6 +11,8 @@
 #           test_calibrate (device covariances), test_model (whole engine), test_nccl (every
 #           collective, device/managed/host buffers), test_nccl_procs (2 processes: skips under 2
 #           GPUs), test_tp_nccl (ln_tp_train_rank on a 1-rank NCCL group vs ln_train)
+#   gang    gang_gpu.py: two CUDA workers, one GPU each, train one 2-rank job over NCCL through the
+#           server's rendezvous (skips at once, saying so, under 2 GPUs: on one H200 it costs ~0 s)
 #   bench   bench_gpu peak (bf16 GEMM peak) and train (LLaMA-3-8B shapes, seq 2048, LoRA-Null-v2
 #           r=128 on all seven targets: tokens/s, MFU against that peak)
 #   peft    the same step in transformers + PEFT on the same GPU (bench_peft.py; the ratio)
@@ -45,11 +47,11 @@ for a in "$@"; do
     case $a in
         --dry-run) DRY=1 ;;
         -h|--help) sed -n '2,/^set -u/p' "$0" | sed 's/^# \{0,1\}//; /^set -u/d'; exit 0 ;;
-        build|tests|bench|peft|cli|calib|init|bench-extra) WANT+=("$a") ;;
+        build|tests|gang|bench|peft|cli|calib|init|bench-extra) WANT+=("$a") ;;
         *) echo "run.sh: unknown group or option \"$a\" (see --help)" >&2; exit 2 ;;
     esac
 done
-[ ${#WANT[@]} -eq 0 ] && WANT=(build tests bench peft cli calib init)
+[ ${#WANT[@]} -eq 0 ] && WANT=(build tests gang bench peft cli calib init)
 OUT=${OUT:-tests/gpu/out}
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.txt"
@@ -165,6 +167,11 @@ if want tests; then
     run_step gpu test_nccl 45 "$BIN/test_nccl"
     run_step gpu test_nccl_procs 45 "$BIN/test_nccl" procs
     run_step gpu test_tp_nccl 45 "$BIN/test_tp_nccl"
+fi
+
+if want gang; then
+    # two GPU workers, one GPU each, one 2-rank job over NCCL (skips, saying so, under 2 GPUs)
+    run_step gpu gang_gpu 150 "$PY" tests/gpu/gang_gpu.py
 fi
 
 if want bench; then
