@@ -3,7 +3,8 @@
  *
  * Buffers: device or managed memory goes to NCCL as it is; any other pointer (malloc, the stack,
  * pinned host memory) is staged through a device buffer of this rank (cudaPointerGetAttributes
- * tells them apart), so the engine may pass its host scratch too. Each collective runs on the
+ * tells them apart), so the engine may pass its host scratch too. LORANULL_NCCL_STAGE_MANAGED=1
+ * stages managed buffers as well (a fallback, should a platform's NCCL mishandle them). Each collective runs on the
  * rank's own stream after the device's earlier work (the backend's stream may still be writing
  * a managed tensor), and is waited for before returning: the interface stays synchronous.
  *
@@ -44,6 +45,7 @@ typedef struct nccl_state {
     int busy;                /* a collective is in flight on the owner's thread */
     atomic_int aborted;
     int failed;              /* an NCCL error left the comm unusable: free aborts it */
+    int stage_managed;       /* LORANULL_NCCL_STAGE_MANAGED=1: managed buffers staged like host ones */
 } nccl_state;
 
 static nccl_state *st(ln_comm *c) { return c->impl; }
@@ -159,7 +161,8 @@ static int on_device(const nccl_state *s, const void *p)
         cudaGetLastError(); /* clear the sticky-free error a plain host pointer may leave */
         return 0;
     }
-    return a.type == cudaMemoryTypeManaged || (a.type == cudaMemoryTypeDevice && a.device == s->device);
+    if (a.type == cudaMemoryTypeManaged) return !s->stage_managed;
+    return a.type == cudaMemoryTypeDevice && a.device == s->device;
 }
 
 /* A device buffer of at least n floats for staging host memory (fallible: it scales with n). */
@@ -325,6 +328,8 @@ int comm_nccl_join(int rank, int size, const unsigned char id[COMM_NCCL_ID_BYTES
     }
     *c = (ln_comm){.ops = &NCCL_OPS, .rank = rank, .size = size, .impl = s};
     s->device = device;
+    const char *sm = getenv("LORANULL_NCCL_STAGE_MANAGED");
+    s->stage_managed = sm && strcmp(sm, "1") == 0;
     pthread_mutex_init(&s->mu, NULL);
     atomic_init(&s->aborted, 0);
     ncclUniqueId u;
