@@ -113,7 +113,7 @@ static int b64_decode(const char *in, unsigned char *out, size_t n) {
         for (int k = 0; k < 4; k++) {
             const char *p = in[i + k] == '=' ? NULL : strchr(B64, in[i + k]);
             if (!p && (in[i + k] != '=' || i + 4 < len || k < 2)) return -1;
-            v = v << 6 | (p && in[i + k] ? (unsigned)(p - B64) : 0);
+            v = v << 6 | (p ? (unsigned)(p - B64) : 0);
         }
         unsigned char b[3] = {(unsigned char)(v >> 16), (unsigned char)(v >> 8), (unsigned char)v};
         for (int k = 0; k < 3 && o < n; k++) out[o++] = b[k];
