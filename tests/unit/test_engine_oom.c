@@ -1,7 +1,10 @@
 /* Out of memory in the engine fails the job instead of aborting the worker: export (PEFT and
  * merged), the knowledge-drift tracker (full fine-tuning and a residual adapter), the LoRA-Null
- * init (null-space basis, factors, residual) and loading a data file (reading it, parsing its
- * lines — not "bad JSON") each run in a child process (this binary
+ * init (null-space basis, factors, residual), loading a data file (reading it, parsing its
+ * lines — not "bad JSON"), calibration (model hash, sums, product scratch, forward), building a
+ * batch, rendering a chat example and the safetensors writer's copies each run in a child
+ * process; the CPU attention backward, which cannot fail, must give the same bits when its
+ * per-thread blocks cannot be had (this binary
  * run again, so nothing of OpenBLAS or OpenMP is inherited through fork) under a real
  * address-space limit (RLIMIT_AS = what the child already maps + a slack). The slack doubles
  * from 256 KiB until the path succeeds; at every step the child must come back normally with
@@ -29,10 +32,13 @@
 #include "common/util.h"
 #include "worker/backend/backend.h"
 #include "worker/engine/adapter.h"
+#include "worker/engine/calibrate.h"
+#include "worker/engine/chat.h"
 #include "worker/engine/data.h"
 #include "worker/engine/drift.h"
 #include "worker/engine/export.h"
 #include "worker/engine/model.h"
+#include "worker/engine/train.h"
 #include "tests/unit/sanitizer.h"
 
 static char g_dir[] = "/tmp/ln_oom_XXXXXX";
@@ -139,24 +145,149 @@ static int run_init_lora_null(world *w, ln_err *e) {
     return 0;
 }
 
+/* Writes `lines` pre-tokenized lines of `len` ids (id (i·mi + k·mk) mod 64) into path. */
+static void write_ids_jsonl(const char *path, int lines, int len, int mi, int mk) {
+    FILE *f = fopen(path, "w");
+    for (int i = 0; f && i < lines; i++) {
+        fputs("{\"input_ids\": [", f);
+        for (int k = 0; k < len; k++) fprintf(f, "%s%d", k ? ", " : "", (i * mi + k * mk) % 64);
+        fputs("]}\n", f);
+    }
+    if (!f || fclose(f) != 0) _exit(8);
+}
+
 /* A 4 MiB JSONL file of pre-tokenized lines, read and validated whole. */
 static int run_data_load(world *w, ln_err *e) {
     char *path = ln_path_join(g_dir, "data.jsonl");
-    if (w->runs++ == 0) {
-        FILE *f = fopen(path, "w");
-        for (int i = 0; f && i < 2000; i++) {
-            fputs("{\"input_ids\": [", f);
-            for (int k = 0; k < 400; k++) fprintf(f, "%s%d", k ? ", " : "", (i + k) % 64);
-            fputs("]}\n", f);
-        }
-        if (!f || fclose(f) != 0) _exit(8);
-    }
+    if (w->runs++ == 0) write_ids_jsonl(path, 2000, 400, 1, 1);
     ln_dataset *ds = NULL;
     ln_data_opts o = {.max_seq_len = 0};
     int rc = ln_dataset_load(path, NULL, &o, &ds, e);
     ln_dataset_free(ds);
     free(path);
     return rc;
+}
+
+/* Calibration of the one-layer model: hashing it, its windows, the covariance sums (2–8 MiB each),
+ * the fp32 product scratch and the forward-only activations. */
+static int run_calibration(world *w, ln_err *e) {
+    char *path = ln_path_join(g_dir, "calib.jsonl");
+    if (w->runs++ == 0) write_ids_jsonl(path, 8, 48, 7, 3);
+    ln_calibration *c = NULL;
+    ln_calib_opts o = {.path = path, .samples = 4, .max_length = 32, .seed = 1, .cache_dir = ""};
+    int rc = ln_calibrate(w->m, NULL, &o, &c, e);
+    ln_calibration_free(c);
+    free(path);
+    return rc;
+}
+
+/* A batch of 16 rows of 8192 tokens: ids and targets 512 KiB each. */
+static int run_batch_build(world *w, ln_err *e) {
+    enum { ROWS = 16, LEN = 8192 };
+    static int32_t ids[LEN], labels[LEN];
+    static ln_example ex[ROWS];
+    static const ln_example *px[ROWS];
+    if (w->runs++ == 0)
+        for (int i = 0; i < ROWS; i++) {
+            for (int k = 0; k < LEN; k++) ids[k] = labels[k] = k % 64;
+            ex[i] = (ln_example){.input_ids = ids, .labels = labels, .len = LEN};
+            px[i] = &ex[i];
+        }
+    ln_batch b;
+    if (ln_batch_build(&b, px, ROWS, e) != 0) return -1;
+    int rc = b.B == ROWS && b.T == LEN && b.n_targets == (int64_t)ROWS * (LEN - 1) ? 0
+                                                                                   : ln_errf(e, "wrong batch");
+    ln_batch_free(&b);
+    return rc;
+}
+
+/* A 4 MiB "text" example (made before the limit) rendered: the text grows by doubling. */
+static json_t *g_chat_obj;
+
+static int prepare_chat_render(world *w, ln_err *e) {
+    (void)w;
+    (void)e;
+    char *text = malloc((4 << 20) + 1);
+    for (int i = 0; i < 4 << 20; i++) text[i] = (char)('a' + i % 26);
+    text[4 << 20] = 0;
+    g_chat_obj = json_pack("{s:s}", "text", text);
+    free(text);
+    return 0;
+}
+
+static int run_chat_render(world *w, ln_err *e) {
+    (void)w;
+    ln_chat_rendered r;
+    int rc = ln_chat_render(NULL, LN_TEMPLATE_LLAMA3, LN_CHAT_TEXT, g_chat_obj, &r, e);
+    if (rc == 0 && r.len != (size_t)4 << 20) rc = ln_errf(e, "rendered %zu bytes", r.len);
+    if (rc == 0) ln_chat_rendered_free(&r);
+    return rc;
+}
+
+/* A safetensors file of converted copies (the model's W_down as BF16 and F32). */
+static int run_writer_copies(world *w, ln_err *e) {
+    char *dir = next_dir(w, "writer");
+    st_writer *sw = st_writer_new();
+    const ln_param *p = &w->m->layers[0].lin[LN_DOWN];
+    int64_t shape[2] = {p->rows, p->cols};
+    st_writer_add_f32(sw, "down.bf16", ST_BF16, 2, shape, p->w);
+    st_writer_add_f32(sw, "down.f32", ST_F32, 2, shape, p->w);
+    int rc = ln_mkdir_p(dir, e);
+    char *path = ln_path_join(dir, "t.safetensors");
+    if (rc == 0) rc = st_writer_write(sw, path, e);
+    st_writer_free(sw);
+    free(path);
+    free(dir);
+    return rc;
+}
+
+/* The CPU attention backward under the limit: its per-thread block (64 × 2048 floats, 512 KiB)
+ * cannot be had, so it works in the caller's scratch — and must give the same bits. Succeeds or
+ * fails with a sentence without "out of memory" (which fails the test). */
+enum { AT = 2048, AH = 2, AKV = 1, AD = 8 };
+static struct {
+    float *q, *k, *v, *probs, *dout, *dq, *dk, *dv, *scratch, *ref;
+} g_att;
+
+/* Before the limit: the inputs, and the results with the kernel's own blocks. */
+static int prepare_attention_backward(world *w, ln_err *e) {
+    (void)w;
+    (void)e;
+    const lnb_backend *be = lnb_cpu();
+    const size_t nq = (size_t)AT * AH * AD, nk = (size_t)AT * AKV * AD;
+    {
+        float **bufs[] = {&g_att.q, &g_att.k, &g_att.v, &g_att.dout, &g_att.dq, &g_att.dk, &g_att.dv, &g_att.ref};
+        size_t lens[] = {nq, nk, nk, nq, nq, nk, nk, nq + 2 * nk};
+        for (int i = 0; i < 8; i++) *bufs[i] = calloc(lens[i], sizeof(float));
+        g_att.probs = calloc((size_t)AH * AT * AT, sizeof(float));
+        g_att.scratch = calloc((size_t)AT * AT, sizeof(float));
+        for (size_t i = 0; i < nq; i++) g_att.q[i] = sinf(0.37f * (float)i), g_att.dout[i] = cosf(0.11f * (float)i);
+        for (size_t i = 0; i < nk; i++) g_att.k[i] = cosf(0.23f * (float)i), g_att.v[i] = sinf(0.07f * (float)i);
+        be->attention_forward(g_att.dq, g_att.probs, g_att.q, g_att.k, g_att.v, 1, AT, AH, AKV, AD);
+        be->attention_backward(g_att.dq, g_att.dk, g_att.dv, g_att.scratch, g_att.dout, g_att.probs, g_att.q, g_att.k,
+                               g_att.v, 1, AT, AH, AKV, AD);
+        memcpy(g_att.ref, g_att.dq, nq * sizeof(float));
+        memcpy(g_att.ref + nq, g_att.dk, nk * sizeof(float));
+        memcpy(g_att.ref + nq + nk, g_att.dv, nk * sizeof(float));
+    }
+    return 0;
+}
+
+static int run_attention_backward(world *w, ln_err *e) {
+    (void)w;
+    const lnb_backend *be = lnb_cpu();
+    const size_t nq = (size_t)AT * AH * AD, nk = (size_t)AT * AKV * AD;
+    void *probe = malloc((size_t)64 * AT * sizeof(float)); /* what the kernel asks for per thread */
+    int fell_back = probe == NULL;
+    free(probe);
+    memset(g_att.dq, 0, nq * sizeof(float));
+    be->attention_backward(g_att.dq, g_att.dk, g_att.dv, g_att.scratch, g_att.dout, g_att.probs, g_att.q, g_att.k,
+                           g_att.v, 1, AT, AH, AKV, AD);
+    if (memcmp(g_att.ref, g_att.dq, nq * sizeof(float)) || memcmp(g_att.ref + nq, g_att.dk, nk * sizeof(float)) ||
+        memcmp(g_att.ref + nq + nk, g_att.dv, nk * sizeof(float)))
+        return ln_errf(e, "attention backward: other results under the limit (fell back: %d)", fell_back);
+    if (!fell_back) return ln_errf(e, "attention backward: its block fit under the limit; the fallback did not run");
+    return 0;
 }
 
 /* ---------------------------------------------------------------- the child */
@@ -176,13 +307,19 @@ static const struct {
     const char *name, *method;
     int merged;
     path_fn run;
+    path_fn prepare; /* before the limit, once (NULL: nothing) */
 } PATHS[] = {
-    {"export_peft", "pissa", 0, run_export_peft},
-    {"export_merged", "pissa", 1, run_export_merged},
-    {"drift_full", "full", 0, run_drift},
-    {"drift_residual", "pissa", 0, run_drift},
-    {"init_lora_null", NULL, 0, run_init_lora_null},
-    {"data_load", NULL, 0, run_data_load},
+    {"export_peft", "pissa", 0, run_export_peft, NULL},
+    {"export_merged", "pissa", 1, run_export_merged, NULL},
+    {"drift_full", "full", 0, run_drift, NULL},
+    {"drift_residual", "pissa", 0, run_drift, NULL},
+    {"init_lora_null", NULL, 0, run_init_lora_null, NULL},
+    {"data_load", NULL, 0, run_data_load, NULL},
+    {"calibration", NULL, 0, run_calibration, NULL},
+    {"batch_build", NULL, 0, run_batch_build, NULL},
+    {"chat_render", NULL, 0, run_chat_render, prepare_chat_render},
+    {"writer_copies", NULL, 0, run_writer_copies, NULL},
+    {"attention_backward", NULL, 0, run_attention_backward, prepare_attention_backward},
 };
 
 /* The child (this binary run again with --oom-child NAME, a fresh process: no OpenBLAS or OpenMP
@@ -203,6 +340,11 @@ static int child_main(const char *name, const char *dir) {
     w.m = new_model();
     if (PATHS[k].method) setup_adapter(&w, PATHS[k].method);
     if (PATHS[k].merged) w.orig = new_model();
+    ln_err pe;
+    if (PATHS[k].prepare && PATHS[k].prepare(&w, &pe) != 0) {
+        fprintf(stderr, "prepare %s: %s\n", name, pe.msg);
+        _exit(3);
+    }
     /* OpenBLAS maps its work buffer on the first level-3 call too big for its small-matrix kernels,
      * and under a limit it waits for one forever instead of failing (see the report): map it now. */
     enum { N = 256 };
@@ -229,7 +371,8 @@ static int child_main(const char *name, const char *dir) {
 }
 
 /* Runs the path in a child over the slacks; checks every outcome and that the first one ran
- * out of memory naming `area` and the last one succeeded. */
+ * out of memory naming `area` and the last one succeeded (area NULL: a path that cannot fail,
+ * which must succeed at the smallest slack). */
 static void check_path(const char *name, const char *area) {
     if (LN_UNDER_ASAN) {
         printf("  %s: skipped under ASan (its shadow memory makes RLIMIT_AS meaningless)\n", name);
@@ -278,6 +421,10 @@ static void check_path(const char *name, const char *area) {
         last_rc = rc;
         lines++;
     }
+    if (!area) {
+        if (lines != 1 || first_rc != 0) fail_msg("%s: failed with the smallest slack: %s", name, first_msg);
+        return;
+    }
     assert_true(lines >= 2);
     if (first_rc == 0) fail_msg("%s: succeeded even with the smallest slack", name);
     if (!strstr(first_msg, area)) fail_msg("%s: the first failure does not name \"%s\": %s", name, area, first_msg);
@@ -316,6 +463,31 @@ static void test_data_load_out_of_memory(void **state) {
     check_path("data_load", "out of memory");
 }
 
+static void test_calibration_out_of_memory(void **state) {
+    (void)state;
+    check_path("calibration", "calibration");
+}
+
+static void test_batch_build_out_of_memory(void **state) {
+    (void)state;
+    check_path("batch_build", "batch: out of memory allocating 512.0 KiB for the token ids of 16 rows of 8192 tokens");
+}
+
+static void test_chat_render_out_of_memory(void **state) {
+    (void)state;
+    check_path("chat_render", "chat template: out of memory allocating");
+}
+
+static void test_writer_copies_out_of_memory(void **state) {
+    (void)state;
+    check_path("writer_copies", "safetensors writer: out of memory allocating 1.0 MiB for a copy of tensor down.bf16");
+}
+
+static void test_attention_backward_without_its_blocks(void **state) {
+    (void)state;
+    check_path("attention_backward", NULL);
+}
+
 static int setup(void **state) {
     (void)state;
     return mkdtemp(g_dir) ? 0 : -1;
@@ -337,6 +509,11 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_drift_tracker_residual_out_of_memory),
         cmocka_unit_test(test_lora_null_init_out_of_memory),
         cmocka_unit_test(test_data_load_out_of_memory),
+        cmocka_unit_test(test_calibration_out_of_memory),
+        cmocka_unit_test(test_batch_build_out_of_memory),
+        cmocka_unit_test(test_chat_render_out_of_memory),
+        cmocka_unit_test(test_writer_copies_out_of_memory),
+        cmocka_unit_test(test_attention_backward_without_its_blocks),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -122,8 +122,8 @@ int ln_calibration_model_hash(ln_model *m, char out[65], ln_err *e) {
     for (int i = 0; i < l.n; i++) {
         sha256_ctx c;
         sha256_init(&c);
-        /* through the backend (weights may live off the host), 4 MiB at a time */
-        const size_t chunk = (size_t)1 << 20;
+        /* through the backend (weights may live off the host), 4 MiB at a time at most */
+        const size_t chunk = l.p[i]->n < ((int64_t)1 << 20) ? (size_t)(l.p[i]->n ? l.p[i]->n : 1) : (size_t)1 << 20;
         ln_err he;
         float *h = ln_try_allocf(chunk, sizeof(float), &he, "calibration", "hashing %s", l.p[i]->name);
         if (!h) {
@@ -350,12 +350,16 @@ static int calibrate_compute(ln_model *m, const window *win, int64_t count, unsi
         int dmax = 0;
         for (int in = 0; in < LN_NINPUT; in++)
             if ((need & (1u << in)) && c->d[in] > dmax) dmax = c->d[in];
-        h.scratch = ln_try_alloc((size_t)dmax * dmax * sizeof(float), "calibration fp32 product", e);
+        h.scratch = ln_try_allocf((size_t)dmax * dmax, sizeof(float), e, "calibration",
+                                  "the fp32 product of a %d-wide layer input", dmax);
         if (!h.scratch) goto out;
     }
     for (int l = 0; l < L; l++)
         for (int in = 0; in < LN_NINPUT; in++)
-            if ((need & (1u << in)) && cov_open(&h, l * LN_NINPUT + in, c->d[in], e) != 0) goto out;
+            if ((need & (1u << in)) && cov_open(&h, l * LN_NINPUT + in, c->d[in], e) != 0) {
+                ln_err_prefix(e, "calibration: the sum of layer %d %s input", l, ln_target_module(INPUT_NAMER[in]));
+                goto out;
+            }
     ln_acts *acts = ln_acts_new();
     double t0 = ln_now_s();
     for (int64_t s = 0; s < count; s++) {
