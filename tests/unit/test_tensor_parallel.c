@@ -15,6 +15,7 @@
 
 #include "worker/backend/comm/comm.h"
 #include "worker/engine/adapter.h"
+#include "worker/engine/drift.h"
 #include "worker/engine/model.h"
 #include "worker/engine/nullspace.h"
 #include "worker/engine/optim.h"
@@ -568,16 +569,12 @@ static double *product(const ln_lora *lo)
     return p;
 }
 
-static void check_init(int R)
+/* Covariances of every layer input from calibration forwards of the whole model m. */
+static void make_covs(ln_model *m, cov_mats *out)
 {
     ln_err e = {{0}};
-    ln_model *m, *pristine;
-    ln_adapter unused;
-    build_full(CASE_FULL, &m, &unused);
-    build_full(CASE_FULL, &pristine, &unused);
-    /* covariances from a calibration forward of the whole model */
-    cov_set *cs = calloc(1, sizeof *cs);
     cov_mats cm;
+    cov_set *cs = calloc(1, sizeof *cs);
     ln_fwd_opts o = {.hook = collect, .hook_ctx = cs, .no_logits = 1};
     ln_acts *a = ln_acts_new();
     /* 24 samples of 10 random tokens: 240 rows > every d_in (≤ 64), so each covariance has full
@@ -601,6 +598,25 @@ static void check_init(int R)
             assert_int_equal(ln_cov_finish(&cs->cov[l][i], cm.C[l][i], &e), 0);
             ln_cov_free(&cs->cov[l][i]);
         }
+    free(cs);
+    *out = cm;
+}
+
+static void free_covs(cov_mats *cm)
+{
+    for (int l = 0; l < NLAYERS; l++)
+        for (int i = 0; i < LN_NINPUT; i++) free(cm->C[l][i]);
+}
+
+static void check_init(int R)
+{
+    ln_err e = {{0}};
+    ln_model *m, *pristine;
+    ln_adapter unused;
+    build_full(CASE_FULL, &m, &unused);
+    build_full(CASE_FULL, &pristine, &unused);
+    cov_mats cm;
+    make_covs(m, &cm);
     /* 1 rank: the engine's own init */
     ln_adapter ad;
     ln_adapter_opts ao = {.method = "lora_null_v2", .rank = 4, .alpha = 4.0f, .targets = LN_TARGETS_ALL,
@@ -648,9 +664,7 @@ static void check_init(int R)
     }
     free(ctx);
     ln_adapter_free(&ad);
-    for (int l = 0; l < NLAYERS; l++)
-        for (int i = 0; i < LN_NINPUT; i++) free(cm.C[l][i]);
-    free(cs);
+    free_covs(&cm);
     ln_model_free(m);
     ln_model_free(pristine);
 }
@@ -748,6 +762,239 @@ static void test_load_shard_equals_cut(void **s)
             snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
             assert_int_equal(system(cmd), 0);
         }
+}
+
+/* ---- a rank that holds only its shard: init, drift and resume without the whole model ---- */
+
+typedef struct {
+    const char *dir, *method, *ckpt;
+    cov_mats *cov;
+    int spread;
+    const ln_model *ref;        /* the whole model the checkpoint restores onto (read-only) */
+    const ln_adapter *ref_ad;
+    ln_adapter whole;           /* rank 0: the gathered init */
+    int solves, ckpt_mismatch;
+    double ckpt_w;              /* worst relative W0' difference of the restored shard */
+    json_t *row;                /* rank 0: the drift of the perturbed adapter */
+} only_ctx;
+
+static int only_rank(ln_comm *c, void *p, ln_err *e)
+{
+    only_ctx *x = p;
+    int root = c->rank == 0;
+    ln_model *shard, *shape;
+    if (ln_tp_load_shard(x->dir, lnb_cpu(), c, &shard, e)) return -1;
+    shape = ln_tp_whole_shape(shard);
+    ln_adapter sad, w;
+    ln_adapter_opts ao = {.method = x->method, .rank = 4, .alpha = 4.0f, .targets = LN_TARGETS_ALL, .seed = 9,
+                          .covariance = cov_of, .method_ctx = x->cov};
+    int rc = ln_tp_adapter_init(shard, shape, &ao, x->spread, &sad, root ? &w : NULL, &x->solves, e);
+    ln_tp_drift *d = NULL;
+    if (rc == 0) rc = ln_tp_drift_new(shard, &sad, shape, root ? &w : NULL, cov_of, x->cov, &d, e);
+    if (rc == 0 && root) { /* a copy of the init as it was, for the caller */
+        rc = ln_adapter_alloc(shape, &x->whole, x->method, 4, 4.0f, LN_TARGETS_ALL, e);
+        for (int i = 0; rc == 0 && i < w.num_layers * LN_NTARGET; i++) {
+            memcpy(x->whole.lora[i].A.w, w.lora[i].A.w, (size_t)w.lora[i].A.n * sizeof(float));
+            memcpy(x->whole.lora[i].B.w, w.lora[i].B.w, (size_t)w.lora[i].B.n * sizeof(float));
+            rc = ln_param_set_trainable(lnb_cpu(), &x->whole.lora[i].A, w.lora[i].A.trainable, e);
+        }
+        x->whole.residual = w.residual;
+    }
+    /* a trained-looking B: every element moved by 0.01, gathered and measured on rank 0 */
+    for (int i = 0; rc == 0 && i < sad.num_layers * LN_NTARGET; i++)
+        for (int64_t j = 0; j < sad.lora[i].B.n; j++) sad.lora[i].B.w[j] += 0.01f;
+    if (rc == 0) rc = ln_tp_gather(shard, &sad, NULL, root ? &w : NULL, e);
+    if (rc == 0 && root) {
+        x->row = json_object();
+        rc = ln_tp_drift_measure(d, shape, &w, x->row, e);
+    }
+    ln_tp_drift_free(d);
+    ln_adapter_free(&sad);
+    if (root) ln_adapter_free(&w);
+    ln_model_free(shard);
+    /* resume: a checkpoint restored onto a fresh shard, against the whole restore cut */
+    if (rc == 0 && x->ckpt) {
+        ln_model *rs, *cut;
+        ln_adapter rad, rw, cut_ad;
+        rc = ln_tp_load_shard(x->dir, lnb_cpu(), c, &rs, e);
+        if (rc == 0) rc = ln_tp_load_checkpoint(rs, shape, x->ckpt, &rad, root ? &rw : NULL, e);
+        if (rc == 0) rc = ln_tp_shard_model(x->ref, c, &cut, e);
+        if (rc == 0) rc = ln_tp_shard_adapter(x->ref, x->ref_ad, cut, &cut_ad, e);
+        if (rc == 0) {
+            for (int l = 0; l < NLAYERS; l++)
+                for (int t = 0; t < LN_NTARGET; t++) {
+                    const ln_param *a = &rs->layers[l].lin[t], *b = &cut->layers[l].lin[t];
+                    x->ckpt_w = fmax(x->ckpt_w, block_err(a->w, a->rows, a->cols, b->w, b->cols, 0, 0, maxabs(b->w, b->n)));
+                    const ln_lora *la = &rad.lora[l * LN_NTARGET + t], *lb = &cut_ad.lora[l * LN_NTARGET + t];
+                    x->ckpt_mismatch += memcmp(la->A.w, lb->A.w, (size_t)la->A.n * sizeof(float)) != 0;
+                    x->ckpt_mismatch += memcmp(la->B.w, lb->B.w, (size_t)la->B.n * sizeof(float)) != 0;
+                    x->ckpt_mismatch += la->A.trainable != lb->A.trainable || rad.residual != cut_ad.residual;
+                }
+            ln_adapter_free(&cut_ad);
+            ln_model_free(cut);
+            ln_adapter_free(&rad);
+            if (root) ln_adapter_free(&rw);
+        }
+        ln_model_free(rs);
+    }
+    ln_model_free(shape);
+    return rc;
+}
+
+/* The worker's path for R = 2 ranks from a model directory, no rank holding the whole model:
+ * init on the shards (both ways of placing the eigensolves) equals ln_adapter_init on the whole
+ * model (lora bitwise; lora_null_v2's B A ≤ TOL, the two placements ≤ TOL); the drift of
+ * a perturbed adapter equals the whole model's tracker (≤ 1e-5 relative); a lora_null_v2
+ * checkpoint restored onto shards equals the whole restore cut (factors bitwise, W0' ≤ TOL);
+ * pissa is refused with a sentence. */
+static void test_shard_only_ranks(void **s)
+{
+    (void)s;
+    ln_err e = {{0}};
+    ln_model *m;
+    ln_adapter unused;
+    char dir[] = "/tmp/loranull-tponly-XXXXXX", ck[128], cmd[160];
+    assert_non_null(mkdtemp(dir));
+    build_full(CASE_FULL, &m, &unused);
+    assert_int_equal(ln_model_save(m, dir, ST_F32, &e), 0);
+    ln_model_free(m);
+    assert_int_equal(ln_model_load(dir, lnb_cpu(), &m, &e), 0);
+    cov_mats cm;
+    make_covs(m, &cm);
+    ln_model_free(m);
+    static const char *methods[2] = {"lora", "lora_null_v2"};
+    ln_adapter first_whole;
+    for (int mi = 0; mi < 2; mi++)
+        for (int spread = 1; spread >= (mi ? 0 : 1); spread--) {
+            /* the whole model's init and tracker */
+            ln_model *wm;
+            ln_adapter ad;
+            ln_drift_tracker *tr;
+            ln_adapter_opts ao = {.method = methods[mi], .rank = 4, .alpha = 4.0f, .targets = LN_TARGETS_ALL,
+                                  .seed = 9, .covariance = cov_of, .method_ctx = &cm};
+            assert_int_equal(ln_model_load(dir, lnb_cpu(), &wm, &e), 0);
+            assert_int_equal(ln_adapter_init(wm, &ad, &ao, &e), 0);
+            assert_int_equal(ln_drift_tracker_new(wm, &ad, cov_of, &cm, &tr, &e), 0);
+            only_ctx x[2];
+            for (int r = 0; r < 2; r++) x[r] = (only_ctx){.dir = dir, .method = methods[mi], .cov = &cm, .spread = spread};
+            void *ptrs[2] = {&x[0], &x[1]};
+            if (comm_thread_run(2, only_rank, ptrs, &e)) fail_msg("%s: %s", methods[mi], e.msg);
+            double worst = 0;
+            int bits = 0;
+            for (int i = 0; i < NLAYERS * LN_NTARGET; i++) {
+                const ln_lora *a = &x[0].whole.lora[i], *b = &ad.lora[i];
+                double *pa = product(a), *pb = product(b);
+                double mx = maxabs(b->B.w, b->B.n) * maxabs(b->A.w, b->A.n) * b->A.rows, num = 0;
+                for (int64_t q = 0; q < (int64_t)b->B.rows * b->A.cols; q++) num = fmax(num, fabs(pa[q] - pb[q]));
+                worst = fmax(worst, num / mx);
+                bits += memcmp(a->A.w, b->A.w, (size_t)a->A.n * sizeof(float)) == 0 &&
+                        memcmp(a->B.w, b->B.w, (size_t)a->B.n * sizeof(float)) == 0;
+                assert_int_equal(a->A.trainable, b->A.trainable);
+                free(pa);
+                free(pb);
+            }
+            if (mi == 0) assert_int_equal(bits, NLAYERS * LN_NTARGET); /* lora: the same seeded draws */
+            assert_true(worst <= TOL);
+            assert_int_equal(x[0].whole.residual, ad.residual);
+            if (mi == 1 && spread) {
+                assert_int_equal(x[0].solves, 2 * NLAYERS);
+                assert_int_equal(x[1].solves, 2 * NLAYERS);
+                first_whole = x[0].whole;
+            } else if (mi == 1) {
+                assert_int_equal(x[0].solves, 4 * NLAYERS); /* every solve on rank 0 */
+                assert_int_equal(x[1].solves, 0);
+                /* and the same factors as spread, up to the BLAS thread count's rounding (bitwise
+                 * with one thread: test_wd_run_ranks' threads vs processes) */
+                for (int i = 0; i < NLAYERS * LN_NTARGET; i++) {
+                    const ln_param *a = &x[0].whole.lora[i].B, *b = &first_whole.lora[i].B;
+                    assert_true(block_err(a->w, a->rows, a->cols, b->w, b->cols, 0, 0, maxabs(b->w, b->n)) <= TOL);
+                }
+                ln_adapter_free(&first_whole);
+            }
+            /* the drift of the perturbed adapter against the whole tracker's */
+            for (int i = 0; i < NLAYERS * LN_NTARGET; i++)
+                for (int64_t j = 0; j < ad.lora[i].B.n; j++) ad.lora[i].B.w[j] += 0.01f;
+            json_t *ref = json_object();
+            assert_int_equal(ln_drift_tracker_measure(tr, wm, &ad, ref, &e), 0);
+            double dworst = 0;
+            const char *k;
+            json_t *v;
+            json_object_foreach(json_object_get(ref, "knowledge_drift"), k, v) {
+                json_t *got = json_object_get(json_object_get(x[0].row, "knowledge_drift"), k);
+                assert_non_null(got);
+                dworst = fmax(dworst, fabs(json_number_value(got) - json_number_value(v)) / json_number_value(v));
+            }
+            assert_int_equal(json_object_size(json_object_get(ref, "knowledge_drift")),
+                             json_object_size(json_object_get(x[0].row, "knowledge_drift")));
+            double mean_ref = json_number_value(json_object_get(ref, "knowledge_drift_mean"));
+            dworst = fmax(dworst, fabs(json_number_value(json_object_get(x[0].row, "knowledge_drift_mean")) - mean_ref) / mean_ref);
+            printf("  %s on 2 shard-only ranks (solves %s): init %.2e from the whole model's, drift %.2e (mean %.3e)\n",
+                   methods[mi], spread ? "spread" : "on rank 0", worst, dworst, mean_ref);
+            assert_true(dworst <= 1e-5);
+            json_decref(ref);
+            json_decref(x[0].row);
+            if (mi == 0 || !spread) ln_adapter_free(&x[0].whole);
+            ln_drift_tracker_free(tr);
+            ln_adapter_free(&ad);
+            ln_model_free(wm);
+        }
+    /* resume: a lora_null_v2 checkpoint of 2 steps on the whole model, restored onto shards */
+    {
+        ln_model *wm, *base;
+        ln_adapter ad, rad;
+        ln_adapter_opts ao = {.method = "lora_null_v2", .rank = 4, .alpha = 4.0f, .targets = LN_TARGETS_ALL,
+                              .covariance = cov_of, .method_ctx = &cm};
+        assert_int_equal(ln_model_load(dir, lnb_cpu(), &wm, &e), 0);
+        assert_int_equal(ln_adapter_init(wm, &ad, &ao, &e), 0);
+        ln_dataset *ds = make_dataset();
+        ln_train_opts o = ckpt_opts();
+        o.max_steps = 2;
+        o.save_every = 2;
+        char out[160];
+        snprintf(out, sizeof out, "%s/out", dir);
+        o.out_dir = out;
+        ln_train_result res;
+        assert_int_equal(ln_train(wm, &ad, ds, &o, &res, &e), 0);
+        snprintf(ck, sizeof ck, "%s/out/checkpoints/step-000002", dir);
+        assert_int_equal(ln_model_load(dir, lnb_cpu(), &base, &e), 0);
+        assert_int_equal(ln_train_load_checkpoint(base, ck, &rad, &e), 0);
+        only_ctx x[2];
+        for (int r = 0; r < 2; r++)
+            x[r] = (only_ctx){.dir = dir, .method = "lora", .cov = &cm, .spread = 1, .ckpt = ck, .ref = base,
+                              .ref_ad = &rad};
+        void *ptrs[2] = {&x[0], &x[1]};
+        if (comm_thread_run(2, only_rank, ptrs, &e)) fail_msg("resume: %s", e.msg);
+        printf("  checkpoint restored onto shards: factors %s, W0' %.2e from the whole restore\n",
+               x[0].ckpt_mismatch + x[1].ckpt_mismatch ? "differ" : "bitwise", fmax(x[0].ckpt_w, x[1].ckpt_w));
+        assert_int_equal(x[0].ckpt_mismatch + x[1].ckpt_mismatch, 0);
+        assert_true(fmax(x[0].ckpt_w, x[1].ckpt_w) <= TOL);
+        for (int r = 0; r < 2; r++) json_decref(x[r].row);
+        ln_adapter_free(&x[0].whole);
+        free_dataset(ds);
+        ln_adapter_free(&rad);
+        ln_adapter_free(&ad);
+        ln_model_free(base);
+        ln_model_free(wm);
+    }
+    /* an SVD of each whole weight is refused, naming the method */
+    {
+        ln_comm *c[2];
+        ln_model *shard, *shape;
+        ln_adapter sad, w;
+        assert_int_equal(comm_thread_group_new(2, c, &e), 0);
+        assert_int_equal(ln_tp_load_shard(dir, lnb_cpu(), c[0], &shard, &e), 0);
+        shape = ln_tp_whole_shape(shard);
+        ln_adapter_opts ao = {.method = "pissa", .rank = 4};
+        assert_int_equal(ln_tp_adapter_init(shard, shape, &ao, 1, &sad, &w, NULL, &e), -1);
+        assert_non_null(strstr(e.msg, "adapter method \"pissa\" initialises from an SVD of every whole weight"));
+        ln_model_free(shape);
+        ln_model_free(shard);
+        comm_free(c[0]);
+        comm_free(c[1]);
+    }
+    free_covs(&cm);
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
 }
 
 /* ---- one rank per "process": ln_tp_train_rank with its own whole model, checkpoints, resume on
@@ -1152,6 +1399,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_shard_config_errors), cmocka_unit_test(test_load_shard_equals_cut),
+        cmocka_unit_test(test_shard_only_ranks),
         cmocka_unit_test(test_lora_2_ranks),   cmocka_unit_test(test_lora_4_ranks),
         cmocka_unit_test(test_null_v2_2_ranks), cmocka_unit_test(test_null_v2_4_ranks),
         cmocka_unit_test(test_full_2_ranks),   cmocka_unit_test(test_full_4_ranks),
