@@ -172,3 +172,15 @@ def test_bad_line_error_names_the_file_once(env):
         assert done["error"]["code"] == "invalid_training_file", done["error"]
         assert msg.count(fid) == 1, msg
         assert msg.startswith(f"training file {fid} line 3:"), msg
+
+
+def test_svd_initialised_methods_are_refused_on_ranks_with_a_sentence(env):
+    """A rank holds 1/2 of each weight (it never loads the whole model), so pissa — whose init is an
+    SVD of each whole weight — fails at once on 2 ranks, not retryable, saying what to change."""
+    w = env.worker("w1", extra=RANKS)
+    job = submit_ranks(env, 2, method="pissa", epochs=1)
+    done = env.srv.wait_status(env.key, job["id"], {"failed", "succeeded"}, timeout=60)
+    assert done["status"] == "failed", w.log()
+    assert done["error"]["code"] == "unsupported_resources", done["error"]
+    assert "pissa initialises from an SVD of each whole weight" in done["error"]["message"], done["error"]
+    assert "train it with resources.ranks 1" in done["error"]["message"], done["error"]

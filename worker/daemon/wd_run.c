@@ -342,7 +342,7 @@ static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets)
         if (sm == LN_METHOD_PISSA || sm == LN_METHOD_MILORA || sm == LN_METHOD_CORDA) {
             ln_errf(&e, "adapter type %s initialises from an SVD of each whole weight, which a rank holding 1/%d of "
                         "every layer cannot take: train it with resources.ranks 1", ln_method_name(sm), r->world);
-            return fail(r, "invalid_method", 0, &e);
+            return fail(r, "unsupported_resources", 0, &e);
         }
         return calibrated(r) ? load_knowledge(r, p) : 0;
     }

@@ -55,10 +55,11 @@ typedef struct wd_run {
      * (ln_tp_load_checkpoint), and evaluates with collective forwards on the shards (validation,
      * task and knowledge losses). Rank 0 also holds the whole model's shape (no weights) and the
      * whole adapter gathered from the shards, for checkpoints, the drift tracker (its denominators
-     * from W0 gathered one layer at a time) and the PEFT export. pissa, milora and corda (an SVD of
-     * each whole weight) fail on ranks with code invalid_method. Full fine-tuning on ranks keeps a
-     * whole model on every rank (rank 0's checkpoints and merged export gather every weight into
-     * it; ln_tp_train_rank, which first checks that the ranks agree on data, options and weights).
+     * from W0 gathered one layer at a time) and the PEFT export. pissa, milora and corda (an SVD
+     * of each whole weight) fail on ranks with code unsupported_resources. Full fine-tuning on
+     * ranks keeps a whole model on every rank (rank 0's checkpoints and merged export gather every
+     * weight into it; ln_tp_train_rank, which first checks that the ranks agree on data, options
+     * and weights).
      * Then:
      *  - rank 0 reports for the job: every event and metric point, the before/after evaluation,
      *    drift and validation at eval points, the checkpoints (wd_run_take_checkpoint), the
