@@ -284,6 +284,28 @@ static void hold_for(const candidate *c, pool_worker **fit, int nfit, int total,
     note_wait(c->id, "holding", msg);
 }
 
+/* A gang spread over workers talks over one comm: TCP between CPU workers, NCCL between GPU
+ * workers. So a job with device "any" that no single worker can hold keeps, of the fitting
+ * workers, those of one kind: the kind with enough free devices (the first worker's kind first),
+ * else the kind with the most. Keeps fit's order; returns the new count. */
+static int one_kind(pool_worker **fit, int nfit, int ranks) {
+    for (int i = 0; i < nfit; i++)
+        if (fit[i]->free_devices >= ranks) return nfit; /* one worker holds every rank */
+    const char *kind = NULL;
+    int best = -1;
+    for (int i = 0; i < nfit; i++) {
+        int total = 0;
+        for (int k = 0; k < nfit; k++)
+            if (strcmp(fit[k]->kind, fit[i]->kind) == 0) total += fit[k]->free_devices;
+        if (total >= ranks) { kind = fit[i]->kind; break; }
+        if (total > best) { best = total; kind = fit[i]->kind; }
+    }
+    int n = 0;
+    for (int i = 0; i < nfit; i++)
+        if (strcmp(fit[i]->kind, kind) == 0) fit[n++] = fit[i];
+    return n;
+}
+
 /* One pass over the queue with the current pool, oldest job first. */
 static void schedule(const char *asking, double now) {
     candidate *cand = ln_xmalloc(CAND_MAX * sizeof *cand);
@@ -300,6 +322,7 @@ static void schedule(const char *asking, double now) {
         if (me && worker_fits(me, model, dev)) fit[nfit++] = me;
         for (int i = 0; i < g_npool; i++)
             if (g_pool[i] != me && worker_fits(g_pool[i], model, dev)) fit[nfit++] = g_pool[i];
+        if (ranks > 1 && nfit > 0 && strcmp(dev, "any") == 0) nfit = one_kind(fit, nfit, ranks);
         for (int i = 0; i < nfit; i++) {
             total += fit[i]->free_devices;
             if (single < 0 && fit[i]->free_devices >= ranks) single = i;

@@ -3,7 +3,8 @@ free up are held for it instead of going to younger jobs (strict first in, first
 the live workers could never hold it."""
 import threading
 
-from gang_helpers import create, events, form_gang, messages, one_device_workers, setup
+from gang_helpers import MODEL, create, events, form_gang, messages, one_device_workers, setup
+from lnserver import TestWorker
 
 
 def lease_seq(server, key, job_id):
@@ -113,3 +114,34 @@ def test_a_gang_the_live_workers_cannot_hold_blocks_nobody(steady_server):
         t.join()
     assert {g["job_id"] for g in got.values()} == {big}
     assert sorted(r for g in got.values() for r in g["ranks"]) == [0, 1, 2]
+
+
+def test_a_gang_of_device_any_is_never_split_over_cpu_and_gpu_workers(steady_server):
+    """Ranks on different workers talk over TCP (CPU) or NCCL (GPU), never both: a 2-rank job with
+    device "any" waits while the free devices are one CPU and one GPU worker, and is leased to two
+    workers of one kind once there are."""
+    server = steady_server
+    key, tok, f = setup(server)
+    job = server.create_job(key, model=MODEL, training_file=f["id"], resources={"ranks": 2, "device": "any"})["id"]
+    server.wait_status(key, job, "queued")
+    cpu = TestWorker(server, tok, "cpu-a", models=(MODEL,), devices=1, kind="cpu")
+    gpu = TestWorker(server, tok, "gpu-a", models=(MODEL,), devices=1, kind="cuda")
+    cpu.register()
+    gpu.register()
+    got = {}
+    t = threading.Thread(target=lambda: got.__setitem__("cpu", cpu.lease(wait_s=2)))
+    t.start()
+    got["gpu"] = gpu.lease(wait_s=2)
+    t.join()
+    assert got == {"cpu": None, "gpu": None}, got
+    assert server.get_job(key, job)["status"] == "queued"
+    cpu2 = TestWorker(server, tok, "cpu-b", models=(MODEL,), devices=1, kind="cpu")
+    cpu2.register()
+    t = threading.Thread(target=lambda: got.__setitem__("cpu", cpu.lease(wait_s=10)))
+    t.start()
+    got["cpu2"] = cpu2.lease(wait_s=10)
+    t.join()
+    assert got["cpu"] and got["cpu2"], got
+    assert got["cpu"]["job_id"] == got["cpu2"]["job_id"] == job
+    assert {p["worker_id"] for p in got["cpu"]["peers"]} == {cpu.worker_id, cpu2.worker_id}
+    assert gpu.lease(wait_s=0.5) is None
