@@ -422,6 +422,24 @@ void st_writer_add_f32(st_writer *w, const char *name, st_dtype dt, int ndim, co
     x->data = x->owned;
 }
 
+/* Writes n bytes to fd (tmp names the file in the error). */
+static int write_all(int fd, const void *data, size_t n, const char *tmp, ln_err *e) {
+    const char *p = data;
+    while (n > 0) {
+        ssize_t k = write(fd, p, n);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            return ln_errf(e, "%s: write failed: %s", tmp, strerror(errno));
+        }
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+/* The header, then each tensor straight from where it lives, into path.tmp; fsync; rename. No copy
+ * of the file is assembled in memory (a model's weights or an 8B calibration's 61 GiB of
+ * covariances would need as much again). */
 int st_writer_write(st_writer *w, const char *path, ln_err *e) {
     if (w->failed) return ln_errf(e, "%s: %s", path, w->err.msg);
     json_t *h = json_object();
@@ -438,17 +456,30 @@ int st_writer_write(st_writer *w, const char *path, ln_err *e) {
     }
     char *hs = json_dumps(h, JSON_COMPACT);
     json_decref(h);
-    size_t hl = strlen(hs), padded = (hl + 7) / 8 * 8; /* pad with spaces so the buffer is 8-aligned */
-    size_t total = 8 + padded + off;
-    unsigned char *buf = ln_try_alloc(total, path, e);
-    if (!buf) { free(hs); return -1; }
-    for (int i = 0; i < 8; i++) buf[i] = (unsigned char)((uint64_t)padded >> (8 * i));
-    memcpy(buf + 8, hs, hl);
-    memset(buf + 8 + hl, ' ', padded - hl);
+    if (!hs) return ln_errf(e, "%s: out of memory writing the header of %zu tensors", path, w->n);
+    size_t hl = strlen(hs), padded = (hl + 7) / 8 * 8; /* pad with spaces so the data is 8-aligned */
+    unsigned char *head = ln_try_allocf(8 + padded, 1, e, "safetensors writer", "the header of %s", path);
+    if (!head) { free(hs); return -1; }
+    for (int i = 0; i < 8; i++) head[i] = (unsigned char)((uint64_t)padded >> (8 * i));
+    memcpy(head + 8, hs, hl);
+    memset(head + 8 + hl, ' ', padded - hl);
     free(hs);
-    unsigned char *p = buf + 8 + padded;
-    for (size_t i = 0; i < w->n; i++) { if (w->e[i].nbytes) memcpy(p, w->e[i].data, w->e[i].nbytes); p += w->e[i].nbytes; }
-    int rc = ln_write_file_atomic(path, buf, total, e);
-    free(buf);
+    char *tmp = ln_xmalloc(strlen(path) + 8);
+    snprintf(tmp, strlen(path) + 8, "%s.tmp", path);
+    int rc = -1, fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) {
+        ln_errf(e, "%s: cannot create: %s", tmp, strerror(errno));
+        goto out;
+    }
+    rc = write_all(fd, head, 8 + padded, tmp, e);
+    for (size_t i = 0; rc == 0 && i < w->n; i++)
+        if (w->e[i].nbytes) rc = write_all(fd, w->e[i].data, w->e[i].nbytes, tmp, e);
+    if (rc == 0 && fsync(fd) != 0) rc = ln_errf(e, "%s: cannot finish writing: %s", path, strerror(errno));
+    if (close(fd) != 0 && rc == 0) rc = ln_errf(e, "%s: cannot finish writing: %s", path, strerror(errno));
+    if (rc == 0 && rename(tmp, path) != 0) rc = ln_errf(e, "%s: cannot finish writing: %s", path, strerror(errno));
+    if (rc != 0) unlink(tmp);
+out:
+    free(tmp);
+    free(head);
     return rc;
 }
