@@ -2,7 +2,7 @@
  * merged), the knowledge-drift tracker (full fine-tuning and a residual adapter), the LoRA-Null
  * init (null-space basis, factors, residual), loading a data file (reading it, parsing its
  * lines — not "bad JSON"), calibration (model hash, sums, product scratch, forward), building a
- * batch, rendering a chat example and the safetensors writer's copies each run in a child
+ * batch, rendering a chat example, tokenizing a long text and the safetensors writer's copies each run in a child
  * process; the CPU attention backward, which cannot fail, must give the same bits when its
  * per-thread blocks cannot be had (this binary
  * run again, so nothing of OpenBLAS or OpenMP is inherited through fork) under a real
@@ -38,6 +38,7 @@
 #include "worker/engine/drift.h"
 #include "worker/engine/export.h"
 #include "worker/engine/model.h"
+#include "worker/engine/tokenizer.h"
 #include "worker/engine/train.h"
 #include "tests/unit/sanitizer.h"
 
@@ -224,6 +225,32 @@ static int run_chat_render(world *w, ln_err *e) {
     return rc;
 }
 
+/* The default tokenizer (made and loaded before the limit) on 4 MiB of words, with offsets. */
+static ln_tokenizer *g_tok;
+static char *g_words;
+
+static int prepare_tokenize(world *w, ln_err *e) {
+    (void)w;
+    char *path = ln_path_join(g_dir, "tokenizer.json");
+    int rc = ln_tokenizer_make_default(path, 512, e);
+    if (rc == 0) rc = ln_tokenizer_load(path, &g_tok, e);
+    free(path);
+    g_words = malloc((4 << 20) + 1);
+    for (int i = 0; i < 4 << 20; i++) g_words[i] = i % 7 == 6 ? ' ' : (char)('a' + (i * 5) % 26);
+    g_words[4 << 20] = 0;
+    return rc;
+}
+
+static int run_tokenize(world *w, ln_err *e) {
+    (void)w;
+    ln_ids ids = {0}, offs = {0};
+    int rc = ln_tokenizer_encode(g_tok, g_words, (size_t)4 << 20, 1, &ids, &offs, e);
+    if (rc == 0 && (ids.n < (4 << 20) / 7 || offs.n != 2 * ids.n)) rc = ln_errf(e, "%d ids, %d offsets", ids.n, offs.n);
+    ln_ids_free(&ids);
+    ln_ids_free(&offs);
+    return rc;
+}
+
 /* A safetensors file of converted copies (the model's W_down as BF16 and F32). */
 static int run_writer_copies(world *w, ln_err *e) {
     char *dir = next_dir(w, "writer");
@@ -319,6 +346,7 @@ static const struct {
     {"batch_build", NULL, 0, run_batch_build, NULL},
     {"chat_render", NULL, 0, run_chat_render, prepare_chat_render},
     {"writer_copies", NULL, 0, run_writer_copies, NULL},
+    {"tokenize", NULL, 0, run_tokenize, prepare_tokenize},
     {"attention_backward", NULL, 0, run_attention_backward, prepare_attention_backward},
 };
 
@@ -483,6 +511,11 @@ static void test_writer_copies_out_of_memory(void **state) {
     check_path("writer_copies", "safetensors writer: out of memory allocating 1.0 MiB for a copy of tensor down.bf16");
 }
 
+static void test_tokenize_out_of_memory(void **state) {
+    (void)state;
+    check_path("tokenize", "tokenizer: out of memory encoding a text of 4.0 MiB");
+}
+
 static void test_attention_backward_without_its_blocks(void **state) {
     (void)state;
     check_path("attention_backward", NULL);
@@ -513,6 +546,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_batch_build_out_of_memory),
         cmocka_unit_test(test_chat_render_out_of_memory),
         cmocka_unit_test(test_writer_copies_out_of_memory),
+        cmocka_unit_test(test_tokenize_out_of_memory),
         cmocka_unit_test(test_attention_backward_without_its_blocks),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -333,6 +333,12 @@ int ln_chat_encode_json(const ln_tokenizer *tok, const char *template_name, ln_c
         }
         ln_ids_push(&ids, eos);
     }
+    if (ids.oom) {
+        ln_chat_rendered_free(&r);
+        ln_ids_free(&ids);
+        ln_ids_free(&off);
+        return ln_errf(e, "chat template: out of memory appending EOS to %d tokens", n_text);
+    }
     int32_t *labels = ln_try_allocf((size_t)(ids.n ? ids.n : 1), sizeof *labels, e, "chat template",
                                     "the labels of %d tokens", ids.n);
     if (!labels) {

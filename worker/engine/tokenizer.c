@@ -34,9 +34,16 @@
  * ------------------------------------------------------------------------------------------- */
 
 void ln_ids_push(ln_ids *v, int32_t id) {
+    if (v->oom) return;
     if (v->n == v->cap) {
-        v->cap = v->cap ? v->cap * 2 : 64;
-        v->ids = ln_xrealloc(v->ids, (size_t)v->cap * sizeof *v->ids);
+        int cap = v->cap ? v->cap * 2 : 64;
+        int32_t *ids = realloc(v->ids, (size_t)cap * sizeof *v->ids);
+        if (!ids) {
+            v->oom = 1;
+            return;
+        }
+        v->ids = ids;
+        v->cap = cap;
     }
     v->ids[v->n++] = id;
 }
@@ -44,7 +51,7 @@ void ln_ids_push(ln_ids *v, int32_t id) {
 void ln_ids_free(ln_ids *v) {
     free(v->ids);
     v->ids = NULL;
-    v->n = v->cap = 0;
+    v->n = v->cap = v->oom = 0;
 }
 
 bytes_t ln_tok_bytes_dup(const void *p, size_t n) {
@@ -540,7 +547,12 @@ static int load_model(ln_tokenizer *t, json_t *model, json_t *added, int byte_le
         if (a->normalized && t->n_norm && a->content.len) {
             /* HF looks for the normalized form (LLaMA 2: "foo" is found as "▁foo") */
             aligned m = ln_tok_aligned_from_input(a->content.p, (size_t)a->content.len, 0);
-            for (int st = 0; st < t->n_norm; st++) ln_tok_norm_apply(&t->norm[st], &m.p, &m.al, &m.n);
+            int bad = !m.p;
+            for (int st = 0; st < t->n_norm && !bad; st++) bad = ln_tok_norm_apply(&t->norm[st], &m.p, &m.al, &m.n);
+            if (bad) {
+                ln_tok_aligned_free(&m);
+                return ln_errf(e, "tokenizer: out of memory normalizing added token %d", a->id);
+            }
             a->match = ln_tok_bytes_dup(m.p, m.n);
             ln_tok_aligned_free(&m);
         }

@@ -23,6 +23,7 @@ typedef struct ln_tokenizer ln_tokenizer;
 typedef struct ln_ids {
     int32_t *ids;
     int n, cap;
+    int oom;      /* a push found no memory (and was dropped): the encode that did it fails */
 } ln_ids;
 void ln_ids_push(ln_ids *v, int32_t id);
 void ln_ids_free(ln_ids *v);

@@ -21,18 +21,27 @@ typedef struct scratch {
     int cap;
     merge_cand *heap;
     int heap_n, heap_cap;
+    int oom;           /* an allocation failed: the encode stops and fails */
 } scratch;
 
-static void scratch_reserve(scratch *s, int n) {
-    if (n <= s->cap) return;
+/* realloc that keeps the old block and sets s->oom on failure. */
+static int grow(scratch *s, void *pp, size_t bytes) {
+    void **p = pp, *q = s->oom ? NULL : realloc(*p, bytes);
+    if (!q) return s->oom = 1, -1;
+    *p = q;
+    return 0;
+}
+
+static int scratch_reserve(scratch *s, int n) {
+    if (n <= s->cap) return 0;
     int cap = s->cap ? s->cap : 64;
     while (cap < n) cap *= 2;
-    s->id = ln_xrealloc(s->id, (size_t)cap * sizeof *s->id);
-    s->start = ln_xrealloc(s->start, (size_t)cap * sizeof *s->start);
-    s->len = ln_xrealloc(s->len, (size_t)cap * sizeof *s->len);
-    s->prev = ln_xrealloc(s->prev, (size_t)cap * sizeof *s->prev);
-    s->next = ln_xrealloc(s->next, (size_t)cap * sizeof *s->next);
+    if (grow(s, &s->id, (size_t)cap * sizeof *s->id) || grow(s, &s->start, (size_t)cap * sizeof *s->start) ||
+        grow(s, &s->len, (size_t)cap * sizeof *s->len) || grow(s, &s->prev, (size_t)cap * sizeof *s->prev) ||
+        grow(s, &s->next, (size_t)cap * sizeof *s->next))
+        return -1;
     s->cap = cap;
+    return 0;
 }
 
 static void scratch_free(scratch *s) {
@@ -46,8 +55,9 @@ static inline int cand_less(const merge_cand *a, const merge_cand *b) {
 
 static void heap_push(scratch *s, merge_cand c) {
     if (s->heap_n == s->heap_cap) {
-        s->heap_cap = s->heap_cap ? s->heap_cap * 2 : 64;
-        s->heap = ln_xrealloc(s->heap, (size_t)s->heap_cap * sizeof *s->heap);
+        int cap = s->heap_cap ? s->heap_cap * 2 : 64;
+        if (grow(s, &s->heap, (size_t)cap * sizeof *s->heap)) return;
+        s->heap_cap = cap;
     }
     int i = s->heap_n++;
     while (i > 0) {
@@ -88,7 +98,7 @@ static void push_pair(const ln_tokenizer *t, scratch *s, int pos) {
 /* Builds the initial symbols of word w[0..n): bytes for byte-level; else characters, with
  * <0xHH> byte fallback or (fused) unk for characters outside the vocabulary. */
 static int word_symbols(const ln_tokenizer *t, scratch *s, const uint8_t *w, int n) {
-    scratch_reserve(s, n + 1);
+    if (scratch_reserve(s, n + 1)) return 0;
     int k = 0;
     if (t->byte_level) {
         for (int i = 0; i < n; i++) {
@@ -137,6 +147,7 @@ static void bpe_word(const ln_tokenizer *t, scratch *s, const uint8_t *w, int n,
         }
     }
     int k = word_symbols(t, s, w, n);
+    if (s->oom) return;
     for (int i = 0; i < k; i++) { s->prev[i] = i - 1; s->next[i] = i + 1 < k ? i + 1 : -1; }
     s->heap_n = 0;
     for (int i = 0; i + 1 < k; i++) push_pair(t, s, i);
@@ -173,14 +184,18 @@ static void widen_to_chars(const uint8_t *text, size_t len, int32_t *a, int32_t 
 /* One normalizer step on (*cur, *al, *m): the text, its alignment (2 ints per byte), its length.
  * Prepend: the new bytes take the first character's original range (nothing on empty text).
  * Replace: the new bytes take the range of the text they replace. */
-void ln_tok_norm_apply(const norm_step *ns, uint8_t **cur_p, int32_t **al_p, size_t *m_p) {
+int ln_tok_norm_apply(const norm_step *ns, uint8_t **cur_p, int32_t **al_p, size_t *m_p) {
     uint8_t *cur = *cur_p;
     int32_t *al = *al_p;
     size_t m = *m_p;
     size_t grow = ns->kind == NORM_PREPEND ? m + (size_t)ns->a.len
                 : m / (size_t)ns->a.len * (size_t)(ns->b.len > ns->a.len ? ns->b.len : ns->a.len) + m;
-    uint8_t *nx = ln_xmalloc(grow + 1);
-    int32_t *na = ln_xmalloc((grow + 1) * 2 * sizeof *na);
+    uint8_t *nx = malloc(grow + 1);
+    int32_t *na = nx ? malloc((grow + 1) * 2 * sizeof *na) : NULL;
+    if (!na) {
+        free(nx);
+        return -1;
+    }
     size_t k = 0;
     if (ns->kind == NORM_PREPEND) {
         if (m) {
@@ -206,12 +221,25 @@ void ln_tok_norm_apply(const norm_step *ns, uint8_t **cur_p, int32_t **al_p, siz
     *cur_p = nx;
     *al_p = na;
     *m_p = k;
+    return 0;
 }
 
 
 
+/* An aligned buffer of n bytes, or p = al = NULL. */
+static aligned aligned_new(size_t n) {
+    aligned a = {malloc(n + 1), malloc((n + 1) * 2 * sizeof(int32_t)), n};
+    if (!a.p || !a.al) {
+        ln_tok_aligned_free(&a);
+        a.p = NULL;
+        a.al = NULL;
+    }
+    return a;
+}
+
 aligned ln_tok_aligned_copy(const uint8_t *p, const int32_t *al, size_t n) {
-    aligned a = {ln_xmalloc(n + 1), ln_xmalloc((n + 1) * 2 * sizeof(int32_t)), n};
+    aligned a = aligned_new(n);
+    if (!a.p) return a;
     memcpy(a.p, p, n);
     memcpy(a.al, al, n * 2 * sizeof(int32_t));
     return a;
@@ -219,7 +247,8 @@ aligned ln_tok_aligned_copy(const uint8_t *p, const int32_t *al, size_t n) {
 
 /* seg[0..n) of the input, whose first byte is at original offset base. */
 aligned ln_tok_aligned_from_input(const uint8_t *seg, size_t n, int base) {
-    aligned a = {ln_xmalloc(n + 1), ln_xmalloc((n + 1) * 2 * sizeof(int32_t)), n};
+    aligned a = aligned_new(n);
+    if (!a.p) return a;
     memcpy(a.p, seg, n);
     for (size_t i = 0; i < n;) {
         uint32_t cp;
@@ -249,24 +278,30 @@ static void encode_piece(const ln_tokenizer *t, scratch *s, const uint8_t *p, co
     if (n == 0) return;
     int transform = t->prefix_segment || t->meta;
     aligned w = transform ? ln_tok_aligned_copy(p, al, n) : (aligned){(uint8_t *)p, (int32_t *)al, n};
-    if (t->prefix_segment && w.p[0] != ' ') {
+    int bad = !w.p;
+    if (!bad && t->prefix_segment && w.p[0] != ' ') {
         norm_step pre = {NORM_PREPEND, {(uint8_t *)" ", 1}, {0}};
-        ln_tok_norm_apply(&pre, &w.p, &w.al, &w.n);
+        bad = ln_tok_norm_apply(&pre, &w.p, &w.al, &w.n);
     }
-    if (t->meta) {
+    if (!bad && t->meta) {
         /* Metaspace: spaces become the replacement, which is then prepended unless the piece
          * already starts with it ("first": only to the piece that starts the input) */
         bytes_t space = {(uint8_t *)" ", 1};
         norm_step rep = {NORM_REPLACE, space, t->meta_rep};
-        ln_tok_norm_apply(&rep, &w.p, &w.al, &w.n);
+        bad = ln_tok_norm_apply(&rep, &w.p, &w.al, &w.n);
         int starts = w.n >= (size_t)t->meta_rep.len && !memcmp(w.p, t->meta_rep.p, (size_t)t->meta_rep.len);
-        if (!starts && (t->meta_prepend == 1 || (t->meta_prepend == 2 && w.al[0] == 0))) {
+        if (!bad && !starts && (t->meta_prepend == 1 || (t->meta_prepend == 2 && w.al[0] == 0))) {
             norm_step pre = {NORM_PREPEND, t->meta_rep, {0}};
-            ln_tok_norm_apply(&pre, &w.p, &w.al, &w.n);
+            bad = ln_tok_norm_apply(&pre, &w.p, &w.al, &w.n);
         }
     }
     int first = out->n;
-    uint8_t *tmp = t->prefix_space ? ln_xmalloc(w.n + 2) : NULL;
+    uint8_t *tmp = !bad && t->prefix_space ? malloc(w.n + 2) : NULL;
+    if (bad || (t->prefix_space && !tmp)) {
+        s->oom = 1;
+        if (transform) ln_tok_aligned_free(&w);
+        return;
+    }
     for (size_t pos = 0; pos < w.n;) {
         size_t end = w.n;
         if (t->meta && t->meta_split) {
@@ -284,7 +319,7 @@ static void encode_piece(const ln_tokenizer *t, scratch *s, const uint8_t *p, co
             memcpy(tmp + 1, w.p + pos, end - pos);
             int before = out->n;
             bpe_word(t, s, tmp, (int)(end - pos + 1), (int)pos - 1, out, offs);
-            for (int i = before; offs && i < out->n; i++) {
+            for (int i = before; offs && !offs->oom && i < out->n; i++) {
                 if (offs->ids[2 * i] < (int32_t)pos) offs->ids[2 * i] = (int32_t)pos;
                 if (offs->ids[2 * i + 1] <= (int32_t)pos) offs->ids[2 * i + 1] = (int32_t)pos + 1;
             }
@@ -293,7 +328,7 @@ static void encode_piece(const ln_tokenizer *t, scratch *s, const uint8_t *p, co
         }
         pos = end;
     }
-    if (offs) /* piece byte ranges -> original character ranges */
+    if (offs && !s->oom && !offs->oom) /* piece byte ranges -> original character ranges */
         for (int i = first; i < out->n; i++) {
             int32_t a = offs->ids[2 * i], b = offs->ids[2 * i + 1];
             offs->ids[2 * i] = w.al[2 * a];
@@ -318,13 +353,19 @@ static void encode_segment(const ln_tokenizer *t, scratch *s, const uint8_t *tex
             bpe_word(t, s, seg + pos, (int)(end - pos), (int)(base + pos), out, offs);
             pos = end;
         }
-        if (offs)
+        if (offs && !offs->oom)
             for (int i = first; i < out->n; i++) widen_to_chars(text, text_len, &offs->ids[2 * i], &offs->ids[2 * i + 1]);
         return;
     }
     aligned a = ln_tok_aligned_from_input(seg, n, (int)base);
-    for (int st = 0; st < t->n_norm; st++) ln_tok_norm_apply(&t->norm[st], &a.p, &a.al, &a.n);
-    for (size_t pos = 0; pos < a.n;) {
+    int bad = !a.p;
+    for (int st = 0; st < t->n_norm && !bad; st++) bad = ln_tok_norm_apply(&t->norm[st], &a.p, &a.al, &a.n);
+    if (bad) {
+        s->oom = 1;
+        ln_tok_aligned_free(&a);
+        return;
+    }
+    for (size_t pos = 0; pos < a.n && !s->oom;) {
         size_t at = a.n, stop = a.n;
         int k = t->has_norm_added ? find_added(t, t->added_norm, a.p, a.n, pos, &at, &stop) : -1;
         encode_piece(t, s, a.p + pos, a.al + 2 * pos, (k >= 0 ? at : a.n) - pos, out, offs);
@@ -412,7 +453,7 @@ int ln_tokenizer_encode(const ln_tokenizer *t, const char *text_in, size_t len, 
             if (offs) { ln_ids_push(offs, 0); ln_ids_push(offs, 0); }
         }
     size_t pos = 0;
-    while (pos < len) {
+    while (pos < len && !s.oom) {
         size_t at = len, stop = len;
         int a = find_added(t, t->added_raw, text, len, pos, &at, &stop);
         encode_segment(t, &s, text, len, pos, (a >= 0 ? at : len) - pos, out, offs);
@@ -427,5 +468,9 @@ int ln_tokenizer_encode(const ln_tokenizer *t, const char *text_in, size_t len, 
             if (offs) { ln_ids_push(offs, 0); ln_ids_push(offs, 0); }
         }
     scratch_free(&s);
+    if (s.oom || out->oom || (offs && offs->oom)) {
+        char size[32];
+        return ln_errf(e, "tokenizer: out of memory encoding a text of %s", ln_fmt_bytes((double)len, size, sizeof size));
+    }
     return 0;
 }

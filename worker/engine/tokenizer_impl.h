@@ -132,8 +132,10 @@ void ln_tok_byte_alphabet(uint32_t byte_to_cp[256]);
 /* A byte-level token's text back to raw bytes; 0 if a character is outside the alphabet. */
 int ln_tok_byte_level_decode(const uint8_t *s, size_t n, const int16_t *cp_to_byte, bytes_t *out);
 /* One normalizer step on aligned text (tokenizer_encode.c). */
-void ln_tok_norm_apply(const norm_step *ns, uint8_t **cur_p, int32_t **al_p, size_t *m_p);
+/* 0, or −1 when out of memory (the text is then left as it was). */
+int ln_tok_norm_apply(const norm_step *ns, uint8_t **cur_p, int32_t **al_p, size_t *m_p);
 /* seg[0..n) of the input, first byte at original offset base, aligned to its characters. */
+/* Both return p = al = NULL when out of memory. */
 aligned ln_tok_aligned_from_input(const uint8_t *seg, size_t n, int base);
 aligned ln_tok_aligned_copy(const uint8_t *p, const int32_t *al, size_t n);
 void ln_tok_aligned_free(aligned *a);
