@@ -251,6 +251,36 @@ static int run_tokenize(world *w, ln_err *e) {
     return rc;
 }
 
+/* Loading a tokenizer of 64K more ids (the default one, made before the limit, with vocabulary
+ * entries "zz<n>" added): its JSON, id tables and maps. */
+static int prepare_tokenizer_load(world *w, ln_err *e) {
+    (void)w;
+    char *path = ln_path_join(g_dir, "tokenizer_big.json");
+    int rc = ln_tokenizer_make_default(path, 300, e);
+    json_t *root = rc == 0 ? json_load_file(path, 0, NULL) : NULL;
+    json_t *vocab = json_object_get(json_object_get(root, "model"), "vocab");
+    if (rc == 0 && !vocab) rc = ln_errf(e, "no model.vocab in %s", path);
+    for (int i = 0; rc == 0 && i < 65536; i++) {
+        char key[16];
+        snprintf(key, sizeof key, "zz%d", i);
+        json_object_set_new(vocab, key, json_integer(1000 + i));
+    }
+    if (rc == 0 && json_dump_file(root, path, JSON_COMPACT) != 0) rc = ln_errf(e, "cannot rewrite %s", path);
+    json_decref(root);
+    free(path);
+    return rc;
+}
+
+static int run_tokenizer_load(world *w, ln_err *e) {
+    (void)w;
+    char *path = ln_path_join(g_dir, "tokenizer_big.json");
+    ln_tokenizer *t = NULL;
+    int rc = ln_tokenizer_load(path, &t, e);
+    ln_tokenizer_free(t);
+    free(path);
+    return rc;
+}
+
 /* A safetensors file of converted copies (the model's W_down as BF16 and F32). */
 static int run_writer_copies(world *w, ln_err *e) {
     char *dir = next_dir(w, "writer");
@@ -347,6 +377,7 @@ static const struct {
     {"chat_render", NULL, 0, run_chat_render, prepare_chat_render},
     {"writer_copies", NULL, 0, run_writer_copies, NULL},
     {"tokenize", NULL, 0, run_tokenize, prepare_tokenize},
+    {"tokenizer_load", NULL, 0, run_tokenizer_load, prepare_tokenizer_load},
     {"attention_backward", NULL, 0, run_attention_backward, prepare_attention_backward},
 };
 
@@ -516,6 +547,11 @@ static void test_tokenize_out_of_memory(void **state) {
     check_path("tokenize", "tokenizer: out of memory encoding a text of 4.0 MiB");
 }
 
+static void test_tokenizer_load_out_of_memory(void **state) {
+    (void)state;
+    check_path("tokenizer_load", "out of memory");
+}
+
 static void test_attention_backward_without_its_blocks(void **state) {
     (void)state;
     check_path("attention_backward", NULL);
@@ -547,6 +583,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_chat_render_out_of_memory),
         cmocka_unit_test(test_writer_copies_out_of_memory),
         cmocka_unit_test(test_tokenize_out_of_memory),
+        cmocka_unit_test(test_tokenizer_load_out_of_memory),
         cmocka_unit_test(test_attention_backward_without_its_blocks),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

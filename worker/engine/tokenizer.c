@@ -75,11 +75,20 @@ static uint32_t pow2_at_least(uint32_t n) {
     return c;
 }
 
-static void str_map_init(str_map *m, const bytes_t *keys, int n_keys) {
+/* The vocabulary-sized tables fail with this sentence (bytes: what could not be had). */
+static int tables_oom(ln_err *e, double bytes, const char *what, int n) {
+    char size[32];
+    return ln_errf(e, "tokenizer: out of memory allocating %s for %s (%d entries)", ln_fmt_bytes(bytes, size, sizeof size),
+                   what, n);
+}
+
+static int str_map_init(str_map *m, const bytes_t *keys, int n_keys, ln_err *e) {
     uint32_t cap = pow2_at_least((uint32_t)n_keys * 2 + 1);
-    m->slots = ln_xcalloc(cap, sizeof *m->slots);
+    m->slots = calloc(cap, sizeof *m->slots);
+    if (!m->slots) return tables_oom(e, (double)cap * sizeof *m->slots, "a token map", n_keys);
     m->mask = cap - 1;
     m->keys = keys;
+    return 0;
 }
 
 /* Inserts id (its key is keys[id]); an existing equal key keeps its first id. */
@@ -106,12 +115,15 @@ int32_t ln_tok_str_map_get(const str_map *m, const uint8_t *p, size_t n) {
 }
 
 
-static void pair_map_init(pair_map *m, int n) {
+static int pair_map_init(pair_map *m, int n, ln_err *e) {
     uint32_t cap = pow2_at_least((uint32_t)n * 2 + 1);
-    m->keys = ln_xcalloc(cap, sizeof *m->keys);
-    m->rank = ln_xmalloc(cap * sizeof *m->rank);
-    m->merged = ln_xmalloc(cap * sizeof *m->merged);
+    m->keys = calloc(cap, sizeof *m->keys);
+    m->rank = malloc(cap * sizeof *m->rank);
+    m->merged = malloc(cap * sizeof *m->merged);
+    if (!m->keys || !m->rank || !m->merged)
+        return tables_oom(e, (double)cap * (sizeof *m->keys + sizeof *m->rank + sizeof *m->merged), "the merge map", n);
     m->mask = cap - 1;
+    return 0;
 }
 
 /* A later duplicate replaces an earlier one, as HF's HashMap collect does. */
@@ -136,8 +148,12 @@ void ln_tok_byte_alphabet(uint32_t byte_to_cp[256]) {
 }
 
 /* Maps a byte-level token's text back to raw bytes; 0 if some character is outside the alphabet. */
-int ln_tok_byte_level_decode(const uint8_t *s, size_t n, const int16_t *cp_to_byte, bytes_t *out) {
-    uint8_t *buf = ln_xmalloc(n + 1);
+/* ln_tok_byte_level_decode with its allocator: 1 decoded, 0 outside the alphabet, −1 out of memory
+ * (malloc; loading a tokenizer fails cleanly) — ln_xmalloc aborts instead (decoding). */
+static int byte_level_decode_with(const uint8_t *s, size_t n, const int16_t *cp_to_byte, bytes_t *out,
+                                  void *(*alloc)(size_t)) {
+    uint8_t *buf = alloc(n + 1);
+    if (!buf) return -1;
     int k = 0;
     for (size_t i = 0; i < n;) {
         uint32_t cp;
@@ -149,6 +165,10 @@ int ln_tok_byte_level_decode(const uint8_t *s, size_t n, const int16_t *cp_to_by
     out->p = buf;
     out->len = k;
     return 1;
+}
+
+int ln_tok_byte_level_decode(const uint8_t *s, size_t n, const int16_t *cp_to_byte, bytes_t *out) {
+    return byte_level_decode_with(s, n, cp_to_byte, out, ln_xmalloc);
 }
 
 static const char *json_str(json_t *o, const char *key) {
@@ -450,10 +470,13 @@ static int load_model(ln_tokenizer *t, json_t *model, json_t *added, int byte_le
     }
     if (max_id < 0) return ln_errf(e, "model.vocab is empty");
     t->n_ids = (int)max_id + 1;
-    t->text = ln_xcalloc((size_t)t->n_ids, sizeof *t->text);
-    t->bpe = ln_xcalloc((size_t)t->n_ids, sizeof *t->bpe);
-    t->text_keys = ln_xcalloc((size_t)t->n_ids, sizeof *t->text_keys);
-    t->is_special = ln_xcalloc((size_t)t->n_ids, 1);
+    t->text = calloc((size_t)t->n_ids, sizeof *t->text);
+    t->bpe = calloc((size_t)t->n_ids, sizeof *t->bpe);
+    t->text_keys = calloc((size_t)t->n_ids, sizeof *t->text_keys);
+    t->is_special = calloc((size_t)t->n_ids, 1);
+    if (!t->text || !t->bpe || !t->text_keys || !t->is_special)
+        return tables_oom(e, (double)t->n_ids * (sizeof *t->text + sizeof *t->bpe + sizeof *t->text_keys + 1),
+                          "the id tables", t->n_ids);
 
     uint32_t byte_to_cp[256];
     int16_t cp_to_byte[324];
@@ -461,15 +484,22 @@ static int load_model(ln_tokenizer *t, json_t *model, json_t *added, int byte_le
     for (int k = 0; k < 324; k++) cp_to_byte[k] = -1;
     for (int b = 0; b < 256; b++) cp_to_byte[byte_to_cp[b]] = (int16_t)b;
 
-    str_map_init(&t->vocab, t->bpe, (int)json_object_size(vocab));
+    if (str_map_init(&t->vocab, t->bpe, (int)json_object_size(vocab), e)) return -1;
     json_object_foreach(vocab, key, v) {
         int32_t id = (int32_t)json_integer_value(v);
         size_t n = strlen(key);
         if (t->text[id]) return ln_errf(e, "model.vocab: id %d is given to both \"%s\" and \"%s\"", id, t->text[id], key);
-        t->text[id] = ln_xstrdup(key);
+        t->text[id] = strdup(key);
+        int r = !t->text[id] ? -1
+                : byte_level ? byte_level_decode_with((const uint8_t *)key, n, cp_to_byte, &t->bpe[id], malloc)
+                             : 0;
+        if (r == 0 && (t->bpe[id].p = malloc(n + 1))) {
+            memcpy(t->bpe[id].p, key, n + 1);
+            t->bpe[id].len = (int)n;
+            r = 1;
+        }
+        if (r < 0 || !t->bpe[id].p) return tables_oom(e, (double)n + 1, "a vocabulary entry", t->n_ids);
         t->text_keys[id] = (bytes_t){(uint8_t *)t->text[id], (int)n};
-        if (!(byte_level && ln_tok_byte_level_decode((const uint8_t *)key, n, cp_to_byte, &t->bpe[id])))
-            t->bpe[id] = ln_tok_bytes_dup(key, n);
         str_map_put(&t->vocab, id);
     }
     for (int b = 0; b < 256; b++) {
@@ -487,12 +517,13 @@ static int load_model(ln_tokenizer *t, json_t *model, json_t *added, int byte_le
     t->unk_id = unk ? ln_tok_str_map_get(&t->vocab, (const uint8_t *)unk, strlen(unk)) : -1;
 
     /* merges: "a b" strings (older files) or ["a", "b"] pairs (newer) */
-    pair_map_init(&t->merges, (int)json_array_size(merges));
+    if (pair_map_init(&t->merges, (int)json_array_size(merges), e)) return -1;
     json_array_foreach(merges, i, x) {
         const char *a = NULL, *b = NULL;
         char *own = NULL;
         if (json_is_string(x)) {
-            own = ln_xstrdup(json_string_value(x));
+            own = strdup(json_string_value(x));
+            if (!own) return tables_oom(e, (double)json_string_length(x) + 1, "a merge", (int)json_array_size(merges));
             char *sp = strchr(own, ' ');
             if (!sp || strchr(sp + 1, ' ')) {
                 free(own);
@@ -508,7 +539,11 @@ static int load_model(ln_tokenizer *t, json_t *model, json_t *added, int byte_le
         }
         if (!a || !b) return ln_errf(e, "model.merges[%zu] is neither \"a b\" nor [\"a\", \"b\"]", i);
         size_t la = strlen(a), lb = strlen(b);
-        char *ab = ln_xmalloc(la + lb + 1);
+        char *ab = malloc(la + lb + 1);
+        if (!ab) {
+            free(own);
+            return tables_oom(e, (double)(la + lb + 1), "a merge", (int)json_array_size(merges));
+        }
         memcpy(ab, a, la);
         memcpy(ab + la, b, lb + 1);
         int32_t ia = -1, ib = -1, iab = -1;
@@ -565,7 +600,7 @@ static int load_model(ln_tokenizer *t, json_t *model, json_t *added, int byte_le
         }
     }
     index_added(t);
-    str_map_init(&t->by_text, t->text_keys, t->n_ids);
+    if (str_map_init(&t->by_text, t->text_keys, t->n_ids, e)) return -1;
     for (int id = 0; id < t->n_ids; id++) if (t->text[id]) str_map_put(&t->by_text, id);
     /* An added token's content names it even where the vocabulary spells that id differently. */
     return 0;
@@ -590,6 +625,8 @@ int ln_tokenizer_load(const char *path, ln_tokenizer **out, ln_err *e) {
     int rc = -1;
     if (!root) {
         if (!ln_file_exists(file)) ln_errf(e, "%s: no such file (a model folder needs tokenizer.json)", file);
+        else if (json_error_code(&je) == json_error_out_of_memory || !je.text[0])
+            ln_errf(e, "%s: out of memory parsing the tokenizer's JSON", file);
         else ln_errf(e, "%s: bad JSON at line %d column %d: %s", file, je.line, je.column, je.text);
         goto out;
     }
@@ -633,9 +670,9 @@ out:
 
 void ln_tokenizer_free(ln_tokenizer *t) {
     if (!t) return;
-    for (int i = 0; i < t->n_ids; i++) {
-        free(t->text[i]);
-        free(t->bpe[i].p);
+    for (int i = 0; i < t->n_ids; i++) { /* either table may be missing after an out of memory */
+        if (t->text) free(t->text[i]);
+        if (t->bpe) free(t->bpe[i].p);
     }
     free(t->text);
     free(t->bpe);
