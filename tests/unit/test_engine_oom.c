@@ -2,7 +2,8 @@
  * merged), the knowledge-drift tracker (full fine-tuning and a residual adapter), the LoRA-Null
  * init (null-space basis, factors, residual), loading a data file (reading it, parsing its
  * lines — not "bad JSON"), calibration (model hash, sums, product scratch, forward), building a
- * batch, rendering a chat example, tokenizing a long text and the safetensors writer's copies each run in a child
+ * batch, rendering a chat example, tokenizing a long text (and decoding it), loading a big
+ * tokenizer and the safetensors writer's copies each run in a child
  * process; the CPU attention backward, which cannot fail, must give the same bits when its
  * per-thread blocks cannot be had (this binary
  * run again, so nothing of OpenBLAS or OpenMP is inherited through fork) under a real
@@ -251,6 +252,25 @@ static int run_tokenize(world *w, ln_err *e) {
     return rc;
 }
 
+/* Decoding those 4 MiB back (their ids made before the limit). */
+static ln_ids g_word_ids;
+
+static int prepare_detokenize(world *w, ln_err *e) {
+    if (prepare_tokenize(w, e) != 0) return -1;
+    return ln_tokenizer_encode(g_tok, g_words, (size_t)4 << 20, 0, &g_word_ids, NULL, e);
+}
+
+static int run_detokenize(world *w, ln_err *e) {
+    (void)w;
+    char *text = NULL;
+    size_t len = 0;
+    int rc = ln_tokenizer_decode(g_tok, g_word_ids.ids, g_word_ids.n, 0, &text, &len, e);
+    if (rc == 0 && (len != (size_t)4 << 20 || memcmp(text, g_words, len) != 0))
+        rc = ln_errf(e, "decoded %zu bytes, not the 4 MiB encoded", len);
+    free(text);
+    return rc;
+}
+
 /* Loading a tokenizer of 64K more ids (the default one, made before the limit, with vocabulary
  * entries "zz<n>" added): its JSON, id tables and maps. */
 static int prepare_tokenizer_load(world *w, ln_err *e) {
@@ -378,6 +398,7 @@ static const struct {
     {"writer_copies", NULL, 0, run_writer_copies, NULL},
     {"tokenize", NULL, 0, run_tokenize, prepare_tokenize},
     {"tokenizer_load", NULL, 0, run_tokenizer_load, prepare_tokenizer_load},
+    {"detokenize", NULL, 0, run_detokenize, prepare_detokenize},
     {"attention_backward", NULL, 0, run_attention_backward, prepare_attention_backward},
 };
 
@@ -552,6 +573,11 @@ static void test_tokenizer_load_out_of_memory(void **state) {
     check_path("tokenizer_load", "out of memory");
 }
 
+static void test_detokenize_out_of_memory(void **state) {
+    (void)state;
+    check_path("detokenize", "tokenizer: out of memory decoding");
+}
+
 static void test_attention_backward_without_its_blocks(void **state) {
     (void)state;
     check_path("attention_backward", NULL);
@@ -584,6 +610,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_writer_copies_out_of_memory),
         cmocka_unit_test(test_tokenize_out_of_memory),
         cmocka_unit_test(test_tokenizer_load_out_of_memory),
+        cmocka_unit_test(test_detokenize_out_of_memory),
         cmocka_unit_test(test_attention_backward_without_its_blocks),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -147,12 +147,10 @@ void ln_tok_byte_alphabet(uint32_t byte_to_cp[256]) {
     }
 }
 
-/* Maps a byte-level token's text back to raw bytes; 0 if some character is outside the alphabet. */
-/* ln_tok_byte_level_decode with its allocator: 1 decoded, 0 outside the alphabet, −1 out of memory
- * (malloc; loading a tokenizer fails cleanly) — ln_xmalloc aborts instead (decoding). */
-static int byte_level_decode_with(const uint8_t *s, size_t n, const int16_t *cp_to_byte, bytes_t *out,
-                                  void *(*alloc)(size_t)) {
-    uint8_t *buf = alloc(n + 1);
+/* Maps a byte-level token's text back to raw bytes; 0 if some character is outside the alphabet, −1
+ * out of memory. */
+int ln_tok_byte_level_decode(const uint8_t *s, size_t n, const int16_t *cp_to_byte, bytes_t *out) {
+    uint8_t *buf = malloc(n + 1);
     if (!buf) return -1;
     int k = 0;
     for (size_t i = 0; i < n;) {
@@ -165,10 +163,6 @@ static int byte_level_decode_with(const uint8_t *s, size_t n, const int16_t *cp_
     out->p = buf;
     out->len = k;
     return 1;
-}
-
-int ln_tok_byte_level_decode(const uint8_t *s, size_t n, const int16_t *cp_to_byte, bytes_t *out) {
-    return byte_level_decode_with(s, n, cp_to_byte, out, ln_xmalloc);
 }
 
 static const char *json_str(json_t *o, const char *key) {
@@ -491,7 +485,7 @@ static int load_model(ln_tokenizer *t, json_t *model, json_t *added, int byte_le
         if (t->text[id]) return ln_errf(e, "model.vocab: id %d is given to both \"%s\" and \"%s\"", id, t->text[id], key);
         t->text[id] = strdup(key);
         int r = !t->text[id] ? -1
-                : byte_level ? byte_level_decode_with((const uint8_t *)key, n, cp_to_byte, &t->bpe[id], malloc)
+                : byte_level ? ln_tok_byte_level_decode((const uint8_t *)key, n, cp_to_byte, &t->bpe[id])
                              : 0;
         if (r == 0 && (t->bpe[id].p = malloc(n + 1))) {
             memcpy(t->bpe[id].p, key, n + 1);

@@ -14,14 +14,29 @@
 typedef struct strv {
     bytes_t *v;
     int n, cap;
+    int oom;           /* an allocation failed (the push was dropped): the decode fails */
 } strv;
 
 static void strv_push(strv *s, const void *p, size_t n) {
+    if (s->oom) return;
     if (s->n == s->cap) {
-        s->cap = s->cap ? s->cap * 2 : 64;
-        s->v = ln_xrealloc(s->v, (size_t)s->cap * sizeof *s->v);
+        int cap = s->cap ? s->cap * 2 : 64;
+        bytes_t *v = realloc(s->v, (size_t)cap * sizeof *s->v);
+        if (!v) {
+            s->oom = 1;
+            return;
+        }
+        s->v = v;
+        s->cap = cap;
     }
-    s->v[s->n++] = ln_tok_bytes_dup(p, n);
+    uint8_t *c = malloc(n + 1);
+    if (!c) {
+        s->oom = 1;
+        return;
+    }
+    memcpy(c, p, n);
+    c[n] = 0;
+    s->v[s->n++] = (bytes_t){c, (int)n};
 }
 
 static void strv_free(strv *s) {
@@ -31,9 +46,11 @@ static void strv_free(strv *s) {
     s->n = s->cap = 0;
 }
 
-/* Replaces invalid UTF-8 by U+FFFD, one per maximal invalid subpart (as Rust's from_utf8_lossy). */
+/* Replaces invalid UTF-8 by U+FFFD, one per maximal invalid subpart (as Rust's from_utf8_lossy).
+ * {NULL, 0} when out of memory. */
 static bytes_t utf8_lossy(const uint8_t *p, size_t n) {
-    uint8_t *o = ln_xmalloc(n * 3 + 1);
+    uint8_t *o = malloc(n * 3 + 1);
+    if (!o) return (bytes_t){NULL, 0};
     size_t k = 0;
     for (size_t i = 0; i < n;) {
         uint8_t c = p[i];
@@ -60,10 +77,12 @@ static bytes_t utf8_lossy(const uint8_t *p, size_t n) {
     return b;
 }
 
-static void replace_all(bytes_t *tok, const bytes_t *a, const bytes_t *b) {
-    if (tok->len < a->len) return;
+/* 0, or −1 when out of memory (tok unchanged). */
+static int replace_all(bytes_t *tok, const bytes_t *a, const bytes_t *b) {
+    if (tok->len < a->len) return 0;
     size_t cap = (size_t)tok->len / (size_t)a->len * (size_t)(b->len + 1) + (size_t)tok->len + 1;
-    uint8_t *o = ln_xmalloc(cap);
+    uint8_t *o = malloc(cap);
+    if (!o) return -1;
     size_t k = 0;
     for (int i = 0; i < tok->len;) {
         if (i + a->len <= tok->len && memcmp(tok->p + i, a->p, (size_t)a->len) == 0) {
@@ -78,6 +97,7 @@ static void replace_all(bytes_t *tok, const bytes_t *a, const bytes_t *b) {
     free(tok->p);
     tok->p = o;
     tok->len = (int)k;
+    return 0;
 }
 
 static int parse_byte_token(const bytes_t *b) {
@@ -89,19 +109,31 @@ static int parse_byte_token(const bytes_t *b) {
     return *end ? -1 : (int)v;
 }
 
+/* One decoder step on toks; out of memory is left in toks->oom. */
 static void decode_step(const dec_step *st, strv *toks, const int16_t *cp_to_byte) {
     strv out = {0};
+    if (toks->oom) return;
     switch (st->kind) {
     case DEC_BYTE_LEVEL: {
         /* each token's chars back to bytes (a token with a char outside the alphabet keeps its
          * UTF-8), all fused into one string, invalid UTF-8 replaced */
         size_t total = 0;
         for (int i = 0; i < toks->n; i++) total += (size_t)toks->v[i].len;
-        uint8_t *buf = ln_xmalloc(total + 1);
+        uint8_t *buf = malloc(total + 1);
+        if (!buf) {
+            toks->oom = 1;
+            return;
+        }
         size_t k = 0;
         for (int i = 0; i < toks->n; i++) {
             bytes_t raw;
-            if (ln_tok_byte_level_decode(toks->v[i].p, (size_t)toks->v[i].len, cp_to_byte, &raw)) {
+            int r = ln_tok_byte_level_decode(toks->v[i].p, (size_t)toks->v[i].len, cp_to_byte, &raw);
+            if (r < 0) {
+                free(buf);
+                toks->oom = 1;
+                return;
+            }
+            if (r) {
                 memcpy(buf + k, raw.p, (size_t)raw.len);
                 k += (size_t)raw.len;
                 free(raw.p);
@@ -112,21 +144,32 @@ static void decode_step(const dec_step *st, strv *toks, const int16_t *cp_to_byt
         }
         bytes_t l = utf8_lossy(buf, k);
         free(buf);
-        if (out.n == out.cap) { out.cap = 1; out.v = ln_xmalloc(sizeof *out.v); }
+        out.v = l.p ? malloc(sizeof *out.v) : NULL;
+        if (!out.v) {
+            free(l.p);
+            toks->oom = 1;
+            return;
+        }
+        out.cap = 1;
         out.v[out.n++] = l;
         break;
     }
     case DEC_REPLACE:
-        for (int i = 0; i < toks->n; i++) replace_all(&toks->v[i], &st->a, &st->b);
+        for (int i = 0; i < toks->n && !toks->oom; i++) toks->oom = replace_all(&toks->v[i], &st->a, &st->b) != 0;
         return;
     case DEC_METASPACE: {
         /* every replacement char becomes a space — in the first token it is dropped (HF) */
         bytes_t sp = {(uint8_t *)" ", 1}, none = {(uint8_t *)"", 0};
-        for (int i = 0; i < toks->n; i++) replace_all(&toks->v[i], &st->a, i == 0 && st->start ? &none : &sp);
+        for (int i = 0; i < toks->n && !toks->oom; i++)
+            toks->oom = replace_all(&toks->v[i], &st->a, i == 0 && st->start ? &none : &sp) != 0;
         return;
     }
     case DEC_BYTE_FALLBACK: {
-        uint8_t *pending = ln_xmalloc((size_t)toks->n + 1);
+        uint8_t *pending = malloc((size_t)toks->n + 1);
+        if (!pending) {
+            toks->oom = 1;
+            return;
+        }
         int np = 0;
         for (int i = 0; i <= toks->n; i++) {
             int b = i < toks->n ? parse_byte_token(&toks->v[i]) : -1;
@@ -134,6 +177,7 @@ static void decode_step(const dec_step *st, strv *toks, const int16_t *cp_to_byt
             if (np) {
                 /* a run of byte tokens becomes its text if it is valid UTF-8, else one U+FFFD per byte */
                 bytes_t l = utf8_lossy(pending, (size_t)np);
+                if (!l.p) out.oom = 1;
                 int valid = l.len == np && !memcmp(l.p, pending, (size_t)np);
                 if (valid) strv_push(&out, pending, (size_t)np);
                 else for (int q = 0; q < np; q++) strv_push(&out, "\xEF\xBF\xBD", 3);
@@ -148,7 +192,11 @@ static void decode_step(const dec_step *st, strv *toks, const int16_t *cp_to_byt
     case DEC_FUSE: {
         size_t total = 0;
         for (int i = 0; i < toks->n; i++) total += (size_t)toks->v[i].len;
-        uint8_t *buf = ln_xmalloc(total + 1);
+        uint8_t *buf = malloc(total + 1);
+        if (!buf) {
+            toks->oom = 1;
+            return;
+        }
         size_t k = 0;
         for (int i = 0; i < toks->n; i++) { memcpy(buf + k, toks->v[i].p, (size_t)toks->v[i].len); k += (size_t)toks->v[i].len; }
         strv_push(&out, buf, k);
@@ -193,7 +241,11 @@ int ln_tokenizer_decode(const ln_tokenizer *t, const int32_t *ids, int n, int sk
     for (int s = 0; s < t->n_dec; s++) decode_step(&t->dec[s], &toks, cp_to_byte);
     size_t total = 0;
     for (int i = 0; i < toks.n; i++) total += (size_t)toks.v[i].len;
-    char *buf = ln_xmalloc(total + 1);
+    char *buf = toks.oom ? NULL : malloc(total + 1);
+    if (!buf) {
+        strv_free(&toks);
+        return ln_errf(e, "tokenizer: out of memory decoding %d ids", n);
+    }
     size_t k = 0;
     for (int i = 0; i < toks.n; i++) { memcpy(buf + k, toks.v[i].p, (size_t)toks.v[i].len); k += (size_t)toks.v[i].len; }
     buf[k] = 0;

@@ -130,6 +130,7 @@ int32_t ln_tok_str_map_get(const str_map *m, const uint8_t *p, size_t n);
 /* GPT-2's byte -> code point alphabet. */
 void ln_tok_byte_alphabet(uint32_t byte_to_cp[256]);
 /* A byte-level token's text back to raw bytes; 0 if a character is outside the alphabet. */
+/* 1 decoded into out, 0 when a character is outside the alphabet, −1 out of memory. */
 int ln_tok_byte_level_decode(const uint8_t *s, size_t n, const int16_t *cp_to_byte, bytes_t *out);
 /* One normalizer step on aligned text (tokenizer_encode.c). */
 /* 0, or −1 when out of memory (the text is then left as it was). */
