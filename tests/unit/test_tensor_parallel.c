@@ -771,6 +771,8 @@ typedef struct {
     cov_mats *cov;
     int spread;
     const ln_model *ref;        /* the whole model the checkpoint restores onto (read-only) */
+    const ln_model *init_ref;   /* the whole model after ln_adapter_init (W0', read-only) */
+    double init_w;              /* worst relative W0' difference of the initialised shard */
     const ln_adapter *ref_ad;
     ln_adapter whole;           /* rank 0: the gathered init */
     int solves, ckpt_mismatch;
@@ -789,6 +791,13 @@ static int only_rank(ln_comm *c, void *p, ln_err *e)
     ln_adapter_opts ao = {.method = x->method, .rank = 4, .alpha = 4.0f, .targets = LN_TARGETS_ALL, .seed = 9,
                           .covariance = cov_of, .method_ctx = x->cov};
     int rc = ln_tp_adapter_init(shard, shape, &ao, x->spread, &sad, root ? &w : NULL, &x->solves, e);
+    for (int l = 0; rc == 0 && x->init_ref && l < NLAYERS; l++)
+        for (int t = 0; t < LN_NTARGET; t++) {
+            const ln_param *a = &shard->layers[l].lin[t], *b = &x->init_ref->layers[l].lin[t];
+            int col = ln_tp_column_parallel((ln_target)t);
+            x->init_w = fmax(x->init_w, block_err(a->w, a->rows, a->cols, b->w, b->cols, col ? c->rank * a->rows : 0,
+                                                  col ? 0 : c->rank * a->cols, maxabs(b->w, b->n)));
+        }
     ln_tp_drift *d = NULL;
     if (rc == 0) rc = ln_tp_drift_new(shard, &sad, shape, root ? &w : NULL, cov_of, x->cov, &d, e);
     if (rc == 0 && root) { /* a copy of the init as it was, for the caller */
@@ -846,7 +855,8 @@ static int only_rank(ln_comm *c, void *p, ln_err *e)
  * model (lora bitwise; lora_null_v2's B A ≤ TOL, the two placements ≤ TOL); the drift of
  * a perturbed adapter equals the whole model's tracker (≤ 1e-5 relative); a lora_null_v2
  * checkpoint restored onto shards equals the whole restore cut (factors bitwise, W0' ≤ TOL);
- * pissa is refused with a sentence. */
+ * pissa and corda (one whole weight gathered at a time) equal the whole init bitwise, factors and
+ * W0'; full is refused with a sentence. */
 static void test_shard_only_ranks(void **s)
 {
     (void)s;
@@ -862,10 +872,10 @@ static void test_shard_only_ranks(void **s)
     cov_mats cm;
     make_covs(m, &cm);
     ln_model_free(m);
-    static const char *methods[2] = {"lora", "lora_null_v2"};
+    static const char *methods[4] = {"lora", "lora_null_v2", "pissa", "corda"};
     ln_adapter first_whole;
-    for (int mi = 0; mi < 2; mi++)
-        for (int spread = 1; spread >= (mi ? 0 : 1); spread--) {
+    for (int mi = 0; mi < 4; mi++)
+        for (int spread = 1; spread >= (mi == 1 ? 0 : 1); spread--) {
             /* the whole model's init and tracker */
             ln_model *wm;
             ln_adapter ad;
@@ -876,7 +886,8 @@ static void test_shard_only_ranks(void **s)
             assert_int_equal(ln_adapter_init(wm, &ad, &ao, &e), 0);
             assert_int_equal(ln_drift_tracker_new(wm, &ad, cov_of, &cm, &tr, &e), 0);
             only_ctx x[2];
-            for (int r = 0; r < 2; r++) x[r] = (only_ctx){.dir = dir, .method = methods[mi], .cov = &cm, .spread = spread};
+            for (int r = 0; r < 2; r++)
+                x[r] = (only_ctx){.dir = dir, .method = methods[mi], .cov = &cm, .spread = spread, .init_ref = wm};
             void *ptrs[2] = {&x[0], &x[1]};
             if (comm_thread_run(2, only_rank, ptrs, &e)) fail_msg("%s: %s", methods[mi], e.msg);
             double worst = 0;
@@ -893,8 +904,12 @@ static void test_shard_only_ranks(void **s)
                 free(pa);
                 free(pb);
             }
-            if (mi == 0) assert_int_equal(bits, NLAYERS * LN_NTARGET); /* lora: the same seeded draws */
+            /* lora: the same seeded draws; pissa, corda: ln_init_layer on the same gathered weight */
+            if (mi != 1) assert_int_equal(bits, NLAYERS * LN_NTARGET);
+            double init_w = fmax(x[0].init_w, x[1].init_w);
+            if (mi != 1) assert_true(init_w == 0.0);
             assert_true(worst <= TOL);
+            assert_true(init_w <= TOL);
             assert_int_equal(x[0].whole.residual, ad.residual);
             if (mi == 1 && spread) {
                 assert_int_equal(x[0].solves, 2 * NLAYERS);
@@ -928,12 +943,12 @@ static void test_shard_only_ranks(void **s)
                              json_object_size(json_object_get(x[0].row, "knowledge_drift")));
             double mean_ref = json_number_value(json_object_get(ref, "knowledge_drift_mean"));
             dworst = fmax(dworst, fabs(json_number_value(json_object_get(x[0].row, "knowledge_drift_mean")) - mean_ref) / mean_ref);
-            printf("  %s on 2 shard-only ranks (solves %s): init %.2e from the whole model's, drift %.2e (mean %.3e)\n",
-                   methods[mi], spread ? "spread" : "on rank 0", worst, dworst, mean_ref);
+            printf("  %s on 2 shard-only ranks (solves %s): init B A %.2e, W0' %.2e from the whole model's, drift %.2e "
+                   "(mean %.3e)\n", methods[mi], spread ? "spread" : "on rank 0", worst, init_w, dworst, mean_ref);
             assert_true(dworst <= 1e-5);
             json_decref(ref);
             json_decref(x[0].row);
-            if (mi == 0 || !spread) ln_adapter_free(&x[0].whole);
+            if (mi != 1 || !spread) ln_adapter_free(&x[0].whole);
             ln_drift_tracker_free(tr);
             ln_adapter_free(&ad);
             ln_model_free(wm);
@@ -976,7 +991,7 @@ static void test_shard_only_ranks(void **s)
         ln_model_free(base);
         ln_model_free(wm);
     }
-    /* an SVD of each whole weight is refused, naming the method */
+    /* full fine-tuning does not initialise on shards: a sentence */
     {
         ln_comm *c[2];
         ln_model *shard, *shape;
@@ -984,9 +999,9 @@ static void test_shard_only_ranks(void **s)
         assert_int_equal(comm_thread_group_new(2, c, &e), 0);
         assert_int_equal(ln_tp_load_shard(dir, lnb_cpu(), c[0], &shard, &e), 0);
         shape = ln_tp_whole_shape(shard);
-        ln_adapter_opts ao = {.method = "pissa", .rank = 4};
+        ln_adapter_opts ao = {.method = "full"};
         assert_int_equal(ln_tp_adapter_init(shard, shape, &ao, 1, &sad, &w, NULL, &e), -1);
-        assert_non_null(strstr(e.msg, "adapter method \"pissa\" initialises from an SVD of every whole weight"));
+        assert_non_null(strstr(e.msg, "adapter method \"full\" does not initialise on shards"));
         ln_model_free(shape);
         ln_model_free(shard);
         comm_free(c[0]);

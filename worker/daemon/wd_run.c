@@ -336,16 +336,8 @@ static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets)
             if (ln_memplan_check(&mq, "", NULL, &e) != 0) return fail(r, "out_of_memory", 0, &e);
         }
     }
-    if (sharded(r)) { /* each rank loads its shard and calibrates on it (tp_rank_main) */
-        ln_method sm;
-        if (ln_method_parse(ln_adapter_type_name(s->adapter.type), &sm, &e) != 0) return fail(r, "invalid_method", 0, &e);
-        if (sm == LN_METHOD_PISSA || sm == LN_METHOD_MILORA || sm == LN_METHOD_CORDA) {
-            ln_errf(&e, "adapter type %s initialises from an SVD of each whole weight, which a rank holding 1/%d of "
-                        "every layer cannot take: train it with resources.ranks 1", ln_method_name(sm), r->world);
-            return fail(r, "unsupported_resources", 0, &e);
-        }
+    if (sharded(r)) /* each rank loads its shard and calibrates on it (tp_rank_main) */
         return calibrated(r) ? load_knowledge(r, p) : 0;
-    }
     if (ln_model_load(r->model_dir, r->be, &p->m, &e) != 0) {
         ln_err_prefix(&e, "model %s", r->model_name);
         return fail(r, "model_unavailable", 1, &e);

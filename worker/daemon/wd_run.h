@@ -56,7 +56,8 @@ typedef struct wd_run {
      * task and knowledge losses). Rank 0 also holds the whole model's shape (no weights) and the
      * whole adapter gathered from the shards, for checkpoints, the drift tracker (its denominators
      * from W0 gathered one layer at a time) and the PEFT export. pissa, milora and corda (an SVD
-     * of each whole weight) fail on ranks with code unsupported_resources. Full fine-tuning on
+     * of each whole weight) initialise one weight at a time: rank 0 gathers it, runs the 1-rank
+     * init, and every rank keeps its blocks (bitwise the 1-rank init). Full fine-tuning on
      * ranks keeps a whole model on every rank (rank 0's checkpoints and merged export gather every
      * weight into it; ln_tp_train_rank, which first checks that the ranks agree on data, options
      * and weights).

@@ -813,6 +813,108 @@ static void drop_adapters(ln_adapter *sad, ln_adapter *whole_ad)
     }
 }
 
+/* A0 = A, B0 = B (a residual method's initial factors). */
+static int keep_initial(const lnb_backend *be, ln_lora *lo, ln_err *e)
+{
+    lo->A0 = be->alloc((size_t)lo->A.n * sizeof(float));
+    lo->B0 = be->alloc((size_t)lo->B.n * sizeof(float));
+    if (!lo->A0 || !lo->B0)
+        return ln_errf(e, "tensor parallel: out of memory copying the initial factors of %s", lo->A.name);
+    be->copy(lo->A0, lo->A.w, lo->A.n);
+    be->copy(lo->B0, lo->B.w, lo->B.n);
+    return 0;
+}
+
+/* pissa, milora, corda: an SVD of each whole weight. One weight at a time, rank 0 gathers W0,
+ * runs ln_init_layer on it (the very call ln_adapter_init makes: the same bits), and broadcasts
+ * A, B and W0 − scale·B A whole; each rank keeps its blocks. Transient memory on every rank: one
+ * whole weight and its factors. */
+static int init_gathered(ln_model *shard, ln_model *shape, const ln_adapter_opts *o, ln_method me, ln_adapter *sad,
+                         ln_adapter *w, ln_err *e)
+{
+    ln_comm *c = shard->comm;
+    int root = c->rank == 0, R = c->size;
+    int rank = o->rank > 0 ? o->rank : 8; /* ln_adapter_init's defaults for a residual method */
+    float alpha = o->alpha > 0 ? o->alpha : (float)rank;
+    unsigned targets = o->targets ? o->targets : LN_TARGETS_ALL;
+    const lnb_backend *be = shard->be;
+    int calib = ln_method_needs_calibration(me), rc = 0;
+    if (calib && !o->covariance)
+        return ln_errf(e, "adapter method \"%s\" needs calibration covariances and none were given", o->method);
+    rc = ln_adapter_alloc(shard, sad, o->method, rank, alpha, targets, e);
+    if (rc == 0 && root) rc = ln_adapter_alloc(shape, w, o->method, rank, alpha, targets, e);
+    if (rc) {
+        comm_abort(c);
+        return -1;
+    }
+    for (int l = 0; l < sad->num_layers && rc == 0; l++)
+        for (int t = 0; t < LN_NTARGET && rc == 0; t++) {
+            ln_lora *lo = &sad->lora[l * LN_NTARGET + t];
+            if (!lo->A.w) continue;
+            ln_param *Ws = &shard->layers[l].lin[t];
+            ln_tp_split sw = ln_tp_param_split(shard, NULL, Ws), sa = ln_tp_param_split(shard, sad, &lo->A),
+                        sb = ln_tp_param_split(shard, sad, &lo->B);
+            int64_t nw = ln_tp_whole_numel(Ws, sw, R), na = ln_tp_whole_numel(&lo->A, sa, R),
+                    nb = ln_tp_whole_numel(&lo->B, sb, R);
+            float *W = ln_try_allocf((size_t)(nw + na + nb), sizeof(float), e, "tensor-parallel init",
+                                     "the whole weight %s and its factors", Ws->name);
+            float *blk = W ? ln_try_allocf((size_t)Ws->n, sizeof(float), e, "tensor-parallel init",
+                                           "a block of %s", Ws->name)
+                           : NULL;
+            if (!blk) {
+                free(W);
+                comm_abort(c); /* the others are about to gather */
+                return ln_err_prefix(e, "layer %d %s", l, ln_target_module((ln_target)t));
+            }
+            float *A = W + nw, *B = A + na;
+            rc = ln_tp_gather_tensor(c, be, Ws, sw, Ws->w, root ? W : NULL, e);
+            float failed = 0.0f;
+            if (rc == 0 && root) {
+                const ln_param *Wf = &shape->layers[l].lin[t];
+                ln_layer_init li = {.d_out = Wf->rows, .d_in = Wf->cols, .r = rank, .scale = sad->scale,
+                                    .seed = o->seed + (uint64_t)(l * LN_NTARGET + t)};
+                if (calib && !(li.C = o->covariance(o->method_ctx, l, ln_target_input((ln_target)t))))
+                    ln_errf(e, "adapter method \"%s\": no covariance for layer %d input of %s", o->method, l,
+                            ln_target_module((ln_target)t));
+                if ((calib && !li.C) || ln_init_layer(me, &li, W, A, B, e) != 0) failed = 1.0f;
+            }
+            /* rank 0's outcome first, then what it made */
+            ln_err be2 = {{0}};
+            if (rc == 0 && comm_broadcast(c, &failed, 1, 0, &be2) != 0) {
+                *e = be2;
+                rc = -1;
+            }
+            if (rc == 0 && failed != 0.0f) rc = root ? -1 : ln_errf(e, "rank 0's init of this weight failed");
+            if (rc == 0) rc = comm_broadcast(c, W, nw + na + nb, 0, e);
+            if (rc == 0) {
+                ln_tp_take_block(Ws, sw, c->rank, R, W, blk);
+                be->upload(Ws->w, blk, (size_t)Ws->n * sizeof(float));
+                ln_tp_take_block(&lo->A, sa, c->rank, R, A, blk);
+                be->upload(lo->A.w, blk, (size_t)lo->A.n * sizeof(float));
+                ln_tp_take_block(&lo->B, sb, c->rank, R, B, blk);
+                be->upload(lo->B.w, blk, (size_t)lo->B.n * sizeof(float));
+                rc = keep_initial(be, lo, e);
+            }
+            if (rc == 0 && !ln_method_trains_a(me)) rc = ln_param_set_trainable(be, &lo->A, 0, e);
+            if (rc == 0 && root) {
+                ln_lora *wl = &w->lora[l * LN_NTARGET + t];
+                be->upload(wl->A.w, A, (size_t)wl->A.n * sizeof(float));
+                be->upload(wl->B.w, B, (size_t)wl->B.n * sizeof(float));
+                rc = keep_initial(be, wl, e);
+                if (rc == 0 && !ln_method_trains_a(me)) rc = ln_param_set_trainable(be, &wl->A, 0, e);
+            }
+            free(W);
+            free(blk);
+            if (rc) {
+                comm_abort(c);
+                ln_err_prefix(e, "layer %d %s", l, ln_target_module((ln_target)t));
+            }
+        }
+    sad->residual = 1;
+    if (root) w->residual = 1;
+    return rc;
+}
+
 int ln_tp_adapter_init(ln_model *shard, ln_model *shape, const ln_adapter_opts *o, int cov_everywhere,
                        ln_adapter *sad, ln_adapter *whole_ad, int *eigensolves, ln_err *e)
 {
@@ -846,20 +948,16 @@ int ln_tp_adapter_init(ln_model *shard, ln_model *shape, const ln_adapter_opts *
             ln_lora *lo = &w->lora[i];
             if (!lo->A.w) continue;
             if (!ln_method_trains_a(me)) rc = ln_param_set_trainable(shape->be, &lo->A, 0, e);
-            lo->A0 = shape->be->alloc((size_t)lo->A.n * sizeof(float));
-            lo->B0 = shape->be->alloc((size_t)lo->B.n * sizeof(float));
-            if (!lo->A0 || !lo->B0) {
-                rc = ln_errf(e, "tensor parallel: out of memory copying the initial factors of %s", lo->A.name);
-                break;
-            }
-            shape->be->copy(lo->A0, lo->A.w, lo->A.n);
-            shape->be->copy(lo->B0, lo->B.w, lo->B.n);
+            if (rc == 0) rc = keep_initial(shape->be, lo, e);
         }
         if (rc == 0 && w) w->residual = 1;
+    } else if (me == LN_METHOD_PISSA || me == LN_METHOD_MILORA || me == LN_METHOD_CORDA) {
+        ln_adapter_opts oo = *o;
+        oo.method = method;
+        rc = init_gathered(shard, shape, &oo, me, sad, c->rank == 0 ? whole_ad : NULL, e);
     } else {
-        return ln_errf(e, "adapter method \"%s\" initialises from an SVD of every whole weight, which a rank holding "
-                          "1/%d of each weight cannot take; train it with 1 rank (resources.ranks 1)",
-                       method, c->size);
+        return ln_errf(e, "adapter method \"%s\" does not initialise on shards (full fine-tuning on ranks goes "
+                          "through ln_tp_train_rank)", method);
     }
     if (rc) drop_adapters(sad, whole_ad);
     return rc;

@@ -162,8 +162,11 @@ ln_model *ln_tp_whole_shape(const ln_model *shard);
  *    cov_everywhere: every rank can read o->covariance (thread ranks sharing rank 0's calibration:
  *    the eigensolves are spread over the ranks); else only rank 0 holds them (one process per
  *    rank) and rank 0 runs every solve. Equal to the whole-model init block by block (≤ 2.1e-8).
- *  - pissa, milora, corda (an SVD of each whole weight) and full: refused with a sentence (full
- *    fine-tuning on ranks goes through ln_tp_train_rank).
+ *  - pissa, milora, corda (an SVD of each whole weight): one weight at a time, rank 0 gathers W0,
+ *    runs ln_init_layer on it (the call ln_adapter_init makes) and broadcasts A, B and
+ *    W0 − scale·B A; every rank keeps its blocks — bitwise the whole-model init. Transient memory
+ *    on every rank: one whole weight and its factors. corda's covariances: rank 0's.
+ *  - full: refused with a sentence (full fine-tuning on ranks goes through ln_tp_train_rank).
  * *eigensolves (may be NULL): this rank's count. On failure the group is aborted. */
 int ln_tp_adapter_init(ln_model *shard, ln_model *shape, const ln_adapter_opts *o, int cov_everywhere,
                        ln_adapter *sad, ln_adapter *whole_ad, int *eigensolves, ln_err *e);
