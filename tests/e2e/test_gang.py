@@ -149,7 +149,8 @@ def test_paused_split_job_resumes_to_the_uninterrupted_adapter(env, reference_2r
     for w in (g1, g2):
         wait_for(lambda: any(e in w.log() for e in ends), 30, f"{w.name} to stop ({w.log()})")
     last = max(c["step_number"] for c in checkpoints(env.srv, env.key, job["id"]))
-    assert last == max(metrics(env.srv, env.key, job["id"], "loss")["loss"]), "the stop's checkpoint is missing"
+    assert last == max(metrics(env.srv, env.key, job["id"], "loss")["loss"]), \
+        f"the stop's checkpoint is missing ({g1.log()} {g2.log()})"
     rank1 = g1 if rank_of(g1, job["id"]) == 1 else g2
     assert "checkpoint at step" not in rank1.log(), "only rank 0 uploads checkpoints"
     r = env.srv.client(env.key).post(env.srv.url(f"/v1/fine_tuning/jobs/{job['id']}/resume"))

@@ -181,7 +181,13 @@ static void job_end(wd_job *j, const char *how) {
 
 static void job_lost(wd_job *j, wd_stop why, const char *msg) {
     if (j->lost) return;
-    if (why == WD_STOP_PAUSE && !j->pausing && j->run_started && j->phase == PHASE_RUNNING && j->rank == 0) {
+    /* Rank 0 of a split gang may have stopped already, at another rank's pause (the trainer stops
+     * every rank after the same step), and be uploading that stop's checkpoint when its own
+     * heartbeat hears of the pause: it drains the same way. */
+    int stopped_run = j->phase == PHASE_REPORTING && j->run_started && atomic_load(&j->run.done) &&
+                      j->run.status == WD_RUN_STOPPED;
+    if (why == WD_STOP_PAUSE && !j->pausing && j->run_started && (j->phase == PHASE_RUNNING || stopped_run) &&
+        j->rank == 0) {
         /* The server still takes this generation's events, files and checkpoints for its pause
          * grace: stop within a step and upload the checkpoint the stop writes, so a resume (on any
          * worker) continues from the pause step. A second refusal (grace over) ends it for good. */
