@@ -12,6 +12,7 @@
 #include <string.h>
 #include <cmocka.h>
 
+#include <pthread.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -19,46 +20,68 @@
 
 #include "common/util.h"
 #include "worker/backend/backend.h"
+#include "worker/backend/comm/comm.h"
 #include "worker/engine/adapter.h"
 #include "worker/engine/memplan.h"
 #include "worker/engine/model.h"
 #include "worker/engine/optim.h"
+#include "worker/engine/tensor_parallel.h"
 #include "tests/unit/sanitizer.h"
 
 /* ---------------------------------------------------------------- a counting CPU backend */
 
-/* The CPU backend with alloc/free that keep the bytes it holds (sizes by pointer). */
+/* The CPU backend with alloc/free that keep the bytes it holds (sizes by pointer): in all, and per
+ * thread slot (a tensor-parallel rank's thread sets its own, so each rank's bytes are its own). */
 #define MAX_LIVE 8192
+#define SLOTS 4
 static struct {
     void *p;
     size_t n;
+    int slot;
 } g_live[MAX_LIVE];
-static double g_bytes;
+static double g_bytes, g_slot[SLOTS];
+static _Thread_local int t_slot;
+static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
 static lnb_backend g_be;
 
 static void *count_alloc(size_t n) {
     void *p = lnb_cpu()->alloc(n);
     if (!p) return NULL;
+    pthread_mutex_lock(&g_mu);
     for (int i = 0; i < MAX_LIVE; i++)
         if (!g_live[i].p) {
             g_live[i].p = p;
             g_live[i].n = n;
+            g_live[i].slot = t_slot;
             g_bytes += (double)n;
+            g_slot[t_slot] += (double)n;
+            pthread_mutex_unlock(&g_mu);
             return p;
         }
+    pthread_mutex_unlock(&g_mu);
     fail_msg("counting backend: more than %d live buffers", MAX_LIVE);
     return NULL;
 }
 
 static void count_free(void *p) {
     if (!p) return;
+    pthread_mutex_lock(&g_mu);
     for (int i = 0; i < MAX_LIVE; i++)
         if (g_live[i].p == p) {
             g_bytes -= (double)g_live[i].n;
+            g_slot[g_live[i].slot] -= (double)g_live[i].n;
             g_live[i].p = NULL;
             break;
         }
+    pthread_mutex_unlock(&g_mu);
     lnb_cpu()->free(p);
+}
+
+static double slot_bytes(void) {
+    pthread_mutex_lock(&g_mu);
+    double b = g_slot[t_slot];
+    pthread_mutex_unlock(&g_mu);
+    return b;
 }
 
 static const lnb_backend *counting(void) {
@@ -177,6 +200,172 @@ static void test_plan_equals_engine_allocations(void **state) {
     check_against_engine("lora", LN_TARGETS_ALL, 0);
     check_against_engine("lora", (1u << LN_Q) | (1u << LN_V) | (1u << LN_DOWN), 1);
     check_against_engine("lora_fa", LN_TARGETS_ALL, 0);
+}
+
+/* ---------------------------------------------------------------- a 2-rank shard */
+
+/* What one tensor-parallel rank (a thread, its own counting slot) holds: its shard of the weights,
+ * its adapter shard (+ rank 0's gathered whole adapter), AdamW on the shard, a training step's
+ * activations, an evaluation's and a calibration window's forward, each as allocated. */
+typedef struct {
+    ln_model *full;
+    const char *method;
+    unsigned targets;
+    int B, T, Tc, r, recompute;
+    double weights, adapter, optimizer, activations, eval_activations, calib_activations;
+} tp_count;
+
+static double g_cov_store[LN_NINPUT][80 * 80]; /* whole widths: at most 80 */
+static const double *diag_cov(void *ctx, int layer, ln_input which) {
+    (void)ctx;
+    (void)layer;
+    return g_cov_store[which];
+}
+
+static int count_rank(ln_comm *c, void *ctx, ln_err *e) {
+    tp_count *k = (tp_count *)ctx + comm_rank(c);
+    t_slot = 1 + comm_rank(c);
+    int root = comm_rank(c) == 0;
+    double b = slot_bytes();
+    ln_model *sh = NULL;
+    if (ln_tp_shard_model(k->full, c, &sh, e) != 0) return -1;
+    sh->recompute = k->recompute;
+    k->weights = slot_bytes() - b;
+    ln_model *shape = ln_tp_whole_shape(sh);
+
+    b = slot_bytes();
+    ln_adapter sad, whole;
+    ln_adapter_opts ao = {.method = k->method, .rank = k->r, .alpha = 8, .targets = k->targets, .seed = 1,
+                          .covariance = diag_cov};
+    if (ln_tp_adapter_init(sh, shape, &ao, 1, &sad, root ? &whole : NULL, NULL, e) != 0) return -1;
+    k->adapter = slot_bytes() - b;
+
+    b = slot_bytes();
+    ln_param *params[4 * LN_NTARGET * 4], **end = params;
+    ln_adapter_for_each_param(&sad, push, &end);
+    ln_optim o;
+    ln_optim_cfg oc = ln_optim_defaults();
+    if (ln_optim_init(&o, sh->be, params, (int)(end - params), &oc, e) != 0) return -1;
+    k->optimizer = slot_bytes() - b;
+
+    int32_t ids[64], tg[64];
+    for (int i = 0; i < k->B * k->T; i++) {
+        ids[i] = (i * 7) % sh->cfg.vocab_size;
+        tg[i] = (i * 5 + 1) % sh->cfg.vocab_size;
+    }
+    ln_batch bt = {.B = k->B, .T = k->T, .ids = ids, .targets = tg, .n_targets = k->B * k->T};
+    double loss;
+    b = slot_bytes();
+    ln_acts *acts = ln_acts_new();
+    ln_fwd_opts fo = {.trained_rows_only = 1, .head_grad_scale = 1.0f / (k->B * k->T)};
+    if (ln_model_forward(sh, &sad, acts, &bt, &fo, &loss, e) != 0 ||
+        ln_model_backward(sh, &sad, acts, &bt, fo.head_grad_scale, e) != 0)
+        return -1;
+    k->activations = slot_bytes() - b;
+
+    b = slot_bytes();
+    ln_acts *ev = ln_acts_new();
+    ln_fwd_opts fe = {.trained_rows_only = 1};
+    if (ln_model_forward(sh, &sad, ev, &bt, &fe, &loss, e) != 0) return -1;
+    k->eval_activations = slot_bytes() - b;
+    ln_acts_free(sh, ev);
+
+    b = slot_bytes();
+    ln_batch cb = {.B = 1, .T = k->Tc, .ids = ids};
+    ln_acts *ca = ln_acts_new();
+    ln_fwd_opts fc = {.no_logits = 1};
+    if (ln_model_forward(sh, NULL, ca, &cb, &fc, NULL, e) != 0) return -1;
+    k->calib_activations = slot_bytes() - b;
+    ln_acts_free(sh, ca);
+
+    ln_acts_free(sh, acts);
+    ln_optim_free(&o);
+    ln_adapter_free(&sad);
+    if (root) ln_adapter_free(&whole);
+    ln_model_free(shape);
+    ln_model_free(sh);
+    return 0;
+}
+
+/* A shard's parts as a counting backend sees each of 2 ranks allocate them, against the plan of
+ * both ranks on threads of one process (ranks_here 2) and of rank 1 alone in its process. */
+static void check_two_ranks(const char *method, unsigned targets, int recompute) {
+    ln_config cfg;
+    ln_err e;
+    assert_int_equal(ln_config_parse(CFG_JSON, "memplan test", &cfg, &e), 0);
+    const int R = 2;
+    for (int t = 0; t < LN_NTARGET; t++) { /* each whole input's covariance: diag(1, 2, …, d) */
+        int o, d;
+        ln_model_target_dims(&cfg, (ln_target)t, &o, &d);
+        double *C = g_cov_store[ln_target_input((ln_target)t)];
+        memset(C, 0, (size_t)d * d * sizeof *C);
+        for (int i = 0; i < d; i++) C[(size_t)i * d + i] = 1.0 + i;
+    }
+    ln_model *full = NULL;
+    const lnb_backend *be = counting();
+    assert_int_equal(ln_model_new_random(&cfg, be, 1, &full, &e), 0);
+    tp_count k[2];
+    for (int i = 0; i < R; i++)
+        k[i] = (tp_count){.full = full, .method = method, .targets = targets, .B = 2, .T = 16, .Tc = 24, .r = 4,
+                          .recompute = recompute};
+    void *ctxs[2] = {k, k};
+    if (comm_thread_run(R, count_rank, ctxs, &e) != 0) fail_msg("2 ranks: %s", e.msg);
+    ln_model_free(full);
+
+    int null = !strncmp(method, "lora_null", 9);
+    ln_memplan_req q = {.cfg = &cfg, .batch = 2, .seq = 16, .rank = 4, .targets = targets,
+                        .train_a = strcmp(method, "lora_fa") != 0 && strcmp(method, "lora_null_v2") != 0,
+                        .residual = null, .method = method, .recompute = recompute, .eval_during_training = 1,
+                        .calibrate = 1, .calib_max_length = 24, .ranks = R};
+    ln_memplan both, one;
+    ln_memplan_estimate(&q, &both);
+    q.ranks_here = 1;
+    q.first_rank = 1;
+    ln_memplan_estimate(&q, &one);
+    assert_true(both.root_here && !one.root_here && both.ranks_here == 2 && one.ranks_here == 1);
+    const double tok = 16.0 * 2 * (4 * 4 + 8), ctok = 24.0 * (4 * 4 + 8); /* host index arrays (malloc) */
+    struct {
+        const char *what;
+        double r0, r1, plan_both, plan_one;
+    } rows[] = {
+        {"weights", k[0].weights, k[1].weights, both.weights, one.weights},
+        {"adapter (+ rank 0's gathered one)", k[0].adapter, k[1].adapter, both.adapter + both.gathered_adapter,
+         one.adapter + one.gathered_adapter},
+        {"AdamW", k[0].optimizer, k[1].optimizer, both.optimizer, one.optimizer},
+        {"training activations", k[0].activations, k[1].activations, both.activations - 2 * tok,
+         one.activations - tok},
+        {"evaluation activations", k[0].eval_activations, k[1].eval_activations, both.eval_activations - 2 * tok,
+         one.eval_activations - tok},
+        {"calibration activations", k[0].calib_activations, k[1].calib_activations,
+         both.calib_activations - 2 * ctok, one.calib_activations - ctok},
+    };
+    for (size_t i = 0; i < sizeof rows / sizeof *rows; i++) {
+        if (rows[i].r0 + rows[i].r1 != rows[i].plan_both)
+            fail_msg("%s, 2 ranks here: %s hold %.0f + %.0f bytes, the plan says %.0f", method, rows[i].what,
+                     rows[i].r0, rows[i].r1, rows[i].plan_both);
+        if (rows[i].r1 != rows[i].plan_one)
+            fail_msg("%s, rank 1 alone: %s hold %.0f bytes, the plan says %.0f", method, rows[i].what, rows[i].r1,
+                     rows[i].plan_one);
+    }
+    /* a shard is less than the whole model; rank 0's extras are rank 0's */
+    ln_memplan whole;
+    q.ranks = 1;
+    q.ranks_here = q.first_rank = 0;
+    ln_memplan_estimate(&q, &whole);
+    assert_true(one.weights < whole.weights && one.covariances == 0 && one.bases == 0 && one.gathered_adapter == 0);
+    assert_true(both.covariances == whole.covariances && both.gathered_adapter == whole.adapter);
+    assert_true(both.calib_gather == 2 * one.calib_gather && one.calib_gather > 0);
+    printf("  %s, 2 ranks, recompute %d: rank 0 weights %.0f adapter %.0f AdamW %.0f activations %.0f, rank 1 "
+           "weights %.0f adapter %.0f (1 rank: weights %.0f) — as allocated\n",
+           method, recompute, k[0].weights, k[0].adapter, k[0].optimizer, k[0].activations, k[1].weights,
+           k[1].adapter, whole.weights);
+}
+
+static void test_plan_per_rank_equals_shard_allocations(void **state) {
+    (void)state;
+    check_two_ranks("lora", LN_TARGETS_ALL, 0);
+    check_two_ranks("lora_null_v1", LN_TARGETS_ALL, 0);
+    check_two_ranks("lora_null_v2", (1u << LN_Q) | (1u << LN_O) | (1u << LN_DOWN), 1);
 }
 
 /* Full fine-tuning: gradients and moments for every weight; the drift tracker's W0 copies. */
@@ -365,6 +554,31 @@ static void test_check_sentence(void **state) {
     printf("  8B: calibration phase %s (window activations %s); evaluation activations %s\n",
            ln_fmt_bytes(p.phase[LN_PHASE_CALIBRATION], a, sizeof a), ln_fmt_bytes(p.calib_activations, b, sizeof b),
            ln_fmt_bytes(p.eval_activations, c, sizeof c));
+    /* 2 ranks, one per process: rank 1 holds half the layers' weights and none of rank 0's
+     * covariances; rank 0 holds them and the gathered adapter; both ranks on threads hold the sum */
+    q.ranks = 2;
+    q.ranks_here = 1;
+    q.first_rank = 1;
+    ln_memplan r1, r0, th;
+    assert_int_equal(ln_memplan_check(&q, g_root, &r1, &e), -1);
+    printf("  %s\n", e.msg);
+    assert_non_null(strstr(e.msg, "(training, rank 1 of 2 here: weights 16.92 GiB, adapter and gradients "));
+    assert_null(strstr(e.msg, "covariances"));
+    q.first_rank = 0;
+    ln_memplan_estimate(&q, &r0);
+    q.ranks_here = 0;
+    assert_int_equal(ln_memplan_check(&q, g_root, &th, &e), -1);
+    assert_non_null(strstr(e.msg, "(training, ranks 0-1 of 2 here: weights 33.83 GiB, covariances 61.00 GiB, "));
+    assert_true(r0.covariances == p.covariances && r0.gathered_adapter == p.adapter && r1.covariances == 0);
+    assert_true(r0.peak - r1.peak > p.covariances);
+    assert_true(th.weights == 2 * r1.weights && th.peak > r0.peak);
+    /* 2 × 16.92 GiB: embeddings and lm_head (2 × 1.96 GiB) are on each rank whole */
+    assert_true(th.weights > p.weights && th.weights - p.weights < 4.0 * (1 << 30));
+    char d[32];
+    printf("  8B, 2 ranks: rank 0 %s, rank 1 %s, both on threads %s (1 rank %s)\n",
+           ln_fmt_bytes(r0.peak, a, sizeof a), ln_fmt_bytes(r1.peak, b, sizeof b), ln_fmt_bytes(th.peak, c, sizeof c),
+           ln_fmt_bytes(p.peak, d, sizeof d));
+    q.ranks = 0;
     /* enough memory: passes */
     put("/proc/meminfo", "MemAvailable:   2147483648 kB\n"); /* 2 TiB */
     assert_int_equal(ln_memplan_check(&q, g_root, &p, &e), 0);
@@ -381,6 +595,7 @@ static int teardown(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_plan_equals_engine_allocations),
+        cmocka_unit_test(test_plan_per_rank_equals_shard_allocations),
         cmocka_unit_test(test_full_fine_tuning_parts),
         cmocka_unit_test(test_calibration_phase),
         cmocka_unit_test(test_available_from_meminfo_and_cgroups),

@@ -81,31 +81,84 @@ static double init_scratch(const ln_memplan_req *q, double d_max) {
     return worst;
 }
 
+/* What one rank holds of its own: the parts that scale with its config (the whole model's for one
+ * rank, a shard's — heads/R, kv heads/R, intermediate/R; hidden, vocab, norms and embeddings whole —
+ * for one of R tensor-parallel ranks). */
+typedef struct {
+    double weights, linear, adapter, optimizer, activations, eval_activations, calib_activations;
+} rank_parts;
+
+static void parts_of(const ln_memplan_req *q, const ln_config *c, rank_parts *o) {
+    const double C = c->hidden_size, L = c->num_layers, V = c->vocab_size;
+    const int full = q->rank <= 0;
+    double lin = 0, fac = 0, fac_a = 0;
+    int nt = 0;
+    for (int t = 0; t < LN_NTARGET; t++) {
+        int od, id;
+        ln_model_target_dims(c, (ln_target)t, &od, &id);
+        lin += (double)od * id;
+        if (!(q->targets & (1u << t))) continue;
+        nt++;
+        fac += (double)q->rank * id + (double)od * q->rank;
+        fac_a += (double)q->rank * id;
+    }
+    /* weights: every linear, the two norms per layer, embedding (+ lm_head), final norm */
+    const double params = L * (lin + 2 * C) + V * C * (c->tie_word_embeddings ? 1 : 2) + C;
+    o->weights = F32 * params;
+    o->linear = F32 * L * lin;
+    /* adapter: A, B and their gradients (a frozen A has none) + A0, B0; full fine-tuning: every
+     * weight's gradient */
+    const double trained = full ? params : L * (fac - (q->train_a ? 0 : fac_a));
+    o->adapter = full ? F32 * params : F32 * (L * fac * (q->residual ? 2 : 1) + trained);
+    o->optimizer = F32 * 2 * trained;
+    /* training: one micro-batch, lm_head in chunks of LN_HEAD_CHUNK trained rows */
+    const double N = (double)q->batch * q->seq, chunk = N < LN_HEAD_CHUNK ? N : LN_HEAD_CHUNK;
+    o->activations = activations(c, q->batch, q->seq, full ? 0 : q->rank, full ? 0 : nt, q->recompute,
+                                 q->rows_only_attention, chunk, ACT_TRAIN);
+    o->eval_activations = q->eval_during_training /* its own ln_acts, forward-only, beside the training one */
+                              ? activations(c, q->batch, q->seq, full ? 0 : q->rank, full ? 0 : nt, 0,
+                                            q->rows_only_attention, chunk, ACT_EVAL)
+                              : 0;
+    const double T_cal = q->calib_max_length > 0 ? q->calib_max_length : 1024;
+    o->calib_activations =
+        q->calibrate ? activations(c, 1, T_cal, 0, 0, 0, q->rows_only_attention, 0, ACT_CALIB) : 0;
+}
+
 void ln_memplan_estimate(const ln_memplan_req *q0, ln_memplan *p) {
     memset(p, 0, sizeof *p);
     ln_memplan_req q = *q0;
     if (!q.targets) q.targets = LN_TARGETS_ALL;
     const ln_config *c = q.cfg;
-    const double C = c->hidden_size, L = c->num_layers, V = c->vocab_size;
+    const double L = c->num_layers;
     const int full = q.rank <= 0;
+    const int R = q.ranks > 1 ? q.ranks : 1;
+    const int H = q.ranks_here > 0 && q.ranks_here < R ? q.ranks_here : R;
+    const int root = R == 1 || q.first_rank <= 0;
+    p->ranks = R;
+    p->ranks_here = H;
+    p->root_here = root;
 
-    /* weights: every linear, the two norms per layer, embedding (+ lm_head), final norm */
-    double lin = 0, fac = 0, fac_a = 0;
-    int nt = 0;
-    for (int t = 0; t < LN_NTARGET; t++) {
-        int o, i;
-        ln_model_target_dims(c, (ln_target)t, &o, &i);
-        lin += (double)o * i;
-        if (!(q.targets & (1u << t))) continue;
-        nt++;
-        fac += (double)q.rank * i + (double)o * q.rank;
-        fac_a += (double)q.rank * i;
+    /* one rank's shard (the whole model for one rank; heads, kv heads and intermediate rounded up
+     * where they do not divide — the worker refuses such a split before it plans) */
+    ln_config sc = *c;
+    if (R > 1) {
+        sc.num_heads = (c->num_heads + R - 1) / R;
+        sc.num_kv_heads = (c->num_kv_heads + R - 1) / R;
+        sc.intermediate_size = (c->intermediate_size + R - 1) / R;
     }
-    const double params = L * (lin + 2 * C) + V * C * (c->tie_word_embeddings ? 1 : 2) + C;
-    p->weights = F32 * params;
-    p->data = 8.0 * (double)q.data_tokens;
+    rank_parts one, whole;
+    parts_of(&q, &sc, &one);
+    parts_of(&q, c, &whole);
+    p->weights = H * one.weights;
+    if (full && R > 1) p->weights += H * whole.weights; /* full fine-tuning on ranks: the whole model, then its shard */
+    p->adapter = H * one.adapter;
+    p->optimizer = H * one.optimizer;
+    p->activations = H * one.activations;
+    p->eval_activations = H * one.eval_activations;
+    p->calib_activations = H * one.calib_activations;
+    p->data = 8.0 * (double)q.data_tokens; /* loaded once per process */
 
-    /* calibration: the covariances of the distinct inputs, per layer */
+    /* calibration: the covariances of the distinct (whole) inputs, per layer, on rank 0 */
     double d[LN_NINPUT], dsq = 0, dmax = 0;
     input_widths(c, q.targets, d);
     for (int i = 0; i < LN_NINPUT; i++) {
@@ -113,36 +166,36 @@ void ln_memplan_estimate(const ln_memplan_req *q0, ln_memplan *p) {
         if (d[i] > dmax) dmax = d[i];
     }
     const double T_cal = q.calib_max_length > 0 ? q.calib_max_length : 1024;
-    if (q.calibrate) {
+    if (q.calibrate && root) {
         p->covariances = F64 * L * dsq;
         p->calib_scratch = (q.calib_fp64 ? 0 : F32 * dmax * dmax) + F64 * 256 * dmax;
-        p->calib_activations = activations(c, 1, T_cal, 0, 0, 0, q.rows_only_attention, 0, ACT_CALIB);
+    }
+    if (q.calibrate && R > 1 && !full) {
+        /* every rank gathers the row-parallel inputs (o's, down's) of one window: its block, every
+         * rank's blocks, the whole rows (tensor_parallel.c's calibration hook, host memory) */
+        double ds[LN_NINPUT], drow = 0;
+        input_widths(&sc, q.targets, ds);
+        if (ds[LN_IN_O] > drow) drow = ds[LN_IN_O];
+        if (ds[LN_IN_DOWN] > drow) drow = ds[LN_IN_DOWN];
+        p->calib_gather = H * F32 * T_cal * drow * (1 + 2.0 * R);
     }
 
-    /* adapter: A, B and their gradients (a frozen A has none) + A0, B0; full fine-tuning: every
-     * weight's gradient */
-    const double trained = full ? params : L * (fac - (q.train_a ? 0 : fac_a));
-    p->adapter = full ? F32 * params : F32 * (L * fac * (q.residual ? 2 : 1) + trained);
-    p->optimizer = F32 * 2 * trained;
-    if (!full && q.method && !strncmp(q.method, "lora_null", 9) && q.calibrate)
+    if (!full && q.method && !strncmp(q.method, "lora_null", 9) && q.calibrate && root)
         p->bases = F64 * L * (d[0] + d[1] + d[2] + d[3]) * q.rank;
-    p->init_scratch = full ? 0 : init_scratch(&q, dmax);
-
-    /* training: one micro-batch, lm_head in chunks of LN_HEAD_CHUNK trained rows */
-    const double N = (double)q.batch * q.seq, chunk = N < LN_HEAD_CHUNK ? N : LN_HEAD_CHUNK;
-    p->activations = activations(c, q.batch, q.seq, full ? 0 : q.rank, full ? 0 : nt, q.recompute,
-                                 q.rows_only_attention, chunk, ACT_TRAIN);
-    if (q.eval_during_training) /* its own ln_acts, forward-only, alive beside the training one */
-        p->eval_activations = activations(c, q.batch, q.seq, full ? 0 : q.rank, full ? 0 : nt, 0,
-                                          q.rows_only_attention, chunk, ACT_EVAL);
-    p->drift = q.drift && full && q.calibrate ? F32 * L * lin : 0;
+    /* the init's scratch is of the whole model's widths (a basis solve, an SVD of a whole weight) on
+     * every rank that runs one */
+    p->init_scratch = full ? 0 : H * init_scratch(&q, dmax);
+    /* rank 0 of several: the whole adapter (gathered; checkpoints, drift, export) */
+    if (!full && R > 1 && root) p->gathered_adapter = whole.adapter;
+    p->drift = q.drift && full && q.calibrate && root ? whole.linear : 0; /* the tracker's W0 copies */
 
     const double held = p->weights + p->data;
     /* calibration: each sum becomes its covariance in place (calibrate.c), so one set */
-    p->phase[LN_PHASE_CALIBRATION] = q.calibrate ? held + p->covariances + p->calib_scratch + p->calib_activations : 0;
-    p->phase[LN_PHASE_INIT] = held + p->covariances + p->adapter + p->bases + p->init_scratch;
-    p->phase[LN_PHASE_TRAINING] =
-        held + p->covariances + p->bases + p->adapter + p->optimizer + p->activations + p->eval_activations + p->drift;
+    p->phase[LN_PHASE_CALIBRATION] =
+        q.calibrate ? held + p->covariances + p->calib_scratch + p->calib_activations + p->calib_gather : 0;
+    p->phase[LN_PHASE_INIT] = held + p->covariances + p->adapter + p->gathered_adapter + p->bases + p->init_scratch;
+    p->phase[LN_PHASE_TRAINING] = held + p->covariances + p->bases + p->adapter + p->gathered_adapter + p->optimizer +
+                                  p->activations + p->eval_activations + p->drift;
     for (int i = 0; i < LN_NPHASE; i++)
         if (p->phase[i] > p->peak) {
             p->peak = p->phase[i];
@@ -169,7 +222,9 @@ int ln_memplan_check(const ln_memplan_req *q, const char *root, ln_memplan *out,
     } rows[] = {
         {"covariances", p.covariances, {1, 1, 1}},   {"calibration scratch", p.calib_scratch, {1, 0, 0}},
         {"calibration activations", p.calib_activations, {1, 0, 0}},
-        {"adapter and gradients", p.adapter, {0, 1, 1}}, {"bases", p.bases, {0, 1, 1}},
+        {"calibration gathers", p.calib_gather, {1, 0, 0}},
+        {"adapter and gradients", p.adapter, {0, 1, 1}}, {"gathered adapter", p.gathered_adapter, {0, 1, 1}},
+        {"bases", p.bases, {0, 1, 1}},
         {"init scratch", p.init_scratch, {0, 1, 0}},  {"AdamW", p.optimizer, {0, 0, 1}},
         {"activations", p.activations, {0, 0, 1}},
         {"evaluation activations", p.eval_activations, {0, 0, 1}},   {"drift copies", p.drift, {0, 0, 1}},
@@ -180,9 +235,14 @@ int ln_memplan_check(const ln_memplan_req *q, const char *root, ln_memplan *out,
         k += snprintf(parts + k, sizeof parts - (size_t)k, ", %s %s", rows[i].name,
                       ln_fmt_bytes(rows[i].v, a, sizeof a));
     }
-    char need[32];
-    return ln_errf(e, "CPU memory plan: the job needs %s at its peak (%s: %s) but only %s are available (%s), so it "
-                      "would run out of memory",
-                   ln_fmt_bytes(p.peak, need, sizeof need), ln_memplan_phase_name(p.peak_phase), parts,
+    char need[32], here[64] = "";
+    if (p.ranks > 1) {
+        int lo = q->first_rank > 0 ? q->first_rank : 0, hi = lo + p.ranks_here - 1;
+        if (hi > lo) snprintf(here, sizeof here, ", ranks %d-%d of %d here", lo, hi, p.ranks);
+        else snprintf(here, sizeof here, ", rank %d of %d here", lo, p.ranks);
+    }
+    return ln_errf(e, "CPU memory plan: the job needs %s at its peak (%s%s: %s) but only %s are available (%s), so "
+                      "it would run out of memory",
+                   ln_fmt_bytes(p.peak, need, sizeof need), ln_memplan_phase_name(p.peak_phase), here, parts,
                    ln_fmt_bytes(p.available, b, sizeof b), p.available_from);
 }

@@ -22,7 +22,16 @@
  *                the backend keeps rows only) + an evaluation's forward-only activations (one layer's
  *                intermediates, one chunk of logits) when one runs mid-training
  *                + the drift tracker's copy of every original weight (full fine-tuning) + the data.
- * The peak is the largest phase. */
+ * The peak is the largest phase.
+ *
+ * Tensor-parallel ranks (ranks R > 1, tensor_parallel.h): the plan is per process, for the
+ * ranks_here ranks it holds (R threads of one worker, or one rank per process). Each rank holds its
+ * shard — 1/R of q,k,v,o,gate,up,down (heads/R, kv heads/R, intermediate/R), the embeddings, norms
+ * and lm_head whole — its shard of the adapter, gradients and AdamW, and the activations of its
+ * shard (the residual stream whole); calibration's forward runs on the shard and every rank gathers
+ * one window's row-parallel inputs (o's, down's: its block, every rank's, the whole rows). Rank 0
+ * alone holds the whole covariances (and their scratch), the bases and the gathered whole adapter.
+ * Full fine-tuning on ranks: every rank holds the whole model beside its shard. */
 #ifndef LN_MEMPLAN_H
 #define LN_MEMPLAN_H
 
@@ -48,14 +57,20 @@ typedef struct ln_memplan_req {
     int eval_during_training;  /* an evaluation forward (its own activations) runs between steps */
     int drift;                 /* knowledge-drift tracker (full fine-tuning: a copy of every W0) */
     int64_t data_tokens;       /* tokens of the loaded datasets (ids + labels, int32), 0 = not counted */
+    int ranks;                 /* tensor-parallel ranks of the job (0 or 1: one) */
+    int ranks_here;            /* how many of them this process holds (0 = all: a thread gang) */
+    int first_rank;            /* the lowest rank this process holds (0: rank 0's extras are here) */
 } ln_memplan_req;
 
 typedef enum { LN_PHASE_CALIBRATION, LN_PHASE_INIT, LN_PHASE_TRAINING, LN_NPHASE } ln_memplan_phase;
 
 typedef struct ln_memplan {
-    /* parts, bytes */
+    /* parts, bytes: the sum over the ranks this process holds (rank 0's extras where it is here) */
     double weights, data, covariances, calib_scratch, init_scratch, bases, adapter, optimizer, activations, drift;
-    double calib_activations;  /* one calibration window's forward-only activations */
+    double calib_activations;  /* one calibration window's forward-only activations (per rank here) */
+    double calib_gather;       /* ranks: one window's row-parallel inputs gathered (per rank here) */
+    double gathered_adapter;   /* rank 0 of several: the whole adapter gathered from the shards */
+    int ranks, ranks_here, root_here; /* R, the ranks this process holds, whether rank 0 is one */
     double eval_activations;   /* an evaluation's forward-only activations (eval_during_training) */
     double phase[LN_NPHASE];   /* each phase's total */
     ln_memplan_phase peak_phase;
@@ -74,7 +89,8 @@ void ln_memplan_estimate(const ln_memplan_req *q, ln_memplan *p);
  *   "CPU memory plan: the job needs 43.30 GiB at its peak (calibration: weights 15.00 GiB,
  *    covariances 28.10 GiB, calibration scratch 210.0 MiB, calibration activations 220.3 MiB) but
  *    only 24.00 GiB are available (cgroup memory.max), so it would run out of memory"
- * ("out of memory" in it: the worker's fail() classifies and hints on that).
+ * ("out of memory" in it: the worker's fail() classifies and hints on that). With R > 1 ranks the
+ * phase names them: "(training, ranks 0-1 of 2 here: weights …)".
  * out (may be NULL) receives the plan either way. */
 int ln_memplan_check(const ln_memplan_req *q, const char *root, ln_memplan *out, ln_err *e);
 
