@@ -359,6 +359,8 @@ typedef struct {
     const void *data;
     void *owned;        /* converted copy, or NULL */
     size_t nbytes;
+    st_fill_fn fill;    /* data produced while writing (st_writer_add_fill), or NULL */
+    void *fill_ctx;
 } w_entry;
 
 struct st_writer {
@@ -422,6 +424,13 @@ void st_writer_add_f32(st_writer *w, const char *name, st_dtype dt, int ndim, co
     x->data = x->owned;
 }
 
+void st_writer_add_fill(st_writer *w, const char *name, st_dtype dt, int ndim, const int64_t *shape, st_fill_fn fill,
+                        void *ctx) {
+    w_entry *x = add_entry(w, name, dt, ndim, shape);
+    x->fill = fill;
+    x->fill_ctx = ctx;
+}
+
 /* Writes n bytes to fd (tmp names the file in the error). */
 static int write_all(int fd, const void *data, size_t n, const char *tmp, ln_err *e) {
     const char *p = data;
@@ -472,8 +481,11 @@ int st_writer_write(st_writer *w, const char *path, ln_err *e) {
         goto out;
     }
     rc = write_all(fd, head, 8 + padded, tmp, e);
-    for (size_t i = 0; rc == 0 && i < w->n; i++)
-        if (w->e[i].nbytes) rc = write_all(fd, w->e[i].data, w->e[i].nbytes, tmp, e);
+    for (size_t i = 0; rc == 0 && i < w->n; i++) {
+        const void *d = w->e[i].data;
+        if (w->e[i].fill && !(d = w->e[i].fill(w->e[i].fill_ctx, i, e))) rc = -1;
+        else if (w->e[i].nbytes) rc = write_all(fd, d, w->e[i].nbytes, tmp, e);
+    }
     if (rc == 0 && fsync(fd) != 0) rc = ln_errf(e, "%s: cannot finish writing: %s", path, strerror(errno));
     if (close(fd) != 0 && rc == 0) rc = ln_errf(e, "%s: cannot finish writing: %s", path, strerror(errno));
     if (rc == 0 && rename(tmp, path) != 0) rc = ln_errf(e, "%s: cannot finish writing: %s", path, strerror(errno));

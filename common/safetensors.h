@@ -75,6 +75,12 @@ void st_writer_add(st_writer *w, const char *name, st_dtype dt, int ndim, const 
  * the copy is kept and returned by st_writer_write ("safetensors writer: out of memory allocating
  * <size> for a copy of tensor <name>"); later adds are then ignored. */
 void st_writer_add_f32(st_writer *w, const char *name, st_dtype dt, int ndim, const int64_t *shape, const float *data);
+/* Adds a tensor whose bytes (nbytes of dt × shape) fill(ctx, index, e) returns while the file is
+ * written — entries in the order they were added, index being the entry's — valid until the next
+ * call; NULL (e filled) fails the write. Lets a writer hold one tensor at a time. */
+typedef const void *(*st_fill_fn)(void *ctx, size_t index, ln_err *e);
+void st_writer_add_fill(st_writer *w, const char *name, st_dtype dt, int ndim, const int64_t *shape, st_fill_fn fill,
+                        void *ctx);
 /* Writes atomically (tmp + fsync + rename). */
 int st_writer_write(st_writer *w, const char *path, ln_err *e);
 

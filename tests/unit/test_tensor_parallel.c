@@ -764,6 +764,175 @@ static void test_load_shard_equals_cut(void **s)
         }
 }
 
+/* ---- full fine-tuning on shards: no rank holds the whole model ---- */
+
+typedef struct {
+    const char *dir, *out, *resume;
+    const ln_dataset *ds;
+    int64_t stop_at;
+    ln_train_result res;
+} full_only_ctx;
+
+/* One rank of a full fine-tune that holds only its shard: load it, init "full" (or restore a
+ * checkpoint's blocks), train; checkpoints and the final model are written from the shards. */
+static int full_only_rank(ln_comm *c, void *p, ln_err *e)
+{
+    full_only_ctx *x = p;
+    int root = c->rank == 0;
+    ln_model *shard, *shape;
+    if (ln_tp_load_shard(x->dir, lnb_cpu(), c, &shard, e)) return -1;
+    shape = ln_tp_whole_shape(shard);
+    ln_adapter sad, w;
+    ln_adapter_opts ao = {.method = "full"};
+    int rc = x->resume ? ln_tp_load_checkpoint(shard, shape, x->resume, &sad, root ? &w : NULL, e)
+                       : ln_tp_adapter_init(shard, shape, &ao, 1, &sad, root ? &w : NULL, NULL, e);
+    if (rc == 0 && (!sad.full || (root && !w.full))) rc = ln_errf(e, "the shard's adapter is not full fine-tuning");
+    ln_train_opts o = ckpt_opts();
+    o.max_steps = 4;
+    o.save_every = 2;
+    o.out_dir = x->out;
+    o.resume = x->resume;
+    o.stop_at_step = x->stop_at;
+    if (rc == 0) rc = ln_tp_train_shard(shard, &sad, root ? shape : NULL, root ? &w : NULL, x->ds, &o, &x->res, e);
+    ln_model_free(shape);
+    ln_model_free(shard);
+    return rc;
+}
+
+static void run_full_only(int R, const char *dir, const ln_dataset *ds, const char *out, const char *resume,
+                          int64_t stop_at)
+{
+    ln_err e = {{0}};
+    full_only_ctx x[4];
+    void *ptrs[4];
+    for (int r = 0; r < R; r++) {
+        x[r] = (full_only_ctx){.dir = dir, .ds = ds, .out = out, .resume = resume, .stop_at = stop_at};
+        ptrs[r] = &x[r];
+    }
+    if (comm_thread_run(R, full_only_rank, ptrs, &e)) fail_msg("full fine-tuning on %d shards: %s", R, e.msg);
+}
+
+static int same_file(const char *a, const char *b)
+{
+    size_t na = 0, nb = 0;
+    char *x = NULL, *y = NULL;
+    ln_err e = {{0}};
+    int same = ln_read_file(a, &x, &na, &e) == 0 && ln_read_file(b, &y, &nb, &e) == 0 && na == nb &&
+               memcmp(x, y, na) == 0;
+    free(x);
+    free(y);
+    return same;
+}
+
+/* Worst relative difference (to the largest magnitude of each tensor) between two saved models. */
+static double model_diff(const char *a, const char *b)
+{
+    ln_err e = {{0}};
+    st_set *sa, *sb;
+    assert_int_equal(st_open(a, &sa, &e), 0);
+    assert_int_equal(st_open(b, &sb, &e), 0);
+    assert_int_equal(st_count(sa), st_count(sb));
+    double worst = 0;
+    for (size_t i = 0; i < st_count(sa); i++) {
+        const st_tensor *t = st_at(sa, i), *u = st_find(sb, t->name);
+        assert_non_null(u);
+        assert_int_equal(t->numel, u->numel);
+        const float *p = t->data, *q = u->data;
+        double mx = maxabs(q, u->numel), d = 0;
+        for (int64_t k = 0; k < t->numel; k++) d = fmax(d, fabs((double)p[k] - q[k]));
+        worst = fmax(worst, d / (mx > 0 ? mx : 1));
+    }
+    st_close(sa);
+    st_close(sb);
+    return worst;
+}
+
+/* Full fine-tuning on R shard-only ranks (ln_tp_load_shard, ln_tp_adapter_init "full",
+ * ln_tp_train_shard): the final model and checkpoints are written by rank 0 one gathered tensor at
+ * a time, and
+ *  - the model's bytes equal ln_model_save of the old path's gathered whole model (every rank
+ *    holding the whole model, ln_tp_train) and its checkpoints' bytes that path's;
+ *  - stopped after step 2 and resumed on R shards (each reading its blocks of the checkpoint):
+ *    the uninterrupted run's bytes;
+ *  - the R-rank checkpoint resumes on 1 rank (ln_train_load_checkpoint + ln_train) and on R' shards
+ *    within TOL of the uninterrupted R-rank model. */
+static void check_full_on_shards(int R, int R2)
+{
+    ln_err e = {{0}};
+    char dir[] = "/tmp/loranull-tpfull-XXXXXX", a[160], b[160], ck[200], f1[400], f2[400], cmd[200];
+    assert_non_null(mkdtemp(dir));
+    ln_model *m;
+    ln_adapter ad;
+    build_full(CASE_FULL, &m, &ad);
+    assert_int_equal(ln_model_save(m, dir, ST_F32, &e), 0);
+    ln_model_free(m);
+    ln_dataset *ds = make_dataset();
+    /* the new path, uninterrupted */
+    snprintf(a, sizeof a, "%s/a", dir);
+    run_full_only(R, dir, ds, a, NULL, 0);
+    /* the old path: every rank holds the whole model; the trained weights gathered into it */
+    assert_int_equal(ln_model_load(dir, lnb_cpu(), &m, &e), 0);
+    ln_adapter_opts ao = {.method = "full"};
+    assert_int_equal(ln_adapter_init(m, &ad, &ao, &e), 0);
+    ln_train_opts o = ckpt_opts();
+    o.max_steps = 4;
+    o.save_every = 2;
+    snprintf(b, sizeof b, "%s/b", dir);
+    o.out_dir = b;
+    ln_train_result res;
+    assert_int_equal(ln_tp_train(m, &ad, ds, &o, R, &res, &e), 0);
+    snprintf(cmd, sizeof cmd, "%s/whole", dir);
+    assert_int_equal(ln_model_save(m, cmd, ST_F32, &e), 0);
+    ln_model_free(m);
+    snprintf(f1, sizeof f1, "%s/model.safetensors", a);
+    snprintf(f2, sizeof f2, "%s/whole/model.safetensors", dir);
+    assert_true(same_file(f1, f2));
+    snprintf(f2, sizeof f2, "%s/whole/config.json", dir);
+    snprintf(f1, sizeof f1, "%s/config.json", a);
+    assert_true(same_file(f1, f2));
+    for (int st = 2; st <= 4; st += 2) {
+        snprintf(f1, sizeof f1, "%s/checkpoints/step-%06d/state.safetensors", a, st);
+        snprintf(f2, sizeof f2, "%s/checkpoints/step-%06d/state.safetensors", b, st);
+        assert_true(same_file(f1, f2));
+    }
+    /* stopped after step 2, resumed on R shards: bitwise */
+    char c2[160];
+    snprintf(c2, sizeof c2, "%s/c", dir);
+    run_full_only(R, dir, ds, c2, NULL, 2);
+    snprintf(ck, sizeof ck, "%s/checkpoints/step-000002", c2);
+    run_full_only(R, dir, ds, c2, ck, 0);
+    snprintf(f1, sizeof f1, "%s/model.safetensors", a);
+    snprintf(f2, sizeof f2, "%s/model.safetensors", c2);
+    assert_true(same_file(f1, f2));
+    /* R's checkpoint on 1 rank, and on R2 shards */
+    snprintf(ck, sizeof ck, "%s/checkpoints/step-000002", a);
+    assert_int_equal(ln_model_load(dir, lnb_cpu(), &m, &e), 0);
+    assert_int_equal(ln_train_load_checkpoint(m, ck, &ad, &e), 0);
+    o.out_dir = NULL;
+    o.resume = ck;
+    assert_int_equal(ln_train(m, &ad, ds, &o, &res, &e), 0);
+    snprintf(cmd, sizeof cmd, "%s/one", dir);
+    assert_int_equal(ln_model_save(m, cmd, ST_F32, &e), 0);
+    ln_model_free(m);
+    snprintf(f1, sizeof f1, "%s/model.safetensors", a);
+    snprintf(f2, sizeof f2, "%s/one/model.safetensors", dir);
+    double d1 = model_diff(f2, f1);
+    snprintf(c2, sizeof c2, "%s/d", dir);
+    run_full_only(R2, dir, ds, c2, ck, 0);
+    snprintf(f2, sizeof f2, "%s/model.safetensors", c2);
+    double d2 = model_diff(f2, f1);
+    printf("  full fine-tuning on %d shard-only ranks: model and checkpoints bitwise the whole-model path's, "
+           "stop+resume bitwise; resumed on 1 rank %.2e, on %d ranks %.2e\n", R, d1, R2, d2);
+    assert_true(d1 <= TOL);
+    assert_true(d2 <= TOL);
+    free_dataset(ds);
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
+static void test_full_on_shards_2(void **s) { (void)s; check_full_on_shards(2, 4); }
+static void test_full_on_shards_4(void **s) { (void)s; check_full_on_shards(4, 2); }
+
 /* ---- a rank that holds only its shard: init, drift and resume without the whole model ---- */
 
 typedef struct {
@@ -856,7 +1025,7 @@ static int only_rank(ln_comm *c, void *p, ln_err *e)
  * a perturbed adapter equals the whole model's tracker (≤ 1e-5 relative); a lora_null_v2
  * checkpoint restored onto shards equals the whole restore cut (factors bitwise, W0' ≤ TOL);
  * pissa and corda (one whole weight gathered at a time) equal the whole init bitwise, factors and
- * W0'; full is refused with a sentence. */
+ * W0' (full fine-tuning: test_full_on_shards). */
 static void test_shard_only_ranks(void **s)
 {
     (void)s;
@@ -990,22 +1159,6 @@ static void test_shard_only_ranks(void **s)
         ln_adapter_free(&ad);
         ln_model_free(base);
         ln_model_free(wm);
-    }
-    /* full fine-tuning does not initialise on shards: a sentence */
-    {
-        ln_comm *c[2];
-        ln_model *shard, *shape;
-        ln_adapter sad, w;
-        assert_int_equal(comm_thread_group_new(2, c, &e), 0);
-        assert_int_equal(ln_tp_load_shard(dir, lnb_cpu(), c[0], &shard, &e), 0);
-        shape = ln_tp_whole_shape(shard);
-        ln_adapter_opts ao = {.method = "full"};
-        assert_int_equal(ln_tp_adapter_init(shard, shape, &ao, 1, &sad, &w, NULL, &e), -1);
-        assert_non_null(strstr(e.msg, "adapter method \"full\" does not initialise on shards"));
-        ln_model_free(shape);
-        ln_model_free(shard);
-        comm_free(c[0]);
-        comm_free(c[1]);
     }
     free_covs(&cm);
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
@@ -1414,7 +1567,8 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_shard_config_errors), cmocka_unit_test(test_load_shard_equals_cut),
-        cmocka_unit_test(test_shard_only_ranks),
+        cmocka_unit_test(test_shard_only_ranks), cmocka_unit_test(test_full_on_shards_2),
+        cmocka_unit_test(test_full_on_shards_4),
         cmocka_unit_test(test_lora_2_ranks),   cmocka_unit_test(test_lora_4_ranks),
         cmocka_unit_test(test_null_v2_2_ranks), cmocka_unit_test(test_null_v2_4_ranks),
         cmocka_unit_test(test_full_2_ranks),   cmocka_unit_test(test_full_4_ranks),

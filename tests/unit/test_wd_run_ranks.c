@@ -337,6 +337,26 @@ static const lnb_backend *counting(int k)
     return &g_count[k].be;
 }
 
+/* g_spec on the layer-heavy model: 1 rank on counting backend 2, then a gang of two "processes" on
+ * counting backends 0 and 1; each must succeed. */
+static void run_counted(const char *tag, proc *one, proc g[2])
+{
+    char n[32];
+    g_model = "wide";
+    snprintf(n, sizeof n, "%s-one", tag);
+    proc_init(one, n, NULL, 0, NULL);
+    one->r.world = 1;
+    one->r.be = counting(2);
+    assert_int_equal(wd_run_start(&one->r), 0);
+    wait_done(one, 1);
+    if (one->r.status != WD_RUN_OK) fail_msg("1 rank: %s", one->r.err_msg);
+    snprintf(n, sizeof n, "%s-gang", tag);
+    start_gang_with(g, n, NULL, counting(0), counting(1));
+    wait_done(g, 2);
+    if (g[0].r.status != WD_RUN_OK) fail_msg("rank 0: %s", g[0].r.err_msg);
+    if (g[1].r.status != WD_RUN_OK) fail_msg("rank 1: %s", g[1].r.err_msg);
+}
+
 /* The same lora_null_v2 job (calibration, drift, validation at eval points, checkpoints, export)
  * on the layer-heavy model: 1 rank, then a gang of two "processes", each with its own counting
  * backend. Every byte of the model, adapter, optimizer and activations goes through the backend
@@ -351,18 +371,8 @@ static void test_each_rank_holds_half_the_weights(void **state)
              "\"eval_interval\":4},"
              "\"adapter\":{\"type\":\"lora_null_v2\",\"rank\":4,\"calibration\":{\"samples\":8,\"max_length\":16}},"
              "\"resources\":{\"ranks\":2,\"device\":\"cpu\"}}";
-    g_model = "wide";
     proc one, g[2];
-    proc_init(&one, "mem-one", NULL, 0, NULL);
-    one.r.world = 1;
-    one.r.be = counting(2);
-    assert_int_equal(wd_run_start(&one.r), 0);
-    wait_done(&one, 1);
-    if (one.r.status != WD_RUN_OK) fail_msg("1 rank: %s", one.r.err_msg);
-    start_gang_with(g, "mem-gang", NULL, counting(0), counting(1));
-    wait_done(g, 2);
-    if (g[0].r.status != WD_RUN_OK) fail_msg("rank 0: %s", g[0].r.err_msg);
-    if (g[1].r.status != WD_RUN_OK) fail_msg("rank 1: %s", g[1].r.err_msg);
+    run_counted("mem", &one, g);
     double whole = (4.0 * 245760 + 2 * 48 * 128 + 9 * 128) * sizeof(float); /* the model's weights */
     printf("  peak backend bytes: 1 rank %zu (weights %.0f); rank 0 %zu (%.3f of it), rank 1 %zu (%.3f)\n",
            g_count[2].peak, whole, g_count[0].peak, (double)g_count[0].peak / (double)g_count[2].peak,
@@ -383,6 +393,51 @@ static void test_each_rank_holds_half_the_weights(void **state)
     g_model = "model";
 }
 
+/* Full fine-tuning, the same way: every weight, its gradient and its two AdamW moments are split
+ * over the ranks (embeddings, norms and lm_head replicated); checkpoints and the merged export
+ * are written by rank 0 one gathered tensor at a time, outside the backend (host: one tensor).
+ * Each rank's peak must be half the layers' weight-sized state plus no more than the 1-rank job's
+ * other bytes; and the gang's exported model is the threads' job's, byte for byte. */
+static void test_full_rank_holds_half_the_weights(void **state)
+{
+    (void)state;
+    g_spec = "{\"model\":\"tiny\",\"training_file\":\"file-train\",\"seed\":7,"
+             "\"hyperparameters\":{\"n_epochs\":1,\"batch_size\":2,\"learning_rate\":0.001,\"save_interval\":4,"
+             "\"eval_interval\":4},"
+             "\"adapter\":{\"type\":\"full\"},"
+             "\"resources\":{\"ranks\":2,\"device\":\"cpu\"}}";
+    proc one, g[2], ref;
+    run_counted("full", &one, g);
+    proc_init(&ref, "full-threads", NULL, 0, NULL);
+    assert_int_equal(wd_run_start(&ref.r), 0);
+    wait_done(&ref, 1);
+    if (ref.r.status != WD_RUN_OK) fail_msg("threads: %s", ref.r.err_msg);
+    assert_same_file(ref.r.export_dir, g[0].r.export_dir, "model.safetensors");
+    assert_same_file(ref.r.export_dir, g[0].r.export_dir, "config.json");
+    assert_true(exists_under(g[0].r.dir, "out/checkpoints/step-000004/state.safetensors"));
+    assert_false(exists_under(g[1].r.dir, "out/checkpoints"));
+    assert_string_equal(g[1].r.export_dir, "");
+    /* the layers' weights, gradients and two moments: what splits */
+    double layers = 4.0 * 4 * 245760 * sizeof(float);
+    printf("  full fine-tuning, peak backend bytes: 1 rank %zu (layers' weight-sized state %.0f); rank 0 %zu (%.3f of "
+           "it), rank 1 %zu (%.3f)\n", g_count[2].peak, layers, g_count[0].peak,
+           (double)g_count[0].peak / (double)g_count[2].peak, g_count[1].peak,
+           (double)g_count[1].peak / (double)g_count[2].peak);
+    assert_true((double)g_count[2].peak >= layers);
+    double rest = (double)g_count[2].peak - layers;
+    for (int k = 0; k < 2; k++) {
+        assert_true((double)g_count[k].peak <= 1.05 * (layers / 2 + rest));
+        assert_true((double)g_count[k].peak >= layers / 2);
+        assert_int_equal(g_count[k].live, 0);
+    }
+    assert_int_equal(g_count[2].live, 0);
+    end_gang(g);
+    proc_free(&one);
+    proc_free(&ref);
+    g_spec = NULL;
+    g_model = "model";
+}
+
 int main(int argc, char **argv)
 {
     (void)argc;
@@ -398,6 +453,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_gang_of_two_processes_equals_threads),
         cmocka_unit_test(test_stop_on_rank_1_then_resume),
         cmocka_unit_test(test_each_rank_holds_half_the_weights),
+        cmocka_unit_test(test_full_rank_holds_half_the_weights),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -54,8 +54,8 @@ static wd_outbox *report_to(wd_run *r) { return ((run_priv *)r->priv)->out; }
 static int reporting(const wd_run *r) { return !r->comm || r->rank == 0; }
 
 /* Does the job run on shards, every rank holding 1/world of each layer and never the whole model
- * (see wd_run.h)? Multi-rank adapter jobs do; full fine-tuning keeps a whole model per rank. */
-static int sharded(const wd_run *r) { return r->world > 1 && r->spec.adapter.type != LN_ADAPTER_FULL; }
+ * (see wd_run.h)? Every multi-rank job does, full fine-tuning included. */
+static int sharded(const wd_run *r) { return r->world > 1; }
 
 /* "training file file-X: …" — unless the message already names the file (the loader's
  * "<path> line N: …", the path becoming the id once stripped): then "training file file-X line
@@ -484,7 +484,7 @@ static const char *train_code(const ln_err *e) {
 /* The reporting rank after training: the after-evaluation's metrics and event, the export (PEFT
  * adapter, or the merged model for full fine-tuning) and the summary. On failure *code says why. */
 static int finish(wd_run *r, run_priv *p, ln_model *m, ln_adapter *ad, json_t *before, int64_t steps, double task,
-                  double know, const char **code, ln_err *e) {
+                  double know, int exported, const char **code, ln_err *e) {
     wd_outbox_metrics(report_to(r), steps, eval_values(task, know));
     json_t *after = json_pack("{s:f, s:o}", "task_loss", task, "knowledge_loss", isfinite(know) ? json_real(know) : json_null());
     if (p->have_drift) json_object_set_new(after, "knowledge_drift_mean", json_real(p->drift_mean));
@@ -495,7 +495,7 @@ static int finish(wd_run *r, run_priv *p, ln_model *m, ln_adapter *ad, json_t *b
     snprintf(r->export_dir, sizeof r->export_dir, "%s", ex);
     free(ex);
     int rc = ln_mkdir_p(r->export_dir, e);
-    if (rc == 0) {
+    if (rc == 0 && !exported) { /* (a sharded full fine-tune's ranks exported it together) */
         if (ad->full) rc = ln_export_merged(m, m, ad, r->export_dir, -1, e);
         else rc = ln_export_peft(m, ad, r->model_name, r->export_dir, e);
     }
@@ -534,17 +534,8 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
     training_event(r);
     ln_train_result res;
     int rc;
-    /* Full fine-tuning on ranks (sharded() is false): every rank holds the whole model; the same
-     * options on every rank (checkpoints, eval points and stops are collective); rank 0 calls on_row
-     * and on_eval with the gathered weights and writes the checkpoints; a stop on any rank stops the
-     * gang after the same step. */
-    if (r->comm) {
-        rc = ln_tp_train_rank(r->comm, p->m, &p->ad, p->ds, &to, &res, &e);
-    } else if (r->world > 1) {
-        rc = ln_tp_train(p->m, &p->ad, p->ds, &to, r->world, &res, &e);
-    } else {
-        rc = ln_train(p->m, &p->ad, p->ds, &to, &res, &e);
-    }
+    /* one rank (a multi-rank job runs on shards: run_sharded) */
+    rc = ln_train(p->m, &p->ad, p->ds, &to, &res, &e);
     free(out);
     if (rc != 0) {
         json_decref(before);
@@ -571,7 +562,7 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
         return fail(r, "evaluation_failed", 0, &e);
     }
     const char *code = NULL;
-    rc = finish(r, p, p->m, &p->ad, before, res.steps, task, know, &code, &e);
+    rc = finish(r, p, p->m, &p->ad, before, res.steps, task, know, 0, &code, &e);
     json_decref(before);
     return rc != 0 ? fail(r, code, 1, &e) : 0;
 }
@@ -711,12 +702,15 @@ static int tp_load_and_init(tp_rank *k) {
                               .method_ctx = (void *)cal};
         if (ln_tp_adapter_init(k->shard, k->shape, &ao, k->threads, &k->sad, root ? &k->whole : NULL, NULL, &e) != 0)
             return rank_fail(k, "initialization_failed", 0, &e);
-        if (root)
+        if (root && k->sad.full)
+            wd_outbox_stage_event(report_to(r), "initialising", NULL, "Full fine-tuning: every weight trains");
+        else if (root)
             wd_outbox_stage_event(report_to(r), "initialising", NULL,
                                   "Initialised the %s adapter (rank %d, alpha %g) in %.2f s",
                                   method, k->sad.rank, (double)k->sad.alpha, ln_now_s() - t0);
     }
-    if (calibrated(r) &&
+    /* (a full fine-tune's drift on shards is not tracked: see worker/backend/comm/README.md) */
+    if (calibrated(r) && !k->sad.full &&
         ln_tp_drift_new(k->shard, &k->sad, k->shape, root ? &k->whole : NULL, ln_calibration_covariance,
                         root ? (void *)k->calib : NULL, &k->drift, &e) != 0)
         return rank_fail(k, "initialization_failed", 0, &e);
@@ -781,12 +775,21 @@ static int tp_train_and_export(tp_rank *k) {
         json_decref(before);
         return rank_fail(k, "evaluation_failed", 0, &e);
     }
+    if (k->sad.full) { /* the merged model: every rank's blocks, rank 0 writing one gathered tensor at a time */
+        char *ex = ln_path_join(r->dir, "export");
+        rc = ln_tp_save_model(k->shard, ex, (st_dtype)ln_export_base_dtype(&k->shard->cfg), &e);
+        free(ex);
+        if (rc != 0) {
+            json_decref(before);
+            return rank_fail(k, "export_failed", 1, &e);
+        }
+    }
     if (!root) { /* rank 0 exports and summarises */
         if (!k->threads) r->status = WD_RUN_OK;
         return 0;
     }
     const char *code = NULL;
-    rc = finish(r, p, k->shape, &k->whole, before, res.steps, task, know, &code, &e);
+    rc = finish(r, p, k->shape, &k->whole, before, res.steps, task, know, k->sad.full, &code, &e);
     json_decref(before);
     return rc != 0 ? rank_fail(k, code, 1, &e) : 0;
 }

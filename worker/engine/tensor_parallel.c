@@ -343,6 +343,99 @@ int ln_tp_gather(ln_model *m, ln_adapter *ad, ln_model *full, ln_adapter *full_a
     return rc ? ln_err_prefix(e, "tensor parallel gather") : 0;
 }
 
+/* ---------------------------------------------------------------- whole tensors written from shards */
+
+typedef struct {
+    ln_comm *c;
+    const lnb_backend *be;
+    const ln_tp_item *items;
+    st_dtype dt;
+    float *buf; /* the one whole tensor in memory */
+} gather_fill;
+
+/* The writer's fill on rank 0: item i gathered whole (and converted to dt in place). */
+static const void *fill_gathered(void *ctx, size_t i, ln_err *e)
+{
+    gather_fill *g = ctx;
+    const ln_tp_item *it = &g->items[i];
+    free(g->buf);
+    int64_t n = ln_tp_whole_numel(it->p, it->split, g->c->size);
+    g->buf = ln_try_allocf((size_t)n + 1, sizeof(float), e, "tensor parallel save", "the whole tensor %s", it->name);
+    if (!g->buf) {
+        comm_abort(g->c);
+        return NULL;
+    }
+    if (ln_tp_gather_tensor(g->c, g->be, it->p, it->split, it->src, g->buf, e)) return NULL;
+    if (g->dt != ST_F32) { /* the 16-bit halves fit where the floats were */
+        uint16_t *o = (uint16_t *)g->buf;
+        for (int64_t k = 0; k < n; k++) o[k] = g->dt == ST_BF16 ? st_f32_to_bf16(g->buf[k]) : st_f32_to_f16(g->buf[k]);
+    }
+    return g->buf;
+}
+
+int ln_tp_write_gathered(ln_comm *c, const lnb_backend *be, st_writer *w, const ln_tp_item *items, int n, st_dtype dt,
+                         const char *path, ln_err *e)
+{
+    if (c->rank != 0) { /* the same gathers, in the file's order, the blocks going to rank 0 */
+        for (int i = 0; i < n; i++)
+            if (ln_tp_gather_tensor(c, be, items[i].p, items[i].split, items[i].src, NULL, e)) return -1;
+        return 0;
+    }
+    gather_fill g = {c, be, items, dt, NULL};
+    for (int i = 0; i < n; i++) {
+        const ln_param *p = items[i].p;
+        int64_t shape[2] = {p->rows, p->cols};
+        if (items[i].split == LN_TP_ROWS) shape[0] *= c->size;
+        if (items[i].split == LN_TP_COLS) shape[1] *= c->size;
+        st_writer_add_fill(w, items[i].name, dt, p->ndim, shape, fill_gathered, &g);
+    }
+    int rc = st_writer_write(w, path, e);
+    free(g.buf);
+    if (rc) comm_abort(c); /* a write that stopped early leaves the others waiting for gathers */
+    return rc;
+}
+
+typedef struct { ln_tp_item *v; int n; const ln_model *m; } item_list;
+
+static void push_item(ln_param *p, void *ctx)
+{
+    item_list *l = ctx;
+    l->v[l->n++] = (ln_tp_item){p->name, p, ln_tp_param_split(l->m, NULL, p), p->w};
+}
+
+int ln_tp_save_model(ln_model *shard, const char *dir, st_dtype dt, ln_err *e)
+{
+    ln_comm *c = shard->comm;
+    int root = c->rank == 0, rc = 0;
+    if (dt != ST_F32 && dt != ST_BF16 && dt != ST_F16) rc = ln_errf(e, "model save: dtype must be F32, BF16 or F16");
+    st_writer *w = NULL;
+    char *mpath = NULL;
+    if (root && rc == 0) { /* config.json of the whole model, as ln_model_save writes it */
+        ln_model *shape = ln_tp_whole_shape(shard);
+        ln_config cfg = shape->cfg;
+        ln_model_free(shape);
+        cfg.tie_word_embeddings = shard->tied;
+        snprintf(cfg.torch_dtype, sizeof cfg.torch_dtype, "%s",
+                 dt == ST_F32 ? "float32" : dt == ST_BF16 ? "bfloat16" : "float16");
+        char *json = ln_config_to_json(&cfg), *cpath = ln_path_join(dir, "config.json");
+        rc = ln_mkdir_p(dir, e);
+        if (rc == 0) rc = ln_write_file_atomic(cpath, json, strlen(json), e);
+        free(cpath);
+        free(json);
+        w = st_writer_new();
+        st_writer_meta(w, "format", "pt");
+        mpath = ln_path_join(dir, "model.safetensors");
+    }
+    if (rc) comm_abort(c);
+    item_list l = {ln_xcalloc((size_t)shard->cfg.num_layers * (LN_NTARGET + 2) + 4, sizeof(ln_tp_item)), 0, shard};
+    ln_model_for_each_param(shard, push_item, &l);
+    if (rc == 0) rc = ln_tp_write_gathered(c, shard->be, w, l.v, l.n, dt, mpath, e);
+    free(l.v);
+    free(mpath);
+    st_writer_free(w);
+    return rc ? ln_err_prefix(e, "rank %d of %d: saving the model", c->rank, c->size) : 0;
+}
+
 /* ---------------------------------------------------------------- training on threads */
 
 int ln_tp_agree(ln_model *m, int *flag, ln_err *e)
@@ -461,7 +554,7 @@ int ln_tp_train_shard(ln_model *shard, ln_adapter *sad, ln_model *full, ln_adapt
     memset(res, 0, sizeof *res);
     ln_comm *c = shard->comm;
     int root = c->rank == 0, rc = 0;
-    if (root && (!full || !full_ad)) {
+    if (root && !sad->full && (!full || !full_ad)) {
         comm_abort(c);
         rc = ln_errf(e, "tensor-parallel training: rank 0 has no whole model (or shape) and adapter to gather into");
     }
@@ -470,11 +563,14 @@ int ln_tp_train_shard(ln_model *shard, ln_adapter *sad, ln_model *full, ln_adapt
     o.tp_full_ad = root ? full_ad : NULL;
     if (!root) o.progress = 0; /* on_row: called on every rank that passes one */
     if (rc == 0) rc = ln_train(shard, sad, ds, &o, res, e);
-    /* the trained shards, back into rank 0's whole adapter (or model) */
-    if (rc == 0) rc = ln_tp_gather(shard, sad, o.tp_full, o.tp_full_ad, e);
+    /* the trained adapter shards, back into rank 0's whole adapter (full fine-tuning: nothing is
+     * gathered whole; the final model is written one gathered tensor at a time) */
+    if (rc == 0 && !sad->full) rc = ln_tp_gather(shard, sad, o.tp_full, o.tp_full_ad, e);
     /* (one rank: ln_train saved it already — its shard is the whole model) */
-    if (rc == 0 && root && c->size > 1 && opts->out_dir && !res->stopped)
-        rc = ln_train_save_final(full, full_ad, opts->out_dir, e);
+    if (rc == 0 && c->size > 1 && opts->out_dir && !res->stopped) {
+        if (sad->full) rc = ln_tp_save_model(shard, opts->out_dir, ST_F32, e);
+        else if (root) rc = ln_train_save_final(full, full_ad, opts->out_dir, e);
+    }
     if (rc) {
         comm_abort(c); /* no rank waits for this one any more */
         ln_err_prefix(e, "rank %d of %d", c->rank, c->size);
@@ -497,6 +593,9 @@ int ln_tp_train_rank(ln_comm *c, ln_model *full, ln_adapter *full_ad, const ln_d
     if (!root) o.on_row = NULL; /* rank 0 reports; a stop seen by any rank stops every rank (ln_tp_agree) */
     if (rc == 0) {
         rc = ln_tp_train_shard(shard, &sad, root ? full : NULL, root ? full_ad : NULL, ds, &o, res, e);
+        /* full fine-tuning: the trained weights back into rank 0's whole model, as promised */
+        if (rc == 0 && sad.full) rc = ln_tp_gather(shard, &sad, root ? full : NULL, root ? full_ad : NULL, e);
+        if (rc) comm_abort(c);
     } else {
         comm_abort(c);
         ln_err_prefix(e, "rank %d of %d", c->rank, c->size);
@@ -955,9 +1054,11 @@ int ln_tp_adapter_init(ln_model *shard, ln_model *shape, const ln_adapter_opts *
         ln_adapter_opts oo = *o;
         oo.method = method;
         rc = init_gathered(shard, shape, &oo, me, sad, c->rank == 0 ? whole_ad : NULL, e);
+    } else if (me == LN_METHOD_FULL) { /* every weight of the shard trains; rank 0's whole "adapter" is the flag */
+        rc = ln_adapter_init(shard, sad, o, e);
+        if (rc == 0 && c->rank == 0 && whole_ad) *whole_ad = *sad;
     } else {
-        return ln_errf(e, "adapter method \"%s\" does not initialise on shards (full fine-tuning on ranks goes "
-                          "through ln_tp_train_rank)", method);
+        return ln_errf(e, "adapter method \"%s\" does not initialise on shards", method);
     }
     if (rc) drop_adapters(sad, whole_ad);
     return rc;
@@ -968,6 +1069,13 @@ int ln_tp_load_checkpoint(ln_model *shard, ln_model *shape, const char *path, ln
 {
     memset(sad, 0, sizeof *sad);
     if (whole_ad) memset(whole_ad, 0, sizeof *whole_ad);
+    int full = 0;
+    if (ln_train_checkpoint_is_full(path, &full, e)) return -1;
+    if (full) { /* every weight: this rank's blocks, read from the file (ln_train_load_checkpoint on a shard) */
+        int rc = ln_train_load_checkpoint(shard, path, sad, e);
+        if (rc == 0 && shard->comm->rank == 0 && whole_ad) *whole_ad = *sad;
+        return rc;
+    }
     /* ln_train_load_checkpoint re-applies a residual adapter to the model it is given: here the
      * weight-less shape, every one of whose weights points at one scratch of the largest weight's
      * size (written, never read) — the shard gets its residual from its own blocks below. */
@@ -987,10 +1095,6 @@ int ln_tp_load_checkpoint(ln_model *shard, ln_model *shape, const char *path, ln
         for (int t = 0; t < LN_NTARGET; t++) shape->layers[l].lin[t].w = NULL;
     free(scratch);
     if (rc) return -1;
-    if (ad.full) {
-        ln_adapter_free(&ad);
-        return ln_errf(e, "checkpoint %s: a full fine-tune's checkpoint does not restore onto shards", path);
-    }
     rc = keep_or_shard(shard, shape, &ad, sad, shard->comm->rank == 0 ? whole_ad : NULL, e);
     if (rc == 0 && sad->residual) rc = shard_residual(shard, sad, e);
     if (rc) drop_adapters(sad, whole_ad);

@@ -22,6 +22,7 @@
 #define LN_TENSOR_PARALLEL_H
 
 #include "common/err.h"
+#include "common/safetensors.h"
 #include "worker/backend/comm/comm.h"
 #include "worker/engine/adapter.h"
 #include "worker/engine/model.h"
@@ -107,6 +108,27 @@ int ln_tp_gather_tensor(ln_comm *c, const lnb_backend *be, const ln_param *p, ln
                         float *dst, ln_err *e);
 /* The inverse, with no communication: rank `rank`'s block (p's shape, host) of a whole tensor (host). */
 void ln_tp_take_block(const ln_param *p, ln_tp_split split, int rank, int ranks, const float *whole, float *dst);
+
+/* ---- whole tensors written from shards, one at a time (full fine-tuning: no rank holds the model) */
+
+/* One tensor of a file written from the shards: its name in the file, this rank's block p (shape)
+ * split as `split`, whose data src is in backend memory. */
+typedef struct ln_tp_item {
+    const char *name;
+    const ln_param *p;
+    ln_tp_split split;
+    const float *src;
+} ln_tp_item;
+/* Collective: writes `path` on rank 0 from w (rank 0's writer, its metadata set; NULL elsewhere)
+ * plus the n items, each the whole tensor gathered (ln_tp_gather_tensor) while the file is
+ * written and stored as dt (F32, BF16 or F16): rank 0's transient memory is one whole tensor, never
+ * the model. The same bytes as a writer given the whole tensors. On a failure the group is aborted. */
+int ln_tp_write_gathered(ln_comm *c, const lnb_backend *be, st_writer *w, const ln_tp_item *items, int n, st_dtype dt,
+                         const char *path, ln_err *e);
+/* Collective: ln_model_save of the whole model the shards make up (config.json and model.safetensors
+ * into dir, dtype F32/BF16/F16), written by rank 0 one gathered tensor at a time: the same bytes as
+ * ln_model_save of the gathered model. */
+int ln_tp_save_model(ln_model *shard, const char *dir, st_dtype dt, ln_err *e);
 
 /* A stop seen by any rank's should_stop (a flag, 0/1), on every rank (an all-reduce): ln_train
  * uses it so that a pause or cancel seen by one rank stops every rank after the same step. */

@@ -173,11 +173,10 @@ typedef struct ckpt_state {
     ln_rng rng;
 } ckpt_state;
 
-static int checkpoint_save(const char *path, ln_model *m, ln_adapter *ad, const ln_optim *opt, const ckpt_state *cs,
-                           const ln_train_opts *o, ln_err *e)
+/* A checkpoint's metadata (everything but the tensors). */
+static st_writer *checkpoint_writer(const ckpt_state *cs, const ln_train_opts *o, int full)
 {
     st_writer *w = st_writer_new();
-    char name[200];
     st_writer_meta(w, "format", "loranull-checkpoint");
     meta_i64(w, "step", cs->step);
     meta_i64(w, "total_steps", cs->total_steps);
@@ -192,10 +191,18 @@ static int checkpoint_save(const char *path, ln_model *m, ln_adapter *ad, const 
     meta_i64(w, "seed", (int64_t)o->seed);
     meta_i64(w, "batch_size", o->batch_size);
     meta_i64(w, "grad_accum", o->grad_accum);
-    st_writer_meta(w, "full", ad->full ? "1" : "0");
+    st_writer_meta(w, "full", full ? "1" : "0");
+    if (full) st_writer_meta(w, "method", "full");
+    return w;
+}
+
+static int checkpoint_save(const char *path, ln_model *m, ln_adapter *ad, const ln_optim *opt, const ckpt_state *cs,
+                           const ln_train_opts *o, ln_err *e)
+{
+    st_writer *w = checkpoint_writer(cs, o, ad->full);
+    char name[200];
     add_ctx c = {w};
     if (ad->full) {
-        st_writer_meta(w, "method", "full");
         ln_model_for_each_param(m, add_weight, &c);
     } else {
         ln_adapter_write(ad, w);
@@ -240,12 +247,55 @@ static int copy_tensor(st_set *s, const char *name, float *dst, int64_t n, const
     return 0;
 }
 
-typedef struct { st_set *s; const char *file; ln_err *e; int rc; } load_ctx;
+/* This tensor-parallel rank's block of the checkpoint's whole tensor `name` (split like p, m's
+ * param, ad's for a factor), into dst (backend memory): only the block's bytes of the mapped file
+ * are read. */
+static int read_block(st_set *s, const char *name, const ln_model *m, const ln_adapter *ad, const ln_param *p,
+                      float *dst, const char *file, ln_err *e)
+{
+    ln_tp_split sp = ln_tp_param_split(m, ad, p);
+    int64_t whole = ln_tp_whole_numel(p, sp, m->comm->size);
+    const st_tensor *t = st_find(s, name);
+    if (!t) return ln_errf(e, "checkpoint %s: tensor %s is missing", file, name);
+    if (t->numel != whole) return ln_errf(e, "checkpoint %s: tensor %s has %lld elements, expected %lld", file, name,
+                                          (long long)t->numel, (long long)whole);
+    if (t->dtype != ST_F32) return ln_errf(e, "checkpoint %s: tensor %s is %s, expected F32", file, name,
+                                           st_dtype_name(t->dtype));
+    float *blk = ln_try_allocf((size_t)p->n + 1, sizeof(float), e, "resume", "this rank's block of %s", name);
+    if (!blk) return -1;
+    ln_tp_take_block(p, sp, m->comm->rank, m->comm->size, (const float *)t->data, blk);
+    int rc = 0;
+    for (int64_t i = 0; i < p->n && rc == 0; i++)
+        if (!isfinite(blk[i]))
+            rc = ln_errf(e, "checkpoint %s: tensor %s is not finite (in rank %d's block, at index %lld)", file, name,
+                         m->comm->rank, (long long)i);
+    if (rc == 0) m->be->upload(dst, blk, (size_t)p->n * sizeof(float));
+    free(blk);
+    return rc;
+}
+
+typedef struct { st_set *s; const char *file; ln_err *e; int rc; const ln_model *m; } load_ctx;
 
 static void load_weight(ln_param *p, void *ctx)
 {
     load_ctx *c = ctx;
-    if (c->rc == 0) c->rc = copy_tensor(c->s, p->name, p->w, p->n, c->file, c->e);
+    if (c->rc) return;
+    c->rc = c->m->comm && c->m->comm->size > 1 ? read_block(c->s, p->name, c->m, NULL, p, p->w, c->file, c->e)
+                                               : copy_tensor(c->s, p->name, p->w, p->n, c->file, c->e);
+}
+
+int ln_train_checkpoint_is_full(const char *ckpt, int *full, ln_err *e)
+{
+    char *file = checkpoint_file(ckpt);
+    st_set *s = NULL;
+    int rc = st_open(file, &s, e);
+    if (rc == 0) {
+        const char *f = st_metadata(s, "full");
+        *full = f && strcmp(f, "1") == 0;
+        st_close(s);
+    }
+    free(file);
+    return rc;
 }
 
 int ln_train_load_checkpoint(ln_model *m, const char *ckpt, ln_adapter *ad, ln_err *e)
@@ -262,7 +312,7 @@ int ln_train_load_checkpoint(ln_model *m, const char *ckpt, ln_adapter *ad, ln_e
     if (full && strcmp(full, "1") == 0) {
         ln_adapter_opts ao = {.method = "full"};
         if (ln_adapter_init(m, ad, &ao, e)) goto out;
-        load_ctx c = {s, file, e, 0};
+        load_ctx c = {s, file, e, 0, m};
         ln_model_for_each_param(m, load_weight, &c);
         rc = c.rc;
     } else {
@@ -284,27 +334,8 @@ static int meta_get_i64(st_set *s, const char *k, int64_t *v, const char *file, 
     return 0;
 }
 
-/* One AdamW moment of a tensor-parallel shard's param p: the whole tensor from the checkpoint,
- * this rank's block of it into dst. */
-static int restore_moment_block(st_set *s, const char *name, const ln_model *m, const ln_adapter *ad,
-                                const ln_param *p, float *dst, const char *file, ln_err *e)
-{
-    ln_tp_split sp = ln_tp_param_split(m, ad, p);
-    int64_t whole = ln_tp_whole_numel(p, sp, m->comm->size);
-    float *w = ln_try_alloc((size_t)whole * sizeof(float), "resume: a whole optimizer moment", e);
-    float *blk = w ? ln_try_alloc((size_t)p->n * sizeof(float), "resume: an optimizer moment's block", e) : NULL;
-    int rc = blk ? copy_tensor(s, name, w, whole, file, e) : -1;
-    if (rc == 0) {
-        ln_tp_take_block(p, sp, m->comm->rank, m->comm->size, w, blk);
-        m->be->upload(dst, blk, (size_t)p->n * sizeof(float));
-    }
-    free(w);
-    free(blk);
-    return rc;
-}
-
 /* The second half of a resume: position, RNG and moments; refuses changed options. On a
- * tensor-parallel shard (m->comm) the checkpoint holds whole moments: each rank takes its block. */
+ * tensor-parallel shard (m->comm) the checkpoint holds whole moments: each rank reads its block. */
 static int checkpoint_restore(const char *ckpt, ln_model *m, ln_adapter *ad, ln_optim *opt, ckpt_state *cs,
                               const ln_train_opts *o, ln_err *e)
 {
@@ -339,7 +370,7 @@ static int checkpoint_restore(const char *ckpt, ln_model *m, ln_adapter *ad, ln_
         for (int k = 0; k < 2; k++) {
             float *dst = k ? opt->v[i] : opt->m[i];
             snprintf(name, sizeof name, "optim.%c.%s", k ? 'v' : 'm', p->name);
-            if (tp ? restore_moment_block(s, name, m, ad, p, dst, file, e) : copy_tensor(s, name, dst, p->n, file, e))
+            if (tp ? read_block(s, name, m, ad, p, dst, file, e) : copy_tensor(s, name, dst, p->n, file, e))
                 goto out;
         }
     }
@@ -375,6 +406,41 @@ static int tp_gather_whole(ln_model *m, ln_adapter *ad, const ln_train_opts *o, 
     return ln_tp_gather(m, ad, root ? o->tp_full : NULL, root ? o->tp_full_ad : NULL, e);
 }
 
+typedef struct { ln_tp_item *v; int n; const ln_model *m; } tp_items;
+
+static void push_weight_item(ln_param *p, void *ctx)
+{
+    tp_items *l = ctx;
+    l->v[l->n++] = (ln_tp_item){p->name, p, ln_tp_param_split(l->m, NULL, p), p->w};
+}
+
+/* A full fine-tune's checkpoint on shards (collective): the one-rank file, every weight and then
+ * every moment gathered whole one tensor at a time while rank 0 writes it (ln_tp_write_gathered):
+ * no rank holds the whole model, rank 0 one tensor of it. */
+static int tp_full_checkpoint_save(const char *path, ln_model *m, ln_adapter *ad, const ln_optim *opt,
+                                   const ckpt_state *cs, const ln_train_opts *o, ln_err *e)
+{
+    int nw = m->cfg.num_layers * (LN_NTARGET + 2) + 4;
+    tp_items l = {ln_xcalloc((size_t)(nw + 2 * opt->n), sizeof(ln_tp_item)), 0, m};
+    ln_model_for_each_param(m, push_weight_item, &l);
+    char **names = ln_xcalloc((size_t)(2 * opt->n + 1), sizeof(char *));
+    for (int i = 0; i < opt->n; i++)
+        for (int k = 0; k < 2; k++) {
+            const ln_param *p = opt->params[i];
+            char name[200];
+            snprintf(name, sizeof name, "optim.%c.%s", k ? 'v' : 'm', p->name);
+            names[2 * i + k] = ln_xstrdup(name);
+            l.v[l.n++] = (ln_tp_item){names[2 * i + k], p, ln_tp_param_split(m, ad, p), k ? opt->v[i] : opt->m[i]};
+        }
+    st_writer *w = m->comm->rank == 0 ? checkpoint_writer(cs, o, 1) : NULL;
+    int rc = ln_tp_write_gathered(m->comm, m->be, w, l.v, l.n, ST_F32, path, e);
+    st_writer_free(w);
+    for (int i = 0; i < 2 * opt->n; i++) free(names[i]);
+    free(names);
+    free(l.v);
+    return rc;
+}
+
 /* A tensor-parallel shard's checkpoint (collective): the adapter (or weights) gathered into rank
  * 0's whole model and adapter (o->tp_full*), the moments gathered like their params, and rank 0
  * writes the one-rank format from them. */
@@ -383,6 +449,7 @@ static int tp_checkpoint_save(const char *path, ln_model *m, ln_adapter *ad, con
 {
     ln_comm *c = m->comm;
     int root = c->rank == 0;
+    if (ad->full) return tp_full_checkpoint_save(path, m, ad, opt, cs, o, e);
     if (tp_gather_whole(m, ad, o, "checkpoint", e)) return -1;
     ln_optim whole;
     memset(&whole, 0, sizeof whole);

@@ -88,8 +88,13 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
 int ln_train_save_final(ln_model *m, ln_adapter *ad, const char *dir, ln_err *e);
 
 /* Rebuilds the adapter (or the full model's weights) a checkpoint holds, on a freshly loaded
- * base model: the first half of a resume. */
+ * base model: the first half of a resume. On a tensor-parallel shard (m->comm of more than one
+ * rank) a full fine-tune's weights are read block by block: only this rank's blocks of the file
+ * are touched. */
 int ln_train_load_checkpoint(ln_model *m, const char *ckpt, ln_adapter *ad, ln_err *e);
+
+/* Is ckpt (a checkpoint dir or its state.safetensors) a full fine-tune's? *full 0/1. */
+int ln_train_checkpoint_is_full(const char *ckpt, int *full, ln_err *e);
 
 /* ---- helpers the other engine parts use ---- */
 
