@@ -585,6 +585,104 @@ static void test_check_sentence(void **state) {
     assert_true(p.available == 2147483648.0 * 1024);
 }
 
+/* ---------------------------------------------------------------- the GPU plan's arithmetic */
+
+#define GIB (1024.0 * 1024.0 * 1024.0)
+
+/* 8B on the device: every phase's parts, the covariance sums on the device while they fit beside
+ * the calibration window (the rest on the host), the peak phase named in the sentence, ranks. */
+static void test_gpu_plan(void **state) {
+    (void)state;
+    ln_err e;
+    lnb_cuda_plan_req g = {.vocab = 128256, .hidden = 4096, .intermediate = 14336, .layers = 32, .heads = 32,
+                           .kv_heads = 8, .head_dim = 128, .batch = 1, .seq = 2048, .rank = 16, .targets = 7,
+                           .train_a = 1, .residual = 1, .method = "lora_null_v1", .calibrate = 1,
+                           .calib_max_length = 1024, .device_covariances = 1, .eval_during_training = 1};
+    lnb_cuda_plan p;
+    /* an H200's free memory: everything fits; the calibration phase (weights + 61 GiB of fp64 sums)
+     * is the peak */
+    assert_int_equal(ln_memplan_gpu(&g, 139.0 * GIB, 140.0 * GIB, "H200", &p, &e), 0);
+    const double sums = 8.0 * 32 * (3.0 * 4096 * 4096 + 14336.0 * 14336), flags = 512.0 * 32 * 4;
+    assert_true(p.covariances == sums + flags && p.covariances_host == 0);
+    assert_int_equal(p.peak_phase, LN_PHASE_CALIBRATION);
+    assert_true(p.total == p.weights + p.calib_activations + p.covariances + p.workspace);
+    /* the CPU plan of the same job: the same weights, adapter, AdamW; the device keeps attention
+     * rows only, so its activations are below the CPU layout's */
+    ln_config cfg = {.vocab_size = 128256, .hidden_size = 4096, .intermediate_size = 14336, .num_layers = 32,
+                     .num_heads = 32, .num_kv_heads = 8, .head_dim = 128};
+    ln_memplan_req q = {.cfg = &cfg, .batch = 1, .seq = 2048, .rank = 16, .train_a = 1, .residual = 1,
+                        .method = "lora_null_v1", .calibrate = 1, .calib_max_length = 1024, .eval_during_training = 1};
+    ln_memplan c;
+    ln_memplan_estimate(&q, &c);
+    assert_true(p.weights == c.weights && p.adapter == c.adapter && p.optimizer == c.optimizer);
+    assert_true(p.activations + p.logits < c.activations);
+    assert_true(p.logits == 4.0 * (2048 < LN_HEAD_CHUNK ? 2048 : LN_HEAD_CHUNK) * 128256);
+    assert_true(p.calib_activations > 0 && p.calib_activations < c.calib_activations);
+    assert_true(p.init_scratch >= 8.0 * 2 * 14336.0 * 14336); /* the down input's eigensolve */
+    char a[32], b[32], d[32], f[32];
+    printf("  8B on 139 GiB free: calibration %s (sums %s), init %s, training %s\n",
+           ln_fmt_bytes(p.phase[LN_PHASE_CALIBRATION], a, sizeof a), ln_fmt_bytes(p.covariances, b, sizeof b),
+           ln_fmt_bytes(p.phase[LN_PHASE_INIT], d, sizeof d), ln_fmt_bytes(p.phase[LN_PHASE_TRAINING], f, sizeof f));
+
+    /* 80 GiB free: the sums that do not fit beside the weights, the window and the workspaces sum
+     * on the host; the device is full in calibration, and the job fits */
+    assert_int_equal(ln_memplan_gpu(&g, 80.0 * GIB, 80.0 * GIB, "A100", &p, &e), 0);
+    assert_true(p.covariances > 0 && p.covariances_host > 0);
+    assert_true(p.covariances + p.covariances_host == sums + flags);
+    assert_true(p.phase[LN_PHASE_CALIBRATION] <= 80.0 * GIB);
+    assert_true(80.0 * GIB - p.phase[LN_PHASE_CALIBRATION] < 8.0 * 14336.0 * 14336 + 512); /* no sum fits more */
+    printf("  8B on 80 GiB free: sums %s on the device, %s on the host; peak %s\n",
+           ln_fmt_bytes(p.covariances, a, sizeof a), ln_fmt_bytes(p.covariances_host, b, sizeof b),
+           ln_memplan_phase_name((ln_memplan_phase)p.peak_phase));
+    assert_int_equal(p.peak_phase, LN_PHASE_CALIBRATION);
+    /* without the device accumulator: no sums on the device */
+    g.device_covariances = 0;
+    assert_int_equal(ln_memplan_gpu(&g, 139.0 * GIB, 140.0 * GIB, "H200", &p, &e), 0);
+    assert_true(p.covariances == 0 && p.covariances_host == 0);
+    assert_int_equal(p.peak_phase, LN_PHASE_TRAINING);
+
+    /* 24 GiB free: fails in training with needed vs free and its parts */
+    assert_int_equal(ln_memplan_gpu(&g, 24.0 * GIB, 24.0 * GIB, "L4", &p, &e), -1);
+    printf("  %s\n", e.msg);
+    assert_non_null(strstr(e.msg, "GPU memory plan: the job needs "));
+    assert_non_null(strstr(e.msg, " at its peak (training: weights 29.92 GiB, adapter and gradients 480.0 MiB, "));
+    assert_non_null(strstr(e.msg, "but only 24.00 GiB of 24.00 GiB are free on L4; use a smaller batch"));
+    assert_null(strstr(e.msg, "covariance"));
+    /* bf16 copies of every linear and lm_head: 2 bytes each on top */
+    g.bf16_copies = 1;
+    lnb_cuda_plan pb;
+    ln_memplan_gpu(&g, 24.0 * GIB, 24.0 * GIB, "L4", &pb, &e);
+    double lin = 4096.0 * 4096 * 2 + 4096.0 * 1024 * 2 + 3 * 4096.0 * 14336; /* q o, k v, gate up down */
+    assert_true(pb.weights - p.weights == 2.0 * (32 * lin + 128256.0 * 4096));
+    g.bf16_copies = 0;
+
+    /* a long calibration window on a small device: calibration is the peak, and the sentence says so */
+    g.device_covariances = 1;
+    g.calib_max_length = 65536;
+    g.seq = 256;
+    assert_int_equal(ln_memplan_gpu(&g, 40.0 * GIB, 40.0 * GIB, "L40S", &p, &e), -1);
+    printf("  %s\n", e.msg);
+    assert_int_equal(p.peak_phase, LN_PHASE_CALIBRATION);
+    assert_non_null(strstr(e.msg, "at its peak (calibration: weights 29.92 GiB, calibration activations "));
+    assert_non_null(strstr(e.msg, "; use a shorter calibration max_length, or more ranks"));
+    g.calib_max_length = 1024;
+    g.seq = 2048;
+
+    /* 2 ranks, one GPU each: rank 1 holds its shard, no sums, no gathered adapter; rank 0 both */
+    g.ranks = 2;
+    g.ranks_here = 1;
+    g.first_rank = 1;
+    lnb_cuda_plan r1, r0;
+    assert_int_equal(ln_memplan_gpu(&g, 24.0 * GIB, 24.0 * GIB, "L4", &r1, &e), -1);
+    printf("  %s\n", e.msg);
+    assert_non_null(strstr(e.msg, "(training, rank 1 of 2 here: weights 16.92 GiB, "));
+    assert_true(r1.covariances == 0 && r1.gathered_adapter == 0 && r1.weights < p.weights);
+    g.first_rank = 0;
+    assert_int_equal(ln_memplan_gpu(&g, 139.0 * GIB, 140.0 * GIB, "H200", &r0, &e), 0);
+    assert_true(r0.covariances == sums + flags && r0.gathered_adapter == c.adapter);
+    assert_true(r0.weights == r1.weights && r0.adapter == r1.adapter);
+}
+
 static int teardown(void **state) {
     (void)state;
     char cmd[256];
@@ -601,6 +699,7 @@ int main(void) {
         cmocka_unit_test(test_available_from_meminfo_and_cgroups),
         cmocka_unit_test(test_available_from_rlimit),
         cmocka_unit_test(test_check_sentence),
+        cmocka_unit_test(test_gpu_plan),
     };
     return cmocka_run_group_tests(tests, NULL, teardown);
 }

@@ -124,6 +124,18 @@ static void parts_of(const ln_memplan_req *q, const ln_config *c, rank_parts *o)
         q->calibrate ? activations(c, 1, T_cal, 0, 0, 0, q->rows_only_attention, 0, ACT_CALIB) : 0;
 }
 
+/* One of R ranks' shard config (heads, kv heads and intermediate rounded up where they do not
+ * divide — the worker refuses such a split before it plans). */
+static ln_config shard_of(const ln_config *c, int R) {
+    ln_config sc = *c;
+    if (R > 1) {
+        sc.num_heads = (c->num_heads + R - 1) / R;
+        sc.num_kv_heads = (c->num_kv_heads + R - 1) / R;
+        sc.intermediate_size = (c->intermediate_size + R - 1) / R;
+    }
+    return sc;
+}
+
 void ln_memplan_estimate(const ln_memplan_req *q0, ln_memplan *p) {
     memset(p, 0, sizeof *p);
     ln_memplan_req q = *q0;
@@ -138,14 +150,8 @@ void ln_memplan_estimate(const ln_memplan_req *q0, ln_memplan *p) {
     p->ranks_here = H;
     p->root_here = root;
 
-    /* one rank's shard (the whole model for one rank; heads, kv heads and intermediate rounded up
-     * where they do not divide — the worker refuses such a split before it plans) */
-    ln_config sc = *c;
-    if (R > 1) {
-        sc.num_heads = (c->num_heads + R - 1) / R;
-        sc.num_kv_heads = (c->num_kv_heads + R - 1) / R;
-        sc.intermediate_size = (c->intermediate_size + R - 1) / R;
-    }
+    /* one rank's shard (the whole model for one rank) */
+    ln_config sc = shard_of(c, R);
     rank_parts one, whole;
     parts_of(&q, &sc, &one);
     parts_of(&q, c, &whole);
@@ -205,6 +211,31 @@ void ln_memplan_estimate(const ln_memplan_req *q0, ln_memplan *p) {
 
 /* ---------------------------------------------------------------- the check */
 
+/* A part of a plan, and the phases it is held in. */
+typedef struct {
+    const char *name;
+    double v;
+    int in[LN_NPHASE];
+} plan_row;
+
+/* "<phase>[, ranks a-b of R here]: weights W, <part> X, …" — the peak phase's parts, for the
+ * sentences of both plans. */
+static void peak_text(char *buf, size_t n, ln_memplan_phase peak, int ranks, int first, int here, double weights,
+                      const plan_row *rows, size_t nrows) {
+    char a[32];
+    int k = snprintf(buf, n, "%s", ln_memplan_phase_name(peak));
+    if (ranks > 1) {
+        int lo = first > 0 ? first : 0, hi = lo + here - 1;
+        k += hi > lo ? snprintf(buf + k, n - (size_t)k, ", ranks %d-%d of %d here", lo, hi, ranks)
+                     : snprintf(buf + k, n - (size_t)k, ", rank %d of %d here", lo, ranks);
+    }
+    k += snprintf(buf + k, n - (size_t)k, ": weights %s", ln_fmt_bytes(weights, a, sizeof a));
+    for (size_t i = 0; i < nrows && k < (int)n; i++) {
+        if (!rows[i].in[peak] || rows[i].v <= 0) continue;
+        k += snprintf(buf + k, n - (size_t)k, ", %s %s", rows[i].name, ln_fmt_bytes(rows[i].v, a, sizeof a));
+    }
+}
+
 int ln_memplan_check(const ln_memplan_req *q, const char *root, ln_memplan *out, ln_err *e) {
     ln_memplan p;
     ln_memplan_estimate(q, &p);
@@ -212,14 +243,7 @@ int ln_memplan_check(const ln_memplan_req *q, const char *root, ln_memplan *out,
     if (out) *out = p;
     if (rc != 0) return -1;
     if (p.peak <= p.available) return 0;
-    /* the parts of the peak phase */
-    char parts[640], a[32], b[32];
-    int k = snprintf(parts, sizeof parts, "weights %s", ln_fmt_bytes(p.weights, a, sizeof a));
-    struct {
-        const char *name;
-        double v;
-        int in[LN_NPHASE];
-    } rows[] = {
+    const plan_row rows[] = {
         {"covariances", p.covariances, {1, 1, 1}},   {"calibration scratch", p.calib_scratch, {1, 0, 0}},
         {"calibration activations", p.calib_activations, {1, 0, 0}},
         {"calibration gathers", p.calib_gather, {1, 0, 0}},
@@ -230,19 +254,126 @@ int ln_memplan_check(const ln_memplan_req *q, const char *root, ln_memplan *out,
         {"evaluation activations", p.eval_activations, {0, 0, 1}},   {"drift copies", p.drift, {0, 0, 1}},
         {"data", p.data, {1, 1, 1}},
     };
-    for (size_t i = 0; i < sizeof rows / sizeof *rows && k < (int)sizeof parts; i++) {
-        if (!rows[i].in[p.peak_phase] || rows[i].v <= 0) continue;
-        k += snprintf(parts + k, sizeof parts - (size_t)k, ", %s %s", rows[i].name,
-                      ln_fmt_bytes(rows[i].v, a, sizeof a));
+    char peak[768], need[32], b[32];
+    peak_text(peak, sizeof peak, p.peak_phase, p.ranks, q->first_rank, p.ranks_here, p.weights, rows,
+              sizeof rows / sizeof *rows);
+    return ln_errf(e, "CPU memory plan: the job needs %s at its peak (%s) but only %s are available (%s), so it would "
+                      "run out of memory",
+                   ln_fmt_bytes(p.peak, need, sizeof need), peak, ln_fmt_bytes(p.available, b, sizeof b),
+                   p.available_from);
+}
+
+/* ---------------------------------------------------------------- the GPU plan */
+
+int ln_memplan_gpu(const lnb_cuda_plan_req *g, double free_bytes, double device_bytes, const char *device,
+                   lnb_cuda_plan *p, ln_err *e) {
+    memset(p, 0, sizeof *p);
+    p->free_bytes = free_bytes;
+    p->device_bytes = device_bytes;
+    ln_config c = {.vocab_size = g->vocab, .hidden_size = g->hidden, .intermediate_size = g->intermediate,
+                   .num_layers = g->layers, .num_heads = g->heads, .num_kv_heads = g->kv_heads,
+                   .head_dim = g->head_dim, .tie_word_embeddings = g->tied};
+    unsigned mask = g->target_mask ? g->target_mask
+                    : g->targets >= LN_NTARGET ? LN_TARGETS_ALL
+                    : g->targets > 0 ? (1u << g->targets) - 1
+                                     : 0;
+    /* the CPU plan of the same job on the device's layout: attention rows only (flash-style) */
+    ln_memplan_req q = {.cfg = &c, .batch = g->batch, .seq = g->seq, .rank = g->rank, .targets = mask,
+                        .train_a = g->train_a, .residual = g->residual, .method = g->method, .calibrate = g->calibrate,
+                        .calib_max_length = g->calib_max_length, .calib_fp64 = 1, .recompute = g->recompute,
+                        .rows_only_attention = 1, .eval_during_training = g->eval_during_training, .ranks = g->ranks,
+                        .ranks_here = g->ranks_here, .first_rank = g->first_rank};
+    if (g->rank > 0 && !mask) q.rank = 0; /* no target carries factors: nothing trains but the weights' */
+    ln_memplan m;
+    ln_memplan_estimate(&q, &m);
+    const int H = m.ranks_here, R = m.ranks;
+    ln_config sc = shard_of(&c, R);
+    /* fp32 masters; bf16 copies of the frozen linears and lm_head (not the embedding, the norms) */
+    p->weights = m.weights;
+    if (g->bf16_copies) {
+        double lin = 0;
+        for (int t = 0; t < LN_NTARGET; t++) {
+            int o, i;
+            ln_model_target_dims(&sc, (ln_target)t, &o, &i);
+            lin += (double)o * i;
+        }
+        p->weights += H * 2.0 * ((double)sc.num_layers * lin + (double)c.vocab_size * c.hidden_size);
     }
-    char need[32], here[64] = "";
-    if (p.ranks > 1) {
-        int lo = q->first_rank > 0 ? q->first_rank : 0, hi = lo + p.ranks_here - 1;
-        if (hi > lo) snprintf(here, sizeof here, ", ranks %d-%d of %d here", lo, hi, p.ranks);
-        else snprintf(here, sizeof here, ", rank %d of %d here", lo, p.ranks);
+    p->adapter = m.adapter;
+    p->optimizer = m.optimizer;
+    p->gathered_adapter = m.gathered_adapter;
+    /* device activations: model.c's, without its host index arrays (malloc); the logits chunk apart */
+    const double N = (double)g->batch * g->seq, chunk = N < LN_HEAD_CHUNK ? N : LN_HEAD_CHUNK;
+    const double Tc = g->calib_max_length > 0 ? g->calib_max_length : 1024, idx = 4.0 * 4 + 8;
+    p->logits = H * F32 * chunk * c.vocab_size;
+    p->activations = m.activations > 0 ? m.activations - H * N * idx - p->logits : 0;
+    p->eval_activations = m.eval_activations > 0 ? m.eval_activations - H * N * idx : 0;
+    p->calib_activations = m.calib_activations > 0 ? m.calib_activations - H * Tc * idx : 0;
+    /* attention chunk buffers (attention.cu) + cuBLAS/cuSOLVER workspaces (+ the bf16 image of the
+     * largest activation operand, the logits' gradient) */
+    p->workspace = 2.0 * (32 << 20) * F32 + 512.0 * (1 << 20) + (g->bf16_copies ? p->logits / 2 : 0);
+    /* lora_null_*: cuSOLVER's eigensolve of the widest whole input (the matrix and a workspace of
+     * its size) or a factor's fp64 W0 with U, W0 U, P, U Q — one at a time, per rank */
+    double din[LN_NINPUT], dmax = 0, worst = 0;
+    input_widths(&c, mask, din);
+    for (int i = 0; i < LN_NINPUT; i++)
+        if (din[i] > dmax) dmax = din[i];
+    if (g->rank > 0 && g->method && !strncmp(g->method, "lora_null", 9)) {
+        const double r = g->rank;
+        worst = F64 * 2 * dmax * dmax;
+        for (int t = 0; t < LN_NTARGET; t++) {
+            if (!(mask & (1u << t))) continue;
+            int o, i;
+            ln_model_target_dims(&c, (ln_target)t, &o, &i);
+            double f = F64 * ((double)o * i + 2.0 * i * r + 2.0 * o * r + r * r);
+            if (f > worst) worst = f;
+        }
     }
-    return ln_errf(e, "CPU memory plan: the job needs %s at its peak (%s%s: %s) but only %s are available (%s), so "
-                      "it would run out of memory",
-                   ln_fmt_bytes(p.peak, need, sizeof need), ln_memplan_phase_name(p.peak_phase), here, parts,
-                   ln_fmt_bytes(p.available, b, sizeof b), p.available_from);
+    p->init_scratch = H * worst;
+    /* the covariance sums, opened layer by layer (calibrate.c) while they fit beside the window's
+     * forward and the workspaces; the rest sum on the host */
+    if (g->calibrate && g->device_covariances && m.root_here) {
+        double room = free_bytes - p->weights - p->calib_activations - p->workspace;
+        for (int l = 0; l < c.num_layers; l++)
+            for (int i = 0; i < LN_NINPUT; i++) {
+                if (din[i] <= 0) continue;
+                double one = F64 * din[i] * din[i] + 512; /* + its flags (cudaMalloc's granule) */
+                if (one <= room - p->covariances) p->covariances += one;
+                else p->covariances_host += one;
+            }
+    }
+    p->phase[LN_PHASE_CALIBRATION] =
+        g->calibrate ? p->weights + p->calib_activations + p->covariances + p->workspace : 0;
+    p->phase[LN_PHASE_INIT] = p->weights + p->adapter + p->gathered_adapter + p->init_scratch + p->workspace;
+    p->phase[LN_PHASE_TRAINING] = p->weights + p->adapter + p->gathered_adapter + p->optimizer + p->activations +
+                                  p->logits + p->eval_activations + p->workspace;
+    for (int i = 0; i < LN_NPHASE; i++)
+        if (p->phase[i] > p->total) {
+            p->total = p->phase[i];
+            p->peak_phase = i;
+        }
+    if (p->total <= free_bytes) return 0;
+
+    const plan_row rows[] = {
+        {"calibration activations", p->calib_activations, {1, 0, 0}},
+        {"covariance sums", p->covariances, {1, 0, 0}},
+        {"adapter and gradients", p->adapter, {0, 1, 1}},
+        {"gathered adapter", p->gathered_adapter, {0, 1, 1}},
+        {"init scratch", p->init_scratch, {0, 1, 0}},
+        {"AdamW", p->optimizer, {0, 0, 1}},
+        {"activations", p->activations, {0, 0, 1}},
+        {"logits", p->logits, {0, 0, 1}},
+        {"evaluation activations", p->eval_activations, {0, 0, 1}},
+        {"workspace", p->workspace, {1, 1, 1}},
+    };
+    char peak[768], need[32], b[32], d[32];
+    peak_text(peak, sizeof peak, (ln_memplan_phase)p->peak_phase, R, g->first_rank, H, p->weights, rows,
+              sizeof rows / sizeof *rows);
+    return ln_errf(e, "GPU memory plan: the job needs %s at its peak (%s) but only %s of %s are free on %s; %s",
+                   ln_fmt_bytes(p->total, need, sizeof need), peak, ln_fmt_bytes(free_bytes, b, sizeof b),
+                   ln_fmt_bytes(device_bytes, d, sizeof d), device ? device : "the GPU",
+                   p->peak_phase == LN_PHASE_CALIBRATION
+                       ? "use a shorter calibration max_length, or more ranks"
+                       : p->peak_phase == LN_PHASE_INIT ? "use a smaller adapter rank, or more ranks"
+                                                        : "use a smaller batch or sequence, or more ranks");
 }

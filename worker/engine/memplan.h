@@ -39,7 +39,12 @@
 #include <stdint.h>
 
 #include "common/err.h"
+#include "worker/backend/cuda/cuda.h"
 #include "worker/engine/config.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
 
 typedef struct ln_memplan_req {
     const ln_config *cfg;
@@ -93,5 +98,18 @@ void ln_memplan_estimate(const ln_memplan_req *q, ln_memplan *p);
  * phase names them: "(training, ranks 0-1 of 2 here: weights …)".
  * out (may be NULL) receives the plan either way. */
 int ln_memplan_check(const ln_memplan_req *q, const char *root, ln_memplan *out, ln_err *e);
+
+/* The GPU plan's arithmetic (cuda.h's lnb_cuda_plan_req: what the device holds in each phase),
+ * host code so that it is tested without a GPU: fills p for a device with free_bytes free of
+ * device_bytes, and returns −1 with the sentence when the peak does not fit:
+ *   "GPU memory plan: the job needs 81.20 GiB at its peak (training: weights 29.92 GiB, …) but only
+ *    79.10 GiB of 79.19 GiB are free on <device>; use a smaller batch or sequence, or more ranks"
+ * lnb_cuda_plan_check (solver.cu) calls it with cudaMemGetInfo's numbers. */
+int ln_memplan_gpu(const lnb_cuda_plan_req *q, double free_bytes, double device_bytes, const char *device,
+                   lnb_cuda_plan *p, ln_err *e);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -85,24 +85,54 @@ void lnb_cuda_unregister_all(void);
 
 /* ---- memory plan ---- */
 
-/* What a training job needs on the device, as this backend (and the engine's fp32 layout)
- * allocates it. */
+/* What a job holds on the device, phase by phase, as this backend (managed fp32 tensors, the
+ * engine's layout) and the engine allocate it:
+ *   calibration  weights (fp32 masters + bf16 copies where registered) + one window's forward-only
+ *                activations (no logits) + the covariance sums the device accumulator opens
+ *                (device_covariances: fp64 d² per layer input kind, cudaMalloc; those that do not
+ *                fit beside the rest sum on the host, calibrate.c) + workspaces
+ *   init         weights + adapter (A, B, gradients, A0/B0 of a residual method) + the init's
+ *                device scratch (lora_null_*: a cuSOLVER eigensolve of the widest input and a
+ *                factor's fp64 W0) + workspaces
+ *   training     weights + adapter + AdamW + a training step's activations (attention rows only)
+ *                + one chunk of logits + an evaluation's forward-only activations + workspaces.
+ * Ranks (ranks > 1): per process, ranks_here of them from first_rank; each holds its shard (heads,
+ * kv heads, intermediate / R; embeddings, norms, lm_head whole); rank 0 also the gathered whole
+ * adapter and the covariance sums (whole widths). The arithmetic is host code
+ * (ln_memplan_gpu, worker/engine/memplan.h), tested without a GPU. */
 typedef struct lnb_cuda_plan_req {
-    int vocab, hidden, intermediate, layers, heads, kv_heads, head_dim, tied;
+    int vocab, hidden, intermediate, layers, heads, kv_heads, head_dim, tied; /* the whole model */
     int batch, seq;        /* micro-batch */
     int rank;              /* LoRA rank (0 = full fine-tuning) */
-    int targets;           /* how many of the seven targets carry factors */
+    int targets;           /* how many of the seven targets carry factors (the first ones; see target_mask) */
+    unsigned target_mask;  /* LN_TARGET bits (model.h) of the targets; 0 = from targets */
     int train_a;           /* A trains (gradient + AdamW state) */
+    int residual;          /* A0, B0 kept (residual methods) */
     int bf16_copies;       /* frozen weights also kept as bf16 copies (lnb_cuda_register_bf16) */
+    const char *method;    /* for the init's scratch ("lora_null_v1", ...; NULL = lora) */
+    int calibrate;         /* a calibration phase runs (its forward-only window) */
+    int calib_max_length;  /* tokens per calibration window (0 = 1024) */
+    int device_covariances; /* the device accumulator sums the covariances (lnb_select_cov_accumulator) */
+    int recompute;         /* activation recomputation */
+    int eval_during_training; /* an evaluation forward's activations beside the training step's */
+    int ranks, ranks_here, first_rank; /* tensor-parallel ranks, those in this process (0 = all), the lowest */
 } lnb_cuda_plan_req;
 
 typedef struct lnb_cuda_plan {
-    double weights, adapter, optimizer, activations, logits, workspace, total; /* bytes */
+    /* bytes on the device, summed over the ranks this process holds */
+    double weights, adapter, optimizer, activations, logits, workspace;
+    double calib_activations, eval_activations, init_scratch, gathered_adapter;
+    double covariances;      /* the covariance sums on the device (rank 0, device_covariances) */
+    double covariances_host; /* the ones that do not fit there: summed on the host */
+    double phase[3];         /* calibration, init, training (ln_memplan_phase) */
+    int peak_phase;
+    double total;            /* the peak phase's bytes */
     double free_bytes, device_bytes;
 } lnb_cuda_plan;
 
 /* Computes the plan and compares it with the device's free memory: returns −1 with a sentence
- * giving needed vs free (and the parts) when it does not fit, before anything is allocated. */
+ * giving needed vs free, the peak phase and its parts when it does not fit, before anything is
+ * allocated. */
 int lnb_cuda_plan_check(const lnb_cuda_plan_req *rq, lnb_cuda_plan *out, ln_err *e);
 
 /* ---- calibration and LoRA-Null init on the device (cuBLAS + cuSOLVER, fp64 like the CPU) ---- */

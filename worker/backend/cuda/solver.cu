@@ -11,6 +11,7 @@
 
 extern "C" {
 #include "worker/backend/cuda/cuda.h"
+#include "worker/engine/memplan.h"
 }
 
 #define ST lnb_cuda_g.stream
@@ -311,55 +312,15 @@ out:
 
 /* ================================================================ memory plan */
 
+/* The arithmetic is host code (ln_memplan_gpu, worker/engine/memplan.c: tested without a GPU);
+ * this asks the device what is free. */
 extern "C" int lnb_cuda_plan_check(const lnb_cuda_plan_req *q, lnb_cuda_plan *p, ln_err *e)
 {
     memset(p, 0, sizeof *p);
-    const double f = 4.0; /* fp32 everywhere (backend.h) */
-    double C = q->hidden, I = q->intermediate, qd = (double)q->heads * q->head_dim, kvd = (double)q->kv_heads * q->head_dim;
-    double per_layer = C * qd * 2 + C * kvd * 2 + 3 * C * I + 2 * C;
-    double params = q->layers * per_layer + (double)q->vocab * C * (q->tied ? 1 : 2) + C;
-    p->weights = params * f;
-    if (q->bf16_copies) p->weights += (params - (double)q->vocab * C) * 2.0; /* all but the embedding */
-    double N = (double)q->batch * q->seq, r = q->rank;
-    if (q->rank > 0) {
-        /* per target: A r×d_in, B d_out×r; the dims of each of the seven, averaged as the engine's */
-        double dims[7][2] = {{qd, C}, {kvd, C}, {kvd, C}, {C, qd}, {I, C}, {I, C}, {C, I}};
-        double fac = 0, a_part = 0;
-        for (int t = 0; t < 7 && t < q->targets; t++) {
-            fac += r * dims[t][1] + dims[t][0] * r;
-            a_part += r * dims[t][1];
-        }
-        double per = q->layers * fac * f;
-        double trained = q->layers * (fac - (q->train_a ? 0 : a_part)) * f;
-        p->adapter = per * 2 /* A, B and the residual's A0, B0 */ + trained /* gradients */;
-        p->optimizer = trained * 2;
-        /* LoRA intermediates x Aᵀ saved per target */
-        p->activations += q->layers * q->targets * N * r * f;
-    } else {
-        p->optimizer = params * f * 2;
-        p->adapter = params * f; /* gradients */
-    }
-    /* What model.c keeps per layer: h1, xmid, h2, res (C); q, att (qd); k, v (kvd); gate, up, act (I);
-     * two rstd; lse rows (B·nh·T, flash-style) — plus backward scratch (one layer's worth). */
-    double act_layer = N * (4 * C + 2 * qd + 2 * kvd + 3 * I + 2) + (double)q->batch * q->heads * q->seq;
-    p->activations += q->layers * act_layer * f + N * (C + 2 * qd + 2 * kvd + 3 * I + C) * f;
-    p->logits = N * (double)q->vocab * f;
-    /* attention chunk buffers (attention.cu) + cuBLAS/cuSOLVER workspaces (+ the bf16 image of
-     * the largest activation operand, the logits' gradient) */
-    p->workspace = 2.0 * (32 << 20) * f + 512.0 * (1 << 20) + (q->bf16_copies ? p->logits / 2 : 0);
-    p->total = p->weights + p->adapter + p->optimizer + p->activations + p->logits + p->workspace;
+    lnb_cuda_bind_thread();
     size_t fr = 0, tot = 0;
     CUDA_TRY(cudaMemGetInfo(&fr, &tot), e);
-    p->free_bytes = (double)fr;
-    p->device_bytes = (double)tot;
-    const double G = 1024.0 * 1024.0 * 1024.0;
-    if (p->total > p->free_bytes)
-        return ln_errf(e, "GPU memory plan: the job needs %.2f GiB but only %.2f GiB of %.2f GiB are free on %s "
-                          "(weights %.2f, adapter+gradients %.2f, AdamW %.2f, activations %.2f, logits %.2f, "
-                          "workspace %.2f GiB); use a smaller batch or sequence, or more ranks",
-                       p->total / G, p->free_bytes / G, p->device_bytes / G, lnb_cuda_device_name(), p->weights / G,
-                       p->adapter / G, p->optimizer / G, p->activations / G, p->logits / G, p->workspace / G);
-    return 0;
+    return ln_memplan_gpu(q, (double)fr, (double)tot, lnb_cuda_device_name(), p, e);
 }
 
 /* ================================================================ bf16 GEMM peak */
