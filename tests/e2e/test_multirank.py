@@ -189,3 +189,30 @@ def test_svd_initialised_methods_on_two_ranks_match_one_rank(env, method):
     assert sorted(out[0]) == sorted(out[1])
     one, two = (np.array([o[s] for s in sorted(o)]) for o in out)
     np.testing.assert_allclose(two, one, rtol=1e-4)
+
+
+def test_two_rank_full_fine_tuning_paused_and_resumed_ends_as_the_uninterrupted_run(env):
+    """method full on 2 ranks: neither rank holds the whole model (weights, gradients and AdamW
+    moments are split); rank 0 writes each checkpoint and the merged model one gathered tensor at a
+    time, in the 1-rank formats. Paused (the pause's checkpoint written from the shards), resumed
+    (each rank reading its blocks of it): the exported model's bytes are the uninterrupted run's."""
+    w = env.worker("w1", extra=RANKS)
+    spec = dict(method="full", lr=0.001, epochs=60, save_interval=40)
+    ref = submit_ranks(env, **spec)
+    ref_files = result_files(env.srv, env.key, finished(env, ref))
+    assert {"config.json", "model.safetensors"} <= set(ref_files)
+    assert any("Full fine-tuning: every weight trains" in m for m in messages(env, ref))
+    job = submit_ranks(env, **spec)
+    running_past(env, job, w)
+    api = env.srv.client(env.key)
+    r = api.post(env.srv.url(f"/v1/fine_tuning/jobs/{job['id']}/pause"))
+    assert r.status_code == 200 and r.json()["status"] == "paused"
+    wait_for(lambda: "paused, its last checkpoint uploaded" in w.log(), 20, "the pause checkpoint's upload")
+    last = max(c["step_number"] for c in checkpoints(env.srv, env.key, job["id"]))
+    total = max(metrics(env.srv, env.key, ref["id"], "loss")["loss"])
+    assert 0 < last < total
+    assert api.post(env.srv.url(f"/v1/fine_tuning/jobs/{job['id']}/resume")).status_code == 200
+    files = result_files(env.srv, env.key, finished(env, job))
+    assert any("tensor-parallel" in m for m in messages(env, job))
+    assert files["model.safetensors"] == ref_files["model.safetensors"]
+    assert files["config.json"] == ref_files["config.json"]
