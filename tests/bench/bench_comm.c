@@ -4,7 +4,7 @@
  *
  * thread: two ranks on two threads of this process (comm_thread_run). tcp: two processes on
  * 127.0.0.1 (fork; rank 0 listens, rank 1 connects), as two workers of a split job talk. For each
- * buffer size (bytes each rank contributes: 1 KiB, 4 KiB, …, MAX_BYTES, default 64 MiB) every rank
+ * buffer size (bytes each rank contributes: 1 KiB, 2 KiB, 4 KiB, …, MAX_BYTES, default 64 MiB) every rank
  * calls the collective `iters` times back to back (about 256 MiB moved per size, 3..2000 calls,
  * after one warm-up call) and rank 0 times each call. Prints one JSON object per (op, size):
  * the median and best call time, and the algorithm bandwidth of the median call — allreduce: the
@@ -52,7 +52,7 @@ static int run_sweep(ln_comm *c, void *ctx, ln_err *e)
     if (!buf || !all || !t) goto out;
     for (int64_t i = 0; i < max_n; i++) buf[i] = (float)((i + rank) % 7) * 1e-3f;
     for (int gather = 0; gather < 2; gather++) {
-        for (int64_t bytes = 1024; bytes <= s->max_bytes; bytes *= 4) {
+        for (int64_t bytes = 1024; bytes <= s->max_bytes; bytes *= 2) {
             int64_t n = bytes / (int64_t)sizeof(float);
             int64_t iters = ((int64_t)256 << 20) / bytes;
             iters = iters < 3 ? 3 : iters > 2000 ? 2000 : iters;
