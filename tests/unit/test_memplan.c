@@ -234,15 +234,18 @@ static int count_rank(ln_comm *c, void *ctx, ln_err *e) {
     ln_model *shape = ln_tp_whole_shape(sh);
 
     b = slot_bytes();
-    ln_adapter sad, whole;
+    ln_adapter sad = {0}, whole = {0};
     ln_adapter_opts ao = {.method = k->method, .rank = k->r, .alpha = 8, .targets = k->targets, .seed = 1,
                           .covariance = diag_cov};
-    if (ln_tp_adapter_init(sh, shape, &ao, 1, &sad, root ? &whole : NULL, NULL, e) != 0) return -1;
+    if (k->r > 0 ? ln_tp_adapter_init(sh, shape, &ao, 1, &sad, root ? &whole : NULL, NULL, e)
+                 : ln_model_set_full_training(sh, e)) /* full fine-tuning: every weight's gradient */
+        return -1;
     k->adapter = slot_bytes() - b;
 
     b = slot_bytes();
-    ln_param *params[4 * LN_NTARGET * 4], **end = params;
-    ln_adapter_for_each_param(&sad, push, &end);
+    ln_param *params[16 * LN_NTARGET * 4], **end = params;
+    if (k->r > 0) ln_adapter_for_each_param(&sad, push, &end);
+    else ln_model_for_each_param(sh, push, &end);
     ln_optim o;
     ln_optim_cfg oc = ln_optim_defaults();
     if (ln_optim_init(&o, sh->be, params, (int)(end - params), &oc, e) != 0) return -1;
@@ -258,15 +261,16 @@ static int count_rank(ln_comm *c, void *ctx, ln_err *e) {
     b = slot_bytes();
     ln_acts *acts = ln_acts_new();
     ln_fwd_opts fo = {.trained_rows_only = 1, .head_grad_scale = 1.0f / (k->B * k->T)};
-    if (ln_model_forward(sh, &sad, acts, &bt, &fo, &loss, e) != 0 ||
-        ln_model_backward(sh, &sad, acts, &bt, fo.head_grad_scale, e) != 0)
+    ln_adapter *ad = k->r > 0 ? &sad : NULL;
+    if (ln_model_forward(sh, ad, acts, &bt, &fo, &loss, e) != 0 ||
+        ln_model_backward(sh, ad, acts, &bt, fo.head_grad_scale, e) != 0)
         return -1;
     k->activations = slot_bytes() - b;
 
     b = slot_bytes();
     ln_acts *ev = ln_acts_new();
     ln_fwd_opts fe = {.trained_rows_only = 1};
-    if (ln_model_forward(sh, &sad, ev, &bt, &fe, &loss, e) != 0) return -1;
+    if (ln_model_forward(sh, ad, ev, &bt, &fe, &loss, e) != 0) return -1;
     k->eval_activations = slot_bytes() - b;
     ln_acts_free(sh, ev);
 
@@ -280,8 +284,8 @@ static int count_rank(ln_comm *c, void *ctx, ln_err *e) {
 
     ln_acts_free(sh, acts);
     ln_optim_free(&o);
-    ln_adapter_free(&sad);
-    if (root) ln_adapter_free(&whole);
+    if (k->r > 0) ln_adapter_free(&sad);
+    if (root && k->r > 0) ln_adapter_free(&whole);
     ln_model_free(shape);
     ln_model_free(sh);
     return 0;
@@ -306,14 +310,14 @@ static void check_two_ranks(const char *method, unsigned targets, int recompute)
     assert_int_equal(ln_model_new_random(&cfg, be, 1, &full, &e), 0);
     tp_count k[2];
     for (int i = 0; i < R; i++)
-        k[i] = (tp_count){.full = full, .method = method, .targets = targets, .B = 2, .T = 16, .Tc = 24, .r = 4,
-                          .recompute = recompute};
+        k[i] = (tp_count){.full = full, .method = method, .targets = targets, .B = 2, .T = 16, .Tc = 24,
+                          .r = strcmp(method, "full") ? 4 : 0, .recompute = recompute};
     void *ctxs[2] = {k, k};
     if (comm_thread_run(R, count_rank, ctxs, &e) != 0) fail_msg("2 ranks: %s", e.msg);
     ln_model_free(full);
 
     int null = !strncmp(method, "lora_null", 9);
-    ln_memplan_req q = {.cfg = &cfg, .batch = 2, .seq = 16, .rank = 4, .targets = targets,
+    ln_memplan_req q = {.cfg = &cfg, .batch = 2, .seq = 16, .rank = k[0].r, .targets = targets,
                         .train_a = strcmp(method, "lora_fa") != 0 && strcmp(method, "lora_null_v2") != 0,
                         .residual = null, .method = method, .recompute = recompute, .eval_during_training = 1,
                         .calibrate = 1, .calib_max_length = 24, .ranks = R};
@@ -353,7 +357,8 @@ static void check_two_ranks(const char *method, unsigned targets, int recompute)
     q.ranks_here = q.first_rank = 0;
     ln_memplan_estimate(&q, &whole);
     assert_true(one.weights < whole.weights && one.covariances == 0 && one.bases == 0 && one.gathered_adapter == 0);
-    assert_true(both.covariances == whole.covariances && both.gathered_adapter == whole.adapter);
+    assert_true(both.covariances == whole.covariances);
+    assert_true(both.gathered_adapter == (k[0].r > 0 ? whole.adapter : 0)); /* full: nothing gathered */
     assert_true(both.calib_gather == 2 * one.calib_gather && one.calib_gather > 0);
     printf("  %s, 2 ranks, recompute %d: rank 0 weights %.0f adapter %.0f AdamW %.0f activations %.0f, rank 1 "
            "weights %.0f adapter %.0f (1 rank: weights %.0f) — as allocated\n",
@@ -366,6 +371,7 @@ static void test_plan_per_rank_equals_shard_allocations(void **state) {
     check_two_ranks("lora", LN_TARGETS_ALL, 0);
     check_two_ranks("lora_null_v1", LN_TARGETS_ALL, 0);
     check_two_ranks("lora_null_v2", (1u << LN_Q) | (1u << LN_O) | (1u << LN_DOWN), 1);
+    check_two_ranks("full", LN_TARGETS_ALL, 0);
 }
 
 /* Full fine-tuning: gradients and moments for every weight; the drift tracker's W0 copies. */

@@ -156,7 +156,6 @@ void ln_memplan_estimate(const ln_memplan_req *q0, ln_memplan *p) {
     parts_of(&q, &sc, &one);
     parts_of(&q, c, &whole);
     p->weights = H * one.weights;
-    if (full && R > 1) p->weights += H * whole.weights; /* full fine-tuning on ranks: the whole model, then its shard */
     p->adapter = H * one.adapter;
     p->optimizer = H * one.optimizer;
     p->activations = H * one.activations;
@@ -176,7 +175,7 @@ void ln_memplan_estimate(const ln_memplan_req *q0, ln_memplan *p) {
         p->covariances = F64 * L * dsq;
         p->calib_scratch = (q.calib_fp64 ? 0 : F32 * dmax * dmax) + F64 * 256 * dmax;
     }
-    if (q.calibrate && R > 1 && !full) {
+    if (q.calibrate && R > 1) {
         /* every rank gathers the row-parallel inputs (o's, down's) of one window: its block, every
          * rank's blocks, the whole rows (tensor_parallel.c's calibration hook, host memory) */
         double ds[LN_NINPUT], drow = 0;
@@ -193,7 +192,8 @@ void ln_memplan_estimate(const ln_memplan_req *q0, ln_memplan *p) {
     p->init_scratch = full ? 0 : H * init_scratch(&q, dmax);
     /* rank 0 of several: the whole adapter (gathered; checkpoints, drift, export) */
     if (!full && R > 1 && root) p->gathered_adapter = whole.adapter;
-    p->drift = q.drift && full && q.calibrate && root ? whole.linear : 0; /* the tracker's W0 copies */
+    /* the tracker's W0 copies (a full fine-tune's drift on shards is not tracked) */
+    p->drift = q.drift && full && q.calibrate && R == 1 ? whole.linear : 0;
 
     const double held = p->weights + p->data;
     /* calibration: each sum becomes its covariance in place (calibrate.c), so one set */
