@@ -273,17 +273,15 @@ int ln_memplan_gpu(const lnb_cuda_plan_req *g, double free_bytes, double device_
     ln_config c = {.vocab_size = g->vocab, .hidden_size = g->hidden, .intermediate_size = g->intermediate,
                    .num_layers = g->layers, .num_heads = g->heads, .num_kv_heads = g->kv_heads,
                    .head_dim = g->head_dim, .tie_word_embeddings = g->tied};
-    unsigned mask = g->target_mask ? g->target_mask
-                    : g->targets >= LN_NTARGET ? LN_TARGETS_ALL
-                    : g->targets > 0 ? (1u << g->targets) - 1
-                                     : 0;
+    unsigned mask = g->target_mask                                ? g->target_mask
+                    : g->targets > 0 && g->targets < LN_NTARGET ? (1u << g->targets) - 1
+                                                                : LN_TARGETS_ALL;
     /* the CPU plan of the same job on the device's layout: attention rows only (flash-style) */
     ln_memplan_req q = {.cfg = &c, .batch = g->batch, .seq = g->seq, .rank = g->rank, .targets = mask,
                         .train_a = g->train_a, .residual = g->residual, .method = g->method, .calibrate = g->calibrate,
                         .calib_max_length = g->calib_max_length, .calib_fp64 = 1, .recompute = g->recompute,
                         .rows_only_attention = 1, .eval_during_training = g->eval_during_training, .ranks = g->ranks,
                         .ranks_here = g->ranks_here, .first_rank = g->first_rank};
-    if (g->rank > 0 && !mask) q.rank = 0; /* no target carries factors: nothing trains but the weights' */
     ln_memplan m;
     ln_memplan_estimate(&q, &m);
     const int H = m.ranks_here, R = m.ranks;

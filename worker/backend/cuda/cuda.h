@@ -104,7 +104,7 @@ typedef struct lnb_cuda_plan_req {
     int vocab, hidden, intermediate, layers, heads, kv_heads, head_dim, tied; /* the whole model */
     int batch, seq;        /* micro-batch */
     int rank;              /* LoRA rank (0 = full fine-tuning) */
-    int targets;           /* how many of the seven targets carry factors (the first ones; see target_mask) */
+    int targets;           /* how many of the seven targets carry factors (the first ones; 0 = all seven) */
     unsigned target_mask;  /* LN_TARGET bits (model.h) of the targets; 0 = from targets */
     int train_a;           /* A trains (gradient + AdamW state) */
     int residual;          /* A0, B0 kept (residual methods) */
