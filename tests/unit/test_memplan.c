@@ -212,8 +212,12 @@ typedef struct {
     const char *method;
     unsigned targets;
     int B, T, Tc, r, recompute;
-    double weights, adapter, optimizer, activations, eval_activations, calib_activations;
+    double weights, adapter, optimizer, activations, eval_activations, calib_activations, calib_gather;
 } tp_count;
+
+static void no_inner(int layer, ln_input which, const float *X, int tokens, int d_in, void *ctx) {
+    (void)layer, (void)which, (void)X, (void)tokens, (void)d_in, (void)ctx;
+}
 
 static double g_cov_store[LN_NINPUT][80 * 80]; /* whole widths: at most 80 */
 static const double *diag_cov(void *ctx, int layer, ln_input which) {
@@ -274,12 +278,17 @@ static int count_rank(ln_comm *c, void *ctx, ln_err *e) {
     k->eval_activations = slot_bytes() - b;
     ln_acts_free(sh, ev);
 
+    /* a calibration window through the tensor-parallel hook: its gather scratch (host) is
+     * this rank's block, every rank's, and the whole rows of the widest row-parallel input */
     b = slot_bytes();
     ln_batch cb = {.B = 1, .T = k->Tc, .ids = ids};
     ln_acts *ca = ln_acts_new();
-    ln_fwd_opts fc = {.no_logits = 1};
-    if (ln_model_forward(sh, NULL, ca, &cb, &fc, NULL, e) != 0) return -1;
+    ln_tp_hook th = {.comm = c, .inner = no_inner};
+    ln_fwd_opts fc = {.no_logits = 1, .hook = ln_tp_calibration_hook, .hook_ctx = &th};
+    if (ln_model_forward(sh, NULL, ca, &cb, &fc, NULL, e) != 0 || th.failed) return -1;
     k->calib_activations = slot_bytes() - b;
+    k->calib_gather = 4.0 * ((double)th.cap / comm_size(c) + 2.0 * (double)th.cap);
+    ln_tp_hook_free(&th);
     ln_acts_free(sh, ca);
 
     ln_acts_free(sh, acts);
@@ -342,6 +351,7 @@ static void check_two_ranks(const char *method, unsigned targets, int recompute)
          one.eval_activations - tok},
         {"calibration activations", k[0].calib_activations, k[1].calib_activations,
          both.calib_activations - 2 * ctok, one.calib_activations - ctok},
+        {"calibration gathers", k[0].calib_gather, k[1].calib_gather, both.calib_gather, one.calib_gather},
     };
     for (size_t i = 0; i < sizeof rows / sizeof *rows; i++) {
         if (rows[i].r0 + rows[i].r1 != rows[i].plan_both)

@@ -176,12 +176,11 @@ void ln_memplan_estimate(const ln_memplan_req *q0, ln_memplan *p) {
         p->calib_scratch = (q.calib_fp64 ? 0 : F32 * dmax * dmax) + F64 * 256 * dmax;
     }
     if (q.calibrate && R > 1) {
-        /* every rank gathers the row-parallel inputs (o's, down's) of one window: its block, every
-         * rank's blocks, the whole rows (tensor_parallel.c's calibration hook, host memory) */
-        double ds[LN_NINPUT], drow = 0;
-        input_widths(&sc, q.targets, ds);
-        if (ds[LN_IN_O] > drow) drow = ds[LN_IN_O];
-        if (ds[LN_IN_DOWN] > drow) drow = ds[LN_IN_DOWN];
+        /* every rank gathers the row-parallel inputs (o's, down's — targeted or not: the hook sees
+         * them all) of one window: its block, every rank's blocks, the whole rows
+         * (tensor_parallel.c's calibration hook, host memory) */
+        const double qs = (double)sc.num_heads * sc.head_dim,
+                     drow = qs > sc.intermediate_size ? qs : (double)sc.intermediate_size;
         p->calib_gather = H * F32 * T_cal * drow * (1 + 2.0 * R);
     }
 
