@@ -186,8 +186,10 @@ void ln_memplan_estimate(const ln_memplan_req *q0, ln_memplan *p) {
 
     if (!full && q.method && !strncmp(q.method, "lora_null", 9) && q.calibrate && root)
         p->bases = F64 * L * (d[0] + d[1] + d[2] + d[3]) * q.rank;
-    /* the init's scratch is of the whole model's widths (a basis solve, an SVD of a whole weight) on
-     * every rank that runs one */
+    /* the init's scratch is of the whole model's widths (a basis solve, an SVD of a whole weight),
+     * counted on every rank: thread ranks spread the solves, but with one rank per process rank 0
+     * runs them all and the others hold only a basis and a whole weight's factors (an overcount
+     * there, transient and below the training phase's) */
     p->init_scratch = full ? 0 : H * init_scratch(&q, dmax);
     /* rank 0 of several: the whole adapter (gathered; checkpoints, drift, export) */
     if (!full && R > 1 && root) p->gathered_adapter = whole.adapter;
