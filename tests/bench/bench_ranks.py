@@ -203,6 +203,11 @@ def run_job(srv, key, token, td, train_id, split, rnd):
 
 # ---------------------------------------------------------------- report
 
+def ratio(a, b):
+    """a's throughput over b's: of the medians (of the best steps)."""
+    return f"{a['median_tps'] / b['median_tps']:.2f}× ({a['best_tps'] / b['best_tps']:.2f}×)"
+
+
 def summary(secs):
     tokens = SEQ * BATCH
     return {"median_tps": round(tokens / statistics.median(secs), 1), "best_tps": round(tokens / min(secs), 1),
@@ -225,6 +230,14 @@ def write_results(path, r):
     t11, t21, t12 = t["1x1"], t["2x1"], t["1x2"]
     jt, jp = j["threads"], j["tcp"]
     est = r["estimate"]
+    extra_ms = (est['tcp_comm_s'] - est['thread_comm_s']) * 1e3
+    tcp_vs_threads = (f"Over TCP the same collectives take ≈ {extra_ms:.1f} ms more per step than between threads "
+                      "(part 1's medians); the kernel's copies through the loopback socket run on the same 2 cores "
+                      "as the ranks." if extra_ms > 0 else
+                      f"In part 1 the TCP collectives of a step were not slower than the threads' ({-extra_ms:.1f} ms "
+                      "less at the medians: the thread backend's ranks meet at a mutex/condition-variable barrier twice "
+                      "per collective and sum in place, which a loaded machine delays as much as the loopback copies), "
+                      "so the TCP/threads job ratio measures load noise more than the transport.")
     act_mib = est["activation_bytes"] / (1 << 20)
     sent = f"{j['rank1_sent_mib']:.1f} MiB" if j["rank1_sent_mib"] is not None else "n/a"
     # the worker also evaluates the task loss before and after training (forwards over the training
@@ -259,19 +272,19 @@ process; tcp = 2 processes on 127.0.0.1, comm_tcp.c). Size = bytes each rank con
 **2. `loranull train`, one process** ({r['steps']} steps per run, {t11['steps_timed']} timed steps per configuration;
 final losses {r['losses']} — the ranks reproduce one rank's loss):
 
-| configuration | tok/s | ratio to 1 rank × 1 thread | ratio to 1 rank × 2 threads |
+| configuration | tok/s, median (best) | ratio to 1 rank × 1 thread, medians (bests) | ratio to 1 rank × 2 threads, medians (bests) |
 |---|---|---|---|
-| 1 rank × 1 thread | {t11['median_tps']} ({t11['best_tps']}) | 1.00× | {t11['median_tps'] / t12['median_tps']:.2f}× |
-| 1 rank × 2 threads (OpenMP split of every product) | {t12['median_tps']} ({t12['best_tps']}) | {t12['median_tps'] / t11['median_tps']:.2f}× | 1.00× |
-| `--ranks 2` × 1 thread (thread backend) | **{t21['median_tps']}** ({t21['best_tps']}) | **{t21['median_tps'] / t11['median_tps']:.2f}×** | **{t21['median_tps'] / t12['median_tps']:.2f}×** |
+| 1 rank × 1 thread | {t11['median_tps']} ({t11['best_tps']}) | 1.00× | {ratio(t11, t12)} |
+| 1 rank × 2 threads (OpenMP split of every product) | {t12['median_tps']} ({t12['best_tps']}) | {ratio(t12, t11)} | 1.00× |
+| `--ranks 2` × 1 thread (thread backend) | **{t21['median_tps']}** ({t21['best_tps']}) | **{ratio(t21, t11)}** | **{ratio(t21, t12)}** |
 
 **3. One job with `resources.ranks = 2` through the server** (loranull-server + loranull-worker, plain
 LoRA, {j['steps']} steps per job, {jt['steps_timed']} timed steps per configuration):
 
-| where the 2 ranks run | tok/s | ratio | rank 1's comm bytes sent over the job |
+| where the 2 ranks run | tok/s, median (best) | ratio, medians (bests) | rank 1's comm bytes sent over the job |
 |---|---|---|---|
 | one worker `--ranks 2` (threads) | {jt['median_tps']} ({jt['best_tps']}) | 1.00× | — |
-| two workers, one rank each (TCP over loopback) | **{jp['median_tps']}** ({jp['best_tps']}) | **{jp['median_tps'] / jt['median_tps']:.2f}×** | {sent} |
+| two workers, one rank each (TCP over loopback) | **{jp['median_tps']}** ({jp['best_tps']}) | **{ratio(jp, jt)}** | {sent} |
 
 **What limits the ratios.** A 2-rank step makes {est['n_activation']} all-reduces of {act_mib:.0f} MiB
 (tokens × hidden: the outputs of o and down, the input gradients of q,k,v and gate,up, per layer) and
@@ -285,9 +298,8 @@ socket during a job — `ss -tinp` bytes_sent, sampled every 0.2 s — where thi
 lm_head and its gradient, the LoRA factors A of q,k,v,gate,up and B of o,down — {est['replicated_share'] * 100:.1f}%
 of the step's {est['gflop']:.1f} GFLOP, which caps 2 ranks at {est['ideal_ratio']:.2f}× one rank even with free
 communication (embeddings, norms, softmax and the optimizer of the replicated factors are repeated too,
-uncounted here). The TCP job against the threaded job adds the loopback cost (the difference of the
-two estimates, {(est['tcp_comm_s'] - est['thread_comm_s']) * 1e3:.1f} ms per step) and the kernel's copies
-through the socket, which compete with the two ranks for the same 2 cores.
+uncounted here); one rank with 2 OpenMP threads splits every product instead and repeats nothing.
+{tcp_vs_threads}
 {END}"""
     old = path.read_text() if path.exists() else "# Benchmark results\n"
     head, found, rest = old.partition(BEGIN)
@@ -300,7 +312,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8, help="steps per `loranull train` run")
     ap.add_argument("--job-examples", type=int, default=48, help="examples of the server job (one epoch)")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--results", default=str(ROOT / "tests" / "bench" / "RESULTS.md"))
     args = ap.parse_args()
     res = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": platform_cpu(), "steps": args.steps,
