@@ -369,6 +369,13 @@ static void check_two_ranks(const char *method, unsigned targets, int recompute)
     assert_true(one.weights < whole.weights && one.covariances == 0 && one.bases == 0 && one.gathered_adapter == 0);
     assert_true(both.covariances == whole.covariances);
     assert_true(both.gathered_adapter == (k[0].r > 0 ? whole.adapter : 0)); /* full: nothing gathered */
+    if (k[0].r == 0) { /* full fine-tuning's drift copies: each rank its blocks of W0, together the whole */
+        q.drift = 1;
+        ln_memplan_estimate(&q, &whole);
+        q.ranks = R;
+        ln_memplan_estimate(&q, &both);
+        assert_true(whole.drift > 0 && both.drift == whole.drift);
+    }
     assert_true(both.calib_gather == 2 * one.calib_gather && one.calib_gather > 0);
     printf("  %s, 2 ranks, recompute %d: rank 0 weights %.0f adapter %.0f AdamW %.0f activations %.0f, rank 1 "
            "weights %.0f adapter %.0f (1 rank: weights %.0f) — as allocated\n",

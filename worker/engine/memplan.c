@@ -193,8 +193,9 @@ void ln_memplan_estimate(const ln_memplan_req *q0, ln_memplan *p) {
     p->init_scratch = full ? 0 : H * init_scratch(&q, dmax);
     /* rank 0 of several: the whole adapter (gathered; checkpoints, drift, export) */
     if (!full && R > 1 && root) p->gathered_adapter = whole.adapter;
-    /* the tracker's W0 copies (a full fine-tune's drift on shards is not tracked) */
-    p->drift = q.drift && full && q.calibrate && R == 1 ? whole.linear : 0;
+    /* full fine-tuning: the drift tracker's copy of every original weight — on ranks, each its own
+     * blocks (tensor_parallel.h's ln_tp_drift for a full fine-tune) */
+    p->drift = q.drift && full && q.calibrate ? H * one.linear : 0;
 
     const double held = p->weights + p->data;
     /* calibration: each sum becomes its covariance in place (calibrate.c), so one set */

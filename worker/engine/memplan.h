@@ -31,8 +31,9 @@
  * shard (the residual stream whole); calibration's forward runs on the shard and every rank gathers
  * one window's row-parallel inputs (o's, down's: its block, every rank's, the whole rows). Rank 0
  * alone holds the whole covariances (and their scratch), the bases and the gathered whole adapter.
- * Full fine-tuning on ranks: each rank its shard, its gradients and AdamW moments (no drift
- * tracker; rank 0 writes checkpoints and the export one gathered tensor at a time, not counted). */
+ * Full fine-tuning on ranks: each rank its shard, its gradients and AdamW moments, and for the
+ * drift tracker a copy of its own blocks of W0 (rank 0 writes checkpoints and the export one
+ * gathered tensor at a time, not counted). */
 #ifndef LN_MEMPLAN_H
 #define LN_MEMPLAN_H
 
