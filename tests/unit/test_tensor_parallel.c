@@ -847,6 +847,18 @@ static double model_diff(const char *a, const char *b)
     return worst;
 }
 
+/* The CASE_FULL model saved into dir (a mkdtemp template), for ranks to load their shards from. */
+static void save_full_model(char *dir)
+{
+    ln_err e = {{0}};
+    ln_model *m;
+    ln_adapter ad;
+    assert_non_null(mkdtemp(dir));
+    build_full(CASE_FULL, &m, &ad);
+    assert_int_equal(ln_model_save(m, dir, ST_F32, &e), 0);
+    ln_model_free(m);
+}
+
 /* Full fine-tuning on R shard-only ranks (ln_tp_load_shard, ln_tp_adapter_init "full",
  * ln_tp_train_shard): the final model and checkpoints are written by rank 0 one gathered tensor at
  * a time, and
@@ -860,12 +872,9 @@ static void check_full_on_shards(int R, int R2)
 {
     ln_err e = {{0}};
     char dir[] = "/tmp/loranull-tpfull-XXXXXX", a[160], b[160], ck[200], f1[400], f2[400], cmd[200];
-    assert_non_null(mkdtemp(dir));
+    save_full_model(dir);
     ln_model *m;
     ln_adapter ad;
-    build_full(CASE_FULL, &m, &ad);
-    assert_int_equal(ln_model_save(m, dir, ST_F32, &e), 0);
-    ln_model_free(m);
     ln_dataset *ds = make_dataset();
     /* the new path, uninterrupted */
     snprintf(a, sizeof a, "%s/a", dir);
@@ -932,6 +941,94 @@ static void check_full_on_shards(int R, int R2)
 
 static void test_full_on_shards_2(void **s) { (void)s; check_full_on_shards(2, 4); }
 static void test_full_on_shards_4(void **s) { (void)s; check_full_on_shards(4, 2); }
+
+/* ---- full fine-tuning's knowledge drift on shards ---- */
+
+typedef struct { const char *dir; cov_mats *cov; json_t *row; } full_drift_ctx;
+
+static void scale_weights(ln_model *m)
+{
+    for (int l = 0; l < m->cfg.num_layers; l++)
+        for (int t = 0; t < LN_NTARGET; t++)
+            for (int64_t k = 0; k < m->layers[l].lin[t].n; k++) {
+                float *w = &m->layers[l].lin[t].w[k];
+                *w += 10.0f * *w * fabsf(*w); /* elementwise, not proportional to W: the ratio depends on C */
+            }
+}
+
+static int full_drift_rank(ln_comm *c, void *p, ln_err *e)
+{
+    full_drift_ctx *x = p;
+    ln_model *shard, *shape;
+    if (ln_tp_load_shard(x->dir, lnb_cpu(), c, &shard, e)) return -1;
+    shape = ln_tp_whole_shape(shard);
+    ln_adapter sad, w;
+    ln_adapter_opts ao = {.method = "full"};
+    ln_tp_drift *d = NULL;
+    int rc = ln_tp_adapter_init(shard, shape, &ao, 1, &sad, c->rank == 0 ? &w : NULL, NULL, e);
+    if (rc == 0) rc = ln_tp_drift_new(shard, &sad, NULL, NULL, cov_of, x->cov, &d, e);
+    scale_weights(shard); /* "trained": every element of every block moved by a function of itself */
+    if (rc == 0) {
+        x->row = json_object();
+        rc = ln_tp_drift_measure_full(d, shard, x->row, e);
+    }
+    ln_tp_drift_free(d);
+    ln_model_free(shape);
+    ln_model_free(shard);
+    return rc;
+}
+
+/* The drift of a full fine-tune on R shard-only ranks (each keeping its W0 blocks, ΔW gathered one
+ * weight at a time) equals the whole model's tracker, every module, bit for bit. */
+static void check_full_drift(int R)
+{
+    ln_err e = {{0}};
+    char dir[] = "/tmp/loranull-tpfdrift-XXXXXX", cmd[128];
+    save_full_model(dir);
+    ln_model *m;
+    ln_adapter ad;
+    assert_int_equal(ln_model_load(dir, lnb_cpu(), &m, &e), 0);
+    cov_mats cm;
+    make_covs(m, &cm);
+    ln_adapter_opts ao = {.method = "full"};
+    assert_int_equal(ln_adapter_init(m, &ad, &ao, &e), 0);
+    ln_drift_tracker *tr;
+    assert_int_equal(ln_drift_tracker_new(m, &ad, cov_of, &cm, &tr, &e), 0);
+    scale_weights(m);
+    json_t *ref = json_object();
+    assert_int_equal(ln_drift_tracker_measure(tr, m, &ad, ref, &e), 0);
+    full_drift_ctx x[4];
+    void *ptrs[4];
+    for (int r = 0; r < R; r++) {
+        x[r] = (full_drift_ctx){.dir = dir, .cov = &cm};
+        ptrs[r] = &x[r];
+    }
+    if (comm_thread_run(R, full_drift_rank, ptrs, &e)) fail_msg("full drift on %d ranks: %s", R, e.msg);
+    json_t *got = json_object_get(x[0].row, "knowledge_drift");
+    assert_int_equal(json_object_size(got), NLAYERS * LN_NTARGET);
+    assert_int_equal(json_object_size(json_object_get(ref, "knowledge_drift")), NLAYERS * LN_NTARGET);
+    const char *k;
+    json_t *v;
+    json_object_foreach(json_object_get(ref, "knowledge_drift"), k, v) {
+        assert_non_null(json_object_get(got, k));
+        assert_true(json_number_value(json_object_get(got, k)) == json_number_value(v));
+    }
+    double mean = json_number_value(json_object_get(x[0].row, "knowledge_drift_mean"));
+    printf("  full fine-tuning's drift on %d shard-only ranks: %zu modules bitwise the whole tracker's (mean %.4e)\n",
+           R, json_object_size(got), mean);
+    assert_true(mean == json_number_value(json_object_get(ref, "knowledge_drift_mean")));
+    assert_true(mean > 0);
+    for (int r = 0; r < R; r++) json_decref(x[r].row);
+    json_decref(ref);
+    ln_drift_tracker_free(tr);
+    free_covs(&cm);
+    ln_model_free(m);
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
+static void test_full_drift_2_ranks(void **s) { (void)s; check_full_drift(2); }
+static void test_full_drift_4_ranks(void **s) { (void)s; check_full_drift(4); }
 
 /* ---- a rank that holds only its shard: init, drift and resume without the whole model ---- */
 
@@ -1568,7 +1665,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_shard_config_errors), cmocka_unit_test(test_load_shard_equals_cut),
         cmocka_unit_test(test_shard_only_ranks), cmocka_unit_test(test_full_on_shards_2),
-        cmocka_unit_test(test_full_on_shards_4),
+        cmocka_unit_test(test_full_on_shards_4), cmocka_unit_test(test_full_drift_2_ranks),
+        cmocka_unit_test(test_full_drift_4_ranks),
         cmocka_unit_test(test_lora_2_ranks),   cmocka_unit_test(test_lora_4_ranks),
         cmocka_unit_test(test_null_v2_2_ranks), cmocka_unit_test(test_null_v2_4_ranks),
         cmocka_unit_test(test_full_2_ranks),   cmocka_unit_test(test_full_4_ranks),

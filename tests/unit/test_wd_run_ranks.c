@@ -47,6 +47,7 @@ static const char *SPEC =
 
 static char g_root[64];
 static const char *g_spec, *g_model = "model"; /* what proc_init runs (NULL: SPEC) */
+static int g_calib;                               /* calibrate (and track drift) on the training file */
 
 /* A random model of config json, saved as g_root/name. */
 static int save_model(const char *json, const char *name, uint64_t seed)
@@ -115,6 +116,7 @@ static void proc_init(proc *x, const char *name, ln_comm *comm, int rank, const 
     snprintf(r->train_path, sizeof r->train_path, "%s/train.jsonl", g_root);
     snprintf(r->cache_dir, sizeof r->cache_dir, "%s/%s-cache", g_root, name);
     snprintf(r->resume, sizeof r->resume, "%s", resume ? resume : "");
+    if (g_calib) snprintf(r->calib_path, sizeof r->calib_path, "%s", r->train_path);
     r->world = 2;
     r->comm = comm;
     r->rank = rank;
@@ -393,9 +395,10 @@ static void test_each_rank_holds_half_the_weights(void **state)
     g_model = "model";
 }
 
-/* Full fine-tuning, the same way: every weight, its gradient and its two AdamW moments are split
- * over the ranks (embeddings, norms and lm_head replicated); checkpoints and the merged export
- * are written by rank 0 one gathered tensor at a time, outside the backend (host: one tensor).
+/* Full fine-tuning, the same way (calibrated: knowledge drift at eval points): every weight, its
+ * gradient and its two AdamW moments are split over the ranks (embeddings, norms and lm_head
+ * replicated); checkpoints, the drift's ΔW and the merged export are gathered by rank 0 one tensor
+ * at a time, outside the backend (host: one tensor; each rank's W0 blocks for the drift, host).
  * Each rank's peak must be half the layers' weight-sized state plus no more than the 1-rank job's
  * other bytes; and the gang's exported model is the threads' job's, byte for byte. */
 static void test_full_rank_holds_half_the_weights(void **state)
@@ -404,15 +407,32 @@ static void test_full_rank_holds_half_the_weights(void **state)
     g_spec = "{\"model\":\"tiny\",\"training_file\":\"file-train\",\"seed\":7,"
              "\"hyperparameters\":{\"n_epochs\":1,\"batch_size\":2,\"learning_rate\":0.001,\"save_interval\":4,"
              "\"eval_interval\":4},"
-             "\"adapter\":{\"type\":\"full\"},"
+             "\"adapter\":{\"type\":\"full\",\"calibration\":{\"samples\":8,\"max_length\":16}},"
              "\"resources\":{\"ranks\":2,\"device\":\"cpu\"}}";
     proc one, g[2], ref;
+    g_calib = 1;
     run_counted("full", &one, g);
     proc_init(&ref, "full-threads", NULL, 0, NULL);
     assert_int_equal(wd_run_start(&ref.r), 0);
     wait_done(&ref, 1);
     if (ref.r.status != WD_RUN_OK) fail_msg("threads: %s", ref.r.err_msg);
+    g_calib = 0;
     assert_same_file(ref.r.export_dir, g[0].r.export_dir, "model.safetensors");
+    /* rank 0 reported what the 1-rank job did: every step, the evaluations, the drift at eval points */
+    size_t ev1, pt1, ev0, pt0, evt, ptt;
+    wd_outbox_size(&one.out, &ev1, &pt1);
+    wd_outbox_size(&g[0].out, &ev0, &pt0);
+    wd_outbox_size(&ref.out, &evt, &ptt);
+    printf("  full fine-tuning with drift: rank 0 %zu events, %zu metric points (1 rank: %zu, %zu; threads: %zu, %zu)\n",
+           ev0, pt0, ev1, pt1, evt, ptt);
+    assert_int_equal(pt0, pt1);
+    assert_int_equal(pt0, ptt);
+    assert_int_equal(ev0, evt);
+    size_t ns;
+    char *summary = read_all(g[0].r.export_dir, "eval_summary.json", &ns);
+    assert_non_null(strstr(summary, "\"knowledge_drift\"")); /* measured on the shards */
+    free(summary);
+    assert_same_file(ref.r.export_dir, g[0].r.export_dir, "eval_summary.json"); /* the threads' drift, bitwise */
     assert_same_file(ref.r.export_dir, g[0].r.export_dir, "config.json");
     assert_true(exists_under(g[0].r.dir, "out/checkpoints/step-000004/state.safetensors"));
     assert_false(exists_under(g[1].r.dir, "out/checkpoints"));

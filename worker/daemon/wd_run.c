@@ -634,9 +634,11 @@ static void tp_on_row(json_t *row, void *ctx) {
         if (rc == 0 && root_of(k)) json_object_set_new(row, "val_loss", json_real(loss));
     }
     if (rc == 0 && k->drift && (last || step % r->drift_every == 0)) {
-        rc = ln_tp_gather(k->shard, &k->sad, NULL, root_of(k) ? &k->whole : NULL, &e);
+        /* full fine-tuning: ΔW gathered one weight at a time (collective); an adapter: gathered whole */
+        if (k->sad.full) rc = ln_tp_drift_measure_full(k->drift, k->shard, row, &e);
+        else rc = ln_tp_gather(k->shard, &k->sad, NULL, root_of(k) ? &k->whole : NULL, &e);
         if (rc == 0 && root_of(k)) {
-            rc = ln_tp_drift_measure(k->drift, k->shape, &k->whole, row, &e);
+            if (!k->sad.full) rc = ln_tp_drift_measure(k->drift, k->shape, &k->whole, row, &e);
             if (rc == 0) {
                 p->drift_mean = json_number_value(json_object_get(row, "knowledge_drift_mean"));
                 p->drift_max = json_number_value(json_object_get(row, "knowledge_drift_max"));
@@ -709,8 +711,7 @@ static int tp_load_and_init(tp_rank *k) {
                                   "Initialised the %s adapter (rank %d, alpha %g) in %.2f s",
                                   method, k->sad.rank, (double)k->sad.alpha, ln_now_s() - t0);
     }
-    /* (a full fine-tune's drift on shards is not tracked: see worker/backend/comm/README.md) */
-    if (calibrated(r) && !k->sad.full &&
+    if (calibrated(r) &&
         ln_tp_drift_new(k->shard, &k->sad, k->shape, root ? &k->whole : NULL, ln_calibration_covariance,
                         root ? (void *)k->calib : NULL, &k->drift, &e) != 0)
         return rank_fail(k, "initialization_failed", 0, &e);

@@ -9,6 +9,7 @@
 
 #include "common/safetensors.h"
 #include "common/util.h"
+#include "worker/backend/backend.h"
 #include "worker/engine/drift.h"
 #include "worker/engine/lora_init.h"
 #include "worker/engine/nullspace.h"
@@ -1106,7 +1107,111 @@ int ln_tp_load_checkpoint(ln_model *shard, ln_model *shape, const char *path, ln
 struct ln_tp_drift {
     int layers;
     ln_drift_tracker **per; /* rank 0: one tracker per layer (NULL where nothing is tracked) */
+    /* full fine-tuning (per NULL): every rank's own block of each original W0 (host, L·LN_NTARGET),
+     * rank 0's denominators tr(W0 C W0ᵀ) and covariances */
+    float **w0;
+    double *den;
+    const double **C;
 };
+
+/* ---- full fine-tuning: ΔW = W − W0 of every weight, each rank keeping only its W0 blocks */
+
+static int full_drift_new(ln_model *shard, ln_covariance_fn cov, void *cov_ctx, ln_tp_drift *d, ln_err *e)
+{
+    ln_comm *c = shard->comm;
+    int root = c->rank == 0, L = shard->cfg.num_layers, rc = 0;
+    d->w0 = ln_xcalloc((size_t)L * LN_NTARGET, sizeof *d->w0);
+    d->den = ln_xcalloc((size_t)L * LN_NTARGET, sizeof *d->den);
+    d->C = ln_xcalloc((size_t)L * LN_NTARGET, sizeof *d->C);
+    for (int i = 0; i < L * LN_NTARGET && rc == 0; i++) {
+        int l = i / LN_NTARGET;
+        ln_target t = (ln_target)(i % LN_NTARGET);
+        ln_param *W = &shard->layers[l].lin[t];
+        ln_tp_split sp = ln_tp_param_split(shard, NULL, W);
+        float *whole = NULL;
+        if (!(d->w0[i] = ln_try_allocf((size_t)W->n, sizeof(float), e, "knowledge drift",
+                                       "this rank's block of the original weight %s", W->name)))
+            rc = -1;
+        if (rc == 0 && root && !(d->C[i] = cov(cov_ctx, l, ln_target_input(t))))
+            rc = ln_errf(e, "knowledge drift: no covariance for layer %d %s (calibrate with its input)", l,
+                         ln_target_module(t));
+        if (rc == 0 && root && !(whole = ln_try_allocf((size_t)ln_tp_whole_numel(W, sp, c->size), sizeof(float), e,
+                                                       "knowledge drift", "the whole original weight %s", W->name)))
+            rc = -1;
+        if (rc) {
+            comm_abort(c); /* the others are about to gather */
+            break;
+        }
+        shard->be->download(d->w0[i], W->w, (size_t)W->n * sizeof(float));
+        rc = ln_tp_gather_tensor(c, shard->be, W, sp, W->w, whole, e);
+        int rows = W->rows * (sp == LN_TP_ROWS ? c->size : 1), cols = W->cols * (sp == LN_TP_COLS ? c->size : 1);
+        if (rc == 0 && root && ln_drift_quad_dense(whole, rows, cols, d->C[i], &d->den[i], e)) {
+            comm_abort(c);
+            rc = ln_err_prefix(e, "knowledge drift, layer %d %s", l, ln_target_module(t));
+        }
+        free(whole);
+    }
+    return rc;
+}
+
+int ln_tp_drift_measure_full(ln_tp_drift *d, ln_model *shard, json_t *row, ln_err *e)
+{
+    ln_comm *c = shard->comm;
+    int root = c->rank == 0, rc = 0;
+    if (!d->w0) {
+        comm_abort(c);
+        return ln_errf(e, "tensor-parallel drift: the tracker is not a full fine-tune's");
+    }
+    json_t *per = root ? json_object() : NULL;
+    double sum = 0, mx = 0;
+    int n = 0;
+    for (int i = 0; i < d->layers * LN_NTARGET && rc == 0; i++) {
+        int l = i / LN_NTARGET;
+        ln_target t = (ln_target)(i % LN_NTARGET);
+        ln_param *W = &shard->layers[l].lin[t];
+        ln_tp_split sp = ln_tp_param_split(shard, NULL, W);
+        int rows = W->rows * (sp == LN_TP_ROWS ? c->size : 1), cols = W->cols * (sp == LN_TP_COLS ? c->size : 1);
+        /* this rank's block of ΔW (host), gathered whole onto rank 0: one weight at a time */
+        float *dw = ln_try_allocf((size_t)W->n, sizeof(float), e, "knowledge drift", "this rank's block of ΔW of %s",
+                                  W->name);
+        float *whole = dw && root ? ln_try_allocf((size_t)rows * cols, sizeof(float), e, "knowledge drift",
+                                                  "the whole ΔW of %s", W->name)
+                                  : NULL;
+        if (!dw || (root && !whole)) {
+            comm_abort(c);
+            rc = -1;
+        }
+        if (rc == 0) {
+            shard->be->download(dw, W->w, (size_t)W->n * sizeof(float));
+            for (int64_t k = 0; k < W->n; k++) dw[k] -= d->w0[i][k];
+            rc = ln_tp_gather_tensor(c, lnb_cpu(), W, sp, dw, whole, e);
+        }
+        double num = 0;
+        if (rc == 0 && root && ln_drift_quad_dense(whole, rows, cols, d->C[i], &num, e)) {
+            comm_abort(c);
+            rc = ln_err_prefix(e, "knowledge drift, layer %d %s", l, ln_target_module(t));
+        }
+        if (rc == 0 && root) {
+            double v = ln_drift_ratio(num, d->den[i]);
+            char name[160];
+            snprintf(name, sizeof name, "model.layers.%d.%s", l, ln_target_module(t));
+            json_object_set_new(per, name, json_real(v));
+            sum += v;
+            mx = v > mx ? v : mx;
+            n++;
+        }
+        free(dw);
+        free(whole);
+    }
+    if (rc || !root) {
+        json_decref(per);
+        return rc;
+    }
+    json_object_set_new(row, "knowledge_drift", per);
+    json_object_set_new(row, "knowledge_drift_mean", json_real(n ? sum / n : 0.0));
+    json_object_set_new(row, "knowledge_drift_max", json_real(mx));
+    return 0;
+}
 
 /* Layer `l` alone, as a one-layer model and adapter, so that a tracker of it holds that layer's
  * denominators while only that layer's whole W0 is in memory. */
@@ -1134,12 +1239,20 @@ int ln_tp_drift_new(ln_model *shard, const ln_adapter *sad, ln_model *shape, con
     ln_comm *c = shard->comm;
     int root = c->rank == 0, L = shard->cfg.num_layers, rc = 0;
     *out = NULL;
-    if (root && !whole_ad) {
+    if (root && !whole_ad && !sad->full) {
         comm_abort(c);
         return ln_errf(e, "tensor-parallel drift: rank 0 has no whole adapter");
     }
     ln_tp_drift *d = ln_xcalloc(1, sizeof *d);
     d->layers = L;
+    if (sad->full) {
+        if (full_drift_new(shard, cov, cov_ctx, d, e)) {
+            ln_tp_drift_free(d);
+            return -1;
+        }
+        *out = d;
+        return 0;
+    }
     d->per = ln_xcalloc((size_t)L, sizeof *d->per);
     float *w[LN_NTARGET] = {0};
     for (int l = 0; l < L && rc == 0; l++) {
@@ -1187,6 +1300,8 @@ int ln_tp_drift_new(ln_model *shard, const ln_adapter *sad, ln_model *shape, con
 
 int ln_tp_drift_measure(ln_tp_drift *d, ln_model *shape, const ln_adapter *whole_ad, json_t *row, ln_err *e)
 {
+    if (!d->per) return ln_errf(e, "tensor-parallel drift: a full fine-tune's drift is measured on every rank "
+                                   "(ln_tp_drift_measure_full)");
     json_t *per = json_object();
     double sum = 0, mx = 0;
     int64_t n = 0;
@@ -1225,7 +1340,11 @@ int ln_tp_drift_measure(ln_tp_drift *d, ln_model *shape, const ln_adapter *whole
 void ln_tp_drift_free(ln_tp_drift *d)
 {
     if (!d) return;
-    for (int l = 0; l < d->layers; l++) ln_drift_tracker_free(d->per[l]);
+    for (int l = 0; d->per && l < d->layers; l++) ln_drift_tracker_free(d->per[l]);
+    for (int i = 0; d->w0 && i < d->layers * LN_NTARGET; i++) free(d->w0[i]);
     free(d->per);
+    free(d->w0);
+    free(d->den);
+    free(d->C);
     free(d);
 }

@@ -221,11 +221,17 @@ int ln_tp_train_shard(ln_model *shard, ln_adapter *sad, ln_model *full, ln_adapt
  * adapter shard (which targets are tracked); whole_ad and shape: rank 0's (NULL elsewhere).
  * *out on every rank (the others' is empty). ln_tp_drift_measure, on rank 0 only, adds to row what
  * ln_drift_tracker_measure adds ("knowledge_drift" per module, its mean and max) for whole_ad —
- * gather the trained shards into it first (ln_tp_gather). Full fine-tuning is not tracked here. */
+ * gather the trained shards into it first (ln_tp_gather).
+ * Full fine-tuning (sad->full; shape and whole_ad unused): every weight is tracked; each rank keeps
+ * a host copy of its own blocks of the original W0 (1/R of the model), rank 0 the denominators,
+ * from each W0 gathered whole one weight at a time. ln_tp_drift_measure_full is collective: each
+ * rank's block of ΔW = W − W0 is gathered whole onto rank 0 one weight at a time, and rank 0 adds to
+ * row what ln_drift_tracker_measure adds for a full fine-tune — the same numbers, bit for bit. */
 typedef struct ln_tp_drift ln_tp_drift;
 int ln_tp_drift_new(ln_model *shard, const ln_adapter *sad, ln_model *shape, const ln_adapter *whole_ad,
                     ln_covariance_fn cov, void *cov_ctx, ln_tp_drift **out, ln_err *e);
 int ln_tp_drift_measure(ln_tp_drift *d, ln_model *shape, const ln_adapter *whole_ad, json_t *row, ln_err *e);
+int ln_tp_drift_measure_full(ln_tp_drift *d, ln_model *shard, json_t *row, ln_err *e);
 void ln_tp_drift_free(ln_tp_drift *d);
 
 /* ln_tp_train_rank on `ranks` threads (the thread backend), each rank a thread of this process
