@@ -57,10 +57,10 @@ typedef struct wd_run {
      * whole adapter gathered from the shards, for checkpoints, the drift tracker (its denominators
      * from W0 gathered one layer at a time) and the PEFT export. pissa, milora and corda (an SVD
      * of each whole weight) initialise one weight at a time: rank 0 gathers it, runs the 1-rank
-     * init, and every rank keeps its blocks (bitwise the 1-rank init). Full fine-tuning on
-     * ranks keeps a whole model on every rank (rank 0's checkpoints and merged export gather every
-     * weight into it; ln_tp_train_rank, which first checks that the ranks agree on data, options
-     * and weights).
+     * init, and every rank keeps its blocks (bitwise the 1-rank init). Full fine-tuning runs on
+     * the shards too: every rank trains its blocks of every weight; rank 0 writes the checkpoints
+     * and the merged export one gathered tensor at a time (the 1-rank files, byte for byte), a
+     * resume reads only each rank's blocks, and the drift's ΔW is gathered one weight at a time.
      * Then:
      *  - rank 0 reports for the job: every event and metric point, the before/after evaluation,
      *    drift and validation at eval points, the checkpoints (wd_run_take_checkpoint), the

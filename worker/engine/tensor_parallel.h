@@ -149,7 +149,8 @@ int ln_tp_check_same(ln_comm *c, ln_model *full, ln_adapter *ad, const ln_datase
  * same way on every rank: ln_tp_check_same verifies it first), the same data and the same options.
  * The rank shards both, runs ln_train on its shard (the same seeded data order on every rank),
  * and at the end the trained shards are gathered back into rank 0's full_ad (full's weights for
- * full fine-tuning); the other ranks' full/full_ad are left as they were.
+ * full fine-tuning, after rank 0 wrote out_dir's model from the shards); the other ranks'
+ * full/full_ad are left as they were.
  *  - Rank 0 reports: on_row, progress, and with out_dir metrics.jsonl, the checkpoints and the
  *    final adapter (or model). The other ranks write nothing (their out_dir only says that
  *    checkpoints are taken: pass the same options everywhere) and res->last_checkpoint stays "".
@@ -188,7 +189,8 @@ ln_model *ln_tp_whole_shape(const ln_model *shard);
  *    runs ln_init_layer on it (the call ln_adapter_init makes) and broadcasts A, B and
  *    W0 − scale·B A; every rank keeps its blocks — bitwise the whole-model init. Transient memory
  *    on every rank: one whole weight and its factors. corda's covariances: rank 0's.
- *  - full: refused with a sentence (full fine-tuning on ranks goes through ln_tp_train_rank).
+ *  - full: ln_adapter_init on the shard (every block of every weight trains); rank 0's whole_ad
+ *    is the flag alone (full = 1, no factors).
  * *eigensolves (may be NULL): this rank's count. On failure the group is aborted. */
 int ln_tp_adapter_init(ln_model *shard, ln_model *shape, const ln_adapter_opts *o, int cov_everywhere,
                        ln_adapter *sad, ln_adapter *whole_ad, int *eigensolves, ln_err *e);
@@ -198,18 +200,22 @@ int ln_tp_adapter_init(ln_model *shard, ln_model *shape, const ln_adapter_opts *
  * subtracts scale·B0 A0's block from its own W0 block; rank 0 keeps the whole adapter in whole_ad
  * (NULL on the others). Transient memory: one weight of the whole model's largest shape (the
  * residual ln_train_load_checkpoint applies to `shape` lands there, unread). A full fine-tune's
- * checkpoint is refused. Not collective. */
+ * checkpoint: each rank reads only its blocks of every weight from the mapped file (no whole
+ * weight in memory); whole_ad is the flag alone. Not collective. */
 int ln_tp_load_checkpoint(ln_model *shard, ln_model *shape, const char *path, ln_adapter *sad, ln_adapter *whole_ad,
                           ln_err *e);
 
 /* ln_tp_train_rank for a rank that already holds its shard and adapter shard (from
  * ln_tp_load_shard and ln_tp_adapter_init / ln_tp_load_checkpoint), collective. full/full_ad:
  * on rank 0, what checkpoints, eval points and the end gather into (an adapter: ln_tp_whole_shape
- * and the whole adapter suffice; full fine-tuning: the whole model); NULL on the other ranks.
+ * and the whole adapter suffice); NULL on the other ranks. Full fine-tuning gathers nothing whole:
+ * each checkpoint (weights, then AdamW moments) and out_dir's final model are written by rank 0
+ * one gathered tensor at a time (ln_tp_write_gathered: the one-rank files, byte for byte), so
+ * full/full_ad may be NULL there too (opts->eval, which needs the whole model, then may not be set).
  * on_row is called on every rank that passes one (ln_tp_train_rank passes rank 0's only), after
  * opts->eval (rank 0) and before the step's checkpoint — an on_row on every rank may run
  * collectives (an eval on the shards), the same ones on every rank. Rank 0 writes out_dir's final
- * adapter. On any failure the group is aborted. */
+ * adapter (or model). On any failure the group is aborted. */
 int ln_tp_train_shard(ln_model *shard, ln_adapter *sad, ln_model *full, ln_adapter *full_ad, const ln_dataset *ds,
                       const ln_train_opts *opts, ln_train_result *res, ln_err *e);
 
