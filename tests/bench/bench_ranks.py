@@ -204,14 +204,21 @@ def run_job(srv, key, token, td, train_id, split, rnd):
 # ---------------------------------------------------------------- report
 
 def ratio(a, b):
-    """a's throughput over b's: of the medians (of the best steps)."""
-    return f"{a['median_tps'] / b['median_tps']:.2f}× ({a['best_tps'] / b['best_tps']:.2f}×)"
+    """a's throughput over b's (best runs' medians)."""
+    return f"{a['tps'] / b['tps']:.2f}×"
 
 
-def summary(secs):
+def summary(runs):
+    """runs: each run's timed step seconds. Each run's median step; the configuration's figure is its best
+    run (other jobs on the machine only ever slow a run down), with every run's median kept to show the noise."""
     tokens = SEQ * BATCH
-    return {"median_tps": round(tokens / statistics.median(secs), 1), "best_tps": round(tokens / min(secs), 1),
-            "median_step_s": round(statistics.median(secs), 4), "steps_timed": len(secs)}
+    med = [statistics.median(r) for r in runs]
+    return {"tps": round(tokens / min(med), 1), "median_step_s": round(min(med), 4),
+            "runs_tps": [round(tokens / m) for m in med], "steps_timed": sum(len(r) for r in runs)}
+
+
+def runs_cell(x):
+    return " / ".join(f"{v:,}" for v in x["runs_tps"])
 
 
 def write_results(path, r):
@@ -252,9 +259,9 @@ Measured {r['when']} by `.venv/bin/python tests/bench/bench_ranks.py --steps {r[
 builds and tests: `uptime` before: `{r['uptime_before']}`; after: `{r['uptime_after']}`; load average (1 min)
 while each part ran: comm {r['load']['comm']:.2f}, train {r['load']['train']:.2f}, jobs {r['load']['jobs']:.2f}.
 Every rank runs 1 OpenMP/BLAS thread (OMP_NUM_THREADS = OPENBLAS_NUM_THREADS = 1) except the
-1 rank × 2 threads row, so each 2-way figure uses both cores. Throughput = the median timed step
-(best step in brackets); the first step of every run is not timed; configurations alternate over
-{r['rounds']} rounds so they see the same load.
+1 rank × 2 threads row, so each 2-way figure uses both cores. The first step of every run is not
+timed; configurations alternate over {r['rounds']} rounds; a run's throughput is its median step, and a
+configuration's figure is its best run (other jobs only slow a run down; every run's figure is listed).
 
 Model: LLaMA-shaped, 4 layers, hidden 512, 8 heads / 4 kv, intermediate 1408, vocab 1024 (`loranull model
 new`, seed 1), seq {SEQ} × batch {BATCH} = {SEQ * BATCH} tokens per step (random ids), LoRA rank {RANK} (alpha {ALPHA})
@@ -272,19 +279,19 @@ process; tcp = 2 processes on 127.0.0.1, comm_tcp.c). Size = bytes each rank con
 **2. `loranull train`, one process** ({r['steps']} steps per run, {t11['steps_timed']} timed steps per configuration;
 final losses {r['losses']} — the ranks reproduce one rank's loss):
 
-| configuration | tok/s, median (best) | ratio to 1 rank × 1 thread, medians (bests) | ratio to 1 rank × 2 threads, medians (bests) |
-|---|---|---|---|
-| 1 rank × 1 thread | {t11['median_tps']} ({t11['best_tps']}) | 1.00× | {ratio(t11, t12)} |
-| 1 rank × 2 threads (OpenMP split of every product) | {t12['median_tps']} ({t12['best_tps']}) | {ratio(t12, t11)} | 1.00× |
-| `--ranks 2` × 1 thread (thread backend) | **{t21['median_tps']}** ({t21['best_tps']}) | **{ratio(t21, t11)}** | **{ratio(t21, t12)}** |
+| configuration | tok/s (best run) | each run, tok/s | ratio to 1 rank × 1 thread | ratio to 1 rank × 2 threads |
+|---|---|---|---|---|
+| 1 rank × 1 thread | {t11['tps']} | {runs_cell(t11)} | 1.00× | {ratio(t11, t12)} |
+| 1 rank × 2 threads (OpenMP split of every product) | {t12['tps']} | {runs_cell(t12)} | {ratio(t12, t11)} | 1.00× |
+| `--ranks 2` × 1 thread (thread backend) | **{t21['tps']}** | {runs_cell(t21)} | **{ratio(t21, t11)}** | **{ratio(t21, t12)}** |
 
 **3. One job with `resources.ranks = 2` through the server** (loranull-server + loranull-worker, plain
 LoRA, {j['steps']} steps per job, {jt['steps_timed']} timed steps per configuration):
 
-| where the 2 ranks run | tok/s, median (best) | ratio, medians (bests) | rank 1's comm bytes sent over the job |
-|---|---|---|---|
-| one worker `--ranks 2` (threads) | {jt['median_tps']} ({jt['best_tps']}) | 1.00× | — |
-| two workers, one rank each (TCP over loopback) | **{jp['median_tps']}** ({jp['best_tps']}) | **{ratio(jp, jt)}** | {sent} |
+| where the 2 ranks run | tok/s (best run) | each run, tok/s | ratio | rank 1's comm bytes sent over the job |
+|---|---|---|---|---|
+| one worker `--ranks 2` (threads) | {jt['tps']} | {runs_cell(jt)} | 1.00× | — |
+| two workers, one rank each (TCP over loopback) | **{jp['tps']}** | {runs_cell(jp)} | **{ratio(jp, jt)}** | {sent} |
 
 **What limits the ratios.** A 2-rank step makes {est['n_activation']} all-reduces of {act_mib:.0f} MiB
 (tokens × hidden: the outputs of o and down, the input gradients of q,k,v and gate,up, per layer) and
@@ -293,11 +300,11 @@ LoRA, {j['steps']} steps per job, {jt['steps_timed']} timed steps per configurat
 socket during a job — `ss -tinp` bytes_sent, sampled every 0.2 s — where this count predicts {predicted:.1f} MiB:
 {j['steps']} steps plus the worker's task-loss evaluations before and after training, {ev / (1 << 20):.0f} MiB). At the medians of part 1 these take ≈ {est['thread_comm_s'] * 1e3:.1f} ms
 (threads) and ≈ {est['tcp_comm_s'] * 1e3:.1f} ms (TCP) per step, i.e. **{est['thread_share'] * 100:.1f}%** and
-**{est['tcp_share'] * 100:.1f}%** of the measured 2-rank step ({t21['median_step_s'] * 1e3:.0f} ms CLI,
+**{est['tcp_share'] * 100:.1f}%** of the 2-rank step of the best run ({t21['median_step_s'] * 1e3:.0f} ms CLI,
 {jp['median_step_s'] * 1e3:.0f} ms TCP job). Besides communication, every rank repeats the replicated work —
 lm_head and its gradient, the LoRA factors A of q,k,v,gate,up and B of o,down — {est['replicated_share'] * 100:.1f}%
 of the step's {est['gflop']:.1f} GFLOP, which caps 2 ranks at {est['ideal_ratio']:.2f}× one rank even with free
-communication (embeddings, norms, softmax and the optimizer of the replicated factors are repeated too,
+communication (embeddings, norms, the loss's softmax and the optimizer of the replicated factors are repeated too,
 uncounted here); one rank with 2 OpenMP threads splits every product instead and repeats nothing.
 {tcp_vs_threads}
 {END}"""
@@ -343,7 +350,7 @@ def main():
         for rnd in range(args.rounds):
             for k, (ranks, threads) in confs.items():
                 s, loss = train_cli(td, ranks, threads, args.steps, rnd)
-                secs[k] += s
+                secs[k].append(s)
                 losses[k] = round(loss, 4)
                 tl.append(load_now())
                 print(f"bench_ranks: train {k} round {rnd}: {[round(SEQ * BATCH / x) for x in s]} tok/s, "
@@ -361,7 +368,7 @@ def main():
             for rnd in range(args.rounds):
                 for split in (True, False):
                     s, b, loss = run_job(srv, key, token, td, train_id, split, rnd)
-                    jsecs["tcp" if split else "threads"] += s
+                    jsecs["tcp" if split else "threads"].append(s)
                     if b is not None:
                         sent.append(b)
                     jl.append(load_now())
