@@ -242,28 +242,43 @@ def test_out_of_memory_fails_with_what_to_change(env):
 
 
 def test_two_rank_job_on_one_worker_matches_one_rank(env, tmp_path):
-    """resources.ranks=2 on a worker started with --ranks 2: tensor parallel on threads; the adapter
-    equals the one-rank job's up to float rounding (partial sums added in another order)."""
+    """resources.ranks=2 on a worker started with --ranks 2: tensor parallel on threads, each rank
+    holding its shard. lora: the adapter equals the one-rank job's up to float rounding (partial sums
+    added in another order). lora_null_v2 calibrates on the shards, whose covariances differ from a
+    whole-model calibration by rounding (~1e-7), which can turn the null-space basis where two
+    eigenvalues nearly tie: the adapter is then another, equally good one — so the job's losses and
+    knowledge drift are compared, not its bytes (tests/unit/test_tensor_parallel.c compares the init
+    itself on equal covariances)."""
+    import json
+
     from safetensors.numpy import load
 
     env.worker("w2ranks", extra=("--ranks", "2"))
-    jobs = []
-    for ranks in (1, 2):
-        spec = dict(model="tiny-llama", training_file=env.train_id, seed=7,
-                    hyperparameters={"n_epochs": 1, "batch_size": 4, "learning_rate": 0.01},
-                    adapter={"type": "lora_null_v2", "rank": 4,
-                             "calibration": {"file": env.facts_id, "samples": 32, "max_length": 64}},
-                    resources={"ranks": ranks, "device": "cpu"})
-        jobs.append(env.srv.create_job(env.key, **spec))
-    out = []
-    for job in jobs:
+    calib = {"file": env.facts_id, "samples": 32, "max_length": 64}
+    jobs = {}
+    for method in ("lora", "lora_null_v2"):
+        for ranks in (1, 2):
+            spec = dict(model="tiny-llama", training_file=env.train_id, seed=7,
+                        hyperparameters={"n_epochs": 1, "batch_size": 4, "learning_rate": 0.01},
+                        adapter={"type": method, "rank": 4, "calibration": calib},
+                        resources={"ranks": ranks, "device": "cpu"})
+            jobs[method, ranks] = env.srv.create_job(env.key, **spec)
+    out = {}
+    for k, job in jobs.items():
         done = env.srv.wait_status(env.key, job["id"], {"succeeded", "failed"}, timeout=120)
         assert done["status"] == "succeeded", (done["error"], env.workers[0].log())
-        out.append(load(result_files(env.srv, env.key, done)["adapter_model.safetensors"]))
-    assert any("tensor-parallel" in e["message"] for e in events(env.srv, env.key, jobs[1]["id"]))
-    assert out[0].keys() == out[1].keys()
-    for k in out[0]:
-        np.testing.assert_allclose(out[1][k], out[0][k], rtol=1e-3, atol=1e-5, err_msg=k)
+        files = result_files(env.srv, env.key, done)
+        out[k] = (load(files["adapter_model.safetensors"]), json.loads(files["eval_summary.json"]))
+    assert any("tensor-parallel" in e["message"] for e in events(env.srv, env.key, jobs["lora", 2]["id"]))
+    one, two = out["lora", 1][0], out["lora", 2][0]
+    assert one.keys() == two.keys()
+    for k in one:
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-3, atol=1e-5, err_msg=k)
+    a, b = out["lora_null_v2", 1][1], out["lora_null_v2", 2][1]
+    assert abs(b["after"]["task_loss"] - a["after"]["task_loss"]) <= 0.02 * a["after"]["task_loss"], (a, b)
+    assert abs(b["after"]["knowledge_loss"] - a["after"]["knowledge_loss"]) <= 0.02 * a["after"]["knowledge_loss"], (a, b)
+    for s in (a, b):  # both keep the knowledge: LoRA-Null's drift stays far below plain LoRA's
+        assert s["knowledge_drift"]["mean"] < 0.1 * out["lora", 1][1]["knowledge_drift"]["mean"], (s, out["lora", 1][1])
 
 
 def test_reports_are_split_to_fit_a_small_server_body_limit(server_factory, models, tmp_path):

@@ -308,31 +308,37 @@ static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets)
             ln_err_prefix(&e, "model %s", r->model_name);
             return fail(r, "model_unavailable", 1, &e);
         }
-        /* one rank per process holds only its shard (the plan of a thread gang is the whole model's) */
-        ln_config whole = mc;
-        if (sharded(r) && r->comm && ln_tp_shard_config(&whole, r->world, &mc, &e) != 0) {
+        /* a sharded job's split must divide; both plans take the whole config and the ranks: each
+         * rank its shard, rank 0 the covariances and the gathered adapter (memplan.h, cuda.h) */
+        ln_config shard;
+        if (sharded(r) && ln_tp_shard_config(&mc, r->world, &shard, &e) != 0) {
             ln_err_prefix(&e, "model %s", r->model_name);
             return fail(r, "invalid_method", 0, &e);
         }
-        int nt = 0;
-        for (int t = 0; t < LN_NTARGET; t++) nt += (targets >> t) & 1;
+        const int ranks = sharded(r) ? r->world : 1, here = r->comm ? 1 : ranks, first = r->comm ? r->rank : 0;
         ln_adapter_type ty = s->adapter.type;
+        const char *mname = ln_adapter_type_name(ty);
+        ln_method mm = LN_METHOD_LORA;
+        if (ln_method_parse(mname, &mm, &e) != 0) return fail(r, "invalid_method", 0, &e);
+        const int calib = calibrated(r), rank = ty == LN_ADAPTER_FULL ? 0 : s->adapter.rank;
+        const int seq = s->data.pack > s->hp.max_seq_len ? s->data.pack : s->hp.max_seq_len;
+        const int train_a = ty != LN_ADAPTER_LORA_FA && ty != LN_ADAPTER_LORA_NULL_V2;
         lnb_cuda_plan_req pq = {.vocab = mc.vocab_size, .hidden = mc.hidden_size, .intermediate = mc.intermediate_size,
                                 .layers = mc.num_layers, .heads = mc.num_heads, .kv_heads = mc.num_kv_heads,
                                 .head_dim = mc.head_dim, .tied = mc.tie_word_embeddings, .batch = s->hp.batch_size,
-                                .seq = s->data.pack > s->hp.max_seq_len ? s->data.pack : s->hp.max_seq_len, .rank = ty == LN_ADAPTER_FULL ? 0 : s->adapter.rank,
-                                .targets = nt, .train_a = ty != LN_ADAPTER_LORA_FA && ty != LN_ADAPTER_LORA_NULL_V2};
+                                .seq = seq, .rank = rank, .target_mask = targets ? targets : LN_TARGETS_ALL,
+                                .train_a = train_a, .residual = ln_method_has_residual(mm), .method = mname,
+                                .calibrate = calib, .calib_max_length = s->adapter.calibration_max_length,
+                                .device_covariances = ln_calibrate_accumulator() != NULL, .eval_during_training = 1,
+                                .ranks = ranks, .ranks_here = here, .first_rank = first};
         if (lnb_select_plan_check(r->be, &pq, &e) != 0) return fail(r, "out_of_memory", 0, &e);
         if (strcmp(r->be->name, "cpu") == 0) { /* the same question for host memory (memplan.h) */
-            const char *mname = ln_adapter_type_name(ty);
-            ln_method mm = LN_METHOD_LORA;
-            if (ln_method_parse(mname, &mm, &e) != 0) return fail(r, "invalid_method", 0, &e);
-            int calib = ln_method_needs_calibration(mm) || r->calib_path[0];
-            ln_memplan_req mq = {.cfg = &mc, .batch = pq.batch, .seq = pq.seq, .rank = pq.rank, .targets = targets,
-                                 .train_a = pq.train_a, .residual = ln_method_has_residual(mm), .method = mname,
+            ln_memplan_req mq = {.cfg = &mc, .batch = s->hp.batch_size, .seq = seq, .rank = rank, .targets = targets,
+                                 .train_a = train_a, .residual = ln_method_has_residual(mm), .method = mname,
                                  .calibrate = calib, .calib_max_length = s->adapter.calibration_max_length,
                                  .eval_during_training = 1, .drift = calib,
-                                 .data_tokens = p->ds->stats.tokens + (p->vds ? p->vds->stats.tokens : 0)};
+                                 .data_tokens = p->ds->stats.tokens + (p->vds ? p->vds->stats.tokens : 0),
+                                 .ranks = ranks, .ranks_here = here, .first_rank = first};
             if (ln_memplan_check(&mq, "", NULL, &e) != 0) return fail(r, "out_of_memory", 0, &e);
         }
     }
