@@ -15,7 +15,7 @@ touches every buffer for the first time, is not timed); the best step is kept to
 of a step is estimated from the collectives a step makes (model.c: 4 all-reduces of tokens ×
 hidden per layer; ln_tp_reduce_grads: one per replicated LoRA factor) and the times measured in 1.
 
-Usage: .venv/bin/python tests/bench/bench_ranks.py [--steps S] [--rounds R] [--results FILE]
+Usage: .venv/bin/python tests/bench/bench_ranks.py [--steps S] [--rounds R] [--job-examples N] [--results FILE]
 """
 import argparse
 import json
@@ -238,9 +238,13 @@ def write_results(path, r):
     jt, jp = j["threads"], j["tcp"]
     est = r["estimate"]
     extra_ms = (est['tcp_comm_s'] - est['thread_comm_s']) * 1e3
+    predicted_ms = (t11['median_step_s'] / est['ideal_ratio'] + est['thread_comm_s']) * 1e3
+    job_diff_ms = (jp['median_step_s'] - jt['median_step_s']) * 1e3
     tcp_vs_threads = (f"Over TCP the same collectives take ≈ {extra_ms:.1f} ms more per step than between threads "
-                      "(part 1's medians); the kernel's copies through the loopback socket run on the same 2 cores "
-                      "as the ranks." if extra_ms > 0 else
+                      "(part 1's medians; the kernel's copies through the loopback socket run on the same 2 cores "
+                      f"as the ranks); the best TCP job's step was {job_diff_ms:.0f} ms longer than the best threaded "
+                      "job's, and the runs of either vary by more than that under this load (each run is listed)."
+                      if extra_ms > 0 else
                       f"In part 1 the TCP collectives of a step were not slower than the threads' ({-extra_ms:.1f} ms "
                       "less at the medians: the thread backend's ranks meet at a mutex/condition-variable barrier twice "
                       "per collective and sum in place, which a loaded machine delays as much as the loopback copies), "
@@ -254,7 +258,7 @@ def write_results(path, r):
     body = f"""{BEGIN}
 ## Tensor-parallel training on the CPU: threads vs processes over TCP (`tests/bench/bench_ranks.py`)
 
-Measured {r['when']} by `.venv/bin/python tests/bench/bench_ranks.py --steps {r['steps']} --rounds {r['rounds']}`
+Measured {r['when']} by `.venv/bin/python tests/bench/bench_ranks.py --steps {r['steps']} --rounds {r['rounds']} --job-examples {j['examples']}`
 (after `bash tests/bench/run.sh --build-only`) on {os.cpu_count()} CPUs ({r['cpu']}), shared with other engineers'
 builds and tests: `uptime` before: `{r['uptime_before']}`; after: `{r['uptime_after']}`; load average (1 min)
 while each part ran: comm {r['load']['comm']:.2f}, train {r['load']['train']:.2f}, jobs {r['load']['jobs']:.2f}.
@@ -306,6 +310,10 @@ lm_head and its gradient, the LoRA factors A of q,k,v,gate,up and B of o,down �
 of the step's {est['gflop']:.1f} GFLOP, which caps 2 ranks at {est['ideal_ratio']:.2f}× one rank even with free
 communication (embeddings, norms, the loss's softmax and the optimizer of the replicated factors are repeated too,
 uncounted here); one rank with 2 OpenMP threads splits every product instead and repeats nothing.
+From the best 1-rank × 1-thread step ({t11['median_step_s'] * 1e3:.0f} ms), the replicated work and the threads'
+collectives predict a 2-rank step of {predicted_ms:.0f} ms ({t11['tps'] * t11['median_step_s'] / (predicted_ms / 1e3):.0f} tok/s, {t11['median_step_s'] * 1e3 / predicted_ms:.2f}×);
+the best run took {t21['median_step_s'] * 1e3:.0f} ms: the other {t21['median_step_s'] * 1e3 - predicted_ms:.0f} ms are the uncounted repeated work and
+each rank waiting at the {est['n_activation'] + est['n_grad']}+ collectives of a step for the other (whose core other jobs may hold).
 {tcp_vs_threads}
 {END}"""
     old = path.read_text() if path.exists() else "# Benchmark results\n"
@@ -317,9 +325,9 @@ uncounted here); one rank with 2 OpenMP threads splits every product instead and
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=8, help="steps per `loranull train` run")
-    ap.add_argument("--job-examples", type=int, default=48, help="examples of the server job (one epoch)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=6, help="steps per `loranull train` run")
+    ap.add_argument("--job-examples", type=int, default=32, help="examples of the server job (one epoch)")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--results", default=str(ROOT / "tests" / "bench" / "RESULTS.md"))
     args = ap.parse_args()
     res = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": platform_cpu(), "steps": args.steps,
