@@ -724,6 +724,28 @@ static int load_rank(ln_comm *c, void *p, ln_err *e)
 /* ln_tp_load_shard equals ln_tp_shard_model of the whole load, bit for bit, for F32 and BF16
  * files, tied and untied heads, 1, 2 and 4 ranks; a rank count that does not divide is refused
  * naming the field. */
+/* A shard recomputes activations when the whole model does (train --ranks N --recompute). */
+static void test_shard_keeps_recompute(void **s)
+{
+    (void)s;
+    ln_config cfg;
+    ln_err e = {{0}};
+    ln_model *full, *shard;
+    ln_comm *ranks[2];
+    assert_int_equal(ln_config_parse(CONFIG, "tp-config", &cfg, &e), 0);
+    assert_int_equal(ln_model_new_random(&cfg, lnb_cpu(), 11, &full, &e), 0);
+    assert_int_equal(comm_thread_group_new(2, ranks, &e), 0);
+    for (int on = 0; on <= 1; on++) {
+        full->recompute = on;
+        assert_int_equal(ln_tp_shard_model(full, ranks[1], &shard, &e), 0);
+        assert_int_equal(shard->recompute, on);
+        ln_model_free(shard);
+    }
+    comm_free(ranks[0]);
+    comm_free(ranks[1]);
+    ln_model_free(full);
+}
+
 static void test_load_shard_equals_cut(void **s)
 {
     (void)s;
@@ -1663,7 +1685,8 @@ static void test_gather_out_of_memory_fails_every_rank(void **s)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_shard_config_errors), cmocka_unit_test(test_load_shard_equals_cut),
+        cmocka_unit_test(test_shard_config_errors), cmocka_unit_test(test_shard_keeps_recompute),
+        cmocka_unit_test(test_load_shard_equals_cut),
         cmocka_unit_test(test_shard_only_ranks), cmocka_unit_test(test_full_on_shards_2),
         cmocka_unit_test(test_full_on_shards_4), cmocka_unit_test(test_full_drift_2_ranks),
         cmocka_unit_test(test_full_drift_4_ranks),
