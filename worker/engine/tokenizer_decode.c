@@ -109,6 +109,15 @@ static int parse_byte_token(const bytes_t *b) {
     return *end ? -1 : (int)v;
 }
 
+/* A buffer for every token of toks end to end (+1), or NULL with toks->oom set. */
+static uint8_t *strv_joined_buf(strv *toks) {
+    size_t total = 0;
+    for (int i = 0; i < toks->n; i++) total += (size_t)toks->v[i].len;
+    uint8_t *buf = malloc(total + 1);
+    if (!buf) toks->oom = 1;
+    return buf;
+}
+
 /* One decoder step on toks; out of memory is left in toks->oom. */
 static void decode_step(const dec_step *st, strv *toks, const int16_t *cp_to_byte) {
     strv out = {0};
@@ -117,13 +126,8 @@ static void decode_step(const dec_step *st, strv *toks, const int16_t *cp_to_byt
     case DEC_BYTE_LEVEL: {
         /* each token's chars back to bytes (a token with a char outside the alphabet keeps its
          * UTF-8), all fused into one string, invalid UTF-8 replaced */
-        size_t total = 0;
-        for (int i = 0; i < toks->n; i++) total += (size_t)toks->v[i].len;
-        uint8_t *buf = malloc(total + 1);
-        if (!buf) {
-            toks->oom = 1;
-            return;
-        }
+        uint8_t *buf = strv_joined_buf(toks);
+        if (!buf) return;
         size_t k = 0;
         for (int i = 0; i < toks->n; i++) {
             bytes_t raw;
@@ -190,13 +194,8 @@ static void decode_step(const dec_step *st, strv *toks, const int16_t *cp_to_byt
         break;
     }
     case DEC_FUSE: {
-        size_t total = 0;
-        for (int i = 0; i < toks->n; i++) total += (size_t)toks->v[i].len;
-        uint8_t *buf = malloc(total + 1);
-        if (!buf) {
-            toks->oom = 1;
-            return;
-        }
+        uint8_t *buf = strv_joined_buf(toks);
+        if (!buf) return;
         size_t k = 0;
         for (int i = 0; i < toks->n; i++) { memcpy(buf + k, toks->v[i].p, (size_t)toks->v[i].len); k += (size_t)toks->v[i].len; }
         strv_push(&out, buf, k);
