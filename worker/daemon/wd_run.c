@@ -481,10 +481,9 @@ static void training_event(wd_run *r) {
                     hp->learning_rate, r->world > 1 ? ", tensor-parallel" : "");
 }
 
+/* (An out-of-memory error becomes out_of_memory in fail(), whatever the stage.) */
 static const char *train_code(const ln_err *e) {
-    return strstr(e->msg, "out of memory") ? "out_of_memory"
-           : strstr(e->msg, "not finite")  ? "training_diverged"
-                                           : "training_failed";
+    return strstr(e->msg, "not finite") ? "training_diverged" : "training_failed";
 }
 
 /* The reporting rank after training: the after-evaluation's metrics and event, the export (PEFT
@@ -760,8 +759,7 @@ static int tp_train_and_export(tp_rank *k) {
     free(out);
     if (rc != 0 && k->eval_failed) {
         json_decref(before);
-        return rank_fail(k, strstr(k->eval_err.msg, "out of memory") ? "out_of_memory" : "evaluation_failed", 0,
-                         &k->eval_err);
+        return rank_fail(k, "evaluation_failed", 0, &k->eval_err);
     }
     if (rc != 0) {
         json_decref(before);
