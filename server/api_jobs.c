@@ -17,16 +17,6 @@
 
 /* ---------------------------------------------------------------- create */
 
-/* 1 if file_id is a file of the project that a job may read. */
-static int project_has_file(const char *project_id, const char *file_id) {
-    sqlite3_stmt *st = store_stmt("SELECT 1 FROM files WHERE id=? AND project_id=?");
-    sqlite3_bind_text(st, 1, file_id, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 2, project_id, -1, SQLITE_STATIC);
-    int ok = sqlite3_step(st) == SQLITE_ROW;
-    sqlite3_reset(st);
-    return ok;
-}
-
 static enum MHD_Result jobs_create(http_req *r) {
     jobq_item *done = r->ctx;
     if (done) {
@@ -51,7 +41,7 @@ static enum MHD_Result jobs_create(http_req *r) {
                                {"validation_file", spec.validation_file},
                                {"adapter.calibration.file", spec.adapter.calibration_file}};
     for (int i = 0; i < 3; i++) {
-        if (!check[i][1][0] || project_has_file(r->project_id, check[i][1])) continue;
+        if (jobq_file_of_project(r->project_id, check[i][1])) continue;
         enum MHD_Result res = http_error(r, 400, "invalid_request_error", "file_not_found", check[i][0],
                                          "%s: file %s does not exist.", check[i][0], check[i][1]);
         ln_jobspec_free(&spec);

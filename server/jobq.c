@@ -44,7 +44,7 @@ enum MHD_Result jobq_submit(http_req *r, jobq_item *it) {
     return MHD_YES;
 }
 
-static int file_of_project(const char *project_id, const char *file_id) {
+int jobq_file_of_project(const char *project_id, const char *file_id) {
     if (!file_id[0]) return 1;
     sqlite3_stmt *st = store_stmt("SELECT 1 FROM files WHERE id=? AND project_id=?");
     sqlite3_bind_text(st, 1, file_id, -1, SQLITE_STATIC);
@@ -61,7 +61,7 @@ static void insert_one(jobq_item *it) {
                                {"validation_file", it->validation_file},
                                {"adapter.calibration.file", it->calibration_file}};
     for (int i = 0; i < 3; i++)
-        if (!file_of_project(it->project_id, files[i][1])) {
+        if (!jobq_file_of_project(it->project_id, files[i][1])) {
             it->status = 400;
             snprintf(it->err_param, sizeof it->err_param, "%s", files[i][0]);
             return;

@@ -33,6 +33,9 @@ void jobq_stop(void);
 /* Queues it and suspends r's connection; the handler runs again once it->done. */
 enum MHD_Result jobq_submit(http_req *r, jobq_item *it);
 void jobq_item_free(void *it);
+/* 1 if file_id ("" = none) is a file of the project that a job may read: checked by the create
+ * handler, and again by the committer (a delete may have run in between). */
+int jobq_file_of_project(const char *project_id, const char *file_id);
 /* Jobs created (committed) since start. */
 unsigned long jobq_created_total(void);
 
