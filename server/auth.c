@@ -42,33 +42,44 @@ static int valid_name(const char *s) {
     return 1;
 }
 
-int auth_key_create(const char *project, char key[64], char key_id[40], char project_id[40], ln_err *e) {
-    if (!valid_name(project))
-        return ln_errf(e, "--project '%s': a project name is 1..64 of letters, digits and . _ -", project);
-    if (store_begin() != 0) return ln_errf(e, "database is busy: %s", sqlite3_errmsg(store_db()));
+/* In the caller's transaction: the project named `project` (made if new) gets API key `key`,
+ * stored as its SHA-256. −1 on a database error (sqlite3_errmsg says which). */
+static int add_key(const char *project, const char *key, char key_id[40], char project_id[40]) {
     sqlite3_stmt *st = store_stmt("SELECT id FROM projects WHERE name=?");
     sqlite3_bind_text(st, 1, project, -1, SQLITE_STATIC);
-    if (sqlite3_step(st) == SQLITE_ROW) {
-        snprintf(project_id, 40, "%s", store_col_text(st, 0));
-    } else {
+    int have = sqlite3_step(st) == SQLITE_ROW;
+    if (have) snprintf(project_id, 40, "%s", store_col_text(st, 0));
+    sqlite3_reset(st);
+    if (!have) {
         store_new_id("proj_", project_id, 40);
         st = store_stmt("INSERT INTO projects(id,name,created_at) VALUES(?,?,?)");
         sqlite3_bind_text(st, 1, project_id, -1, SQLITE_STATIC);
         sqlite3_bind_text(st, 2, project, -1, SQLITE_STATIC);
         sqlite3_bind_int64(st, 3, ln_unix_time());
-        if (sqlite3_step(st) != SQLITE_DONE) goto err;
+        int ok = sqlite3_step(st) == SQLITE_DONE;
+        sqlite3_reset(st);
+        if (!ok) return -1;
     }
-    store_new_id("sk-ln-", key, 64);
-    store_new_id("key_", key_id, 40);
     char hex[65];
     sha256_hex(key, strlen(key), hex);
+    store_new_id("key_", key_id, 40);
     st = store_stmt("INSERT INTO api_keys(id,project_id,key_hash,prefix,created_at) VALUES(?,?,?,?,?)");
     sqlite3_bind_text(st, 1, key_id, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, project_id, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 3, hex, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 4, key, 10, SQLITE_STATIC);
     sqlite3_bind_int64(st, 5, ln_unix_time());
-    if (sqlite3_step(st) != SQLITE_DONE) goto err;
+    int ok = sqlite3_step(st) == SQLITE_DONE;
+    sqlite3_reset(st);
+    return ok ? 0 : -1;
+}
+
+int auth_key_create(const char *project, char key[64], char key_id[40], char project_id[40], ln_err *e) {
+    if (!valid_name(project))
+        return ln_errf(e, "--project '%s': a project name is 1..64 of letters, digits and . _ -", project);
+    if (store_begin() != 0) return ln_errf(e, "database is busy: %s", sqlite3_errmsg(store_db()));
+    store_new_id("sk-ln-", key, 64);
+    if (add_key(project, key, key_id, project_id) != 0) goto err;
     if (store_commit() != 0) goto err;
     return 0;
 err:
@@ -158,31 +169,7 @@ int auth_key_import(const char *project, const char *key, int *added, ln_err *e)
     if (hash_known("SELECT 1 FROM api_keys WHERE key_hash=?", hex)) return 0;
     if (store_begin() != 0) return ln_errf(e, "database is busy: %s", sqlite3_errmsg(store_db()));
     char project_id[40], key_id[40];
-    sqlite3_stmt *st = store_stmt("SELECT id FROM projects WHERE name=?");
-    sqlite3_bind_text(st, 1, project, -1, SQLITE_STATIC);
-    int have = sqlite3_step(st) == SQLITE_ROW;
-    if (have) snprintf(project_id, sizeof project_id, "%s", store_col_text(st, 0));
-    sqlite3_reset(st);
-    if (!have) {
-        store_new_id("proj_", project_id, sizeof project_id);
-        st = store_stmt("INSERT INTO projects(id,name,created_at) VALUES(?,?,?)");
-        sqlite3_bind_text(st, 1, project_id, -1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 2, project, -1, SQLITE_STATIC);
-        sqlite3_bind_int64(st, 3, ln_unix_time());
-        int ok = sqlite3_step(st) == SQLITE_DONE;
-        sqlite3_reset(st);
-        if (!ok) goto err;
-    }
-    store_new_id("key_", key_id, sizeof key_id);
-    st = store_stmt("INSERT INTO api_keys(id,project_id,key_hash,prefix,created_at) VALUES(?,?,?,?,?)");
-    sqlite3_bind_text(st, 1, key_id, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 2, project_id, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 3, hex, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 4, key, 10, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 5, ln_unix_time());
-    int ok = sqlite3_step(st) == SQLITE_DONE;
-    sqlite3_reset(st);
-    if (!ok || store_commit() != 0) goto err;
+    if (add_key(project, key, key_id, project_id) != 0 || store_commit() != 0) goto err;
     *added = 1;
     return 0;
 err:
