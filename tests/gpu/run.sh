@@ -6,7 +6,9 @@
 #
 # GROUPs, in the order they run (default: all of these):
 #   build   make -j$(nproc) cuda: the backend, the GPU tests and the benchmark (needs only the
-#           engine's and common/'s libraries)
+#           engine's and common/'s libraries) — or, when .gpukit/ (tests/gpu/kit.sh, made on a
+#           machine without a GPU and carried) matches this tree, the kit's programs, nothing built
+#           (NO_KIT=1 builds anyway); a library the device lacks comes from the kit
 #   tests   test_attention (fused flash kernels vs chunked vs CPU), test_kernels, test_solver,
 #           test_calibrate (device covariances), test_model (whole engine), test_nccl (every
 #           collective, device/managed/host buffers), test_nccl_procs (2 processes: skips under 2
@@ -150,6 +152,67 @@ for m in ("torch", "transformers", "peft"):
 } > "$OUT/environment.txt"
 cat "$OUT/environment.txt"
 
+# use_kit: the programs and libraries tests/gpu/kit.sh made on a machine without a GPU (.gpukit/,
+# carried to the device): when its stamp matches this tree, unpack the programs into build/cuda and
+# build nothing; put on LD_LIBRARY_PATH only the libraries the loader cannot find here (so python's
+# torch keeps its own), looking in the kit, then for the CUDA toolkit's (cuBLAS, cuSOLVER, NCCL) in
+# $CUDA_HOME and the CUDA wheels of this python. Prints why it declines; returns 1 then.
+GPUKIT=${GPUKIT:-.gpukit}
+KIT_LIBS=/tmp/loranull-kit/use
+KIT_USED=0
+use_kit() {
+    [ -f "$GPUKIT/kit.tar.gz" ] || { echo "no $GPUKIT/kit.tar.gz (tests/gpu/kit.sh makes it)"; return 1; }
+    local want_stamp have_stamp
+    want_stamp=$(cat "$GPUKIT/stamp" 2> /dev/null)
+    have_stamp=$(bash tests/gpu/kit_stamp.sh 2> /dev/null)
+    if [ -z "$want_stamp" ] || [ "$want_stamp" != "$have_stamp" ]; then
+        echo "the kit was built from other sources (stamp ${want_stamp:-none}, this tree $have_stamp)"
+        return 1
+    fi
+    rm -rf /tmp/loranull-kit && mkdir -p /tmp/loranull-kit "$KIT_LIBS" build/cuda/tests build/cuda/bin || return 1
+    tar -C /tmp/loranull-kit -xzf "$GPUKIT/kit.tar.gz" || { echo "cannot unpack $GPUKIT/kit.tar.gz"; return 1; }
+    cp -p /tmp/loranull-kit/tests/* build/cuda/tests/ && cp -p /tmp/loranull-kit/bin/* build/cuda/bin/ || return 1
+    local dirs=("${CUDA_HOME:-/usr/local/cuda}/lib64" "${CUDA_HOME:-/usr/local/cuda}/lib" /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib)
+    local d
+    while read -r d; do dirs+=("$d"); done < <("$PY" -c 'import glob, os, site
+for s in site.getsitepackages():
+    for d in sorted(glob.glob(os.path.join(s, "nvidia", "**", "lib"), recursive=True)):
+        print(d)' 2> /dev/null)
+    export LD_LIBRARY_PATH="$KIT_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    local name found missing=""
+    for _ in 1 2 3 4 5; do # a library found may need others: again until nothing new resolves
+        missing=$(for b in build/cuda/tests/* build/cuda/bin/*; do ldd "$b" 2> /dev/null; done |
+            awk '$2 == "=>" && $3 == "not" { print $1 }' | sort -u)
+        [ -z "$missing" ] && break
+        found=0
+        for name in $missing; do
+            if [ -e "/tmp/loranull-kit/lib/$name" ]; then
+                ln -sf "/tmp/loranull-kit/lib/$name" "$KIT_LIBS/$name" && found=1 && continue
+            fi
+            for d in "${dirs[@]}"; do
+                if [ -e "$d/$name" ]; then ln -sf "$d/$name" "$KIT_LIBS/$name" && found=1 && break; fi
+            done
+        done
+        [ "$found" = 1 ] || break
+    done
+    echo "kit: stamp $have_stamp; libraries taken from the kit or found elsewhere: $(find "$KIT_LIBS" -mindepth 1 -printf '%f ')"
+    [ -z "$missing" ] || echo "kit: still not found (the programs that need them will fail): $missing"
+    return 0
+}
+
+if want build && [ "${NO_KIT:-0}" != 1 ]; then
+    t0=$SECONDS
+    if use_kit > "$OUT/kit.log" 2>&1; then # not in a subshell: it exports LD_LIBRARY_PATH
+        KIT_USED=1
+        record PASS build $((SECONDS - t0)) "from the kit ($GPUKIT), nothing built here: $(grep -c . "$OUT/kit.log") lines in kit.log"
+        cat "$OUT/kit.log"
+        WANT=("${WANT[@]/build/}")
+    else
+        why=$(cat "$OUT/kit.log")
+        echo "kit not used: $why" | tee "$OUT/kit.log"
+    fi
+fi
+
 if want build; then
     if ! command -v nvcc > /dev/null; then
         record FAIL build 0 "nvcc not found: no CUDA toolkit on this machine"
@@ -190,7 +253,7 @@ fi
 if want cli; then
     # the CUDA build of the programs needs every library the CPU programs need: a failure here
     # says so and does not stop the rest
-    if run_step host cuda_bin 120 make -j"$JOBS" cuda-bin; then
+    if [ "${KIT_USED:-0}" = 1 ] || run_step host cuda_bin 120 make -j"$JOBS" cuda-bin; then
         run_step gpu cli_train 60 bash tests/gpu/cli_train.sh "$OUT/cli"
     fi
 fi
