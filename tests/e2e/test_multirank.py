@@ -3,13 +3,14 @@ behave as one-rank jobs do: checkpoints every save_interval, pause and resume, k
 another worker, cancel, knowledge drift at eval points, packed data. A 2-rank job interrupted and
 resumed ends with the same adapter bytes as the uninterrupted 2-rank run (the thread comm adds
 partial sums in rank order, so 2-rank runs are deterministic; wd_run.h, tensor_parallel.h)."""
+import json
 import math
 
 import numpy as np
 import pytest
 
 from e2e_helpers import LONG_JOB, LONG_STEPS, Env, Server
-from e2e_helpers import checkpoints, events, metrics, result_files, submit, upload, wait_for
+from e2e_helpers import checkpoints, events, metrics, result_files, submit, task_jsonl, upload, wait_for
 
 RANKS = ("--ranks", "2")
 
@@ -216,3 +217,40 @@ def test_two_rank_full_fine_tuning_paused_and_resumed_ends_as_the_uninterrupted_
     assert any("tensor-parallel" in m for m in messages(env, job))
     assert files["model.safetensors"] == ref_files["model.safetensors"]
     assert files["config.json"] == ref_files["config.json"]
+
+
+EVAL_FIELDS = ("val_loss", "knowledge_drift_mean", "knowledge_drift_max")
+
+
+@pytest.mark.parametrize("method", ["lora_null_v2", "full"])
+def test_two_rank_job_metrics_file_has_the_eval_fields_the_server_got(env, method):
+    """The job's own out/metrics.jsonl (rank 0 writes it; kept on the worker while the job is
+    paused) carries, at every eval point, the validation loss and the knowledge drift (mean, max,
+    per module) the server got for that step, as a one-rank job's does: the evaluation runs on
+    every rank's shard before rank 0 writes the row."""
+    w = env.worker("w1", extra=RANKS)
+    val_id = upload(env.srv, env.key, task_jsonl(8), "val.jsonl")
+    spec = dict(LONG_JOB, method=method, lr=0.001 if method == "full" else 0.01)
+    job = submit_ranks(env, calibration=env.facts_id, validation_file=val_id, eval_interval=20, **spec)
+    running_past(env, job, w)
+    api = env.srv.client(env.key)
+    r = api.post(env.srv.url(f"/v1/fine_tuning/jobs/{job['id']}/pause"))
+    assert r.status_code == 200 and r.json()["status"] == "paused"
+    wait_for(lambda: "paused, its last checkpoint uploaded" in w.log(), 20, "the pause checkpoint's upload")
+    path = w.work_dir / "jobs" / job["id"] / "out" / "metrics.jsonl"
+    rows = {row["step"]: row for row in map(json.loads, path.read_text().splitlines())}
+    srv = metrics(env.srv, env.key, job["id"])
+    last = max(srv["loss"])
+    assert sorted(rows) == list(range(1, last + 1)), (sorted(rows)[-3:], last)
+    evals = list(range(20, last + 1, 20))
+    assert len(evals) >= 2
+    assert sorted(s for s in rows if "val_loss" in rows[s]) == sorted(s for s in srv["val_loss"] if s <= last) == evals
+    modules = sorted(k for k in srv if k.startswith("knowledge_drift/"))
+    assert len(modules) == 14, modules
+    for s in evals:
+        row = rows[s]
+        for k in EVAL_FIELDS:
+            assert row[k] == srv[k][s], (s, k, row.get(k), srv[k][s])
+        for k in modules:
+            assert row["knowledge_drift"][k.split("/", 1)[1]] == srv[k][s], (s, k)
+    assert not any(k in rows[s] for s in rows if s not in evals for k in EVAL_FIELDS)

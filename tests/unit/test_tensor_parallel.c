@@ -1682,6 +1682,154 @@ static void test_gather_out_of_memory_fails_every_rank(void **s)
     assert_non_null(strstr(e.msg, "layers.0.mlp.up_proj.weight"));
 }
 
+/* ---- a collective eval (ln_train_opts.eval_collective: the worker's shard-only path) ---- */
+
+typedef struct {
+    const ln_dataset *vds;
+    int fail_rank;            /* −1: none */
+    int64_t fail_step;
+    int fail_after;           /* fail after the eval's collectives (the others wait at the barrier) */
+    int on_shard[4];          /* calls per rank with a shard of more than one rank (each its own slot) */
+} coll_eval;
+
+/* Every rank: the validation loss of this rank's shard (ln_eval_loss: collective forwards). */
+static int shard_val_loss(ln_model *m, ln_adapter *ad, int64_t step, json_t *row, void *ctx, ln_err *e)
+{
+    coll_eval *x = ctx;
+    int rank = m->comm ? m->comm->rank : 0, fail = rank == x->fail_rank && step == x->fail_step;
+    x->on_shard[rank] += m->comm && m->comm->size > 1;
+    if (fail && !x->fail_after) return ln_errf(e, "rank %d's evaluation at step %lld failed on purpose", rank, (long long)step);
+    double loss;
+    if (ln_eval_loss(m, ad, x->vds, 2, &loss, e)) return -1;
+    if (fail) return ln_errf(e, "rank %d's evaluation at step %lld failed on purpose", rank, (long long)step);
+    json_object_set_new(row, "val_loss", json_real(loss));
+    return 0;
+}
+
+typedef struct {
+    ln_model *m;
+    ln_adapter ad;
+    const ln_dataset *ds;
+    ln_train_opts o;
+    ln_train_result res;
+    ln_err err;
+} coll_rank;
+
+static int coll_rank_main(ln_comm *c, void *p, ln_err *e)
+{
+    coll_rank *x = p;
+    int rc = ln_tp_train_rank(c, x->m, &x->ad, x->ds, &x->o, &x->res, e);
+    if (rc) x->err = *e;
+    return rc;
+}
+
+/* The rows of dir/metrics.jsonl (at most 16): *n rows, each a new object (json_decref). */
+static void read_rows(const char *dir, json_t **rows, int *n)
+{
+    char path[256], line[4096];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
+    FILE *f = fopen(path, "r");
+    assert_non_null(f);
+    *n = 0;
+    while (*n < 16 && fgets(line, sizeof line, f)) {
+        json_error_t je;
+        rows[*n] = json_loads(line, 0, &je);
+        assert_non_null(rows[*n]);
+        (*n)++;
+    }
+    fclose(f);
+}
+
+/* R thread ranks, each with its own whole model, training with a collective eval into dir. */
+static int train_coll(tp_case k, int R, const ln_dataset *ds, ln_train_opts o, const char *dir, coll_rank *cr)
+{
+    void *ptrs[4];
+    o.out_dir = dir;
+    for (int r = 0; r < R; r++) {
+        cr[r] = (coll_rank){.ds = ds, .o = o};
+        build_full(k, &cr[r].m, &cr[r].ad);
+        ptrs[r] = &cr[r];
+    }
+    ln_err e = {{0}};
+    return comm_thread_run(R, coll_rank_main, ptrs, &e);
+}
+
+/* Rank 0's metrics.jsonl carries the eval fields of a collective eval at every eval point (steps
+ * 2, 4, 6), as one rank's does (val_loss ≤ TOL from 1 rank's), and none elsewhere. An evaluation
+ * failing on one rank — before its collectives (the others wait inside them) or after (the others
+ * wait at the barrier) — fails every rank at that step's eval point, no hang, and rank 0 writes no
+ * row for that step. */
+static void test_collective_eval_rows_in_metrics(void **s)
+{
+    (void)s;
+    enum { R = 2 };
+    ln_dataset *ds = make_dataset();
+    coll_eval ce = {.vds = ds, .fail_rank = -1};
+    ln_train_opts o = ckpt_opts();
+    o.eval = shard_val_loss;
+    o.eval_ctx = &ce;
+    o.eval_every = 2;
+    o.eval_collective = 1; /* (ignored on one rank) */
+    char d1[] = "/tmp/loranull-tpce1-XXXXXX", dR[] = "/tmp/loranull-tpceR-XXXXXX", cmd[160];
+    assert_non_null(mkdtemp(d1));
+    assert_non_null(mkdtemp(dR));
+    ln_model *m1;
+    ln_adapter a1;
+    build_full(CASE_LORA, &m1, &a1);
+    ln_train_opts o1 = o;
+    o1.out_dir = d1;
+    ln_train_result r1;
+    ln_err e = {{0}};
+    if (ln_train(m1, &a1, ds, &o1, &r1, &e)) fail_msg("1 rank: %s", e.msg);
+    free_case(m1, &a1);
+    coll_rank cr[R];
+    if (train_coll(CASE_LORA, R, ds, o, dR, cr)) fail_msg("%d ranks: %s / %s", R, cr[0].err.msg, cr[1].err.msg);
+    for (int r = 0; r < R; r++) assert_int_equal(ce.on_shard[r], 3); /* every rank, on its shard, steps 2, 4, 6 */
+    json_t *rows1[16], *rowsR[16];
+    int n1, nR;
+    read_rows(d1, rows1, &n1);
+    read_rows(dR, rowsR, &nR);
+    assert_int_equal(n1, 6);
+    assert_int_equal(nR, 6);
+    double worst = 0;
+    for (int i = 0; i < 6; i++) {
+        assert_int_equal(json_integer_value(json_object_get(rowsR[i], "step")), i + 1);
+        json_t *v1 = json_object_get(rows1[i], "val_loss"), *vR = json_object_get(rowsR[i], "val_loss");
+        assert_true((v1 != NULL) == ((i + 1) % 2 == 0));
+        assert_true((vR != NULL) == (v1 != NULL));
+        if (v1) {
+            double d = fabs(json_number_value(vR) - json_number_value(v1)) / fabs(json_number_value(v1));
+            worst = d > worst ? d : worst;
+        }
+        json_decref(rows1[i]);
+        json_decref(rowsR[i]);
+    }
+    printf("  collective eval, %d ranks: rank 0's metrics.jsonl has val_loss at steps 2, 4, 6, %.1e from 1 rank's "
+           "(relative)\n", R, worst);
+    assert_true(worst <= TOL);
+    for (int r = 0; r < R; r++) free_case(cr[r].m, &cr[r].ad);
+    /* failures at step 4: rank 1 before its forward, rank 0 after it */
+    for (int c = 0; c < 2; c++) {
+        ce = (coll_eval){.vds = ds, .fail_rank = c ? 0 : 1, .fail_step = 4, .fail_after = c};
+        assert_int_equal(train_coll(CASE_LORA, R, ds, o, dR, cr), -1);
+        for (int r = 0; r < R; r++) {
+            printf("  eval failing on rank %d (%s its collectives): rank %d: %s\n", ce.fail_rank,
+                   c ? "after" : "before", r, cr[r].err.msg);
+            assert_non_null(strstr(cr[r].err.msg, "train step 4: evaluation"));
+            if (r == ce.fail_rank) assert_non_null(strstr(cr[r].err.msg, "failed on purpose"));
+            else assert_non_null(strstr(cr[r].err.msg, "aborted"));
+            free_case(cr[r].m, &cr[r].ad);
+        }
+        read_rows(dR, rowsR, &nR);
+        assert_int_equal(nR, 3); /* steps 1-3; the failed step 4 has no row */
+        assert_non_null(json_object_get(rowsR[1], "val_loss"));
+        for (int i = 0; i < nR; i++) json_decref(rowsR[i]);
+    }
+    snprintf(cmd, sizeof cmd, "rm -rf '%s' '%s'", d1, dR);
+    assert_int_equal(system(cmd), 0);
+    free_dataset(ds);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1706,6 +1854,7 @@ int main(void)
         cmocka_unit_test(test_eval_lora_2_ranks), cmocka_unit_test(test_eval_null_v2_4_ranks),
         cmocka_unit_test(test_pack_lora_2_ranks), cmocka_unit_test(test_pack_full_4_ranks),
         cmocka_unit_test(test_gather_out_of_memory_fails_every_rank),
+        cmocka_unit_test(test_collective_eval_rows_in_metrics),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

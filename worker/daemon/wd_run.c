@@ -121,24 +121,35 @@ static void note_checkpoint(wd_run *r, int64_t step, const char *dir) {
 
 /* ---------------------------------------------------------------- training callbacks */
 
-/* Validation loss at the spec's eval_interval (and the last step); knowledge drift every
- * drift_every steps (and the last) so the dashboard can plot it live. Called every step. */
+/* The eval points: the validation loss at the spec's eval_interval (and the last step), the
+ * knowledge drift every drift_every steps (and the last) so the dashboard can plot it live. */
+static int val_due(const wd_run *r, int64_t step) {
+    int ei = r->spec.hp.eval_interval;
+    return step == r->total_steps || (ei > 0 && step % ei == 0);
+}
+
+static int drift_due(const wd_run *r, int64_t step) { return step == r->total_steps || step % r->drift_every == 0; }
+
+/* The drift a row got, kept for the summary. */
+static void keep_drift(run_priv *p, json_t *row) {
+    p->drift_mean = json_number_value(json_object_get(row, "knowledge_drift_mean"));
+    p->drift_max = json_number_value(json_object_get(row, "knowledge_drift_max"));
+    p->have_drift = 1;
+}
+
+/* One rank's eval callback (called every step; does what is due). */
 static int on_eval(ln_model *m, ln_adapter *ad, int64_t step, json_t *row, void *ctx, ln_err *e) {
     wd_run *r = ctx;
     run_priv *p = r->priv;
-    int last = step == r->total_steps;
-    int ei = r->spec.hp.eval_interval;
-    if (p->vds && (last || (ei > 0 && step % ei == 0))) {
+    if (p->vds && val_due(r, step)) {
         double loss;
         ln_dataset v = head_view(p->vds, p->vds->n);
         if (ln_eval_loss(m, ad, &v, r->spec.hp.batch_size, &loss, e) != 0) return -1;
         json_object_set_new(row, "val_loss", json_real(loss));
     }
-    if (p->drift && (last || step % r->drift_every == 0)) {
+    if (p->drift && drift_due(r, step)) {
         if (ln_drift_tracker_measure(p->drift, m, ad, row, e) != 0) return -1;
-        p->drift_mean = json_number_value(json_object_get(row, "knowledge_drift_mean"));
-        p->drift_max = json_number_value(json_object_get(row, "knowledge_drift_max"));
-        p->have_drift = 1;
+        keep_drift(p, row);
     }
     return 0;
 }
@@ -621,44 +632,43 @@ static int shard_evaluate(tp_rank *k, double *task, double *know, ln_err *e) {
     return p->kds ? shard_loss(k, p->kds, EVAL_MAX_EXAMPLES, know, e) : 0;
 }
 
-/* Every rank's on_row: at the eval points on_eval would measure, the validation loss (collective
- * forwards on the shards) and the knowledge drift (the shards gathered into rank 0's whole adapter,
- * measured there); then rank 0 reports the row. A failure aborts the group, so the training fails
- * on every rank, with this message kept for the job. */
-static void tp_on_row(json_t *row, void *ctx) {
+/* Every rank's eval callback (ln_train_opts.eval_collective: ln_train calls it on every rank of
+ * the shard, at every step): at the eval points on_eval would measure, the validation loss
+ * (collective forwards on the shards) and the knowledge drift (the shards gathered into rank 0's
+ * whole adapter, measured there), into rank 0's row — so the row rank 0 writes to out/metrics.jsonl
+ * and reports has them, as on one rank. A failure is kept for the job (ln_train aborts the group,
+ * so the step fails on every rank). */
+static int tp_on_eval(ln_model *m, ln_adapter *ad, int64_t step, json_t *row, void *ctx, ln_err *e) {
     tp_rank *k = ctx;
     wd_run *r = k->r;
     run_priv *p = r->priv;
-    ln_err e = {{0}};
-    int64_t step = json_integer_value(json_object_get(row, "step"));
-    int last = step == r->total_steps, ei = r->spec.hp.eval_interval, rc = 0;
-    if (k->eval_failed) return;
-    if (p->vds && (last || (ei > 0 && step % ei == 0))) {
+    int rc = 0; /* (m and ad are k's shard and adapter shard) */
+    if (p->vds && val_due(r, step)) {
         double loss;
-        rc = shard_loss(k, p->vds, p->vds->n, &loss, &e);
+        rc = shard_loss(k, p->vds, p->vds->n, &loss, e);
         if (rc == 0 && root_of(k)) json_object_set_new(row, "val_loss", json_real(loss));
     }
-    if (rc == 0 && k->drift && (last || step % r->drift_every == 0)) {
+    if (rc == 0 && k->drift && drift_due(r, step)) {
         /* full fine-tuning: ΔW gathered one weight at a time (collective); an adapter: gathered whole */
-        if (k->sad.full) rc = ln_tp_drift_measure_full(k->drift, k->shard, row, &e);
-        else rc = ln_tp_gather(k->shard, &k->sad, NULL, root_of(k) ? &k->whole : NULL, &e);
+        if (k->sad.full) rc = ln_tp_drift_measure_full(k->drift, k->shard, row, e);
+        else rc = ln_tp_gather(k->shard, &k->sad, NULL, root_of(k) ? &k->whole : NULL, e);
         if (rc == 0 && root_of(k)) {
-            if (!k->sad.full) rc = ln_tp_drift_measure(k->drift, k->shape, &k->whole, row, &e);
-            if (rc == 0) {
-                p->drift_mean = json_number_value(json_object_get(row, "knowledge_drift_mean"));
-                p->drift_max = json_number_value(json_object_get(row, "knowledge_drift_max"));
-                p->have_drift = 1;
-            }
+            if (!k->sad.full) rc = ln_tp_drift_measure(k->drift, k->shape, &k->whole, row, e);
+            if (rc == 0) keep_drift(p, row);
         }
     }
     if (rc != 0) {
         k->eval_failed = 1;
-        k->eval_err = e;
+        k->eval_err = *e;
         ln_err_prefix(&k->eval_err, "train step %lld: evaluation", (long long)step);
-        comm_abort(k->c);
-        return;
     }
-    if (root_of(k)) on_row(row, r);
+    return rc;
+}
+
+/* Rank 0 reports the row (the others' on_row does nothing). */
+static void tp_on_row(json_t *row, void *ctx) {
+    tp_rank *k = ctx;
+    if (root_of(k)) on_row(row, k->r);
 }
 
 /* should_stop on the ranks that poll it: rank 0's thread, or every process rank. */
@@ -743,7 +753,9 @@ static int tp_train_and_export(tp_rank *k) {
     if (root) training_event(r);
     ln_train_opts to;
     char *out = train_opts(r, &to);
-    to.eval = NULL; /* the eval points run in tp_on_row, collectively */
+    to.eval = tp_on_eval; /* on every rank, collectively: rank 0's metrics.jsonl rows get the eval fields */
+    to.eval_ctx = k;
+    to.eval_collective = 1;
     to.on_row = tp_on_row;
     to.should_stop = k->threads && !root ? NULL : tp_should_stop;
     to.cb_ctx = k;

@@ -542,6 +542,21 @@ static int tp_eval(ln_model *m, ln_adapter *ad, const ln_train_opts *o, int64_t 
     return rc;
 }
 
+/* An eval point: o->eval on one rank; on a shard, tp_eval, or with o->eval_collective o->eval on
+ * every rank's shard, then a barrier. A rank whose eval failed (perhaps inside one of its
+ * collectives, which the others are waiting in) aborts the group, so every rank fails here, at
+ * this step, and rank 0 writes no row for it. */
+static int eval_point(ln_model *m, ln_adapter *ad, const ln_train_opts *o, int64_t step, json_t *row, ln_err *e)
+{
+    if (!m->comm || m->comm->size == 1) return o->eval(m, ad, step, row, o->eval_ctx, e);
+    if (!o->eval_collective) return tp_eval(m, ad, o, step, row, e);
+    if (o->eval(m, ad, step, row, o->eval_ctx, e)) {
+        comm_abort(m->comm);
+        return -1;
+    }
+    return comm_barrier(m->comm, e) ? ln_err_prefix(e, "waiting for every rank's evaluation") : 0;
+}
+
 int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_opts *o, ln_train_result *res,
              ln_err *e)
 {
@@ -707,7 +722,7 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
         json_object_set_new(row, "elapsed_s", json_real(ln_now_s() - t_start));
         int last = cs.step == cs.total_steps || (o->stop_at_step > 0 && cs.step == o->stop_at_step);
         if (o->eval && ((o->eval_every > 0 && cs.step % o->eval_every == 0) || last) &&
-            (tp ? tp_eval(m, ad, o, cs.step, row, e) : o->eval(m, ad, cs.step, row, o->eval_ctx, e))) {
+            eval_point(m, ad, o, cs.step, row, e)) {
             json_decref(row);
             ln_err_prefix(e, "train step %lld: evaluation", (long long)cs.step);
             goto out;

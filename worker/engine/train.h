@@ -16,13 +16,15 @@
  *  - Eval callback (every eval_every steps and after the last): gets the model, adapter and the
  *    metrics row of that step (a jansson object) to add fields to, e.g. "val_loss" or per-layer
  *    knowledge drift. Returning −1 (with e filled) stops training with that error.
+ *    The row written to metrics.jsonl and handed to on_row is the one eval filled.
  *  - on_row (optional) sees every metrics row after it is written (the worker forwards them).
  *  - should_stop (optional) is polled between steps; when it returns 1 the loop saves a
  *    checkpoint and returns with result.stopped = 1.
  *  - On a tensor-parallel shard (m->comm, see tensor_parallel.h's ln_tp_train_rank) the same loop
  *    runs on every rank: checkpoints and eval points are collective (the shards are gathered and
- *    rank 0 writes / evaluates the whole adapter), the checkpoint file is the one-rank format
- *    (resumable on any rank count), and only rank 0 writes metrics and checkpoints. */
+ *    rank 0 writes / evaluates the whole adapter, or with eval_collective every rank evaluates its
+ *    shard together), the checkpoint file is the one-rank format (resumable on any rank count),
+ *    and only rank 0 writes metrics and checkpoints. */
 #ifndef LN_TRAIN_H
 #define LN_TRAIN_H
 
@@ -58,6 +60,13 @@ typedef struct ln_train_opts {
     int64_t eval_every;
     ln_eval_fn eval;
     void *eval_ctx;
+    /* On a tensor-parallel shard: 0 = eval takes the whole model and adapter, gathered into rank
+     * 0's tp_full/tp_full_ad, and runs on rank 0 alone; 1 = eval is collective: it runs on every
+     * rank with this rank's shard (m, ad) and the same step, so it may run collective forwards
+     * (ln_eval_loss on the shard) or gathers, the same ones on every rank; rank 0's row is the one
+     * written. A rank whose eval fails aborts the group; every rank then fails at that step's eval
+     * point and rank 0 writes no row for it. Ignored on one rank. */
+    int eval_collective;
     void (*on_row)(json_t *row, void *ctx);
     int (*should_stop)(void *ctx);
     void *cb_ctx;
