@@ -1,7 +1,8 @@
 /* gpu_check.h — the tiny harness of the GPU tests (tests/gpu/test_*.c): no cmocka, so that a
  * fresh GPU machine needs nothing beyond what `make` needs.
  *  - gpu_require(): prints "SKIP: <why>" and exits 77 (the skip code tests/gpu/run.sh and
- *    tests/gpu/test_gpu.py report as a skip, never as a pass) when there is no GPU.
+ *    tests/gpu/test_gpu.py report as a skip, never as a pass) when there is no GPU and no NVIDIA
+ *    driver; a loaded driver that CUDA cannot use (e.g. older than the runtime) is a FAIL.
  *  - CHECK_CLOSE(name, err, tol): one line "ok"/"FAIL" per comparison with the measured error.
  *  - gpu_done(): "PASS <test>" / "FAIL <test> (n failures)" and the exit code. */
 #ifndef LN_GPU_CHECK_H
@@ -11,6 +12,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+
+#include <cuda_runtime_api.h>
 
 #include "worker/backend/cuda/cuda.h"
 
@@ -21,8 +25,20 @@ static inline void gpu_require(const char *test, lnb_cuda_math math)
 {
     gpu_test_name = test;
     setvbuf(stdout, NULL, _IOLBF, 0);
-    if (lnb_cuda_device_count() == 0) {
-        printf("SKIP: %s: no GPU (cudaGetDeviceCount found no usable device or no driver)\n", test);
+    int ndev = 0;
+    cudaError_t st = cudaGetDeviceCount(&ndev);
+    if (st != cudaSuccess || ndev == 0) {
+        /* No driver at all reads the same as a driver too old for this runtime
+         * (cudaErrorInsufficientDriver): where the NVIDIA driver is loaded, the GPU is there and
+         * unusable, which must fail the run rather than pass it as a skip. */
+        const char *why = st != cudaSuccess ? cudaGetErrorString(st) : "0 devices";
+        if (access("/proc/driver/nvidia/version", F_OK) == 0 || access("/dev/nvidiactl", F_OK) == 0) {
+            printf("FAIL %s: an NVIDIA driver is loaded but CUDA cannot use a GPU (cudaGetDeviceCount: %s)\n", test,
+                   why);
+            exit(1);
+        }
+        printf("SKIP: %s: no GPU (no NVIDIA driver; cudaGetDeviceCount: %s)\n", test, why);
+        cudaGetLastError();
         exit(77);
     }
     ln_err e = {{0}};

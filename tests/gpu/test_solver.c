@@ -116,10 +116,17 @@ static void t_covariance_and_init(int d, int d_out, int r)
     double *ec = malloc((size_t)r * sizeof(double)), *eg = malloc((size_t)r * sizeof(double));
     ln_nullspace_basis(Cc, d, r, Uc, ec, &e);
     if (lnb_cuda_nullspace_basis(Cc, d, r, Ug, eg, &e)) { printf("FAIL %s\n", e.msg); gpu_failures++; return; }
-    double ee = 0;
-    for (int j = 0; j < r; j++) ee = fmax(ee, fabs(eg[j] - ec[j]) / fabs(ec[r - 1]));
-    snprintf(name, sizeof name, "syevdx: %d smallest eigenvalues of d=%d", r, d);
-    check_close(name, ee, 1e-9);
+    /* Two backward-stable eigensolvers agree to a small multiple of eps·‖C‖ in absolute terms,
+     * which on this spectrum (λ_r/‖C‖ ~ 1e-7) is ~1e-9 of λ_r itself: so the error is measured
+     * against ‖C‖_F (≥ ‖C‖₂). Two LAPACK orderings of the same matrix differ by ~3e-17 of it; a
+     * wrong range or order would show as ≥ 1e-8. */
+    double ee = 0, cn = 0;
+    for (size_t i = 0; i < (size_t)d * d; i++) cn += Cc[i] * Cc[i];
+    cn = sqrt(cn);
+    for (int j = 0; j < r; j++) ee = fmax(ee, fabs(eg[j] - ec[j]));
+    snprintf(name, sizeof name, "syevdx: %d smallest eigenvalues of d=%d (err/||C||_F)", r, d);
+    check_close(name, ee / cn, 1e-13);
+    printf("#   the same error is %.1e of the r-th eigenvalue %.3e\n", ee / fabs(ec[r - 1]), ec[r - 1]);
     snprintf(name, sizeof name, "syevdx: null-space subspace (projector distance)");
     check_close(name, subspace_dist(Ug, Uc, d, r), 1e-6);
 
