@@ -89,6 +89,17 @@ extern "C" int lnb_cuda_device_count(void)
 extern "C" const char *lnb_cuda_device_name(void) { return lnb_cuda_g.name; }
 extern "C" int lnb_cuda_device(void) { return g_open ? lnb_cuda_g.device : -1; }
 
+/* The stream and the cuBLAS/cuSOLVER handles on it (what lnb_cuda_open undoes when one fails). */
+static int open_handles(ln_err *e)
+{
+    CUDA_TRY(cudaStreamCreateWithFlags(&lnb_cuda_g.stream, cudaStreamNonBlocking), e);
+    CUBLAS_TRY(cublasCreate(&lnb_cuda_g.blas), e);
+    CUBLAS_TRY(cublasSetStream(lnb_cuda_g.blas, lnb_cuda_g.stream), e);
+    CUSOLVER_TRY(cusolverDnCreate(&lnb_cuda_g.solver), e);
+    CUSOLVER_TRY(cusolverDnSetStream(lnb_cuda_g.solver, lnb_cuda_g.stream), e);
+    return 0;
+}
+
 extern "C" int lnb_cuda_open(const lnb_cuda_opts *o, ln_err *e)
 {
     if (g_open) return 0;
@@ -122,11 +133,16 @@ extern "C" int lnb_cuda_open(const lnb_cuda_opts *o, ln_err *e)
     lnb_cuda_g.smem_optin = p.sharedMemPerBlockOptin;
     snprintf(lnb_cuda_g.name, sizeof lnb_cuda_g.name, "%.200s, %.1f GiB, sm_%d%d (device %d)", p.name,
              (double)p.totalGlobalMem / (1 << 30), p.major, p.minor, dev);
-    CUDA_TRY(cudaStreamCreateWithFlags(&lnb_cuda_g.stream, cudaStreamNonBlocking), e);
-    CUBLAS_TRY(cublasCreate(&lnb_cuda_g.blas), e);
-    CUBLAS_TRY(cublasSetStream(lnb_cuda_g.blas, lnb_cuda_g.stream), e);
-    CUSOLVER_TRY(cusolverDnCreate(&lnb_cuda_g.solver), e);
-    CUSOLVER_TRY(cusolverDnSetStream(lnb_cuda_g.solver, lnb_cuda_g.stream), e);
+    if (open_handles(e)) { /* none of them is kept: a later open starts afresh */
+        ln_err_prefix(e, "CUDA backend on device %d (%s)", dev, p.name);
+        if (lnb_cuda_g.solver) cusolverDnDestroy(lnb_cuda_g.solver);
+        if (lnb_cuda_g.blas) cublasDestroy(lnb_cuda_g.blas);
+        if (lnb_cuda_g.stream) cudaStreamDestroy(lnb_cuda_g.stream);
+        lnb_cuda_g.solver = 0;
+        lnb_cuda_g.blas = 0;
+        lnb_cuda_g.stream = 0;
+        return -1;
+    }
     lnb_cuda_g.math = o ? o->math : LNB_CUDA_MATH_BF16;
     const char *s = getenv("LORANULL_CUDA_SYNC");
     lnb_cuda_g.sync = !(s && strcmp(s, "0") == 0);
@@ -346,15 +362,25 @@ __global__ void k_to_bf16(__nv_bfloat16 *dst, const float *src, int64_t n)
 extern "C" int lnb_cuda_register_bf16(const float *w, int64_t n, ln_err *e)
 {
     if (bf16_find(w)) return 0;
+    if (g_nbf16 == g_capbf16) { /* the table grows first: a failure leaves it and the device untouched */
+        int cap = g_capbf16 ? 2 * g_capbf16 : 256;
+        bf16_entry *t = (bf16_entry *)realloc(g_bf16, (size_t)cap * sizeof *g_bf16);
+        if (!t) return ln_errf(e, "CUDA backend: out of host memory registering bf16 weights");
+        g_bf16 = t;
+        g_capbf16 = cap;
+    }
     __nv_bfloat16 *h = NULL;
-    CUDA_TRY(cudaMalloc((void **)&h, (size_t)(n > 0 ? n : 1) * sizeof *h), e);
-    k_to_bf16<<<grid_for(n, 256), 256, 0, lnb_cuda_g.stream>>>(h, w, n);
-    CUDA_TRY(cudaGetLastError(), e);
-    CUDA_TRY(cudaStreamSynchronize(lnb_cuda_g.stream), e);
-    if (g_nbf16 == g_capbf16) {
-        g_capbf16 = g_capbf16 ? 2 * g_capbf16 : 256;
-        g_bf16 = (bf16_entry *)realloc(g_bf16, (size_t)g_capbf16 * sizeof *g_bf16);
-        if (!g_bf16) return ln_errf(e, "CUDA backend: out of host memory registering bf16 weights");
+    cudaError_t st = cudaMalloc((void **)&h, (size_t)(n > 0 ? n : 1) * sizeof *h);
+    if (st == cudaSuccess) {
+        k_to_bf16<<<grid_for(n, 256), 256, 0, lnb_cuda_g.stream>>>(h, w, n);
+        st = cudaGetLastError();
+    }
+    if (st == cudaSuccess) st = cudaStreamSynchronize(lnb_cuda_g.stream);
+    if (st != cudaSuccess) {
+        cudaFree(h);
+        cudaGetLastError();
+        return ln_errf(e, "CUDA backend: a bf16 copy of a %lld-element weight (%.1f MiB) failed: %s", (long long)n,
+                       (double)n * 2 / (1 << 20), cudaGetErrorString(st));
     }
     g_bf16[g_nbf16++] = (bf16_entry){w, n, h};
     return 0;

@@ -115,8 +115,12 @@ extern "C" int lnb_cuda_cov_init(lnb_cuda_cov *c, int d, ln_err *e)
         return ln_errf(e, "GPU covariance: out of device memory for a %d x %d fp64 sum (%.1f MiB): %s", d, d,
                        (double)d * d * 8 / (1 << 20), cudaGetErrorString(st));
     }
-    CUDA_TRY(cudaMemsetAsync(c->sum, 0, (size_t)d * d * sizeof(double), ST), e);
-    CUDA_TRY(cudaMemsetAsync(c->flags, 0, 2 * sizeof(int), ST), e);
+    st = cudaMemsetAsync(c->sum, 0, (size_t)d * d * sizeof(double), ST);
+    if (st == cudaSuccess) st = cudaMemsetAsync(c->flags, 0, 2 * sizeof(int), ST);
+    if (st != cudaSuccess) { /* the caller frees only what opened */
+        lnb_cuda_cov_free(c);
+        return ln_errf(e, "GPU covariance: zeroing a %d x %d sum failed: %s", d, d, cudaGetErrorString(st));
+    }
     return 0;
 }
 
