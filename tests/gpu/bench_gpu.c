@@ -274,8 +274,11 @@ static int phase_train(const char *out, int steps)
         g_flops = 0;
         double ts = now();
         ln_optim_zero_grad(&o);
-        if (ln_model_forward(m, &ad, a, &b, NULL, &loss, &e)) die("forward", &e);
-        if (ln_model_backward(m, &ad, a, &b, 1.0f / (float)b.n_targets, &e)) die("backward", &e);
+        /* the step train.c runs: only rows with a target reach the lm_head, in chunks, its backward
+         * fused into the forward (a logits chunk, not N × V, as the memory plan counts) */
+        ln_fwd_opts fo = {.trained_rows_only = 1, .head_grad_scale = 1.0f / (float)b.n_targets};
+        if (ln_model_forward(m, &ad, a, &b, &fo, &loss, &e)) die("forward", &e);
+        if (ln_model_backward(m, &ad, a, &b, fo.head_grad_scale, &e)) die("backward", &e);
         double norm = ln_optim_grad_norm(&o);
         ln_optim_step(&o, ln_lr_at(&oc, s), norm > 1.0 ? (float)(1.0 / (norm + 1e-6)) : 1.0f);
         if (lnb_cuda_sync(&e)) die("step", &e);
@@ -298,6 +301,10 @@ static int phase_train(const char *out, int steps)
     double tps = Bsz * T / step_time, achieved = model_flops / step_time / 1e12, mfu = achieved / peak;
     printf("LLaMA-3-8B shapes, seq %d, batch %d, lora_null_v2 r=%d on 7 targets: %.3f s/step, %.0f tokens/s\n", T, Bsz, r,
            step_time, tps);
+    printf("MFU here = model FLOPs per step / step time / measured dense bf16 GEMM peak. Model FLOPs = 2·M·N·K of "
+           "every GEMM the engine issues (forward, input gradients, LoRA factors' gradients, lm_head; frozen weights "
+           "get no weight-gradient GEMM, so not 6·params·tokens)%s + causal attention 6·B·heads·head_dim·T² per layer\n",
+           m->recompute ? " — with recomputation the re-run forward GEMMs are counted too (hardware FLOPs)" : "");
     printf("model FLOPs/step %.2f TFLOP (GEMMs %.2f + attention %.2f): %.1f TFLOP/s = %.1f%% MFU of the measured %.1f TFLOP/s bf16 peak\n",
            model_flops / 1e12, fl / 1e12, attn / 1e12, achieved, 100 * mfu, peak);
     FILE *f = json_open(out);
