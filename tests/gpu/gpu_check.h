@@ -32,12 +32,15 @@ static inline void gpu_require(const char *test, lnb_cuda_math math)
          * (cudaErrorInsufficientDriver): where the NVIDIA driver is loaded, the GPU is there and
          * unusable, which must fail the run rather than pass it as a skip. */
         const char *why = st != cudaSuccess ? cudaGetErrorString(st) : "0 devices";
-        if (access("/proc/driver/nvidia/version", F_OK) == 0 || access("/dev/nvidiactl", F_OK) == 0) {
+        const char *vis = getenv("CUDA_VISIBLE_DEVICES");
+        int hidden = vis && (st == cudaErrorNoDevice || ndev == 0); /* GPUs hidden on purpose */
+        if (!hidden && (access("/proc/driver/nvidia/version", F_OK) == 0 || access("/dev/nvidiactl", F_OK) == 0)) {
             printf("FAIL %s: an NVIDIA driver is loaded but CUDA cannot use a GPU (cudaGetDeviceCount: %s)\n", test,
                    why);
             exit(1);
         }
-        printf("SKIP: %s: no GPU (no NVIDIA driver; cudaGetDeviceCount: %s)\n", test, why);
+        printf("SKIP: %s: no GPU (%s; cudaGetDeviceCount: %s)\n", test,
+               hidden ? "CUDA_VISIBLE_DEVICES hides them" : "no NVIDIA driver", why);
         cudaGetLastError();
         exit(77);
     }
