@@ -33,7 +33,7 @@ static inline void gpu_require(const char *test, lnb_cuda_math math)
          * unusable, which must fail the run rather than pass it as a skip. */
         const char *why = st != cudaSuccess ? cudaGetErrorString(st) : "0 devices";
         const char *vis = getenv("CUDA_VISIBLE_DEVICES");
-        int hidden = vis && (st == cudaErrorNoDevice || ndev == 0); /* GPUs hidden on purpose */
+        int hidden = vis && (st == cudaErrorNoDevice || (st == cudaSuccess && ndev == 0)); /* GPUs hidden on purpose */
         if (!hidden && (access("/proc/driver/nvidia/version", F_OK) == 0 || access("/dev/nvidiactl", F_OK) == 0)) {
             printf("FAIL %s: an NVIDIA driver is loaded but CUDA cannot use a GPU (cudaGetDeviceCount: %s)\n", test,
                    why);
