@@ -43,7 +43,7 @@ awk 'BEGIN { w = 0; n = 0 }
 # --device cuda routes calibration to the device accumulator (DSYRK on the GPU), --device cpu does not
 grep -q '"calibration".*sums=cuda' gpu.log || { grep calibration gpu.log; echo "FAIL cli_train: the GPU run's calibration did not sum its covariances on the device (no sums=cuda logged)"; exit 1; }
 grep -q '"calibration".*sums=host' cpu.log || { grep calibration cpu.log; echo "FAIL cli_train: the CPU run's calibration log has no sums=host"; exit 1; }
-for f in run_cpu/adapter_model.safetensors run_gpu/adapter_model.safetensors; do
+for f in run_cpu/adapter.safetensors run_gpu/adapter.safetensors; do
     [ -s "$f" ] || { echo "FAIL $f missing"; exit 1; }
 done
 # a model that cannot fit fails before anything is loaded, with needed vs free (only config.json
