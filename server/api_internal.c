@@ -20,6 +20,16 @@ static enum MHD_Result bad(http_req *r, const char *param, const char *msg) {
     return http_error(r, 400, "invalid_request_error", "invalid_value", param, "%s: %s", param, msg);
 }
 
+/* A rendezvous key or a worker instance: 1..64 of [A-Za-z0-9_-]. */
+static int valid_key(const char *k) {
+    size_t n = strlen(k);
+    if (n == 0 || n > 64) return 0;
+    for (; *k; k++)
+        if (!((*k >= 'a' && *k <= 'z') || (*k >= 'A' && *k <= 'Z') || (*k >= '0' && *k <= '9') || *k == '_' || *k == '-'))
+            return 0;
+    return 1;
+}
+
 /* Reads a required integer member. Replies 400 and returns -1 when absent or not an integer. */
 static int get_int_member(http_req *r, json_t *o, const char *key, long long lo, long long hi, long long *out) {
     json_t *v = json_object_get(o, key);
@@ -118,6 +128,32 @@ static int report_begin(http_req *r, json_t *b, long long gen, char wid[40], int
 
 /* ---------------------------------------------------------------- workers */
 
+/* The optional "instance" of a registration: a random id of the worker daemon's process, new at each
+ * start ([A-Za-z0-9_-], 1..64). *out = NULL when absent or null (daemons that send none). Replies 400
+ * and returns -1 when malformed. */
+static int register_instance(http_req *r, json_t *b, const char **out) {
+    json_t *v = json_object_get(b, "instance");
+    *out = NULL;
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_string(v) || !valid_key(json_string_value(v))) {
+        bad(r, "instance", "must be a string of 1..64 characters [A-Za-z0-9_-] (the daemon process's random id)");
+        return -1;
+    }
+    *out = json_string_value(v);
+    return 0;
+}
+
+/* Inside the register transaction: whether worker id is known and was registered last by another
+ * process than `instance` — another instance, or none (a daemon that sends none is not this one). */
+static int restarted(const char *id, const char *instance) {
+    sqlite3_stmt *st = store_stmt("SELECT instance FROM workers WHERE id=?");
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    int other = sqlite3_step(st) == SQLITE_ROW && (sqlite3_column_type(st, 0) == SQLITE_NULL ||
+                                                   strcmp(store_col_text(st, 0), instance) != 0);
+    sqlite3_reset(st);
+    return other;
+}
+
 static enum MHD_Result workers_register(http_req *r) {
     json_t *b = http_body_object(r);
     if (!b) return r->result;
@@ -146,14 +182,17 @@ static enum MHD_Result workers_register(http_req *r) {
         res = bad(r, "worker_id", "must be an id register returned before (wrk_…)");
         goto out;
     }
+    const char *instance = NULL;
+    if (register_instance(r, b, &instance) != 0) { res = r->result; goto out; }
     if (given && json_is_string(given)) snprintf(id, sizeof id, "%s", json_string_value(given));
     else store_new_id("wrk_", id, sizeof id);
     if (store_begin() != 0) { res = http_error(r, 503, "server_error", "busy", NULL, "The database is busy; retry."); goto out; }
+    json_t *ended = instance && restarted(id, instance) ? sched_end_worker_leases(id) : NULL;
     char *info = json_dumps(b, JSON_COMPACT);
     sqlite3_stmt *st = store_stmt(
-        "INSERT INTO workers(id,name,token_id,device_kind,devices,memory_bytes,info,registered_at,last_seen_f) "
-        "VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9) ON CONFLICT(id) DO UPDATE SET name=?2, token_id=?3, device_kind=?4, "
-        "devices=?5, memory_bytes=?6, info=?7, last_seen_f=?9");
+        "INSERT INTO workers(id,name,token_id,device_kind,devices,memory_bytes,info,registered_at,last_seen_f,"
+        "instance) VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10) ON CONFLICT(id) DO UPDATE SET name=?2, token_id=?3, "
+        "device_kind=?4, devices=?5, memory_bytes=?6, info=?7, last_seen_f=?9, instance=?10");
     sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, name, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 3, r->worker_token_id, -1, SQLITE_STATIC);
@@ -163,6 +202,7 @@ static enum MHD_Result workers_register(http_req *r) {
     sqlite3_bind_text(st, 7, info, -1, free);
     sqlite3_bind_int64(st, 8, ln_unix_time());
     sqlite3_bind_double(st, 9, sched_wall_now());
+    if (instance) sqlite3_bind_text(st, 10, instance, -1, SQLITE_STATIC);
     int ok = sqlite3_step(st) == SQLITE_DONE;
     sqlite3_reset(st);
     st = store_stmt("DELETE FROM worker_models WHERE worker_id=?");
@@ -178,11 +218,18 @@ static enum MHD_Result workers_register(http_req *r) {
     }
     if (!ok || store_commit() != 0) {
         store_rollback();
+        json_decref(ended);
         res = http_error(r, 503, "server_error", "busy", NULL, "The worker could not be registered; retry.");
         goto out;
     }
     ln_log(LN_LOG_INFO, "sched", "worker %s (%s) registered: %lld %s device(s), %zu model(s)", id, name, devices, kind,
            json_array_size(models));
+    json_t *job;
+    json_array_foreach(ended, i, job) jobs_notify(json_string_value(job));
+    if (json_array_size(ended) > 0)
+        ln_log(LN_LOG_WARN, "sched", "worker %s restarted (new process %s): %zu lease(s) of its old process ended now",
+               id, instance, json_array_size(ended));
+    json_decref(ended);
     res = http_json(r, 201, json_pack("{s:s, s:s, s:f, s:f, s:f}", "object", "worker", "worker_id", id, "lease_ttl_s",
                                       g_cfg.lease_ttl_s, "heartbeat_interval_s", g_cfg.lease_ttl_s / 3,
                                       "lease_wait_max_s", g_cfg.lease_wait_max_s));
@@ -545,15 +592,6 @@ out:
 }
 
 /* ---------------------------------------------------------------- rendezvous */
-
-static int valid_key(const char *k) {
-    size_t n = strlen(k);
-    if (n == 0 || n > 64) return 0;
-    for (; *k; k++)
-        if (!((*k >= 'a' && *k <= 'z') || (*k >= 'A' && *k <= 'Z') || (*k >= '0' && *k <= '9') || *k == '_' || *k == '-'))
-            return 0;
-    return 1;
-}
 
 static enum MHD_Result rdv_put(http_req *r) {
     long long gen;

@@ -527,25 +527,51 @@ double sched_heartbeat(const char *job_id, long long gen, const char *worker_id)
     return exp;
 }
 
+/* The ranks worker holds of job_id's current lease, for a reason ("rank 1", "ranks 0,1"), with the
+ * job's rank count in *world; returns how many workers the gang spans (0: worker holds none). */
+static int ranks_held(const char *job_id, const char *worker, char *out, size_t cap, int *world) {
+    sqlite3_stmt *st = store_stmt(
+        "SELECT GROUP_CONCAT(r.rank, ','), j.ranks, "
+        "(SELECT COUNT(DISTINCT worker_id) FROM job_ranks WHERE job_id=?1 AND lease_gen=j.lease_gen) "
+        "FROM job_ranks r JOIN jobs j ON j.id=r.job_id WHERE r.job_id=?1 AND r.lease_gen=j.lease_gen "
+        "AND r.worker_id=?2 GROUP BY j.id");
+    sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, worker, -1, SQLITE_STATIC);
+    int nworkers = 0;
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        const char *ranks = store_col_text(st, 0);
+        snprintf(out, cap, "rank%s %s", strchr(ranks, ',') ? "s" : "", ranks);
+        *world = sqlite3_column_int(st, 1);
+        nworkers = sqlite3_column_int(st, 2);
+    }
+    sqlite3_reset(st);
+    return nworkers;
+}
+
 /* Why a lease expired: the worker whose heartbeats stopped first (rank 0's when no rank says), with
  * its ranks when the gang is spread over several workers. */
 static void expiry_reason(const char *job_id, const char *worker, char *out, size_t cap) {
-    sqlite3_stmt *st = store_stmt(
-        "SELECT r.worker_id, GROUP_CONCAT(r.rank, ','), MIN(r.expires_f), j.ranks, "
-        "(SELECT COUNT(DISTINCT worker_id) FROM job_ranks WHERE job_id=?1 AND lease_gen=j.lease_gen) "
-        "FROM job_ranks r JOIN jobs j ON j.id=r.job_id WHERE r.job_id=?1 AND r.lease_gen=j.lease_gen "
-        "GROUP BY r.worker_id ORDER BY MIN(r.expires_f) LIMIT 1");
+    sqlite3_stmt *st = store_stmt("SELECT r.worker_id FROM job_ranks r JOIN jobs j ON j.id=r.job_id WHERE "
+                                  "r.job_id=? AND r.lease_gen=j.lease_gen ORDER BY r.expires_f LIMIT 1");
     sqlite3_bind_text(st, 1, job_id, -1, SQLITE_STATIC);
-    if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_int(st, 4) > 1) {
-        const char *ranks = store_col_text(st, 1);
-        snprintf(out, cap,
-                 "Lease expired: worker %s (rank%s %s of %d) sent no heartbeat for %.0f s; every rank of the gang "
-                 "(%d workers) is released", store_col_text(st, 0), strchr(ranks, ',') ? "s" : "", ranks,
-                 sqlite3_column_int(st, 3), g_cfg.lease_ttl_s, sqlite3_column_int(st, 4));
-    } else {
-        snprintf(out, cap, "Lease expired: worker %s sent no heartbeat for %.0f s", worker, g_cfg.lease_ttl_s);
-    }
+    char silent[40] = "", ranks[200];
+    if (sqlite3_step(st) == SQLITE_ROW) snprintf(silent, sizeof silent, "%s", store_col_text(st, 0));
     sqlite3_reset(st);
+    int world = 0, nworkers = silent[0] ? ranks_held(job_id, silent, ranks, sizeof ranks, &world) : 0;
+    if (nworkers > 1)
+        snprintf(out, cap,
+                 "Lease expired: worker %s (%s of %d) sent no heartbeat for %.0f s; every rank of the gang "
+                 "(%d workers) is released", silent, ranks, world, g_cfg.lease_ttl_s, nworkers);
+    else
+        snprintf(out, cap, "Lease expired: worker %s sent no heartbeat for %.0f s", worker, g_cfg.lease_ttl_s);
+}
+
+/* Ends job_id's running lease now, inside the caller's transaction: the path of every expiry (the
+ * attempt it used counts; requeued with backoff, or failed once out of attempts). */
+static void end_lease(const char *job_id, const char *reason) {
+    sched_requeue(job_id, "lease_expired", reason);
+    atomic_fetch_add(&g_expired, 1);
+    ln_log(LN_LOG_WARN, "sched", "lease of %s ended (%s)", job_id, reason);
 }
 
 /* Requeues one expired lease inside the caller's transaction (re-checked there: a heartbeat may
@@ -557,11 +583,9 @@ static int expire_one(const char *job_id, const char *worker, double now) {
     int still = sqlite3_step(st) == SQLITE_ROW;
     sqlite3_reset(st);
     if (!still) return 0;
-    char reason[400];
+    char reason[600];
     expiry_reason(job_id, worker, reason, sizeof reason);
-    sched_requeue(job_id, "lease_expired", reason);
-    atomic_fetch_add(&g_expired, 1);
-    ln_log(LN_LOG_WARN, "sched", "lease of %s expired (%s)", job_id, reason);
+    end_lease(job_id, reason);
     return 1;
 }
 
@@ -572,6 +596,30 @@ int sched_expire_lease(const char *job_id) {
     if (sqlite3_step(st) == SQLITE_ROW && store_col_text(st, 0)) snprintf(worker, sizeof worker, "%s", store_col_text(st, 0));
     sqlite3_reset(st);
     return expire_one(job_id, worker, sched_wall_now());
+}
+
+json_t *sched_end_worker_leases(const char *worker_id) {
+    json_t *jobs = json_array();
+    sqlite3_stmt *st = store_stmt("SELECT DISTINCT j.id FROM job_ranks r JOIN jobs j ON j.id=r.job_id WHERE "
+                                  "r.worker_id=? AND j.status='running' AND r.lease_gen=j.lease_gen ORDER BY j.seq");
+    sqlite3_bind_text(st, 1, worker_id, -1, SQLITE_STATIC);
+    while (sqlite3_step(st) == SQLITE_ROW) json_array_append_new(jobs, json_string(store_col_text(st, 0)));
+    sqlite3_reset(st);
+    size_t i;
+    json_t *job;
+    json_array_foreach(jobs, i, job) {
+        const char *id = json_string_value(job);
+        char ranks[200] = "its ranks", reason[600];
+        int world = 0, nworkers = ranks_held(id, worker_id, ranks, sizeof ranks, &world);
+        if (nworkers > 1)
+            snprintf(reason, sizeof reason, "Worker %s restarted (new process): its lease of %s of %d ended; every "
+                     "rank of the gang (%d workers) is released", worker_id, ranks, world, nworkers);
+        else
+            snprintf(reason, sizeof reason, "Worker %s restarted (new process): its lease of %s ended", worker_id,
+                     ranks);
+        end_lease(id, reason);
+    }
+    return jobs;
 }
 
 void sched_requeue(const char *job_id, const char *code, const char *reason) {
@@ -755,7 +803,8 @@ void sched_metrics_render(char **b, size_t *l, size_t *c) {
     http_buf_printf(b, l, c,
                     "# HELP loranull_leases_granted_total Jobs leased (all ranks of a gang count once).\n"
                     "# TYPE loranull_leases_granted_total counter\nloranull_leases_granted_total %lu\n"
-                    "# HELP loranull_lease_expirations_total Leases that expired without heartbeats.\n"
+                    "# HELP loranull_lease_expirations_total Leases that expired without heartbeats, or that ended at "
+                    "once because their worker restarted.\n"
                     "# TYPE loranull_lease_expirations_total counter\nloranull_lease_expirations_total %lu\n",
                     atomic_load(&g_granted), atomic_load(&g_expired));
     sqlite3_stmt *st = store_stmt("SELECT COUNT(*) FROM jobs WHERE status='queued' AND gang_wait=?");

@@ -57,6 +57,14 @@ int sched_gang_workers(const char *job_id, long long gen, char rank0_worker[40])
 /* Requeues job_id if its lease is past expiry, inside the caller's transaction; 1 when it did. */
 int sched_expire_lease(const char *job_id);
 
+/* Restarts. A worker daemon re-registering under its old id from a new process (another `instance`)
+ * left every lease the old process held behind: each running job of which worker_id holds a rank
+ * under the current generation — the whole gang, as when a rank's worker falls silent — ends now,
+ * exactly as if it had expired now (the attempt counts; backoff, or failed at max_attempts), with
+ * an event naming the restart. Inside the caller's transaction; returns the ids of the jobs ended
+ * (a new array, owned by the caller: notify them after the commit). */
+json_t *sched_end_worker_leases(const char *worker_id);
+
 /* Puts a running job back in the queue (or fails it when out of attempts), inside the caller's
  * transaction. reason is for the event and the final error. */
 void sched_requeue(const char *job_id, const char *code, const char *reason);

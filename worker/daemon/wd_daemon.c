@@ -96,6 +96,7 @@ struct wd_daemon {
     uv_signal_t sigterm, sigint;
     uv_async_t wake;
     char worker_id[64];
+    char instance[17];                     /* random per process start: tells the server of a restart */
     json_t *models;
     char device_kind[8];
     const lnb_backend *be;
@@ -903,7 +904,8 @@ static void on_register(const wd_resp *r, void *ctx) {
         if (ln_write_file_atomic(idf, d->worker_id, strlen(d->worker_id), &e) != 0)
             ln_log(LN_LOG_WARN, "worker", "cannot keep the worker id: %s", e.msg);
         free(idf);
-        ln_log(LN_LOG_INFO, "worker", "registered as %s with %zu model(s)", d->worker_id, json_array_size(d->models));
+        ln_log(LN_LOG_INFO, "worker", "registered as %s with %zu model(s) (instance %s)", d->worker_id,
+               json_array_size(d->models), d->instance);
     } else {
         char msg[1024];
         wd_resp_message(r, msg, sizeof msg);
@@ -926,6 +928,7 @@ static void send_register(wd_daemon *d) {
                           d->device_kind, "devices", d->cfg.ranks, "memory_bytes",
                           (json_int_t)(pages > 0 && psz > 0 ? (long long)pages * psz : 0), "models", d->models);
     if (d->worker_id[0]) json_object_set_new(b, "worker_id", json_string(d->worker_id));
+    json_object_set_new(b, "instance", json_string(d->instance));
     if (wd_http_json(d->http, "POST", "/internal/v1/workers/register", b, 15.0, on_register, d) == 0) d->busy = 1;
 }
 
@@ -1004,6 +1007,19 @@ static void on_signal(uv_signal_t *s, int signum) {
 
 /* ---------------------------------------------------------------- entry */
 
+/* 16 hex characters, new at each start of the daemon. Registering under the kept worker id with a
+ * new instance tells the server that the process which held that id's leases is gone, so it requeues
+ * them at once instead of after the lease TTL (a pod restarted after a crash or an OOM kill). */
+static void new_instance(char out[17]) {
+    unsigned char raw[8];
+    if (uv_random(NULL, NULL, raw, sizeof raw, 0, NULL) != 0) {
+        /* No entropy source: the pid and the clock still differ from the previous process's. */
+        unsigned long long x = (unsigned long long)getpid() * 0x9E3779B97F4A7C15ull ^ (unsigned long long)(ln_now_s() * 1e6);
+        for (size_t i = 0; i < sizeof raw; i++) raw[i] = (unsigned char)(x >> (8 * i));
+    }
+    for (size_t i = 0; i < sizeof raw; i++) snprintf(out + 2 * i, 3, "%02x", raw[i]);
+}
+
 int wd_daemon_run(const wd_config *cfg, ln_err *e) {
     if (cfg->device && strncmp(cfg->device, "cuda", 4) == 0 && cfg->ranks > 1)
         return ln_errf(e, "--ranks %d with --device %s: a GPU worker offers one GPU (one rank); run one worker per "
@@ -1036,6 +1052,7 @@ int wd_daemon_run(const wd_config *cfg, ln_err *e) {
         snprintf(d->worker_id, sizeof d->worker_id, "%s", saved);
     free(saved);
     free(idf);
+    new_instance(d->instance);
     d->loop = ln_xcalloc(1, sizeof *d->loop);
     uv_loop_init(d->loop);
     d->http = wd_http_new(d->loop, cfg->server, cfg->token, e);

@@ -36,7 +36,9 @@
  *    after the same step (the trainer agrees on a stop any rank sees); rank 0 uploads that
  *    step's checkpoint and, for SIGTERM, releases the job.
  *  - The worker id the server gave is kept in <work-dir>/worker_id: a restarted daemon registers
- *    again under the same id (one work dir per worker). */
+ *    again under the same id (one work dir per worker), with a new random `instance` (one per
+ *    process start), so the server ends the leases the old process held at once (their jobs are
+ *    requeued and resume from their last checkpoint) rather than after the lease TTL. */
 #ifndef WD_DAEMON_H
 #define WD_DAEMON_H
 
