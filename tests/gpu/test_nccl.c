@@ -4,7 +4,9 @@
  *                        allgather, allreduce, broadcast and barrier with device (cudaMalloc),
  *                        managed (cudaMallocManaged) and host (malloc: staged) buffers, and an
  *                        allgather of a host send into a device recv; results vs the host's sums
- *                        and copies. Then comm_abort: the next collective fails with a sentence.
+ *                        and copies; a count of 0 with NULL buffers; a host all-reduce larger
+ *                        than the staging buffer the backend keeps (64 MiB). Then comm_abort: the
+ *                        next collective fails with a sentence.
  *                        With ≥ 2 GPUs also: a collective rank 1 never joins is ended by
  *                        comm_abort from another thread (an error, not a hang).
  *   test_nccl procs      two processes, one GPU each (cuda:0, cuda:1), the id passed through a
@@ -24,6 +26,9 @@
 extern char **environ;
 
 #define N 1000
+/* Seconds a rank waits for the group to form: a bootstrap that cannot connect (NCCL picked an
+ * unreachable interface) fails with a sentence well inside run.sh's limit, not as a TIMEOUT. */
+#define JOIN_S 20
 enum { K_DEV, K_MANAGED, K_HOST, NKIND };
 static const char *KIND[NKIND] = {"device", "managed", "host"};
 static unsigned char uid[COMM_NCCL_ID_BYTES];
@@ -110,21 +115,57 @@ static int collectives(ln_comm *c, int ks, int k, char *msg, size_t cap)
     return ok;
 }
 
-typedef struct { int rank, size, device; ln_comm *c; int ok[NKIND + 1]; char msg[NKIND + 1][LN_ERR_MSG_MAX]; } rank_res;
+/* Counts of 0 (NULL buffers, as comm.h allows), then a host all-reduce of more floats than the
+ * staging buffer the backend keeps between collectives (STAGE_KEEP_FLOATS: it is freed after). */
+static int edges(ln_comm *c, char *msg, size_t cap)
+{
+    int rank = comm_rank(c), size = comm_size(c);
+    ln_err e = {{0}};
+    if (comm_allreduce_sum(c, NULL, 0, &e) || comm_allgather(c, NULL, NULL, 0, &e) ||
+        comm_broadcast(c, NULL, 0, 0, &e)) {
+        snprintf(msg, cap, "a count of 0: %.900s", e.msg);
+        return 0;
+    }
+    const size_t n = ((size_t)16 << 20) + 3;
+    float *h = malloc(n * sizeof(float));
+    if (!h) {
+        snprintf(msg, cap, "rank %d: no host memory for %zu floats", rank, n);
+        return 0;
+    }
+    for (size_t i = 0; i < n; i++) h[i] = (float)(rank + 1) * (float)(i % 1024);
+    int ok = comm_allreduce_sum(c, h, (int64_t)n, &e) == 0;
+    if (!ok) snprintf(msg, cap, "a host all-reduce of %zu floats: %.900s", n, e.msg);
+    float tot = (float)(size * (size + 1) / 2);
+    for (size_t i = 0; ok && i < n; i++)
+        if (h[i] != tot * (float)(i % 1024)) {
+            ok = 0;
+            snprintf(msg, cap, "a host all-reduce of %zu floats: element %zu is %g, not %g", n, i, h[i],
+                     tot * (float)(i % 1024));
+        }
+    free(h);
+    return ok;
+}
 
-/* The checks of one rank: every kind, then a host send into a device recv. */
+#define NCHECK (NKIND + 2)
+static const char *CHECK_NAME[NCHECK] = {
+    "every collective, device buffers", "every collective, managed buffers", "every collective, host buffers",
+    "every collective, host send into device recv (allgather)",
+    "counts of 0 (NULL buffers), and a host all-reduce above the kept staging size"};
+typedef struct { int rank, size, device; ln_comm *c; int ok[NCHECK]; char msg[NCHECK][LN_ERR_MSG_MAX]; } rank_res;
+
+/* The checks of one rank: every kind, a host send into a device recv, the edge cases. */
 static void rank_checks(rank_res *r)
 {
     for (int k = 0; k < NKIND; k++) r->ok[k] = collectives(r->c, k, k, r->msg[k], sizeof r->msg[k]);
     r->ok[NKIND] = collectives(r->c, K_HOST, K_DEV, r->msg[NKIND], sizeof r->msg[NKIND]);
+    r->ok[NKIND + 1] = edges(r->c, r->msg[NKIND + 1], sizeof r->msg[NKIND + 1]);
 }
 
 static void report(rank_res *r)
 {
-    for (int k = 0; k <= NKIND; k++) {
+    for (int k = 0; k < NCHECK; k++) {
         char name[160];
-        snprintf(name, sizeof name, "NCCL %d rank(s), rank %d: every collective, %s buffers", r->size, r->rank,
-                 k < NKIND ? KIND[k] : "host send into device recv (allgather)");
+        snprintf(name, sizeof name, "NCCL %d rank(s), rank %d: %s", r->size, r->rank, CHECK_NAME[k]);
         check_true(name, r->ok[k]);
         if (!r->ok[k]) printf("#   %s\n", r->msg[k]);
     }
@@ -134,8 +175,8 @@ static void *rank_main(void *p)
 {
     rank_res *r = p;
     ln_err e = {{0}};
-    if (comm_nccl_new(r->rank, r->size, uid, r->device, &r->c, &e)) {
-        for (int k = 0; k <= NKIND; k++) snprintf(r->msg[k], sizeof r->msg[k], "join: %.900s", e.msg);
+    if (comm_nccl_join(r->rank, r->size, uid, r->device, JOIN_S, NULL, &r->c, &e)) {
+        for (int k = 0; k < NCHECK; k++) snprintf(r->msg[k], sizeof r->msg[k], "join: %.900s", e.msg);
         return NULL;
     }
     rank_checks(r);
@@ -215,7 +256,7 @@ static int child_main(int rank, const char *idfile)
         fclose(f);
     }
     rank_res r = {.rank = rank, .size = 2, .device = rank};
-    if (comm_nccl_join(rank, 2, uid, rank, 60, NULL, &r.c, &e)) {
+    if (comm_nccl_join(rank, 2, uid, rank, JOIN_S, NULL, &r.c, &e)) {
         printf("FAIL rank %d: %s\n", rank, e.msg);
         return 1;
     }
@@ -266,6 +307,7 @@ static int procs_main(const char *self)
 
 int main(int argc, char **argv)
 {
+    setenv("NCCL_DEBUG", "WARN", 0); /* NCCL's own reason in the log, should a call fail (children inherit it) */
     if (argc >= 4 && strcmp(argv[1], "child") == 0) return child_main(atoi(argv[2]), argv[3]);
     if (argc >= 2 && strcmp(argv[1], "procs") == 0) return procs_main(argv[0]);
     return threads_main();

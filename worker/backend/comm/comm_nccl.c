@@ -13,7 +13,12 @@
  * whose peer never comes can be ended by comm_abort from another thread (the waiting thread sees
  * the flag within a millisecond and calls ncclCommAbort itself; an idle comm is aborted at once).
  * Every failure is one sentence naming the NCCL or CUDA call, the rank and the reason
- * (ncclGetErrorString, and ncclCommGetAsyncError's status when the call itself succeeded). */
+ * (ncclGetErrorString, and ncclCommGetAsyncError's status when the call itself succeeded), with
+ * NCCL's own last message (ncclGetLastError) when it has one.
+ *
+ * Unlike the thread and tcp backends, ranks that disagree on a count are NOT detected: NCCL trusts
+ * them, so such a collective hangs (until comm_abort) or mixes data. Only the engine's lockstep
+ * keeps them equal. */
 #ifdef LN_WITH_NCCL
 #include <cuda_runtime.h>
 #include <nccl.h>
@@ -57,22 +62,35 @@ static void nap_ms(long ms)
     nanosleep(&t, NULL);
 }
 
-/* Aborts the NCCL comm (once). Caller holds mu, or owns the comm alone. */
+/* Aborts the NCCL comm (once). Caller holds mu, or owns the comm alone. The calling thread's
+ * current device is left as it was (comm_abort may come from any thread). */
 static void abort_locked(nccl_state *s)
 {
     if (!s->comm) return;
+    int old = -1;
+    cudaGetDevice(&old);
     cudaSetDevice(s->device);
     ncclCommAbort(s->comm);
     s->comm = NULL;
+    if (old >= 0 && old != s->device) cudaSetDevice(old);
+}
+
+/* NCCL's own message for the last failure (its WARN line: which transport, which peer), or "". */
+static const char *nccl_detail(void)
+{
+    const char *d = ncclGetLastError(NULL);
+    return d ? d : "";
 }
 
 static int nccl_fail(ln_comm *c, ln_err *e, const char *call, ncclResult_t r)
 {
     nccl_state *s = st(c);
     s->failed = 1;
-    return ln_errf(e, "NCCL %s failed on rank %d of %d (device %d): %s%s", call, c->rank, c->size, s->device,
+    const char *d = nccl_detail();
+    return ln_errf(e, "NCCL %s failed on rank %d of %d (device %d): %s%s%s%s", call, c->rank, c->size, s->device,
                    ncclGetErrorString(r),
-                   r == ncclRemoteError || r == ncclSystemError ? " (a peer rank may have failed or been stopped)" : "");
+                   r == ncclRemoteError || r == ncclSystemError ? " (a peer rank may have failed or been stopped)" : "",
+                   *d ? "; NCCL says: " : "", d);
 }
 
 static int cuda_fail(ln_comm *c, ln_err *e, const char *call, cudaError_t ce)
@@ -99,7 +117,7 @@ static int enter(ln_comm *c, ln_err *e)
     if (ce == cudaSuccess) ce = cudaDeviceSynchronize();
     if (ce != cudaSuccess) {
         leave(c);
-        return cuda_fail(c, e, "cudaDeviceSynchronize before a collective", ce);
+        return cuda_fail(c, e, "cudaSetDevice + cudaDeviceSynchronize before a collective", ce);
     }
     return 0;
 }
@@ -186,11 +204,13 @@ static int stage_buf(ln_comm *c, size_t n, ln_err *e)
     return 0;
 }
 
-static int copy(ln_comm *c, void *dst, const void *src, size_t bytes, enum cudaMemcpyKind k, ln_err *e)
+/* A staging copy on the rank's stream. cudaMemcpyDefault (unified addressing) lets the driver read
+ * the direction from the pointers: a "host" buffer here may also be pinned memory or memory of
+ * another GPU, for which a fixed HostToDevice kind would be wrong. */
+static int copy(ln_comm *c, void *dst, const void *src, size_t bytes, const char *what, ln_err *e)
 {
-    cudaError_t ce = cudaMemcpyAsync(dst, src, bytes, k, st(c)->stream);
-    return ce == cudaSuccess ? 0 : cuda_fail(c, e, k == cudaMemcpyHostToDevice ? "cudaMemcpyAsync (staging in)"
-                                                                                : "cudaMemcpyAsync (staging out)", ce);
+    cudaError_t ce = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, st(c)->stream);
+    return ce == cudaSuccess ? 0 : cuda_fail(c, e, what, ce);
 }
 
 /* In-place collectives (allreduce, broadcast) on buf: staged when buf is host memory. */
@@ -200,12 +220,16 @@ static int inplace(ln_comm *c, float *buf, int64_t n, int root, ln_err *e)
     const char *what = root < 0 ? "ncclAllReduce" : "ncclBroadcast";
     if (n < 0) return ln_errf(e, "NCCL %s on rank %d: negative count %lld", what, c->rank, (long long)n);
     if (enter(c, e)) return -1;
-    int host = n > 0 && !on_device(s, buf);
+    if (n == 0) { /* every rank has nothing: no NCCL call (a NULL buffer is allowed) */
+        leave(c);
+        return 0;
+    }
+    int host = !on_device(s, buf);
     float *d = buf;
     int rc = 0;
     if (host) {
         rc = stage_buf(c, (size_t)n, e);
-        if (rc == 0) rc = copy(c, s->stage, buf, (size_t)n * sizeof(float), cudaMemcpyHostToDevice, e);
+        if (rc == 0) rc = copy(c, s->stage, buf, (size_t)n * sizeof(float), "cudaMemcpyAsync (staging in)", e);
         d = s->stage;
     }
     if (rc == 0)
@@ -215,7 +239,7 @@ static int inplace(ln_comm *c, float *buf, int64_t n, int root, ln_err *e)
     /* Waited for before the copy out: a copy into pageable memory would block until the collective
      * ends, where no abort is seen. */
     if (rc == 0) rc = wait_done(c, what, e);
-    if (rc == 0 && host) rc = copy(c, buf, d, (size_t)n * sizeof(float), cudaMemcpyDeviceToHost, e);
+    if (rc == 0 && host) rc = copy(c, buf, d, (size_t)n * sizeof(float), "cudaMemcpyAsync (staging out)", e);
     if (rc == 0 && host) rc = wait_done(c, "the copy out of a staged collective", e);
     leave(c);
     return rc;
@@ -235,20 +259,24 @@ static int nccl_allgather(ln_comm *c, const float *send, float *recv, int64_t n,
     nccl_state *s = st(c);
     if (n < 0) return ln_errf(e, "NCCL ncclAllGather on rank %d: negative count %lld", c->rank, (long long)n);
     if (enter(c, e)) return -1;
+    if (n == 0) {
+        leave(c);
+        return 0;
+    }
     size_t total = (size_t)n * (size_t)c->size;
-    int hs = n > 0 && !on_device(s, send), hr = n > 0 && !on_device(s, recv);
+    int hs = !on_device(s, send), hr = !on_device(s, recv);
     const float *ds = send;
     float *dr = recv;
     int rc = hs || hr ? stage_buf(c, (hr ? total : 0) + (hs ? (size_t)n : 0), e) : 0;
     if (rc == 0 && hr) dr = s->stage;
     if (rc == 0 && hs) {
         float *t = s->stage + (hr ? total : 0);
-        rc = copy(c, t, send, (size_t)n * sizeof(float), cudaMemcpyHostToDevice, e);
+        rc = copy(c, t, send, (size_t)n * sizeof(float), "cudaMemcpyAsync (staging in)", e);
         ds = t;
     }
     if (rc == 0) rc = launched(c, "ncclAllGather", ncclAllGather(ds, dr, (size_t)n, ncclFloat32, s->comm, s->stream), e);
     if (rc == 0) rc = wait_done(c, "ncclAllGather", e);
-    if (rc == 0 && hr) rc = copy(c, recv, dr, total * sizeof(float), cudaMemcpyDeviceToHost, e);
+    if (rc == 0 && hr) rc = copy(c, recv, dr, total * sizeof(float), "cudaMemcpyAsync (staging out)", e);
     if (rc == 0 && hr) rc = wait_done(c, "the copy out of a staged collective", e);
     leave(c);
     return rc;
@@ -276,19 +304,43 @@ static void nccl_abort(ln_comm *c)
     pthread_mutex_unlock(&s->mu);
 }
 
+/* Seconds comm_free waits for a healthy comm to finalize (its peers to be quiescent) before it
+ * aborts it instead. */
+#define FINALIZE_WAIT_S 10.0
+
+/* ncclCommFinalize on the non-blocking comm, polled until it is globally quiescent: 0, or −1 when
+ * it failed or took longer than FINALIZE_WAIT_S (a peer that is gone or still busy). */
+static int finalize_bounded(nccl_state *s)
+{
+    ncclResult_t r = ncclCommFinalize(s->comm);
+    double deadline = ln_now_s() + FINALIZE_WAIT_S;
+    for (long spins = 0; r == ncclInProgress; spins++) {
+        if (ln_now_s() > deadline) return -1;
+        nap_ms(spins < 100 ? 1 : 10);
+        if (ncclCommGetAsyncError(s->comm, &r) != ncclSuccess) return -1;
+    }
+    return r == ncclSuccess ? 0 : -1;
+}
+
 static void nccl_free(ln_comm *c)
 {
     nccl_state *s = st(c);
+    int old = -1;
+    cudaGetDevice(&old);
     cudaSetDevice(s->device);
     if (s->comm) {
-        /* A healthy comm is destroyed (its last operations flushed); a failed one aborted, so that
-         * freeing never waits on a peer that is gone. */
-        if (s->failed || atomic_load(&s->aborted)) ncclCommAbort(s->comm);
+        /* A healthy comm is finalized (its last operations flushed: a peer may still be receiving
+         * this rank's last bytes), then destroyed, which is local once finalized. A failed one, or
+         * one whose peers do not quiesce in time, is aborted: freeing never waits long on a peer
+         * that is gone. Destroy and abort run to completion even on a non-blocking comm. */
+        if (s->failed || atomic_load(&s->aborted) || finalize_bounded(s) != 0) ncclCommAbort(s->comm);
         else if (ncclCommDestroy(s->comm) != ncclSuccess) ncclCommAbort(s->comm);
+        s->comm = NULL;
     }
     cudaFree(s->stage);
     cudaFree(s->dflag);
     cudaStreamDestroy(s->stream);
+    if (old >= 0 && old != s->device) cudaSetDevice(old);
     pthread_mutex_destroy(&s->mu);
     free(s);
     free(c);
@@ -306,7 +358,8 @@ int comm_nccl_unique_id(unsigned char id[COMM_NCCL_ID_BYTES], ln_err *e)
     ncclResult_t r = ncclGetUniqueId(&u);
     if (r != ncclSuccess)
         return ln_errf(e, "NCCL ncclGetUniqueId failed: %s (rank 0 makes the id from its network interfaces: "
-                          "NCCL_SOCKET_IFNAME picks one)", ncclGetErrorString(r));
+                          "NCCL_SOCKET_IFNAME picks one)%s%s", ncclGetErrorString(r),
+                       *nccl_detail() ? "; NCCL says: " : "", nccl_detail());
     _Static_assert(sizeof u == COMM_NCCL_ID_BYTES, "ncclUniqueId is 128 bytes");
     memcpy(id, &u, sizeof u);
     return 0;
@@ -319,6 +372,12 @@ int comm_nccl_join(int rank, int size, const unsigned char id[COMM_NCCL_ID_BYTES
     if (size < 1 || rank < 0 || rank >= size)
         return ln_errf(e, "NCCL comm: rank %d is not in a group of %d", rank, size);
     if (device < 0) return ln_errf(e, "NCCL comm: rank %d: device %d is not a GPU index", rank, device);
+    /* The library loaded may not be the one built against (a GPU machine's own, e.g. a CUDA wheel's). */
+    int v = 0;
+    if (ncclGetVersion(&v) != ncclSuccess || v < NCCL_VERSION(2, 14, 0))
+        return ln_errf(e, "NCCL comm: rank %d: the NCCL library loaded is version %d.%d.%d, older than 2.14 (needed "
+                          "for non-blocking communicators): put a newer libnccl.so.2 first on LD_LIBRARY_PATH", rank,
+                       v / 10000, v / 100 % 100, v % 100);
     ln_comm *c = calloc(1, sizeof *c);
     nccl_state *s = calloc(1, sizeof *s);
     if (!c || !s) {
@@ -363,8 +422,9 @@ int comm_nccl_join(int rank, int size, const unsigned char id[COMM_NCCL_ID_BYTES
         if (r == ncclInProgress) nap_ms(spins < 100 ? 1 : 10);
     }
     if (r != ncclSuccess) {
-        ln_errf(e, "NCCL ncclCommInitRank failed for rank %d of %d on device %d: %s", rank, size, device,
-                ncclGetErrorString(r));
+        const char *d = nccl_detail();
+        ln_errf(e, "NCCL ncclCommInitRank failed for rank %d of %d on device %d: %s%s%s", rank, size, device,
+                ncclGetErrorString(r), *d ? "; NCCL says: " : "", d);
         goto fail;
     }
     *out = c;
