@@ -11,70 +11,79 @@
       B = Up[:, :r] √Sp[:r],  A = √Sp[:r] Vhp[:r],  W0 − B A
 
 Covariances from one 1024-token random sample per input (C = XᵀX / n), random weights (std 0.02),
-rank 128. Prints one line per part as it finishes and rewrites OUT.json after each, so a step cut
-by its timeout still leaves what was measured. Exits 77 (a visible skip) without torch or CUDA.
+rank 128. Each input's SVD is followed by its targets' factorisations; one line per part as it
+finishes, and OUT.json rewritten (atomically) after each, so a step cut by its timeout still leaves
+what was measured. Exits 77 (a visible skip) without torch or CUDA. --device cpu --tiny: the same
+code on a toy layer (a check of the logic).
 
-usage: bench_init_torch.py OUT.json"""
+usage: bench_init_torch.py OUT.json [--device cuda|cpu] [--tiny]"""
 import json
-import sys
-import time
+import os
 
 import torch_gpu
 
-HID, INTER, QD, KVD, R, TOKENS = 4096, 14336, 4096, 1024, 128, 1024
-INPUTS = [("qkv", HID), ("o", QD), ("gate_up", HID), ("down", INTER)]
-TARGETS = [("q_proj", QD, HID, "qkv"), ("k_proj", KVD, HID, "qkv"), ("v_proj", KVD, HID, "qkv"),
-           ("o_proj", HID, QD, "o"), ("gate_proj", INTER, HID, "gate_up"), ("up_proj", INTER, HID, "gate_up"),
-           ("down_proj", HID, INTER, "down")]
+# LLaMA-3-8B's layer (hidden, intermediate, q and kv widths), rank, tokens per covariance sample
+FULL = dict(hid=4096, inter=14336, qd=4096, kvd=1024, r=128, tokens=1024)
+TINY = dict(hid=64, inter=160, qd=64, kvd=32, r=8, tokens=256)
+
+
+def inputs_and_targets(hid, inter, qd, kvd, **_):
+    """The 4 distinct inputs (name, width), each with its targets (name, d_out, d_in)."""
+    return [("qkv", hid, [("q_proj", qd, hid), ("k_proj", kvd, hid), ("v_proj", kvd, hid)]),
+            ("o", qd, [("o_proj", hid, qd)]),
+            ("gate_up", hid, [("gate_proj", inter, hid), ("up_proj", inter, hid)]),
+            ("down", inter, [("down_proj", hid, inter)])]
 
 
 def main():
-    out = sys.argv[1] if len(sys.argv) > 1 else "bench_init_torch.json"
-    torch = torch_gpu.require("bench_init_torch")
-    dev = torch.device("cuda")
+    args = torch_gpu.parse_args(__doc__, "bench_init_torch.json")
+    dev = args.device
+    torch = torch_gpu.require("bench_init_torch", device=dev)
+    shape = TINY if args.tiny else FULL
+    R, TOKENS = shape["r"], shape["tokens"]
     torch.manual_seed(0)
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rank": R, "svd_s": {}, "factor_s": {},
-           "complete": False}
+    res = {"device": torch_gpu.device_name(torch, dev), "torch": torch.__version__, "rank": R, "tiny": args.tiny,
+           "svd_s": {}, "factor_s": {}, "residual_rel": {}, "complete": False}
 
     def save():
-        with open(out, "w") as f:
+        """Atomically: a step killed mid-write leaves the previous, whole file."""
+        with open(args.out + ".tmp", "w") as f:
             json.dump(res, f)
+        os.replace(args.out + ".tmp", args.out)
 
-    def timed(fn):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        r = fn()
-        torch.cuda.synchronize()
-        return r, time.perf_counter() - t
-
-    bases = {}
+    # Each input's basis, then its targets' factors: a step cut by its timeout keeps whole parts.
     with torch.no_grad():
-        for name, d in INPUTS:
+        # untimed warm-up: the first call loads the solver library and makes its handle
+        torch_gpu.timed(torch, dev, lambda: torch.linalg.svd(torch.randn(256, 256, device=dev)))
+        for name, d, targets in inputs_and_targets(**shape):
             x = torch.randn(TOKENS, d, device=dev)
             x = x / x.max().abs()
             C = x.t() @ x / TOKENS
-            (U, _, _), dt = timed(lambda: torch.linalg.svd(C))
-            bases[name] = U[:, -R:].contiguous()
+            (U, _, _), dt = torch_gpu.timed(torch, dev, lambda: torch.linalg.svd(C))
+            Un = U[:, -R:].contiguous()
             res["svd_s"][name] = dt
             print(f"torch svd of C ({name}, {d} x {d}): {dt:.3f} s", flush=True)
             save()
             del x, C, U
-        for name, dout, din, inp in TARGETS:
-            W = torch.randn(dout, din, device=dev) * 0.02
-            Un = bases[inp]
+            for tname, dout, din in targets:
+                W = torch.randn(dout, din, device=dev) * 0.02
 
-            def factor():
+                def factor():
+                    P = W @ Un @ Un.t()
+                    Up, Sp, Vhp = torch.linalg.svd(P, full_matrices=False)
+                    B = Up[:, :R] * Sp[:R].sqrt()
+                    A = Sp[:R].sqrt()[:, None] * Vhp[:R]
+                    return B, A, W - B @ A
+
+                (B, A, _), dt = torch_gpu.timed(torch, dev, factor)
+                # B A is W's projection on the null space (P has rank R): check it, outside the timing
                 P = W @ Un @ Un.t()
-                Up, Sp, Vhp = torch.linalg.svd(P, full_matrices=False)
-                B = Up[:, :R] * Sp[:R].sqrt()
-                A = Sp[:R].sqrt()[:, None] * Vhp[:R]
-                return W - B @ A
-
-            _, dt = timed(factor)
-            res["factor_s"][name] = dt
-            print(f"torch factor {name} ({dout} x {din}): {dt:.3f} s", flush=True)
-            save()
-            del W
+                res["residual_rel"][tname] = float((P - B @ A).norm() / P.norm())
+                res["factor_s"][tname] = dt
+                print(f"torch factor {tname} ({dout} x {din}): {dt:.3f} s, |W Un Unt - B A| / |W Un Unt| = "
+                      f"{res['residual_rel'][tname]:.1e}", flush=True)
+                save()
+                del W, P, B, A
     svd = sum(res["svd_s"].values())
     fac = sum(res["factor_s"].values())
     res.update(layer_init_s=svd + fac, model_init_s_est=32 * (svd + fac), complete=True)

@@ -29,9 +29,10 @@ def main():
     def load(step):
         p = out / f"{step}.json"
         try:
-            return json.loads(p.read_text())
-        except (OSError, ValueError):
+            j = json.loads(p.read_text())
+        except (OSError, ValueError):  # not written, or cut off mid-write
             return None
+        return j if isinstance(j, dict) else None
 
     def missing(step):
         return f"not measured ({step}: {verdicts.get(step, 'not run')})"
@@ -43,12 +44,17 @@ def main():
     lines.append(f"GPU benchmark on {dev}")
 
     def add(label, step, data, fields, text):
-        """One line per number: from its step's JSON (fields copied into the report), or missing."""
-        if data:
-            rep.update({k: data[src] for k, src in fields.items()})
-            lines.append(text(data))
-        else:
+        """One line per number: from its step's JSON (fields copied into the report), or missing
+        (also when the JSON lacks a field: the report is still written)."""
+        if not data:
             lines.append(f"{label}: " + missing(step))
+            return
+        try:
+            line = text(data)
+            rep.update({k: data[src] for k, src in fields.items()})
+            lines.append(line)
+        except (KeyError, TypeError, ValueError) as e:
+            lines.append(f"{label}: {step}.json is malformed ({type(e).__name__}: {e})")
 
     add("bf16 GEMM peak", "bench_peak", peak, {"peak_tflops": "peak_tflops"},
         lambda j: f"bf16 GEMM peak (measured, cuBLAS): {j['peak_tflops']:.1f} TFLOP/s")
@@ -59,8 +65,8 @@ def main():
     add("transformers + PEFT step", "bench_peft", peft, {"peft_tokens_per_s": "tokens_per_s"},
         lambda j: f"transformers {j.get('transformers', '?')} + peft {j.get('peft', '?')}, same step: "
                   f"{j['tokens_per_s']:.0f} tokens/s")
-    if train and peft:
-        rep["ratio_vs_peft"] = train["tokens_per_s"] / peft["tokens_per_s"]
+    if "tokens_per_s" in rep and "peft_tokens_per_s" in rep and not peft.get("tiny"):
+        rep["ratio_vs_peft"] = rep["tokens_per_s"] / rep["peft_tokens_per_s"]
         lines.append(f"ratio loranull / PEFT (tokens/s): {rep['ratio_vs_peft']:.2f}x")
     add("whole-model calibration", "bench_calib", calib, {"calib_256x1024_s": "calib_256x1024_s"},
         lambda j: f"whole-model calibration 256 x 1024 tokens (device covariances): {j['calib_256x1024_s']:.1f} s "
@@ -68,14 +74,14 @@ def main():
                   f"{j['tokens_per_s']:.0f} tokens/s)")
     add("loranull init", "bench_init", init, {"init_model_s_est": "model_init_s_est"},
         lambda j: f"loranull init, one layer x32: {j['model_init_s_est']:.1f} s (syevdx r={j['rank']} + factors)")
-    if tinit and tinit.get("complete"):
+    if tinit and tinit.get("complete") and "model_init_s_est" in tinit:
         rep["torch_init_model_s_est"] = tinit["model_init_s_est"]
         lines.append(f"torch recipe init, one layer x32: {tinit['model_init_s_est']:.1f} s (full SVDs, fp32)")
-        if init:
-            rep["init_speedup_vs_torch"] = tinit["model_init_s_est"] / init["model_init_s_est"]
+        if "init_model_s_est" in rep:
+            rep["init_speedup_vs_torch"] = tinit["model_init_s_est"] / rep["init_model_s_est"]
             lines.append(f"init speed-up over the torch recipe: {rep['init_speedup_vs_torch']:.1f}x")
     elif tinit:
-        done = ", ".join(f"{k} {v:.2f} s" for k, v in {**tinit["svd_s"], **tinit["factor_s"]}.items())
+        done = ", ".join(f"{k} {v:.2f} s" for k, v in {**tinit.get("svd_s", {}), **tinit.get("factor_s", {})}.items())
         lines.append(f"torch recipe init: incomplete ({verdicts.get('bench_init_torch', '?')}); parts done: {done}")
     else:
         lines.append("torch recipe init: " + missing("bench_init_torch"))
