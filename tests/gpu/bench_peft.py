@@ -42,7 +42,7 @@ def main():
     ids = torch.randint(0, cfg.vocab_size, (1, T), device=dev)
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # training: no KV cache
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
