@@ -304,8 +304,10 @@ static void nccl_abort(ln_comm *c)
     pthread_mutex_unlock(&s->mu);
 }
 
-/* Seconds comm_free waits for a healthy comm to finalize (its peers to be quiescent) before it
- * aborts it instead. */
+/* Seconds comm_free waits for a healthy comm to finalize before it aborts it instead. Finalizing
+ * ends in a barrier of the ranks on this host (NCCL's commDestroySync): it completes when they
+ * free theirs too, so comm_free may block that long — ranks held by one process are freed from
+ * their own threads at once, or aborted first (an aborted comm is freed without waiting). */
 #define FINALIZE_WAIT_S 10.0
 
 /* ncclCommFinalize on the non-blocking comm, polled until it is globally quiescent: 0, or −1 when
