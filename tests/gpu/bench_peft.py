@@ -69,7 +69,9 @@ def main():
 def build(torch, peft, transformers, cfg, dev, rank):
     """The bf16 model on `dev` with LoRA (rank, alpha = rank) on all seven targets, lora_A frozen."""
     with torch.device(dev):
-        model = transformers.LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+        # transformers 5 names it dtype (4.x: torch_dtype)
+        dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", **{dtype_kw: torch.bfloat16})
     lcfg = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                     "gate_proj", "up_proj", "down_proj"])
     model = peft.get_peft_model(model, lcfg)
