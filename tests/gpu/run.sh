@@ -64,8 +64,10 @@ DEADLINE=${DEADLINE:-540}
 RESERVE=15 # kept for the report at the end
 START=$SECONDS
 FAILED=0
-PY=python3
-[ -x .venv/bin/python ] && PY=.venv/bin/python
+# python with torch: $PYTHON, else the machine's python3 (the device image's has CUDA torch; a
+# .venv made on a machine without a GPU may hold a torch built for another CUDA); .venv only in a dry run
+PY=${PYTHON:-python3}
+[ -z "${PYTHON:-}" ] && [ "$DRY" = 1 ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
 BIN=build/cuda/tests
 
 want() { case " ${WANT[*]} " in *" $1 "*) return 0 ;; *) return 1 ;; esac }
