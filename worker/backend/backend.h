@@ -9,7 +9,8 @@
  *  - Backward kernels ACCUMULATE (+=) into weight gradients (so gradient accumulation over
  *    micro-batches is free) and into dx where the comment says so; everything else overwrites.
  *  - No kernel can fail; shapes are validated by the engine before calling. (CPU kernels may take
- *    small per-thread temporaries of their own.)
+ *    small per-thread temporaries of their own.) A device backend whose kernels can fail keeps the
+ *    first failure and reports it through the optional check hook below.
  *  - Deterministic: the same inputs and thread count give the same bits (the resume test needs it).
  */
 #ifndef LN_BACKEND_H
@@ -17,6 +18,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "common/err.h"
 
 typedef struct lnb_backend {
     const char *name;
@@ -86,6 +89,27 @@ typedef struct lnb_backend {
      * saves each row's log-sum-exp and recomputes the probabilities in the backward); the engine
      * then allocates that much instead of B·nh·T·T. 0 (the CPU backend): the full matrix. */
     int attention_rows_only;
+
+    /* ---- optional hooks (NULL on the CPU backend: nothing to report, nothing to keep) ---- */
+    /* Returns −1 with the first device error an earlier call met since the last check (a kernel
+     * call cannot fail by this interface, so an asynchronous failure is kept until asked), else 0;
+     * either way the kept error is cleared. It waits for queued work first, so a failure of any call
+     * made before it is seen. The engine calls it after each optimizer step, at eval points, after
+     * calibration and the adapter's init, and before writing a checkpoint or the final adapter: a
+     * step whose kernels failed is never saved (worker/engine/model.h: ln_model_check_device). */
+    int (*check)(ln_err *e);
+    /* A frozen weight w (n floats, from this table's alloc) may be kept in a faster form for the
+     * matmuls that read it (the CUDA backend: a bf16 copy, in its bf16 math mode only). Returns the
+     * bytes of backend memory that form takes (0: w stays as it is), or −1 with e filled. w itself
+     * stays what host code reads (save, export, drift). Until thaw(w) the engine must not change w
+     * nor free it: thaw first (the kept form would go stale, or outlive w's memory). Freezing a
+     * frozen weight again is a no-op. The engine freezes only model weights (ln_model_freeze_frozen,
+     * model.h), never an adapter's factors. */
+    int64_t (*freeze)(const float *w, int64_t n, ln_err *e);
+    /* Drops whatever freeze kept for w (nothing if it kept nothing or w was never frozen). */
+    void (*thaw)(const float *w);
+    /* What freeze keeps, for logs ("bf16"); NULL with freeze. */
+    const char *frozen_form;
 } lnb_backend;
 
 /* The CPU backend (OpenBLAS + OpenMP). Static; never freed. */

@@ -106,7 +106,8 @@ int cmd_train(int argc, char **argv)
                                 .layers = mc.num_layers, .heads = mc.num_heads, .kv_heads = mc.num_kv_heads,
                                 .head_dim = mc.head_dim, .tied = mc.tie_word_embeddings, .batch = to.batch_size,
                                 .seq = max_seq_len, .rank = full ? 0 : rank, .targets = nt,
-                                .train_a = strcmp(method, "lora_fa") != 0 && strcmp(method, "lora_null_v2") != 0};
+                                .train_a = strcmp(method, "lora_fa") != 0 && strcmp(method, "lora_null_v2") != 0,
+                                .bf16_copies = !full}; /* ln_train freezes every frozen weight (model.h) */
         if (lnb_select_plan_check(be, &pq, &e)) goto fail;
     }
     if (ln_model_load(model, be, &m, &e)) goto fail;

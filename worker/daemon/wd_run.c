@@ -81,7 +81,15 @@ static void strip_paths(char *msg, const char *files_dir) {
 
 static int fail(wd_run *r, const char *code, int retryable, const ln_err *e) {
     /* Whatever stage ran out (loading data, init, drift tracking), the user's remedy is the same. */
-    if (strstr(e->msg, "out of memory")) code = "out_of_memory";
+    if (strstr(e->msg, "out of memory")) {
+        code = "out_of_memory";
+    } else if (strstr(e->msg, " device error ")) {
+        /* a kernel failed on the GPU (ln_model_check_device: "cuda device error at train step 12: …"),
+         * whatever stage saw it: nothing of that step was saved, so another attempt resumes from the
+         * last good checkpoint (on this GPU or another) */
+        code = "device_error";
+        retryable = 1;
+    }
     r->status = WD_RUN_FAILED;
     snprintf(r->err_code, sizeof r->err_code, "%s", code);
     /* What the user can change, after what happened. */
@@ -341,7 +349,9 @@ static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets)
                                 .train_a = train_a, .residual = ln_method_has_residual(mm), .method = mname,
                                 .calibrate = calib, .calib_max_length = s->adapter.calibration_max_length,
                                 .device_covariances = ln_calibrate_accumulator() != NULL, .eval_during_training = 1,
-                                .ranks = ranks, .ranks_here = here, .first_rank = first};
+                                .ranks = ranks, .ranks_here = here, .first_rank = first,
+                                /* the frozen weights' bf16 copies (ln_model_freeze_frozen): every job but full */
+                                .bf16_copies = ty != LN_ADAPTER_FULL};
         if (lnb_select_plan_check(r->be, &pq, &e) != 0) return fail(r, "out_of_memory", 0, &e);
         if (strcmp(r->be->name, "cpu") == 0) { /* the same question for host memory (memplan.h) */
             ln_memplan_req mq = {.cfg = &mc, .batch = s->hp.batch_size, .seq = seq, .rank = rank, .targets = targets,
@@ -370,6 +380,15 @@ static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets)
     return load_knowledge(r, p);
 }
 
+/* After the init (or restore) wrote the final W0: the device checked, then the frozen weights in the
+ * backend's faster form for the evaluations and the training (ln_model_free thaws them). */
+static int freeze_for_training(wd_run *r, ln_model *m, ln_adapter *ad, ln_err *e) {
+    if (ln_model_check_device(m, e, "after the adapter's %s", r->resume[0] ? "restore" : "init") != 0 ||
+        ln_model_freeze_frozen(m, ad, e) != 0)
+        return fail(r, "initialization_failed", 0, e);
+    return 0;
+}
+
 static int stage_adapter(wd_run *r, run_priv *p, unsigned targets) {
     ln_err e = {{0}};
     const ln_jobspec *s = &r->spec;
@@ -394,7 +413,7 @@ static int stage_adapter(wd_run *r, run_priv *p, unsigned targets) {
     }
     if (p->calib && reporting(r) && ln_drift_tracker_new(p->m, &p->ad, ln_calibration_covariance, p->calib, &p->drift, &e) != 0)
         return fail(r, "initialization_failed", 0, &e);
-    return 0;
+    return freeze_for_training(r, p->m, &p->ad, &e);
 }
 
 /* The task loss (validation file, else the training file) and the knowledge loss (calibration
@@ -510,6 +529,7 @@ static int finish(wd_run *r, run_priv *p, ln_model *m, ln_adapter *ad, json_t *b
     char *ex = ln_path_join(r->dir, "export");
     snprintf(r->export_dir, sizeof r->export_dir, "%s", ex);
     free(ex);
+    ln_model_thaw(m); /* a merge writes the weights */
     int rc = ln_mkdir_p(r->export_dir, e);
     if (rc == 0 && !exported) { /* (a sharded full fine-tune's ranks exported it together) */
         if (ad->full) rc = ln_export_merged(m, m, ad, r->export_dir, -1, e);
@@ -729,6 +749,11 @@ static int tp_load_and_init(tp_rank *k) {
     if (calibrated(r) &&
         ln_tp_drift_new(k->shard, &k->sad, k->shape, root ? &k->whole : NULL, ln_calibration_covariance,
                         root ? (void *)k->calib : NULL, &k->drift, &e) != 0)
+        return rank_fail(k, "initialization_failed", 0, &e);
+    /* each rank its shard's frozen weights (as freeze_for_training) */
+    if (ln_model_check_device(k->shard, &e, "after the adapter's %s on rank %d", r->resume[0] ? "restore" : "init",
+                              k->c->rank) != 0 ||
+        ln_model_freeze_frozen(k->shard, &k->sad, &e) != 0)
         return rank_fail(k, "initialization_failed", 0, &e);
     return 0;
 }

@@ -583,6 +583,8 @@ int ln_calibrate(ln_model *m, const ln_tokenizer *tok, const ln_calib_opts *o, l
     memcpy(c->data_sha256, data_hash, sizeof data_hash);
     int rc = calibrate_compute(m, ss.win, ss.count, rank0 ? inputs_needed(targets) : 0, o->fp64, c, e);
     sample_set_free(&ss);
+    /* a device whose forward kernels failed summed garbage: no covariances (nor a cache) from it */
+    if (rc == 0) rc = ln_model_check_device(m, e, "during calibration");
     if (rc != 0) {
         ln_calibration_free(c);
         free(cpath);

@@ -4,10 +4,12 @@
  * shapes in comments. N = B·T token rows, C = hidden, I = intermediate, V = vocab,
  * nh/nkv heads, hd head_dim, r LoRA rank. Everything is row-major fp32 in backend memory. */
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/log.h"
 #include "common/safetensors.h"
 #include "common/util.h"
 #include "worker/engine/adapter.h"
@@ -97,9 +99,17 @@ static void param_free(const lnb_backend *be, ln_param *p)
     p->w = p->g = NULL;
 }
 
+/* Drops the backend's faster form of p (it is about to change, or to be freed). */
+static void param_thaw(const lnb_backend *be, ln_param *p)
+{
+    if (p->frozen && be->thaw) be->thaw(p->w);
+    p->frozen = 0;
+}
+
 /* Allocates p's gradient (zeroed) and marks it trainable. */
 static int param_train(const lnb_backend *be, ln_param *p, ln_err *e)
 {
+    param_thaw(be, p); /* a trained weight changes */
     p->trainable = 1;
     if (!p->g) p->g = be->alloc((size_t)p->n * sizeof(float));
     char size[32];
@@ -163,6 +173,7 @@ void ln_model_for_each_param(ln_model *m, void (*fn)(ln_param *p, void *ctx), vo
 
 int ln_model_set_full_training(ln_model *m, ln_err *e)
 {
+    ln_model_thaw(m); /* every weight is about to train */
     if (param_train(m->be, &m->embed, e) || param_train(m->be, &m->norm, e)) return -1;
     if (m->tied) {
         m->lm_head.g = m->embed.g;
@@ -179,9 +190,84 @@ int ln_model_set_full_training(ln_model *m, ln_err *e)
     return 0;
 }
 
+/* ================================================================ device hooks */
+
+/* The weights a matmul reads: each layer's linears, then lm_head (the embedding's storage when tied). */
+static void for_each_gemm_weight(ln_model *m, void (*fn)(ln_param *p, void *ctx), void *ctx)
+{
+    for (int l = 0; l < m->cfg.num_layers; l++)
+        for (int t = 0; t < LN_NTARGET; t++) fn(&m->layers[l].lin[t], ctx);
+    fn(&m->lm_head, ctx);
+}
+
+typedef struct {
+    const lnb_backend *be;
+    int count, failed;
+    int64_t bytes;
+    ln_err *e;
+} freeze_ctx;
+
+static void freeze_one(ln_param *p, void *ctx)
+{
+    freeze_ctx *f = ctx;
+    if (f->failed || p->frozen || p->trainable || !p->w) return;
+    int64_t b = f->be->freeze(p->w, p->n, f->e);
+    if (b < 0) {
+        ln_err_prefix(f->e, "keeping the frozen weight %s in a faster form", p->name);
+        f->failed = 1;
+        return;
+    }
+    p->frozen = 1;
+    f->count += b > 0;
+    f->bytes += b;
+}
+
+static void thaw_one(ln_param *p, void *ctx) { param_thaw(ctx, p); }
+
+int ln_model_freeze_frozen(ln_model *m, const struct ln_adapter *ad, ln_err *e)
+{
+    if (m->frozen || !m->be->freeze || (ad && ad->full)) return 0;
+    freeze_ctx f = {m->be, 0, 0, 0, e};
+    m->frozen = 1;
+    for_each_gemm_weight(m, freeze_one, &f);
+    if (f.failed) {
+        ln_model_thaw(m);
+        return -1;
+    }
+    if (f.count > 0) {
+        char where[48] = "";
+        if (m->comm && m->comm->size > 1)
+            snprintf(where, sizeof where, " on rank %d of %d", m->comm->rank, m->comm->size);
+        ln_log(LN_LOG_INFO, "engine", "%s weights: %d frozen (%.1f MiB)%s",
+               m->be->frozen_form ? m->be->frozen_form : m->be->name, f.count, (double)f.bytes / (1 << 20), where);
+    }
+    return 0;
+}
+
+void ln_model_thaw(ln_model *m)
+{
+    if (!m || !m->frozen) return;
+    if (m->layers) for_each_gemm_weight(m, thaw_one, (void *)m->be);
+    m->frozen = 0;
+}
+
+int ln_model_check_device(const ln_model *m, ln_err *e, const char *where_fmt, ...)
+{
+    if (!m->be->check) return 0;
+    ln_err de = {{0}};
+    if (m->be->check(&de) == 0) return 0;
+    char where[160];
+    va_list ap;
+    va_start(ap, where_fmt);
+    vsnprintf(where, sizeof where, where_fmt, ap);
+    va_end(ap);
+    return ln_errf(e, "%s device error %s: %s", m->be->name, where, de.msg);
+}
+
 void ln_model_free(ln_model *m)
 {
     if (!m) return;
+    ln_model_thaw(m); /* before any weight's memory goes */
     const lnb_backend *be = m->be;
     if (m->layers) {
         for (int l = 0; l < m->cfg.num_layers; l++) {

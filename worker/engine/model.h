@@ -54,6 +54,7 @@ typedef struct ln_param {
     int trainable;
     int decay;           /* weight decay applies (matrices yes, norms no) */
     int owned;           /* w belongs to this param (false for a tied lm_head) */
+    int frozen;          /* handed to the backend's freeze (ln_model_freeze_frozen) until thawed */
 } ln_param;
 
 typedef struct ln_layer {
@@ -80,6 +81,9 @@ typedef struct ln_model {
      * forward before its backward — about one more forward of compute for (L−1)/L of the
      * activation memory. The results are bit-identical to keeping everything. */
     int recompute;
+    /* ln_model_freeze_frozen ran and ln_model_thaw has not: the frozen weights may be kept by the
+     * backend in a faster form and must not change. */
+    int frozen;
 } ln_model;
 
 void ln_model_target_dims(const ln_config *c, ln_target t, int *d_out, int *d_in);
@@ -101,6 +105,29 @@ int ln_model_new_random(const ln_config *c, const lnb_backend *be, uint64_t seed
 /* Writes config.json + model.safetensors (dtype F32/BF16/F16) into dir. */
 int ln_model_save(const ln_model *m, const char *dir, int st_dtype_code, ln_err *e);
 void ln_model_free(ln_model *m);
+
+/* ---------------------------------------------------------------- device hooks (backend.h) */
+
+struct ln_adapter;
+
+/* Hands the backend's freeze every model weight a matmul reads that stays frozen for what follows:
+ * each layer's seven linear weights and lm_head (the embedding's storage when tied) — those not
+ * trainable; none when ad is a full fine-tune (ad NULL: the bare model). The embedding of an untied
+ * model (a row lookup) and the norms are never frozen, nor is any adapter factor. Call it once the
+ * weights are final for a GEMM-heavy phase: after a residual method's init rewrote W0 (or a resume
+ * re-applied it), never before. ln_train calls it itself (and thaws what it froze when it returns);
+ * a caller may freeze earlier to cover its own forwards (evaluations), and ln_train leaves that to
+ * it. Logs "bf16 weights: N frozen (X MiB)" when the backend kept a faster form. A no-op on a
+ * backend without freeze (the CPU) and on a model already frozen. On failure nothing stays frozen. */
+int ln_model_freeze_frozen(ln_model *m, const struct ln_adapter *ad, ln_err *e);
+/* Thaws every weight ln_model_freeze_frozen froze. Call it before anything changes or frees a weight
+ * (a merge, full fine-tuning: ln_model_set_full_training and ln_param_set_trainable thaw what they
+ * touch; ln_model_free thaws first). */
+void ln_model_thaw(ln_model *m);
+/* 0 when the backend has no check hook or it reports nothing; else −1 with "<backend> device error
+ * <where>: <its first error>" (where is printf-style, e.g. "at train step %lld"). */
+int ln_model_check_device(const ln_model *m, ln_err *e, const char *where_fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 /* Makes p trainable (allocating a zeroed gradient) or frozen (freeing it). */
 int ln_param_set_trainable(const lnb_backend *be, ln_param *p, int trainable, ln_err *e);

@@ -146,6 +146,7 @@ int ln_eval_loss(ln_model *m, const ln_adapter *ad, const ln_dataset *ds, int ba
     free(ex);
     ln_acts_free(m, acts);
     *mean_loss = count ? sum / (double)count : 0.0;
+    if (rc == 0) rc = ln_model_check_device(m, e, "in an evaluation over %lld examples", (long long)ds->n);
     return rc;
 }
 
@@ -495,11 +496,32 @@ static int tp_checkpoint_save(const char *path, ln_model *m, ln_adapter *ad, con
     return rc;
 }
 
+/* The backend's check (backend.h: the first device error since the last check) at a point of the
+ * loop, `where` said in the error ("at train step 12"). On a tensor-parallel shard a failure aborts
+ * the group: the other ranks fail too instead of waiting for this one (or saving its step). */
+static int device_ok(ln_model *m, const char *where, ln_err *e)
+{
+    if (ln_model_check_device(m, e, "%s", where) == 0) return 0;
+    if (m->comm && m->comm->size > 1) comm_abort(m->comm);
+    return -1;
+}
+
+/* The same at train step `step` (1-based), `what` added when not NULL ("at train step 12 (evaluation)"). */
+static int device_ok_at(ln_model *m, int64_t step, const char *what, ln_err *e)
+{
+    char where[96];
+    snprintf(where, sizeof where, "at train step %lld%s%s%s", (long long)step, what ? " (" : "", what ? what : "",
+             what ? ")" : "");
+    return device_ok(m, where, e);
+}
+
 /* OUT/checkpoints/step-NNNNNN/state.safetensors; remembered in res->last_checkpoint. Every rank
- * of a tensor-parallel shard calls it; rank 0 writes. */
+ * of a tensor-parallel shard calls it; rank 0 writes. Never a step whose kernels failed: the
+ * device is checked first. */
 static int save_checkpoint_dir(const char *ckdir, ln_model *m, ln_adapter *ad, const ln_optim *opt,
                                const ckpt_state *cs, const ln_train_opts *o, ln_train_result *res, ln_err *e)
 {
+    if (device_ok_at(m, cs->step, "before its checkpoint", e)) return -1;
     int tp = m->comm && m->comm->size > 1, root = !tp || m->comm->rank == 0;
     char sub[64];
     snprintf(sub, sizeof sub, "step-%06lld", (long long)cs->step);
@@ -516,6 +538,7 @@ static int save_checkpoint_dir(const char *ckdir, ln_model *m, ln_adapter *ad, c
 
 int ln_train_save_final(ln_model *m, ln_adapter *ad, const char *dir, ln_err *e)
 {
+    if (ln_model_check_device(m, e, "before writing the final %s", ad->full ? "model" : "adapter")) return -1;
     if (ad->full) return ln_model_save(m, dir, ST_F32, e);
     char *p = ln_path_join(dir, "adapter.safetensors");
     int rc = ln_adapter_save(ad, p, e);
@@ -579,15 +602,21 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
     oc.warmup_steps = (int64_t)ceil(o->warmup_ratio * (double)cs.total_steps);
     ln_rng_seed(&cs.rng, o->seed ^ 0x747261696eull); /* reserved for dropout-like noise; saved */
 
+    /* the frozen weights in the backend's faster form for the whole run (after the init and any
+     * resume rewrote W0); thawed on the way out unless the caller had frozen them */
+    int froze = !m->frozen;
+    if (ln_model_freeze_frozen(m, ad, e)) return -1;
     ln_param **params = NULL;
     int np = ln_trainable_params(m, ad, &params);
     if (np == 0) {
         free(params);
+        if (froze) ln_model_thaw(m);
         return ln_errf(e, "train: nothing is trainable (method %s)", ad->method);
     }
     ln_optim opt;
     if (ln_optim_init(&opt, m->be, params, np, &oc, e)) {
         free(params);
+        if (froze) ln_model_thaw(m);
         return -1;
     }
     ln_loader ld;
@@ -617,6 +646,9 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
         if (!metrics) { ln_errf(e, "train: cannot open metrics.jsonl in %s", o->out_dir); goto out; }
     }
     if (o->out_dir) ckdir = ln_path_join(o->out_dir, "checkpoints"); /* every rank: saving is collective */
+    /* what calibration, the init or the restore left on the device, before the first step builds on it */
+    if (device_ok(m, cs.step ? "before training (restoring the checkpoint)" : "before training (calibration or the adapter's init)", e))
+        goto out;
     double t_start = ln_now_s();
     int64_t steps_here = 0;
     for (int64_t step = cs.step; step < cs.total_steps; step++) {
@@ -674,6 +706,8 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
             mseg[a] = NULL;
         }
         if (frc) { ln_err_prefix(e, "train step %lld", (long long)step + 1); goto out; }
+        /* a failed kernel first: its garbage would otherwise read as a diverging loss */
+        if (device_ok_at(m, step + 1, NULL, e)) goto out;
         double loss = trained > 0 ? loss_sum / (double)trained : 0.0;
         if (!isfinite(loss)) { ln_errf(e, "train step %lld: the loss is not finite (%g); lower the learning rate", (long long)step + 1, loss); goto out; }
         double gnorm = 0.0;
@@ -694,6 +728,7 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
         }
         float lr = ln_lr_at(&oc, step);
         ln_optim_step(&opt, lr, coef);
+        if (device_ok_at(m, step + 1, NULL, e)) goto out;
         /* An update that overflows leaves inf weights, which need not make the next loss NaN
          * (RMSNorm maps an inf row to 0: a flat ln(V), zero gradient): catch it at this step.
          * A tensor-parallel shard skips it: its ranks would disagree on stopping (the global
@@ -721,10 +756,14 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
         json_object_set_new(row, "trained_tokens", json_integer(trained));
         json_object_set_new(row, "elapsed_s", json_real(ln_now_s() - t_start));
         int last = cs.step == cs.total_steps || (o->stop_at_step > 0 && cs.step == o->stop_at_step);
-        if (o->eval && ((o->eval_every > 0 && cs.step % o->eval_every == 0) || last) &&
-            eval_point(m, ad, o, cs.step, row, e)) {
+        int eval_due = o->eval && ((o->eval_every > 0 && cs.step % o->eval_every == 0) || last);
+        if (eval_due && eval_point(m, ad, o, cs.step, row, e)) {
             json_decref(row);
             ln_err_prefix(e, "train step %lld: evaluation", (long long)cs.step);
+            goto out;
+        }
+        if (eval_due && device_ok_at(m, cs.step, "evaluation", e)) {
+            json_decref(row);
             goto out;
         }
         if (metrics) {
@@ -762,5 +801,6 @@ out:
     ln_loader_free(&ld);
     ln_optim_free(&opt);
     free(params);
+    if (froze) ln_model_thaw(m);
     return rc;
 }

@@ -798,6 +798,29 @@ extern "C" void lnb_cuda_fill_const(float *x, int64_t n, float v)
     lnb_cuda_after_call();
 }
 
+/* ================================================================ the table's hooks (backend.h) */
+
+/* check: waits for the stream (a kernel that failed asynchronously shows up there), then reports
+ * the first kept failure. */
+static int cu_check(ln_err *e)
+{
+    lnb_cuda_bind_thread();
+    CUDA_NOTE(cudaStreamSynchronize(lnb_cuda_g.stream));
+    return lnb_cuda_check(e);
+}
+
+/* freeze: a bf16 copy (lnb_cuda_register_bf16) in the bf16 math mode, the only one whose GEMMs read
+ * such copies (cu_matmul); in the TF32 and FP32 modes a copy would be device memory never read. */
+static int64_t cu_freeze(const float *w, int64_t n, ln_err *e)
+{
+    if (lnb_cuda_g.math != LNB_CUDA_MATH_BF16) return 0;
+    lnb_cuda_bind_thread();
+    if (lnb_cuda_register_bf16(w, n, e)) return -1;
+    return n * (int64_t)sizeof(__nv_bfloat16);
+}
+
+static void cu_thaw(const float *w) { lnb_cuda_unregister(w); }
+
 /* ================================================================ table */
 
 static lnb_backend g_table;
@@ -819,6 +842,7 @@ extern "C" const lnb_backend *lnb_cuda(void)
         t.swiglu_forward = cu_swiglu_forward; t.swiglu_backward = cu_swiglu_backward;
         t.cross_entropy = cu_cross_entropy; t.adamw = cu_adamw;
         t.attention_rows_only = 1;
+        t.check = cu_check; t.freeze = cu_freeze; t.thaw = cu_thaw; t.frozen_form = "bf16";
         g_table = t;
     }
     return &g_table;
