@@ -35,6 +35,9 @@
 #include "worker/engine/tensor_parallel.h"
 #include "worker/engine/train.h"
 
+#include "common/safetensors.h"
+#include "worker/daemon/wd_run.h" /* after the engine's headers (see wd_run.c) */
+
 static char tmpdir[256];
 static ln_config g_cfg;   /* 2 layers, 4 heads over 2 kv heads, hidden 16, intermediate 24, vocab 40 */
 static char g_data[300]; /* six examples of 6 to 11 tokens */
@@ -56,7 +59,7 @@ static struct {
     int n;                    /* entries ever made */
     int freezes, thaws, stale; /* stale: a frozen weight whose bytes differed from its copy */
     int fault_armed, fault;   /* the next matmul fails (kept until a check) */
-    int64_t matmuls;
+    int64_t matmuls, fault_at; /* fault_at > 0: the matmul of that number fails */
 } H = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
 static uint64_t hash_floats(const float *w, int64_t n)
@@ -73,7 +76,7 @@ static void hooks_reset(void)
     for (int i = 0; i < H.n; i++) free(H.e[i].copy);
     memset(H.e, 0, sizeof H.e);
     H.n = H.freezes = H.thaws = H.stale = H.fault_armed = H.fault = 0;
-    H.matmuls = 0;
+    H.matmuls = H.fault_at = 0;
     pthread_mutex_unlock(&H.mu);
 }
 
@@ -143,7 +146,7 @@ static void t_matmul(int tA, int tB, int M, int N, int K, float alpha, const flo
     pthread_mutex_lock(&H.mu);
     const float *a = operand(A), *b = operand(B);
     H.matmuls++;
-    if (H.fault_armed) {
+    if (H.fault_armed || H.matmuls == H.fault_at) {
         H.fault_armed = 0;
         H.fault = 1;
     }
@@ -563,6 +566,75 @@ static void test_two_ranks_fail_together_on_a_check_failure(void **state)
     check_failure_at(3, 0, 2, "lora");
 }
 
+/* ================================================================ the worker */
+
+/* A one-rank lora job in wd_run on the test table, in tmpdir/name; the matmul number fault_at fails
+ * (0: none). Returns the finished run's status; code, retryable and msg get what the daemon would post. */
+static wd_run_status worker_job(const char *name, int64_t fault_at, char *code, int *retryable, char *msg, size_t cap)
+{
+    static const char *spec = "{\"model\":\"tiny\",\"training_file\":\"file-train\",\"seed\":7,"
+                              "\"hyperparameters\":{\"n_epochs\":2,\"batch_size\":2,\"learning_rate\":0.01,"
+                              "\"save_interval\":1},\"adapter\":{\"type\":\"lora\",\"rank\":2},"
+                              "\"resources\":{\"ranks\":1,\"device\":\"cpu\"}}";
+    hooks_reset();
+    H.fault_at = fault_at;
+    wd_outbox out;
+    wd_outbox_init(&out, NULL, 100000, 100000);
+    wd_run r;
+    memset(&r, 0, sizeof r);
+    char param[LN_JOBSPEC_PARAM_MAX];
+    ln_err e = {{0}};
+    assert_int_equal(ln_jobspec_parse_text(spec, strlen(spec), &r.spec, param, &e), 0);
+    snprintf(r.job_id, sizeof r.job_id, "ftjob-hooks");
+    snprintf(r.model_name, sizeof r.model_name, "tiny");
+    snprintf(r.model_dir, sizeof r.model_dir, "%s/model", tmpdir);
+    snprintf(r.dir, sizeof r.dir, "%s/%s", tmpdir, name);
+    snprintf(r.files_dir, sizeof r.files_dir, "%s/files", tmpdir);
+    snprintf(r.train_path, sizeof r.train_path, "%s", g_data);
+    snprintf(r.cache_dir, sizeof r.cache_dir, "%s/cache", tmpdir);
+    r.world = 1;
+    r.be = hook_table();
+    r.out = &out;
+    wd_run_init(&r);
+    assert_int_equal(wd_run_start(&r), 0);
+    wd_run_finish(&r);
+    wd_outbox_destroy(&out);
+    snprintf(code, 64, "%s", r.err_code);
+    snprintf(msg, cap, "%s", r.err_msg);
+    *retryable = r.retryable;
+    return r.status;
+}
+
+static void test_worker_fails_a_device_error_as_device_error(void **state)
+{
+    (void)state;
+    ln_model *m;
+    ln_err e = {{0}};
+    char dir[300], code[64], msg[2048];
+    int retry;
+    snprintf(dir, sizeof dir, "%s/model", tmpdir);
+    assert_int_equal(ln_model_new_random(&g_cfg, lnb_cpu(), 5, &m, &e), 0);
+    assert_int_equal(ln_model_save(m, dir, ST_F32, &e), 0);
+    ln_model_free(m);
+
+    /* a good run: the worker froze the 15 GEMM weights once (before its first evaluation) and the
+     * model's free thawed them */
+    if (worker_job("good", 0, code, &retry, msg, sizeof msg) != WD_RUN_OK) fail_msg("%s: %s", code, msg);
+    assert_int_equal(H.freezes, 2 * LN_NTARGET + 1);
+    assert_int_equal(H.thaws, H.freezes);
+    assert_int_equal(H.stale, 0);
+    int64_t total = H.matmuls;
+
+    /* a kernel failing two thirds of the way: device_error, retryable, the device's sentence */
+    assert_int_equal(worker_job("bad", total * 2 / 3, code, &retry, msg, sizeof msg), WD_RUN_FAILED);
+    print_message("worker: %s (retryable %d): %s\n", code, retry, msg);
+    assert_string_equal(code, "device_error");
+    assert_int_equal(retry, 1);
+    if (!strstr(msg, "hooktest device error at train step") || !strstr(msg, "injected kernel fault"))
+        fail_msg("unexpected message: %s", msg);
+    assert_int_equal(H.thaws, H.freezes);
+}
+
 static int setup(void **state)
 {
     (void)state;
@@ -607,6 +679,7 @@ int main(void)
         cmocka_unit_test(test_losses_equal_the_cpu_tables),
         cmocka_unit_test(test_two_ranks_freeze_their_shards),
         cmocka_unit_test(test_two_ranks_fail_together_on_a_check_failure),
+        cmocka_unit_test(test_worker_fails_a_device_error_as_device_error),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
