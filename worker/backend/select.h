@@ -6,7 +6,9 @@
  * references: in the default (CPU) build they stay NULL and "cuda" is a clear error; the CUDA
  * variant of the programs (make cuda-bin → build/cuda/bin/) links libloranull_cuda.a, which
  * defines them. "cuda" picks the GPU with the most free memory, "cuda:N" device N; GEMMs run on
- * bf16 tensor cores with fp32 accumulation (worker/backend/cuda/cuda.h).
+ * bf16 tensor cores with fp32 accumulation (worker/backend/cuda/cuda.h), the frozen weights from
+ * bf16 copies the engine makes through the table's freeze hook, and the engine reads the device's
+ * kept errors through its check hook (backend.h).
  *
  * Selecting "cuda" also routes the engine's process-wide accelerator hooks to the device, so every
  * program that selects it (loranull train --device cuda, a GPU worker) gets them: the LoRA-Null
