@@ -17,8 +17,11 @@ without rounding in fp64 (the loop structure must then reproduce dense attention
 wrong skip, mask, rescale or accumulation shows as an O(1) error) and with the kernels' bf16
 rounding (the tolerances the GPU tests use are derived from these errors). The tile sizes are read
 from attention.cu, so the emulation cannot drift from the kernel's constants unnoticed."""
+import os
 import pathlib
 import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -314,3 +317,112 @@ def test_a_wrong_loop_is_caught(monkeypatch):
     bad, _ = flash_forward(q, k, v, Mode(exact=True))
     monkeypatch.undo()
     assert rel(bad, out) > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------
+# The kernels' CUDA source itself, run on the host (tests/reference/flash_emu.cpp): the loops above
+# check the algorithm; this checks attention.cu as written — WMMA fragment layouts and leading
+# dimensions, shared-memory carving, lane ↔ row mapping, barriers, launch configuration and the
+# shared-memory opt-in — against dense fp64 attention, with every thread a fiber (no GPU needed).
+
+EMU = pathlib.Path(__file__).resolve().parent / "flash_emu.cpp"
+ROOT = SRC.parents[3]
+
+
+def emu_source(src):
+    """attention.cu → attention_emu.inc: the CUDA headers → flash_emu.cpp's definitions,
+    cuda_check.h pasted in without the CUDA library headers (its context, workspace slots and error
+    macros are the emulator's too), launches → emu_launch, the extern shared array → the block's
+    buffer. Counts are asserted so a new launch or kernel cannot go unemulated silently."""
+    check_h = (SRC.parent / "cuda_check.h").read_text()
+    for inc in ("#include <cublas_v2.h>", "#include <cuda_runtime.h>", "#include <cusolverDn.h>"):
+        assert check_h.count(inc) == 1, inc
+        check_h = check_h.replace(inc, "/* " + inc[len("#include "):] + ": flash_emu.cpp */")
+    for inc, by in (('#include <cuda_bf16.h>', None), ('#include <mma.h>', None),
+                    ('#include "worker/backend/cuda/cuda_check.h"', check_h)):
+        assert src.count(inc) == 1, inc
+        src = src.replace(inc, by or "/* " + inc[len("#include "):] + ": flash_emu.cpp */")
+    src, n_smem = re.subn(r"extern __shared__[^;]*\bsmem\[\];", "unsigned char *smem = emu_smem();", src)
+    src, n_launch = re.subn(r"(\w+(?:<\w+>)?)<<<(.*?)>>>\(", r'emu_launch("\1", \1, \2, ', src)
+    assert n_smem == 3, f"{n_smem} kernels with dynamic shared memory (the three flash kernels expected)"
+    assert n_launch == 5, f"{n_launch} launches (2 chunked + 3 fused expected)"
+    assert "<<<" not in src
+    return src
+
+
+def build_emu(dest, src_text, asan=False):
+    cxx = shutil.which("g++")
+    if not cxx:
+        pytest.skip("no g++ to build tests/reference/flash_emu.cpp")
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "attention_emu.inc").write_text(emu_source(src_text))
+    exe = dest / ("flash_emu_asan" if asan else "flash_emu")
+    flags = ["-O1", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if asan else ["-O2"]
+    r = subprocess.run([cxx, "-std=c++17", "-g", *flags, "-Wall", "-Wextra", "-Wno-unknown-pragmas", f"-I{ROOT}",
+                        f"-I{dest}", "-o", str(exe), str(EMU), str(ROOT / "common" / "err.c")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return exe
+
+
+def run_emu(exe, shape, path, orders=4):
+    # chunks of 16 query rows: the chunked path crosses several chunks at these small T
+    env = dict(os.environ, FLASH_EMU_PATH=path, FLASH_EMU_ORDERS=str(orders), ASAN_OPTIONS="detect_leaks=0",
+               LORANULL_CUDA_ATTN_CHUNK="16")
+    r = subprocess.run([str(exe), *map(str, shape)], capture_output=True, text=True, env=env, timeout=600)
+    return r.returncode, r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return build_emu(tmp_path_factory.mktemp("flash_emu"), SRC.read_text())
+
+
+# (B, T, nh, nkv, hd), path: the shapes of tests/gpu/test_attention.c (fewer heads where the host
+# would take long); the chunked path (cuBLAS emulated naively) at small shapes only
+EMU_CASES = [((2, 1, 4, 4, 64), "fused"), ((2, 37, 8, 2, 64), "fused"), ((1, 64, 4, 1, 128), "fused"),
+             ((1, 100, 4, 1, 64), "fused"), ((1, 130, 4, 2, 128), "fused"), ((1, 257, 2, 1, 128), "fused"),
+             ((2, 37, 4, 2, 64), "chunked"), ((1, 70, 2, 1, 128), "chunked")]
+
+
+@pytest.mark.parametrize("shape,path", EMU_CASES, ids=[f"{p}-B{s[0]}-T{s[1]}-nh{s[2]}-nkv{s[3]}-hd{s[4]}" for s, p in EMU_CASES])
+def test_cuda_source_on_host(emu, shape, path):
+    rc, out = run_emu(emu, shape, path)
+    print(out)
+    assert rc == 0 and "PASS flash_emu" in out, out[-3000:]
+    # the errors are measured, not skipped: one line per output and four orders of thread turns
+    assert out.count("ok   err ") == 5 and out.count("ok   " + path + ": same bits") == 3, out
+
+
+def test_cuda_source_under_asan(tmp_path):
+    """Shared memory and every workspace at their exact sizes: an overrun is an ASan error."""
+    exe = build_emu(tmp_path, SRC.read_text(), asan=True)
+    for shape, path in (((1, 70, 2, 1, 128), "fused"), ((1, 37, 2, 1, 64), "chunked")):
+        rc, out = run_emu(exe, shape, path, orders=1)  # one thread order: ASan is slow enough
+        assert rc == 0 and "PASS flash_emu" in out and "ERROR: AddressSanitizer" not in out, out[-3000:]
+
+
+PLANTED = [  # (what, text of attention.cu, broken text, what the emulator must then say)
+    ("no __syncwarp between S = QKᵀ and the row softmax",
+     "fa_warp_abt<HD>(Sw, Qs + w * 16 * HD, Ks);\n        __syncwarp();", "fa_warp_abt<HD>(Sw, Qs + w * 16 * HD, Ks);",
+     "FAIL err fused out"),
+    ("K, V reloaded while other warps still read them",
+     "    for (int j0 = 0; j0 < kend; j0 += FA_BC) {\n        __syncthreads();\n        fa_load_tile<HD>(Ks, kb, ks, j0, FA_BC, T);\n"
+     "        fa_load_tile<HD>(Vs, vb, ks, j0, FA_BC, T);\n        __syncthreads();\n        fa_warp_p_dp<HD>(Sw, dPw, Qw, dOw, Ks, Vs, t, T, j0, Lt, sc);\n        for",
+     "    for (int j0 = 0; j0 < kend; j0 += FA_BC) {\n        fa_load_tile<HD>(Ks, kb, ks, j0, FA_BC, T);\n"
+     "        fa_load_tile<HD>(Vs, vb, ks, j0, FA_BC, T);\n        __syncthreads();\n        fa_warp_p_dp<HD>(Sw, dPw, Qw, dOw, Ks, Vs, t, T, j0, Lt, sc);\n        for",
+     "same bits with the warps at random"),
+    ("no shared-memory opt-in before the launch", "    CUDA_NOTE(cudaFuncSetAttribute(k_flash_forward<HD>",
+     "    if (0) CUDA_NOTE(cudaFuncSetAttribute(k_flash_forward<HD>", "launch of kernel flash_forward: invalid argument"),
+    ("a barrier only one warp reaches", "            __syncthreads(); /* all 64 rows of P, dS are in */",
+     "            if (w == 0) __syncthreads();", "deadlock"),
+]
+
+
+@pytest.mark.parametrize("name,old,new,symptom", PLANTED, ids=[p[0] for p in PLANTED])
+def test_emulator_catches_a_planted_bug(tmp_path, name, old, new, symptom):
+    src = SRC.read_text()
+    assert src.count(old) == 1, f"the text to break ({name}) is no longer in attention.cu"
+    exe = build_emu(tmp_path, src.replace(old, new))
+    rc, out = run_emu(exe, (1, 70, 2, 1, 128), "fused")
+    assert rc != 0 and symptom in out, f"{name}: not caught\n{out[-2000:]}"
