@@ -568,14 +568,19 @@ static void test_two_ranks_fail_together_on_a_check_failure(void **state)
 
 /* ================================================================ the worker */
 
-/* A one-rank lora job in wd_run on the test table, in tmpdir/name; the matmul number fault_at fails
- * (0: none). Returns the finished run's status; code, retryable and msg get what the daemon would post. */
-static wd_run_status worker_job(const char *name, int64_t fault_at, char *code, int *retryable, char *msg, size_t cap)
+/* A one-rank job in wd_run on the test table, in tmpdir/name: lora, or lora_null_v2 calibrated on the
+ * training file; the matmul number fault_at fails (0: none). Returns the finished run's status;
+ * code, retryable and msg get what the daemon would post. */
+static wd_run_status worker_job(const char *name, int calibrated, int64_t fault_at, char *code, int *retryable,
+                                char *msg, size_t cap)
 {
-    static const char *spec = "{\"model\":\"tiny\",\"training_file\":\"file-train\",\"seed\":7,"
-                              "\"hyperparameters\":{\"n_epochs\":2,\"batch_size\":2,\"learning_rate\":0.01,"
-                              "\"save_interval\":1},\"adapter\":{\"type\":\"lora\",\"rank\":2},"
-                              "\"resources\":{\"ranks\":1,\"device\":\"cpu\"}}";
+    char spec[600];
+    snprintf(spec, sizeof spec,
+             "{\"model\":\"tiny\",\"training_file\":\"file-train\",\"seed\":7,\"hyperparameters\":{\"n_epochs\":2,"
+             "\"batch_size\":2,\"learning_rate\":0.01,\"save_interval\":1},\"adapter\":{\"type\":\"%s\",\"rank\":2%s},"
+             "\"resources\":{\"ranks\":1,\"device\":\"cpu\"}}",
+             calibrated ? "lora_null_v2" : "lora",
+             calibrated ? ",\"calibration\":{\"samples\":4,\"max_length\":16}" : "");
     hooks_reset();
     H.fault_at = fault_at;
     wd_outbox out;
@@ -591,6 +596,7 @@ static wd_run_status worker_job(const char *name, int64_t fault_at, char *code, 
     snprintf(r.dir, sizeof r.dir, "%s/%s", tmpdir, name);
     snprintf(r.files_dir, sizeof r.files_dir, "%s/files", tmpdir);
     snprintf(r.train_path, sizeof r.train_path, "%s", g_data);
+    if (calibrated) snprintf(r.calib_path, sizeof r.calib_path, "%s", g_data);
     snprintf(r.cache_dir, sizeof r.cache_dir, "%s/cache", tmpdir);
     r.world = 1;
     r.be = hook_table();
@@ -605,34 +611,77 @@ static wd_run_status worker_job(const char *name, int64_t fault_at, char *code, 
     return r.status;
 }
 
-static void test_worker_fails_a_device_error_as_device_error(void **state)
+/* The worker's model, saved once in tmpdir/model. */
+static void save_worker_model(void)
 {
-    (void)state;
+    static int saved;
+    if (saved) return;
     ln_model *m;
     ln_err e = {{0}};
-    char dir[300], code[64], msg[2048];
-    int retry;
+    char dir[300];
     snprintf(dir, sizeof dir, "%s/model", tmpdir);
     assert_int_equal(ln_model_new_random(&g_cfg, lnb_cpu(), 5, &m, &e), 0);
     assert_int_equal(ln_model_save(m, dir, ST_F32, &e), 0);
     ln_model_free(m);
+    saved = 1;
+}
+
+static void test_worker_fails_a_device_error_as_device_error(void **state)
+{
+    (void)state;
+    char code[64], msg[2048];
+    int retry;
+    save_worker_model();
 
     /* a good run: the worker froze the 15 GEMM weights once (before its first evaluation) and the
      * model's free thawed them */
-    if (worker_job("good", 0, code, &retry, msg, sizeof msg) != WD_RUN_OK) fail_msg("%s: %s", code, msg);
+    if (worker_job("good", 0, 0, code, &retry, msg, sizeof msg) != WD_RUN_OK) fail_msg("%s: %s", code, msg);
     assert_int_equal(H.freezes, 2 * LN_NTARGET + 1);
     assert_int_equal(H.thaws, H.freezes);
     assert_int_equal(H.stale, 0);
     int64_t total = H.matmuls;
 
     /* a kernel failing two thirds of the way: device_error, retryable, the device's sentence */
-    assert_int_equal(worker_job("bad", total * 2 / 3, code, &retry, msg, sizeof msg), WD_RUN_FAILED);
+    assert_int_equal(worker_job("bad", 0, total * 2 / 3, code, &retry, msg, sizeof msg), WD_RUN_FAILED);
     print_message("worker: %s (retryable %d): %s\n", code, retry, msg);
     assert_string_equal(code, "device_error");
     assert_int_equal(retry, 1);
     if (!strstr(msg, "hooktest device error at train step") || !strstr(msg, "injected kernel fault"))
         fail_msg("unexpected message: %s", msg);
     assert_int_equal(H.thaws, H.freezes);
+}
+
+/* A calibrated job: the calibration's forwards on frozen copies of the loaded W0, thawed before the
+ * init rewrites it; then the rewritten W0 frozen for the evaluations and the training. */
+static void test_worker_freezes_for_calibration_then_after_the_init(void **state)
+{
+    (void)state;
+    char code[64], msg[2048];
+    int retry;
+    save_worker_model();
+    if (worker_job("calibrated", 1, 0, code, &retry, msg, sizeof msg) != WD_RUN_OK) fail_msg("%s: %s", code, msg);
+    const int n = 2 * LN_NTARGET + 1;
+    assert_int_equal(H.freezes, 2 * n);
+    assert_int_equal(H.thaws, 2 * n);
+    assert_int_equal(H.stale, 0); /* no GEMM read a copy older than its weight */
+    /* the same weights twice (the model stays loaded), the first time as loaded, the second as the
+     * init left them: layer 0's q differs between the two (lora_null_v2 is residual) */
+    ln_model *m;
+    ln_err e = {{0}};
+    char dir[300];
+    snprintf(dir, sizeof dir, "%s/model", tmpdir);
+    assert_int_equal(ln_model_load(dir, lnb_cpu(), &m, &e), 0);
+    const int64_t qn = m->layers[0].lin[LN_Q].n;
+    uint64_t loaded = hash_floats(m->layers[0].lin[LN_Q].w, qn);
+    ln_model_free(m);
+    int first = -1, second = -1;
+    for (int k = 0; k < H.n; k++)
+        if (H.e[k].n == qn && H.e[k].sum == loaded) first = k;
+    assert_true(first >= 0 && first < n);
+    for (int k = n; k < H.n; k++)
+        if (H.e[k].w == H.e[first].w) second = k;
+    assert_true(second >= n);
+    assert_true(H.e[second].sum != loaded);
 }
 
 static int setup(void **state)
@@ -680,6 +729,7 @@ int main(void)
         cmocka_unit_test(test_two_ranks_freeze_their_shards),
         cmocka_unit_test(test_two_ranks_fail_together_on_a_check_failure),
         cmocka_unit_test(test_worker_fails_a_device_error_as_device_error),
+        cmocka_unit_test(test_worker_freezes_for_calibration_then_after_the_init),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

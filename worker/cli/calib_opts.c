@@ -23,7 +23,11 @@ int cli_calibrate(ln_model *m, const char *model_dir, const cli_calib *c, unsign
     free(tp);
     ln_calib_opts o = {.path = c->file, .samples = c->samples, .max_length = c->max_length, .seed = c->seed,
                        .targets = targets, .cache_dir = c->no_cache ? "" : c->cache_dir, .fp64 = c->fp64};
-    int rc = ln_calibrate(m, tok, &o, out, e);
+    /* the calibration forwards multiply the frozen weights from the backend's faster form (bf16
+     * copies on a GPU); thawed after, since a residual init rewrites W0 next */
+    int rc = ln_model_freeze_frozen(m, NULL, e);
+    if (rc == 0) rc = ln_calibrate(m, tok, &o, out, e);
+    ln_model_thaw(m);
     ln_tokenizer_free(tok);
     return rc;
 }

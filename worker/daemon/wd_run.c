@@ -314,6 +314,16 @@ static int load_knowledge(wd_run *r, run_priv *p) {
     return 0;
 }
 
+/* ln_calibrate with m's frozen weights in the backend's faster form for its forwards (bf16 copies on
+ * a GPU), thawed after it: the init rewrites W0 next. */
+static int calibrate_frozen(ln_model *m, const ln_tokenizer *tok, const ln_calib_opts *co, ln_calibration **out,
+                            ln_err *e) {
+    int rc = ln_model_freeze_frozen(m, NULL, e);
+    if (rc == 0) rc = ln_calibrate(m, tok, co, out, e);
+    ln_model_thaw(m);
+    return rc;
+}
+
 static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets) {
     ln_err e = {{0}};
     const ln_jobspec *s = &r->spec;
@@ -375,7 +385,7 @@ static int stage_model_and_calibration(wd_run *r, run_priv *p, unsigned targets)
     calibrating_event(r);
     double t0 = ln_now_s();
     ln_calib_opts co = calib_opts(r, targets);
-    if (ln_calibrate(p->m, p->tok, &co, &p->calib, &e) != 0) return calib_failed(r, &e);
+    if (calibrate_frozen(p->m, p->tok, &co, &p->calib, &e) != 0) return calib_failed(r, &e);
     calibrated_event(r, p->calib, targets, t0);
     return load_knowledge(r, p);
 }
@@ -712,7 +722,7 @@ static int tp_load_and_init(tp_rank *k) {
         if (root) calibrating_event(r);
         double t0 = ln_now_s();
         ln_calib_opts co = calib_opts(r, k->targets);
-        if (ln_calibrate(k->shard, p->tok, &co, &k->calib, &e) != 0) {
+        if (calibrate_frozen(k->shard, p->tok, &co, &k->calib, &e) != 0) {
             const char *cid, *cpath = calib_file(r, &cid);
             prefix_file(&e, "calibration file", cpath, cid);
             return rank_fail(k, "invalid_calibration_file", 0, &e);
