@@ -647,7 +647,8 @@ int ln_train(ln_model *m, ln_adapter *ad, const ln_dataset *ds, const ln_train_o
     }
     if (o->out_dir) ckdir = ln_path_join(o->out_dir, "checkpoints"); /* every rank: saving is collective */
     /* what calibration, the init or the restore left on the device, before the first step builds on it */
-    if (device_ok(m, cs.step ? "before training (restoring the checkpoint)" : "before training (calibration or the adapter's init)", e))
+    if (device_ok(m, cs.step ? "before training (restoring the checkpoint)"
+                             : "before training (calibration or the adapter's init)", e))
         goto out;
     double t_start = ln_now_s();
     int64_t steps_here = 0;
