@@ -22,7 +22,8 @@
  *
  *   flash_emu B T nh nkv hd   → prints "err <what> <value>" lines (relative to dense fp64), "ok"
  *                               or "FAIL ..." lines, exit 0 / 1.
- *   FLASH_EMU_PATH=fused|chunked: one path only (default both); FLASH_EMU_ORDERS=n: the first n of
+ *   FLASH_EMU_PATH=fused|chunked|fused>chunked|chunked>fused: one path, or one path's forward with
+ *   the other's backward (default: fused, then chunked); FLASH_EMU_ORDERS=n: the first n of
  *   the four thread orders (default 4); LORANULL_CUDA_ATTN_CHUNK as in attention.cu. */
 #include <math.h>
 #include <stdint.h>
@@ -576,8 +577,19 @@ struct result {
 
 static int g_fail;
 
-static void run(const char *path, int B, int T, int nh, int nkv, int hd, const float *q, const float *k, const float *v,
-                const float *go, result &r)
+static void take_path(const char *path, int hd)
+{
+    setenv("LORANULL_CUDA_ATTN", path, 1);
+    const char *got = lnb_cuda_attention_path(hd);
+    if (strcmp(got, path) != 0) {
+        printf("FAIL path: asked for %s at hd %d, lnb_cuda_attention_path says %s\n", path, hd, got);
+        g_fail++;
+    }
+}
+
+/* The forward by path fwd, the backward by path bwd (the same but for the LSE contract check). */
+static void run(const char *fwd, const char *bwd, int B, int T, int nh, int nkv, int hd, const float *q, const float *k,
+                const float *v, const float *go, result &r)
 {
     int64_t nq = (int64_t)B * T * nh * hd, nk = (int64_t)B * T * nkv * hd, nl = (int64_t)B * nh * T;
     /* outputs start as NaN: whatever a path leaves unwritten shows */
@@ -586,13 +598,9 @@ static void run(const char *path, int B, int T, int nh, int nkv, int hd, const f
     r.dq.assign(nq, NAN);
     r.dk.assign(nk, NAN);
     r.dv.assign(nk, NAN);
-    setenv("LORANULL_CUDA_ATTN", path, 1);
-    const char *got = lnb_cuda_attention_path(hd);
-    if (strcmp(got, path) != 0) {
-        printf("FAIL path: asked for %s at hd %d, lnb_cuda_attention_path says %s\n", path, hd, got);
-        g_fail++;
-    }
+    take_path(fwd, hd);
     lnb_cuda_attention_forward(r.out.data(), r.lse.data(), q, k, v, B, T, nh, nkv, hd);
+    take_path(bwd, hd);
     lnb_cuda_attention_backward(r.dq.data(), r.dk.data(), r.dv.data(), NULL, go, r.lse.data(), q, k, v, B, T, nh, nkv, hd);
     unsetenv("LORANULL_CUDA_ATTN");
 }
@@ -622,15 +630,19 @@ int main(int argc, char **argv)
     std::vector<double> out(nq), lse(nl), dq(nq), dk(nk), dv(nk);
     dense(B, T, nh, nkv, hd, q, k, v, go, out.data(), lse.data(), dq.data(), dk.data(), dv.data());
 
-    const char *paths[2] = {"fused", "chunked"}, *only = getenv("FLASH_EMU_PATH");
-    for (int p = 0; p < 2; p++) {
-        if (only && strcmp(only, paths[p]) != 0) continue;
+    /* fused, chunked, and each forward with the other's backward (both keep the natural-log LSE) */
+    const char *paths[4] = {"fused", "chunked", "fused>chunked", "chunked>fused"}, *only = getenv("FLASH_EMU_PATH");
+    for (int p = 0; p < 4; p++) {
+        if (only ? strcmp(only, paths[p]) != 0 : p >= 2) continue;
+        char fwd[16], bwd[16];
+        snprintf(fwd, sizeof fwd, "%s", p < 2 ? paths[p] : p == 2 ? "fused" : "chunked");
+        snprintf(bwd, sizeof bwd, "%s", p < 2 ? paths[p] : p == 2 ? "chunked" : "fused");
         result r, rr;
         g_sched_mode = 0;
-        run(paths[p], B, T, nh, nkv, hd, q, k, v, go, r);
+        run(fwd, bwd, B, T, nh, nkv, hd, q, k, v, go, r);
         /* fused: bf16 tensor-core operands (tolerances of test_flash_tiling.py's bf16 emulation);
          * chunked: fp32 with fp64 sums here */
-        double tol = p == 0 ? 2e-2 : 1e-5;
+        double tol = p == 1 ? 1e-5 : 2e-2;
         char name[64];
 #define CHK(f, n, t)                                                        \
     snprintf(name, sizeof name, "%s %s", paths[p], #f);                     \
@@ -649,7 +661,7 @@ int main(int argc, char **argv)
         for (int mode = 1; mode < norders; mode++) {
             g_sched_mode = mode;
             g_rng = (uint64_t)mode;
-            run(paths[p], B, T, nh, nkv, hd, q, k, v, go, rr);
+            run(fwd, bwd, B, T, nh, nkv, hd, q, k, v, go, rr);
             int same = memcmp(r.out.data(), rr.out.data(), nq * 4) == 0 &&
                        memcmp(r.lse.data(), rr.lse.data(), nl * 4) == 0 && memcmp(r.dq.data(), rr.dq.data(), nq * 4) == 0 &&
                        memcmp(r.dk.data(), rr.dk.data(), nk * 4) == 0 && memcmp(r.dv.data(), rr.dv.data(), nk * 4) == 0;

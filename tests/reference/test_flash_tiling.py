@@ -379,10 +379,12 @@ def emu(tmp_path_factory):
 
 
 # (B, T, nh, nkv, hd), path: the shapes of tests/gpu/test_attention.c (fewer heads where the host
-# would take long); the chunked path (cuBLAS emulated naively) at small shapes only
+# would take long); the chunked path (cuBLAS emulated naively) and the mixed ones at small shapes only
 EMU_CASES = [((2, 1, 4, 4, 64), "fused"), ((2, 37, 8, 2, 64), "fused"), ((1, 64, 4, 1, 128), "fused"),
              ((1, 100, 4, 1, 64), "fused"), ((1, 130, 4, 2, 128), "fused"), ((1, 257, 2, 1, 128), "fused"),
-             ((2, 37, 4, 2, 64), "chunked"), ((1, 70, 2, 1, 128), "chunked")]
+             ((2, 37, 4, 2, 64), "chunked"), ((1, 70, 2, 1, 128), "chunked"),
+             # the LSE contract: a forward by one path, the backward by the other
+             ((1, 70, 2, 1, 64), "fused>chunked"), ((1, 70, 2, 1, 128), "chunked>fused")]
 
 
 @pytest.mark.parametrize("shape,path", EMU_CASES, ids=[f"{p}-B{s[0]}-T{s[1]}-nh{s[2]}-nkv{s[3]}-hd{s[4]}" for s, p in EMU_CASES])

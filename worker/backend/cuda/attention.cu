@@ -23,7 +23,9 @@
  *    output O to the backward (FlashAttention-2 takes D = rowsum(dO ⊙ O)): 9 tile products per
  *    tile pair instead of 5 — attention is ~4% of an 8B step's FLOPs at T = 2048.
  *    tests/reference/test_flash_tiling.py is a NumPy emulation of exactly these loops (tiles,
- *    masks, rescale, skips, bf16 rounding points) checked against dense attention in CI.
+ *    masks, rescale, skips, bf16 rounding points) checked against dense attention in CI; it also
+ *    runs this file's CUDA source on the host (tests/reference/flash_emu.cpp: a fiber per thread,
+ *    WMMA on whole tiles, ASan) against dense fp64 attention at the GPU test's shapes.
  * 2. CHUNKED (the fallback: other head dims, tf32/fp32 math — the tight comparisons with the CPU
  *    backend —, LORANULL_CUDA_ATTN=chunked): cuBLAS GEMMs on query chunks of Bq rows. For a chunk
  *    [c0, c1) and each head, with the keys 0..c1−1 that a causal row of the chunk can see:
