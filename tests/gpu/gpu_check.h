@@ -93,7 +93,7 @@ static inline double rel_err(const float *a, const float *b, long long n)
     double num = 0, den = 0;
     for (long long i = 0; i < n; i++) {
         double d = fabs((double)a[i] - b[i]);
-        num = d > num ? d : num;
+        num = d > num || isnan(d) ? d : num; /* a NaN anywhere makes the error NaN: no check passes */
         den = fabs(b[i]) > den ? fabs(b[i]) : den;
     }
     return num / (den > 1e-30 ? den : 1e-30);
