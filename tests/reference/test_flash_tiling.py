@@ -17,14 +17,14 @@ without rounding in fp64 (the loop structure must then reproduce dense attention
 wrong skip, mask, rescale or accumulation shows as an O(1) error) and with the kernels' bf16
 rounding (the tolerances the GPU tests use are derived from these errors). The tile sizes are read
 from attention.cu, so the emulation cannot drift from the kernel's constants unnoticed."""
-import os
 import pathlib
 import re
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
+
+import emu_build as eb
 
 SRC = pathlib.Path(__file__).resolve().parents[2] / "worker" / "backend" / "cuda" / "attention.cu"
 
@@ -326,49 +326,32 @@ def test_a_wrong_loop_is_caught(monkeypatch):
 # shared-memory opt-in — against dense fp64 attention, with every thread a fiber (no GPU needed).
 
 EMU = pathlib.Path(__file__).resolve().parent / "flash_emu.cpp"
-ROOT = SRC.parents[3]
-
-
-def emu_source(src):
-    """attention.cu → attention_emu.inc: the CUDA headers → flash_emu.cpp's definitions,
-    cuda_check.h pasted in without the CUDA library headers (its context, workspace slots and error
-    macros are the emulator's too), launches → emu_launch, the extern shared array → the block's
-    buffer. Counts are asserted so a new launch or kernel cannot go unemulated silently."""
-    check_h = (SRC.parent / "cuda_check.h").read_text()
-    for inc in ("#include <cublas_v2.h>", "#include <cuda_runtime.h>", "#include <cusolverDn.h>"):
-        assert check_h.count(inc) == 1, inc
-        check_h = check_h.replace(inc, "/* " + inc[len("#include "):] + ": flash_emu.cpp */")
-    for inc, by in (('#include <cuda_bf16.h>', None), ('#include <mma.h>', None),
-                    ('#include "worker/backend/cuda/cuda_check.h"', check_h)):
-        assert src.count(inc) == 1, inc
-        src = src.replace(inc, by or "/* " + inc[len("#include "):] + ": flash_emu.cpp */")
-    src, n_smem = re.subn(r"extern __shared__[^;]*\bsmem\[\];", "unsigned char *smem = emu_smem();", src)
-    src, n_launch = re.subn(r"(\w+(?:<\w+>)?)<<<(.*?)>>>\(", r'emu_launch("\1", \1, \2, ', src)
-    assert n_smem == 3, f"{n_smem} kernels with dynamic shared memory (the three flash kernels expected)"
-    assert n_launch == 5, f"{n_launch} launches (2 chunked + 3 fused expected)"
-    assert "<<<" not in src
-    return src
+ROOT = eb.ROOT
 
 
 def build_emu(dest, src_text, asan=False):
-    cxx = shutil.which("g++")
-    if not cxx:
-        pytest.skip("no g++ to build tests/reference/flash_emu.cpp")
+    """attention.cu (as given) built for the host emulation (emu_build.py, cuda_emu/) and linked with
+    the driver flash_emu.cpp. The counts are asserted so a new launch or kernel cannot go unemulated
+    silently."""
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "attention_emu.inc").write_text(emu_source(src_text))
+    cmd, obj, (n_launch, n_dyn, n_static) = eb.compile_cu(dest, SRC, src_text, asan)
+    assert n_dyn == 3, f"{n_dyn} kernels with dynamic shared memory (the three flash kernels expected)"
+    assert n_launch == 5, f"{n_launch} launches (2 chunked + 3 fused expected)"
+    assert n_static == 2, f"{n_static} static shared arrays (the two chunked softmax kernels expected)"
+    rt_cmd, rt_obj = eb.runtime_cmd(dest, asan)
+    drv = dest / "flash_emu.o"
+    eb.run_jobs([cmd, rt_cmd, [eb.cxx(), *eb.cxx_flags(asan), "-c", str(EMU), "-o", str(drv)]])
     exe = dest / ("flash_emu_asan" if asan else "flash_emu")
-    flags = ["-O1", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if asan else ["-O2"]
-    r = subprocess.run([cxx, "-std=c++17", "-g", *flags, "-Wall", "-Wextra", "-Wno-unknown-pragmas", f"-I{ROOT}",
-                        f"-I{dest}", "-o", str(exe), str(EMU), str(ROOT / "common" / "err.c")],
-                       capture_output=True, text=True)
+    san = ["-fsanitize=address,undefined"] if asan else []
+    r = subprocess.run([eb.cxx(), *san, "-o", str(exe), str(drv), str(obj), str(rt_obj), str(ROOT / "common" / "err.c"),
+                        f"-I{ROOT}", "-llapacke", "-llapack", "-lm"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     return exe
 
 
 def run_emu(exe, shape, path, orders=4):
     # chunks of 16 query rows: the chunked path crosses several chunks at these small T
-    env = dict(os.environ, FLASH_EMU_PATH=path, FLASH_EMU_ORDERS=str(orders), ASAN_OPTIONS="detect_leaks=0",
-               LORANULL_CUDA_ATTN_CHUNK="16")
+    env = eb.env_for_run({"FLASH_EMU_PATH": path, "FLASH_EMU_ORDERS": str(orders), "LORANULL_CUDA_ATTN_CHUNK": "16"})
     r = subprocess.run([str(exe), *map(str, shape)], capture_output=True, text=True, env=env, timeout=600)
     return r.returncode, r.stdout + r.stderr
 

@@ -1,0 +1,2 @@
+/* cublas_v2.h: the host emulation (tests/reference/cuda_emu/cuda_emu.h) */
+#include "../cuda_emu.h"
