@@ -3,8 +3,10 @@
 # build/cuda/bin/loranull) against the same command on the CPU: a random tiny LLaMA, 16
 # pre-tokenized examples, LoRA-Null-v2 calibrated on the same file, 8 steps. The two runs'
 # per-step losses must agree within 2e-2 relative (the GPU runs bf16 tensor-core GEMMs), the GPU
-# run's calibration must have summed on the device (sums=cuda in its log), and both must have
-# written the adapter; and a model far too big for the GPU is refused at once by the
+# run's calibration must have summed on the device (sums=cuda in its log), its frozen weights must
+# have been multiplied from bf16 copies (the engine's "bf16 weights: 15 frozen" log line, for the
+# calibration and for training), and both must have written the adapter; and a model far too big
+# for the GPU is refused at once by the
 # memory plan, naming needed vs free. Head dim 64: the GPU run (bf16 math) takes the fused flash
 # attention kernels. Exit 77 (skip) when no GPU is usable.
 set -u
@@ -43,6 +45,11 @@ awk 'BEGIN { w = 0; n = 0 }
 # --device cuda routes calibration to the device accumulator (DSYRK on the GPU), --device cpu does not
 grep -q '"calibration".*sums=cuda' gpu.log || { grep calibration gpu.log; echo "FAIL cli_train: the GPU run's calibration did not sum its covariances on the device (no sums=cuda logged)"; exit 1; }
 grep -q '"calibration".*sums=host' cpu.log || { grep calibration cpu.log; echo "FAIL cli_train: the CPU run's calibration log has no sums=host"; exit 1; }
+# the engine froze the 14 linears and lm_head into bf16 copies through the CUDA table's freeze hook:
+# once for the calibration's forwards, once (after the init rewrote W0) for training; the CPU none
+frozen=$(grep -c '"engine".*bf16 weights: 15 frozen' gpu.log)
+[ "$frozen" -ge 2 ] || { grep '"engine"' gpu.log; echo "FAIL cli_train: the GPU run logged 'bf16 weights: 15 frozen' $frozen times (expected for calibration and training)"; exit 1; }
+! grep -q 'weights: [0-9]* frozen' cpu.log || { echo "FAIL cli_train: the CPU run froze weights"; exit 1; }
 for f in run_cpu/adapter.safetensors run_gpu/adapter.safetensors; do
     [ -s "$f" ] || { echo "FAIL $f missing"; exit 1; }
 done
