@@ -13,7 +13,8 @@
 #           test_calibrate (device covariances), test_model (whole engine), test_nccl (every
 #           collective, device/managed/host buffers), test_nccl_procs (2 processes: skips under 2
 #           GPUs), test_tp_nccl (ln_tp_train_rank on a 1-rank NCCL group vs ln_train),
-#           test_memplan_gpu (the GPU memory plan's parts vs the bytes the engine allocates)
+#           test_memplan_gpu (the GPU memory plan's parts vs the bytes the engine allocates),
+#           test_hooks (the engine's freeze/thaw/check hooks: bf16 copies, a refused GEMM reported)
 #   gang    gang_gpu.py: two CUDA workers, one GPU each, train one 2-rank job over NCCL through the
 #           server's rendezvous (skips at once, saying so, under 2 GPUs: on one H200 it costs ~0 s)
 #   bench   bench_gpu peak (bf16 GEMM peak) and train (LLaMA-3-8B shapes, seq 2048, LoRA-Null-v2
@@ -234,6 +235,7 @@ if want tests; then
     run_step gpu test_nccl_procs 45 "$BIN/test_nccl" procs
     run_step gpu test_tp_nccl 45 "$BIN/test_tp_nccl"
     run_step gpu test_memplan_gpu 30 "$BIN/test_memplan_gpu"
+    run_step gpu test_hooks 45 "$BIN/test_hooks"
 fi
 
 if want gang; then

@@ -14,7 +14,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIN = ROOT / "build" / "cuda" / "tests"
 TESTS = ["test_kernels", "test_attention", "test_solver", "test_calibrate", "test_model", "test_nccl", "test_tp_nccl",
-         "test_memplan_gpu"]
+         "test_memplan_gpu", "test_hooks"]
 
 
 @pytest.mark.parametrize("name", TESTS)
@@ -78,7 +78,7 @@ def test_run_sh_dry_run(tmp_path):
     verdicts = {ln.split()[1]: ln for ln in lines}
     assert verdicts["build"].startswith("PASS") and verdicts["cuda_bin"].startswith("PASS")
     gpu_steps = ["test_attention", "test_kernels", "test_solver", "test_calibrate", "test_model", "test_nccl",
-                 "test_nccl_procs", "test_tp_nccl", "test_memplan_gpu", "gang_gpu",
+                 "test_nccl_procs", "test_tp_nccl", "test_memplan_gpu", "test_hooks", "gang_gpu",
                  "bench_peak", "bench_train", "bench_peft", "cli_train", "bench_calib", "bench_init",
                  "bench_init_torch"]
     for s in gpu_steps:
