@@ -12,6 +12,7 @@
 #include "worker/cli/ranks.h"
 #include "worker/engine/adapter.h"
 #include "worker/engine/data.h"
+#include "worker/engine/lora_init.h"
 #include "worker/engine/model.h"
 #include "worker/engine/nullspace.h"
 #include "worker/engine/tensor_parallel.h"
@@ -102,11 +103,20 @@ int cmd_train(int argc, char **argv)
         int nt = 0;
         for (int t = 0; t < LN_NTARGET; t++) nt += (tm >> t) & 1;
         int full = strcmp(method, "full") == 0;
+        ln_method mm = LN_METHOD_LORA;
+        if (!full && ln_method_parse(method, &mm, &e)) goto fail;
+        /* what the worker's plan counts too (wd_run.c): the init's scratch and a residual method's
+         * A0/B0, the calibration window and device covariances, the validation forward */
         lnb_cuda_plan_req pq = {.vocab = mc.vocab_size, .hidden = mc.hidden_size, .intermediate = mc.intermediate_size,
                                 .layers = mc.num_layers, .heads = mc.num_heads, .kv_heads = mc.num_kv_heads,
                                 .head_dim = mc.head_dim, .tied = mc.tie_word_embeddings, .batch = to.batch_size,
-                                .seq = max_seq_len, .rank = full ? 0 : rank, .targets = nt,
+                                .seq = max_seq_len, .rank = full ? 0 : rank, .targets = nt, .target_mask = tm,
                                 .train_a = strcmp(method, "lora_fa") != 0 && strcmp(method, "lora_null_v2") != 0,
+                                .residual = !full && !to.resume && ln_method_has_residual(mm),
+                                .method = full || to.resume ? NULL : method, .calibrate = cal.file != NULL,
+                                .calib_max_length = cal.max_length,
+                                .device_covariances = cal.file != NULL && ln_calibrate_accumulator() != NULL,
+                                .recompute = recompute, .eval_during_training = val != NULL,
                                 .bf16_copies = !full}; /* ln_train freezes every frozen weight (model.h) */
         if (lnb_select_plan_check(be, &pq, &e)) goto fail;
     }
