@@ -571,6 +571,9 @@ static void test_two_ranks_fail_together_on_a_check_failure(void **state)
 /* A one-rank job in wd_run on the test table, in tmpdir/name: lora, or lora_null_v2 calibrated on the
  * training file; the matmul number fault_at fails (0: none). Returns the finished run's status;
  * code, retryable and msg get what the daemon would post. */
+/* wd_run_device_lost of the last worker_job: what makes the daemon exit for a fresh context */
+static int g_device_lost;
+
 static wd_run_status worker_job(const char *name, int calibrated, int64_t fault_at, char *code, int *retryable,
                                 char *msg, size_t cap)
 {
@@ -608,6 +611,7 @@ static wd_run_status worker_job(const char *name, int calibrated, int64_t fault_
     snprintf(code, 64, "%s", r.err_code);
     snprintf(msg, cap, "%s", r.err_msg);
     *retryable = r.retryable;
+    g_device_lost = wd_run_device_lost(&r);
     return r.status;
 }
 
@@ -636,6 +640,7 @@ static void test_worker_fails_a_device_error_as_device_error(void **state)
     /* a good run: the worker froze the 15 GEMM weights once (before its first evaluation) and the
      * model's free thawed them */
     if (worker_job("good", 0, 0, code, &retry, msg, sizeof msg) != WD_RUN_OK) fail_msg("%s: %s", code, msg);
+    assert_int_equal(g_device_lost, 0);
     assert_int_equal(H.freezes, 2 * LN_NTARGET + 1);
     assert_int_equal(H.thaws, H.freezes);
     assert_int_equal(H.stale, 0);
@@ -646,6 +651,7 @@ static void test_worker_fails_a_device_error_as_device_error(void **state)
     print_message("worker: %s (retryable %d): %s\n", code, retry, msg);
     assert_string_equal(code, "device_error");
     assert_int_equal(retry, 1);
+    assert_int_equal(g_device_lost, 1); /* the daemon exits with WD_EXIT_DEVICE_LOST after reporting */
     if (!strstr(msg, "hooktest device error at train step") || !strstr(msg, "injected kernel fault"))
         fail_msg("unexpected message: %s", msg);
     assert_int_equal(H.thaws, H.freezes);

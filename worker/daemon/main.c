@@ -39,7 +39,11 @@ static void usage(FILE *f) {
             "                        port (0); a NetworkPolicy between worker pods must admit them\n"
             "  --rendezvous-timeout-s S  the ranks of a split job must meet within S seconds, default 120 (GPU\n"
             "                        workers: the NCCL join too; NCCL picks its own address: NCCL_SOCKET_IFNAME)\n"
-            "  --log-level L         debug|info|warn|error, default info\n");
+            "  --log-level L         debug|info|warn|error, default info\n"
+            "\n"
+            "Exit status: 0 after SIGTERM/SIGINT or --once; 1 on a bad option, a refused token or a shutdown\n"
+            "grace that ran out; 3 after a job failed with device_error, once reported (a CUDA context may\n"
+            "stay unusable after an error: the supervisor restarts the worker, a fresh process).\n");
 }
 
 static int read_token(const char *path, char **out, ln_err *e) {

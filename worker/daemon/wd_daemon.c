@@ -161,6 +161,7 @@ static void job_end(wd_job *j, const char *how) {
     if (d->http) wd_http_abort_ctx(d->http, j);
     int keep = j->lost == WD_STOP_PAUSE || j->lost == WD_STOP_LEASE_LOST || j->final == FINAL_RELEASE;
     if (j->final == FINAL_NONE && j->run_started && j->run.status == WD_RUN_OK) keep = 0; /* rank 0 has it all */
+    int device_lost = j->run_started && wd_run_device_lost(&j->run);
     if (j->run_started) wd_run_finish(&j->run);
     else ln_jobspec_free(&j->run.spec);
     wd_gang_cancel(j->gang);
@@ -174,6 +175,15 @@ static void job_end(wd_job *j, const char *how) {
     }
     d->job = NULL;
     job_free(j);
+    if (device_lost) {
+        /* A CUDA error can leave the process's context unusable (errors are sticky): another job
+         * here would fail the same way and spend its attempts. The failure is reported; a fresh
+         * process (its supervisor restarts it) gets a fresh context. */
+        ln_log(LN_LOG_ERROR, "worker", "the job failed with a device error: exiting with status %d so that a "
+               "fresh process (a new CUDA context) takes the next job", WD_EXIT_DEVICE_LOST);
+        daemon_close(d, WD_EXIT_DEVICE_LOST);
+        return;
+    }
     if (d->cfg.once || d->signals) daemon_close(d, 0);
 }
 

@@ -986,3 +986,7 @@ int64_t wd_run_local_checkpoint(const char *job_dir, char out[WD_PATH_MAX]) {
     free(cd);
     return best;
 }
+
+int wd_run_device_lost(const wd_run *r) {
+    return r->status == WD_RUN_FAILED && strcmp(r->err_code, "device_error") == 0;
+}

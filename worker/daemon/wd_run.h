@@ -113,6 +113,11 @@ void wd_run_finish(wd_run *r);
  * since the last call. */
 int wd_run_take_checkpoint(wd_run *r, int64_t *step, double *loss, char dir[WD_PATH_MAX]);
 
+/* 1 when the run failed with device_error (a kernel failed on the GPU): the daemon then exits with
+ * WD_EXIT_DEVICE_LOST after reporting, since a CUDA context may stay unusable after an error. */
+#define WD_EXIT_DEVICE_LOST 3
+int wd_run_device_lost(const wd_run *r);
+
 /* The highest step-NNNNNN checkpoint under dir/out/checkpoints (a state.safetensors in it),
  * or −1. Lets a worker continue a paused job from the checkpoint it wrote itself. */
 int64_t wd_run_local_checkpoint(const char *job_dir, char out[WD_PATH_MAX]);
