@@ -50,6 +50,7 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <string>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -565,6 +566,7 @@ static emu_ctx g_sched;
 static emu_fiber *g_cur;
 static int g_plain;          /* the running kernel's threads are plain calls */
 static unsigned g_nthreads;
+static uint64_t g_waits; /* barrier waits that suspended a fiber (CUDA_EMU_STATS) */
 static emu_barrier g_bar_block, g_bar_warp[32];
 static uint64_t g_shfl[2][32][32];
 static const std::function<void()> *g_body;
@@ -597,8 +599,29 @@ static unsigned rnd(unsigned n)
 
 unsigned emu_flat_tid(void) { return emu_tid->x + emu_block_dim.x * (emu_tid->y + emu_block_dim.y * emu_tid->z); }
 
+static int runnable(const emu_fiber &f) { return !f.done && (!f.wbar || f.wbar->gen != f.wgen); }
+
+/* The running fiber is blocked or done: in the orders 0 and 1 (without ASan, whose fiber
+ * annotations want the scheduler in between) straight on to the next runnable fiber in that
+ * order — half the switches of going through the scheduler —, else back to the scheduler (which
+ * also sees a block finish or deadlock). */
 static void switch_to_sched(void)
 {
+#if !EMU_ASAN
+    if (g_order < 2) {
+        unsigned n = g_nthreads, j = (unsigned)(g_cur - g_fib.data());
+        for (unsigned k = 1; k < n; k++) {
+            j = g_order == 0 ? (j + 1 == n ? 0 : j + 1) : (j == 0 ? n - 1 : j - 1);
+            if (runnable(g_fib[j])) {
+                emu_fiber *from = g_cur;
+                g_cur = &g_fib[j];
+                emu_tid = &g_cur->tid;
+                ctx_switch(&from->ctx, &g_cur->ctx);
+                return;
+            }
+        }
+    }
+#endif
 #if EMU_ASAN
     __sanitizer_start_switch_fiber(g_cur->done ? NULL : &g_asan_fake, g_sched_stack, g_sched_stack_size);
 #endif
@@ -619,6 +642,7 @@ static void bar_wait(emu_barrier &b, int n, const char *what)
         b.gen++;
         return;
     }
+    g_waits++;
     g_cur->wbar = &b;
     g_cur->wgen = gen;
     while (b.gen == gen) switch_to_sched(); /* the scheduler resumes it once the barrier opens */
@@ -702,8 +726,6 @@ static void resume(emu_fiber &f)
 #endif
 }
 
-static int runnable(const emu_fiber &f) { return !f.done && (!f.wbar || f.wbar->gen != f.wgen); }
-
 static uint3 tid_of(unsigned i, const dim3 &b) { return {i % b.x, (i / b.x) % b.y, i / (b.x * b.y)}; }
 
 static void run_block_fibers(unsigned n)
@@ -719,7 +741,8 @@ static void run_block_fibers(unsigned n)
         f.tid = tid_of(i, emu_block_dim);
         f.done = 0;
         f.wbar = NULL;
-        ctx_make(&f.ctx, f.stack, STACK, fiber_main);
+        /* the stacks' tops staggered: at one per 256 KiB they would all fall in the same cache sets */
+        ctx_make(&f.ctx, f.stack, STACK - (i * 1088) % (64 * 1024), fiber_main);
     }
     g_bar_block = {0, 0};
     for (auto &b : g_bar_warp) b = {0, 0};
@@ -779,8 +802,25 @@ static void run_block_plain(unsigned n)
     }
 }
 
+/* CUDA_EMU_STATS=1: at exit, per kernel the launches, blocks, threads and barrier waits (where the
+ * emulation spends its time). */
+struct kstat {
+    uint64_t launches, blocks, threads, waits;
+};
+static std::map<std::string, kstat> g_stats;
+static void print_stats(void)
+{
+    for (auto &kv : g_stats)
+        fprintf(stderr, "# cuda_emu: %-32s %8llu launches %10llu blocks %12llu threads %12llu barrier waits\n",
+                kv.first.c_str(), (unsigned long long)kv.second.launches, (unsigned long long)kv.second.blocks,
+                (unsigned long long)kv.second.threads, (unsigned long long)kv.second.waits);
+}
+
 static void run_grid(const char *name, emu_config c, int barriers, const std::function<void()> &body)
 {
+    static int stats = -1;
+    if (stats < 0 && (stats = getenv("CUDA_EMU_STATS") != NULL)) atexit(print_stats);
+    uint64_t waits0 = g_waits;
     g_kernel = name;
     g_body = &body;
     g_plain = !barriers;
@@ -810,6 +850,13 @@ static void run_grid(const char *name, emu_config c, int barriers, const std::fu
     free(buf);
     g_dyn = NULL;
     g_kernel = "(host)";
+    if (stats) {
+        kstat &k = g_stats[name];
+        k.launches++;
+        k.blocks += nb;
+        k.threads += nb * g_nthreads;
+        k.waits += g_waits - waits0;
+    }
 }
 
 /* ---- launches ---- */
@@ -995,13 +1042,16 @@ static void gemm_run(const gemm_args &g)
         for (int j = 0; j < g.n; j++)
             for (int i = 0; i < g.m; i++) {
                 const double *x = &a[(size_t)i * g.k], *y = &bt[(size_t)j * g.k];
-                double s;
+                /* eight interleaved partial sums (the hardware's order is not known either) */
+                double s = 0;
                 if (g.fp64) {
-                    s = 0;
-                    for (int l = 0; l < g.k; l++) s = fma(x[l], y[l], s);
+                    double p8[8] = {0};
+                    for (int l = 0; l < g.k; l++) p8[l & 7] = fma(x[l], y[l], p8[l & 7]);
+                    for (int q = 0; q < 8; q++) s += p8[q];
                 } else { /* fp32 accumulation, as the hardware's */
-                    float f = 0;
-                    for (int l = 0; l < g.k; l++) f = fmaf((float)x[l], (float)y[l], f);
+                    float p8[8] = {0}, f = 0;
+                    for (int l = 0; l < g.k; l++) p8[l & 7] = fmaf((float)x[l], (float)y[l], p8[l & 7]);
+                    for (int q = 0; q < 8; q++) f += p8[q];
                     s = f;
                 }
                 size_t ci = i + (size_t)j * g.ldc;
