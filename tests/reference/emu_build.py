@@ -119,6 +119,7 @@ def runtime_cmd(dest, asan=False):
 
 
 def env_for_run(extra=None):
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0", OMP_NUM_THREADS="2")
+    # LORANULL_EMU: the GPU tests' switch for shapes too large to emulate (test_attention's T = 2048)
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0", OMP_NUM_THREADS="2", LORANULL_EMU="1")
     env.update(extra or {})
     return env

@@ -15,7 +15,16 @@ import pytest
 import emu_build as eb
 
 ROOT = eb.ROOT
-GPU_TESTS = ["test_kernels", "test_solver", "test_calibrate", "test_memplan_gpu", "test_model"]
+GPU_TESTS = ["test_kernels", "test_solver", "test_calibrate", "test_memplan_gpu", "test_model", "test_attention"]
+# Checks a GPU test program gets wrong on a GPU too, found under the emulation and reported to its
+# owner; tolerated (the run is then an xfail) but nothing else may fail. test_attention compares the
+# mixed-path (fused forward + chunked backward and the reverse) dQ and dK at T = 1 with the chunked
+# path's, which are exactly 0 there (one key: P = 1, dS = 0), while a path pair with bf16 scores
+# gives P = e^(±ε) ≠ 1 and dS of the order of bf16 rounding: rel_err's 1e-30 floor turns that into
+# ~5e26.
+KNOWN_GPU_TEST_BUGS = {
+    "test_attention": re.compile(r"^FAIL (fused fwd \+ chunked bwd|chunked fwd \+ fused bwd) vs chunked: d[qk] B\d+ T1 "),
+}
 CU = ["kernels", "attention", "solver"]
 
 
@@ -70,10 +79,19 @@ def release(tmp_path_factory):
 
 
 def check_passed(test, rc, out):
-    assert rc == 0 and f"PASS {test}" in out, out[-4000:]
+    """PASS with every check ok; or, where the only failing checks are known bugs of the GPU test
+    itself (KNOWN_GPU_TEST_BUGS), an xfail naming them."""
     assert "host emulation" in out.splitlines()[0], out[:300]  # it ran on the emulated device
-    assert not re.search(r"^FAIL", out, re.M), out[-4000:]
-    assert re.search(r"PASS \w+ \((\d+) checks\)", out) and int(re.search(r"\((\d+) checks\)", out).group(1)) > 0
+    known = KNOWN_GPU_TEST_BUGS.get(test)
+    fails = [ln for ln in out.splitlines() if ln.startswith("FAIL") and not ln.startswith(f"FAIL {test} (")]
+    unknown = [ln for ln in fails if not (known and known.search(ln))]
+    assert not unknown, "\n".join(unknown) + "\n" + out[-3000:]
+    if fails:
+        m = re.search(rf"^FAIL {test} \((\d+) of (\d+) checks failed\)", out, re.M)
+        assert rc == 1 and m and int(m.group(1)) == len(fails), out[-3000:]
+        pytest.xfail(f"{test}: only its known bug fails ({len(fails)} of {m.group(2)} checks):\n" + "\n".join(fails))
+    assert rc == 0 and f"PASS {test}" in out, out[-4000:]
+    assert int(re.search(rf"PASS {test} \((\d+) checks\)", out).group(1)) > 0
 
 
 @pytest.mark.parametrize("test", GPU_TESTS)
