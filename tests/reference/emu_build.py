@@ -87,10 +87,12 @@ def cxx():
     return c
 
 
-def cxx_flags(asan=False):
+def cxx_flags(asan=False, werror=True):
+    """werror=False for the backend's .cu files: g++ also sees their device code, which nvcc's
+    -Werror never does, so a warning there is not this emulation's to fail on."""
     opt = ["-O1", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if asan else ["-O2"]
-    return ["-std=gnu++17", "-g", *opt, *fma_flags(), "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
-            f"-I{EMU / 'include'}", f"-I{ROOT}"]
+    return ["-std=gnu++17", "-g", *opt, *fma_flags(), "-Wall", "-Wextra", *(["-Werror"] if werror else []),
+            "-Wno-unknown-pragmas", f"-I{EMU / 'include'}", f"-I{ROOT}"]
 
 
 def compile_cu(dest, cu_path, text=None, asan=False):
@@ -100,7 +102,7 @@ def compile_cu(dest, cu_path, text=None, asan=False):
     cpp = dest / (cu_path.stem + "_emu.cpp")
     cpp.write_text(out)
     obj = dest / (cu_path.stem + "_emu.o")
-    return [cxx(), *cxx_flags(asan), "-c", str(cpp), "-o", str(obj)], obj, counts
+    return [cxx(), *cxx_flags(asan, werror=False), "-c", str(cpp), "-o", str(obj)], obj, counts
 
 
 def run_jobs(cmds):
