@@ -98,6 +98,15 @@ typedef struct lnb_backend {
      * calibration and the adapter's init, and before writing a checkpoint or the final adapter: a
      * step whose kernels failed is never saved (worker/engine/model.h: ln_model_check_device). */
     int (*check)(ln_err *e);
+    /* Waits for every call made so far to complete, so host code may read or write backend tensors
+     * directly (a pointer dereference, memcpy, a safetensors writer holding w): a device backend
+     * whose calls only queue work (the CUDA backend by default) returns before its kernels ran.
+     * upload, download and the value-returning calls (sumsq, cross_entropy) wait by themselves. Like
+     * check, −1 with the first kept device error (the tensors may hold garbage then), else 0. The
+     * engine calls it through ln_backend_sync (model.h) at each place its host code touches tensors:
+     * calibration hooks on the host path, the adapter's init and residual, checkpoint and adapter
+     * writes and restores. NULL: every call has completed when it returns (the CPU). */
+    int (*sync)(ln_err *e);
     /* A frozen weight w (n floats, from this table's alloc) may be kept in a faster form for the
      * matmuls that read it (the CUDA backend: a bf16 copy, in its bf16 math mode only). Returns the
      * bytes of backend memory that form takes (0: w stays as it is), or −1 with e filled. w itself

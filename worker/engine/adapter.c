@@ -147,7 +147,10 @@ static int init_by_layer(ln_model *m, ln_adapter *ad, const ln_adapter_opts *o, 
             if (calib && !(li.C = o->covariance(o->method_ctx, l, ln_target_input((ln_target)t))))
                 return ln_errf(e, "adapter method \"%s\": no covariance for layer %d input of %s", ad->method, l,
                                ln_target_module((ln_target)t));
-            if (ln_init_layer(me, &li, W->w, lo->A.w, lo->B.w, e))
+            /* the init reads W0 and writes A, B (and W0) on the host: after the queued copies */
+            if (ln_backend_sync(m->be, e, "before the %s init of layer %d %s", ad->method, l,
+                                ln_target_module((ln_target)t)) ||
+                ln_init_layer(me, &li, W->w, lo->A.w, lo->B.w, e))
                 return ln_err_prefix(e, "layer %d %s", l, ln_target_module((ln_target)t));
             if (residual) {
                 lo->A0 = m->be->alloc((size_t)lo->A.n * sizeof(float));
@@ -208,6 +211,8 @@ fail:
 /* W0' = W0 − s·B0 A0 (d_out × d_in) for each targeted layer. */
 static int apply_residual(ln_model *m, ln_adapter *ad, ln_err *e)
 {
+    /* on the host, from A0/B0 just copied or uploaded */
+    if (ln_backend_sync(m->be, e, "before the residual W0 - s B0 A0 of the %s adapter", ad->method)) return -1;
     for (int l = 0; l < ad->num_layers; l++)
         for (int t = 0; t < LN_NTARGET; t++) {
             ln_lora *lo = &ad->lora[l * LN_NTARGET + t];
@@ -285,6 +290,8 @@ void ln_adapter_write(const ln_adapter *ad, st_writer *w)
 int ln_adapter_save(const ln_adapter *ad, const char *path, ln_err *e)
 {
     if (ad->full) return ln_errf(e, "adapter save: a full fine-tune has no adapter (save the model)");
+    /* the writer reads the factors where they live */
+    if (ln_backend_sync(ad->be, e, "before writing the adapter %s", path)) return -1;
     st_writer *w = st_writer_new();
     st_writer_meta(w, "format", "loranull-adapter");
     ln_adapter_write(ad, w);
@@ -459,6 +466,7 @@ int ln_adapter_save_peft(const ln_adapter *ad, const ln_model *m, const char *di
         return ln_errf(e, "PEFT export: method %s trained on a residual base; its export relative to the original "
                           "weights is lora_init's job", ad->method);
     if (ln_mkdir_p(dir, e)) return -1;
+    if (ln_backend_sync(ad->be, e, "before writing the PEFT adapter in %s", dir)) return -1; /* read in place */
     int rc = ln_peft_write_config(ad, ad->rank, ad->alpha, NULL, dir, e);
     if (rc) return -1;
     (void)m;

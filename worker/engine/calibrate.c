@@ -290,6 +290,7 @@ const ln_cov_accumulator *ln_calibrate_accumulator(void) { return g_accumulator;
 
 typedef struct {
     ln_cov *covs;      /* num_layers × LN_NINPUT; .d set where needed, .sum NULL where not on the host */
+    const lnb_backend *be; /* synced before a host sum reads X */
     const ln_cov_accumulator *acc;
     void **dev;        /* num_layers × LN_NINPUT sums of acc (NULL where on the host or not needed) */
     float *scratch;    /* max d × max d floats for the fp32 products; NULL = fp64 products */
@@ -321,9 +322,12 @@ static void calib_hook(int layer, ln_input which, const float *X, int tokens, in
         ln_errf(&h->err, "calibration: layer %d input %d has width %d, expected %d", layer, (int)which, d_in, c->d);
         return;
     }
-    int rc = dev          ? h->acc->add(dev, X, tokens, &h->err)
-             : h->scratch ? ln_cov_add_sample_f32(c, X, tokens, h->scratch, &h->err)
-                          : ln_cov_add_sample(c, X, tokens, &h->err);
+    /* the accumulator queues its sum behind the forward that writes X; a host sum reads X, so the
+     * backend's queued calls must have run first */
+    int rc = dev ? h->acc->add(dev, X, tokens, &h->err)
+                 : ln_backend_sync(h->be, &h->err, "before its sum on the host") ? -1
+                 : h->scratch ? ln_cov_add_sample_f32(c, X, tokens, h->scratch, &h->err)
+                              : ln_cov_add_sample(c, X, tokens, &h->err);
     if (rc != 0) {
         h->failed = 1;
         ln_err_prefix(&h->err, "calibration: layer %d %s input", layer, ln_target_module(INPUT_NAMER[which]));
@@ -340,8 +344,8 @@ static int run_forward(ln_model *m, ln_acts *acts, const window *w, ln_input_hoo
 static int calibrate_compute(ln_model *m, const window *win, int64_t count, unsigned need, int fp64,
                              ln_calibration *c, ln_err *e) {
     const int L = m->cfg.num_layers;
-    hook_ctx h = {.covs = ln_xcalloc((size_t)L * LN_NINPUT, sizeof(ln_cov)), .acc = g_accumulator};
-    ln_tp_hook tph = {.comm = tp_comm(m), .inner = calib_hook, .inner_ctx = &h};
+    hook_ctx h = {.covs = ln_xcalloc((size_t)L * LN_NINPUT, sizeof(ln_cov)), .be = m->be, .acc = g_accumulator};
+    ln_tp_hook tph = {.comm = tp_comm(m), .inner = calib_hook, .inner_ctx = &h, .be = m->be};
     ln_input_hook hook = tph.comm ? ln_tp_calibration_hook : calib_hook;
     void *hook_arg = tph.comm ? (void *)&tph : (void *)&h;
     int rc = -1;

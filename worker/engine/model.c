@@ -251,17 +251,33 @@ void ln_model_thaw(ln_model *m)
     m->frozen = 0;
 }
 
+/* A device hook's failure as "<backend> device error <where>: <its error>". */
+static int device_hook(const lnb_backend *be, int (*hook)(ln_err *), ln_err *e, const char *where_fmt, va_list ap)
+{
+    if (!hook) return 0;
+    ln_err de = {{0}};
+    if (hook(&de) == 0) return 0;
+    char where[160];
+    vsnprintf(where, sizeof where, where_fmt, ap);
+    return ln_errf(e, "%s device error %s: %s", be->name, where, de.msg);
+}
+
 int ln_model_check_device(const ln_model *m, ln_err *e, const char *where_fmt, ...)
 {
-    if (!m->be->check) return 0;
-    ln_err de = {{0}};
-    if (m->be->check(&de) == 0) return 0;
-    char where[160];
     va_list ap;
     va_start(ap, where_fmt);
-    vsnprintf(where, sizeof where, where_fmt, ap);
+    int rc = device_hook(m->be, m->be->check, e, where_fmt, ap);
     va_end(ap);
-    return ln_errf(e, "%s device error %s: %s", m->be->name, where, de.msg);
+    return rc;
+}
+
+int ln_backend_sync(const lnb_backend *be, ln_err *e, const char *where_fmt, ...)
+{
+    va_list ap;
+    va_start(ap, where_fmt);
+    int rc = be ? device_hook(be, be->sync, e, where_fmt, ap) : 0;
+    va_end(ap);
+    return rc;
 }
 
 void ln_model_free(ln_model *m)

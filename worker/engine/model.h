@@ -128,6 +128,10 @@ void ln_model_thaw(ln_model *m);
  * <where>: <its first error>" (where is printf-style, e.g. "at train step %lld"). */
 int ln_model_check_device(const ln_model *m, ln_err *e, const char *where_fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* Before host code reads or writes be's tensors directly (not through upload/download): waits for
+ * the backend's queued calls (backend.h: sync). 0 when be (or its sync hook: the CPU) is NULL or all is well;
+ * else −1 with "<backend> device error <where>: <its first error>", as ln_model_check_device. */
+int ln_backend_sync(const lnb_backend *be, ln_err *e, const char *where_fmt, ...) __attribute__((format(printf, 3, 4)));
 
 /* Makes p trainable (allocating a zeroed gradient) or frozen (freeing it). */
 int ln_param_set_trainable(const lnb_backend *be, ln_param *p, int trainable, ln_err *e);

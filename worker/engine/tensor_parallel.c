@@ -669,7 +669,12 @@ void ln_tp_calibration_hook(int layer, ln_input which, const float *X, int token
             return;
         }
     }
-    /* X is host-readable: CPU memory, or the CUDA backend's managed memory. */
+    /* X is host-readable: CPU memory, or the CUDA backend's managed memory once its writer ran */
+    if (ln_backend_sync(h->be, &h->err, "before layer %d's input is gathered", layer)) {
+        h->failed = 1;
+        comm_abort(h->comm);
+        return;
+    }
     memcpy(h->mine, X, n * sizeof(float));
     if (comm_allgather(h->comm, h->mine, h->all, (int64_t)n, &h->err)) {
         h->failed = 1;
@@ -878,6 +883,8 @@ ln_model *ln_tp_whole_shape(const ln_model *shard)
  * (column-parallel: B0's rows × the whole A0; row-parallel: the whole B0 × A0's columns). */
 static int shard_residual(ln_model *m, ln_adapter *ad, ln_err *e)
 {
+    /* on the host, from A0/B0 as the restore left them */
+    if (ln_backend_sync(m->be, e, "before the residual W0 - s B0 A0 of a shard's %s adapter", ad->method)) return -1;
     for (int l = 0; l < ad->num_layers; l++)
         for (int t = 0; t < LN_NTARGET; t++) {
             ln_lora *lo = &ad->lora[l * LN_NTARGET + t];

@@ -67,6 +67,7 @@ typedef struct ln_tp_hook {
     ln_comm *comm;
     ln_input_hook inner;
     void *inner_ctx;
+    const lnb_backend *be;       /* the shard's, synced before X is read on the host (NULL: none) */
     float *mine, *all, *whole;   /* scratch, owned; freed by ln_tp_hook_free */
     size_t cap;
     int failed;

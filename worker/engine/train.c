@@ -200,6 +200,8 @@ static st_writer *checkpoint_writer(const ckpt_state *cs, const ln_train_opts *o
 static int checkpoint_save(const char *path, ln_model *m, ln_adapter *ad, const ln_optim *opt, const ckpt_state *cs,
                            const ln_train_opts *o, ln_err *e)
 {
+    /* the writer reads the tensors and moments where they live */
+    if (ln_backend_sync(m->be, e, "before writing checkpoint %s", path)) return -1;
     st_writer *w = checkpoint_writer(cs, o, ad->full);
     char name[200];
     add_ctx c = {w};
@@ -313,6 +315,8 @@ int ln_train_load_checkpoint(ln_model *m, const char *ckpt, ln_adapter *ad, ln_e
     if (full && strcmp(full, "1") == 0) {
         ln_adapter_opts ao = {.method = "full"};
         if (ln_adapter_init(m, ad, &ao, e)) goto out;
+        /* copy_tensor writes the weights in place */
+        if (ln_backend_sync(m->be, e, "before restoring the weights of %s", file)) goto out;
         load_ctx c = {s, file, e, 0, m};
         ln_model_for_each_param(m, load_weight, &c);
         rc = c.rc;
@@ -366,6 +370,8 @@ static int checkpoint_restore(const char *ckpt, ln_model *m, ln_adapter *ad, ln_
         if (!v) { ln_errf(e, "checkpoint %s: metadata \"%s\" is missing", file, k); goto out; }
         cs->rng.s[i] = strtoull(v, NULL, 16);
     }
+    /* copy_tensor writes the moments in place */
+    if (ln_backend_sync(m->be, e, "before restoring the optimizer state of %s", file)) goto out;
     for (int i = 0; i < opt->n; i++) {
         const ln_param *p = opt->params[i];
         for (int k = 0; k < 2; k++) {

@@ -801,7 +801,7 @@ extern "C" void lnb_cuda_fill_const(float *x, int64_t n, float v)
 /* ================================================================ the table's hooks (backend.h) */
 
 /* check: waits for the stream (a kernel that failed asynchronously shows up there), then reports
- * the first kept failure. */
+ * the first kept failure. Also the table's sync: after the wait, host code may touch any tensor. */
 static int cu_check(ln_err *e)
 {
     lnb_cuda_bind_thread();
@@ -843,6 +843,7 @@ extern "C" const lnb_backend *lnb_cuda(void)
         t.cross_entropy = cu_cross_entropy; t.adamw = cu_adamw;
         t.attention_rows_only = 1;
         t.check = cu_check; t.freeze = cu_freeze; t.thaw = cu_thaw; t.frozen_form = "bf16";
+        t.sync = cu_check; /* the same stream wait and kept-error report as check */
         g_table = t;
     }
     return &g_table;
