@@ -65,9 +65,9 @@ def link(dest, test, objs, libs, asan=False):
     return exe
 
 
-def run(exe, order=0, timeout=600):
+def run(exe, order=0, timeout=600, env=None):
     r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=timeout, cwd=exe.parent,
-                       env=eb.env_for_run({"CUDA_EMU_ORDER": str(order)}))
+                       env=eb.env_for_run({"CUDA_EMU_ORDER": str(order), **(env or {})}))
     return r.returncode, r.stdout + r.stderr
 
 
@@ -141,16 +141,19 @@ PLANTED = [  # (what, file, text, broken text, test program, what the run must t
      "    if (!d) return;\n    k_embedding_forward",
      "const int32_t *d = ids;\n    if (!d) return;\n    k_embedding_forward",
      "test_kernels", "k_embedding_forward: pointer argument 1"),
-    ("a result read before the stream is waited for", "kernels",
+    ("the host dereferencing a device pointer", "kernels",
      "    CUDA_NOTE(cudaMemcpyAsync(&r, part + SUMSQ_BLOCKS, sizeof r, cudaMemcpyDeviceToHost, lnb_cuda_g.stream));",
-     "    r = part[SUMSQ_BLOCKS];", "test_kernels", "FAIL sumsq (double accumulation)"),
+     "    r = part[SUMSQ_BLOCKS];", "test_kernels", "host code touched device-only memory"),
     ("a reduction without its barrier", "kernels",
      "    if (l == 0) sh[w] = v;\n    __syncthreads();\n    T r = 0;", "    if (l == 0) sh[w] = v;\n    T r = 0;",
      "test_kernels", "FAIL"),
     ("the covariance read from the triangle DSYRK does not write", "solver",
      "j = x % d, lo = i < j ? i : j, hi = i < j ? j : i;\n        C[x] = sum[lo + hi * d] * inv;",
      "j = x % d;\n        C[x] = sum[i + j * d] * inv;", "test_solver", "FAIL covariance d=64"),
+    ("no stream wait before the host reads tensors (LORANULL_CUDA_SYNC=0)", "kernels", "t.sync = cu_check;",
+     "t.sync = NULL;", "test_calibrate", "FAIL calibration (host sums)"),
 ]
+PLANT_ENV = {"test_calibrate": {"LORANULL_CUDA_SYNC": "0"}}
 
 
 @pytest.mark.parametrize("what,name,old,new,test,symptom", PLANTED, ids=[p[0] for p in PLANTED])
@@ -161,5 +164,18 @@ def test_emulation_catches_a_planted_bug(release, tmp_path, what, name, old, new
     cmd, obj, _ = eb.compile_cu(tmp_path, eb.CUDA_DIR / f"{name}.cu", src.replace(old, new))
     eb.run_jobs([cmd])
     objs = [obj if o.name == obj.name else o for o in objs]
-    rc, out = run(link(tmp_path, test, objs, libs))
+    rc, out = run(link(tmp_path, test, objs, libs), env=PLANT_ENV.get(test))
     assert rc != 0 and symptom in out, f"{what}: not caught\n{out[-3000:]}"
+
+
+def test_host_reads_wait_for_the_stream(release):
+    """Work on a stream runs when something waits for it, as on a GPU: with LORANULL_CUDA_SYNC=0 (no
+    wait after each backend call) the host calibration still reads the model's activations only
+    after the kernels computed them (the engine's ln_backend_sync before a host sum); the planted
+    bug below takes that wait away and the same run fails."""
+    dest, objs, libs = release
+    exe = dest / "test_calibrate"
+    if not exe.exists():
+        exe = link(dest, "test_calibrate", objs, libs)
+    rc, out = run(exe, env={"LORANULL_CUDA_SYNC": "0"})
+    check_passed("test_calibrate", rc, out)

@@ -42,6 +42,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <ucontext.h>
@@ -190,6 +191,8 @@ extern "C" cudaError_t cudaPeekAtLastError(void) { return g_last_error; }
 struct emu_alloc {
     size_t n;
     int managed;
+    char *map;    /* device-only memory outside ASan: its pages (then a guard page), else NULL */
+    size_t map_n; /* the pages holding the data */
 };
 static std::map<uintptr_t, emu_alloc> g_allocs;
 static size_t g_bytes;
@@ -207,12 +210,6 @@ static const emu_alloc *find_alloc(const void *p, size_t n, uintptr_t *base = NU
     return &it->second;
 }
 
-int emu_is_device_range(const void *p, size_t n)
-{
-    LOCK;
-    return find_alloc(p, n) != NULL;
-}
-
 /* what: the call; a range that is not device memory is an illegal address on the GPU. */
 static void need_device(const char *what, const char *operand, const void *p, size_t n)
 {
@@ -224,6 +221,42 @@ static void need_device(const char *what, const char *operand, const void *p, si
     }
 }
 
+/* ---- device-only memory: the host may not touch it ----
+ * Outside ASan a cudaMalloc allocation has pages of its own, ending 0-255 bytes after the data
+ * (CUDA's 256-byte alignment), then a guard page; its pages are inaccessible except while device
+ * work runs (a kernel, a copy, a library call), so host code that dereferences a device pointer —
+ * a crash on a GPU — stops here with a FAIL naming the allocation, and so does an access past its
+ * pages. Under ASan, malloc at the exact size instead (ASan then sees overruns to the byte). */
+static int g_device_open; /* device work running (nesting) */
+static const size_t PAGE = 4096;
+
+static void protect_all(int prot)
+{
+    for (auto &kv : g_allocs)
+        if (kv.second.map && mprotect(kv.second.map, kv.second.map_n, prot)) emu_fail("mprotect failed");
+}
+static void device_open(void)
+{
+    if (g_device_open++ == 0) protect_all(PROT_READ | PROT_WRITE);
+}
+static void device_close(void)
+{
+    if (--g_device_open == 0) protect_all(PROT_NONE);
+}
+
+static void on_segv(int sig, siginfo_t *si, void *)
+{
+    uintptr_t a = (uintptr_t)si->si_addr;
+    for (auto &kv : g_allocs) {
+        const emu_alloc &al = kv.second;
+        if (al.map && a >= (uintptr_t)al.map && a < (uintptr_t)al.map + al.map_n + PAGE)
+            emu_fail("host code touched device-only memory at %p (%s a %zu-byte cudaMalloc allocation at %p): an "
+                     "invalid access on a GPU", si->si_addr, a < kv.first + al.n ? "inside" : "past the end of", al.n,
+                     (void *)kv.first);
+    }
+    signal(sig, SIG_DFL); /* not ours: the access faults again, as it would have */
+}
+
 static cudaError_t do_alloc(void **p, size_t n, int managed)
 {
     LOCK;
@@ -231,9 +264,27 @@ static cudaError_t do_alloc(void **p, size_t n, int managed)
     if (n == 0) return cudaSuccess; /* CUDA: a zero-size request gives NULL and success */
     if (n > EMU_TOTAL - g_bytes) return set_err(cudaErrorMemoryAllocation);
     void *q = NULL;
-    if (posix_memalign(&q, 256, n)) return set_err(cudaErrorMemoryAllocation);
+    emu_alloc al = {n, managed, NULL, 0};
+    if (!managed && !EMU_ASAN) {
+        static int handler;
+        if (!handler++) {
+            struct sigaction sa;
+            memset(&sa, 0, sizeof sa);
+            sa.sa_sigaction = on_segv;
+            sa.sa_flags = SA_SIGINFO;
+            sigaction(SIGSEGV, &sa, NULL);
+        }
+        al.map_n = (n + PAGE - 1) / PAGE * PAGE;
+        void *m = mmap(NULL, al.map_n + PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) return set_err(cudaErrorMemoryAllocation);
+        al.map = (char *)m;
+        q = al.map + al.map_n - (n + 255) / 256 * 256;
+        mprotect(al.map + al.map_n, PAGE, PROT_NONE); /* the guard page */
+    } else if (posix_memalign(&q, 256, n))
+        return set_err(cudaErrorMemoryAllocation);
     memset(q, 0xff, n); /* not cleared on a GPU: NaN bytes here */
-    g_allocs[(uintptr_t)q] = {n, managed};
+    if (al.map && !g_device_open) mprotect(al.map, al.map_n, PROT_NONE);
+    g_allocs[(uintptr_t)q] = al;
     g_bytes += n;
     *p = q;
     return cudaSuccess;
@@ -255,8 +306,9 @@ extern "C" cudaError_t cudaFree(void *p)
     auto it = g_allocs.find((uintptr_t)p);
     if (it == g_allocs.end()) return set_err(cudaErrorInvalidValue);
     g_bytes -= it->second.n;
+    if (it->second.map) munmap(it->second.map, it->second.map_n + PAGE);
+    else free(p);
     g_allocs.erase(it);
-    free(p);
     return cudaSuccess;
 }
 
@@ -303,11 +355,22 @@ static emu_stream *stream_of(cudaStream_t s, const char *what)
 
 static void flush(emu_stream *s)
 {
+    if (s->q.empty()) return;
+    device_open();
     while (!s->q.empty()) {
         std::function<void()> f = std::move(s->q.front());
         s->q.pop_front();
         f();
     }
+    device_close();
+}
+/* A copy or memset the host performs for the device, now. */
+static void device_now(void *dst, const void *src, int v, size_t n)
+{
+    device_open();
+    if (src) memcpy(dst, src, n);
+    else memset(dst, v, n);
+    device_close();
 }
 static void flush_all(void)
 {
@@ -469,7 +532,7 @@ extern "C" cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, enu
         emu_stream *st = stream_of(s, "cudaMemcpyAsync");
         if (st == &g_legacy) flush_legacy();
         else flush(st);
-        memcpy(dst, src, n);
+        device_now(dst, src, 0, n);
         return cudaSuccess;
     }
     enqueue(s, "cudaMemcpyAsync", [=]() { memcpy(dst, src, n); });
@@ -481,7 +544,7 @@ extern "C" cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, enum cud
     if (!n) return cudaSuccess;
     check_copy("cudaMemcpy", dst, src, n, kind);
     flush_legacy();
-    memcpy(dst, src, n);
+    device_now(dst, src, 0, n);
     return cudaSuccess;
 }
 extern "C" cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s)
@@ -496,7 +559,7 @@ extern "C" cudaError_t cudaMemset(void *p, int v, size_t n)
     LOCK;
     need_device("cudaMemset", "the destination", p, n);
     flush_legacy();
-    memset(p, v, n);
+    device_now(p, NULL, v, n);
     return cudaSuccess;
 }
 

@@ -415,8 +415,5 @@ static void emu_launch(const char *name, void (*kernel)(P...), emu_config c, A &
  * ahead of each other. CUDA_EMU_ORDER sets it at start-up. */
 void emu_set_order(int mode);
 
-/* Device memory the emulator tracks (for drivers that stand in for parts of the backend). */
-int emu_is_device_range(const void *p, size_t n);
-
 #endif /* __cplusplus */
 #endif
