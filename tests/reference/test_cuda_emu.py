@@ -17,7 +17,9 @@ import pytest
 import emu_build as eb
 
 ROOT = eb.ROOT
-GPU_TESTS = ["test_kernels", "test_solver", "test_calibrate", "test_memplan_gpu", "test_model", "test_attention"]
+# test_emu_extras (cuda_emu/): the backend's benchmark helpers, which no GPU test reaches at emulable shapes
+GPU_TESTS = ["test_kernels", "test_solver", "test_calibrate", "test_memplan_gpu", "test_model", "test_attention",
+             "test_emu_extras"]
 # Checks a GPU test program gets wrong on a GPU too, found under the emulation and reported to its
 # owner; tolerated (the run is then an xfail) but nothing else may fail. test_attention compares the
 # mixed-path (fused forward + chunked backward and the reverse) dQ and dK at T = 1 with the chunked
@@ -56,11 +58,15 @@ def build_backend(dest, asan=False, sources=None):
 
 
 def link(dest, test, objs, libs, asan=False):
+    """tests/gpu/<test>.c (or this emulation's own cuda_emu/<test>.c) linked with the backend objects."""
     exe = dest / test
+    src = ROOT / "tests" / "gpu" / f"{test}.c"
+    if not src.exists():
+        src = eb.EMU / f"{test}.c"
     flags = ["-O1", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if asan else ["-O2"]
     r = subprocess.run(["gcc", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", "-g",
                         *flags, "-fopenmp", f"-I{ROOT}", f"-I{eb.EMU / 'include'}", "-o", str(exe),
-                        str(ROOT / "tests" / "gpu" / f"{test}.c"), *map(str, objs), *map(str, libs), "-lopenblas",
+                        str(src), *map(str, objs), *map(str, libs), "-lopenblas",
                         "-llapacke", "-llapack", "-ljansson", "-lm", "-lpthread", "-lstdc++"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
