@@ -4,7 +4,11 @@
  * Semantics kept from CUDA, because a shim that is more forgiving than the hardware would let a
  * test pass that fails on a GPU:
  *  - cudaMalloc / cudaMallocManaged memory is not cleared (documented): it starts as NaN bytes
- *    (0xFF), at exactly the size asked (so AddressSanitizer sees an overrun), 256-byte aligned.
+ *    (0xFF), 256-byte aligned. Managed memory: malloc'd at exactly the size asked (ASan sees an
+ *    overrun). Device-only (cudaMalloc) memory: the same under ASan; otherwise pages of its own
+ *    ending within 255 bytes of the data, then a guard page, inaccessible to host code except while
+ *    device work runs — a host dereference of a device pointer (a crash on a GPU) or an overrun
+ *    fails naming the allocation.
  *  - Work on a stream (kernels, async copies and memsets, cuBLAS, cuSOLVER's gesvd) is queued and
  *    runs only when something waits for that stream: cudaStreamSynchronize, cudaDeviceSynchronize,
  *    cudaEventSynchronize, cudaFree (an implicit device synchronisation), a copy to or from pageable
@@ -17,10 +21,10 @@
  *  - Launch limits: ≤ 1024 threads a block, grid y, z ≤ 65535, dynamic shared memory ≤ 48 KiB
  *    unless opted in with cudaFuncSetAttribute (≤ 227 KiB); static shared memory counts too.
  *  - Kernels: each CUDA thread is a fiber with its own stack (a register switch in user space on
- *    x86-64 — ucontext's signal-mask system calls made the barrier-heavy kernels 50× slower —,
- *    ucontext elsewhere), switching only inside
- *    __syncthreads / __syncwarp / shuffles / WMMA; a barrier some thread never reaches is a reported
- *    deadlock; shared memory (static and dynamic) is NaN bytes at the start of every block. Kernels
+ *    x86-64 — ucontext's signal-mask system calls made the barrier-heavy kernels 10× slower —,
+ *    ucontext elsewhere), switching only inside __syncthreads / __syncwarp / shuffles / WMMA
+ *    (straight from one fiber to the next in orders 0 and 1); a barrier some thread never reaches
+ *    is a reported deadlock; shared memory (static and dynamic) is NaN bytes at the start of every block. Kernels
  *    in which emu_build.py finds no barrier run their threads as plain calls (fast), and fail
  *    loudly should one reach a barrier. Blocks run one after another, in the order CUDA_EMU_ORDER
  *    says (0 in order, 1 reversed, n ≥ 2 shuffled by seed n, warps then also running ahead of one
@@ -29,13 +33,15 @@
  *  - cuBLAS: argument checks as the library makes them (sizes, leading dimensions, type and compute
  *    type pairs: CUBLAS_STATUS_INVALID_VALUE / NOT_SUPPORTED), bf16 operands exact, fp32 operands
  *    rounded to bf16 (COMPUTE_32F_FAST_16BF) or tf32 (FAST_TF32) as the tensor cores take them,
- *    fp32 accumulation by fused multiply-adds (fp64 for the D routines); β = 0 never reads C.
+ *    fp32 accumulation by fused multiply-adds in eight interleaved partial sums (fp64 for the D
+ *    routines); β = 0 never reads C.
  *  - cuSOLVER: syevdx (range by index) and gesvd (m ≥ n only, as cuSOLVER) over LAPACKE; lwork and
  *    the workspace checked against what the bufferSize query said; the eigen/SVD input is left NaN
  *    where the library leaves it undefined.
  * Not emulated: speed, occupancy, true concurrency (lanes of a warp and warps of a block interleave
- * only at barriers), host reads of device-only (cudaMalloc) memory (they succeed here), atomics,
- * several devices, NCCL. */
+ * only at barriers; blocks one after another), the exact bits of the GPU's math functions (the
+ * host libm's expf etc. instead; nvcc's FMA contraction is mirrored with -ffp-contract=fast),
+ * atomics, several devices, NCCL; and, under ASan, the guard on device-only memory. */
 #include "cuda_emu.h"
 
 #include <lapacke.h>
