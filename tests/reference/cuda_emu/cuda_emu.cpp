@@ -38,6 +38,12 @@
  *  - cuSOLVER: syevdx (range by index) and gesvd (m ≥ n only, as cuSOLVER) over LAPACKE; lwork and
  *    the workspace checked against what the bufferSize query said; the eigen/SVD input is left NaN
  *    where the library leaves it undefined.
+ *  - CUDA_EMU_ASYNC=1 (async mode, outside ASan): managed memory gets pages of its own too, and
+ *    they are inaccessible to host code while any stream has work queued and none runs: host code
+ *    that reads or writes a tensor before waiting for the kernels that use it (a race on a GPU,
+ *    or stale data) faults at once; the FAIL names the allocation, how much work was queued and
+ *    the last call queued, with the host backtrace, and aborts. Stricter than a GPU with concurrent
+ *    managed access, where touching a tensor no queued work uses is harmless: any touch counts.
  * Not emulated: speed, occupancy, true concurrency (lanes of a warp and warps of a block interleave
  * only at barriers; blocks one after another), the exact bits of the GPU's math functions (the
  * host libm's expf etc. instead; nvcc's FMA contraction is mirrored with -ffp-contract=fast),
@@ -48,9 +54,11 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <execinfo.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 #include <ucontext.h>
 
 #include <deque>
@@ -197,7 +205,8 @@ extern "C" cudaError_t cudaPeekAtLastError(void) { return g_last_error; }
 struct emu_alloc {
     size_t n;
     int managed;
-    char *map;    /* device-only memory outside ASan: its pages (then a guard page), else NULL */
+    char *map;    /* device-only (and, in async mode, managed) memory outside ASan: its pages (then a
+                   * guard page), else NULL */
     size_t map_n; /* the pages holding the data */
 };
 static std::map<uintptr_t, emu_alloc> g_allocs;
@@ -236,18 +245,69 @@ static void need_device(const char *what, const char *operand, const void *p, si
 static int g_device_open; /* device work running (nesting) */
 static const size_t PAGE = 4096;
 
+/* Async mode (CUDA_EMU_ASYNC=1): managed memory is closed to the host too, while work is queued. */
+static int g_async = -1;        /* decided at the first allocation */
+static int g_managed_closed;    /* the managed allocations are inaccessible now */
+static size_t g_queued;         /* work queued over every stream, not yet run */
+static const char *g_last_queued = "";
+
 static void protect_all(int prot)
 {
     for (auto &kv : g_allocs)
-        if (kv.second.map && mprotect(kv.second.map, kv.second.map_n, prot)) emu_fail("mprotect failed");
+        if (kv.second.map && !kv.second.managed && mprotect(kv.second.map, kv.second.map_n, prot))
+            emu_fail("mprotect failed");
+}
+static void close_managed(int closed)
+{
+    if (closed == g_managed_closed) return;
+    for (auto &kv : g_allocs)
+        if (kv.second.map && kv.second.managed &&
+            mprotect(kv.second.map, kv.second.map_n, closed ? PROT_NONE : PROT_READ | PROT_WRITE))
+            emu_fail("async mode: mprotect failed");
+    g_managed_closed = closed;
 }
 static void device_open(void)
 {
-    if (g_device_open++ == 0) protect_all(PROT_READ | PROT_WRITE);
+    if (g_device_open++ == 0) {
+        protect_all(PROT_READ | PROT_WRITE);
+        close_managed(0);
+    }
 }
 static void device_close(void)
 {
-    if (--g_device_open == 0) protect_all(PROT_NONE);
+    if (--g_device_open == 0) {
+        protect_all(PROT_NONE);
+        if (g_async > 0 && g_queued) close_managed(1); /* another stream's work is still queued */
+    }
+}
+
+/* A host access to closed managed memory: what, where, and the host's backtrace; then abort. */
+static void async_fault(uintptr_t a, uintptr_t base, const emu_alloc &al)
+{
+    char msg[640];
+    int len = snprintf(msg, sizeof msg,
+                       "FAIL cuda_emu: host code touched device memory with work queued: %p is byte %zu of a "
+                       "%zu-byte managed allocation at %p, while %zu calls were queued (the last %s) — the host "
+                       "read or wrote a tensor before waiting for the device (a race with the kernels on a GPU). "
+                       "Host backtrace (a frame without a name: addr2line -f -e EXE OFFSET):\n",
+                       (void *)a, (size_t)(a - base), al.n, (void *)base, g_queued, g_last_queued);
+    if (write(2, msg, (size_t)len) == len) {
+        void *frames[64];
+        backtrace_symbols_fd(frames, backtrace(frames, 64), 2);
+    }
+    signal(SIGABRT, SIG_DFL);
+    abort();
+}
+
+static int async_mode(void)
+{
+    if (g_async < 0) {
+        const char *v = getenv("CUDA_EMU_ASYNC");
+        g_async = v && *v && strcmp(v, "0") != 0;
+        if (g_async && EMU_ASAN) emu_fail("CUDA_EMU_ASYNC=1 needs the emulation built without ASan");
+        if (g_async) printf("# cuda_emu: async mode: managed memory is closed to the host while work is queued\n");
+    }
+    return g_async;
 }
 
 static void on_segv(int sig, siginfo_t *si, void *)
@@ -255,10 +315,11 @@ static void on_segv(int sig, siginfo_t *si, void *)
     uintptr_t a = (uintptr_t)si->si_addr;
     for (auto &kv : g_allocs) {
         const emu_alloc &al = kv.second;
-        if (al.map && a >= (uintptr_t)al.map && a < (uintptr_t)al.map + al.map_n + PAGE)
-            emu_fail("host code touched device-only memory at %p (%s a %zu-byte cudaMalloc allocation at %p): an "
-                     "invalid access on a GPU", si->si_addr, a < kv.first + al.n ? "inside" : "past the end of", al.n,
-                     (void *)kv.first);
+        if (!al.map || a < (uintptr_t)al.map || a >= (uintptr_t)al.map + al.map_n + PAGE) continue;
+        if (al.managed && a < (uintptr_t)al.map + al.map_n) async_fault(a, kv.first, al);
+        emu_fail("host code touched %s memory at %p (%s a %zu-byte %s allocation at %p): an invalid access on a GPU",
+                 al.managed ? "managed" : "device-only", si->si_addr, a < kv.first + al.n ? "inside" : "past the end of",
+                 al.n, al.managed ? "cudaMallocManaged" : "cudaMalloc", (void *)kv.first);
     }
     signal(sig, SIG_DFL); /* not ours: the access faults again, as it would have */
 }
@@ -271,7 +332,7 @@ static cudaError_t do_alloc(void **p, size_t n, int managed)
     if (n > EMU_TOTAL - g_bytes) return set_err(cudaErrorMemoryAllocation);
     void *q = NULL;
     emu_alloc al = {n, managed, NULL, 0};
-    if (!managed && !EMU_ASAN) {
+    if ((!managed || async_mode()) && !EMU_ASAN) {
         static int handler;
         if (!handler++) {
             struct sigaction sa;
@@ -289,7 +350,7 @@ static cudaError_t do_alloc(void **p, size_t n, int managed)
     } else if (posix_memalign(&q, 256, n))
         return set_err(cudaErrorMemoryAllocation);
     memset(q, 0xff, n); /* not cleared on a GPU: NaN bytes here */
-    if (al.map && !g_device_open) mprotect(al.map, al.map_n, PROT_NONE);
+    if (al.map && !g_device_open && (!managed || g_managed_closed)) mprotect(al.map, al.map_n, PROT_NONE);
     g_allocs[(uintptr_t)q] = al;
     g_bytes += n;
     *p = q;
@@ -366,6 +427,7 @@ static void flush(emu_stream *s)
     while (!s->q.empty()) {
         std::function<void()> f = std::move(s->q.front());
         s->q.pop_front();
+        g_queued--;
         f();
     }
     device_close();
@@ -427,6 +489,9 @@ static void enqueue(cudaStream_t s, const char *what, std::function<void()> f)
 {
     emu_stream *st = stream_of(s, what);
     st->q.push_back(std::move(f));
+    g_queued++;
+    g_last_queued = what;
+    if (g_async > 0 && !g_device_open) close_managed(1);
     /* the legacy stream waits for blocking streams' earlier work: run that first */
     if (st == &g_legacy)
         for (emu_stream *o : g_streams)
