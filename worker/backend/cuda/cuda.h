@@ -5,8 +5,11 @@
  * The table (lnb_cuda) keeps backend.h's contract — fp32 tensors, row-major — with these choices:
  *  - Memory is CUDA managed memory, so host code of the engine (adapter init, calibration hooks,
  *    checkpoint writers) can read and write tensors directly; the kernels run on the device.
- *    Every call waits for its kernels before returning (LORANULL_CUDA_SYNC=0 skips that wait for
- *    benchmarks that never touch tensors from the host between calls).
+ *    Calls queue their work on the backend's one stream and return (no device round trip per call);
+ *    the engine waits through the table's sync hook (backend.h) right before its host code touches
+ *    tensors, and upload, download, sumsq and cross_entropy wait by themselves.
+ *    LORANULL_CUDA_SYNC=1 (debugging: an asynchronous failure then names the call that met it) also
+ *    waits after every call; unset or 0, none does.
  *  - GEMMs are cuBLAS cublasGemmEx with fp32 storage and fp32 accumulation; the math mode says
  *    what the tensor cores may down-convert inputs to: LNB_CUDA_MATH_BF16 (default: bf16 tensor
  *    cores, fp32 accumulation), _TF32, or _FP32 (no down-conversion: what the tests compare

@@ -18,7 +18,7 @@ void lnb_cuda_attention_forward(float *out, float *lse, const float *q, const fl
 void lnb_cuda_attention_backward(float *dq, float *dk, float *dv, float *scratch, const float *dout, const float *lse,
                                  const float *q, const float *k, const float *v, int B, int T, int nh, int nkv, int hd);
 
-struct lnb_cuda_ctx lnb_cuda_g = {-1, 0, 0, 0, 0, 0, 0, 1, ""};
+struct lnb_cuda_ctx lnb_cuda_g = {-1, 0, 0, 0, 0, 0, 0, 0, ""};
 static int g_open = 0;
 
 /* ================================================================ errors */
@@ -144,8 +144,10 @@ extern "C" int lnb_cuda_open(const lnb_cuda_opts *o, ln_err *e)
         return -1;
     }
     lnb_cuda_g.math = o ? o->math : LNB_CUDA_MATH_BF16;
+    /* calls queue their work; the engine waits through the table's sync where its host code touches
+     * tensors. LORANULL_CUDA_SYNC=1 (debugging) also waits after every call. */
     const char *s = getenv("LORANULL_CUDA_SYNC");
-    lnb_cuda_g.sync = !(s && strcmp(s, "0") == 0);
+    lnb_cuda_g.sync = s && *s && strcmp(s, "0") != 0;
     g_open = 1;
     return 0;
 }
