@@ -171,3 +171,185 @@ def test_host_reads_wait_for_the_stream(release, test):
         exe = link(dest, test, objs, libs)
     rc, out = run(exe, env={"LORANULL_CUDA_SYNC": "0"})
     check_passed(test, rc, out)
+
+
+# ---- async mode: the engine's whole-job paths with no wait after each backend call ----
+#
+# The CUDA backend queues its calls (LORANULL_CUDA_SYNC unset: its default) and the engine waits
+# through the table's sync hook right before its host code touches tensors (backend.h). With
+# CUDA_EMU_ASYNC=1 the emulator closes every device and managed allocation (PROT_NONE) while work is
+# queued, so a host read or write that comes before its wait faults, naming the allocation and the
+# host backtrace (cuda_emu.cpp). The GPU programs and real `loranull train --device cuda` jobs
+# (calibration, LoRA-Null, PiSSA, LoRA with its PEFT files, full fine-tuning, evaluation, knowledge
+# drift, checkpoints, resume) must run through without one; a wait taken out of the engine must show.
+
+import json  # noqa: E402 (this section's)
+
+HOST_TOUCH = "host code touched device memory with work queued"
+ASYNC_PROGRAMS = ["test_model", "test_calibrate", "test_hooks"]
+CLI_PULL = [f"-Wl,-u,{s}" for s in ("lnb_cuda_open", "lnb_cuda", "lnb_cuda_plan_check", "lnb_cuda_nullspace_basis",
+                                    "lnb_cuda_cov_init")]
+CLI_LIBS = ["cli", "daemon", "server", "engine", "proto", "common"]
+ENGINE_CFLAGS = ["-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", "-g", "-O2",
+                 "-fopenmp"]
+
+
+def run_async(cmd, cwd, timeout=900):
+    """cmd with the emulator in async mode and the backend's default (no per-call wait)."""
+    env = eb.env_for_run({"CUDA_EMU_ASYNC": "1"})
+    env.pop("LORANULL_CUDA_SYNC", None)
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+    return r.returncode, r.stdout + r.stderr
+
+
+def engine_object(dest, rel, old, new):
+    """worker/engine/<rel> compiled with `old` replaced by `new` (linked ahead of libengine.a, it wins)."""
+    src = (ROOT / rel).read_text()
+    assert src.count(old) == 1, f"the text to take out is no longer in {rel}"
+    c = dest / pathlib.Path(rel).name
+    c.write_text(src.replace(old, new))
+    obj = c.with_suffix(".o")
+    r = subprocess.run(["gcc", *ENGINE_CFLAGS, f"-I{ROOT}", "-c", str(c), "-o", str(obj)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return obj
+
+
+def link_cli(dest, objs, extra=()):
+    """`loranull` (worker/cli) with the emulated backend in place of libloranull_cuda.a, as `make
+    cuda-bin` links it: --device cuda selects it."""
+    libs = [ROOT / "build" / "release" / f"lib{n}.a" for n in CLI_LIBS]
+    main = ROOT / "build" / "release" / "obj" / "worker" / "cli" / "main.o"
+    r = subprocess.run(["make", "-C", str(ROOT), "V=release", *(str(p.relative_to(ROOT)) for p in [*libs, main])],
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    exe = dest / "loranull"
+    r = subprocess.run(["gcc", "-fopenmp", "-rdynamic", "-o", str(exe), str(main), *CLI_PULL, *map(str, objs),
+                        *map(str, extra), *map(str, libs), "-lopenblas", "-llapacke", "-llapack", "-lmicrohttpd",
+                        "-ljansson", "-lsqlite3", "-luv", "-lcurl", "-lm", "-lpthread", "-lstdc++"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return exe
+
+
+def tiny_job(d, exe):
+    """A 2-layer model and 16 examples of 40 tokens (tests/gpu/cli_train.sh's) in d."""
+    (d / "cfg.json").write_text(json.dumps({
+        "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 64, "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False}))
+    r = subprocess.run([str(exe), "model", "new", "--config", "cfg.json", "--out", "tiny", "--seed", "3",
+                        "--no-tokenizer"], capture_output=True, text=True, cwd=d, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [{"input_ids": [(i * 31 + t * 7 + i * t) % 300 for t in range(1, 41)]} for i in range(1, 17)]
+    (d / "data.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    (d / "val.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows[:4]))
+
+
+LORA_NULL = ["--method", "lora_null_v1", "--rank", "4", "--calibration", "data.jsonl", "--calibration-samples", "8",
+             "--no-calibration-cache"]
+
+
+def train(exe, d, out, *opts):
+    return run_async([exe, "train", "--device", "cuda", "--model", "tiny", "--data", "data.jsonl", "--out", out,
+                      "--batch-size", "4", "--lr", "2e-3", *opts], d)
+
+
+def host_frames(out):
+    """The function names of the host backtrace a fault printed (frames without a symbol, static
+    functions, resolved by addr2line from the program's debug information)."""
+    names, where = [], {}
+    for exe, sym, off in re.findall(r"^(/[^\s(]+)\(([\w.]*)\+(0x[0-9a-f]+)\)\[", out, re.M):
+        if sym:
+            names.append(sym)
+        else:
+            where.setdefault(exe, []).append(off)
+    for exe, offs in where.items():
+        r = subprocess.run(["addr2line", "-f", "-e", exe, *offs], capture_output=True, text=True, timeout=60)
+        names += r.stdout.splitlines()[::2]
+    return names
+
+
+def losses(path):
+    return [json.loads(x)["loss"] for x in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def cli_emu(release, tmp_path_factory):
+    dest, objs, _ = release
+    d = tmp_path_factory.mktemp("cli_async")
+    exe = link_cli(dest, objs)
+    tiny_job(d, exe)
+    return exe, d
+
+
+@pytest.mark.parametrize("test", ASYNC_PROGRAMS)
+def test_async_mode_gpu_program(release, test):
+    dest, objs, libs = release
+    exe = dest / test
+    if not exe.exists():
+        exe = link(dest, test, objs, libs)
+    rc, out = run_async([exe], dest)
+    print(out)
+    assert "async mode" in out, out[:500]
+    assert HOST_TOUCH not in out, out[-4000:]
+    check_passed(test, rc, out)
+
+
+def test_async_mode_cli_lora_null_job(cli_emu):
+    """Calibration (device sums), the LoRA-Null init, evaluations, knowledge drift, checkpoints and
+    the final adapter; then a resume from the step-2 checkpoint gives steps 3 and 4 bit for bit."""
+    exe, d = cli_emu
+    opts = ["--max-steps", "4", "--val-data", "val.jsonl", "--eval-every", "2", "--save-every", "2", *LORA_NULL]
+    rc, out = train(exe, d, "null", *opts)
+    assert rc == 0 and HOST_TOUCH not in out, out[-4000:]
+    assert "sums=cuda" in out and "knowledge drift at step 4" in out, out[-3000:]
+    rows = [json.loads(x) for x in (d / "null" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("val_loss" in r for r in rows[1::2]), rows
+    assert (d / "null" / "adapter.safetensors").stat().st_size > 0
+    assert (d / "null" / "checkpoints" / "step-000002" / "state.safetensors").exists()
+    rc, out = train(exe, d, "null_resumed", *opts, "--resume", "null/checkpoints/step-000002")
+    assert rc == 0 and HOST_TOUCH not in out, out[-4000:]
+    assert losses(d / "null_resumed" / "metrics.jsonl") == losses(d / "null" / "metrics.jsonl")[2:]
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "pissa"])
+def test_async_mode_cli_other_methods(cli_emu, method):
+    """Full fine-tuning (weights and moments checkpointed and restored), LoRA (its PEFT files too)
+    and PiSSA (an SVD of each W0 on the host): two steps, a checkpoint each, a resume from step 1."""
+    exe, d = cli_emu
+    opts = ["--max-steps", "2", "--save-every", "1", "--method", method, "--rank", "4"]
+    rc, out = train(exe, d, method, *opts)
+    assert rc == 0 and HOST_TOUCH not in out, out[-4000:]
+    final = {"full": "model.safetensors", "lora": "adapter_model.safetensors", "pissa": "adapter.safetensors"}[method]
+    assert (d / method / final).stat().st_size > 0
+    rc, out = train(exe, d, method + "_resumed", *opts, "--resume", f"{method}/checkpoints/step-000001")
+    assert rc == 0 and HOST_TOUCH not in out, out[-4000:]
+    assert losses(d / (method + "_resumed") / "metrics.jsonl") == losses(d / method / "metrics.jsonl")[1:]
+
+
+REMOVED_WAITS = [  # (what, engine file, the text with the wait, without it, the run, a frame of the backtrace)
+    ("the adapter init's wait", "worker/engine/adapter.c",
+     '            if (ln_backend_sync(m->be, e, "before the %s init of layer %d %s", ad->method, l,\n'
+     '                                ln_target_module((ln_target)t)) ||\n                ln_init_layer',
+     "            if (ln_init_layer", "cli", "init_by_layer"),
+    ("the calibration hook's wait", "worker/engine/calibrate.c",
+     '                 : ln_backend_sync(h->be, &h->err, "before its sum on the host") ? -1\n', "",
+     "test_calibrate", "calib_hook"),
+]
+
+
+@pytest.mark.parametrize("what,rel,wait,without,program,frame", REMOVED_WAITS, ids=[p[0] for p in REMOVED_WAITS])
+def test_async_mode_catches_a_removed_wait(release, cli_emu, tmp_path, what, rel, wait, without, program, frame):
+    """An engine file rebuilt without one of its waits: the run stops at the host access it left
+    unguarded, naming a managed allocation and the host frames that touched it."""
+    dest, objs, libs = release
+    planted = engine_object(tmp_path, rel, wait, without)
+    if program == "cli":
+        exe, d = cli_emu
+        rc, out = train(link_cli(tmp_path, objs, [planted]), d, "planted", "--max-steps", "1", *LORA_NULL)
+    else:
+        rc, out = run_async([link(tmp_path, program, [*objs, planted], libs)], tmp_path)
+    assert rc != 0 and HOST_TOUCH in out, f"{what} taken out: not caught\n{out[-3000:]}"
+    assert re.search(r"byte \d+ of a \d+-byte managed allocation", out), out[-3000:]
+    assert frame in host_frames(out), f"{frame} not in the backtrace {host_frames(out)}\n{out[-3000:]}"
