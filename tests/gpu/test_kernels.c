@@ -116,6 +116,25 @@ static void t_elementwise(void)
     double a = H->sumsq(y, n), b = G->sumsq(dy, n), b2 = G->sumsq(dy, n);
     check_close("sumsq (double accumulation)", fabs(a - b) / a, 1e-12);
     check_true("sumsq is bitwise deterministic", memcmp(&b, &b2, sizeof b) == 0);
+    /* several tensors in one wait (the optimizer's gradient norm): the bits of one sumsq each,
+     * an empty tensor 0, a non-finite value non-finite */
+    float z[1000];
+    memcpy(z, x, sizeof z);
+    z[999] = NAN;
+    float *dz = dcopy(z, 1000);
+    const float *xs[4] = {dy, dx, dy, dz};
+    int64_t ns[4] = {n, 7, 0, 1000};
+    double sums[4] = {-1, -1, -1, -1};
+    check_true("sumsq_many is in the CUDA table", G->sumsq_many != NULL);
+    if (G->sumsq_many) {
+        check_true("sumsq_many returns 0", G->sumsq_many(4, xs, ns, sums) == 0);
+        double s1 = G->sumsq(dx, 7);
+        check_true("sumsq_many = sumsq each, bitwise", memcmp(&sums[0], &b, sizeof b) == 0 &&
+                                                          memcmp(&sums[1], &s1, sizeof s1) == 0);
+        check_true("sumsq_many: an empty tensor sums to 0", sums[2] == 0.0);
+        check_true("sumsq_many: a NaN makes its sum non-finite", !isfinite(sums[3]));
+    }
+    G->free(dz);
     G->free(dx); G->free(dy); free(x); free(y);
 }
 

@@ -119,6 +119,11 @@ typedef struct lnb_backend {
     void (*thaw)(const float *w);
     /* What freeze keeps, for logs ("bf16"); NULL with freeze. */
     const char *frozen_form;
+    /* out[i] = sumsq(x[i], n[i]) for i < k, bitwise what k sumsq calls return, in one wait instead
+     * of k (a device backend: the gradient norm and the finiteness check of every trainable tensor
+     * each step). −1 when it could not (out of memory: the caller falls back to sumsq). NULL: call
+     * sumsq k times. */
+    int (*sumsq_many)(int k, const float *const *x, const int64_t *n, double *out);
 } lnb_backend;
 
 /* The CPU backend (OpenBLAS + OpenMP). Static; never freed. */

@@ -58,10 +58,38 @@ void ln_optim_zero_grad(ln_optim *o)
     for (int i = 0; i < o->n; i++) o->be->zero(o->params[i]->g, o->params[i]->n);
 }
 
+/* sums[i] = Σ x² of every parameter's gradient (grads) or weight: through the backend's
+ * sumsq_many where it has one (one wait on a device for all of them, the same bits), else one sumsq
+ * each. Returns sums (malloc'd, the caller frees) or NULL when the batch could not be made. */
+static double *param_sumsq(const ln_optim *o, int grads)
+{
+    if (!o->be->sumsq_many || o->n <= 0) return NULL;
+    const float **x = malloc((size_t)o->n * sizeof *x);
+    int64_t *n = malloc((size_t)o->n * sizeof *n);
+    double *sums = malloc((size_t)o->n * sizeof *sums);
+    if (x && n && sums) {
+        for (int i = 0; i < o->n; i++) {
+            x[i] = grads ? o->params[i]->g : o->params[i]->w;
+            n[i] = o->params[i]->n;
+        }
+        if (o->be->sumsq_many(o->n, x, n, sums) != 0) {
+            free(sums);
+            sums = NULL;
+        }
+    } else {
+        free(sums);
+        sums = NULL;
+    }
+    free(x);
+    free(n);
+    return sums;
+}
+
 double ln_optim_grad_norm(const ln_optim *o)
 {
-    double ss = 0.0;
-    for (int i = 0; i < o->n; i++) ss += o->be->sumsq(o->params[i]->g, o->params[i]->n);
+    double ss = 0.0, *sums = param_sumsq(o, 1);
+    for (int i = 0; i < o->n; i++) ss += sums ? sums[i] : o->be->sumsq(o->params[i]->g, o->params[i]->n);
+    free(sums);
     return sqrt(ss);
 }
 
@@ -69,9 +97,12 @@ int ln_optim_first_nonfinite(const ln_optim *o)
 {
     /* Σ w² in double is finite for any finite float weights (|w| < 2^128, n < 2^60), so a
      * non-finite sum means a NaN or inf among them. */
-    for (int i = 0; i < o->n; i++)
-        if (!isfinite(o->be->sumsq(o->params[i]->w, o->params[i]->n))) return i;
-    return -1;
+    double *sums = param_sumsq(o, 0);
+    int bad = -1;
+    for (int i = 0; i < o->n && bad < 0; i++)
+        if (!isfinite(sums ? sums[i] : o->be->sumsq(o->params[i]->w, o->params[i]->n))) bad = i;
+    free(sums);
+    return bad;
 }
 
 void ln_optim_step(ln_optim *o, float lr, float gscale)

@@ -500,6 +500,37 @@ static double cu_sumsq(const float *x, int64_t n)
     return r;
 }
 
+/* part[i·(SUMSQ_BLOCKS+1) + SUMSQ_BLOCKS] → res[i]: the k sums side by side for one copy */
+__global__ void k_sumsq_gather(const double *part, int k, double *res)
+{
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < k; i += gridDim.x * blockDim.x)
+        res[i] = part[(int64_t)i * (SUMSQ_BLOCKS + 1) + SUMSQ_BLOCKS];
+}
+
+/* The same two kernels per tensor as cu_sumsq (the same bits), one copy and one wait for all k. */
+static int cu_sumsq_many(int k, const float *const *x, const int64_t *n, double *out)
+{
+    if (k <= 0) return 0;
+    size_t stride = SUMSQ_BLOCKS + 1;
+    double *part = (double *)lnb_cuda_workspace(WS_REDUCE, ((size_t)k * stride + (size_t)k) * sizeof(double));
+    if (!part) return -1;
+    double *res = part + (size_t)k * stride;
+    for (int i = 0; i < k; i++) {
+        double *pi = part + (size_t)i * stride;
+        if (n[i] <= 0) continue; /* 0, set below (its slot is not written) */
+        k_sumsq_part<<<SUMSQ_BLOCKS, 256, 0, lnb_cuda_g.stream>>>(x[i], n[i], pi);
+        k_sum_parts<<<1, 256, 0, lnb_cuda_g.stream>>>(pi, SUMSQ_BLOCKS);
+    }
+    k_sumsq_gather<<<(k + 255) / 256, 256, 0, lnb_cuda_g.stream>>>(part, k, res);
+    LAUNCH_NOTE("sumsq_many");
+    for (int i = 0; i < k; i++) out[i] = NAN;
+    CUDA_NOTE(cudaMemcpyAsync(out, res, (size_t)k * sizeof(double), cudaMemcpyDeviceToHost, lnb_cuda_g.stream));
+    CUDA_NOTE(cudaStreamSynchronize(lnb_cuda_g.stream));
+    for (int i = 0; i < k; i++)
+        if (n[i] <= 0) out[i] = 0.0;
+    return 0;
+}
+
 /* ================================================================ embedding */
 
 __global__ void k_embedding_forward(float *out, const int32_t *ids, const float *table, int N, int C)
@@ -837,6 +868,7 @@ extern "C" const lnb_backend *lnb_cuda(void)
         t.alloc = cu_alloc; t.free = cu_free; t.upload = cu_upload; t.download = cu_download;
         t.zero = cu_zero; t.copy = cu_copy;
         t.matmul = cu_matmul; t.axpy = cu_axpy; t.scale = cu_scale; t.sumsq = cu_sumsq;
+        t.sumsq_many = cu_sumsq_many;
         t.embedding_forward = cu_embedding_forward; t.embedding_backward = cu_embedding_backward;
         t.rmsnorm_forward = cu_rmsnorm_forward; t.rmsnorm_backward = cu_rmsnorm_backward;
         t.rope_forward = cu_rope_forward; t.rope_backward = cu_rope_backward;
