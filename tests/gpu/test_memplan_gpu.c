@@ -50,6 +50,15 @@ static void count_free(void *p)
     lnb_cuda()->free(p);
 }
 
+/* The bytes held for m's rotary tables (model.c's rope_ensure: backend memory, from a first forward). */
+static double rope_held(const ln_model *m)
+{
+    double b = 0;
+    for (int i = 0; i < MAX_LIVE; i++)
+        if (g_live[i].p && (g_live[i].p == m->rope_cos || g_live[i].p == m->rope_sin)) b += (double)g_live[i].n;
+    return b;
+}
+
 static void push(ln_param *p, void *ctx)
 {
     ln_param ***list = ctx;
@@ -123,7 +132,9 @@ int main(void)
     ln_fwd_opts fo = {.trained_rows_only = 1, .head_grad_scale = 1.0f / (B * T)};
     if (ln_model_forward(m, &ad, acts, &b, &fo, &loss, &e) || ln_model_backward(m, &ad, acts, &b, fo.head_grad_scale, &e))
         die("a training step", &e);
-    check_bytes("a training step's activations and logits chunk (rows-only attention)", g_bytes - before,
+    const double rope = rope_held(m); /* allocated by this first forward, for its T */
+    check_bytes("the rotary tables (cos, sin) of the longest forward", rope, p.rope);
+    check_bytes("a training step's activations and logits chunk (rows-only attention)", g_bytes - before - rope,
                 p.activations + p.logits);
 
     before = g_bytes;
@@ -139,6 +150,8 @@ int main(void)
     ln_fwd_opts fc = {.no_logits = 1};
     if (ln_model_forward(m, NULL, ca, &cb, &fc, NULL, &e)) die("a calibration forward", &e);
     check_bytes("a calibration window's forward-only activations", g_bytes - before, p.calib_activations);
+    check_true("a shorter window kept the rotary tables; the plan's window tables are its Tc's",
+               rope_held(m) == rope && p.calib_rope == 2.0 * sizeof(float) * Tc * (cfg.head_dim / 2));
     ln_acts_free(m, ca);
     check_cuda("the forwards");
 

@@ -222,6 +222,100 @@ static void test_trained_rows_only_equals_full_logits(void **state)
     ln_model_free(m);
 }
 
+/* The rotary tables live in the model's backend memory (model.c's rope_ensure: computed on the
+ * host, uploaded): a counting backend holds them after a forward, their values are the host formula's
+ * bits, a longer forward grows them (the old ones freed) without changing a shorter forward's loss,
+ * and ln_model_free gives every buffer back. */
+#define ROPE_LIVE 1024
+static void *g_rope_live[ROPE_LIVE];
+static int g_rope_nlive;
+static void *rope_count_alloc(size_t n)
+{
+    void *p = lnb_cpu()->alloc(n);
+    for (int i = 0; p && i < ROPE_LIVE; i++)
+        if (!g_rope_live[i]) {
+            g_rope_live[i] = p;
+            g_rope_nlive++;
+            return p;
+        }
+    fail_msg("counting backend: more than %d live buffers", ROPE_LIVE);
+    return NULL;
+}
+static void rope_count_free(void *p)
+{
+    for (int i = 0; p && i < ROPE_LIVE; i++)
+        if (g_rope_live[i] == p) {
+            g_rope_live[i] = NULL;
+            g_rope_nlive--;
+        }
+    lnb_cpu()->free(p);
+}
+static int rope_is_live(const void *p)
+{
+    for (int i = 0; p && i < ROPE_LIVE; i++)
+        if (g_rope_live[i] == p) return 1;
+    return 0;
+}
+static void check_rope_tables(const ln_model *m, int T)
+{
+    const int half = m->cfg.head_dim / 2;
+    assert_int_equal(m->rope_T, T);
+    assert_true(rope_is_live(m->rope_cos) && rope_is_live(m->rope_sin));
+    float inv[64], *c = malloc((size_t)T * half * sizeof(float)), *s = malloc((size_t)T * half * sizeof(float));
+    assert_true(half <= 64);
+    ln_config_rope_inv_freq(&m->cfg, inv);
+    m->be->download(c, m->rope_cos, (size_t)T * half * sizeof(float));
+    m->be->download(s, m->rope_sin, (size_t)T * half * sizeof(float));
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < half; i++) {
+            float ang = (float)t * inv[i], wc = cosf(ang), ws = sinf(ang);
+            assert_memory_equal(&c[t * half + i], &wc, sizeof wc);
+            assert_memory_equal(&s[t * half + i], &ws, sizeof ws);
+        }
+    free(c);
+    free(s);
+}
+static double rope_forward_loss(ln_model *m, int T)
+{
+    int32_t ids[32], tg[32];
+    for (int t = 0; t < T; t++) {
+        ids[t] = (t * 7 + 3) % 40;
+        tg[t] = (t * 11 + 1) % 40;
+    }
+    ln_batch b = {.B = 1, .T = T, .ids = ids, .targets = tg, .n_targets = T};
+    ln_acts *a = ln_acts_new();
+    ln_fwd_opts o = {.trained_rows_only = 1};
+    double loss = 0;
+    ln_err e = {{0}};
+    assert_int_equal(ln_model_forward(m, NULL, a, &b, &o, &loss, &e), 0);
+    ln_acts_free(m, a);
+    return loss;
+}
+static void test_rope_tables_in_backend_memory(void **state)
+{
+    (void)state;
+    lnb_backend be = *lnb_cpu();
+    be.alloc = rope_count_alloc;
+    be.free = rope_count_free;
+    ln_config c = tiny_config();
+    ln_model *m;
+    ln_err e = {{0}};
+    assert_int_equal(ln_model_new_random(&c, &be, 5, &m, &e), 0);
+    assert_null(m->rope_cos);
+    const int held = g_rope_nlive;
+    double short1 = rope_forward_loss(m, 6);
+    check_rope_tables(m, 6);
+    assert_int_equal(g_rope_nlive, held + 2); /* cos and sin, nothing else left behind */
+    rope_forward_loss(m, 30);
+    check_rope_tables(m, 30);
+    assert_int_equal(g_rope_nlive, held + 2); /* the 6-position tables were given back */
+    double short2 = rope_forward_loss(m, 6);
+    check_rope_tables(m, 30); /* a shorter forward keeps them */
+    assert_memory_equal(&short1, &short2, sizeof short1);
+    ln_model_free(m);
+    assert_int_equal(g_rope_nlive, 0);
+}
+
 /* A packed row (two examples back to back + padding, ln_batch.segment) computes exactly what the
  * two examples compute as separate sequences: the same loss sum and every gradient. */
 typedef struct { float *buf; int64_t off; } grab_ctx;
@@ -445,6 +539,7 @@ int main(void)
         cmocka_unit_test(test_overflowing_update_fails_naming_the_step),
         cmocka_unit_test(test_model_with_a_non_finite_weight_is_refused),
         cmocka_unit_test(test_checkpoint_with_a_nan_is_refused),
+        cmocka_unit_test(test_rope_tables_in_backend_memory),
     };
     int rc = cmocka_run_group_tests_name("engine training loop", tests, NULL, NULL);
     char cmd[300];

@@ -84,6 +84,17 @@ static double slot_bytes(void) {
     return b;
 }
 
+/* The bytes the counting backend holds for m's rotary tables (model.c's rope_ensure allocates them
+ * through the model's backend at a forward's first longer T; 0 before any forward). */
+static double rope_held(const ln_model *m) {
+    double b = 0;
+    pthread_mutex_lock(&g_mu);
+    for (int i = 0; i < MAX_LIVE; i++)
+        if (g_live[i].p && (g_live[i].p == m->rope_cos || g_live[i].p == m->rope_sin)) b += (double)g_live[i].n;
+    pthread_mutex_unlock(&g_mu);
+    return b;
+}
+
 static const lnb_backend *counting(void) {
     g_be = *lnb_cpu();
     g_be.alloc = count_alloc;
@@ -152,6 +163,11 @@ static void check_against_engine(const char *method, unsigned targets, int recom
     assert_int_equal(ln_model_forward(m, &ad, acts, &b, &fo, &loss, &e), 0);
     if (ln_model_backward(m, &ad, acts, &b, fo.head_grad_scale, &e) != 0) fail_msg("backward: %s", e.msg);
     double host_index = (double)B * T * (4 * 4 + 8); /* model.c's per-token index arrays (malloc) */
+    /* the model's rotary tables: allocated by this first forward, the plan's for T tokens */
+    const double rope = rope_held(m);
+    if (rope != p.rope || rope != 2.0 * 4 * T * (cfg.head_dim / 2))
+        fail_msg("%s: the rotary tables hold %.0f bytes, the plan says %.0f", method, rope, p.rope);
+    before += rope;
     if (g_bytes - before != p.activations - host_index)
         fail_msg("%s (recompute %d): a step's activations hold %.0f bytes, the plan says %.0f", method, recompute,
                  g_bytes - before, p.activations - host_index);
@@ -183,6 +199,12 @@ static void check_against_engine(const char *method, unsigned targets, int recom
     ln_acts *ca = ln_acts_new();
     ln_fwd_opts fc = {.no_logits = 1};
     assert_int_equal(ln_model_forward(m, NULL, ca, &cb, &fc, NULL, &e), 0);
+    /* a window longer than the batches: the tables grew to its Tc (the old ones freed), as planned
+     * for the calibration phase and for training after it */
+    if (rope_held(m) != p.calib_rope || p.calib_rope != p.rope || p.rope != 2.0 * 4 * Tc * (cfg.head_dim / 2))
+        fail_msg("the rotary tables hold %.0f bytes after a %d-token window, the plan says %.0f (training %.0f)",
+                 rope_held(m), Tc, p.calib_rope, p.rope);
+    before += rope_held(m) - rope;
     if (g_bytes - before != p.calib_activations - (double)Tc * (4 * 4 + 8))
         fail_msg("a calibration forward's activations hold %.0f bytes, the plan says %.0f", g_bytes - before,
                  p.calib_activations - (double)Tc * (4 * 4 + 8));
@@ -212,7 +234,7 @@ typedef struct {
     const char *method;
     unsigned targets;
     int B, T, Tc, r, recompute;
-    double weights, adapter, optimizer, activations, eval_activations, calib_activations, calib_gather;
+    double weights, adapter, optimizer, activations, eval_activations, calib_activations, calib_gather, rope;
 } tp_count;
 
 static void no_inner(int layer, ln_input which, const float *X, int tokens, int d_in, void *ctx) {
@@ -269,7 +291,7 @@ static int count_rank(ln_comm *c, void *ctx, ln_err *e) {
     if (ln_model_forward(sh, ad, acts, &bt, &fo, &loss, e) != 0 ||
         ln_model_backward(sh, ad, acts, &bt, fo.head_grad_scale, e) != 0)
         return -1;
-    k->activations = slot_bytes() - b;
+    k->activations = slot_bytes() - b - rope_held(sh); /* the shard's rotary tables apart */
 
     b = slot_bytes();
     ln_acts *ev = ln_acts_new();
@@ -285,8 +307,10 @@ static int count_rank(ln_comm *c, void *ctx, ln_err *e) {
     ln_acts *ca = ln_acts_new();
     ln_tp_hook th = {.comm = c, .inner = no_inner};
     ln_fwd_opts fc = {.no_logits = 1, .hook = ln_tp_calibration_hook, .hook_ctx = &th};
+    double rope = rope_held(sh);
     if (ln_model_forward(sh, NULL, ca, &cb, &fc, NULL, e) != 0 || th.failed) return -1;
-    k->calib_activations = slot_bytes() - b;
+    k->rope = rope_held(sh); /* grown to the window's Tc */
+    k->calib_activations = slot_bytes() - b - (k->rope - rope);
     k->calib_gather = 4.0 * ((double)th.cap / comm_size(c) + 2.0 * (double)th.cap);
     ln_tp_hook_free(&th);
     ln_acts_free(sh, ca);
@@ -352,6 +376,7 @@ static void check_two_ranks(const char *method, unsigned targets, int recompute)
         {"calibration activations", k[0].calib_activations, k[1].calib_activations,
          both.calib_activations - 2 * ctok, one.calib_activations - ctok},
         {"calibration gathers", k[0].calib_gather, k[1].calib_gather, both.calib_gather, one.calib_gather},
+        {"rotary tables", k[0].rope, k[1].rope, both.rope, one.rope},
     };
     for (size_t i = 0; i < sizeof rows / sizeof *rows; i++) {
         if (rows[i].r0 + rows[i].r1 != rows[i].plan_both)
@@ -432,7 +457,8 @@ static void test_calibration_phase(void **state) {
     const double C = 48, I = 80, qd = 48, L = 2;
     assert_true(p.covariances == 8.0 * L * (C * C + qd * qd + C * C + I * I));
     assert_true(p.bases == 8.0 * L * (C + qd + C + I) * 4);
-    assert_true(p.phase[LN_PHASE_CALIBRATION] == p.weights + p.covariances + p.calib_scratch + p.calib_activations);
+    assert_true(p.phase[LN_PHASE_CALIBRATION] ==
+                p.weights + p.covariances + p.calib_scratch + p.calib_activations + p.calib_rope);
     assert_true(p.calib_activations > 0);
     /* only q targeted: one covariance per layer */
     q.targets = 1u << LN_Q;
@@ -564,10 +590,14 @@ static void test_check_sentence(void **state) {
     assert_non_null(strstr(e.msg, "(training: weights 29.92 GiB, covariances 61.00 GiB, "));
     assert_non_null(strstr(e.msg, ", evaluation activations "));
     assert_null(strstr(e.msg, "2 × "));
+    /* the model's rotary tables for 2048 positions: 2 × 2048 × 64 floats */
+    assert_true(p.rope == 2.0 * 4 * 2048 * 64 && p.calib_rope == 2.0 * 4 * 1024 * 64);
+    assert_non_null(strstr(e.msg, ", rotary tables 1.0 MiB)"));
     /* 32 layers × (3 × 4096² + 14336²) fp64 = 61.0 GiB of covariances, held once: each sum is
      * finished in place */
     assert_true(p.covariances == 8.0 * 32 * (3.0 * 4096 * 4096 + 14336.0 * 14336));
-    assert_true(p.phase[LN_PHASE_CALIBRATION] == p.weights + p.covariances + p.calib_scratch + p.calib_activations);
+    assert_true(p.phase[LN_PHASE_CALIBRATION] ==
+                p.weights + p.covariances + p.calib_scratch + p.calib_activations + p.calib_rope);
     /* a 1024-token calibration window keeps one layer's activations and no logits: 0.41 GiB (the
      * training layout with every layer and 1024 × 128256 logits took 13.3 GiB) */
     assert_true(p.calib_activations > 0.40 * (1 << 30) && p.calib_activations < 0.42 * (1 << 30));
@@ -628,7 +658,7 @@ static void test_gpu_plan(void **state) {
     const double sums = 8.0 * 32 * (3.0 * 4096 * 4096 + 14336.0 * 14336), flags = 512.0 * 32 * 4;
     assert_true(p.covariances == sums + flags && p.covariances_host == 0);
     assert_int_equal(p.peak_phase, LN_PHASE_CALIBRATION);
-    assert_true(p.total == p.weights + p.calib_activations + p.covariances + p.workspace);
+    assert_true(p.total == p.weights + p.calib_activations + p.covariances + p.workspace + p.calib_rope);
     /* the CPU plan of the same job: the same weights, adapter, AdamW; the device keeps attention
      * rows only, so its activations are below the CPU layout's */
     ln_config cfg = {.vocab_size = 128256, .hidden_size = 4096, .intermediate_size = 14336, .num_layers = 32,

@@ -42,6 +42,12 @@ static double activations(const ln_config *c, double B, double T, int r, int nt,
     return F32 * (kept * layer + res * N * C + lora + head + bwd) + N * (4.0 * 4 + 8); /* + index arrays */
 }
 
+/* model.c's rotary tables (rope_ensure: cos and sin, T × head_dim/2 floats each, in the backend's
+ * memory) for a model whose longest forward so far had T tokens. */
+static double rope_tables(const ln_config *c, double T) {
+    return 2 * F32 * T * (double)(c->head_dim / 2);
+}
+
 /* Widths of the distinct layer inputs the targets read (0 when none reads it). */
 static void input_widths(const ln_config *c, unsigned tg, double d[LN_NINPUT]) {
     for (int i = 0; i < LN_NINPUT; i++) d[i] = 0;
@@ -162,6 +168,12 @@ void ln_memplan_estimate(const ln_memplan_req *q0, ln_memplan *p) {
     p->eval_activations = H * one.eval_activations;
     p->calib_activations = H * one.calib_activations;
     p->data = 8.0 * (double)q.data_tokens; /* loaded once per process */
+    /* each rank's model keeps the rotary tables of its longest forward: a calibration window's from
+     * calibration on (through the init), the longest of that and a training or evaluation batch's
+     * in training — they grow, never shrink (model.c's rope_ensure) */
+    const double T_cal = q.calib_max_length > 0 ? q.calib_max_length : 1024;
+    p->calib_rope = q.calibrate ? H * rope_tables(c, T_cal) : 0;
+    p->rope = H * rope_tables(c, q.calibrate && T_cal > q.seq ? T_cal : q.seq);
 
     /* calibration: the covariances of the distinct (whole) inputs, per layer, on rank 0 */
     double d[LN_NINPUT], dsq = 0, dmax = 0;
@@ -170,7 +182,6 @@ void ln_memplan_estimate(const ln_memplan_req *q0, ln_memplan *p) {
         dsq += d[i] * d[i];
         if (d[i] > dmax) dmax = d[i];
     }
-    const double T_cal = q.calib_max_length > 0 ? q.calib_max_length : 1024;
     if (q.calibrate && root) {
         p->covariances = F64 * L * dsq;
         p->calib_scratch = (q.calib_fp64 ? 0 : F32 * dmax * dmax) + F64 * 256 * dmax;
@@ -200,10 +211,12 @@ void ln_memplan_estimate(const ln_memplan_req *q0, ln_memplan *p) {
     const double held = p->weights + p->data;
     /* calibration: each sum becomes its covariance in place (calibrate.c), so one set */
     p->phase[LN_PHASE_CALIBRATION] =
-        q.calibrate ? held + p->covariances + p->calib_scratch + p->calib_activations + p->calib_gather : 0;
-    p->phase[LN_PHASE_INIT] = held + p->covariances + p->adapter + p->gathered_adapter + p->bases + p->init_scratch;
+        q.calibrate ? held + p->covariances + p->calib_scratch + p->calib_activations + p->calib_gather + p->calib_rope
+                    : 0;
+    p->phase[LN_PHASE_INIT] =
+        held + p->covariances + p->adapter + p->gathered_adapter + p->bases + p->init_scratch + p->calib_rope;
     p->phase[LN_PHASE_TRAINING] = held + p->covariances + p->bases + p->adapter + p->gathered_adapter + p->optimizer +
-                                  p->activations + p->eval_activations + p->drift;
+                                  p->activations + p->eval_activations + p->drift + p->rope;
     for (int i = 0; i < LN_NPHASE; i++)
         if (p->phase[i] > p->peak) {
             p->peak = p->phase[i];
@@ -255,6 +268,7 @@ int ln_memplan_check(const ln_memplan_req *q, const char *root, ln_memplan *out,
         {"activations", p.activations, {0, 0, 1}},
         {"evaluation activations", p.eval_activations, {0, 0, 1}},   {"drift copies", p.drift, {0, 0, 1}},
         {"data", p.data, {1, 1, 1}},
+        {"rotary tables", p.calib_rope, {1, 1, 0}},  {"rotary tables", p.rope, {0, 0, 1}},
     };
     char peak[768], need[32], b[32];
     peak_text(peak, sizeof peak, p.peak_phase, p.ranks, q->first_rank, p.ranks_here, p.weights, rows,
@@ -302,6 +316,8 @@ int ln_memplan_gpu(const lnb_cuda_plan_req *g, double free_bytes, double device_
     p->adapter = m.adapter;
     p->optimizer = m.optimizer;
     p->gathered_adapter = m.gathered_adapter;
+    p->rope = m.rope;
+    p->calib_rope = m.calib_rope;
     /* device activations: model.c's, without its host index arrays (malloc); the logits chunk apart */
     const double N = (double)g->batch * g->seq, chunk = N < LN_HEAD_CHUNK ? N : LN_HEAD_CHUNK;
     const double Tc = g->calib_max_length > 0 ? g->calib_max_length : 1024, idx = 4.0 * 4 + 8;
@@ -333,7 +349,7 @@ int ln_memplan_gpu(const lnb_cuda_plan_req *g, double free_bytes, double device_
     /* the covariance sums, opened layer by layer (calibrate.c) while they fit beside the window's
      * forward and the workspaces; the rest sum on the host */
     if (g->calibrate && g->device_covariances && m.root_here) {
-        double room = free_bytes - p->weights - p->calib_activations - p->workspace;
+        double room = free_bytes - p->weights - p->calib_activations - p->workspace - p->calib_rope;
         for (int l = 0; l < c.num_layers; l++)
             for (int i = 0; i < LN_NINPUT; i++) {
                 if (din[i] <= 0) continue;
@@ -343,10 +359,11 @@ int ln_memplan_gpu(const lnb_cuda_plan_req *g, double free_bytes, double device_
             }
     }
     p->phase[LN_PHASE_CALIBRATION] =
-        g->calibrate ? p->weights + p->calib_activations + p->covariances + p->workspace : 0;
-    p->phase[LN_PHASE_INIT] = p->weights + p->adapter + p->gathered_adapter + p->init_scratch + p->workspace;
+        g->calibrate ? p->weights + p->calib_activations + p->covariances + p->workspace + p->calib_rope : 0;
+    p->phase[LN_PHASE_INIT] =
+        p->weights + p->adapter + p->gathered_adapter + p->init_scratch + p->workspace + p->calib_rope;
     p->phase[LN_PHASE_TRAINING] = p->weights + p->adapter + p->gathered_adapter + p->optimizer + p->activations +
-                                  p->logits + p->eval_activations + p->workspace;
+                                  p->logits + p->eval_activations + p->workspace + p->rope;
     for (int i = 0; i < LN_NPHASE; i++)
         if (p->phase[i] > p->total) {
             p->total = p->phase[i];
@@ -365,6 +382,8 @@ int ln_memplan_gpu(const lnb_cuda_plan_req *g, double free_bytes, double device_
         {"logits", p->logits, {0, 0, 1}},
         {"evaluation activations", p->eval_activations, {0, 0, 1}},
         {"workspace", p->workspace, {1, 1, 1}},
+        {"rotary tables", p->calib_rope, {1, 1, 0}},
+        {"rotary tables", p->rope, {0, 0, 1}},
     };
     char peak[768], need[32], b[32], d[32];
     peak_text(peak, sizeof peak, (ln_memplan_phase)p->peak_phase, R, g->first_rank, H, p->weights, rows,

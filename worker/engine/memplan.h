@@ -22,6 +22,9 @@
  *                the backend keeps rows only) + an evaluation's forward-only activations (one layer's
  *                intermediates, one chunk of logits) when one runs mid-training
  *                + the drift tracker's copy of every original weight (full fine-tuning) + the data.
+ *   every phase from the first forward on: the model's rotary tables (model.c's rope_ensure: cos and
+ *                sin, T × head_dim/2 fp32, backend memory) — a calibration window's in calibration and
+ *                init, the longest of that and the training sequence's in training (they only grow).
  * The peak is the largest phase.
  *
  * Tensor-parallel ranks (ranks R > 1, tensor_parallel.h): the plan is per process, for the
@@ -79,6 +82,7 @@ typedef struct ln_memplan {
     double gathered_adapter;   /* rank 0 of several: the whole adapter gathered from the shards */
     int ranks, ranks_here, root_here; /* R, the ranks this process holds, whether rank 0 is one */
     double eval_activations;   /* an evaluation's forward-only activations (eval_during_training) */
+    double rope, calib_rope;   /* the rotary tables (per rank here): in training; in calibration and init */
     double phase[LN_NPHASE];   /* each phase's total */
     ln_memplan_phase peak_phase;
     double peak;

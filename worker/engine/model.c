@@ -296,8 +296,10 @@ void ln_model_free(ln_model *m)
     param_free(be, &m->lm_head);
     param_free(be, &m->embed);
     param_free(be, &m->norm);
-    free(m->rope_cos);
-    free(m->rope_sin);
+    if (be) { /* the rotary tables (rope_ensure) */
+        be->free(m->rope_cos);
+        be->free(m->rope_sin);
+    }
     free(m);
 }
 
@@ -728,34 +730,52 @@ static int acts_ensure(const ln_model *m, const struct ln_adapter *ad, ln_acts *
     return 0;
 }
 
-/* cos/sin tables (T, hd/2): angle = t · inv_freq_i (fp32 product, as transformers). */
+/* cos/sin tables (T, hd/2): angle = t · inv_freq_i (fp32 product, as transformers), computed on the
+ * host and uploaded into the backend's memory (bit-identical values; a device backend reads them in
+ * place, no staging copy per rope call). They only grow: the old tables are freed first (be->free
+ * waits for queued work that may still read them, as for activations), so the model holds the
+ * tables of the longest forward so far (memplan.h counts them at the job's longest T). */
 static int rope_ensure(ln_model *m, int T, ln_err *e)
 {
     if (T <= m->rope_T) return 0;
-    int half = m->cfg.head_dim / 2;
-    float *inv = ln_xmalloc((size_t)half * sizeof(float));
-    ln_config_rope_inv_freq(&m->cfg, inv);
-    free(m->rope_cos);
-    free(m->rope_sin);
+    const lnb_backend *be = m->be;
+    const int half = m->cfg.head_dim / 2;
+    const size_t n = (size_t)T * half;
+    be->free(m->rope_cos);
+    be->free(m->rope_sin);
+    m->rope_cos = m->rope_sin = NULL;
     m->rope_T = 0;
-    m->rope_cos = ln_try_allocf((size_t)T * half, sizeof(float), e, "forward", "the rotary table of %d positions", T);
-    m->rope_sin = m->rope_cos ? ln_try_allocf((size_t)T * half, sizeof(float), e, "forward",
-                                              "the rotary table of %d positions", T)
-                              : NULL;
-    if (!m->rope_sin) {
-        free(m->rope_cos);
-        m->rope_cos = NULL;
+    float *inv = ln_try_allocf((size_t)half, sizeof(float), e, "forward", "the rotary frequencies");
+    float *h = inv ? ln_try_allocf(2 * n, sizeof(float), e, "forward", "the host rotary table of %d positions", T)
+                   : NULL;
+    if (!h) {
         free(inv);
         return -1;
     }
+    m->rope_cos = be->alloc(n * sizeof(float));
+    m->rope_sin = m->rope_cos ? be->alloc(n * sizeof(float)) : NULL;
+    if (!m->rope_sin) {
+        be->free(m->rope_cos);
+        m->rope_cos = NULL;
+        free(inv);
+        free(h);
+        char size[32];
+        return ln_errf(e, "forward: out of memory allocating %s for the rotary tables of %d positions (%s memory)",
+                       ln_fmt_bytes(2.0 * (double)(n * sizeof(float)), size, sizeof size), T, be->name);
+    }
+    ln_config_rope_inv_freq(&m->cfg, inv);
+    float *hc = h, *hs = h + n;
     for (int t = 0; t < T; t++)
         for (int i = 0; i < half; i++) {
             float ang = (float)t * inv[i];
-            m->rope_cos[(int64_t)t * half + i] = cosf(ang);
-            m->rope_sin[(int64_t)t * half + i] = sinf(ang);
+            hc[(int64_t)t * half + i] = cosf(ang);
+            hs[(int64_t)t * half + i] = sinf(ang);
         }
+    be->upload(m->rope_cos, hc, n * sizeof(float));
+    be->upload(m->rope_sin, hs, n * sizeof(float));
     m->rope_T = T;
     free(inv);
+    free(h);
     return 0;
 }
 

@@ -68,7 +68,7 @@ typedef struct ln_model {
     ln_param embed, norm, lm_head;
     ln_layer *layers;
     int tied;
-    float *rope_cos, *rope_sin;  /* (rope_T, head_dim/2) */
+    float *rope_cos, *rope_sin;  /* (rope_T, head_dim/2), in the backend's memory (grown by a forward) */
     int rope_T;
     /* Tensor parallelism (tensor_parallel.h): this model is one rank's shard and the passes sum
      * row-parallel outputs (and column-parallel input gradients) over comm. NULL = whole model.

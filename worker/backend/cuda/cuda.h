@@ -127,6 +127,7 @@ typedef struct lnb_cuda_plan {
     double calib_activations, eval_activations, init_scratch, gathered_adapter;
     double covariances;      /* the covariance sums on the device (rank 0, device_covariances) */
     double covariances_host; /* the ones that do not fit there: summed on the host */
+    double rope, calib_rope; /* the model's rotary tables (memplan.h): in training; in calibration and init */
     double phase[3];         /* calibration, init, training (ln_memplan_phase) */
     int peak_phase;
     double total;            /* the peak phase's bytes */
