@@ -208,8 +208,7 @@ fail:
     return -1;
 }
 
-/* W0' = W0 − s·B0 A0 (d_out × d_in) for each targeted layer. */
-static int apply_residual(ln_model *m, ln_adapter *ad, ln_err *e)
+int ln_adapter_apply_residual(ln_model *m, ln_adapter *ad, ln_err *e)
 {
     /* on the host, from A0/B0 just copied or uploaded */
     if (ln_backend_sync(m->be, e, "before the residual W0 - s B0 A0 of the %s adapter", ad->method)) return -1;
@@ -218,6 +217,8 @@ static int apply_residual(ln_model *m, ln_adapter *ad, ln_err *e)
             ln_lora *lo = &ad->lora[l * LN_NTARGET + t];
             if (!lo->A.w) continue;
             ln_param *W = &m->layers[l].lin[t];
+            if (!lo->A0 || !lo->B0)
+                return ln_errf(e, "adapter: residual adapter %s has no initial factors", lo->A.name);
             /* The same fp64 routine the residual methods' init used, so a resumed run rebuilds
              * exactly the W0' the original run trained on (bit-identical resume). */
             if (ln_residual_apply(W->w, W->rows, W->cols, lo->B0, lo->A0, lo->A.rows, (double)ad->scale, e) != 0)
@@ -239,7 +240,7 @@ int ln_adapter_make_residual(ln_model *m, ln_adapter *ad, ln_err *e)
         m->be->copy(lo->A0, lo->A.w, lo->A.n);
         m->be->copy(lo->B0, lo->B.w, lo->B.n);
     }
-    return apply_residual(m, ad, e);
+    return ln_adapter_apply_residual(m, ad, e);
 }
 
 /* ================================================================ files */
@@ -410,7 +411,7 @@ int ln_adapter_load(ln_model *m, const char *path, ln_adapter *ad, ln_err *e)
             if (copy_factor(s, m->be, &b0, name, file, e)) goto fail;
         }
     }
-    if (residual && apply_residual(m, ad, e) != 0) goto fail;
+    if (residual && ln_adapter_apply_residual(m, ad, e) != 0) goto fail;
     /* Frozen factors stay frozen (lora_fa, lora_null_v2); PEFT adapters load fully trainable. */
     const char *ta = st_metadata(s, "train_A"), *tb = st_metadata(s, "train_B");
     for (int i = 0; i < ad->num_layers * LN_NTARGET; i++) {

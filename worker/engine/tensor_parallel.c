@@ -879,25 +879,6 @@ ln_model *ln_tp_whole_shape(const ln_model *shard)
     return m;
 }
 
-/* W0 − scale·B0 A0 on each of this shard's targeted blocks, from the shard's own A0/B0 blocks
- * (column-parallel: B0's rows × the whole A0; row-parallel: the whole B0 × A0's columns). */
-static int shard_residual(ln_model *m, ln_adapter *ad, ln_err *e)
-{
-    /* on the host, from A0/B0 as the restore left them */
-    if (ln_backend_sync(m->be, e, "before the residual W0 - s B0 A0 of a shard's %s adapter", ad->method)) return -1;
-    for (int l = 0; l < ad->num_layers; l++)
-        for (int t = 0; t < LN_NTARGET; t++) {
-            ln_lora *lo = &ad->lora[l * LN_NTARGET + t];
-            if (!lo->A.w) continue;
-            ln_param *W = &m->layers[l].lin[t];
-            if (!lo->A0 || !lo->B0)
-                return ln_errf(e, "tensor parallel: residual adapter %s has no initial factors", lo->A.name);
-            if (ln_residual_apply(W->w, W->rows, W->cols, lo->B0, lo->A0, lo->A.rows, (double)ad->scale, e))
-                return ln_err_prefix(e, "tensor parallel: layer %d %s", l, ln_target_module((ln_target)t));
-        }
-    return 0;
-}
-
 /* The whole adapter ad (on `shape`) cut into this rank's sad; ad kept on rank 0 (into whole_ad)
  * and freed on the others. */
 static int keep_or_shard(ln_model *shard, ln_model *shape, ln_adapter *ad, ln_adapter *sad, ln_adapter *whole_ad,
@@ -1104,7 +1085,7 @@ int ln_tp_load_checkpoint(ln_model *shard, ln_model *shape, const char *path, ln
     free(scratch);
     if (rc) return -1;
     rc = keep_or_shard(shard, shape, &ad, sad, shard->comm->rank == 0 ? whole_ad : NULL, e);
-    if (rc == 0 && sad->residual) rc = shard_residual(shard, sad, e);
+    if (rc == 0 && sad->residual) rc = ln_adapter_apply_residual(shard, sad, e);
     if (rc) drop_adapters(sad, whole_ad);
     return rc;
 }
