@@ -1,5 +1,6 @@
 /* sanitizer.h — LN_UNDER_ASAN is 1 in the ASan build: tests that put a real RLIMIT_AS on a
- * process skip there (ASan's shadow memory needs terabytes of address space). */
+ * process (ASan's shadow memory needs terabytes of address space) or make an allocation far beyond
+ * memory (ASan's allocator aborts instead of returning NULL) skip there. */
 #ifndef LN_TEST_SANITIZER_H
 #define LN_TEST_SANITIZER_H
 
