@@ -127,6 +127,16 @@ static int init_lora_fa(ln_model *m, ln_adapter *ad, const ln_adapter_opts *o, l
     return 0;
 }
 
+int ln_lora_keep_initial(const lnb_backend *be, ln_lora *lo, ln_err *e)
+{
+    lo->A0 = be->alloc((size_t)lo->A.n * sizeof(float));
+    lo->B0 = be->alloc((size_t)lo->B.n * sizeof(float));
+    if (!lo->A0 || !lo->B0) return ln_errf(e, "out of memory copying the initial factors of %s", lo->A.name);
+    be->copy(lo->A0, lo->A.w, lo->A.n);
+    be->copy(lo->B0, lo->B.w, lo->B.n);
+    return 0;
+}
+
 /* The other methods go through lora_init.h's per-layer init (engineer D): for each targeted layer,
  * ln_init_layer fills A and B and, for residual methods, turns W0 into W0 − scale·B A in place.
  * Methods that need calibration read each layer input's covariance through o->covariance. */
@@ -152,13 +162,7 @@ static int init_by_layer(ln_model *m, ln_adapter *ad, const ln_adapter_opts *o, 
                                 ln_target_module((ln_target)t)) ||
                 ln_init_layer(me, &li, W->w, lo->A.w, lo->B.w, e))
                 return ln_err_prefix(e, "layer %d %s", l, ln_target_module((ln_target)t));
-            if (residual) {
-                lo->A0 = m->be->alloc((size_t)lo->A.n * sizeof(float));
-                lo->B0 = m->be->alloc((size_t)lo->B.n * sizeof(float));
-                if (!lo->A0 || !lo->B0) return ln_errf(e, "out of memory copying the factors of %s", lo->A.name);
-                m->be->copy(lo->A0, lo->A.w, lo->A.n);
-                m->be->copy(lo->B0, lo->B.w, lo->B.n);
-            }
+            if (residual && ln_lora_keep_initial(m->be, lo, e)) return -1;
             if (!ln_method_trains_a(me) && ln_param_set_trainable(m->be, &lo->A, 0, e)) return -1;
         }
     ad->residual = residual;
@@ -231,15 +235,8 @@ int ln_adapter_apply_residual(ln_model *m, ln_adapter *ad, ln_err *e)
 int ln_adapter_make_residual(ln_model *m, ln_adapter *ad, ln_err *e)
 {
     if (ad->residual) return ln_errf(e, "adapter: the residual was already applied");
-    for (int i = 0; i < ad->num_layers * LN_NTARGET; i++) {
-        ln_lora *lo = &ad->lora[i];
-        if (!lo->A.w) continue;
-        lo->A0 = m->be->alloc((size_t)lo->A.n * sizeof(float));
-        lo->B0 = m->be->alloc((size_t)lo->B.n * sizeof(float));
-        if (!lo->A0 || !lo->B0) return ln_errf(e, "out of memory copying the initial factors of %s", lo->A.name);
-        m->be->copy(lo->A0, lo->A.w, lo->A.n);
-        m->be->copy(lo->B0, lo->B.w, lo->B.n);
-    }
+    for (int i = 0; i < ad->num_layers * LN_NTARGET; i++)
+        if (ad->lora[i].A.w && ln_lora_keep_initial(m->be, &ad->lora[i], e)) return -1;
     return ln_adapter_apply_residual(m, ad, e);
 }
 

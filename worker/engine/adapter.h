@@ -71,6 +71,8 @@ int ln_adapter_alloc(const ln_model *m, ln_adapter *ad, const char *method, int 
 int ln_adapter_init(ln_model *m, ln_adapter *ad, const ln_adapter_opts *o, ln_err *e);
 /* W0 ← W0 − scale·B A for every targeted layer; keeps A0 = A, B0 = B. */
 int ln_adapter_make_residual(ln_model *m, ln_adapter *ad, ln_err *e);
+/* A0 = A, B0 = B (a residual method's initial factors, in be's memory). */
+int ln_lora_keep_initial(const lnb_backend *be, ln_lora *lo, ln_err *e);
 /* W0 ← W0 − scale·B0 A0 for every targeted layer, from the kept A0/B0 (on a tensor-parallel
  * shard: its own blocks); sets ad->residual. */
 int ln_adapter_apply_residual(ln_model *m, ln_adapter *ad, ln_err *e);

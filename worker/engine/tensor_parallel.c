@@ -901,18 +901,6 @@ static void drop_adapters(ln_adapter *sad, ln_adapter *whole_ad)
     }
 }
 
-/* A0 = A, B0 = B (a residual method's initial factors). */
-static int keep_initial(const lnb_backend *be, ln_lora *lo, ln_err *e)
-{
-    lo->A0 = be->alloc((size_t)lo->A.n * sizeof(float));
-    lo->B0 = be->alloc((size_t)lo->B.n * sizeof(float));
-    if (!lo->A0 || !lo->B0)
-        return ln_errf(e, "tensor parallel: out of memory copying the initial factors of %s", lo->A.name);
-    be->copy(lo->A0, lo->A.w, lo->A.n);
-    be->copy(lo->B0, lo->B.w, lo->B.n);
-    return 0;
-}
-
 /* pissa, milora, corda: an SVD of each whole weight. One weight at a time, rank 0 gathers W0,
  * runs ln_init_layer on it (the very call ln_adapter_init makes: the same bits), and broadcasts
  * A, B and W0 − scale·B A whole; each rank keeps its blocks. Transient memory on every rank: one
@@ -981,14 +969,14 @@ static int init_gathered(ln_model *shard, ln_model *shape, const ln_adapter_opts
                 be->upload(lo->A.w, blk, (size_t)lo->A.n * sizeof(float));
                 ln_tp_take_block(&lo->B, sb, c->rank, R, B, blk);
                 be->upload(lo->B.w, blk, (size_t)lo->B.n * sizeof(float));
-                rc = keep_initial(be, lo, e);
+                rc = ln_lora_keep_initial(be, lo, e);
             }
             if (rc == 0 && !ln_method_trains_a(me)) rc = ln_param_set_trainable(be, &lo->A, 0, e);
             if (rc == 0 && root) {
                 ln_lora *wl = &w->lora[l * LN_NTARGET + t];
                 be->upload(wl->A.w, A, (size_t)wl->A.n * sizeof(float));
                 be->upload(wl->B.w, B, (size_t)wl->B.n * sizeof(float));
-                rc = keep_initial(be, wl, e);
+                rc = ln_lora_keep_initial(be, wl, e);
                 if (rc == 0 && !ln_method_trains_a(me)) rc = ln_param_set_trainable(be, &wl->A, 0, e);
             }
             free(W);
@@ -1036,7 +1024,7 @@ int ln_tp_adapter_init(ln_model *shard, ln_model *shape, const ln_adapter_opts *
             ln_lora *lo = &w->lora[i];
             if (!lo->A.w) continue;
             if (!ln_method_trains_a(me)) rc = ln_param_set_trainable(shape->be, &lo->A, 0, e);
-            if (rc == 0) rc = keep_initial(shape->be, lo, e);
+            if (rc == 0) rc = ln_lora_keep_initial(shape->be, lo, e);
         }
         if (rc == 0 && w) w->residual = 1;
     } else if (me == LN_METHOD_PISSA || me == LN_METHOD_MILORA || me == LN_METHOD_CORDA) {
