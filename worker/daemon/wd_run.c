@@ -298,9 +298,14 @@ static void calibrated_event(wd_run *r, const ln_calibration *c, unsigned target
                     (targets & 0x30 ? 1 : 0) + (targets & 0x40 ? 1 : 0), ln_now_s() - t0);
 }
 
-static int calib_failed(wd_run *r, ln_err *e) {
+/* "calibration file file-X: …" (see prefix_file). */
+static void prefix_calib_file(const wd_run *r, ln_err *e) {
     const char *cid, *cpath = calib_file(r, &cid);
     prefix_file(e, "calibration file", cpath, cid);
+}
+
+static int calib_failed(wd_run *r, ln_err *e) {
+    prefix_calib_file(r, e);
     return fail(r, "invalid_calibration_file", 0, e);
 }
 
@@ -446,11 +451,25 @@ static json_t *eval_values(double task, double know) {
     return v;
 }
 
+/* {"task_loss", "knowledge_loss" (null without a knowledge file)}. */
+static json_t *losses(double task, double know) {
+    return json_pack("{s:f, s:o}", "task_loss", task, "knowledge_loss", isfinite(know) ? json_real(know) : json_null());
+}
+
+/* The reporting rank before training: the step-0 metrics and event; returns the losses for the
+ * summary. */
+static json_t *report_before(wd_run *r, double task, double know) {
+    wd_outbox_metrics(report_to(r), 0, eval_values(task, know));
+    json_t *before = losses(task, know);
+    wd_outbox_stage_event(report_to(r), "training", json_deep_copy(before), "Before training: task loss %.4f%s", task,
+                          isfinite(know) ? "" : " (no knowledge file)");
+    return before;
+}
+
 static int write_summary(wd_run *r, run_priv *p, json_t *before, double task, double know, ln_err *e) {
-    json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:o, s:{s:f, s:o}}", "job_id", r->job_id, "model", r->model_name,
+    json_t *o = json_pack("{s:s, s:s, s:s, s:I, s:o, s:o}", "job_id", r->job_id, "model", r->model_name,
                           "method", ln_adapter_type_name(r->spec.adapter.type), "steps", (json_int_t)r->steps,
-                          "before", before ? json_incref(before) : json_null(), "after", "task_loss", task,
-                          "knowledge_loss", isfinite(know) ? json_real(know) : json_null());
+                          "before", before ? json_incref(before) : json_null(), "after", losses(task, know));
     if (p->have_drift)
         json_object_set_new(o, "knowledge_drift", json_pack("{s:f, s:f}", "mean", p->drift_mean, "max", p->drift_max));
     char *txt = json_dumps(o, JSON_INDENT(2) | JSON_SORT_KEYS);
@@ -531,7 +550,7 @@ static const char *train_code(const ln_err *e) {
 static int finish(wd_run *r, run_priv *p, ln_model *m, ln_adapter *ad, json_t *before, int64_t steps, double task,
                   double know, int exported, const char **code, ln_err *e) {
     wd_outbox_metrics(report_to(r), steps, eval_values(task, know));
-    json_t *after = json_pack("{s:f, s:o}", "task_loss", task, "knowledge_loss", isfinite(know) ? json_real(know) : json_null());
+    json_t *after = losses(task, know);
     if (p->have_drift) json_object_set_new(after, "knowledge_drift_mean", json_real(p->drift_mean));
     wd_outbox_stage_event(report_to(r), "evaluating", after, "After training: task loss %.4f%s", task,
                     p->have_drift ? ", knowledge drift measured" : "");
@@ -570,10 +589,7 @@ static int stage_train_and_export(wd_run *r, run_priv *p) {
     if (!r->resume[0] && reporting(r)) {
         double task, know;
         if (evaluate(r, p, &task, &know, &e) != 0) return fail(r, "evaluation_failed", 0, &e);
-        wd_outbox_metrics(report_to(r), 0, eval_values(task, know));
-        before = json_pack("{s:f, s:o}", "task_loss", task, "knowledge_loss", isfinite(know) ? json_real(know) : json_null());
-        wd_outbox_stage_event(report_to(r), "training", json_deep_copy(before), "Before training: task loss %.4f%s", task,
-                        isfinite(know) ? "" : " (no knowledge file)");
+        before = report_before(r, task, know);
     }
     ln_train_opts to;
     char *out = train_opts(r, &to);
@@ -723,8 +739,7 @@ static int tp_load_and_init(tp_rank *k) {
         double t0 = ln_now_s();
         ln_calib_opts co = calib_opts(r, k->targets);
         if (calibrate_frozen(k->shard, p->tok, &co, &k->calib, &e) != 0) {
-            const char *cid, *cpath = calib_file(r, &cid);
-            prefix_file(&e, "calibration file", cpath, cid);
+            prefix_calib_file(r, &e);
             return rank_fail(k, "invalid_calibration_file", 0, &e);
         }
         if (root) calibrated_event(r, k->calib, k->targets, t0);
@@ -777,13 +792,7 @@ static int tp_train_and_export(tp_rank *k) {
     if (!r->resume[0]) {
         double task, know;
         if (shard_evaluate(k, &task, &know, &e) != 0) return rank_fail(k, "evaluation_failed", 0, &e);
-        if (root) {
-            wd_outbox_metrics(report_to(r), 0, eval_values(task, know));
-            before = json_pack("{s:f, s:o}", "task_loss", task, "knowledge_loss",
-                               isfinite(know) ? json_real(know) : json_null());
-            wd_outbox_stage_event(report_to(r), "training", json_deep_copy(before), "Before training: task loss %.4f%s",
-                                  task, isfinite(know) ? "" : " (no knowledge file)");
-        }
+        if (root) before = report_before(r, task, know);
     }
     if (root) training_event(r);
     ln_train_opts to;
