@@ -77,6 +77,13 @@ def release(tmp_path_factory):
     return dest, build_backend(dest), libs
 
 
+def linked(release, test):
+    """tests/gpu/<test> linked with the release backend, once per module (an earlier test's program)."""
+    dest, objs, libs = release
+    exe = dest / test
+    return exe if exe.exists() else link(dest, test, objs, libs)
+
+
 def check_passed(test, rc, out):
     assert "host emulation" in out.splitlines()[0], out[:300]  # it ran on the emulated device
     assert rc == 0 and f"PASS {test}" in out, out[-4000:]
@@ -102,10 +109,7 @@ def test_same_results_in_other_orders(release, test):
     """Blocks, warps and lanes run in reverse and in shuffled orders: every measured error the same
     to the printed digits (a kernel whose result depends on the order of blocks or warps — a race —
     moves them)."""
-    dest, objs, libs = release
-    exe = dest / test
-    if not exe.exists():
-        exe = link(dest, test, objs, libs)
+    exe = linked(release, test)
     base = measured(run(exe, order=0)[1])
     for order in (1, 7):
         rc, out = run(exe, order=order)
@@ -165,10 +169,7 @@ def test_host_reads_wait_for_the_stream(release, test):
     wrote them (its ln_backend_sync before a host calibration sum, an adapter init, a checkpoint
     write...): calibration, LoRA-Null init and training give the same results. The planted bug
     below takes the backend's wait away and test_calibrate fails."""
-    dest, objs, libs = release
-    exe = dest / test
-    if not exe.exists():
-        exe = link(dest, test, objs, libs)
+    exe = linked(release, test)
     rc, out = run(exe, env={"LORANULL_CUDA_SYNC": "0"})
     check_passed(test, rc, out)
 
@@ -285,11 +286,8 @@ def cli_emu(release, tmp_path_factory):
 
 @pytest.mark.parametrize("test", ASYNC_PROGRAMS)
 def test_async_mode_gpu_program(release, test):
-    dest, objs, libs = release
-    exe = dest / test
-    if not exe.exists():
-        exe = link(dest, test, objs, libs)
-    rc, out = run_async([exe], dest)
+    exe = linked(release, test)
+    rc, out = run_async([exe], exe.parent)
     print(out)
     assert "async mode" in out, out[:500]
     assert HOST_TOUCH not in out, out[-4000:]
