@@ -404,6 +404,15 @@ static void push_item(ln_param *p, void *ctx)
     l->v[l->n++] = (ln_tp_item){p->name, p, ln_tp_param_split(l->m, NULL, p), p->w};
 }
 
+ln_tp_item *ln_tp_weight_items(ln_model *shard, int extra, int *n)
+{
+    item_list l = {ln_xcalloc((size_t)shard->cfg.num_layers * (LN_NTARGET + 2) + 4 + (size_t)extra, sizeof(ln_tp_item)),
+                   0, shard};
+    ln_model_for_each_param(shard, push_item, &l);
+    *n = l.n;
+    return l.v;
+}
+
 int ln_tp_save_model(ln_model *shard, const char *dir, st_dtype dt, ln_err *e)
 {
     ln_comm *c = shard->comm;
@@ -428,10 +437,10 @@ int ln_tp_save_model(ln_model *shard, const char *dir, st_dtype dt, ln_err *e)
         mpath = ln_path_join(dir, "model.safetensors");
     }
     if (rc) comm_abort(c);
-    item_list l = {ln_xcalloc((size_t)shard->cfg.num_layers * (LN_NTARGET + 2) + 4, sizeof(ln_tp_item)), 0, shard};
-    ln_model_for_each_param(shard, push_item, &l);
-    if (rc == 0) rc = ln_tp_write_gathered(c, shard->be, w, l.v, l.n, dt, mpath, e);
-    free(l.v);
+    int n;
+    ln_tp_item *items = ln_tp_weight_items(shard, 0, &n);
+    if (rc == 0) rc = ln_tp_write_gathered(c, shard->be, w, items, n, dt, mpath, e);
+    free(items);
     free(mpath);
     st_writer_free(w);
     return rc ? ln_err_prefix(e, "rank %d of %d: saving the model", c->rank, c->size) : 0;

@@ -126,6 +126,9 @@ typedef struct ln_tp_item {
  * the model. The same bytes as a writer given the whole tensors. On a failure the group is aborted. */
 int ln_tp_write_gathered(ln_comm *c, const lnb_backend *be, st_writer *w, const ln_tp_item *items, int n, st_dtype dt,
                          const char *path, ln_err *e);
+/* The items of every weight of the shard (ln_model_for_each_param's order, named as in the model
+ * file) in a new array (free it) with room for `extra` more after them; *n of them filled. */
+ln_tp_item *ln_tp_weight_items(ln_model *shard, int extra, int *n);
 /* Collective: ln_model_save of the whole model the shards make up (config.json and model.safetensors
  * into dir, dtype F32/BF16/F16), written by rank 0 one gathered tensor at a time: the same bytes as
  * ln_model_save of the gathered model. */

@@ -413,23 +413,14 @@ static int tp_gather_whole(ln_model *m, ln_adapter *ad, const ln_train_opts *o, 
     return ln_tp_gather(m, ad, root ? o->tp_full : NULL, root ? o->tp_full_ad : NULL, e);
 }
 
-typedef struct { ln_tp_item *v; int n; const ln_model *m; } tp_items;
-
-static void push_weight_item(ln_param *p, void *ctx)
-{
-    tp_items *l = ctx;
-    l->v[l->n++] = (ln_tp_item){p->name, p, ln_tp_param_split(l->m, NULL, p), p->w};
-}
-
 /* A full fine-tune's checkpoint on shards (collective): the one-rank file, every weight and then
  * every moment gathered whole one tensor at a time while rank 0 writes it (ln_tp_write_gathered):
  * no rank holds the whole model, rank 0 one tensor of it. */
 static int tp_full_checkpoint_save(const char *path, ln_model *m, ln_adapter *ad, const ln_optim *opt,
                                    const ckpt_state *cs, const ln_train_opts *o, ln_err *e)
 {
-    int nw = m->cfg.num_layers * (LN_NTARGET + 2) + 4;
-    tp_items l = {ln_xcalloc((size_t)(nw + 2 * opt->n), sizeof(ln_tp_item)), 0, m};
-    ln_model_for_each_param(m, push_weight_item, &l);
+    int n;
+    ln_tp_item *items = ln_tp_weight_items(m, 2 * opt->n, &n);
     char **names = ln_xcalloc((size_t)(2 * opt->n + 1), sizeof(char *));
     for (int i = 0; i < opt->n; i++)
         for (int k = 0; k < 2; k++) {
@@ -437,14 +428,14 @@ static int tp_full_checkpoint_save(const char *path, ln_model *m, ln_adapter *ad
             char name[200];
             snprintf(name, sizeof name, "optim.%c.%s", k ? 'v' : 'm', p->name);
             names[2 * i + k] = ln_xstrdup(name);
-            l.v[l.n++] = (ln_tp_item){names[2 * i + k], p, ln_tp_param_split(m, ad, p), k ? opt->v[i] : opt->m[i]};
+            items[n++] = (ln_tp_item){names[2 * i + k], p, ln_tp_param_split(m, ad, p), k ? opt->v[i] : opt->m[i]};
         }
     st_writer *w = m->comm->rank == 0 ? checkpoint_writer(cs, o, 1) : NULL;
-    int rc = ln_tp_write_gathered(m->comm, m->be, w, l.v, l.n, ST_F32, path, e);
+    int rc = ln_tp_write_gathered(m->comm, m->be, w, items, n, ST_F32, path, e);
     st_writer_free(w);
     for (int i = 0; i < 2 * opt->n; i++) free(names[i]);
     free(names);
-    free(l.v);
+    free(items);
     return rc;
 }
 
