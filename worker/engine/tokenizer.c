@@ -61,6 +61,14 @@ bytes_t ln_tok_bytes_dup(const void *p, size_t n) {
     return b;
 }
 
+bytes_t ln_tok_bytes_try_dup(const void *p, size_t n) {
+    uint8_t *c = malloc(n + 1);
+    if (!c) return (bytes_t){NULL, 0};
+    memcpy(c, p, n);
+    c[n] = 0;
+    return (bytes_t){c, (int)n};
+}
+
 static uint64_t hash_bytes(const uint8_t *p, size_t n) {
     uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a, then a final mix for the low bits */
     for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ull;
@@ -487,11 +495,7 @@ static int load_model(ln_tokenizer *t, json_t *model, json_t *added, int byte_le
         int r = !t->text[id] ? -1
                 : byte_level ? ln_tok_byte_level_decode((const uint8_t *)key, n, cp_to_byte, &t->bpe[id])
                              : 0;
-        if (r == 0 && (t->bpe[id].p = malloc(n + 1))) {
-            memcpy(t->bpe[id].p, key, n + 1);
-            t->bpe[id].len = (int)n;
-            r = 1;
-        }
+        if (r == 0) t->bpe[id] = ln_tok_bytes_try_dup(key, n);
         if (r < 0 || !t->bpe[id].p) return tables_oom(e, (double)n + 1, "a vocabulary entry", t->n_ids);
         t->text_keys[id] = (bytes_t){(uint8_t *)t->text[id], (int)n};
         str_map_put(&t->vocab, id);

@@ -29,14 +29,12 @@ static void strv_push(strv *s, const void *p, size_t n) {
         s->v = v;
         s->cap = cap;
     }
-    uint8_t *c = malloc(n + 1);
-    if (!c) {
+    bytes_t c = ln_tok_bytes_try_dup(p, n);
+    if (!c.p) {
         s->oom = 1;
         return;
     }
-    memcpy(c, p, n);
-    c[n] = 0;
-    s->v[s->n++] = (bytes_t){c, (int)n};
+    s->v[s->n++] = c;
 }
 
 static void strv_free(strv *s) {

@@ -125,6 +125,8 @@ static inline int pair_map_get(const pair_map *m, int32_t a, int32_t b, int32_t 
 
 /* A NUL-terminated copy of p[0..n). */
 bytes_t ln_tok_bytes_dup(const void *p, size_t n);
+/* The same, {NULL, 0} when out of memory (for what scales with the vocabulary or the text). */
+bytes_t ln_tok_bytes_try_dup(const void *p, size_t n);
 /* Id of the token with these bytes in m, or -1. */
 int32_t ln_tok_str_map_get(const str_map *m, const uint8_t *p, size_t n);
 /* GPT-2's byte -> code point alphabet. */
