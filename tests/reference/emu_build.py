@@ -87,11 +87,15 @@ def cxx():
     return c
 
 
+def opt_flags(asan=False):
+    """Optimisation and sanitizers, the same for the emulation's C++ and the C programs linked with it."""
+    return ["-O1", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if asan else ["-O2"]
+
+
 def cxx_flags(asan=False, werror=True):
     """werror=False for the backend's .cu files: g++ also sees their device code, which nvcc's
     -Werror never does, so a warning there is not this emulation's to fail on."""
-    opt = ["-O1", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if asan else ["-O2"]
-    return ["-std=gnu++17", "-g", *opt, *fma_flags(), "-Wall", "-Wextra", *(["-Werror"] if werror else []),
+    return ["-std=gnu++17", "-g", *opt_flags(asan), *fma_flags(), "-Wall", "-Wextra", *(["-Werror"] if werror else []),
             "-Wno-unknown-pragmas", f"-I{EMU / 'include'}", f"-I{ROOT}"]
 
 

@@ -54,9 +54,8 @@ def link(dest, test, objs, libs, asan=False):
     src = ROOT / "tests" / "gpu" / f"{test}.c"
     if not src.exists():
         src = eb.EMU / f"{test}.c"
-    flags = ["-O1", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if asan else ["-O2"]
     r = subprocess.run(["gcc", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", "-g",
-                        *flags, "-fopenmp", f"-I{ROOT}", f"-I{eb.EMU / 'include'}", "-o", str(exe),
+                        *eb.opt_flags(asan), "-fopenmp", f"-I{ROOT}", f"-I{eb.EMU / 'include'}", "-o", str(exe),
                         str(src), *map(str, objs), *map(str, libs), "-lopenblas",
                         "-llapacke", "-llapack", "-ljansson", "-lm", "-lpthread", "-lstdc++"],
                        capture_output=True, text=True, timeout=300)
