@@ -431,21 +431,6 @@ void st_writer_add_fill(st_writer *w, const char *name, st_dtype dt, int ndim, c
     x->fill_ctx = ctx;
 }
 
-/* Writes n bytes to fd (tmp names the file in the error). */
-static int write_all(int fd, const void *data, size_t n, const char *tmp, ln_err *e) {
-    const char *p = data;
-    while (n > 0) {
-        ssize_t k = write(fd, p, n);
-        if (k < 0) {
-            if (errno == EINTR) continue;
-            return ln_errf(e, "%s: write failed: %s", tmp, strerror(errno));
-        }
-        p += k;
-        n -= (size_t)k;
-    }
-    return 0;
-}
-
 /* The header, then each tensor straight from where it lives, into path.tmp; fsync; rename. No copy
  * of the file is assembled in memory (a model's weights or an 8B calibration's 61 GiB of
  * covariances would need as much again). */
@@ -473,25 +458,18 @@ int st_writer_write(st_writer *w, const char *path, ln_err *e) {
     memcpy(head + 8, hs, hl);
     memset(head + 8 + hl, ' ', padded - hl);
     free(hs);
-    char *tmp = ln_xmalloc(strlen(path) + 8);
-    snprintf(tmp, strlen(path) + 8, "%s.tmp", path);
-    int rc = -1, fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    char *tmp;
+    int fd = ln_atomic_begin(path, &tmp, e);
     if (fd < 0) {
-        ln_errf(e, "%s: cannot create: %s", tmp, strerror(errno));
-        goto out;
+        free(head);
+        return -1;
     }
-    rc = write_all(fd, head, 8 + padded, tmp, e);
+    int rc = ln_write_all(fd, head, 8 + padded, tmp, e);
     for (size_t i = 0; rc == 0 && i < w->n; i++) {
         const void *d = w->e[i].data;
         if (w->e[i].fill && !(d = w->e[i].fill(w->e[i].fill_ctx, i, e))) rc = -1;
-        else if (w->e[i].nbytes) rc = write_all(fd, d, w->e[i].nbytes, tmp, e);
+        else if (w->e[i].nbytes) rc = ln_write_all(fd, d, w->e[i].nbytes, tmp, e);
     }
-    if (rc == 0 && fsync(fd) != 0) rc = ln_errf(e, "%s: cannot finish writing: %s", path, strerror(errno));
-    if (close(fd) != 0 && rc == 0) rc = ln_errf(e, "%s: cannot finish writing: %s", path, strerror(errno));
-    if (rc == 0 && rename(tmp, path) != 0) rc = ln_errf(e, "%s: cannot finish writing: %s", path, strerror(errno));
-    if (rc != 0) unlink(tmp);
-out:
-    free(tmp);
     free(head);
-    return rc;
+    return ln_atomic_end(fd, tmp, path, rc, e);
 }

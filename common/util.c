@@ -110,39 +110,47 @@ int ln_read_file(const char *path, char **out, size_t *len, ln_err *e) {
     return 0;
 }
 
-int ln_write_file_atomic(const char *path, const void *data, size_t len, ln_err *e) {
+int ln_atomic_begin(const char *path, char **tmp, ln_err *e) {
     size_t pl = strlen(path);
-    char *tmp = ln_xmalloc(pl + 8);
-    snprintf(tmp, pl + 8, "%s.tmp", path);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    *tmp = ln_xmalloc(pl + 8);
+    snprintf(*tmp, pl + 8, "%s.tmp", path);
+    int fd = open(*tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
     if (fd < 0) {
-        ln_errf(e, "%s: cannot create: %s", tmp, strerror(errno));
-        free(tmp);
-        return -1;
+        ln_errf(e, "%s: cannot create: %s", *tmp, strerror(errno));
+        free(*tmp);
+        *tmp = NULL;
     }
+    return fd;
+}
+
+int ln_write_all(int fd, const void *data, size_t n, const char *name, ln_err *e) {
     const char *p = data;
-    size_t left = len;
-    while (left > 0) {
-        ssize_t w = write(fd, p, left);
-        if (w < 0) {
+    while (n > 0) {
+        ssize_t k = write(fd, p, n);
+        if (k < 0) {
             if (errno == EINTR) continue;
-            ln_errf(e, "%s: write failed: %s", tmp, strerror(errno));
-            close(fd);
-            unlink(tmp);
-            free(tmp);
-            return -1;
+            return ln_errf(e, "%s: write failed: %s", name, strerror(errno));
         }
-        p += w;
-        left -= (size_t)w;
+        p += k;
+        n -= (size_t)k;
     }
-    if (fsync(fd) != 0 || close(fd) != 0 || rename(tmp, path) != 0) {
-        ln_errf(e, "%s: cannot finish writing: %s", path, strerror(errno));
-        unlink(tmp);
-        free(tmp);
-        return -1;
-    }
-    free(tmp);
     return 0;
+}
+
+int ln_atomic_end(int fd, char *tmp, const char *path, int rc, ln_err *e) {
+    if (rc == 0 && fsync(fd) != 0) rc = ln_errf(e, "%s: cannot finish writing: %s", path, strerror(errno));
+    if (close(fd) != 0 && rc == 0) rc = ln_errf(e, "%s: cannot finish writing: %s", path, strerror(errno));
+    if (rc == 0 && rename(tmp, path) != 0) rc = ln_errf(e, "%s: cannot finish writing: %s", path, strerror(errno));
+    if (rc != 0) unlink(tmp);
+    free(tmp);
+    return rc;
+}
+
+int ln_write_file_atomic(const char *path, const void *data, size_t len, ln_err *e) {
+    char *tmp;
+    int fd = ln_atomic_begin(path, &tmp, e);
+    if (fd < 0) return -1;
+    return ln_atomic_end(fd, tmp, path, ln_write_all(fd, data, len, tmp, e), e);
 }
 
 int ln_mkdir_p(const char *path, ln_err *e) {

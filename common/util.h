@@ -29,6 +29,13 @@ char *ln_fmt_bytes(double bytes, char *buf, size_t n);
 int ln_read_file(const char *path, char **out, size_t *len, ln_err *e);
 /* Writes a file atomically: to path.tmp, fsync, rename. */
 int ln_write_file_atomic(const char *path, const void *data, size_t len, ln_err *e);
+/* The same in steps, for a file written piece by piece: ln_atomic_begin opens path.tmp (its name
+ * in *tmp, freed by ln_atomic_end) and returns the fd, or -1; ln_write_all writes n bytes (name
+ * for the error); ln_atomic_end(rc = the writes' result) fsyncs, closes and renames path.tmp over
+ * path when rc is 0, else removes it, and returns 0 or -1. */
+int ln_atomic_begin(const char *path, char **tmp, ln_err *e);
+int ln_write_all(int fd, const void *data, size_t n, const char *name, ln_err *e);
+int ln_atomic_end(int fd, char *tmp, const char *path, int rc, ln_err *e);
 /* mkdir -p. */
 int ln_mkdir_p(const char *path, ln_err *e);
 int ln_file_exists(const char *path);
